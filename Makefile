@@ -1,0 +1,33 @@
+# The two entry points README.md promises: `make demo` and `make test`.
+# Both create .venv on first use; torch 2.13.0 (CPU) is installed before anything
+# that depends on it, through constraints/dev.txt, so pip never pulls a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+
+.PHONY: setup demo test test-fast bench clean
+
+$(BIN)/d2merge: pyproject.toml constraints/dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints/dev.txt torch==2.13.0
+	$(PIP) install -q -c constraints/dev.txt -e '.[dev]'
+	touch $(BIN)/d2merge
+
+setup: $(BIN)/d2merge
+
+demo: setup
+	$(BIN)/d2merge demo
+
+test: setup
+	$(BIN)/python -m pytest -n 2 -q --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/merge_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
