@@ -38,6 +38,12 @@ def cli(debug: bool) -> None:
         _DEBUG["on"] = True
 
 
+# Commands are defined below this line, one function each, thin over the library.
+# (helpers: add new commands directly above the "# end of commands" marker)
+
+# end of commands
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps d2merge's errors to one line and an exit code."""
     if argv is None:
