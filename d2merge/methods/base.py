@@ -1,0 +1,246 @@
+"""What every adapter method shares: config fields, per-module scaling, the strategy interface.
+
+A method is a small stateless strategy (as PEFT's ``LoraVariant``): it parses its
+own config, names its tensors, computes the merged weight from tensors, and
+builds the runtime module for the unmerged forward. Nothing outside
+``d2merge/methods/`` knows a formula.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from d2merge.errors import D2MergeError
+
+LINEAR = "linear"
+EMBEDDING = "embedding"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The parsed, validated ``adapter_config.json`` of any method."""
+
+    method: str
+    peft_type: str
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...] | str | None
+    base_model_name_or_path: str | None = None
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, Any] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    modules_to_save: tuple[str, ...] = ()
+    format_version: str | None = None
+    # Method-specific settings (tau, norm_axis, r_mag, ...), validated by the method.
+    options: Mapping[str, Any] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as written back to ``adapter_config.json`` (round-trips through parse)."""
+        return dict(self.raw)
+
+
+@dataclass(frozen=True)
+class ModuleSettings:
+    """Everything the formula needs for one adapted module, resolved from the config."""
+
+    module: str
+    layer_kind: str  # LINEAR or EMBEDDING
+    r: int
+    alpha: float
+    scale: float
+    fan_in_fan_out: bool
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
+    """The pattern that applies to ``module``, matched as PEFT does: a regex on a dotted suffix."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _number(raw: Mapping[str, Any], name: str, source: str, *, default: Any = None, positive: bool = False,
+            integer: bool = False) -> Any:
+    value = raw.get(name, default)
+    if value is None:
+        raise D2MergeError(f"missing required field '{name}'", path=source,
+                           hint="add it to adapter_config.json")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise D2MergeError(f"field '{name}' must be a number, got {value!r}", path=source)
+    if not math.isfinite(value):
+        raise D2MergeError(f"field '{name}' must be finite, got {value!r}", path=source)
+    if integer and int(value) != value:
+        raise D2MergeError(f"field '{name}' must be an integer, got {value!r}", path=source)
+    if positive and value <= 0:
+        raise D2MergeError(f"field '{name}' must be positive, got {value!r}", path=source)
+    return int(value) if integer else float(value)
+
+
+def _flag(raw: Mapping[str, Any], name: str, source: str, default: bool) -> bool:
+    value = raw.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise D2MergeError(f"field '{name}' must be true or false, got {value!r}", path=source)
+    return value
+
+
+class Method:
+    """A method's strategy. Subclasses set the class attributes and implement the math."""
+
+    name: ClassVar[str]
+    peft_type: ClassVar[str]
+    # Adapter tensor names per module, without the ``.weight`` suffix for linear layers.
+    linear_tensors: ClassVar[tuple[str, ...]]
+    embedding_tensors: ClassVar[tuple[str, ...]] = ()
+    # Tensors stored without a ``.weight`` suffix (PEFT's own quirk).
+    bare_tensors: ClassVar[frozenset[str]] = frozenset()
+
+    # ----- config -------------------------------------------------------------------------
+    def parse_config(self, raw: Mapping[str, Any], source: str) -> AdapterConfig:
+        """Validate the fields every method shares, then the method's own ``options``."""
+        rank = self.parse_rank(raw, source)
+        alpha = _number(raw, "lora_alpha", source, default=rank if isinstance(rank, int) else None)
+        if alpha == 0:
+            raise D2MergeError("field 'lora_alpha' must be non-zero", path=source)
+        target = raw.get("target_modules")
+        if isinstance(target, list):
+            target = tuple(str(t) for t in target)
+        elif target is not None and not isinstance(target, str):
+            raise D2MergeError(f"field 'target_modules' must be a list or a string, got {target!r}", path=source)
+        rank_pattern = raw.get("rank_pattern") or {}
+        alpha_pattern = raw.get("alpha_pattern") or {}
+        for name, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+            if not isinstance(patterns, dict):
+                raise D2MergeError(f"field '{name}' must be an object, got {patterns!r}", path=source)
+        for key in rank_pattern:
+            self.parse_rank({**raw, **self.rank_override(rank_pattern[key])}, source)
+        for key, value in alpha_pattern.items():
+            _number({"alpha_pattern": value}, "alpha_pattern", source)
+            if value == 0:
+                raise D2MergeError(f"alpha_pattern['{key}'] must be non-zero", path=source)
+        modules_to_save = raw.get("modules_to_save") or ()
+        if isinstance(modules_to_save, str) or not all(isinstance(m, str) for m in modules_to_save):
+            raise D2MergeError("field 'modules_to_save' must be a list of module names", path=source)
+        return AdapterConfig(
+            method=self.name,
+            peft_type=self.peft_type,
+            r=rank if isinstance(rank, int) else 0,
+            lora_alpha=alpha,
+            target_modules=target,
+            base_model_name_or_path=raw.get("base_model_name_or_path"),
+            fan_in_fan_out=_flag(raw, "fan_in_fan_out", source, False),
+            use_rslora=_flag(raw, "use_rslora", source, False),
+            rank_pattern=dict(rank_pattern),
+            alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+            modules_to_save=tuple(modules_to_save),
+            format_version=None if raw.get("format_version") is None else str(raw.get("format_version")),
+            options=self.parse_options(raw, source),
+            raw=dict(raw),
+        )
+
+    def parse_rank(self, raw: Mapping[str, Any], source: str) -> Any:
+        return _number(raw, "r", source, positive=True, integer=True)
+
+    def rank_override(self, pattern_value: Any) -> dict[str, Any]:
+        """How a ``rank_pattern`` value overrides the config's rank fields."""
+        return {"r": pattern_value}
+
+    def parse_options(self, raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+        return {}
+
+    def module_settings(self, config: AdapterConfig, module: str, layer_kind: str,
+                        fan_in_fan_out: bool | None = None) -> ModuleSettings:
+        """Resolve rank, alpha and scale for one module (rank/alpha patterns applied)."""
+        raw = dict(config.raw)
+        key = pattern_key(config.rank_pattern, module)
+        if key is not None:
+            raw.update(self.rank_override(config.rank_pattern[key]))
+        rank = self.parse_rank(raw, "adapter_config.json")
+        alpha_key = pattern_key(config.alpha_pattern, module)
+        alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
+        options = dict(config.options)
+        if not isinstance(rank, int):
+            options.update(rank)
+        return ModuleSettings(
+            module=module,
+            layer_kind=layer_kind,
+            r=rank if isinstance(rank, int) else 0,
+            alpha=alpha,
+            scale=self.scale(rank, alpha, config.use_rslora),
+            fan_in_fan_out=config.fan_in_fan_out if fan_in_fan_out is None else fan_in_fan_out,
+            options=options,
+        )
+
+    def scale(self, rank: Any, alpha: float, use_rslora: bool) -> float:
+        return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+    # ----- tensors ------------------------------------------------------------------------
+    def tensor_names(self, layer_kind: str) -> tuple[str, ...]:
+        names = self.linear_tensors if layer_kind == LINEAR else self.embedding_tensors
+        if not names:
+            raise D2MergeError(f"{self.name} does not support {layer_kind} layers")
+        return names
+
+    def stored_key(self, module: str, tensor: str, layer_kind: str) -> str:
+        """The key of an adapter tensor in ``adapter_model.safetensors`` (PEFT layout)."""
+        bare = layer_kind == EMBEDDING or tensor in self.bare_tensors
+        return f"base_model.model.{module}.{tensor}" + ("" if bare else ".weight")
+
+    def expected_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        """Shapes each adapter tensor must have, in PEFT orientation: ``A`` is (r, in), ``B`` is (out, r)."""
+        raise NotImplementedError
+
+    def rank_of(self, tensors: Mapping[str, torch.Tensor], layer_kind: str) -> Any:
+        """The rank the stored tensors imply (compared against the config by the planner)."""
+        raise NotImplementedError
+
+    # ----- math ---------------------------------------------------------------------------
+    def merged_weight(self, w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], settings: ModuleSettings,
+                      *, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The merged weight in the base tensor's on-disk layout, in ``compute_dtype``.
+
+        The formula works on ``W`` of shape (out, in); layers stored transposed
+        (fan_in_fan_out, embeddings) are transposed in and out here.
+        """
+        transposed = settings.fan_in_fan_out or settings.layer_kind == EMBEDDING
+        w = w0.to(compute_dtype)
+        w = w.T if transposed else w
+        factors = {name: t.to(compute_dtype) for name, t in tensors.items()}
+        merged = self.merge_oriented(w, factors, settings)
+        return (merged.T if transposed else merged).contiguous()
+
+    def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
+                       settings: ModuleSettings) -> torch.Tensor:
+        """The merged weight for ``w0`` of shape (out, in): the method's formula."""
+        raise NotImplementedError
+
+    def delta(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
+        """The low-rank update dW (out, in), used for reports (``inspect``'s update norm)."""
+        return self.merge_oriented(w0, factors, settings) - w0
+
+    def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
+        """Method-specific figures for verify (norm ratios, sign margins): none by default."""
+        return {}
+
+    # ----- runtime ------------------------------------------------------------------------
+    def runtime_module(self, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,
+                       settings: ModuleSettings, *, dropout: float = 0.0) -> nn.Module:
+        """An ``nn.Module`` computing the unmerged forward around ``base_layer``."""
+        raise NotImplementedError
+
+
+def base_weight_oriented(layer: nn.Module, settings: ModuleSettings) -> torch.Tensor:
+    """The base layer's weight as (out, in), whatever its storage layout."""
+    weight = layer.weight
+    transposed = settings.fan_in_fan_out or settings.layer_kind == EMBEDDING
+    return weight.T if transposed else weight

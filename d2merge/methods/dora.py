@@ -1,0 +1,72 @@
+"""DoRA in PEFT's format (``peft_type: LORA`` with ``use_dora: true``).
+
+V = W0 + s * (B @ A); W_merged = (m / ||V||_row)[:, None] * V, with the norm
+taken from this adapter's own unmerged base W0, never from a merged weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from d2merge.methods.base import ModuleSettings
+from d2merge.methods.lora import LoRA
+from d2merge.methods.runtime import AdapterLayer
+
+MAGNITUDE = "lora_magnitude_vector"
+
+
+class DoRA(LoRA):
+    name = "dora"
+    peft_type = "LORA"
+    linear_tensors = ("lora_A", "lora_B", MAGNITUDE)
+    embedding_tensors = ()  # PEFT's DoRA embeddings use another norm axis; not supported here.
+    bare_tensors = frozenset({MAGNITUDE})
+
+    def expected_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        return {"lora_A": (settings.r, in_features), "lora_B": (out_features, settings.r), MAGNITUDE: (out_features,)}
+
+    def low_rank(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
+        return settings.scale * (factors["lora_B"] @ factors["lora_A"])
+
+    def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
+                       settings: ModuleSettings) -> torch.Tensor:
+        v = w0 + self.low_rank(factors, settings)
+        norm = torch.linalg.vector_norm(v, dim=1)
+        return (factors[MAGNITUDE] / norm)[:, None] * v
+
+    def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
+        v = w0 + self.low_rank(factors, settings)
+        ratio = factors[MAGNITUDE] / torch.linalg.vector_norm(v, dim=1)
+        return {"magnitude_ratio_min": float(ratio.min()), "magnitude_ratio_max": float(ratio.max())}
+
+    def runtime_module(self, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,
+                       settings: ModuleSettings, *, dropout: float = 0.0) -> nn.Module:
+        return DoRALayer(self, base_layer, tensors, settings, dropout=dropout)
+
+    def initial_magnitude(self, base_weight_oriented: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(base_weight_oriented.float(), dim=1)
+
+
+class DoRALayer(AdapterLayer):
+    """PEFT's DoRA forward: the norm is treated as a constant (detached), as the paper suggests."""
+
+    def __init__(self, method: DoRA, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,
+                 settings: ModuleSettings, *, dropout: float = 0.0):
+        super().__init__(method, base_layer, tensors, settings, dropout=dropout)
+        if tensors is None:
+            with torch.no_grad():
+                self.factors[MAGNITUDE].copy_(method.initial_magnitude(self.base_weight()))
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.factors
+        w0 = self.base_weight()
+        norm = torch.linalg.vector_norm(w0 + self.method.low_rank(f, self.settings), dim=1).detach()
+        scale = f[MAGNITUDE] / norm
+        low = self.settings.scale * F.linear(F.linear(self.dropout(x), f["lora_A"]), f["lora_B"])
+        out = scale * (F.linear(x, w0) + low)
+        return out if self.bias is None else out + self.bias

@@ -1,0 +1,64 @@
+"""LoRA in PEFT's format, with rsLoRA, rank/alpha patterns, fan_in_fan_out and embeddings.
+
+dW = s * (B @ A), W_merged = W0 + dW; embeddings store A (r, num_embeddings) and
+B (embedding_dim, r), which is the transposed layout of the same formula.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from d2merge.methods.base import EMBEDDING, Method, ModuleSettings
+from d2merge.methods.runtime import AdapterLayer
+
+
+class LoRA(Method):
+    name = "lora"
+    peft_type = "LORA"
+    linear_tensors = ("lora_A", "lora_B")
+    embedding_tensors = ("lora_embedding_A", "lora_embedding_B")
+
+    def expected_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        a, b = self.tensor_names(settings.layer_kind)
+        return {a: (settings.r, in_features), b: (out_features, settings.r)}
+
+    def rank_of(self, tensors: Mapping[str, torch.Tensor], layer_kind: str) -> Any:
+        return tensors[self.tensor_names(layer_kind)[0]].shape[0]
+
+    def low_rank(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
+        a, b = self.tensor_names(settings.layer_kind)
+        return settings.scale * (factors[b] @ factors[a])
+
+    def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
+                       settings: ModuleSettings) -> torch.Tensor:
+        return w0 + self.low_rank(factors, settings)
+
+    def runtime_module(self, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,
+                       settings: ModuleSettings, *, dropout: float = 0.0) -> nn.Module:
+        return LoRALayer(self, base_layer, tensors, settings, dropout=dropout)
+
+
+class LoRALayer(AdapterLayer):
+    """base(x) + s * B(A(dropout(x))): the forward PEFT trains with."""
+
+    def __init__(self, method: LoRA, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,
+                 settings: ModuleSettings, *, dropout: float = 0.0):
+        super().__init__(method, base_layer, tensors, settings, dropout=dropout)
+        self.a_name, self.b_name = method.tensor_names(settings.layer_kind)
+
+    def low_rank_output(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors[self.a_name], self.factors[self.b_name]
+        if self.settings.layer_kind == EMBEDDING:
+            layer = self.base_layer
+            hidden = F.embedding(x, a.T, layer.padding_idx, layer.max_norm, layer.norm_type,
+                                 layer.scale_grad_by_freq, layer.sparse)
+        else:
+            hidden = F.linear(self.dropout(x), a)
+        return self.settings.scale * F.linear(hidden, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.low_rank_output(x)
