@@ -41,6 +41,55 @@ def cli(debug: bool) -> None:
 # Commands are defined below this line, one function each, thin over the library.
 # (helpers: add new commands directly above the "# end of commands" marker)
 
+@cli.command("push")
+@click.argument("folder", type=click.Path())
+@click.argument("repo_id")
+@click.option("--private", is_flag=True,
+              help="Create the repo as private. Only applies when the push creates it; an existing repo keeps "
+                   "its visibility.")
+@click.option("--revision", metavar="BRANCH", default=None,
+              help="Commit to this branch instead of main (created from main if missing). "
+                   "refs/pr/N adds a commit to an open pull request.")
+@click.option("--create-pr", is_flag=True,
+              help="Open a pull request against main instead of committing to it (works on repos you can "
+                   "only read).")
+@click.option("--commit-message", metavar="TEXT", default=None,
+              help=f"Commit title. [default: Upload merged model with d2merge {__version__}]")
+@click.option("--token", metavar="TOKEN", default=None,
+              help="Hugging Face token with write access. [default: HF_TOKEN, else the `hf auth login` cache; "
+                   "prefer those, a --token is visible in the process list]")
+@click.option("--dry-run", is_flag=True,
+              help="Check the folder, then print the files, sizes and model card a push would send. "
+                   "Contacts nothing, needs no token.")
+def push(folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool,
+         commit_message: str | None, token: str | None, dry_run: bool) -> None:
+    """Publish a merged model FOLDER to the Hugging Face Hub as REPO_ID (OWNER/NAME), in one commit.
+
+    The folder is refused unless it is complete: config.json, every shard its index names,
+    untruncated safetensors, no leftover temp files. Exactly its files are sent (hidden files
+    are skipped); README.md, if present, becomes the model card. The repo is created if needed.
+
+    \b
+    Examples:
+      d2merge push ./merged my-user/llama-merged --dry-run      # what would be sent; offline
+      d2merge push ./merged my-user/llama-merged --private      # create private, commit to main
+      d2merge push ./merged my-org/llama-merged --revision exp-1   # commit to branch exp-1
+      d2merge push ./merged someone/llama-merged --create-pr    # propose as a pull request
+      HF_TOKEN=hf_... d2merge push ./merged my-user/llama-merged
+      HF_ENDPOINT=https://hub.example.com d2merge push ./merged team/llama-merged
+
+    \b
+    Token: --token, else HF_TOKEN, else the cached `hf auth login`; it is never printed.
+    Endpoint: HF_ENDPOINT (default https://huggingface.co). HF_HUB_OFFLINE=1 refuses to push.
+    HF_HUB_DISABLE_PROGRESS_BARS=1 silences the upload progress bars.
+    """
+    from d2merge.hub import format_push, push_folder
+
+    result = push_folder(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                         commit_message=commit_message, token=token, dry_run=dry_run)
+    click.echo(format_push(result))
+
+
 # end of commands
 
 

@@ -90,3 +90,81 @@ def save_tiny_base(folder: str | Path, arch: str = "llama", *, seed: int = 0, dt
     if tokenizer:
         build_tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return folder
+
+
+DEFAULT_TARGETS = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+
+
+def adapter_config(method: str, *, r: int = 4, lora_alpha: float = 8.0, target_modules: tuple[str, ...] = ("q_proj",),
+                   base_model_name_or_path: str | None = None, **fields: object) -> dict:
+    """An adapter_config.json for one of the methods, with the given fields added."""
+    config: dict = {"base_model_name_or_path": base_model_name_or_path, "lora_alpha": lora_alpha,
+                    "target_modules": list(target_modules), "format_version": "1"}
+    if method == "d2lora":
+        config.update(peft_type="D2LORA", r=r, tau=0.5, norm_axis="out", residual=True, eps=0.0)
+    elif method == "dual_lora":
+        config.update(peft_type="DUAL_LORA", r_mag=r, r_dir=r)
+    elif method in ("lora", "dora"):
+        config.update(peft_type="LORA", r=r, use_dora=method == "dora")
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    config.update(fields)
+    return config
+
+
+def random_factors(method_name: str, settings, out_features: int, in_features: int, *,
+                   generator: torch.Generator, w0: torch.Tensor | None = None, magnitude: float = 0.2
+                   ) -> dict[str, torch.Tensor]:
+    """Non-zero random factors (B included), so that a merge changes the weights measurably."""
+    from d2merge.methods import get_method
+
+    method = get_method(method_name)
+    shapes = method.expected_shapes(settings, out_features, in_features)
+    factors = {}
+    for name, shape in shapes.items():
+        if name == "lora_magnitude_vector":
+            base_norm = torch.linalg.vector_norm(w0.float(), dim=1) if w0 is not None else torch.ones(shape)
+            factors[name] = base_norm * (1 + 0.3 * torch.randn(shape, generator=generator)).abs()
+        else:
+            factors[name] = magnitude * torch.randn(shape, generator=generator)
+    return factors
+
+
+def save_random_adapter(base_folder: str | Path, adapter_folder: str | Path, method: str = "d2lora", *,
+                        seed: int = 0, r: int = 4, lora_alpha: float = 8.0,
+                        target_modules: tuple[str, ...] | None = None, magnitude: float = 0.2,
+                        dtype: torch.dtype = torch.float32, **config_fields: object) -> Path:
+    """Write a random adapter (non-zero factors) for a tiny base written by :func:`save_tiny_base`."""
+    from d2merge.io.adapter import write_adapter
+    from d2merge.io.checkpoint import open_base
+    from d2merge.methods import LINEAR, get_method, parse_adapter_config
+
+    base = open_base(base_folder)
+    model_type = (base.config or {}).get("model_type", "llama")
+    targets = tuple(target_modules or DEFAULT_TARGETS.get(model_type, DEFAULT_TARGETS["llama"]))
+    if model_type == "gpt2":
+        config_fields.setdefault("fan_in_fan_out", True)
+    raw = adapter_config(method, r=r, lora_alpha=lora_alpha, target_modules=targets,
+                         base_model_name_or_path=str(base_folder), **config_fields)
+    config = parse_adapter_config(raw)
+    method_obj = get_method(config.method)
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in base.tensors.keys():
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module is None or module.rsplit(".", 1)[-1] not in targets:
+            continue
+        settings = method_obj.module_settings(config, module, LINEAR)
+        rows, cols = base.tensors.info(name)[1]
+        out_f, in_f = (cols, rows) if settings.fan_in_fan_out else (rows, cols)
+        w0 = base.tensors.read(name).float()
+        w0 = w0.T if settings.fan_in_fan_out else w0
+        factors = random_factors(config.method, settings, out_f, in_f, generator=generator, w0=w0,
+                                 magnitude=magnitude)
+        for tensor_name, tensor in factors.items():
+            tensors[method_obj.stored_key(module, tensor_name, LINEAR)] = tensor.to(dtype)
+    return write_adapter(adapter_folder, raw, tensors)

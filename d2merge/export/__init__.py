@@ -1,0 +1,1 @@
+"""Exporters that turn a merged Hugging Face folder into deployable formats (ONNX, ...)."""

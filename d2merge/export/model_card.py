@@ -1,0 +1,72 @@
+"""The model card (README.md) written next to a merged model.
+
+Its YAML front matter is what the Hub reads: ``base_model`` plus
+``base_model_relation: finetune`` puts the merged model in the base's model
+tree (an adapter merged into its base is a fine-tune of that base; the Hub's
+"merge" relation means several models combined). The body records how the
+weights were made, so a reader can reproduce and audit them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from d2merge import __version__
+
+METHOD_TITLES = {"d2lora": "D2-LoRA", "dual_lora": "Dual LoRA", "lora": "LoRA", "dora": "DoRA"}
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    """What the card says; collected by the merge engine (and verify, when it ran)."""
+
+    base_model: str | None
+    method: str
+    settings: Mapping[str, Any]
+    source_hashes: Mapping[str, str] = field(default_factory=dict)
+    out_dtype: str = "auto"
+    notes: tuple[str, ...] = ()
+    verify_table: str | None = None
+    model_name: str | None = None
+
+
+def _yaml_scalar(value: str) -> str:
+    # JSON strings are valid YAML scalars and need no further escaping rules.
+    return json.dumps(value)
+
+
+def render_model_card(info: CardInfo) -> str:
+    title = METHOD_TITLES.get(info.method, info.method)
+    front = ["---", "library_name: transformers"]
+    if info.base_model:
+        front += ["base_model:", f"- {_yaml_scalar(info.base_model)}", "base_model_relation: finetune"]
+    front += ["tags:", "- d2merge", f"- {info.method.replace('_', '-')}", "- merged-adapter", "---", ""]
+    name = info.model_name or "Merged model"
+    body = [
+        f"# {name}",
+        "",
+        f"This model is {('`' + info.base_model + '`') if info.base_model else 'a base model'} with a {title} adapter "
+        f"merged into its weights by [d2merge](https://pypi.org/project/d2merge/) {__version__}. It loads with "
+        "`transformers` alone and runs at the base model's speed: the adapter adds no layers.",
+        "",
+        "## How it was made",
+        "",
+        f"- method: {title}",
+    ]
+    for key, value in info.settings.items():
+        body.append(f"- {key}: {value}")
+    body += [f"- output dtype: {info.out_dtype}",
+             "- merge arithmetic: fp32, one round-to-nearest-even cast to the output dtype at the end"]
+    for note in info.notes:
+        body.append(f"- note: {note}")
+    if info.source_hashes:
+        body += ["", "## Sources (sha256)", "", "| file | sha256 |", "| --- | --- |"]
+        body += [f"| `{name}` | `{digest}` |" for name, digest in info.source_hashes.items()]
+    if info.verify_table:
+        body += ["", "## Verification (merged vs unmerged)", "", "```", info.verify_table.rstrip(), "```"]
+    body += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             'model = AutoModelForCausalLM.from_pretrained("<this folder or repo id>")',
+             'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo id>")', "```", ""]
+    return "\n".join(front + body)

@@ -1,0 +1,578 @@
+"""Export a merged model folder to ONNX, and prove that ONNX Runtime computes what PyTorch computes.
+
+A merged model is an ordinary Hugging Face folder (config.json + safetensors), so this module
+needs nothing but its path. The exported graph takes `input_ids` and `attention_mask` (dynamic
+batch and sequence) and returns `logits`. With `with_past=True` it also takes the key/value cache
+as flat tensors `past_key_values.{i}.key/value` and returns the grown cache as
+`present.{i}.key/value`, the layout ONNX Runtime generation loops use; `attention_mask` then
+covers past + new tokens. Position ids are computed inside the graph from the attention mask,
+the way transformers' `generate` computes them, so left-padded batches give the same tokens.
+
+Every export is written to a temporary folder next to its destination, checked (the opset that
+really landed in the graph, then ONNX Runtime vs PyTorch on seeded probes) and only then renamed
+into place: a file at the destination has passed validation unless validation was switched off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from d2merge.errors import D2MergeError
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+EXPORTERS = ("dynamo", "legacy")
+# 18 is the opset torch's dynamo exporter implements natively. 23 is not a safe default: it
+# emits the fused RotaryEmbedding op, which ONNX Runtime 1.32 rejects for batch > 1.
+DEFAULT_OPSET = 18
+FP32_ATOL = 1e-4
+# fp16 rounding error is relative (10-bit mantissa, eps ~ 1e-3) and grows with the size of the
+# logits, so the fp16 bound scales with the largest reference logit. Measured on the tiny test
+# models (logits up to ~0.6): 2.4e-4 to 4.9e-4, i.e. below 1e-3 relative; 1e-2 relative leaves
+# room for deeper models (error accumulates over layers) while still catching a broken export,
+# which is off by the size of the logits themselves.
+FP16_RTOL = 1e-2
+FP16_ATOL_FLOOR = 1e-3
+
+# Protobuf cannot serialize a message above 2 GiB; keep headroom for the graph itself.
+_PROTOBUF_LIMIT_BYTES = 2**31 - 1
+_GRAPH_HEADROOM_BYTES = 64 * 2**20
+
+_PAST_PREFIX = "past_key_values."
+_PRESENT_PREFIX = "present."
+# Probe shapes: batch 2 with row 1 left-padded, because several export bugs (a RotaryEmbedding
+# op that only handles batch 1, positions ignoring padding) only show with a second, padded row.
+_PROBE_BATCH = 2
+_PROBE_LEFT_PAD = 2
+_PROBES_NO_PAST = ((0, 5), (0, 9))  # (past length, new tokens)
+_PROBES_WITH_PAST = ((0, 6), (5, 1), (4, 3))  # prefill, one decode step, a chunk after a cache
+
+_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+
+
+@dataclass(frozen=True)
+class OnnxValidation:
+    """ONNX Runtime (CPU) vs PyTorch on seeded probes, at real-token positions only.
+
+    Rows of left-padded positions differ by design (each runtime fills fully masked rows its own
+    way), so only positions with attention_mask == 1 are compared; with past, the present
+    key/value tensors are compared at real positions too, since generation feeds them back.
+    """
+
+    onnx_path: Path
+    dtype: str
+    max_abs_diff: float
+    tolerance: float
+    passed: bool
+    probes: tuple[tuple[int, int, int], ...]  # (batch, past length, new tokens)
+
+
+@dataclass(frozen=True)
+class OnnxExportResult:
+    """What export_onnx wrote and what validation measured (None fields: validation was off)."""
+
+    onnx_path: Path
+    paths: tuple[Path, ...]  # every file written: the graph, plus its external data file if any
+    dtype: str
+    exporter: str
+    opset: int  # read back from the saved graph, not the requested value
+    with_past: bool
+    external_data: bool
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    export_seconds: float
+    max_abs_diff: float | None
+    tolerance: float | None
+    passed: bool | None
+
+
+class CausalLMOnnxWrapper(nn.Module):
+    """The function that gets exported: flat tensors in, flat tensors out.
+
+    ONNX graphs cannot take a transformers Cache object, so the cache travels as
+    `past_key_values.{i}.key/value` tensors of shape (batch, kv_heads, past, head_dim), is
+    rebuilt into a `DynamicCache` here, and comes back out flat as `present.{i}.key/value`.
+    """
+
+    def __init__(self, model: nn.Module, with_past: bool):
+        super().__init__()
+        self.model = model
+        self.with_past = with_past
+        self.takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *past: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        kwargs: dict[str, Any] = {}
+        if self.takes_position_ids:
+            # generate()'s convention: a token's position counts the real tokens before it, so a
+            # left-padded row gets the same positions (and logits) as the same row unpadded.
+            positions = attention_mask.long().cumsum(-1) - 1
+            positions = positions.masked_fill(attention_mask == 0, 0)
+            kwargs["position_ids"] = positions[:, attention_mask.shape[1] - input_ids.shape[1]:]
+        if not self.with_past:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+
+        from transformers import DynamicCache
+
+        # No config passed: every layer is a plain DynamicLayer, so present = past + new for all
+        # layers and the attention mask length always equals the cache length (sliding-window
+        # models still mask correctly; the mask is built from the config, not the cache).
+        cache = DynamicCache([(past[i], past[i + 1]) for i in range(0, len(past), 2)])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                         use_cache=True, **kwargs)
+        present: list[torch.Tensor] = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike, *, dtype: str = "fp32",
+                with_past: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "dynamo",
+                external_data: bool | None = None, validate: bool = True,
+                atol: float | None = None) -> OnnxExportResult:
+    """Export the causal LM in `model_dir` to ONNX, validate it, then move it into place.
+
+    `out_path_or_dir` ending in `.onnx` is the graph file; anything else is a folder that
+    receives `model.onnx`. Weights go to `<name>.onnx.data` when `external_data` is True, or,
+    left as None, when they would not fit in one 2 GB protobuf. Raises D2MergeError for a
+    request that cannot be honoured (bf16, an opset the exporter does not produce, a validation
+    diff above tolerance) and leaves nothing at the destination in that case.
+    """
+    _check_request(dtype, exporter, opset)
+    model_dir = Path(model_dir)
+    onnx_path = _destination(out_path_or_dir)
+
+    model = _load_model(model_dir, DTYPES[dtype])
+    weight_bytes = _weight_bytes(model)
+    use_external = _decide_external_data(external_data, weight_bytes, onnx_path)
+    wrapper = CausalLMOnnxWrapper(model, with_past).eval()
+    sample_args, input_names, output_names = _sample_inputs(model, with_past)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{onnx_path.name}.", suffix=".tmp", dir=onnx_path.parent))
+    try:
+        # The external data location is stored relative to the graph file, so the staged file
+        # already carries its final name and only the folder changes at the end.
+        staged = staging / onnx_path.name
+        started = time.perf_counter()
+        _export_graph(wrapper, sample_args, staged, opset=opset, exporter=exporter, external_data=use_external,
+                      input_names=input_names, output_names=output_names, with_past=with_past,
+                      display_path=onnx_path)
+        export_seconds = time.perf_counter() - started
+        del wrapper
+
+        graph_opset = read_opset(staged)
+        if graph_opset != opset:
+            hint = ("the dynamo exporter produces opset 18 and newer; use --opset 18, or --exporter legacy "
+                    "for an older opset" if exporter == "dynamo" and opset < DEFAULT_OPSET
+                    else "choose an opset this exporter supports")
+            raise D2MergeError(f"asked for ONNX opset {opset} but the {exporter} exporter wrote opset "
+                               f"{graph_opset}; refusing to ship a different opset than requested",
+                               path=onnx_path, hint=hint)
+
+        validation = None
+        if validate:
+            if dtype != "fp32":  # free the fp16 copy before loading the fp32 reference next to it
+                del model
+                model = _load_model(model_dir, torch.float32)
+            validation = _validate_staged(staged, CausalLMOnnxWrapper(model, with_past).eval(),
+                                          with_past=with_past, atol=atol, display_path=onnx_path)
+        paths = _commit(staging, onnx_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    return OnnxExportResult(
+        onnx_path=onnx_path, paths=paths, dtype=dtype, exporter=exporter, opset=graph_opset, with_past=with_past,
+        external_data=use_external, input_names=tuple(input_names), output_names=tuple(output_names),
+        export_seconds=export_seconds,
+        max_abs_diff=None if validation is None else validation.max_abs_diff,
+        tolerance=None if validation is None else validation.tolerance,
+        passed=None if validation is None else validation.passed,
+    )
+
+
+def validate_onnx(onnx_path: str | os.PathLike, model_dir: str | os.PathLike, *, atol: float | None = None,
+                  seed: int = 0, raise_on_failure: bool = True) -> OnnxValidation:
+    """Compare an exported graph with the PyTorch model it came from, on seeded random probes.
+
+    Probes are batch 2 with row 1 left-padded, at a couple of lengths (and, for a graph with
+    past, a prefill, a one-token decode step and a chunk after a cache). The PyTorch reference
+    runs in fp32, so for an fp16 graph the diff includes fp16 rounding and the default bound is
+    relative to the logits' size. Raises D2MergeError naming the file and the diff when it is
+    above tolerance, unless raise_on_failure is False.
+    """
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise D2MergeError("no such ONNX file", path=onnx_path)
+    with_past = any(name.startswith(_PAST_PREFIX) for name in _graph_input_names(onnx_path))
+    model = _load_model(Path(model_dir), torch.float32)
+    return _validate_staged(onnx_path, CausalLMOnnxWrapper(model, with_past).eval(), with_past=with_past,
+                            atol=atol, display_path=onnx_path, seed=seed, raise_on_failure=raise_on_failure)
+
+
+def greedy_generate_onnx(onnx_path_with_past: str | os.PathLike, input_ids: Any, max_new_tokens: int, *,
+                         attention_mask: Any = None, eos_token_id: int | Sequence[int] | None = None,
+                         pad_token_id: int | None = None) -> np.ndarray:
+    """Greedy decoding in ONNX Runtime: a prefill, then one token at a time with the cache fed back.
+
+    Mirrors `model.generate(do_sample=False)`: rows that emitted `eos_token_id` continue with
+    `pad_token_id` (or the first eos id), and decoding stops early once every row is finished.
+    Returns int64 ids of shape (batch, prompt + new tokens), prompt included.
+    """
+    path = Path(onnx_path_with_past)
+    session = _open_session(path)
+    past_inputs = [arg for arg in session.get_inputs() if arg.name.startswith(_PAST_PREFIX)]
+    if not past_inputs:
+        raise D2MergeError("this graph has no past_key_values inputs, so it cannot generate incrementally",
+                           path=path, hint="export it with --with-past")
+    ids = _as_int64(input_ids)
+    if ids.ndim != 2:
+        raise D2MergeError(f"input_ids must be (batch, sequence), got shape {ids.shape}", path=path)
+    mask = np.ones_like(ids) if attention_mask is None else _as_int64(attention_mask)
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+
+    batch = ids.shape[0]
+    past: dict[str, np.ndarray] = {}
+    for arg in past_inputs:
+        heads, head_dim = arg.shape[1], arg.shape[3]
+        if not (isinstance(heads, int) and isinstance(head_dim, int)):
+            raise D2MergeError(f"input '{arg.name}' has no fixed head count/size {arg.shape}", path=path)
+        past[arg.name] = np.zeros((batch, heads, 0, head_dim), dtype=_numpy_dtype(arg.type, path))
+    present_names = [out.name for out in session.get_outputs()][1:]
+
+    sequences, step_ids = ids, ids
+    finished = np.zeros(batch, dtype=bool)
+    for _ in range(max_new_tokens):
+        outputs = _run(session, {"input_ids": step_ids, "attention_mask": mask, **past}, path)
+        next_tokens = outputs[0][:, -1, :].astype(np.float32).argmax(-1).astype(np.int64)
+        if eos:
+            next_tokens = np.where(finished, pad, next_tokens)
+            finished |= np.isin(next_tokens, eos)
+        sequences = np.concatenate([sequences, next_tokens[:, None]], axis=1)
+        if eos and finished.all():
+            break
+        past = {name.replace(_PRESENT_PREFIX, _PAST_PREFIX, 1): value
+                for name, value in zip(present_names, outputs[1:])}
+        step_ids = next_tokens[:, None]
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+    return sequences
+
+
+def read_opset(onnx_path: str | os.PathLike) -> int:
+    """The default-domain opset recorded in a saved graph (what runtimes will actually see)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise D2MergeError("the graph declares no default-domain opset", path=onnx_path)
+
+
+def default_tolerance(dtype: str, reference_max_abs: float) -> float:
+    """The validation bound: absolute for fp32, relative to the largest logit for fp16."""
+    if dtype == "fp32":
+        return FP32_ATOL
+    return max(FP16_ATOL_FLOOR, FP16_RTOL * reference_max_abs)
+
+
+# --- checks and loading ------------------------------------------------------------------------
+
+
+def _check_request(dtype: str, exporter: str, opset: int) -> None:
+    if dtype in ("bf16", "bfloat16"):
+        raise D2MergeError("bf16 ONNX graphs cannot be validated or run: ONNX Runtime's CPU provider has no "
+                           "bfloat16 kernels", hint="use --dtype fp32 (exact) or --dtype fp16 (half the size)")
+    if dtype not in DTYPES:
+        raise D2MergeError(f"unknown dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
+    if exporter not in EXPORTERS:
+        raise D2MergeError(f"unknown exporter {exporter!r}", hint=f"choose one of {', '.join(EXPORTERS)}")
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not 7 <= opset <= newest:
+        raise D2MergeError(f"opset {opset} is outside what the installed onnx knows (7..{newest})",
+                           hint=f"use --opset {DEFAULT_OPSET}")
+
+
+def _destination(out_path_or_dir: str | os.PathLike) -> Path:
+    out = Path(out_path_or_dir)
+    onnx_path = out if out.suffix == ".onnx" and not out.is_dir() else out / "model.onnx"
+    if onnx_path.is_dir():
+        raise D2MergeError("destination is a folder, not a file", path=onnx_path)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    return onnx_path
+
+
+def _load_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
+    if not (model_dir / "config.json").is_file():
+        raise D2MergeError("not a Hugging Face model folder (config.json missing)", path=model_dir)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except (ValueError, OSError, KeyError) as exc:
+        raise D2MergeError(f"cannot load as a causal language model: {exc}", path=model_dir) from exc
+    if dtype == torch.float16:
+        for name, param in model.named_parameters():
+            if not torch.isfinite(param).all():
+                raise D2MergeError("weights overflow fp16 (largest finite value 65504)", path=model_dir,
+                                   tensor=name, hint="export with --dtype fp32")
+    return model.eval()
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights count once
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _decide_external_data(requested: bool | None, weight_bytes: int, onnx_path: Path) -> bool:
+    too_big = weight_bytes > _PROTOBUF_LIMIT_BYTES - _GRAPH_HEADROOM_BYTES
+    if requested is None:
+        return too_big
+    if not requested and too_big:
+        raise D2MergeError(f"{weight_bytes / 2**30:.1f} GiB of weights cannot be stored inside one .onnx file "
+                           "(protobuf's limit is 2 GiB)", path=onnx_path, hint="allow --external-data")
+    return requested
+
+
+def _cache_layout(model: nn.Module) -> list[tuple[int, int]]:
+    """(kv_heads, head_dim) per cache tensor, read from a real forward pass, not from config names."""
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
+    layout: list[tuple[int, int]] = []
+    for layer in out.past_key_values.layers:
+        layout += [(layer.keys.shape[1], layer.keys.shape[3]), (layer.values.shape[1], layer.values.shape[3])]
+    return layout
+
+
+def _sample_inputs(model: nn.Module, with_past: bool) -> tuple[tuple[torch.Tensor, ...], list[str], list[str]]:
+    # Distinct sizes of at least 2: torch.export specializes dimensions of size 0 or 1, and equal
+    # sample sizes can make it tie dimensions that must stay independent.
+    batch, new, past_len = 2, 3, 4
+    dtype = next(model.parameters()).dtype
+    total = new + past_len if with_past else new
+    input_ids = torch.randint(4, model.config.vocab_size, (batch, new), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones(batch, total, dtype=torch.long)
+    attention_mask[1, 0] = 0
+    layout = _cache_layout(model) if with_past else []
+    past = [torch.zeros(batch, heads, past_len, head_dim, dtype=dtype) for heads, head_dim in layout]
+    names = _cache_names(len(layout))
+    input_names = ["input_ids", "attention_mask", *[_PAST_PREFIX + name for name in names]]
+    output_names = ["logits", *[_PRESENT_PREFIX + name for name in names]]
+    return (input_ids, attention_mask, *past), input_names, output_names
+
+
+def _cache_names(count: int) -> list[str]:
+    """`{layer}.key` / `{layer}.value` for a flat cache of `count` tensors (keys and values alternate)."""
+    return [f"{index // 2}.{'key' if index % 2 == 0 else 'value'}" for index in range(count)]
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Silence exporter chatter (missing torchvision ops, tracer and rename warnings).
+
+    The validation that follows is the real signal; these messages are about internals the user
+    cannot act on. Errors still propagate.
+    """
+    saved = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    try:
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _export_graph(wrapper: CausalLMOnnxWrapper, sample_args: tuple[torch.Tensor, ...], staged: Path, *, opset: int,
+                  exporter: str, external_data: bool, input_names: list[str], output_names: list[str],
+                  with_past: bool, display_path: Path) -> None:
+    """Run torch's exporter into `staged`.
+
+    fp16 is exported straight from the fp16 model: torch's CPU fp16 kernels cover every op these
+    decoders use and the exporter only traces shapes and dtypes, so no graph-level fp32->fp16
+    conversion (which would also have to keep the fp32-upcast RMSNorm and softmax) is needed.
+    """
+    n_past = len(sample_args) - 2
+    with _quiet_export(), torch.no_grad():
+        try:
+            if exporter == "dynamo":
+                from torch.export import Dim
+
+                batch, sequence = Dim("batch"), Dim("sequence")
+                total = Dim("total_sequence") if with_past else sequence
+                past_sequence = Dim("past_sequence")
+                # Mirrors forward(input_ids, attention_mask, *past): the *past entry is a tuple.
+                dynamic_shapes = ({0: batch, 1: sequence}, {0: batch, 1: total},
+                                  tuple({0: batch, 2: past_sequence} for _ in range(n_past)))
+                program = torch.onnx.export(wrapper, sample_args, dynamo=True, opset_version=opset,
+                                            dynamic_shapes=dynamic_shapes, input_names=input_names,
+                                            output_names=output_names, verbose=False)
+                program.save(staged, external_data=external_data)
+                return
+            axes: dict[str, dict[int, str]] = {
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "total_sequence" if with_past else "sequence"},
+                "logits": {0: "batch", 1: "sequence"},
+            }
+            axes.update({name: {0: "batch", 2: "past_sequence"} for name in input_names[2:]})
+            axes.update({name: {0: "batch", 2: "total_sequence"} for name in output_names[1:]})
+            raw = staged.with_name(staged.name + ".raw")  # the legacy exporter picks its own data layout
+            torch.onnx.export(wrapper, sample_args, str(raw), dynamo=False, opset_version=opset,
+                              input_names=input_names, output_names=output_names, dynamic_axes=axes)
+        except D2MergeError:
+            raise
+        except Exception as exc:  # the exporters raise many types; all mean "this model/opset does not export"
+            raise D2MergeError(f"the {exporter} exporter failed: {type(exc).__name__}: {_first_line(exc)}",
+                               path=display_path,
+                               hint="rerun with --debug for the traceback; try the other --exporter") from exc
+    _normalize_legacy_file(raw, staged, external_data)
+
+
+def _normalize_legacy_file(raw: Path, staged: Path, external_data: bool) -> None:
+    """Re-save the legacy exporter's output in the dynamo layout: one graph, at most one data file."""
+    import onnx
+
+    model = onnx.load(str(raw), load_external_data=True)
+    if external_data:
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=staged.name + ".data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(staged))
+    raw.unlink()
+
+
+def _commit(staging: Path, onnx_path: Path) -> tuple[Path, ...]:
+    """Rename staged files into place, data before graph, so the graph never points at nothing."""
+    data = staging / (onnx_path.name + ".data")
+    paths: list[Path] = []
+    if data.exists():
+        os.replace(data, onnx_path.with_name(data.name))
+        paths.append(onnx_path.with_name(data.name))
+    os.replace(staging / onnx_path.name, onnx_path)
+    return (onnx_path, *paths)
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _validate_staged(onnx_path: Path, reference: CausalLMOnnxWrapper, *, with_past: bool, atol: float | None,
+                     display_path: Path, seed: int = 0, raise_on_failure: bool = True) -> OnnxValidation:
+    session = _open_session(onnx_path, display_path)
+    logits_type = session.get_outputs()[0].type
+    dtype = {"tensor(float)": "fp32", "tensor(float16)": "fp16"}.get(logits_type)
+    if dtype is None:
+        raise D2MergeError(f"logits are {logits_type}; only fp32 and fp16 graphs can be validated on CPU",
+                           path=display_path)
+    numpy_dtype = np.float32 if dtype == "fp32" else np.float16
+    config = reference.model.config
+    vocab = config.vocab_size
+    pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
+    layout = _cache_layout(reference.model) if with_past else []
+    generator = torch.Generator().manual_seed(seed)
+
+    max_diff, max_ref = 0.0, 0.0
+    probes = _PROBES_WITH_PAST if with_past else _PROBES_NO_PAST
+    for past_len, new in probes:
+        total = past_len + new
+        attention_mask = torch.ones(_PROBE_BATCH, total, dtype=torch.long)
+        attention_mask[1, :_PROBE_LEFT_PAD] = 0
+        input_ids = torch.randint(0, vocab, (_PROBE_BATCH, new), generator=generator)
+        input_ids = input_ids.masked_fill(attention_mask[:, past_len:] == 0, pad_id)
+        # Past values rounded through the graph's dtype so that both sides see identical inputs.
+        past = [torch.randn(_PROBE_BATCH, heads, past_len, head_dim, generator=generator).to(DTYPES[dtype]).float()
+                for heads, head_dim in layout]
+        with torch.no_grad():
+            expected = reference(input_ids, attention_mask, *past)
+        expected = (expected,) if isinstance(expected, torch.Tensor) else expected
+        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        feed.update({_PAST_PREFIX + name: tensor.numpy().astype(numpy_dtype)
+                     for name, tensor in zip(_cache_names(len(past)), past)})
+        actual = _run(session, feed, display_path)
+
+        real_new = attention_mask[:, past_len:].numpy().astype(bool)  # (batch, new)
+        real_all = attention_mask.numpy().astype(bool)  # (batch, total)
+        ref_logits = expected[0].double().numpy()[real_new]
+        max_ref = max(max_ref, float(np.abs(ref_logits).max()))
+        max_diff = max(max_diff, float(np.abs(actual[0].astype(np.float64)[real_new] - ref_logits).max()))
+        for ort_kv, ref_kv in zip(actual[1:], expected[1:]):
+            # (batch, heads, seq, dim) -> (batch, seq, heads, dim) so the boolean mask selects positions
+            diff = np.abs(ort_kv.astype(np.float64) - ref_kv.double().numpy()).transpose(0, 2, 1, 3)[real_all]
+            max_diff = max(max_diff, float(diff.max()))
+
+    tolerance = atol if atol is not None else default_tolerance(dtype, max_ref)
+    passed = bool(max_diff <= tolerance)  # a NaN diff fails too
+    result = OnnxValidation(onnx_path=display_path, dtype=dtype, max_abs_diff=max_diff, tolerance=tolerance,
+                            passed=passed, probes=tuple((_PROBE_BATCH, p, n) for p, n in probes))
+    if raise_on_failure and not passed:
+        raise D2MergeError(f"ONNX Runtime output differs from PyTorch by {max_diff:.3g} at real tokens, above the "
+                           f"{dtype} tolerance {tolerance:.3g}", path=display_path,
+                           hint="try --exporter legacy or another --opset; --atol raises the bound knowingly")
+    return result
+
+
+def _open_session(onnx_path: Path, display_path: Path | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's warnings about fused nodes are not actionable
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise D2MergeError(f"ONNX Runtime cannot load this graph: {_first_line(exc)}",
+                           path=display_path or onnx_path) from exc
+
+
+def _run(session: Any, feed: dict[str, np.ndarray], path: Path) -> list[np.ndarray]:
+    try:
+        return session.run(None, feed)
+    except Exception as exc:
+        hint = None
+        if "RotaryEmbedding" in str(exc):
+            hint = f"opset 23+ emits RotaryEmbedding, which this ONNX Runtime rejects for batch > 1; use --opset {DEFAULT_OPSET}"
+        raise D2MergeError(f"ONNX Runtime failed to run the graph: {_first_line(exc)}", path=path, hint=hint) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _graph_input_names(onnx_path: Path) -> list[str]:
+    import onnx
+
+    return [arg.name for arg in onnx.load(str(onnx_path), load_external_data=False).graph.input]
+
+
+def _numpy_dtype(onnx_type: str, path: Path) -> type:
+    known = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    if onnx_type not in known:
+        raise D2MergeError(f"cache inputs are {onnx_type}; only fp32 and fp16 graphs run on ONNX Runtime's CPU "
+                           "provider", path=path)
+    return known[onnx_type]
+
+
+def _as_int64(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.int64)

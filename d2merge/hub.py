@@ -1,0 +1,425 @@
+"""Publish a finished model folder to the Hugging Face Hub (`d2merge push`).
+
+A push is one `upload_folder` commit made by the real huggingface_hub client, so the endpoint
+(HF_ENDPOINT), token resolution (--token, HF_TOKEN, `hf auth login`), retries and LFS handling
+are exactly the client's. What d2merge adds is what the client cannot know:
+
+- the folder is refused unless it is a complete model (config, every shard the index names,
+  no half-written temp files), because a merge interrupted mid-write must never be published;
+- exactly the folder's own files are sent (no hidden or temp files), listed up front, so the
+  dry run shows precisely what a real push would send;
+- every failure is one line that says what to do, with the token scrubbed from it.
+
+huggingface_hub is imported inside the functions so that other commands start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib
+import json
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from d2merge import __version__
+from d2merge.errors import D2MergeError
+
+CONFIG_NAME = "config.json"
+MODEL_CARD_NAME = "README.md"
+# Files written by an interrupted or still-running writer (ours, huggingface_hub's, curl/wget).
+TEMP_PREFIXES = (".d2merge-tmp",)
+TEMP_SUFFIXES = (".tmp", ".partial", ".incomplete")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx")
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+
+_AUTH_HINT = "check your token: `hf auth login` or --token / HF_TOKEN"
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_MAX_SERVER_MESSAGE = 200
+
+
+@dataclass(frozen=True)
+class PushedFile:
+    """One file of the folder as it lands in the repo: its path there and its size in bytes."""
+
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push sent (or, for a dry run, would send) and where it landed.
+
+    commit_url/commit_oid/pr_url are None for a dry run; pr_url is set only with create_pr.
+    The token is deliberately not part of the result.
+    """
+
+    repo_id: str
+    repo_url: str
+    revision: str
+    files: tuple[PushedFile, ...]
+    commit_message: str
+    model_card: str | None
+    private: bool
+    create_pr: bool
+    dry_run: bool
+    commit_url: str | None = None
+    commit_oid: str | None = None
+    pr_url: str | None = None
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def default_commit_message() -> str:
+    return f"Upload merged model with d2merge {__version__}"
+
+
+def is_temp_name(name: str) -> bool:
+    """A name left behind by an interrupted write; such a folder is not finished."""
+    return name.startswith(TEMP_PREFIXES) or name.endswith(TEMP_SUFFIXES)
+
+
+def folder_files(folder: str | Path) -> tuple[PushedFile, ...]:
+    """The files a push sends: regular files under `folder`, skipping hidden files and folders.
+
+    Symlinks to files count (a Hub cache snapshot is all symlinks) and are sent with their
+    target's content, as huggingface_hub does. Sorted, paths in POSIX form relative to `folder`.
+    """
+    folder = _existing_folder(folder)
+    files = []
+    for relpath, path, is_dir in _walk(folder):
+        if not is_dir and not _is_hidden(relpath) and path.is_file():
+            files.append(PushedFile(relpath, path.stat().st_size))
+    return tuple(sorted(files, key=lambda f: f.path))
+
+
+def check_folder_complete(folder: str | Path) -> None:
+    """Refuse (D2MergeError naming the file) a folder that is not a complete model.
+
+    Complete means: no leftover temp/partial files anywhere, a readable config.json, at least
+    one weights file, every shard that an index names present, and every safetensors file as
+    long as its own header says it is (a cheap check that catches truncated writes).
+    """
+    folder = _existing_folder(folder)
+    for relpath, _, _ in _walk(folder):
+        if is_temp_name(relpath.rsplit("/", 1)[-1]):
+            raise D2MergeError("leftover temporary file: a write was interrupted or is still running",
+                               path=folder / relpath,
+                               hint="wait for it to finish or re-run the merge into a fresh folder")
+    present = {f.path for f in folder_files(folder)}
+    if CONFIG_NAME not in present:
+        raise D2MergeError("no config.json: this is not a complete model folder", path=folder,
+                           hint="push the merge output folder, which has config.json next to the weights")
+    _read_json(folder / CONFIG_NAME)
+    weights = [p for p in present if p.endswith(WEIGHT_SUFFIXES)]
+    if not weights:
+        raise D2MergeError("no weights (*.safetensors, *.bin, *.gguf, *.onnx) in the folder", path=folder,
+                           hint="the merge did not finish; re-run it")
+    for index in sorted(p for p in present if p.endswith(INDEX_SUFFIXES)):
+        weight_map = _read_json(folder / index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise D2MergeError("index has no 'weight_map'", path=folder / index)
+        base = index.rsplit("/", 1)[0] + "/" if "/" in index else ""
+        for shard in sorted(set(weight_map.values())):
+            if not isinstance(shard, str) or base + shard not in present:
+                raise D2MergeError(f"index references shard '{shard}', which is missing", path=folder / index,
+                                   hint="the merge did not finish writing; re-run it")
+    for name in sorted(p for p in present if p.endswith(".safetensors")):
+        _check_safetensors_length(folder / name)
+
+
+def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+                create_pr: bool = False, commit_message: str | None = None, token: str | None = None,
+                dry_run: bool = False, endpoint: str | None = None) -> PushResult:
+    """Publish a complete model folder to the Hub as one commit; with dry_run, only say what would be sent.
+
+    The repo is created if needed (`private` applies only then; an existing repo keeps its
+    visibility); a `revision` other than main is created as a branch from main if missing, and
+    `refs/pr/N` pushes onto an open pull request. `create_pr` opens a pull request against main
+    instead of committing to it. `endpoint` defaults to huggingface_hub's (HF_ENDPOINT).
+    Raises D2MergeError (one line, token scrubbed) for anything the user can fix.
+    """
+    folder = _existing_folder(folder)
+    _check_repo_id(repo_id)
+    branch = revision or "main"
+    if create_pr and branch != "main":
+        raise D2MergeError(f"--create-pr opens a pull request against main, so it cannot be combined with "
+                           f"--revision {revision}",
+                           hint="drop one of them; to add commits to an open pull request use --revision refs/pr/N")
+    message = commit_message if commit_message is not None else default_commit_message()
+    if not message.strip():
+        raise D2MergeError("the commit message is empty", hint="pass a non-empty --commit-message")
+    check_folder_complete(folder)
+    files = folder_files(folder)
+    card_path = folder / MODEL_CARD_NAME
+    model_card = card_path.read_text(encoding="utf-8", errors="replace") if card_path.is_file() else None
+
+    from huggingface_hub import constants
+
+    hub_url = (endpoint or constants.ENDPOINT).rstrip("/")
+    result = PushResult(repo_id=repo_id, repo_url=f"{hub_url}/{repo_id}", revision=branch, files=files,
+                        commit_message=message, model_card=model_card, private=private, create_pr=create_pr,
+                        dry_run=dry_run)
+    if dry_run:
+        return result
+
+    if _offline():
+        raise D2MergeError("HF_HUB_OFFLINE is set, so nothing can be pushed",
+                           hint="unset HF_HUB_OFFLINE to push, or use --dry-run to see what would be sent")
+    secrets = _known_secrets(token)
+    with _hub_errors(secrets, step="looking up the token", repo_id=repo_id, endpoint=hub_url, revision=branch):
+        from huggingface_hub import get_token
+
+        resolved = token or get_token()
+    if not resolved:
+        raise D2MergeError("no Hugging Face token found",
+                           hint="run `hf auth login`, set HF_TOKEN, or pass --token")
+    secrets.add(resolved)
+
+    from huggingface_hub import HfApi
+
+    # endpoint=None lets HfApi read HF_ENDPOINT itself; never replace it with a default of ours.
+    api = HfApi(endpoint=endpoint, token=resolved, library_name="d2merge", library_version=__version__)
+    with _hub_errors(secrets, step=f"creating repo {repo_id}", repo_id=repo_id, endpoint=hub_url, revision=branch):
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if branch != "main" and not branch.startswith("refs/pr/"):
+        with _hub_errors(secrets, step=f"creating branch '{branch}' in {repo_id}", repo_id=repo_id,
+                         endpoint=hub_url, revision=branch):
+            api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
+    with _hub_errors(secrets, step=f"uploading to {repo_id}", repo_id=repo_id, endpoint=hub_url, revision=branch):
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            # Exactly the listed files: glob-escaped so that a '[' or '*' in a name matches only itself.
+            allow_patterns=[glob.escape(f.path) for f in files],
+            revision=None if create_pr else branch,
+            create_pr=create_pr,
+            commit_message=message,
+        )
+    return PushResult(repo_id=repo_id, repo_url=str(repo_url), revision=branch, files=files,
+                      commit_message=message, model_card=model_card, private=private, create_pr=create_pr,
+                      dry_run=False, commit_url=commit.commit_url, commit_oid=commit.oid, pr_url=commit.pr_url)
+
+
+def format_push(result: PushResult) -> str:
+    """Human-readable report of a push or dry run: where, which files with sizes, and the model card."""
+    target = f"{result.repo_url} (pull request against main)" if result.create_pr else \
+        f"{result.repo_url} (branch {result.revision})"
+    verb = "would push" if result.dry_run else "pushed"
+    lines = [f"{verb} {len(result.files)} files ({format_size(result.total_size)}) to {target}"]
+    width = max((len(f.path) for f in result.files), default=0)
+    lines += [f"  {f.path:<{width}}  {format_size(f.size):>9}" for f in result.files]
+    lines.append(f"commit message: {result.commit_message}")
+    if result.dry_run:
+        if result.private:
+            lines.append("visibility: private (if the repo is created by this push)")
+        if result.model_card is None:
+            lines.append(f"model card: none (no {MODEL_CARD_NAME} in the folder)")
+        else:
+            lines.append(f"model card ({MODEL_CARD_NAME}):")
+            lines += [f"  | {line}" for line in result.model_card.splitlines()]
+        lines.append("dry run: nothing was contacted or sent")
+    else:
+        lines.append(f"commit: {result.commit_url}")
+        if result.pr_url:
+            lines.append(f"pull request: {result.pr_url}")
+    return "\n".join(lines)
+
+
+def format_size(size: int) -> str:
+    """Decimal units, as the Hub shows them."""
+    if size < 1000:
+        return f"{size} B"
+    value, units = size / 1000, ["kB", "MB", "GB", "TB"]
+    while value >= 1000 and len(units) > 1:
+        value, units = value / 1000, units[1:]
+    return f"{value:.1f} {units[0]}"
+
+
+# -- folder helpers -------------------------------------------------------------------------------
+
+
+def _existing_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise D2MergeError("not a folder" if folder.exists() else "no such folder", path=folder,
+                           hint="pass the merged model folder, the -o of `d2merge merge`")
+    return folder
+
+
+def _walk(folder: Path) -> Iterator[tuple[str, Path, bool]]:
+    """(relative POSIX path, path, is_dir) for every entry, not descending into hidden folders
+    (.git, .cache/huggingface download metadata): they are never pushed."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        for name in sorted(dirnames):
+            yield (here / name).relative_to(folder).as_posix(), here / name, True
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            yield (here / name).relative_to(folder).as_posix(), here / name, False
+
+
+def _is_hidden(relpath: str) -> bool:
+    return any(part.startswith(".") for part in relpath.split("/"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise D2MergeError(f"unreadable JSON ({exc})", path=path, hint="the file is truncated or not JSON") from None
+    if not isinstance(data, dict):
+        raise D2MergeError("expected a JSON object", path=path)
+    return data
+
+
+def _check_safetensors_length(path: Path) -> None:
+    """A safetensors file whose size differs from what its header promises was cut short."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
+            header = json.loads(handle.read(header_len))
+        data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise D2MergeError(f"not a readable safetensors file ({exc})", path=path,
+                           hint="the merge did not finish writing it; re-run the merge") from None
+    if 8 + header_len + data_end != size:
+        raise D2MergeError(f"truncated: header promises {8 + header_len + data_end} bytes, file has {size}",
+                           path=path, hint="the merge did not finish writing it; re-run the merge")
+
+
+def _check_repo_id(repo_id: str) -> None:
+    """Require owner/name so that URLs are known without asking the Hub who we are."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise D2MergeError(f"repo id '{repo_id}' must be OWNER/NAME", hint="e.g. my-user/llama-merged")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise D2MergeError(f"invalid repo id '{repo_id}': {exc}") from None
+
+
+# -- Hub errors -----------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    # The constant is read when huggingface_hub is imported; the variable catches a later export.
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+    return constants.is_offline_mode() or env
+
+
+def _known_secrets(token: str | None) -> set[str]:
+    """Tokens that must never be echoed: the explicit one and the ones in the environment."""
+    candidates = [token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    return {c for c in candidates if c}
+
+
+def scrub(text: str, secrets: set[str]) -> str:
+    """Remove tokens from text about to be shown: the known ones, and anything shaped like one."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _TOKEN_LIKE.sub("hf_***", text)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level failures of whichever HTTP stack this huggingface_hub version uses."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
+        with contextlib.suppress(ImportError):
+            imported = importlib.import_module(module)
+            types.extend(getattr(imported, name) for name in names if hasattr(imported, name))
+    return tuple(types)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+@contextlib.contextmanager
+def _hub_errors(secrets: set[str], *, step: str, repo_id: str, endpoint: str, revision: str) -> Iterator[None]:
+    """Turn the client's exceptions into one-line D2MergeErrors that say what to do.
+
+    `from None` everywhere: the chained original may quote the token (a server or proxy echoing
+    it), and --debug prints chains.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
+
+    try:
+        yield
+    except D2MergeError:
+        raise
+    except Exception as exc:
+        chain = list(_causes(exc))
+        http = next((e for e in chain if isinstance(e, HfHubHTTPError)), None)
+        transport = next((e for e in chain if isinstance(e, _transport_errors())), None)
+        if isinstance(transport, OfflineModeIsEnabled):
+            raise D2MergeError("HF_HUB_OFFLINE is set, so nothing can be pushed",
+                               hint="unset HF_HUB_OFFLINE to push") from None
+        if http is not None and getattr(http, "response", None) is not None:
+            raise _http_error(http, secrets, step=step, repo_id=repo_id, endpoint=endpoint, revision=revision,
+                              revision_missing=isinstance(http, RevisionNotFoundError)) from None
+        if transport is not None:
+            reason = _one_line(scrub(str(transport), secrets)) or type(transport).__name__
+            raise D2MergeError(f"cannot reach the Hub at {endpoint} while {step} ({reason})",
+                               hint="check your network, proxy and HF_ENDPOINT, then retry") from None
+        if isinstance(exc, ValueError):  # the client's own validation, e.g. invalid README.md metadata
+            raise D2MergeError(f"{step} failed: {_one_line(scrub(str(exc), secrets))}") from None
+        if any(secret in str(e) for e in chain for secret in secrets):
+            raise RuntimeError(scrub(str(exc), secrets)) from None  # a bug, but never one that leaks the token
+        raise
+
+
+def _http_error(error: Any, secrets: set[str], *, step: str, repo_id: str, endpoint: str, revision: str,
+                revision_missing: bool) -> D2MergeError:
+    status = error.response.status_code
+    server = _one_line(scrub(getattr(error, "server_message", None) or "", secrets))
+    if len(server) > _MAX_SERVER_MESSAGE:
+        server = server[:_MAX_SERVER_MESSAGE] + "..."
+    said = f": {server}" if server else ""
+    where = f"{step} on {endpoint}"
+    if status == 401:
+        return D2MergeError(f"the Hub rejected the token (401) while {where}{said}", hint=_AUTH_HINT)
+    if status == 403:
+        return D2MergeError(f"the token may not write to {repo_id} (403) while {where}{said}",
+                            hint="use a token with write access to this user or organization "
+                                 "(fine-grained tokens need 'write' on it): `hf auth login` or --token / HF_TOKEN")
+    if status == 404 and revision_missing:
+        return D2MergeError(f"revision '{revision}' not found in {repo_id} (404) while {where}{said}",
+                            hint="check --revision; open pull requests are refs/pr/N")
+    if status == 404:
+        return D2MergeError(f"repository {repo_id} not found (404) while {where}{said}",
+                            hint=f"check REPO_ID and HF_ENDPOINT ({endpoint}), and that your token can see it; "
+                                 + _AUTH_HINT)
+    if status == 409:
+        return D2MergeError(f"conflict (409) while {where}{said}",
+                            hint="someone pushed at the same time or the name is taken; retry")
+    if status == 429:
+        return D2MergeError(f"rate limited (429) while {where}{said}", hint="wait a few minutes and retry")
+    if status >= 500:
+        return D2MergeError(f"the Hub had a server error ({status}) while {where}{said}",
+                            hint="retry later; LFS files already uploaded are not sent again")
+    return D2MergeError(f"the Hub answered {status} while {where}{said}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,148 @@
+"""Adapter folders in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are ``base_model.model.<module path>.<tensor>[.weight]``. The loader sorts
+every key into one of: a method factor of a module, a ``modules_to_save``
+replacement, an embedding ``base_layer`` replacement, or unknown (the planner
+refuses unknown keys, so nothing in an adapter is silently ignored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from d2merge.errors import D2MergeError
+from d2merge.io.checkpoint import PICKLE_HINT, PickleFiles, SafetensorsFiles, TensorSource, read_json, resolve_location
+from d2merge.methods import EMBEDDING, LINEAR, AdapterConfig, Method, parse_adapter_config
+from d2merge.methods import method_for_config
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """The factors of one adapted module: tensor name -> stored key."""
+
+    module: str
+    layer_kind: str
+    keys: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A parsed adapter: config, method and where each tensor is (data read lazily)."""
+
+    path: Path
+    config: AdapterConfig
+    method: Method
+    tensors: TensorSource
+    weights_file: Path
+    modules: dict[str, AdapterModule]
+    # Full tensors that replace base tensors: base tensor name -> stored key.
+    replacements: dict[str, str] = field(default_factory=dict)
+    unknown_keys: tuple[str, ...] = ()
+
+    def factors(self, module: str) -> dict[str, torch.Tensor]:
+        """All factors of one module, read from disk."""
+        entry = self.modules[module]
+        return {name: self.tensors.read(key) for name, key in entry.keys.items()}
+
+    def num_parameters(self) -> int:
+        total = 0
+        for entry in self.modules.values():
+            for key in entry.keys.values():
+                shape = self.tensors.info(key)[1]
+                count = 1
+                for d in shape:
+                    count *= d
+                total += count
+        return total
+
+
+def load_adapter(spec: str | Path, *, allow_pickle: bool = False) -> Adapter:
+    """Open an adapter folder: parse and validate its config, index its tensors (no data read)."""
+    folder = resolve_location(spec)
+    if folder.is_file():
+        folder = folder.parent
+    config_path = folder / CONFIG_NAME
+    if not config_path.exists():
+        hint = ("this looks like a base model; pass the adapter folder second"
+                if (folder / "config.json").exists() else "an adapter folder holds adapter_config.json")
+        raise D2MergeError(f"{CONFIG_NAME} not found", path=folder, hint=hint)
+    raw = read_json(config_path, CONFIG_NAME)
+    config = parse_adapter_config(raw, str(config_path))
+    method = method_for_config(raw, str(config_path))
+    weights = folder / WEIGHTS_NAME
+    if weights.exists():
+        source: TensorSource = SafetensorsFiles([weights])
+    elif (folder / PICKLE_NAME).exists():
+        weights = folder / PICKLE_NAME
+        if not allow_pickle:
+            raise D2MergeError("adapter weights are a pickle file", path=weights, hint=PICKLE_HINT)
+        source = PickleFiles([weights])
+    else:
+        raise D2MergeError(f"no adapter weights ({WEIGHTS_NAME}) in the folder", path=folder)
+    modules, replacements, unknown = _sort_keys(source.keys(), method, config)
+    if not modules and not replacements:
+        raise D2MergeError("the adapter holds no tensors d2merge recognises for "
+                           f"{method.name} (expected keys like {PREFIX}<module>.{method.linear_tensors[0]}.weight)",
+                           path=weights)
+    return Adapter(folder, config, method, source, weights, modules, replacements, tuple(unknown))
+
+
+def _sort_keys(keys: list[str], method: Method, config: AdapterConfig
+               ) -> tuple[dict[str, AdapterModule], dict[str, str], list[str]]:
+    modules: dict[str, AdapterModule] = {}
+    replacements: dict[str, str] = {}
+    unknown: list[str] = []
+    suffixes = []
+    for kind in (LINEAR, EMBEDDING):
+        names = method.linear_tensors if kind == LINEAR else method.embedding_tensors
+        for name in names:
+            suffixes.append((f".{name}.weight", name, kind))
+            suffixes.append((f".{name}", name, kind))
+    for key in keys:
+        if not key.startswith(PREFIX):
+            unknown.append(key)
+            continue
+        rest = key[len(PREFIX):]
+        for suffix, name, kind in suffixes:
+            if rest.endswith(suffix):
+                module = rest[: -len(suffix)]
+                entry = modules.setdefault(module, AdapterModule(module, kind, {}))
+                if entry.layer_kind != kind or name in entry.keys:
+                    unknown.append(key)
+                else:
+                    entry.keys[name] = key
+                break
+        else:
+            if ".base_layer." in rest:
+                replacements[rest.replace(".base_layer.", ".")] = key
+            elif any(rest == f"{m}.{p}" or rest.endswith(f".{m}.{p}") or rest.startswith(f"{m}.")
+                     for m in config.modules_to_save for p in ("weight", "bias")):
+                replacements[rest.replace(".modules_to_save.", ".").replace(".original_module.", ".")] = key
+            else:
+                unknown.append(key)
+    return modules, replacements, unknown
+
+
+def write_adapter(folder: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an adapter folder in PEFT's layout (config + safetensors), atomically.
+
+    ``tensors`` maps stored keys (``base_model.model.<module>.<tensor>[.weight]``) to tensors.
+    """
+    from d2merge.io.output import AtomicFolder, check_output_location, write_json
+    from d2merge.io.safetensors_file import save_tensors
+
+    folder = check_output_location(Path(folder), [], overwrite=True)
+    with AtomicFolder(folder, overwrite=True) as out:
+        write_json(out.path(CONFIG_NAME), config)
+        save_tensors(out.path(WEIGHTS_NAME), {k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())},
+                     {"format": "pt"})
+        out.commit()
+    return folder

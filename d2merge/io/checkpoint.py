@@ -1,0 +1,221 @@
+"""Base checkpoints: a Hugging Face folder (sharded or not), one safetensors file, or a cached Hub repo.
+
+Every source offers the same verbs: ``keys()``, ``info(name)`` (dtype, shape)
+and ``read(name)`` (one tensor). Pickle files are refused unless the caller
+opts in, and even then are loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from d2merge.errors import D2MergeError
+from d2merge.io.safetensors_file import SafetensorsFile
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+MAX_JSON_BYTES = 64 * 1024 * 1024
+PICKLE_HINT = ("pickle can run code when loaded; convert the file to safetensors, "
+               "or pass --allow-pickle if you trust its origin")
+
+
+class TensorSource(Protocol):
+    def keys(self) -> list[str]: ...
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]: ...
+    def read(self, name: str) -> torch.Tensor: ...
+    def file_of(self, name: str) -> Path: ...
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A small JSON file, with one-line errors naming it."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise D2MergeError(f"{what} is larger than {MAX_JSON_BYTES} bytes", path=path)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise D2MergeError(f"{what} not found", path=path) from None
+    except UnicodeDecodeError:
+        raise D2MergeError(f"{what} is not UTF-8 text", path=path) from None
+    except OSError as exc:
+        raise D2MergeError(f"cannot read {what}: {exc.strerror or exc}", path=path) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise D2MergeError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})", path=path) from None
+
+
+class SafetensorsFiles:
+    """One or more safetensors files seen as one set of tensors (names must be unique)."""
+
+    def __init__(self, files: list[Path], weight_map: dict[str, str] | None = None, index_path: Path | None = None):
+        self.files = [SafetensorsFile(f) for f in files]
+        self._where: dict[str, SafetensorsFile] = {}
+        for sf in self.files:
+            for name in sf.keys():
+                if name in self._where:
+                    raise D2MergeError(f"tensor appears in two files ({self._where[name].path.name} and {sf.path.name})",
+                                       path=sf.path, tensor=name)
+                self._where[name] = sf
+        if weight_map is not None:
+            for name, shard in weight_map.items():
+                actual = self._where.get(name)
+                if actual is None or actual.path.name != shard:
+                    raise D2MergeError(f"the index says this tensor is in {shard} but it is not there",
+                                       path=index_path, tensor=name, hint="the index and shards do not match")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        t = self._where[name].tensors[name]
+        return t.dtype, t.shape
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._where[name].read(name)
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name].path
+
+
+class PickleFiles:
+    """Pickled state dicts, loaded only on explicit opt-in and always with ``weights_only=True``."""
+
+    def __init__(self, files: list[Path]):
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._file: dict[str, Path] = {}
+        for path in files:
+            for name, tensor in load_pickle_state_dict(path).items():
+                self._tensors[name] = tensor
+                self._file[name] = path
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        t = self._tensors[name]
+        return t.dtype, tuple(t.shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def file_of(self, name: str) -> Path:
+        return self._file[name]
+
+
+def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True: a payload that would run code is refused, not executed."""
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise D2MergeError("file not found", path=path) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise D2MergeError(f"refused to load pickle: {first}", path=path,
+                           hint="only plain tensors are loaded from pickle files (weights_only=True)") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise D2MergeError("pickle file does not hold a flat dict of tensors", path=path)
+    return data
+
+
+@dataclass(frozen=True)
+class BaseCheckpoint:
+    """A base model's tensors plus the folder files (config, tokenizer) that travel with them."""
+
+    location: Path  # the folder, or the single file
+    folder: Path | None  # None for a bare safetensors file
+    tensors: TensorSource
+    config: dict[str, Any] | None
+    weight_files: tuple[Path, ...]
+
+    @property
+    def index_path(self) -> Path | None:
+        if self.folder is not None and (self.folder / SAFETENSORS_INDEX).exists():
+            return self.folder / SAFETENSORS_INDEX
+        return None
+
+
+def resolve_location(spec: str | Path) -> Path:
+    """A local path as given, or a Hub repo id resolved through the local cache only (no download)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path.resolve()
+    text = str(spec)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import LocalEntryNotFoundError
+        except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+            raise D2MergeError("path not found", path=spec) from None
+        try:
+            return Path(snapshot_download(text, local_files_only=True))
+        except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+            raise D2MergeError("not a local path, and not in the Hugging Face cache", path=spec,
+                               hint=f"download it first with `hf download {text}`, or pass a local folder") from None
+    raise D2MergeError("path not found", path=spec)
+
+
+def open_base(spec: str | Path, *, allow_pickle: bool = False) -> BaseCheckpoint:
+    """Open a base model; reads headers and config only, never tensor data."""
+    location = resolve_location(spec)
+    if location.is_file():
+        if location.suffix == ".safetensors":
+            return BaseCheckpoint(location, None, SafetensorsFiles([location]), None, (location,))
+        if location.suffix in (".bin", ".pt", ".pth"):
+            if not allow_pickle:
+                raise D2MergeError("base weights are a pickle file", path=location, hint=PICKLE_HINT)
+            return BaseCheckpoint(location, None, PickleFiles([location]), None, (location,))
+        raise D2MergeError("not a model: expected a folder or a .safetensors file", path=location)
+    folder = location
+    config_path = folder / "config.json"
+    config = read_json(config_path, "config.json") if config_path.exists() else None
+    if config is not None and not isinstance(config, dict):
+        raise D2MergeError("config.json is not a JSON object", path=config_path)
+    index = folder / SAFETENSORS_INDEX
+    if index.exists():
+        files, weight_map = _index_shards(index)
+        return BaseCheckpoint(folder, folder, SafetensorsFiles(files, weight_map, index), config, tuple(files))
+    single = folder / "model.safetensors"
+    if single.exists():
+        return BaseCheckpoint(folder, folder, SafetensorsFiles([single]), config, (single,))
+    others = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
+    if others:
+        return BaseCheckpoint(folder, folder, SafetensorsFiles(others), config, tuple(others))
+    pickles = ([folder / "pytorch_model.bin"] if (folder / "pytorch_model.bin").exists() else [])
+    if (folder / PICKLE_INDEX).exists():
+        pickles, _ = _index_shards(folder / PICKLE_INDEX)
+    if pickles:
+        if not allow_pickle:
+            raise D2MergeError("base weights are pickle files (pytorch_model.bin)", path=pickles[0], hint=PICKLE_HINT)
+        return BaseCheckpoint(folder, folder, PickleFiles(pickles), config, tuple(pickles))
+    if (folder / "adapter_config.json").exists():
+        raise D2MergeError("this folder is an adapter, not a base model", path=folder,
+                           hint="pass the base model first and the adapter second")
+    raise D2MergeError("no model weights found (expected model.safetensors or model.safetensors.index.json)", path=folder)
+
+
+def _index_shards(index: Path) -> tuple[list[Path], dict[str, str]]:
+    data = read_json(index, "index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise D2MergeError("index has no valid 'weight_map'", path=index)
+    files = []
+    for shard in dict.fromkeys(weight_map.values()):
+        shard_path = index.parent / shard
+        if Path(shard).name != shard:
+            raise D2MergeError(f"index names a shard outside the folder: {shard!r}", path=index)
+        if not shard_path.exists():
+            raise D2MergeError(f"index references missing shard {shard}", path=index,
+                               hint="the download or copy is incomplete")
+        files.append(shard_path)
+    return files, weight_map

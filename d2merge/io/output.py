@@ -1,0 +1,181 @@
+"""Atomic output folders and the small files that travel with a merged model.
+
+Everything is written into a hidden temp folder beside the destination and
+renamed into place at the end, so an interrupted run never leaves a folder that
+looks complete. A rerun removes temp folders left by runs that are gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterable
+
+from d2merge.errors import D2MergeError
+
+TEMP_MARKER = ".d2merge-tmp-"
+# Files copied from the base folder: tokenizer, generation settings, chat templates, licence.
+COPIED_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "processor_config.json", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "USE_POLICY.md",
+)
+COPIED_PATTERNS = ("*.tiktoken", "additional_chat_templates/*.jinja")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def disk_error(exc: OSError, path: Path) -> D2MergeError:
+    """One line for the usual write failures, with what to do about them."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return D2MergeError("no space left (or file size limit reached) while writing", path=path,
+                            hint="free disk space or write the output elsewhere")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return D2MergeError("permission denied while writing", path=path, hint="choose a writable output location")
+    return D2MergeError(f"cannot write: {exc.strerror or exc}", path=path)
+
+
+def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> Path:
+    """Refuse outputs that would clobber inputs or an existing result; return the absolute path."""
+    out = Path(out).expanduser().absolute()
+    resolved = out.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if resolved == source or source in resolved.parents or resolved in source.parents:
+            raise D2MergeError("output path overlaps an input", path=out,
+                               hint=f"write the output outside {source}")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise D2MergeError("output already exists", path=out, hint="pass --overwrite or choose another path")
+        if not out.is_dir() or out.is_symlink():
+            raise D2MergeError("output exists and is not a folder; refusing to replace it", path=out)
+    parent = out.parent
+    if not parent.is_dir():
+        raise D2MergeError("the output's parent folder does not exist", path=parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise D2MergeError("the output's parent folder is not writable", path=parent,
+                           hint="choose a writable output location")
+    return out
+
+
+class AtomicFolder:
+    """A temp folder that becomes ``final`` on :meth:`commit`, and vanishes on error or interrupt."""
+
+    def __init__(self, final: Path, *, overwrite: bool = False):
+        self.final = Path(final)
+        self.overwrite = overwrite
+        self.temp = self.final.parent / f".{self.final.name}{TEMP_MARKER}{os.getpid()}"
+        self.committed = False
+
+    def __enter__(self) -> "AtomicFolder":
+        self.remove_stale()
+        try:
+            if self.temp.exists():
+                shutil.rmtree(self.temp)
+            self.temp.mkdir()
+        except OSError as exc:
+            raise disk_error(exc, self.temp) from None
+        return self
+
+    def remove_stale(self) -> None:
+        """Temp folders of earlier runs that were killed: their process is gone, so they are garbage."""
+        prefix = f".{self.final.name}{TEMP_MARKER}"
+        for candidate in self.final.parent.glob(f"{prefix}*"):
+            pid_text = candidate.name[len(prefix):]
+            if pid_text.isdigit() and (int(pid_text) == os.getpid() or not _pid_alive(int(pid_text))):
+                shutil.rmtree(candidate, ignore_errors=True)
+
+    def path(self, name: str) -> Path:
+        return self.temp / name
+
+    def commit(self) -> Path:
+        """fsync and rename into place; an existing output is replaced only after the new one is whole."""
+        try:
+            _fsync_dir(self.temp)
+            old = None
+            if self.final.exists():
+                if not self.overwrite:
+                    raise D2MergeError("output appeared while merging", path=self.final,
+                                       hint="pass --overwrite or choose another path")
+                old = self.final.parent / f".{self.final.name}.d2merge-old-{os.getpid()}"
+                os.replace(self.final, old)
+            os.replace(self.temp, self.final)
+            _fsync_dir(self.final.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            raise disk_error(exc, self.final) from None
+        self.committed = True
+        return self.final
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if not self.committed:
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Deterministic JSON (sorted keys, trailing newline)."""
+    try:
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise disk_error(exc, path) from None
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise disk_error(exc, path) from None
+
+
+def copy_support_files(source_folder: Path | None, destination: Path) -> list[str]:
+    """Copy tokenizer, generation config, templates and licence files; returns the names copied."""
+    if source_folder is None:
+        return []
+    names = [n for n in COPIED_FILES if (source_folder / n).is_file()]
+    for pattern in COPIED_PATTERNS:
+        names += sorted(str(p.relative_to(source_folder)) for p in source_folder.glob(pattern) if p.is_file())
+    for name in names:
+        target = destination / name
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source_folder / name, target)
+        except OSError as exc:
+            raise disk_error(exc, target) from None
+    return names
+
+
+def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

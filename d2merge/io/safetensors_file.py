@@ -1,0 +1,232 @@
+"""Strict, lazy safetensors reading and streaming writing.
+
+The reader validates the whole header before any tensor is read (sizes bounded
+before allocation, offsets contiguous and inside the file, byte counts matching
+dtype x shape), then reads one tensor at a time. The writer takes the header up
+front (from the merge plan) and then streams tensors in order, so memory never
+holds more than the tensor being written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable, Mapping
+
+import torch
+
+from d2merge.errors import D2MergeError
+
+# Largest header we accept: the real format caps it at 100 MB; a larger length
+# prefix is a corrupt or hostile file, refused before allocating anything.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    DTYPES["F8_E4M3"] = torch.float8_e4m3fn
+    DTYPES["F8_E5M2"] = torch.float8_e5m2
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    nbytes: int
+
+
+class SafetensorsFile:
+    """A validated safetensors file whose tensors are read on demand.
+
+    Opening parses and checks the header only; :meth:`read` reads one tensor.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.metadata: dict[str, str] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._parse_header()
+
+    def _fail(self, reason: str, tensor: str | None = None, hint: str | None = None) -> D2MergeError:
+        return D2MergeError(reason, path=self.path, tensor=tensor,
+                            hint=hint or "the file is not a valid safetensors file; re-save or re-download it")
+
+    def _parse_header(self) -> None:
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as fh:
+                prefix = fh.read(8)
+                if len(prefix) < 8:
+                    raise self._fail(f"file is {size} bytes, too short for a safetensors header")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > MAX_HEADER_BYTES:
+                    raise self._fail(f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+                if header_len > size - 8:
+                    raise self._fail(f"header length {header_len} is larger than the file ({size} bytes)")
+                raw = fh.read(header_len)
+        except OSError as exc:
+            raise D2MergeError(f"cannot read file: {exc.strerror or exc}", path=self.path) from None
+        if len(raw) < header_len:
+            raise self._fail("header is truncated")
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._fail(f"header is not valid JSON ({exc.__class__.__name__})") from None
+        if not isinstance(header, dict):
+            raise self._fail("header is not a JSON object")
+        data_start = 8 + header_len
+        data_len = size - data_start
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise self._fail("__metadata__ must map strings to strings")
+        self.metadata = metadata
+        spans: list[tuple[int, int, str]] = []
+        for name, entry in header.items():
+            info = self._tensor_info(name, entry, data_start)
+            spans.append((info.start - data_start, info.start - data_start + info.nbytes, name))
+            self.tensors[name] = info
+        spans.sort()
+        cursor = 0
+        for begin, end, name in spans:
+            if begin != cursor:
+                what = "overlaps the previous tensor" if begin < cursor else "leaves a gap before it"
+                raise self._fail(f"data offsets [{begin}, {end}) {what}", tensor=name)
+            cursor = end
+        if cursor > data_len:
+            name = spans[-1][2] if spans else None
+            raise self._fail(f"data is truncated: tensors need {cursor} bytes, the file has {data_len}", tensor=name)
+        if cursor != data_len:
+            raise self._fail(f"{data_len - cursor} unexpected bytes after the last tensor")
+
+    def _tensor_info(self, name: str, entry: object, data_start: int) -> TensorInfo:
+        if not isinstance(entry, dict):
+            raise self._fail("header entry is not an object", tensor=name)
+        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype_name not in DTYPES:
+            raise self._fail(f"unsupported dtype {dtype_name!r}", tensor=name)
+        if (not isinstance(shape, list) or len(shape) > 16
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**53 for d in shape)):
+            raise self._fail(f"invalid shape {shape!r}", tensor=name)
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2**63 for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise self._fail(f"invalid data_offsets {offsets!r}", tensor=name)
+        dtype = DTYPES[dtype_name]
+        expected = math.prod(shape) * dtype_size(dtype)
+        nbytes = offsets[1] - offsets[0]
+        if nbytes != expected:
+            raise self._fail(f"{dtype_name} {shape} needs {expected} bytes but data_offsets span {nbytes}", tensor=name)
+        return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=data_start + offsets[0], nbytes=nbytes)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk into fresh memory (the file is not kept open)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise D2MergeError("no such tensor in file", path=self.path, tensor=name)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(info.start)
+                got = fh.readinto(memoryview(buffer.numpy())) if info.nbytes else 0
+        except OSError as exc:
+            raise D2MergeError(f"cannot read file: {exc.strerror or exc}", path=self.path, tensor=name) from None
+        if got != info.nbytes:
+            raise self._fail(f"file ended after {got} of {info.nbytes} bytes (changed while reading?)", tensor=name)
+        if info.dtype == torch.bool:
+            return buffer.view(torch.bool).reshape(info.shape)
+        return buffer.view(info.dtype).reshape(info.shape)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The little-endian raw bytes of a contiguous CPU tensor, without a copy."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def encode_header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                  metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The header bytes for tensors written back to back in the given order.
+
+    Returns the header (length prefix included, padded to 8 bytes as the format
+    recommends) and each tensor's data span.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    spans: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * dtype_size(dtype)
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        spans[name] = (offset, offset + nbytes)
+        offset += nbytes
+    body = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body, spans
+
+
+class StreamingWriter:
+    """Writes a safetensors file whose header is known up front, one tensor at a time, in order."""
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self._entries = entries
+        self._next = 0
+        header, _ = encode_header(entries, metadata)
+        self._fh: BinaryIO = open(self.path, "wb")
+        self._fh.write(header)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected_name, dtype, shape = self._entries[self._next]
+        if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"writer expected {expected_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        self._fh.write(tensor_bytes(tensor.cpu()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._entries):
+            self._fh.close()
+            raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} tensors were never written")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._fh.close()
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a small dict of tensors (adapters, single-file exports) with the streaming writer."""
+    entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    with StreamingWriter(path, entries, metadata) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)

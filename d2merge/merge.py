@@ -1,0 +1,252 @@
+"""The merge engine: stream the plan tensor by tensor, fp32 math, one cast, atomic output.
+
+Memory holds one base tensor, its adapter factors and the merged result at a
+time, so peak memory depends on the largest tensor, not on the model size.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from d2merge import __version__
+from d2merge.errors import D2MergeError
+from d2merge.export.model_card import CardInfo, render_model_card
+from d2merge.io.adapter import Adapter, load_adapter
+from d2merge.io.checkpoint import SAFETENSORS_INDEX, BaseCheckpoint, open_base
+from d2merge.io.output import (AtomicFolder, check_output_location, copy_support_files, disk_error, sha256_file,
+                               write_json, write_text)
+from d2merge.io.safetensors_file import StreamingWriter
+from d2merge.plan import OUT_DTYPES, TIED_POLICIES, MergePlan, TensorPlan, build_plan
+
+CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Every merge setting in one place; the CLI's flags and help are derived from these fields."""
+
+    dtype: str = field(default="auto", metadata={
+        "help": "Output dtype of floating tensors: auto keeps each base tensor's dtype.",
+        "choices": tuple(OUT_DTYPES)})
+    max_shard_size: str = field(default="5GB", metadata={
+        "help": "Largest output shard, e.g. 5GB, 500MB, 2GiB."})
+    tied_embeddings: str = field(default="untie", metadata={
+        "help": "When the adapter changes a tied embedding/lm_head: untie (exact, writes both), "
+                "tie (the change applies to both), error (refuse).",
+        "choices": TIED_POLICIES})
+    device: str = field(default="cpu", metadata={
+        "help": "Where the fp32 math runs (cpu or cuda); files are always read and written on the CPU.",
+        "choices": ("cpu", "cuda")})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an existing output folder (only once the new one is complete)."})
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "Allow .bin (pickle) weights; loaded with weights_only=True. Only for files you trust."})
+    hash_sources: bool = field(default=True, metadata={
+        "help": "Record the sha256 of the base and adapter files in the model card (hashed in a "
+                "background thread while merging)."})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise D2MergeError(f"invalid {f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    output: Path
+    plan: MergePlan
+    files: tuple[str, ...]
+    seconds: float
+    source_hashes: dict[str, str]
+
+
+def plan(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter,
+         options: MergeOptions | None = None, **overrides: Any) -> MergePlan:
+    """The merge plan (what would change, and how) without writing anything."""
+    options = _options(options, overrides)
+    if not isinstance(base, BaseCheckpoint):
+        base = open_base(base, allow_pickle=options.allow_pickle)
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter, allow_pickle=options.allow_pickle)
+    return build_plan(base, adapter, dtype=options.dtype, max_shard_size=options.max_shard_size,
+                      tied_embeddings=options.tied_embeddings)
+
+
+def _options(options: MergeOptions | None, overrides: dict[str, Any]) -> MergeOptions:
+    base = options or MergeOptions()
+    if not overrides:
+        return base
+    known = {f.name for f in fields(MergeOptions)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"unknown merge option(s): {', '.join(sorted(unknown))}")
+    return MergeOptions(**{**{f.name: getattr(base, f.name) for f in fields(MergeOptions)}, **overrides})
+
+
+def merge(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter, out: str | Path,
+          options: MergeOptions | None = None, *, progress: bool = False,
+          on_tensor: Callable[[TensorPlan], None] | None = None, **overrides: Any) -> MergeResult:
+    """Merge ``adapter`` into ``base`` and write a Hugging Face folder at ``out``.
+
+    Keyword overrides are MergeOptions fields: ``merge(base, adapter, out, dtype="bf16")``.
+    """
+    options = _options(options, overrides)
+    started = time.perf_counter()
+    merge_plan = plan(base, adapter, options)
+    inputs = [merge_plan.base.location, merge_plan.adapter.path]
+    out_path = check_output_location(Path(out), inputs, overwrite=options.overwrite)
+    device = _device(options.device)
+    hashes: dict[str, str] = {}
+    hasher = _start_hashing(merge_plan, hashes) if options.hash_sources else None
+    with AtomicFolder(out_path, overwrite=options.overwrite) as folder:
+        written = write_tensors(merge_plan, folder.temp, device=device, progress=progress, on_tensor=on_tensor)
+        if hasher is not None:
+            hasher.join()
+        written += write_metadata(merge_plan, folder.temp, hashes)
+        folder.commit()
+    return MergeResult(out_path, merge_plan, tuple(written), time.perf_counter() - started, hashes)
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise D2MergeError("--device cuda was asked for but no CUDA device is available", hint="use --device cpu")
+    return torch.device(name)
+
+
+def _start_hashing(merge_plan: MergePlan, hashes: dict[str, str]) -> threading.Thread:
+    """Hash the source files on the other core while the merge runs (hashlib releases the GIL)."""
+    files = [merge_plan.adapter.weights_file, merge_plan.adapter.path / "adapter_config.json",
+             *merge_plan.base.weight_files]
+
+    def run() -> None:
+        for path in files:
+            try:
+                hashes[_source_label(merge_plan, path)] = sha256_file(path)
+            except OSError:
+                hashes[_source_label(merge_plan, path)] = "unreadable"
+
+    thread = threading.Thread(target=run, name="d2merge-hash", daemon=True)
+    thread.start()
+    return thread
+
+
+def _source_label(merge_plan: MergePlan, path: Path) -> str:
+    if path.parent == merge_plan.adapter.path:
+        return f"adapter/{path.name}"
+    return f"base/{path.name}"
+
+
+def compute_tensor(merge_plan: MergePlan, item: TensorPlan, *, device: torch.device = torch.device("cpu"),
+                   compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The output tensor for one plan entry, already cast to its output dtype (NaN/Inf refused)."""
+    if item.action == "copy":
+        tensor = merge_plan.base.tensors.read(item.source)
+        return tensor if tensor.dtype == item.out_dtype else tensor.to(item.out_dtype)
+    if item.action == "replace":
+        tensor = merge_plan.adapter.tensors.read(item.source)
+        _check_finite(tensor, merge_plan.adapter.weights_file, item.source, "adapter tensor")
+        return tensor.to(item.out_dtype)
+    adapter = merge_plan.adapter
+    factors = adapter.factors(item.module)  # type: ignore[arg-type]
+    for name, tensor in factors.items():
+        _check_finite(tensor, adapter.weights_file, adapter.modules[item.module].keys[name], "adapter tensor")
+    w0 = merge_plan.base.tensors.read(item.source).to(device)
+    merged = adapter.method.merged_weight(w0, {k: v.to(device) for k, v in factors.items()}, item.settings,
+                                          compute_dtype=compute_dtype)
+    _check_finite(merged, merge_plan.base.tensors.file_of(item.source), item.name, "merged weight")
+    # The one cast: fp32 -> output dtype, round-to-nearest-even.
+    return merged.to(item.out_dtype).cpu()
+
+
+def _check_finite(tensor: torch.Tensor, path: Path, name: str, what: str) -> None:
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise D2MergeError(f"{what} has {bad} NaN/Inf value(s)", path=path, tensor=name,
+                           hint="the adapter is corrupt or diverged in training; nothing was written")
+
+
+def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device = torch.device("cpu"),
+                  progress: bool = False, on_tensor: Callable[[TensorPlan], None] | None = None) -> list[str]:
+    """Stream every planned tensor into its shard; returns the file names written."""
+    from tqdm.auto import tqdm
+
+    by_shard: dict[int, list[TensorPlan]] = {}
+    for item in merge_plan.tensors:
+        by_shard.setdefault(item.shard, []).append(item)
+    bar = tqdm(total=merge_plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    try:
+        for shard, items in sorted(by_shard.items()):
+            path = folder / merge_plan.shard_names[shard]
+            entries = [(t.name, t.out_dtype, t.shape) for t in items]
+            try:
+                with StreamingWriter(path, entries, {"format": "pt"}) as writer:
+                    for item in items:
+                        bar.set_postfix_str(item.name[-40:], refresh=False)
+                        writer.write(item.name, compute_tensor(merge_plan, item, device=device))
+                        bar.update(item.out_bytes)
+                        if on_tensor is not None:
+                            on_tensor(item)
+            except OSError as exc:
+                raise disk_error(exc, path) from None
+    finally:
+        bar.close()
+    return list(merge_plan.shard_names)
+
+
+def write_metadata(merge_plan: MergePlan, folder: Path, hashes: dict[str, str]) -> list[str]:
+    """Index, config, copied tokenizer files and the model card: written only after every shard."""
+    written: list[str] = []
+    if len(merge_plan.shard_names) > 1:
+        weight_map = {t.name: merge_plan.shard_names[t.shard] for t in merge_plan.tensors}
+        write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": merge_plan.total_bytes},
+                                                "weight_map": dict(sorted(weight_map.items()))})
+        written.append(SAFETENSORS_INDEX)
+    if merge_plan.base.config is not None:
+        config = dict(merge_plan.base.config)
+        for key, value in merge_plan.config_updates.items():
+            config[key] = value
+        if "dtype" in merge_plan.config_updates and "torch_dtype" in config:
+            config["torch_dtype"] = merge_plan.config_updates["dtype"]
+        write_json(folder / "config.json", config)
+        written.append("config.json")
+    written += copy_support_files(merge_plan.base.folder, folder)
+    write_text(folder / "README.md", render_model_card(card_info(merge_plan, hashes)))
+    written.append("README.md")
+    return written
+
+
+def card_info(merge_plan: MergePlan, hashes: dict[str, str], verify_table: str | None = None) -> CardInfo:
+    cfg = merge_plan.adapter.config
+    settings: dict[str, Any] = {"r": cfg.r} if cfg.r else {}
+    settings.update({"lora_alpha": cfg.lora_alpha, **cfg.options})
+    settings.update({"target_modules": ", ".join(sorted(merge_plan.adapter.modules))
+                     if len(merge_plan.adapter.modules) <= 8 else f"{len(merge_plan.adapter.modules)} modules"})
+    if cfg.use_rslora:
+        settings["use_rslora"] = True
+    if cfg.rank_pattern:
+        settings["rank_pattern"] = dict(cfg.rank_pattern)
+    if cfg.alpha_pattern:
+        settings["alpha_pattern"] = dict(cfg.alpha_pattern)
+    base_name = cfg.base_model_name_or_path
+    if not base_name or Path(base_name).is_absolute() or base_name.startswith(".") or Path(base_name).exists():
+        # A local path is no Hub id: name the base only when it came from the Hub cache.
+        base_name = _hub_id_from_cache(merge_plan.base.location)
+    return CardInfo(base_model=base_name, method=merge_plan.adapter.method.name, settings=settings,
+                    source_hashes=dict(sorted(hashes.items())), out_dtype=merge_plan.out_dtype,
+                    notes=merge_plan.notes, verify_table=verify_table)
+
+
+def _hub_id_from_cache(location: Path) -> str | None:
+    """``org/name`` when the base came from the Hub cache (models--org--name/snapshots/<sha>)."""
+    for part in location.parts:
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/", 1)
+    return None

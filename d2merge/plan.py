@@ -1,0 +1,326 @@
+"""The merge plan: every output tensor, where it comes from and how it changes, before any byte is written.
+
+Building the plan reads only headers and configs. It is where every mismatch
+between base and adapter is found and reported, naming the tensor, and where
+each adapter tensor is accounted for: a tensor the plan does not consume is an
+error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d2merge.errors import D2MergeError
+from d2merge.io.adapter import Adapter, load_adapter
+from d2merge.io.checkpoint import BaseCheckpoint, open_base
+from d2merge.io.safetensors_file import DTYPE_NAMES, dtype_size
+from d2merge.methods import EMBEDDING, LINEAR, ModuleSettings
+
+OUT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
+TIED_POLICIES = ("untie", "tie", "error")
+CONV1D_MODEL_TYPES = {"gpt2"}
+CONV1D_LAYERS = {"c_attn", "c_proj", "c_fc"}
+# Names transformers gives the input embedding that an ``lm_head`` is tied to.
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+OUTPUT_EMBEDDING = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: its source in the base, what the adapter does to it, where it goes."""
+
+    name: str
+    source: str  # base tensor read (for "replace": the adapter key)
+    action: str  # "copy", "merge" or "replace"
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    shard: int = 0
+    module: str | None = None
+    settings: ModuleSettings | None = None
+
+    @property
+    def out_bytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.out_dtype)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    base: BaseCheckpoint
+    adapter: Adapter
+    tensors: tuple[TensorPlan, ...]
+    shard_names: tuple[str, ...]
+    out_dtype: str
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def merged(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.action == "merge"]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.out_bytes for t in self.tensors)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly description of the plan (what --dry-run prints)."""
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.action] = counts.get(t.action, 0) + 1
+        cfg = self.adapter.config
+        return {
+            "base": str(self.base.location),
+            "adapter": str(self.adapter.path),
+            "method": self.adapter.method.name,
+            "r": cfg.r,
+            "lora_alpha": cfg.lora_alpha,
+            "options": dict(cfg.options),
+            "out_dtype": self.out_dtype,
+            "tensors": counts,
+            "shards": list(self.shard_names),
+            "total_bytes": self.total_bytes,
+            "config_updates": self.config_updates,
+            "notes": list(self.notes),
+        }
+
+    def describe(self) -> str:
+        """A readable table of the plan: one line per changed tensor, then the totals."""
+        s = self.summary()
+        lines = [f"base     {s['base']}", f"adapter  {s['adapter']}  ({s['method']}, r={s['r']}, alpha={s['lora_alpha']:g}"
+                 + "".join(f", {k}={v}" for k, v in s["options"].items()) + ")",
+                 f"output   dtype {s['out_dtype']}, {len(self.shard_names)} shard(s), {_human(self.total_bytes)}", ""]
+        width = max((len(t.name) for t in self.tensors if t.action != "copy"), default=10)
+        lines.append(f"{'tensor':<{width}}  action   rank  scale      dtype  shard")
+        for t in self.tensors:
+            if t.action == "copy":
+                continue
+            rank = t.settings.r if t.settings and t.settings.r else (
+                f"{t.settings.options.get('r_mag')}/{t.settings.options.get('r_dir')}" if t.settings else "-")
+            scale = f"{t.settings.scale:<9.4g}" if t.settings else "-        "
+            lines.append(f"{t.name:<{width}}  {t.action:<7}  {str(rank):<4}  {scale}  {DTYPE_NAMES[t.out_dtype]:<5}  "
+                         f"{self.shard_names[t.shard]}")
+        lines.append("")
+        lines.append(", ".join(f"{n} {a}" for a, n in s["tensors"].items()) + f" of {len(self.tensors)} tensors")
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
+        if not match:
+            raise D2MergeError(f"invalid size {text!r}", hint="write it like 5GB, 500MB or 2GiB")
+        number, unit = float(match.group(1)), match.group(2).upper().rstrip("B")
+        base = 1024 if unit.endswith("I") else 1000
+        power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+        size = int(number * base**power)
+    if size <= 0:
+        raise D2MergeError(f"size must be positive, got {text!r}")
+    return size
+
+
+def parse_dtype(name: str) -> str:
+    key = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in OUT_DTYPES:
+        raise D2MergeError(f"unknown dtype {name!r}; choose one of {', '.join(OUT_DTYPES)}")
+    return key
+
+
+def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path, *, dtype: str = "auto",
+               max_shard_size: str | int = "5GB", tied_embeddings: str = "untie",
+               allow_pickle: bool = False) -> MergePlan:
+    """Match every adapter tensor to a base tensor, check shapes and ranks, and lay out the output."""
+    if not isinstance(base, BaseCheckpoint):
+        base = open_base(base, allow_pickle=allow_pickle)
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter, allow_pickle=allow_pickle)
+    out_dtype_name = parse_dtype(dtype)
+    if tied_embeddings not in TIED_POLICIES:
+        raise D2MergeError(f"unknown tied-embeddings policy {tied_embeddings!r}; choose one of {', '.join(TIED_POLICIES)}")
+    shard_limit = parse_size(max_shard_size)
+    if adapter.unknown_keys:
+        key = adapter.unknown_keys[0]
+        more = f" (and {len(adapter.unknown_keys) - 1} more)" if len(adapter.unknown_keys) > 1 else ""
+        raise D2MergeError(f"adapter tensor is not a {adapter.method.name} factor, modules_to_save or base_layer "
+                           f"tensor{more}", path=adapter.weights_file, tensor=key,
+                           hint="is adapter_config.json's peft_type right for these weights?")
+
+    names = base.tensors.keys()
+    infos = {n: base.tensors.info(n) for n in names}
+    config = base.config or {}
+    tied_pair = _tied_pair(infos, config)
+    notes: list[str] = []
+    config_updates: dict[str, Any] = {}
+
+    # Where each module's weight is in the base (lm_head of a tied model reads the embedding).
+    def base_name_for(weight_name: str, what: str, tensor: str) -> str:
+        if tied_pair and weight_name == tied_pair[1]:
+            return tied_pair[0]  # transformers loads a tied lm_head from the embedding, whatever is stored
+        if weight_name in infos:
+            return weight_name
+        raise D2MergeError(f"{what} '{weight_name.rsplit('.', 1)[0]}' is not in the base model",
+                           path=adapter.weights_file, tensor=tensor,
+                           hint="was the adapter trained on another base model?")
+
+    merges: dict[str, tuple[str, ModuleSettings]] = {}
+    for module, entry in adapter.modules.items():
+        method = adapter.method
+        first_key = next(iter(entry.keys.values()))
+        weight_name = f"{module}.weight"
+        source = base_name_for(weight_name, "adapted module", first_key)
+        missing = [n for n in method.tensor_names(entry.layer_kind) if n not in entry.keys]
+        if missing:
+            raise D2MergeError(f"module '{module}' lacks the {method.name} tensor '{missing[0]}'",
+                               path=adapter.weights_file, tensor=first_key)
+        fan_in_fan_out = adapter.config.fan_in_fan_out if entry.layer_kind == LINEAR else False
+        if (entry.layer_kind == LINEAR and not fan_in_fan_out and config.get("model_type") in CONV1D_MODEL_TYPES
+                and module.rsplit(".", 1)[-1] in CONV1D_LAYERS):
+            raise D2MergeError(f"module '{module}' is a Conv1D layer stored (in, out) but the adapter config has "
+                               "fan_in_fan_out: false", path=adapter.path / "adapter_config.json", tensor=first_key,
+                               hint="set fan_in_fan_out: true, as PEFT does for GPT-2")
+        settings = method.module_settings(adapter.config, module, entry.layer_kind, fan_in_fan_out)
+        _, base_shape = infos[source]
+        if len(base_shape) != 2:
+            raise D2MergeError(f"base tensor has shape {list(base_shape)}; only 2-D weights can be adapted",
+                               path=base.tensors.file_of(source), tensor=source)
+        rows, cols = base_shape
+        out_features, in_features = (cols, rows) if (fan_in_fan_out or entry.layer_kind == EMBEDDING) else (rows, cols)
+        expected = method.expected_shapes(settings, out_features, in_features)
+        stored_rank = method.rank_of({n: _Shape(adapter.tensors.info(k)[1]) for n, k in entry.keys.items()},
+                                     entry.layer_kind)
+        config_rank = settings.r or {k: settings.options[k] for k in ("r_mag", "r_dir")}
+        if stored_rank != config_rank:
+            raise D2MergeError(f"factor rank {stored_rank} does not match the config's rank {config_rank}",
+                               path=adapter.weights_file, tensor=entry.keys[method.tensor_names(entry.layer_kind)[0]],
+                               hint="check r / rank_pattern in adapter_config.json")
+        for name, key in entry.keys.items():
+            dtype, shape = adapter.tensors.info(key)
+            if tuple(shape) != tuple(expected[name]):
+                raise D2MergeError(f"shape {list(shape)} does not fit base '{source}' {list(base_shape)}: "
+                                   f"expected {list(expected[name])}", path=adapter.weights_file, tensor=key,
+                                   hint="was the adapter trained on another base model?")
+            if not dtype.is_floating_point:
+                raise D2MergeError(f"adapter tensor has non-float dtype {dtype}", path=adapter.weights_file, tensor=key)
+        merges[weight_name] = (source, settings)
+
+    replacements: dict[str, str] = {}
+    for target, key in adapter.replacements.items():
+        source = base_name_for(target, "replaced module", key)
+        if tuple(adapter.tensors.info(key)[1]) != tuple(infos[source][1]):
+            raise D2MergeError(f"replacement shape {list(adapter.tensors.info(key)[1])} does not match the base's "
+                               f"{list(infos[source][1])}", path=adapter.weights_file, tensor=key)
+        replacements[target] = key
+
+    # Output tensor list: the base's own tensors, plus an explicit lm_head when a tied pair is untied.
+    outputs = list(names)
+    if tied_pair:
+        emb, head = tied_pair
+        changed = [n for n in (emb, head) if n in merges or n in replacements]
+        if changed:
+            if tied_embeddings == "error":
+                raise D2MergeError(f"the adapter changes '{changed[0]}', which is tied to "
+                                   f"'{head if changed[0] == emb else emb}' (tie_word_embeddings)",
+                                   path=adapter.weights_file,
+                                   hint="choose --tied-embeddings untie (exact: writes both) or tie (shares the change)")
+            if tied_embeddings == "untie":
+                if head not in infos:
+                    outputs.insert(outputs.index(emb) + 1, head)
+                config_updates["tie_word_embeddings"] = False
+                notes.append(f"tied embeddings untied: '{emb}' and '{head}' are written separately "
+                             "and tie_word_embeddings is set to false (exact)")
+            else:
+                if len(changed) == 2:
+                    raise D2MergeError(f"the adapter changes both '{emb}' and '{head}', which are tied",
+                                       path=adapter.weights_file, hint="use --tied-embeddings untie")
+                if changed[0] == head:
+                    # keep one shared tensor: move lm_head's change onto the stored embedding
+                    if head in merges:
+                        merges[emb] = merges.pop(head)
+                    else:
+                        replacements[emb] = replacements.pop(head)
+                notes.append(f"tied embeddings kept tied: the change to '{changed[0]}' now applies to both "
+                             f"'{emb}' and '{head}' (not exact for the untouched one)")
+
+    target_dtype = OUT_DTYPES[out_dtype_name]
+    plans: list[TensorPlan] = []
+    for name in outputs:
+        source = tied_pair[0] if tied_pair and name == tied_pair[1] else name
+        in_dtype, shape = infos[source]
+        out_dtype = target_dtype if (target_dtype is not None and in_dtype.is_floating_point) else in_dtype
+        if name in replacements:
+            key = replacements[name]
+            rep_dtype = adapter.tensors.info(key)[0]
+            plans.append(TensorPlan(name, key, "replace", tuple(shape), rep_dtype,
+                                    out_dtype if target_dtype is not None else in_dtype))
+        elif name in merges:
+            src, settings = merges[name]
+            plans.append(TensorPlan(name, src, "merge", tuple(shape), in_dtype, out_dtype, module=settings.module,
+                                    settings=settings))
+        else:
+            plans.append(TensorPlan(name, source, "copy", tuple(shape), in_dtype, out_dtype))
+    plans, shard_names = _assign_shards(plans, shard_limit)
+    dtype_label = out_dtype_name if target_dtype is not None else _auto_label(plans)
+    if target_dtype is not None:
+        config_updates["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[target_dtype]
+    return MergePlan(base, adapter, tuple(plans), tuple(shard_names), dtype_label, config_updates, tuple(notes))
+
+
+class _Shape:
+    """Stands in for a tensor where only ``.shape`` is needed (rank checks on headers)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+
+
+def _auto_label(plans: list[TensorPlan]) -> str:
+    floats = {DTYPE_NAMES[t.out_dtype] for t in plans if t.out_dtype.is_floating_point}
+    return "auto (" + ", ".join(sorted(floats)).lower() + ")"
+
+
+def _tied_pair(infos: dict[str, tuple[torch.dtype, tuple[int, ...]]], config: dict[str, Any]) -> tuple[str, str] | None:
+    """(input embedding, lm_head) when the base ties them, else None."""
+    tied = config.get("tie_word_embeddings")
+    if tied is None:
+        text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        tied = text_config.get("tie_word_embeddings", OUTPUT_EMBEDDING not in infos and bool(config))
+    if not tied:
+        return None
+    candidates = [n for n in infos if n.endswith(INPUT_EMBEDDING_SUFFIXES)]
+    if len(candidates) != 1:
+        return None
+    emb, head = candidates[0], OUTPUT_EMBEDDING
+    if head in infos and infos[head][1] != infos[emb][1]:
+        return None
+    return emb, head
+
+
+def _assign_shards(plans: list[TensorPlan], limit: int) -> tuple[list[TensorPlan], list[str]]:
+    """Greedy, in tensor order: a new shard starts when the next tensor would pass the limit."""
+    shard, used, assigned = 0, 0, []
+    for t in plans:
+        if used and used + t.out_bytes > limit:
+            shard, used = shard + 1, 0
+        assigned.append(replace(t, shard=shard))
+        used += t.out_bytes
+    count = shard + 1
+    names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    return assigned, names

@@ -1,0 +1,166 @@
+"""Unmerged adapters inside transformers models: for verification, training and saving.
+
+``load_unmerged`` puts an adapter's runtime modules into a base model (the forward
+the adapter was trained with); ``attach`` adds fresh trainable adapters;
+``save_adapter`` writes them back in PEFT's layout for the loaders to read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from d2merge.errors import D2MergeError
+from d2merge.io.adapter import Adapter, load_adapter, write_adapter
+from d2merge.methods import EMBEDDING, LINEAR, AdapterConfig, parse_adapter_config
+from d2merge.methods.runtime import AdapterLayer
+
+
+def load_base_model(base: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """A transformers causal LM from a local folder (or cached Hub id), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from d2merge.io.checkpoint import resolve_location
+
+    location = resolve_location(base)
+    if not (location / "config.json").exists():
+        raise D2MergeError("a transformers model folder (with config.json) is needed here", path=location)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise D2MergeError(f"transformers cannot load the model: {' '.join(str(exc).split())[:300]}",
+                           path=location) from None
+    return model.to(device).eval()
+
+
+def _layer_kind(layer: nn.Module) -> str:
+    return EMBEDDING if isinstance(layer, nn.Embedding) else LINEAR
+
+
+def _is_conv1d(layer: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(layer, Conv1D)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: float = 0.0,
+                   allow_pickle: bool = False) -> nn.Module:
+    """Replace every adapted layer of ``model`` by the method's runtime module, with the stored factors."""
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter, allow_pickle=allow_pickle)
+    method, config = adapter.method, adapter.config
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for target, key in adapter.replacements.items():
+            if target not in params:
+                raise D2MergeError("replacement target is not a parameter of the model",
+                                   path=adapter.weights_file, tensor=key)
+            params[target].copy_(adapter.tensors.read(key).to(params[target].dtype))
+    for module_name in adapter.modules:
+        try:
+            layer = model.get_submodule(module_name)
+        except AttributeError:
+            raise D2MergeError(f"module '{module_name}' is not in the model", path=adapter.weights_file,
+                               hint="was the adapter trained on another base model?") from None
+        kind = adapter.modules[module_name].layer_kind
+        settings = method.module_settings(config, module_name, kind,
+                                          config.fan_in_fan_out if kind == LINEAR else False)
+        runtime = method.runtime_module(layer, adapter.factors(module_name), settings, dropout=dropout)
+        _set_submodule(model, module_name, runtime)
+    return model
+
+
+def load_unmerged(base: str | Path, adapter: Adapter | str | Path, *, dtype: torch.dtype = torch.float32,
+                  device: str = "cpu", allow_pickle: bool = False) -> nn.Module:
+    """Base model + adapter computing the unmerged forward (eval mode)."""
+    model = load_base_model(base, dtype=dtype, device=device)
+    attach_adapter(model, adapter, allow_pickle=allow_pickle)
+    return model.to(device).eval()
+
+
+def _targets(model: nn.Module, config: AdapterConfig) -> Iterator[tuple[str, nn.Module]]:
+    """Modules matched by ``target_modules`` as PEFT matches them (list: name suffix; string: full regex)."""
+    import re
+
+    targets = config.target_modules
+    for name, module in model.named_modules():
+        if not name or isinstance(module, AdapterLayer) or not hasattr(module, "weight"):
+            continue
+        if isinstance(targets, str):
+            matched = re.fullmatch(targets, name) is not None
+        elif targets:
+            matched = any(name == t or name.endswith("." + t) for t in targets)
+        else:
+            matched = False
+        if matched and getattr(module, "weight", None) is not None and module.weight.ndim == 2:
+            yield name, module
+
+
+def attach(model: nn.Module, config: AdapterConfig | Mapping[str, Any], *, dropout: float = 0.0,
+           seed: int | None = 0) -> nn.Module:
+    """Add fresh trainable adapters (B zero, A random) to every target layer; the base stays frozen.
+
+    Because every B starts at zero, the model's output is unchanged until training moves it.
+    """
+    if not isinstance(config, AdapterConfig):
+        config = parse_adapter_config(config)
+    from d2merge.methods import get_method
+
+    method = get_method(config.method)
+    if seed is not None:
+        torch.manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = list(_targets(model, config))
+    if not found:
+        raise D2MergeError(f"no module of the model matches target_modules {config.target_modules!r}")
+    for name, layer in found:
+        kind = _layer_kind(layer)
+        # GPT-2's Conv1D stores (in, out): PEFT switches fan_in_fan_out on for it, and so do we.
+        fan_in_fan_out = config.fan_in_fan_out or (kind == LINEAR and _is_conv1d(layer))
+        settings = method.module_settings(config, name, kind, fan_in_fan_out)
+        _set_submodule(model, name, method.runtime_module(layer, None, settings, dropout=dropout))
+    model.d2merge_config = config  # type: ignore[attr-defined]
+    return model
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys (what ``adapter_model.safetensors`` holds)."""
+    from d2merge.methods import get_method
+
+    config: AdapterConfig = model.d2merge_config  # type: ignore[attr-defined]
+    method = get_method(config.method)
+    state = {}
+    for name, layer in adapter_layers(model):
+        for tensor_name, param in layer.factors.items():
+            state[method.stored_key(name, tensor_name, layer.settings.layer_kind)] = param.detach().float().cpu()
+    return state
+
+
+def save_adapter(model: nn.Module, folder: str | Path) -> Path:
+    """Write the model's adapters as a PEFT-layout folder that :func:`load_adapter` reads back."""
+    config: AdapterConfig | None = getattr(model, "d2merge_config", None)
+    if config is None:
+        raise D2MergeError("this model has no adapter attached by d2merge.attach()")
+    raw = dict(config.raw)
+    fan_in_fan_out = any(layer.settings.fan_in_fan_out for _, layer in adapter_layers(model)
+                         if layer.settings.layer_kind == LINEAR)
+    if fan_in_fan_out:
+        raw["fan_in_fan_out"] = True
+    return write_adapter(folder, raw, adapter_state(model))
+
