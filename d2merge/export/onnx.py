@@ -422,9 +422,11 @@ def _export_graph(wrapper: CausalLMOnnxWrapper, sample_args: tuple[torch.Tensor,
                 batch, sequence = Dim("batch"), Dim("sequence")
                 total = Dim("total_sequence") if with_past else sequence
                 past_sequence = Dim("past_sequence")
-                # Mirrors forward(input_ids, attention_mask, *past): the *past entry is a tuple.
-                dynamic_shapes = ({0: batch, 1: sequence}, {0: batch, 1: total},
-                                  tuple({0: batch, 2: past_sequence} for _ in range(n_past)))
+                # Mirrors forward(input_ids, attention_mask, *past): *past is one tuple entry, and is
+                # left out entirely when there is no past (torch.export counts entries).
+                dynamic_shapes: tuple[Any, ...] = ({0: batch, 1: sequence}, {0: batch, 1: total})
+                if n_past:
+                    dynamic_shapes += (tuple({0: batch, 2: past_sequence} for _ in range(n_past)),)
                 program = torch.onnx.export(wrapper, sample_args, dynamo=True, opset_version=opset,
                                             dynamic_shapes=dynamic_shapes, input_names=input_names,
                                             output_names=output_names, verbose=False)
@@ -443,7 +445,8 @@ def _export_graph(wrapper: CausalLMOnnxWrapper, sample_args: tuple[torch.Tensor,
         except D2MergeError:
             raise
         except Exception as exc:  # the exporters raise many types; all mean "this model/opset does not export"
-            raise D2MergeError(f"the {exporter} exporter failed: {type(exc).__name__}: {_first_line(exc)}",
+            cause = exc.__cause__ or exc  # torch.onnx wraps the torch.export error that says what failed
+            raise D2MergeError(f"the {exporter} exporter failed: {type(cause).__name__}: {_first_line(cause)}",
                                path=display_path,
                                hint="rerun with --debug for the traceback; try the other --exporter") from exc
     _normalize_legacy_file(raw, staged, external_data)

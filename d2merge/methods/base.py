@@ -224,9 +224,9 @@ class Method:
         """The merged weight for ``w0`` of shape (out, in): the method's formula."""
         raise NotImplementedError
 
-    def delta(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
-        """The low-rank update dW (out, in), used for reports (``inspect``'s update norm)."""
-        return self.merge_oriented(w0, factors, settings) - w0
+    def update(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
+        """The adapter's own update dW (out, in), before any base-dependent projection (for ``inspect``)."""
+        raise NotImplementedError
 
     def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
         """Method-specific figures for verify (norm ratios, sign margins): none by default."""

@@ -60,6 +60,9 @@ class D2LoRA(Method):
     def project(self, ratio: torch.Tensor, v: torch.Tensor, settings: ModuleSettings) -> torch.Tensor:
         return ratio[:, None] * v if settings.options["norm_axis"] == "out" else v * ratio[None, :]
 
+    def update(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
+        return self.low_rank(factors, settings)
+
     def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
                        settings: ModuleSettings) -> torch.Tensor:
         dw = self.low_rank(factors, settings)

@@ -83,6 +83,9 @@ class DualLoRA(Method):
         direction = _SignSTE.apply(direction_product) if ste else dual_sign(direction_product)
         return settings.scale * magnitude * direction
 
+    def update(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
+        return self.delta_from(factors, settings)
+
     def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
                        settings: ModuleSettings) -> torch.Tensor:
         return w0 + self.delta_from(factors, settings)

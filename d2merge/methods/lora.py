@@ -33,6 +33,9 @@ class LoRA(Method):
         a, b = self.tensor_names(settings.layer_kind)
         return settings.scale * (factors[b] @ factors[a])
 
+    def update(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
+        return self.low_rank(factors, settings)
+
     def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
                        settings: ModuleSettings) -> torch.Tensor:
         return w0 + self.low_rank(factors, settings)
