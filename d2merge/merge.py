@@ -166,10 +166,22 @@ def compute_tensor(merge_plan: MergePlan, item: TensorPlan, *, device: torch.dev
 
 
 def _check_finite(tensor: torch.Tensor, path: Path, name: str, what: str) -> None:
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    # A sum is a cheap screen (NaN/Inf propagate); only a non-finite sum, which a finite
+    # tensor can also give by overflow, pays for the elementwise check.
+    if not tensor.dtype.is_floating_point or bool(torch.isfinite(tensor.sum())):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
         raise D2MergeError(f"{what} has {bad} NaN/Inf value(s)", path=path, tensor=name,
                            hint="the adapter is corrupt or diverged in training; nothing was written")
+
+
+def _raw_copy_source(merge_plan: MergePlan, item: TensorPlan) -> tuple[Path, int, int] | None:
+    """Unchanged tensors in their own dtype are copied byte for byte, never decoded."""
+    if item.action != "copy" or item.in_dtype != item.out_dtype:
+        return None
+    byte_range = getattr(merge_plan.base.tensors, "byte_range", None)
+    return byte_range(item.source) if byte_range is not None else None
 
 
 def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device = torch.device("cpu"),
@@ -190,7 +202,11 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device =
                 with StreamingWriter(path, entries, {"format": "pt"}) as writer:
                     for item in items:
                         bar.set_postfix_str(item.name[-40:], refresh=False)
-                        writer.write(item.name, compute_tensor(merge_plan, item, device=device))
+                        raw = _raw_copy_source(merge_plan, item)
+                        if raw is not None:
+                            writer.copy_from(item.name, *raw)
+                        else:
+                            writer.write(item.name, compute_tensor(merge_plan, item, device=device))
                         bar.update(item.out_bytes)
                         if on_tensor is not None:
                             on_tensor(item)

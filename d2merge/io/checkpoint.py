@@ -82,6 +82,11 @@ class SafetensorsFiles:
     def file_of(self, name: str) -> Path:
         return self._where[name].path
 
+    def byte_range(self, name: str) -> tuple[Path, int, int]:
+        """(file, absolute offset, byte count) of a tensor's raw data, for copies without decoding."""
+        info = self._where[name].tensors[name]
+        return self._where[name].path, info.start, info.nbytes
+
 
 class PickleFiles:
     """Pickled state dicts, loaded only on explicit opt-in and always with ``weights_only=True``."""

@@ -206,6 +206,34 @@ class StreamingWriter:
         self._fh.write(tensor_bytes(tensor.cpu()))
         self._next += 1
 
+    def copy_from(self, name: str, source: Path, offset: int, nbytes: int) -> None:
+        """Copy a tensor's bytes straight from another file (kernel-side where the OS allows)."""
+        expected_name, dtype, shape = self._entries[self._next]
+        if name != expected_name or nbytes != math.prod(shape) * dtype_size(dtype):
+            raise RuntimeError(f"writer expected {expected_name} ({math.prod(shape) * dtype_size(dtype)} bytes), "
+                               f"got {name} ({nbytes} bytes)")
+        self._fh.flush()
+        with open(source, "rb") as src:
+            remaining, position = nbytes, offset
+            out_fd = self._fh.fileno()
+            while remaining:
+                try:
+                    copied = os.copy_file_range(src.fileno(), out_fd, remaining, position)
+                except (AttributeError, OSError):
+                    copied = 0
+                if copied <= 0:  # not supported across these filesystems: plain reads
+                    src.seek(position)
+                    while remaining:
+                        block = src.read(min(remaining, 64 * 1024 * 1024))
+                        if not block:
+                            raise D2MergeError("file ended while copying", path=source, tensor=name)
+                        self._fh.write(block)
+                        remaining -= len(block)
+                    break
+                remaining -= copied
+                position += copied
+        self._next += 1
+
     def close(self) -> None:
         if self._next != len(self._entries):
             self._fh.close()

@@ -38,7 +38,9 @@ class LoRA(Method):
 
     def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
                        settings: ModuleSettings) -> torch.Tensor:
-        return w0 + self.low_rank(factors, settings)
+        a, b = self.tensor_names(settings.layer_kind)
+        # One fused pass over the big matrix: W0 + s * (B @ A).
+        return torch.addmm(w0, factors[b], factors[a], alpha=settings.scale)
 
     def runtime_module(self, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,
                        settings: ModuleSettings, *, dropout: float = 0.0) -> nn.Module:
