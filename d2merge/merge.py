@@ -185,21 +185,27 @@ def _raw_copy_source(merge_plan: MergePlan, item: TensorPlan) -> tuple[Path, int
 
 
 def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device = torch.device("cpu"),
-                  progress: bool = False, on_tensor: Callable[[TensorPlan], None] | None = None) -> list[str]:
-    """Stream every planned tensor into its shard; returns the file names written."""
+                  progress: bool = False, on_tensor: Callable[[TensorPlan], None] | None = None,
+                  shard_paths: list[Path] | None = None, metadata: dict[str, str] | None = None) -> list[str]:
+    """Stream every planned tensor into its shard; returns the file names written.
+
+    ``shard_paths`` overrides where each shard goes (the single-file exporter
+    writes its one shard under its own name), ``metadata`` the header metadata.
+    """
     from tqdm.auto import tqdm
 
     by_shard: dict[int, list[TensorPlan]] = {}
     for item in merge_plan.tensors:
         by_shard.setdefault(item.shard, []).append(item)
+    paths = shard_paths or [folder / name for name in merge_plan.shard_names]
     bar = tqdm(total=merge_plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress,
                dynamic_ncols=True, leave=False)
     try:
         for shard, items in sorted(by_shard.items()):
-            path = folder / merge_plan.shard_names[shard]
+            path = paths[shard]
             entries = [(t.name, t.out_dtype, t.shape) for t in items]
             try:
-                with StreamingWriter(path, entries, {"format": "pt"}) as writer:
+                with StreamingWriter(path, entries, metadata or {"format": "pt"}) as writer:
                     for item in items:
                         bar.set_postfix_str(item.name[-40:], refresh=False)
                         raw = _raw_copy_source(merge_plan, item)
@@ -214,7 +220,7 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device =
                 raise disk_error(exc, path) from None
     finally:
         bar.close()
-    return list(merge_plan.shard_names)
+    return [p.name for p in paths]
 
 
 def write_metadata(merge_plan: MergePlan, folder: Path, hashes: dict[str, str]) -> list[str]:

@@ -49,8 +49,11 @@ def disk_error(exc: OSError, path: Path) -> D2MergeError:
     return D2MergeError(f"cannot write: {exc.strerror or exc}", path=path)
 
 
-def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> Path:
-    """Refuse outputs that would clobber inputs or an existing result; return the absolute path."""
+def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool, is_file: bool = False) -> Path:
+    """Refuse outputs that would clobber inputs or an existing result; return the absolute path.
+
+    ``is_file`` is for single-file outputs (a .safetensors or .onnx file) rather than folders.
+    """
     out = Path(out).expanduser().absolute()
     resolved = out.resolve()
     for source in inputs:
@@ -61,8 +64,9 @@ def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool)
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise D2MergeError("output already exists", path=out, hint="pass --overwrite or choose another path")
-        if not out.is_dir() or out.is_symlink():
-            raise D2MergeError("output exists and is not a folder; refusing to replace it", path=out)
+        if out.is_symlink() or (out.is_dir() == is_file):
+            what = "a folder" if out.is_dir() else "not a folder"
+            raise D2MergeError(f"output exists and is {what}; refusing to replace it", path=out)
     parent = out.parent
     if not parent.is_dir():
         raise D2MergeError("the output's parent folder does not exist", path=parent)

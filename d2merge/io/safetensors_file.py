@@ -252,6 +252,24 @@ class StreamingWriter:
             self._fh.close()
 
 
+def rewrite_metadata(path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                     metadata: Mapping[str, str]) -> None:
+    """Replace a written file's header metadata in place; the new header must have the same length.
+
+    Lets a streaming writer record facts known only at the end (source hashes)
+    by reserving fixed-width placeholders up front.
+    """
+    header, _ = encode_header(entries, metadata)
+    with open(path, "r+b") as fh:
+        old_len = struct.unpack("<Q", fh.read(8))[0]
+        if old_len + 8 != len(header):
+            raise RuntimeError(f"{path}: new header is {len(header) - 8} bytes, the file reserves {old_len}")
+        fh.seek(0)
+        fh.write(header)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """Write a small dict of tensors (adapters, single-file exports) with the streaming writer."""
     entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]

@@ -1,0 +1,66 @@
+"""One entry point for every output format of ``d2merge merge --format``.
+
+``hf`` is the engine's own folder; ``safetensors`` one file with provenance
+metadata; ``onnx`` a merged folder (in a temp place) exported and validated
+with ONNX Runtime. The CLI calls :func:`merge_as`; so can scripts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from d2merge.errors import D2MergeError
+from d2merge.merge import MergeOptions, MergeResult, merge
+
+FORMATS = ("hf", "safetensors", "onnx")
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    format: str
+    output: Path
+    merge: MergeResult
+    onnx: Any = None  # OnnxExportResult for format="onnx"
+
+    def describe(self) -> str:
+        merged = len(self.merge.plan.merged)
+        text = (f"merged {merged} tensors ({self.merge.plan.adapter.method.name}) into {self.output} "
+                f"[{self.format}] in {self.merge.seconds:.2f}s")
+        if self.onnx is not None:
+            text += "\n" + self.onnx.describe()
+        return text
+
+
+def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", options: MergeOptions | None = None,
+             progress: bool = False, onnx_opset: int | None = None, onnx_with_past: bool = False) -> ExportOutcome:
+    """Merge and write ``out`` in the chosen format."""
+    options = options or MergeOptions()
+    if format == "hf":
+        result = merge(base, adapter, out, options, progress=progress)
+        return ExportOutcome(format, result.output, result)
+    if format == "safetensors":
+        from d2merge.export.single_file import merge_to_safetensors
+
+        result = merge_to_safetensors(base, adapter, out, options, progress=progress)
+        return ExportOutcome(format, result.output, result)
+    if format == "onnx":
+        from d2merge.export.onnx import DEFAULT_OPSET, export_onnx
+        from d2merge.io.output import check_output_location
+
+        onnx_dtype = {"auto": "fp32", "fp32": "fp32", "fp16": "fp16"}.get(options.dtype)
+        if onnx_dtype is None:
+            raise D2MergeError("ONNX Runtime on CPU cannot run bf16 graphs",
+                               hint="use --dtype fp32 or --dtype fp16 with --format onnx")
+        out_path = Path(out)
+        check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite,
+                              is_file=out_path.suffix == ".onnx")
+        with tempfile.TemporaryDirectory(prefix=".d2merge-onnx-", dir=out_path.absolute().parent) as scratch:
+            fp32 = MergeOptions(**{**options.__dict__, "dtype": "fp32", "overwrite": False})
+            result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
+            exported = export_onnx(result.output, out_path, dtype=onnx_dtype, with_past=onnx_with_past,
+                                   opset=onnx_opset or DEFAULT_OPSET)
+        return ExportOutcome(format, exported.onnx_path, result, exported)
+    raise D2MergeError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")

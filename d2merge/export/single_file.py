@@ -1,0 +1,72 @@
+"""One merged ``.safetensors`` file, with the merge's provenance in its header metadata.
+
+For deployments that take a bare weights file. The metadata records the method,
+its settings, the d2merge version and the sha256 of every source file; the
+hashes are computed while the tensors stream and written into space reserved
+in the header, so the file is still written in a single pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from d2merge import __version__
+from d2merge.errors import D2MergeError
+from d2merge.io.output import check_output_location, disk_error
+from d2merge.io.safetensors_file import rewrite_metadata
+from d2merge.merge import (MergeOptions, MergeResult, _device, _options, _source_label, _start_hashing, card_info,
+                           plan, write_tensors)
+from d2merge.plan import MergePlan
+
+PLACEHOLDER = "0" * 64  # a sha256 in hex has exactly this width
+
+
+def single_file_metadata(merge_plan: MergePlan, hashes: dict[str, str]) -> dict[str, str]:
+    info = card_info(merge_plan, hashes)
+    return {
+        "format": "pt",
+        "d2merge_version": __version__,
+        "method": info.method,
+        "settings": json.dumps(dict(info.settings), sort_keys=True, default=str),
+        "base_model": info.base_model or "",
+        "out_dtype": info.out_dtype,
+        "sources": json.dumps(dict(sorted(hashes.items())), sort_keys=True),
+    }
+
+
+def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: MergeOptions | None = None, *,
+                         progress: bool = False, **overrides: Any) -> MergeResult:
+    """Merge into one ``.safetensors`` file at ``out`` (written beside it, renamed at the end)."""
+    options = _options(options, {"max_shard_size": 2**62, **overrides})
+    started = time.perf_counter()
+    merge_plan = plan(base, adapter, options)
+    out_path = Path(out)
+    if out_path.suffix != ".safetensors":
+        raise D2MergeError("a single-file output must end in .safetensors", path=out_path)
+    out_path = check_output_location(out_path, [merge_plan.base.location, merge_plan.adapter.path],
+                                     overwrite=options.overwrite, is_file=True)
+    files = [merge_plan.adapter.weights_file, merge_plan.adapter.path / "adapter_config.json",
+             *merge_plan.base.weight_files]
+    reserved = {_source_label(merge_plan, f): PLACEHOLDER for f in files}
+    hashes: dict[str, str] = {}
+    hasher = _start_hashing(merge_plan, hashes) if options.hash_sources else None
+    temp = out_path.parent / f".{out_path.name}.d2merge-tmp-{os.getpid()}"
+    try:
+        write_tensors(merge_plan, out_path.parent, device=_device(options.device), progress=progress,
+                      shard_paths=[temp], metadata=single_file_metadata(merge_plan, reserved))
+        if hasher is not None:
+            hasher.join()
+            final = {k: (v if len(v) == 64 else PLACEHOLDER) for k, v in hashes.items()}
+            entries = [(t.name, t.out_dtype, t.shape) for t in merge_plan.tensors]
+            rewrite_metadata(temp, entries, single_file_metadata(merge_plan, {**reserved, **final}))
+        try:
+            os.replace(temp, out_path)
+        except OSError as exc:
+            raise disk_error(exc, out_path) from None
+    finally:
+        temp.unlink(missing_ok=True)
+    return MergeResult(out_path, merge_plan, (out_path.name,), time.perf_counter() - started, hashes)
