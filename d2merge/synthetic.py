@@ -156,8 +156,8 @@ def save_random_adapter(base_folder: str | Path, adapter_folder: str | Path, met
     targets = tuple(target_modules or DEFAULT_TARGETS.get(model_type, DEFAULT_TARGETS["llama"]))
     if model_type == "gpt2":
         config_fields.setdefault("fan_in_fan_out", True)
-    raw = adapter_config(method, r=r, lora_alpha=lora_alpha, target_modules=targets,
-                         base_model_name_or_path=str(base_folder), **config_fields)
+    config_fields.setdefault("base_model_name_or_path", str(base_folder))
+    raw = adapter_config(method, r=r, lora_alpha=lora_alpha, target_modules=targets, **config_fields)
     config = parse_adapter_config(raw)
     method_obj = get_method(config.method)
     generator = torch.Generator().manual_seed(seed)
