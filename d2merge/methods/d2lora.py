@@ -28,7 +28,8 @@ class D2LoRA(Method):
     linear_tensors = ("lora_A_pos", "lora_B_pos", "lora_A_neg", "lora_B_neg")
 
     def parse_options(self, raw: Mapping[str, Any], source: str) -> dict[str, Any]:
-        tau = _number(raw, "tau", source, default=0.5)
+        # tau changes the merged weight and has no safe default (the paper uses 0.5 and 1.0): required.
+        tau = _number(raw, "tau", source)
         eps = _number(raw, "eps", source, default=0.0)
         if eps < 0:
             raise D2MergeError(f"field 'eps' must be >= 0, got {eps!r}", path=source)
