@@ -1,6 +1,6 @@
 """Publish a finished model folder to the Hugging Face Hub (`d2merge push`).
 
-A push is one `upload_folder` commit made by the real huggingface_hub client, so the endpoint
+A push is one `upload_folder` call made by the real huggingface_hub client, so the endpoint
 (HF_ENDPOINT), token resolution (--token, HF_TOKEN, `hf auth login`), retries and LFS handling
 are exactly the client's. What d2merge adds is what the client cannot know:
 
@@ -16,6 +16,7 @@ huggingface_hub is imported inside the functions so that other commands start fa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import importlib
 import json
@@ -23,7 +24,6 @@ import os
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,10 @@ from d2merge.errors import D2MergeError
 
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
-# Files written by an interrupted or still-running writer (ours, huggingface_hub's, curl/wget).
-TEMP_PREFIXES = (".d2merge-tmp",)
+# Names written by an interrupted or still-running writer: d2merge's writers stage as
+# ".<name>.d2merge-tmp-<pid>" (d2merge.io.output), hence "contains"; others (huggingface_hub,
+# curl, browsers, ONNX staging folders) use these suffixes.
+TEMP_MARKER = ".d2merge-tmp"
 TEMP_SUFFIXES = (".tmp", ".partial", ".incomplete")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx")
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
@@ -41,9 +43,10 @@ INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 _AUTH_HINT = "check your token: `hf auth login` or --token / HF_TOKEN"
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 _MAX_SERVER_MESSAGE = 200
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the limit safetensors itself enforces
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PushedFile:
     """One file of the folder as it lands in the repo: its path there and its size in bytes."""
 
@@ -51,11 +54,12 @@ class PushedFile:
     size: int
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PushResult:
     """What a push sent (or, for a dry run, would send) and where it landed.
 
     commit_url/commit_oid/pr_url are None for a dry run; pr_url is set only with create_pr.
+    `private` is what was asked for: it applies only if this push created the repo.
     The token is deliberately not part of the result.
     """
 
@@ -83,7 +87,7 @@ def default_commit_message() -> str:
 
 def is_temp_name(name: str) -> bool:
     """A name left behind by an interrupted write; such a folder is not finished."""
-    return name.startswith(TEMP_PREFIXES) or name.endswith(TEMP_SUFFIXES)
+    return TEMP_MARKER in name or name.endswith(TEMP_SUFFIXES)
 
 
 def folder_files(folder: str | Path) -> tuple[PushedFile, ...]:
@@ -138,7 +142,10 @@ def check_folder_complete(folder: str | Path) -> None:
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
                 create_pr: bool = False, commit_message: str | None = None, token: str | None = None,
                 dry_run: bool = False, endpoint: str | None = None) -> PushResult:
-    """Publish a complete model folder to the Hub as one commit; with dry_run, only say what would be sent.
+    """Publish a complete model folder to the Hub; with dry_run, only say what would be sent.
+
+    One commit for a model-sized folder (huggingface_hub's Xet path splits folders of more than
+    256 files, or 100 MB of non-LFS files, into commits suffixed "(part N)").
 
     The repo is created if needed (`private` applies only then; an existing repo keeps its
     visibility); a `revision` other than main is created as a branch from main if missing, and
@@ -204,15 +211,14 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
             create_pr=create_pr,
             commit_message=message,
         )
-    return PushResult(repo_id=repo_id, repo_url=str(repo_url), revision=branch, files=files,
-                      commit_message=message, model_card=model_card, private=private, create_pr=create_pr,
-                      dry_run=False, commit_url=commit.commit_url, commit_oid=commit.oid, pr_url=commit.pr_url)
+    return dataclasses.replace(result, repo_url=str(repo_url), dry_run=False, commit_url=commit.commit_url,
+                               commit_oid=commit.oid, pr_url=commit.pr_url)
 
 
 def format_push(result: PushResult) -> str:
     """Human-readable report of a push or dry run: where, which files with sizes, and the model card."""
-    target = f"{result.repo_url} (pull request against main)" if result.create_pr else \
-        f"{result.repo_url} (branch {result.revision})"
+    where = "pull request against main" if result.create_pr else f"branch {result.revision}"
+    target = f"{result.repo_url} ({where})"
     verb = "would push" if result.dry_run else "pushed"
     lines = [f"{verb} {len(result.files)} files ({format_size(result.total_size)}) to {target}"]
     width = max((len(f.path) for f in result.files), default=0)
@@ -287,7 +293,7 @@ def _check_safetensors_length(path: Path) -> None:
     try:
         with path.open("rb") as handle:
             (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len > size - 8:
+            if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
                 raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
             header = json.loads(handle.read(header_len))
         data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
