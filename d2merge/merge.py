@@ -6,6 +6,7 @@ time, so peak memory depends on the largest tensor, not on the model size.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -157,10 +158,10 @@ def compute_tensor(merge_plan: MergePlan, item: TensorPlan, *, device: torch.dev
     factors = adapter.factors(item.module)  # type: ignore[arg-type]
     for name, tensor in factors.items():
         _check_finite(tensor, adapter.weights_file, adapter.modules[item.module].keys[name], "adapter tensor")
-    w0 = merge_plan.base.tensors.read(item.source).to(device)
+    w0 = merge_plan.base_weight(item).to(device)
     merged = adapter.method.merged_weight(w0, {k: v.to(device) for k, v in factors.items()}, item.settings,
                                           compute_dtype=compute_dtype)
-    _check_finite(merged, merge_plan.base.tensors.file_of(item.source), item.name, "merged weight")
+    _check_finite(merged, merge_plan.base_weight_file(item), item.name, "merged weight")
     # The one cast: fp32 -> output dtype, round-to-nearest-even.
     return merged.to(item.out_dtype).cpu()
 
@@ -184,13 +185,66 @@ def _raw_copy_source(merge_plan: MergePlan, item: TensorPlan) -> tuple[Path, int
     return byte_range(item.source) if byte_range is not None else None
 
 
+class _WriterThread:
+    """Writes on a second thread while the main thread computes the next tensor.
+
+    The queue is bounded, so at most ``depth`` computed tensors wait in memory.
+    Jobs run strictly in order; the first error stops the thread and is raised
+    in the main thread at the next submit or at :meth:`finish`.
+    """
+
+    def __init__(self, depth: int = 2):
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="d2merge-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None and not self._abort.is_set():
+                try:
+                    job()
+                except BaseException as exc:  # handed to the main thread, which reports it
+                    self._error = exc
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.raise_error()
+        self._queue.put(job)
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.raise_error()
+
+    def abort(self) -> None:
+        """Stop after the job in hand (used when the main thread fails or is interrupted)."""
+        self._abort.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+        self._thread.join()
+
+
 def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device = torch.device("cpu"),
                   progress: bool = False, on_tensor: Callable[[TensorPlan], None] | None = None,
                   shard_paths: list[Path] | None = None, metadata: dict[str, str] | None = None) -> list[str]:
     """Stream every planned tensor into its shard; returns the file names written.
 
-    ``shard_paths`` overrides where each shard goes (the single-file exporter
-    writes its one shard under its own name), ``metadata`` the header metadata.
+    Computing (main thread) and writing (a writer thread) overlap; both release
+    the GIL in their heavy parts. ``shard_paths`` overrides where each shard
+    goes (the single-file exporter names its one shard), ``metadata`` the
+    header metadata. ``on_tensor`` is called after each tensor is written.
     """
     from tqdm.auto import tqdm
 
@@ -200,25 +254,58 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device =
     paths = shard_paths or [folder / name for name in merge_plan.shard_names]
     bar = tqdm(total=merge_plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress,
                dynamic_ncols=True, leave=False)
+    open_writer: dict[str, StreamingWriter] = {}
+
+    def opened(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Callable[[], None]:
+        def job() -> None:
+            try:
+                open_writer["current"] = StreamingWriter(path, entries, metadata or {"format": "pt"})
+            except OSError as exc:
+                raise disk_error(exc, path) from None
+        return job
+
+    def wrote(path: Path, item: TensorPlan, tensor: torch.Tensor | None, raw: tuple[Path, int, int] | None
+              ) -> Callable[[], None]:
+        def job() -> None:
+            try:
+                if raw is not None:
+                    open_writer["current"].copy_from(item.name, *raw)
+                else:
+                    open_writer["current"].write(item.name, tensor)  # type: ignore[arg-type]
+            except OSError as exc:
+                raise disk_error(exc, path) from None
+            bar.update(item.out_bytes)
+            if on_tensor is not None:
+                on_tensor(item)
+        return job
+
+    def closed(path: Path) -> Callable[[], None]:
+        def job() -> None:
+            try:
+                open_writer.pop("current").close()
+            except OSError as exc:
+                raise disk_error(exc, path) from None
+        return job
+
+    writer = _WriterThread()
     try:
         for shard, items in sorted(by_shard.items()):
             path = paths[shard]
-            entries = [(t.name, t.out_dtype, t.shape) for t in items]
-            try:
-                with StreamingWriter(path, entries, metadata or {"format": "pt"}) as writer:
-                    for item in items:
-                        bar.set_postfix_str(item.name[-40:], refresh=False)
-                        raw = _raw_copy_source(merge_plan, item)
-                        if raw is not None:
-                            writer.copy_from(item.name, *raw)
-                        else:
-                            writer.write(item.name, compute_tensor(merge_plan, item, device=device))
-                        bar.update(item.out_bytes)
-                        if on_tensor is not None:
-                            on_tensor(item)
-            except OSError as exc:
-                raise disk_error(exc, path) from None
+            writer.submit(opened(path, [(t.name, t.out_dtype, t.shape) for t in items]))
+            for item in items:
+                bar.set_postfix_str(item.name[-40:], refresh=False)
+                raw = _raw_copy_source(merge_plan, item)
+                tensor = None if raw is not None else compute_tensor(merge_plan, item, device=device)
+                writer.submit(wrote(path, item, tensor, raw))
+                del tensor
+            writer.submit(closed(path))
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
     finally:
+        for handle in open_writer.values():
+            handle.abandon()
         bar.close()
     return [p.name for p in paths]
 

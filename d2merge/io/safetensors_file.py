@@ -104,6 +104,9 @@ class SafetensorsFile:
         spans.sort()
         cursor = 0
         for begin, end, name in spans:
+            if begin > data_len:
+                raise self._fail(f"data_offsets [{begin}, {end}) point past the end of the data, "
+                                 f"which is {data_len} bytes", tensor=name)
             if begin != cursor:
                 what = "overlaps the previous tensor" if begin < cursor else "leaves a gap before it"
                 raise self._fail(f"data offsets [{begin}, {end}) {what}", tensor=name)
@@ -242,6 +245,16 @@ class StreamingWriter:
         os.fsync(self._fh.fileno())
         self._fh.close()
 
+    def abandon(self) -> None:
+        """Close without completing (the caller deletes the partial file with its temp folder)."""
+        if not self._fh.closed:
+            try:
+                self._fh.close()
+            except OSError:
+                # Flushing the buffered tail failed (disk full): moot for a discarded file, and raising
+                # here would replace the error that made the caller abandon it.
+                pass
+
     def __enter__(self) -> "StreamingWriter":
         return self
 
@@ -249,7 +262,7 @@ class StreamingWriter:
         if exc_type is None:
             self.close()
         else:
-            self._fh.close()
+            self.abandon()
 
 
 def rewrite_metadata(path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
