@@ -36,15 +36,17 @@ from d2merge.errors import D2MergeError
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 EXPORTERS = ("dynamo", "legacy")
-# 18 is the opset torch's dynamo exporter implements natively. 23 is not a safe default: it
-# emits the fused RotaryEmbedding op, which ONNX Runtime 1.32 rejects for batch > 1.
+# 18 is the opset torch's dynamo exporter implements natively (it cannot go lower). 23 is not a
+# safe default: it emits the fused RotaryEmbedding op, which ONNX Runtime 1.32 rejects for
+# batch > 1 when position ids are shared across the batch (transformers' default). Our wrapper
+# passes per-row position ids, which avoids that, but 18 is what the test-suite covers.
 DEFAULT_OPSET = 18
 FP32_ATOL = 1e-4
 # fp16 rounding error is relative (10-bit mantissa, eps ~ 1e-3) and grows with the size of the
-# logits, so the fp16 bound scales with the largest reference logit. Measured on the tiny test
-# models (logits up to ~0.6): 2.4e-4 to 4.9e-4, i.e. below 1e-3 relative; 1e-2 relative leaves
-# room for deeper models (error accumulates over layers) while still catching a broken export,
-# which is off by the size of the logits themselves.
+# logits, so the fp16 bound scales with the largest reference logit. Measured on the tiny Llama
+# and Qwen2 test models (largest logit ~0.4): 2.3e-4 to 2.8e-4, i.e. ~7e-4 relative. 1e-2
+# relative leaves room for deeper models (error accumulates over layers) while still catching a
+# broken export, which is off by the size of the logits themselves.
 FP16_RTOL = 1e-2
 FP16_ATOL_FLOOR = 1e-3
 
@@ -55,7 +57,7 @@ _GRAPH_HEADROOM_BYTES = 64 * 2**20
 _PAST_PREFIX = "past_key_values."
 _PRESENT_PREFIX = "present."
 # Probe shapes: batch 2 with row 1 left-padded, because several export bugs (a RotaryEmbedding
-# op that only handles batch 1, positions ignoring padding) only show with a second, padded row.
+# op that only handles batch 1, a mask ignored, positions ignoring padding) only show there.
 _PROBE_BATCH = 2
 _PROBE_LEFT_PAD = 2
 _PROBES_NO_PAST = ((0, 5), (0, 9))  # (past length, new tokens)
@@ -98,6 +100,21 @@ class OnnxExportResult:
     max_abs_diff: float | None
     tolerance: float | None
     passed: bool | None
+
+    def describe(self) -> str:
+        """Two lines for humans: what was written, and how far ONNX Runtime is from PyTorch."""
+        extra = f" + {self.paths[1].name}" if len(self.paths) > 1 else ""
+        n_past = sum(name.startswith(_PAST_PREFIX) for name in self.input_names)
+        inputs = "input_ids, attention_mask" + (f", {n_past} past key/value tensors" if n_past else "")
+        lines = [f"exported {self.onnx_path}{extra} in {self.export_seconds:.1f}s ({self.exporter} exporter, "
+                 f"opset {self.opset}, {self.dtype}): {inputs} -> logits" + (", presents" if n_past else "")]
+        if self.passed is None:
+            lines.append("validation skipped (--no-validate): the graph is unproven")
+        else:
+            lines.append(f"validation (ONNX Runtime CPU vs PyTorch fp32 at real tokens, batch 2 left-padded): "
+                         f"max abs diff {self.max_abs_diff:.3g} vs tolerance {self.tolerance:.3g}: "
+                         f"{'passed' if self.passed else 'FAILED'}")
+        return "\n".join(lines)
 
 
 class CausalLMOnnxWrapper(nn.Module):
@@ -162,6 +179,8 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
     wrapper = CausalLMOnnxWrapper(model, with_past).eval()
     sample_args, input_names, output_names = _sample_inputs(model, with_past)
 
+    new_folders = [f for f in (onnx_path.parent, *onnx_path.parent.parents) if not f.exists()]  # leaf first
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{onnx_path.name}.", suffix=".tmp", dir=onnx_path.parent))
     try:
         # The external data location is stored relative to the graph file, so the staged file
@@ -191,8 +210,13 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
             validation = _validate_staged(staged, CausalLMOnnxWrapper(model, with_past).eval(),
                                           with_past=with_past, atol=atol, display_path=onnx_path)
         paths = _commit(staging, onnx_path)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in new_folders:  # a failed export leaves no trace, not even the folders it created
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
 
     return OnnxExportResult(
         onnx_path=onnx_path, paths=paths, dtype=dtype, exporter=exporter, opset=graph_opset, with_past=with_past,
@@ -296,7 +320,7 @@ def default_tolerance(dtype: str, reference_max_abs: float) -> float:
 def _check_request(dtype: str, exporter: str, opset: int) -> None:
     if dtype in ("bf16", "bfloat16"):
         raise D2MergeError("bf16 ONNX graphs cannot be validated or run: ONNX Runtime's CPU provider has no "
-                           "bfloat16 kernels", hint="use --dtype fp32 (exact) or --dtype fp16 (half the size)")
+                           "bfloat16 kernels", hint="use --dtype fp32, exact, or --dtype fp16, half the size")
     if dtype not in DTYPES:
         raise D2MergeError(f"unknown dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
     if exporter not in EXPORTERS:
@@ -314,7 +338,6 @@ def _destination(out_path_or_dir: str | os.PathLike) -> Path:
     onnx_path = out if out.suffix == ".onnx" and not out.is_dir() else out / "model.onnx"
     if onnx_path.is_dir():
         raise D2MergeError("destination is a folder, not a file", path=onnx_path)
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
     return onnx_path
 
 
@@ -353,7 +376,8 @@ def _decide_external_data(requested: bool | None, weight_bytes: int, onnx_path: 
 def _cache_layout(model: nn.Module) -> list[tuple[int, int]]:
     """(kv_heads, head_dim) per cache tensor, read from a real forward pass, not from config names."""
     with torch.no_grad():
-        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
+        probe = torch.ones(1, 2, dtype=torch.long)
+        out = model(input_ids=probe, attention_mask=probe, use_cache=True)
     layout: list[tuple[int, int]] = []
     for layer in out.past_key_values.layers:
         layout += [(layer.keys.shape[1], layer.keys.shape[3]), (layer.values.shape[1], layer.values.shape[3])]
@@ -442,8 +466,6 @@ def _export_graph(wrapper: CausalLMOnnxWrapper, sample_args: tuple[torch.Tensor,
             raw = staged.with_name(staged.name + ".raw")  # the legacy exporter picks its own data layout
             torch.onnx.export(wrapper, sample_args, str(raw), dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names, dynamic_axes=axes)
-        except D2MergeError:
-            raise
         except Exception as exc:  # the exporters raise many types; all mean "this model/opset does not export"
             cause = exc.__cause__ or exc  # torch.onnx wraps the torch.export error that says what failed
             raise D2MergeError(f"the {exporter} exporter failed: {type(cause).__name__}: {_first_line(cause)}",
@@ -494,7 +516,8 @@ def _validate_staged(onnx_path: Path, reference: CausalLMOnnxWrapper, *, with_pa
     layout = _cache_layout(reference.model) if with_past else []
     generator = torch.Generator().manual_seed(seed)
 
-    max_diff, max_ref = 0.0, 0.0
+    diffs: list[float] = []  # np.max over the list, not Python's max(), so a NaN is not skipped
+    ref_sizes: list[float] = []
     probes = _PROBES_WITH_PAST if with_past else _PROBES_NO_PAST
     for past_len, new in probes:
         total = past_len + new
@@ -516,25 +539,26 @@ def _validate_staged(onnx_path: Path, reference: CausalLMOnnxWrapper, *, with_pa
         real_new = attention_mask[:, past_len:].numpy().astype(bool)  # (batch, new)
         real_all = attention_mask.numpy().astype(bool)  # (batch, total)
         ref_logits = expected[0].double().numpy()[real_new]
-        max_ref = max(max_ref, float(np.abs(ref_logits).max()))
-        max_diff = max(max_diff, float(np.abs(actual[0].astype(np.float64)[real_new] - ref_logits).max()))
+        ref_sizes.append(float(np.abs(ref_logits).max()))
+        diffs.append(float(np.abs(actual[0].astype(np.float64)[real_new] - ref_logits).max()))
         for ort_kv, ref_kv in zip(actual[1:], expected[1:]):
             # (batch, heads, seq, dim) -> (batch, seq, heads, dim) so the boolean mask selects positions
             diff = np.abs(ort_kv.astype(np.float64) - ref_kv.double().numpy()).transpose(0, 2, 1, 3)[real_all]
-            max_diff = max(max_diff, float(diff.max()))
+            diffs.append(float(diff.max()))
 
-    tolerance = atol if atol is not None else default_tolerance(dtype, max_ref)
+    max_diff = float(np.max(diffs))
+    tolerance = atol if atol is not None else default_tolerance(dtype, float(np.max(ref_sizes)))
     passed = bool(max_diff <= tolerance)  # a NaN diff fails too
     result = OnnxValidation(onnx_path=display_path, dtype=dtype, max_abs_diff=max_diff, tolerance=tolerance,
                             passed=passed, probes=tuple((_PROBE_BATCH, p, n) for p, n in probes))
     if raise_on_failure and not passed:
         raise D2MergeError(f"ONNX Runtime output differs from PyTorch by {max_diff:.3g} at real tokens, above the "
                            f"{dtype} tolerance {tolerance:.3g}", path=display_path,
-                           hint="try --exporter legacy or another --opset; --atol raises the bound knowingly")
+                           hint="try the other --exporter or another --opset; --atol sets the bound explicitly")
     return result
 
 
-def _open_session(onnx_path: Path, display_path: Path | None = None):
+def _open_session(onnx_path: Path, display_path: Path | None = None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -552,7 +576,8 @@ def _run(session: Any, feed: dict[str, np.ndarray], path: Path) -> list[np.ndarr
     except Exception as exc:
         hint = None
         if "RotaryEmbedding" in str(exc):
-            hint = f"opset 23+ emits RotaryEmbedding, which this ONNX Runtime rejects for batch > 1; use --opset {DEFAULT_OPSET}"
+            hint = (f"opset 23+ emits RotaryEmbedding, which this ONNX Runtime rejects for batch > 1; "
+                    f"use --opset {DEFAULT_OPSET}")
         raise D2MergeError(f"ONNX Runtime failed to run the graph: {_first_line(exc)}", path=path, hint=hint) from exc
 
 
