@@ -44,7 +44,7 @@ def reference_errors(merge_plan: MergePlan, merged_folder: Path) -> dict[str, fl
         shard = merge_plan.shard_names[item.shard]
         sf = files.setdefault(shard, SafetensorsFile(merged_folder / shard))
         written = sf.read(item.name).to(torch.float64)
-        w0 = merge_plan.base.tensors.read(item.source)
+        w0 = merge_plan.base_weight(item)
         factors = merge_plan.adapter.factors(item.module)  # type: ignore[arg-type]
         exact = merge_plan.adapter.method.merged_weight(w0, factors, item.settings, compute_dtype=torch.float64)
         error = float((written - exact).abs().max())

@@ -45,6 +45,8 @@ class TensorPlan:
     shard: int = 0
     module: str | None = None
     settings: ModuleSettings | None = None
+    # "merge" only: W0 is the adapter's ``base_layer`` replacement (key in ``source``), not the base's tensor.
+    base_from_adapter: bool = False
 
     @property
     def out_bytes(self) -> int:
@@ -64,6 +66,13 @@ class MergePlan:
     @property
     def merged(self) -> list[TensorPlan]:
         return [t for t in self.tensors if t.action == "merge"]
+
+    def base_weight(self, item: TensorPlan) -> torch.Tensor:
+        """W0 of a merged tensor: the base's tensor, or the adapter's replacement of it."""
+        return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).read(item.source)
+
+    def base_weight_file(self, item: TensorPlan) -> Path:
+        return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).file_of(item.source)
 
     @property
     def total_bytes(self) -> int:
@@ -93,7 +102,9 @@ class MergePlan:
     def describe(self) -> str:
         """A readable table of the plan: one line per changed tensor, then the totals."""
         s = self.summary()
-        lines = [f"base     {s['base']}", f"adapter  {s['adapter']}  ({s['method']}, r={s['r']}, alpha={s['lora_alpha']:g}"
+        cfg = self.adapter.config
+        ranks = f"r={cfg.r}" if cfg.r else "r_mag/r_dir=" + "/".join(str(cfg.raw.get(k)) for k in ("r_mag", "r_dir"))
+        lines = [f"base     {s['base']}", f"adapter  {s['adapter']}  ({s['method']}, {ranks}, alpha={s['lora_alpha']:g}"
                  + "".join(f", {k}={v}" for k, v in s["options"].items()) + ")",
                  f"output   dtype {s['out_dtype']}, {len(self.shard_names)} shard(s), {_human(self.total_bytes)}", ""]
         width = max((len(t.name) for t in self.tensors if t.action != "copy"), default=10)
@@ -190,7 +201,8 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
         missing = [n for n in method.tensor_names(entry.layer_kind) if n not in entry.keys]
         if missing:
             raise D2MergeError(f"module '{module}' lacks the {method.name} tensor '{missing[0]}'",
-                               path=adapter.weights_file, tensor=first_key)
+                               path=adapter.weights_file, tensor=first_key,
+                               hint="the adapter file is incomplete, or peft_type does not match these weights")
         fan_in_fan_out = adapter.config.fan_in_fan_out if entry.layer_kind == LINEAR else False
         if (entry.layer_kind == LINEAR and not fan_in_fan_out and config.get("model_type") in CONV1D_MODEL_TYPES
                 and module.rsplit(".", 1)[-1] in CONV1D_LAYERS):
@@ -219,7 +231,8 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
                                    f"expected {list(expected[name])}", path=adapter.weights_file, tensor=key,
                                    hint="was the adapter trained on another base model?")
             if not dtype.is_floating_point:
-                raise D2MergeError(f"adapter tensor has non-float dtype {dtype}", path=adapter.weights_file, tensor=key)
+                raise D2MergeError(f"adapter tensor has non-float dtype {dtype}", path=adapter.weights_file, tensor=key,
+                                   hint="adapter factors are floating point; save the adapter again")
         merges[weight_name] = (source, settings)
 
     replacements: dict[str, str] = {}
@@ -227,7 +240,8 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
         source = base_name_for(target, "replaced module", key)
         if tuple(adapter.tensors.info(key)[1]) != tuple(infos[source][1]):
             raise D2MergeError(f"replacement shape {list(adapter.tensors.info(key)[1])} does not match the base's "
-                               f"{list(infos[source][1])}", path=adapter.weights_file, tensor=key)
+                               f"{list(infos[source][1])}", path=adapter.weights_file, tensor=key,
+                               hint="was the adapter trained on another base model?")
         replacements[target] = key
 
     # Output tensor list: the base's own tensors, plus an explicit lm_head when a tied pair is untied.
@@ -266,7 +280,13 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
         source = tied_pair[0] if tied_pair and name == tied_pair[1] else name
         in_dtype, shape = infos[source]
         out_dtype = target_dtype if (target_dtype is not None and in_dtype.is_floating_point) else in_dtype
-        if name in replacements:
+        if name in replacements and name in merges:
+            # An embedding's ``base_layer`` weight (save_embedding_layers) replaces the base's
+            # tensor before the merge; the adapter's factors still apply on top of it.
+            key, (_, settings) = replacements[name], merges[name]
+            plans.append(TensorPlan(name, key, "merge", tuple(shape), adapter.tensors.info(key)[0], out_dtype,
+                                    module=settings.module, settings=settings, base_from_adapter=True))
+        elif name in replacements:
             key = replacements[name]
             rep_dtype = adapter.tensors.info(key)[0]
             plans.append(TensorPlan(name, key, "replace", tuple(shape), rep_dtype,

@@ -29,10 +29,12 @@ def load_base_model(base: str | Path, *, dtype: torch.dtype = torch.float32, dev
     if not (location / "config.json").exists():
         raise D2MergeError("a transformers model folder (with config.json) is needed here", path=location)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        # use_safetensors: a pytorch_model.bin is pickle, which d2merge never loads without --allow-pickle
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise D2MergeError(f"transformers cannot load the model: {' '.join(str(exc).split())[:300]}",
-                           path=location) from None
+                           path=location, hint="d2merge reads safetensors weights; convert pickle "
+                                               "(pytorch_model.bin) weights to safetensors") from None
     return model.to(device).eval()
 
 
@@ -64,7 +66,16 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
             if target not in params:
                 raise D2MergeError("replacement target is not a parameter of the model",
                                    path=adapter.weights_file, tensor=key)
-            params[target].copy_(adapter.tensors.read(key).to(params[target].dtype))
+            old = params[target]
+            # A new Parameter, not an in-place copy: a tied lm_head and embedding share one
+            # Parameter, and PEFT's modules_to_save replaces only the module it names (as the
+            # merge's --tied-embeddings untie does), so the tie is broken here too.
+            owner_name, _, attr = target.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            new = adapter.tensors.read(key).to(device=old.device, dtype=old.dtype).clone()
+            setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+            if any(p is old for name, p in params.items() if name != target):
+                _untie_in_config(model)
     for module_name in adapter.modules:
         try:
             layer = model.get_submodule(module_name)
@@ -77,6 +88,17 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
         runtime = method.runtime_module(layer, adapter.factors(module_name), settings, dropout=dropout)
         _set_submodule(model, module_name, runtime)
     return model
+
+
+def _untie_in_config(model: nn.Module) -> None:
+    """Record that the embeddings are no longer tied, so transformers does not tie them again."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for c in {id(config): config, id(text_config): text_config}.values():
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
 
 
 def load_unmerged(base: str | Path, adapter: Adapter | str | Path, *, dtype: torch.dtype = torch.float32,

@@ -1,0 +1,200 @@
+"""Fixtures shared by the whole test-suite: tiny random bases, random adapters, the CLI in-process.
+
+Everything is built locally from fixed seeds (no downloads) and cached for the session, so a test
+asks for what it needs and pays for it once. Treat every folder these fixtures return as
+read-only: copy it (``writable_copy``) before changing a byte, or other tests see the change.
+
+``tiny_bases`` (session)
+    ``tiny_bases(arch, sharded=False, dtype=torch.float32) -> Path``: a tiny random causal LM
+    folder (config.json, word-level tokenizer, safetensors) written by
+    :func:`d2merge.synthetic.save_tiny_base`. ``arch`` is one of :data:`ARCHS`:
+
+    - ``"llama"``: untied embeddings, no linear biases;
+    - ``"qwen2"``: like Llama plus q/k/v biases;
+    - ``"gpt2"``: Conv1D layers stored (in, out) (the fan_in_fan_out case), ``wte`` tied to
+      ``lm_head`` (the base stores no ``lm_head.weight``).
+
+    ``sharded=True`` writes it with ``max_shard_size="20KB"`` (several shards and a
+    ``model.safetensors.index.json``); ``sharded=False`` writes one ``model.safetensors``.
+    ``tiny_bases.all()`` builds and returns every ``{(arch, sharded): path}``.
+    The vocabulary has :data:`VOCAB_SIZE` tokens; the hidden size is 32.
+
+``make_adapter`` (session)
+    ``make_adapter(base, method, **fields) -> Path``: a random adapter folder in PEFT's layout
+    with non-zero factors (B included, DoRA magnitudes away from the base norms), written by
+    :func:`d2merge.synthetic.save_random_adapter`. ``method`` is one of :data:`METHOD_NAMES`;
+    ``fields`` are that function's keywords (``seed``, ``r``, ``lora_alpha``,
+    ``target_modules``, ``magnitude``, ``dtype``) and extra ``adapter_config.json`` fields
+    (``tau=1.0``, ``norm_axis="in"``, ``modules_to_save=["lm_head"]``, ...). Two more keywords:
+    ``extra_tensors={stored key: tensor}`` adds tensors (a ``modules_to_save`` replacement,
+    say) and ``drop_factors=True`` keeps only those extra tensors. Cached on the arguments.
+
+``token_ids`` (session)
+    A fixed ``(2, 7)`` int64 batch of token ids valid for every tiny base.
+
+``logits_of`` (session)
+    ``logits_of(model_or_folder, ids=token_ids) -> Tensor``: fp32 logits of a transformers
+    model, or of the folder loaded with ``AutoModelForCausalLM.from_pretrained`` (eval, no grad).
+
+``read_tensors`` (session)
+    ``read_tensors(folder) -> {name: Tensor}``: every tensor of every ``*.safetensors`` file in a
+    folder, read with d2merge's strict reader (dtype kept).
+
+``writable_copy`` (function)
+    ``writable_copy(folder, name=None) -> Path``: a copy of a fixture folder under ``tmp_path``,
+    yours to corrupt.
+
+``cli_runner`` (function)
+    ``cli_runner([...]) -> CliResult(code, out, err)``: runs ``d2merge.cli.main`` in-process
+    with its output captured (``--debug`` state reset, ``D2MERGE_DEBUG`` unset).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import pytest
+import torch
+
+ARCHS = ("llama", "qwen2", "gpt2")
+METHOD_NAMES = ("lora", "dora", "d2lora", "dual_lora")
+SHARD_SIZE = "20KB"
+VOCAB_SIZE = 128
+
+
+class TinyBases:
+    """Builds tiny base folders on first use and hands back the same folder afterwards."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._made: dict[tuple[str, bool, torch.dtype], Path] = {}
+
+    def __call__(self, arch: str, sharded: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+        from d2merge.synthetic import save_tiny_base
+
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+        key = (arch, bool(sharded), dtype)
+        if key not in self._made:
+            name = f"{arch}-{'sharded' if sharded else 'single'}-{str(dtype).removeprefix('torch.')}"
+            self._made[key] = save_tiny_base(self.root / name, arch, dtype=dtype,
+                                             max_shard_size=SHARD_SIZE if sharded else None,
+                                             vocab_size=VOCAB_SIZE)
+        return self._made[key]
+
+    def all(self) -> dict[tuple[str, bool], Path]:
+        return {(arch, sharded): self(arch, sharded) for arch in ARCHS for sharded in (False, True)}
+
+
+@pytest.fixture(scope="session")
+def tiny_bases(tmp_path_factory: pytest.TempPathFactory) -> TinyBases:
+    return TinyBases(tmp_path_factory.mktemp("bases"))
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    from d2merge.io.adapter import WEIGHTS_NAME, write_adapter
+    from d2merge.io.checkpoint import read_json
+    from d2merge.io.safetensors_file import SafetensorsFile
+    from d2merge.synthetic import save_random_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    made: dict[str, Path] = {}
+
+    def make(base: Path, method: str, *, extra_tensors: dict[str, torch.Tensor] | None = None,
+             drop_factors: bool = False, **fields: Any) -> Path:
+        extra_tensors = extra_tensors or {}
+        key = repr((str(base), method, sorted(fields.items(), key=lambda kv: kv[0]), drop_factors,
+                    sorted((k, v.dtype, tuple(v.shape), v.double().sum().item()) for k, v in extra_tensors.items())))
+        if key not in made:
+            folder = root / f"{method}-{len(made):03d}"
+            save_random_adapter(base, folder, method, **fields)
+            if extra_tensors or drop_factors:
+                stored = SafetensorsFile(folder / WEIGHTS_NAME)
+                tensors = {} if drop_factors else {name: stored.read(name).clone() for name in stored.keys()}
+                tensors.update(extra_tensors)
+                write_adapter(folder, read_json(folder / "adapter_config.json", "adapter_config.json"), tensors)
+            made[key] = folder
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def token_ids() -> torch.Tensor:
+    return torch.randint(4, VOCAB_SIZE, (2, 7), generator=torch.Generator().manual_seed(1234))
+
+
+@pytest.fixture(scope="session")
+def logits_of(token_ids: torch.Tensor) -> Callable[..., torch.Tensor]:
+    def logits(model_or_folder: Any, ids: torch.Tensor | None = None) -> torch.Tensor:
+        model = model_or_folder
+        if isinstance(model_or_folder, (str, Path)):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model_or_folder, dtype=torch.float32)
+        model.eval()
+        with torch.no_grad():
+            return model(token_ids if ids is None else ids).logits.float()
+
+    return logits
+
+
+@pytest.fixture(scope="session")
+def read_tensors() -> Callable[[Path], dict[str, torch.Tensor]]:
+    from d2merge.io.safetensors_file import SafetensorsFile
+
+    def read(folder: Path) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            sf = SafetensorsFile(path)
+            for name in sf.keys():
+                assert name not in tensors, f"{name} is in two files"
+                tensors[name] = sf.read(name)
+        return tensors
+
+    return read
+
+
+@pytest.fixture
+def writable_copy(tmp_path: Path) -> Callable[..., Path]:
+    def copy(folder: Path, name: str | None = None) -> Path:
+        target = tmp_path / (name or Path(folder).name)
+        shutil.copytree(folder, target)
+        return target
+
+    return copy
+
+
+class CliResult(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli_runner(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[[list[str]], CliResult]:
+    import d2merge.cli
+
+    monkeypatch.delenv("D2MERGE_DEBUG", raising=False)
+    debug_state = getattr(d2merge.cli, "_DEBUG", None)
+
+    def reset_debug() -> None:
+        # main() turns --debug on for the rest of the process; a test must not inherit it.
+        if isinstance(debug_state, dict):
+            monkeypatch.setitem(debug_state, "on", False)
+
+    reset_debug()
+
+    def run(argv: list[str]) -> CliResult:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            d2merge.cli.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        reset_debug()
+        code = exited.value.code
+        return CliResult(code if isinstance(code, int) else (0 if code is None else 1), out, err)
+
+    return run
