@@ -382,8 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps d2merge's errors to one line and an exit code."""
     if argv is None:
         argv = sys.argv[1:]
-    if "--debug" in argv:
-        _DEBUG["on"] = True
+    # Decided per call: an earlier in-process call with --debug must not leak into this one.
+    _DEBUG["on"] = bool(os.environ.get("D2MERGE_DEBUG")) or "--debug" in argv
     try:
         cli.main(args=argv, prog_name="d2merge", standalone_mode=False)
     except click.exceptions.Abort:

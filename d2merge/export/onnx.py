@@ -347,7 +347,8 @@ def _load_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        # use_safetensors: a pytorch_model.bin is pickle, which d2merge never loads without --allow-pickle
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     except (ValueError, OSError, KeyError) as exc:
         raise D2MergeError(f"cannot load as a causal language model: {exc}", path=model_dir) from exc
     if dtype == torch.float16:

@@ -46,7 +46,8 @@ def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: Merg
     merge_plan = plan(base, adapter, options)
     out_path = Path(out)
     if out_path.suffix != ".safetensors":
-        raise D2MergeError("a single-file output must end in .safetensors", path=out_path)
+        raise D2MergeError("a single-file output must end in .safetensors", path=out_path,
+                           hint="name the output like merged.safetensors, or use --format hf for a folder")
     out_path = check_output_location(out_path, [merge_plan.base.location, merge_plan.adapter.path],
                                      overwrite=options.overwrite, is_file=True)
     files = [merge_plan.adapter.weights_file, merge_plan.adapter.path / "adapter_config.json",

@@ -86,12 +86,13 @@ def load_adapter(spec: str | Path, *, allow_pickle: bool = False) -> Adapter:
             raise D2MergeError("adapter weights are a pickle file", path=weights, hint=PICKLE_HINT)
         source = PickleFiles([weights])
     else:
-        raise D2MergeError(f"no adapter weights ({WEIGHTS_NAME}) in the folder", path=folder)
+        raise D2MergeError(f"no adapter weights ({WEIGHTS_NAME}) in the folder", path=folder,
+                           hint=f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}; copy or download it again")
     modules, replacements, unknown = _sort_keys(source.keys(), method, config)
     if not modules and not replacements:
         raise D2MergeError("the adapter holds no tensors d2merge recognises for "
                            f"{method.name} (expected keys like {PREFIX}<module>.{method.linear_tensors[0]}.weight)",
-                           path=weights)
+                           path=weights, hint="is adapter_config.json's peft_type right for these weights?")
     return Adapter(folder, config, method, source, weights, modules, replacements, tuple(unknown))
 
 

@@ -23,6 +23,8 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 MAX_JSON_BYTES = 64 * 1024 * 1024
 PICKLE_HINT = ("pickle can run code when loaded; convert the file to safetensors, "
                "or pass --allow-pickle if you trust its origin")
+JSON_HINT = "fix the file or download it again"
+_NOT_FOUND_HINT = "check the path; a Hub repo id (owner/name) must already be in the local Hugging Face cache"
 
 
 class TensorSource(Protocol):
@@ -36,18 +38,20 @@ def read_json(path: Path, what: str) -> Any:
     """A small JSON file, with one-line errors naming it."""
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
-            raise D2MergeError(f"{what} is larger than {MAX_JSON_BYTES} bytes", path=path)
+            raise D2MergeError(f"{what} is larger than {MAX_JSON_BYTES} bytes", path=path, hint=JSON_HINT)
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise D2MergeError(f"{what} not found", path=path) from None
+        raise D2MergeError(f"{what} not found", path=path, hint="the folder is incomplete; download it again") from None
     except UnicodeDecodeError:
-        raise D2MergeError(f"{what} is not UTF-8 text", path=path) from None
+        raise D2MergeError(f"{what} is not UTF-8 text", path=path, hint=JSON_HINT) from None
     except OSError as exc:
-        raise D2MergeError(f"cannot read {what}: {exc.strerror or exc}", path=path) from None
+        raise D2MergeError(f"cannot read {what}: {exc.strerror or exc}", path=path,
+                           hint="check that the file exists and is readable") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise D2MergeError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})", path=path) from None
+        raise D2MergeError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})", path=path,
+                           hint=JSON_HINT) from None
 
 
 class SafetensorsFiles:
@@ -60,7 +64,8 @@ class SafetensorsFiles:
             for name in sf.keys():
                 if name in self._where:
                     raise D2MergeError(f"tensor appears in two files ({self._where[name].path.name} and {sf.path.name})",
-                                       path=sf.path, tensor=name)
+                                       path=sf.path, tensor=name,
+                                       hint="the shards overlap; download or save the model again")
                 self._where[name] = sf
         if weight_map is not None:
             for name, shard in weight_map.items():
@@ -125,12 +130,22 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise D2MergeError("file not found", path=path) from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as exc:
-        first = " ".join(str(exc).split())[:200]
-        raise D2MergeError(f"refused to load pickle: {first}", path=path,
-                           hint="only plain tensors are loaded from pickle files (weights_only=True)") from None
+        raise D2MergeError(f"refused to load pickle: {_pickle_failure(exc)}", path=path,
+                           hint="d2merge loads only plain tensors from pickle files, never code; "
+                                "get or make a safetensors copy from a source you trust") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
-        raise D2MergeError("pickle file does not hold a flat dict of tensors", path=path)
+        raise D2MergeError("pickle file does not hold a flat dict of tensors", path=path,
+                           hint="expected a state dict saved with torch.save(model.state_dict()); "
+                                "convert the weights to safetensors")
     return data
+
+
+def _pickle_failure(exc: BaseException) -> str:
+    """What was wrong, without torch's boilerplate, which suggests loading with weights_only=False."""
+    paragraphs = [p for p in str(exc).split("\n\n") if p.strip()]
+    boilerplate = ("Weights only load failed", "Check the documentation")
+    specific = [p for p in paragraphs if not p.lstrip().startswith(boilerplate)]
+    return " ".join(" ".join(specific or paragraphs[:1]).split())[:200]
 
 
 @dataclass(frozen=True)
@@ -161,13 +176,13 @@ def resolve_location(spec: str | Path) -> Path:
             from huggingface_hub import snapshot_download
             from huggingface_hub.errors import LocalEntryNotFoundError
         except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-            raise D2MergeError("path not found", path=spec) from None
+            raise D2MergeError("path not found", path=spec, hint=_NOT_FOUND_HINT) from None
         try:
             return Path(snapshot_download(text, local_files_only=True))
         except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
             raise D2MergeError("not a local path, and not in the Hugging Face cache", path=spec,
                                hint=f"download it first with `hf download {text}`, or pass a local folder") from None
-    raise D2MergeError("path not found", path=spec)
+    raise D2MergeError("path not found", path=spec, hint=_NOT_FOUND_HINT)
 
 
 def open_base(spec: str | Path, *, allow_pickle: bool = False) -> BaseCheckpoint:
@@ -180,12 +195,13 @@ def open_base(spec: str | Path, *, allow_pickle: bool = False) -> BaseCheckpoint
             if not allow_pickle:
                 raise D2MergeError("base weights are a pickle file", path=location, hint=PICKLE_HINT)
             return BaseCheckpoint(location, None, PickleFiles([location]), None, (location,))
-        raise D2MergeError("not a model: expected a folder or a .safetensors file", path=location)
+        raise D2MergeError("not a model: expected a folder or a .safetensors file", path=location,
+                           hint="pass the model's folder or its .safetensors file")
     folder = location
     config_path = folder / "config.json"
     config = read_json(config_path, "config.json") if config_path.exists() else None
     if config is not None and not isinstance(config, dict):
-        raise D2MergeError("config.json is not a JSON object", path=config_path)
+        raise D2MergeError("config.json is not a JSON object", path=config_path, hint=JSON_HINT)
     index = folder / SAFETENSORS_INDEX
     if index.exists():
         files, weight_map = _index_shards(index)
@@ -206,19 +222,21 @@ def open_base(spec: str | Path, *, allow_pickle: bool = False) -> BaseCheckpoint
     if (folder / "adapter_config.json").exists():
         raise D2MergeError("this folder is an adapter, not a base model", path=folder,
                            hint="pass the base model first and the adapter second")
-    raise D2MergeError("no model weights found (expected model.safetensors or model.safetensors.index.json)", path=folder)
+    raise D2MergeError("no model weights found (expected model.safetensors or model.safetensors.index.json)",
+                       path=folder, hint="pass the folder that holds the model's weights")
 
 
 def _index_shards(index: Path) -> tuple[list[Path], dict[str, str]]:
     data = read_json(index, "index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise D2MergeError("index has no valid 'weight_map'", path=index)
+        raise D2MergeError("index has no valid 'weight_map'", path=index, hint=JSON_HINT)
     files = []
     for shard in dict.fromkeys(weight_map.values()):
         shard_path = index.parent / shard
         if Path(shard).name != shard:
-            raise D2MergeError(f"index names a shard outside the folder: {shard!r}", path=index)
+            raise D2MergeError(f"index names a shard outside the folder: {shard!r}", path=index,
+                               hint="an index may only name files next to it; fix the index or download it again")
         if not shard_path.exists():
             raise D2MergeError(f"index references missing shard {shard}", path=index,
                                hint="the download or copy is incomplete")

@@ -8,6 +8,7 @@ looks complete. A rerun removes temp folders left by runs that are gone.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any, Iterable
 from d2merge.errors import D2MergeError
 
 TEMP_MARKER = ".d2merge-tmp-"
+OLD_MARKER = ".d2merge-old-"
 # Files copied from the base folder: tokenizer, generation settings, chat templates, licence.
 COPIED_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -66,10 +68,14 @@ def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool,
             raise D2MergeError("output already exists", path=out, hint="pass --overwrite or choose another path")
         if out.is_symlink() or (out.is_dir() == is_file):
             what = "a folder" if out.is_dir() else "not a folder"
-            raise D2MergeError(f"output exists and is {what}; refusing to replace it", path=out)
+            raise D2MergeError(f"output exists and is {what}; refusing to replace it", path=out,
+                               hint="remove it or choose another path")
     parent = out.parent
     if not parent.is_dir():
-        raise D2MergeError("the output's parent folder does not exist", path=parent)
+        if parent.exists() or parent.is_symlink():
+            raise D2MergeError("the output's parent is not a folder", path=parent, hint="choose another output path")
+        raise D2MergeError("the output's parent folder does not exist", path=parent,
+                           hint="create it first or choose another output path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise D2MergeError("the output's parent folder is not writable", path=parent,
                            hint="choose a writable output location")
@@ -98,10 +104,22 @@ class AtomicFolder:
     def remove_stale(self) -> None:
         """Temp folders of earlier runs that were killed: their process is gone, so they are garbage."""
         prefix = f".{self.final.name}{TEMP_MARKER}"
-        for candidate in self.final.parent.glob(f"{prefix}*"):
+        # escaped: a name like "run[1]" or "a*" must match only its own temp folders
+        for candidate in self.final.parent.glob(f"{glob.escape(prefix)}*"):
             pid_text = candidate.name[len(prefix):]
             if pid_text.isdigit() and (int(pid_text) == os.getpid() or not _pid_alive(int(pid_text))):
                 shutil.rmtree(candidate, ignore_errors=True)
+        # A run killed between commit's two renames left the previous output aside:
+        # put it back when nothing took its place, otherwise it is superseded.
+        old_prefix = f".{self.final.name}{OLD_MARKER}"
+        for candidate in self.final.parent.glob(f"{glob.escape(old_prefix)}*"):
+            pid_text = candidate.name[len(old_prefix):]
+            if not pid_text.isdigit() or (int(pid_text) != os.getpid() and _pid_alive(int(pid_text))):
+                continue
+            if self.final.exists() or self.final.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                os.replace(candidate, self.final)
 
     def path(self, name: str) -> Path:
         return self.temp / name
@@ -115,7 +133,7 @@ class AtomicFolder:
                 if not self.overwrite:
                     raise D2MergeError("output appeared while merging", path=self.final,
                                        hint="pass --overwrite or choose another path")
-                old = self.final.parent / f".{self.final.name}.d2merge-old-{os.getpid()}"
+                old = self.final.parent / f".{self.final.name}{OLD_MARKER}{os.getpid()}"
                 os.replace(self.final, old)
             os.replace(self.temp, self.final)
             _fsync_dir(self.final.parent)

@@ -121,7 +121,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise self._fail("header entry is not an object", tensor=name)
         dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise self._fail(f"unsupported dtype {dtype_name!r}", tensor=name)
         if (not isinstance(shape, list) or len(shape) > 16
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**53 for d in shape)):

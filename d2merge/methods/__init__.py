@@ -12,6 +12,7 @@ from d2merge.methods.dual_lora import DualLoRA
 from d2merge.methods.lora import LoRA
 
 METHODS: dict[str, Method] = {m.name: m for m in (D2LoRA(), DualLoRA(), LoRA(), DoRA())}
+CONFIG_HINT = "set it in adapter_config.json to the value the adapter was trained with"
 
 __all__ = ["METHODS", "AdapterConfig", "Method", "ModuleSettings", "LINEAR", "EMBEDDING", "get_method",
            "method_for_config", "parse_adapter_config"]
@@ -43,5 +44,11 @@ def method_for_config(raw: Mapping[str, Any], source: str) -> Method:
 def parse_adapter_config(raw: Mapping[str, Any], source: str = "adapter_config.json") -> AdapterConfig:
     """Validate a parsed ``adapter_config.json`` and return the method's config."""
     if not isinstance(raw, Mapping):
-        raise D2MergeError("adapter config must be a JSON object", path=source)
-    return method_for_config(raw, source).parse_config(raw, source)
+        raise D2MergeError("adapter config must be a JSON object", path=source, hint=CONFIG_HINT)
+    try:
+        return method_for_config(raw, source).parse_config(raw, source)
+    except D2MergeError as exc:
+        if exc.hint:
+            raise
+        # Every field error has the same remedy; the methods' checks need not repeat it.
+        raise D2MergeError(exc.reason, path=exc.path, tensor=exc.tensor, hint=CONFIG_HINT) from None

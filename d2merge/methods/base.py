@@ -76,7 +76,11 @@ def _number(raw: Mapping[str, Any], name: str, source: str, *, default: Any = No
                            hint="add it to adapter_config.json")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise D2MergeError(f"field '{name}' must be a number, got {value!r}", path=source)
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond float range
+        raise D2MergeError(f"field '{name}' is too large", path=source) from None
+    if not finite:
         raise D2MergeError(f"field '{name}' must be finite, got {value!r}", path=source)
     if integer and int(value) != value:
         raise D2MergeError(f"field '{name}' must be an integer, got {value!r}", path=source)
@@ -122,6 +126,11 @@ class Method:
         for name, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
             if not isinstance(patterns, dict):
                 raise D2MergeError(f"field '{name}' must be an object, got {patterns!r}", path=source)
+            for key in patterns:
+                try:
+                    re.compile(rf"(.*\.)?({key})$")  # as pattern_key matches it
+                except re.error as exc:
+                    raise D2MergeError(f"{name} key {key!r} is not a valid pattern: {exc}", path=source) from None
         for key in rank_pattern:
             self.parse_rank({**raw, **self.rank_override(rank_pattern[key])}, source)
         for key, value in alpha_pattern.items():
@@ -129,15 +138,18 @@ class Method:
             if value == 0:
                 raise D2MergeError(f"alpha_pattern['{key}'] must be non-zero", path=source)
         modules_to_save = raw.get("modules_to_save") or ()
-        if isinstance(modules_to_save, str) or not all(isinstance(m, str) for m in modules_to_save):
+        if not isinstance(modules_to_save, (list, tuple)) or not all(isinstance(m, str) for m in modules_to_save):
             raise D2MergeError("field 'modules_to_save' must be a list of module names", path=source)
+        base_model = raw.get("base_model_name_or_path")
+        if base_model is not None and not isinstance(base_model, str):
+            raise D2MergeError(f"field 'base_model_name_or_path' must be a string, got {base_model!r}", path=source)
         return AdapterConfig(
             method=self.name,
             peft_type=self.peft_type,
             r=rank if isinstance(rank, int) else 0,
             lora_alpha=alpha,
             target_modules=target,
-            base_model_name_or_path=raw.get("base_model_name_or_path"),
+            base_model_name_or_path=base_model,
             fan_in_fan_out=_flag(raw, "fan_in_fan_out", source, False),
             use_rslora=_flag(raw, "use_rslora", source, False),
             rank_pattern=dict(rank_pattern),

@@ -33,6 +33,8 @@ class D2LoRA(Method):
         eps = _number(raw, "eps", source, default=0.0)
         if eps < 0:
             raise D2MergeError(f"field 'eps' must be >= 0, got {eps!r}", path=source)
+        if eps > torch.finfo(torch.float32).max:  # the merge clamps fp32 norms with it
+            raise D2MergeError(f"field 'eps' must fit in float32, got {eps!r}", path=source)
         norm_axis = raw.get("norm_axis", "out")
         if norm_axis not in NORM_AXES:
             raise D2MergeError(f"field 'norm_axis' must be \"out\" or \"in\", got {norm_axis!r}", path=source)

@@ -107,13 +107,33 @@ class DualLoRA(Method):
 
 
 class DualLoRALayer(AdapterLayer):
-    """base(x) + dropout(x) @ dW.T, with sign's gradient passed straight through in training."""
+    """base(x) + dropout(x) @ dW.T, with sign's gradient passed straight through in training.
+
+    ``warmup`` (default 1.0) multiplies dW. Training from attach's init (every B
+    zero) would never move: relu'(0) = 0 blocks the magnitude group and a zero
+    magnitude blocks the direction group. d2merge.train therefore starts B_mag
+    small and positive and ramps ``warmup`` from 0 to 1, so dW is exactly zero at
+    step 0 yet gradients flow from step 1. Because relu is positively homogeneous,
+    ``warmup * relu(B_mag @ A_mag) == relu((warmup * B_mag) @ A_mag)``:
+    :meth:`fold_warmup` moves the factor into B_mag before saving, so a saved
+    adapter always follows the merge formula with no extra setting.
+    """
 
     def __init__(self, method: DualLoRA, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,
                  settings: ModuleSettings, *, dropout: float = 0.0):
         super().__init__(method, base_layer, tensors, settings, dropout=dropout)
         self.method = method
+        self.warmup = 1.0
+
+    def fold_warmup(self) -> None:
+        """Scale B_mag by ``warmup`` and reset it to 1 (exact up to one rounding of B_mag)."""
+        if self.warmup != 1.0:
+            with torch.no_grad():
+                self.factors["lora_B_mag"].mul_(self.warmup)
+            self.warmup = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = self.method.delta_from(self.factors, self.settings, ste=self.training)
+        if self.warmup != 1.0:  # skipped at 1.0 so the eval forward is the merge formula bit for bit
+            delta = delta * self.warmup
         return self.base_layer(x) + F.linear(self.dropout(x), delta)
