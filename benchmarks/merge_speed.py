@@ -160,12 +160,14 @@ def main() -> None:
     d2merge_cli = [sys.executable, "-m", "d2merge.cli"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
-    results: dict[str, list[tuple[float, int]]] = {"copy floor": [], "d2merge": [], "peft": []}
+    results: dict[str, list[tuple[float, int]]] = {"copy floor": [], "d2merge": [], "d2merge no-hash": [],
+                                                   "peft": []}
     for _ in range(args.repeat):
         for label, argv_for in (
             ("copy floor", lambda out: [sys.executable, "-c", COPY_SCRIPT, str(base), str(out)]),
-            ("d2merge", lambda out: d2merge_cli + ["merge", str(base), str(adapter), "-o", str(out), "-q",
-                                                   "--no-hash-sources"]),
+            ("d2merge", lambda out: d2merge_cli + ["merge", str(base), str(adapter), "-o", str(out), "-q"]),
+            ("d2merge no-hash", lambda out: d2merge_cli + ["merge", str(base), str(adapter), "-o", str(out), "-q",
+                                                           "--no-hash-sources"]),
             ("peft", lambda out: [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]),
         ):
             if label == "peft" and args.skip_peft:
@@ -177,7 +179,7 @@ def main() -> None:
 
     figures = {"checkpoint_bytes": size, "rank": args.rank, "repeat": args.repeat}
     print(f"\ncheckpoint {size / 1e9:.2f} GB, LoRA r={args.rank} on all linear layers, {args.repeat} run(s), medians\n")
-    print(f"{'path':<12} {'wall s':>8} {'min-max s':>13} {'peak RSS GB':>12}")
+    print(f"{'path':<16} {'wall s':>8} {'min-max s':>13} {'peak RSS GB':>12}")
     for label, runs in results.items():
         if not runs:
             continue
@@ -185,7 +187,7 @@ def main() -> None:
         rss = statistics.median(r for _, r in runs)
         figures[label] = {"wall_s": statistics.median(walls), "wall_min_s": min(walls), "wall_max_s": max(walls),
                           "peak_rss_bytes": rss}
-        print(f"{label:<12} {statistics.median(walls):8.2f} {min(walls):6.2f}-{max(walls):<6.2f} {rss / 1e9:12.3f}")
+        print(f"{label:<16} {statistics.median(walls):8.2f} {min(walls):6.2f}-{max(walls):<6.2f} {rss / 1e9:12.3f}")
     d2 = figures["d2merge"]["wall_s"]
     figures["d2merge_over_copy_floor"] = d2 / figures["copy floor"]["wall_s"]
     print(f"\nd2merge / copy floor: {figures['d2merge_over_copy_floor']:.2f}x (target <= 2x)")

@@ -67,9 +67,12 @@ class MergePlan:
     def merged(self) -> list[TensorPlan]:
         return [t for t in self.tensors if t.action == "merge"]
 
-    def base_weight(self, item: TensorPlan) -> torch.Tensor:
-        """W0 of a merged tensor: the base's tensor, or the adapter's replacement of it."""
-        return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).read(item.source)
+    def base_weight(self, item: TensorPlan, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """W0 of a merged tensor: the base's tensor, or the adapter's replacement of it.
+
+        ``buffer`` (uint8) receives the data when given, instead of fresh memory.
+        """
+        return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).read(item.source, buffer)
 
     def base_weight_file(self, item: TensorPlan) -> Path:
         return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).file_of(item.source)

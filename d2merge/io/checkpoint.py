@@ -30,7 +30,7 @@ _NOT_FOUND_HINT = "check the path; a Hub repo id (owner/name) must already be in
 class TensorSource(Protocol):
     def keys(self) -> list[str]: ...
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]: ...
-    def read(self, name: str) -> torch.Tensor: ...
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor: ...
     def file_of(self, name: str) -> Path: ...
 
 
@@ -81,8 +81,8 @@ class SafetensorsFiles:
         t = self._where[name].tensors[name]
         return t.dtype, t.shape
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._where[name].read(name)
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        return self._where[name].read(name, buffer)
 
     def file_of(self, name: str) -> Path:
         return self._where[name].path
@@ -111,8 +111,8 @@ class PickleFiles:
         t = self._tensors[name]
         return t.dtype, tuple(t.shape)
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        return self._tensors[name]  # already in memory: a buffer would only add a copy
 
     def file_of(self, name: str) -> Path:
         return self._file[name]

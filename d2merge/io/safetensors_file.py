@@ -143,12 +143,18 @@ class SafetensorsFile:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, read from disk into fresh memory (the file is not kept open)."""
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor, read from disk (the file is not kept open).
+
+        The data goes into ``buffer`` (uint8, reused by the merge engine) when it
+        is large enough, else into fresh memory; the result is a view of it.
+        """
         info = self.tensors.get(name)
         if info is None:
             raise D2MergeError("no such tensor in file", path=self.path, tensor=name)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        if buffer is None or buffer.numel() < info.nbytes:
+            buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        buffer = buffer[: info.nbytes]
         try:
             with open(self.path, "rb") as fh:
                 fh.seek(info.start)

@@ -217,6 +217,9 @@ class Method:
         raise NotImplementedError
 
     # ----- math ---------------------------------------------------------------------------
+    # Factors indexed by output row (B factors, magnitudes): sliced when merging a block of rows.
+    row_factors: ClassVar[frozenset[str]] = frozenset()
+
     def merged_weight(self, w0: torch.Tensor, tensors: Mapping[str, torch.Tensor], settings: ModuleSettings,
                       *, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The merged weight in the base tensor's on-disk layout, in ``compute_dtype``.
@@ -225,16 +228,35 @@ class Method:
         (fan_in_fan_out, embeddings) are transposed in and out here.
         """
         transposed = settings.fan_in_fan_out or settings.layer_kind == EMBEDDING
-        w = w0.to(compute_dtype)
+        w = w0.to(compute_dtype, copy=True)
         w = w.T if transposed else w
         factors = {name: t.to(compute_dtype) for name, t in tensors.items()}
-        merged = self.merge_oriented(w, factors, settings)
+        merged = self.merge_rows_(w, factors, settings, slice(None))
         return (merged.T if transposed else merged).contiguous()
 
     def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
                        settings: ModuleSettings) -> torch.Tensor:
-        """The merged weight for ``w0`` of shape (out, in): the method's formula."""
+        """The merged weight for ``w0`` of shape (out, in), leaving ``w0`` untouched."""
+        return self.merge_rows_(w0.clone(), factors, settings, slice(None))
+
+    def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
+                    rows: slice) -> torch.Tensor:
+        """The method's formula, in place: ``w`` holds rows ``rows`` of W0 (out, in) and becomes the merged rows.
+
+        In place and row by row so the engine can merge a large matrix in
+        cache-sized blocks into reused buffers; ``rows=slice(None)`` is the
+        whole matrix. Only called with a partial slice when
+        :meth:`row_separable` says the formula allows it.
+        """
         raise NotImplementedError
+
+    def row_separable(self, settings: ModuleSettings) -> bool:
+        """Whether each merged row depends only on the same row of W0 (true unless norms span rows)."""
+        return True
+
+    def rows_of(self, factors: Mapping[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+        """The factors restricted to a block of output rows."""
+        return {name: (t[rows] if name in self.row_factors else t) for name, t in factors.items()}
 
     def update(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
         """The adapter's own update dW (out, in), before any base-dependent projection (for ``inspect``)."""

@@ -26,6 +26,7 @@ class D2LoRA(Method):
     name = "d2lora"
     peft_type = "D2LORA"
     linear_tensors = ("lora_A_pos", "lora_B_pos", "lora_A_neg", "lora_B_neg")
+    row_factors = frozenset({"lora_B_pos", "lora_B_neg"})
 
     def parse_options(self, raw: Mapping[str, Any], source: str) -> dict[str, Any]:
         # tau changes the merged weight and has no safe default (the paper uses 0.5 and 1.0): required.
@@ -52,26 +53,33 @@ class D2LoRA(Method):
         tau = settings.options["tau"]
         return settings.scale * (f["lora_B_pos"] @ f["lora_A_pos"] - tau * (f["lora_B_neg"] @ f["lora_A_neg"]))
 
-    def norm_ratio(self, w0: torch.Tensor, v: torch.Tensor, settings: ModuleSettings) -> torch.Tensor:
+    def norms(self, w: torch.Tensor, settings: ModuleSettings) -> torch.Tensor:
+        """One norm per output row (norm_axis "out") or per input column ("in")."""
+        return torch.linalg.vector_norm(w, dim=1 if settings.options["norm_axis"] == "out" else 0)
+
+    def ratio_from_norms(self, base_norm: torch.Tensor, v_norm: torch.Tensor, settings: ModuleSettings) -> torch.Tensor:
         """||W0|| / max(||V||, eps), zero where that maximum is zero (so W* is zero there, not NaN)."""
-        dim = 1 if settings.options["norm_axis"] == "out" else 0
-        base_norm = torch.linalg.vector_norm(w0, dim=dim)
-        v_norm = torch.linalg.vector_norm(v, dim=dim).clamp_min(settings.options["eps"])
+        v_norm = v_norm.clamp_min(settings.options["eps"])
         safe = torch.where(v_norm > 0, v_norm, torch.ones_like(v_norm))
         return torch.where(v_norm > 0, base_norm / safe, torch.zeros_like(v_norm))
 
-    def project(self, ratio: torch.Tensor, v: torch.Tensor, settings: ModuleSettings) -> torch.Tensor:
-        return ratio[:, None] * v if settings.options["norm_axis"] == "out" else v * ratio[None, :]
+    def norm_ratio(self, w0: torch.Tensor, v: torch.Tensor, settings: ModuleSettings) -> torch.Tensor:
+        return self.ratio_from_norms(self.norms(w0, settings), self.norms(v, settings), settings)
 
     def update(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
         return self.low_rank(factors, settings)
 
-    def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
-                       settings: ModuleSettings) -> torch.Tensor:
-        dw = self.low_rank(factors, settings)
-        v = w0 + dw
-        w_star = self.project(self.norm_ratio(w0, v, settings), v, settings)
-        return w_star + dw if settings.options["residual"] else w_star
+    def row_separable(self, settings: ModuleSettings) -> bool:
+        return settings.options["norm_axis"] == "out"  # column norms need every row
+
+    def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
+                    rows: slice) -> torch.Tensor:
+        dw = self.low_rank(self.rows_of(factors, rows), settings)
+        base_norm = self.norms(w, settings)
+        v = w.add_(dw)
+        ratio = self.ratio_from_norms(base_norm, self.norms(v, settings), settings)
+        w_star = v.mul_(ratio[:, None] if settings.options["norm_axis"] == "out" else ratio[None, :])
+        return w_star.add_(dw) if settings.options["residual"] else w_star
 
     def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
         ratio = self.norm_ratio(w0, w0 + self.low_rank(factors, settings), settings)

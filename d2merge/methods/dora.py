@@ -25,6 +25,7 @@ class DoRA(LoRA):
     linear_tensors = ("lora_A", "lora_B", MAGNITUDE)
     embedding_tensors = ()  # PEFT's DoRA embeddings use another norm axis; not supported here.
     bare_tensors = frozenset({MAGNITUDE})
+    row_factors = frozenset({"lora_B", MAGNITUDE})
 
     def expected_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         return {"lora_A": (settings.r, in_features), "lora_B": (out_features, settings.r), MAGNITUDE: (out_features,)}
@@ -32,11 +33,11 @@ class DoRA(LoRA):
     def low_rank(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
         return settings.scale * (factors["lora_B"] @ factors["lora_A"])
 
-    def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
-                       settings: ModuleSettings) -> torch.Tensor:
-        v = w0 + self.low_rank(factors, settings)
+    def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
+                    rows: slice) -> torch.Tensor:
+        v = w.addmm_(factors["lora_B"][rows], factors["lora_A"], alpha=settings.scale)
         norm = torch.linalg.vector_norm(v, dim=1)
-        return (factors[MAGNITUDE] / norm)[:, None] * v
+        return v.mul_((factors[MAGNITUDE][rows] / norm)[:, None])
 
     def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
         v = w0 + self.low_rank(factors, settings)

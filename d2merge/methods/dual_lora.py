@@ -48,6 +48,7 @@ class DualLoRA(Method):
     name = "dual_lora"
     peft_type = "DUAL_LORA"
     linear_tensors = ("lora_A_mag", "lora_B_mag", "lora_A_dir", "lora_B_dir")
+    row_factors = frozenset({"lora_B_mag", "lora_B_dir"})
 
     def parse_rank(self, raw: Mapping[str, Any], source: str) -> Any:
         return {"r_mag": _number(raw, "r_mag", source, positive=True, integer=True),
@@ -86,9 +87,9 @@ class DualLoRA(Method):
     def update(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
         return self.delta_from(factors, settings)
 
-    def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
-                       settings: ModuleSettings) -> torch.Tensor:
-        return w0 + self.delta_from(factors, settings)
+    def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
+                    rows: slice) -> torch.Tensor:
+        return w.add_(self.delta_from(self.rows_of(factors, rows), settings))
 
     def flip_threshold(self, factors: Mapping[str, torch.Tensor]) -> float:
         """|B_dir @ A_dir| below this could round to the other side of zero in fp32."""

@@ -21,6 +21,7 @@ class LoRA(Method):
     peft_type = "LORA"
     linear_tensors = ("lora_A", "lora_B")
     embedding_tensors = ("lora_embedding_A", "lora_embedding_B")
+    row_factors = frozenset({"lora_B", "lora_embedding_B"})
 
     def expected_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         a, b = self.tensor_names(settings.layer_kind)
@@ -36,11 +37,11 @@ class LoRA(Method):
     def update(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
         return self.low_rank(factors, settings)
 
-    def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
-                       settings: ModuleSettings) -> torch.Tensor:
+    def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
+                    rows: slice) -> torch.Tensor:
         a, b = self.tensor_names(settings.layer_kind)
-        # One fused pass over the big matrix: W0 + s * (B @ A).
-        return torch.addmm(w0, factors[b], factors[a], alpha=settings.scale)
+        # W0 + s * (B @ A), fused into one pass over the rows.
+        return w.addmm_(factors[b][rows], factors[a], alpha=settings.scale)
 
     def runtime_module(self, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,
                        settings: ModuleSettings, *, dropout: float = 0.0) -> nn.Module:
