@@ -336,7 +336,8 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
               help=f"Smallest allowed top-1 agreement (0-1). [default: {threshold_defaults('min_top1')}]")
 @click.option("--max-ulp", type=click.FloatRange(0), default=None,
-              help=f"Largest allowed weight error in ulps of the output dtype. [default: {threshold_defaults('max_ulp')}]")
+              help="Largest allowed weight error, in ulps of the output dtype. "
+                   f"[default: {threshold_defaults('max_ulp')}]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report as JSON (schema: docs/verify-report.md).")
 @click.option("--batch-size", type=click.IntRange(1), default=VerifyOptions.batch_size, show_default=True,

@@ -1,0 +1,269 @@
+"""A built-in synthetic multiple-choice task, and the scoring that verify's merge gap uses.
+
+The paper reports the merge gap as the change in multiple-choice accuracy when
+the adapter is merged. To measure that without downloading a benchmark, this
+module generates one from the tiny word-level tokenizer's vocabulary
+(:func:`d2merge.synthetic.build_tiny_tokenizer`): **which word occurs most**.
+
+    prompt:  "blue red the red green a red blue which is more"
+    choices: ["red", "green", "blue", "yellow"]   answer: 0
+
+Each prompt lists words of one category (colours, animals, directions, numbers,
+sizes), one of them strictly more often than any other, mixed with filler words.
+The rule needs no memorised facts, so the held-out eval set is made of new
+sequences the model never saw, and a random-init transformer plus an adapter
+learns it within a few hundred steps on a CPU (attention that averages the
+prompt and an output map from each word to itself is enough).
+
+Scoring is the one lm-evaluation-harness uses for such benchmarks: each choice
+is appended to the prompt and scored by the log-likelihood of its tokens (summed,
+or averaged per token); the highest score is the model's answer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from d2merge.errors import D2MergeError
+
+# Categories whose words are all single tokens of the tiny tokenizer.
+CATEGORIES: tuple[tuple[str, ...], ...] = (
+    ("red", "green", "blue", "yellow"),
+    ("cat", "dog", "bird", "fish"),
+    ("up", "down", "left", "right"),
+    ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
+    ("big", "small", "hot", "cold"),
+)
+FILLER = ("the", "a", "an", "of", "to", "in", "and", "or", "is", "was")
+QUESTION = "which is more"
+NUM_CHOICES = 4
+# Train and eval examples come from different seed streams; this offset keeps them apart.
+EVAL_SEED_OFFSET = 1_000_003
+SCORE_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class MCExample:
+    """One multiple-choice item: ``answer`` is the index of the right entry of ``choices``."""
+
+    prompt: str
+    choices: tuple[str, ...]
+    answer: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "choices": list(self.choices), "answer": self.answer}
+
+
+def majority_example(rng: random.Random) -> MCExample:
+    """One 'which word occurs most' item drawn from ``rng``.
+
+    The winner occurs 3 or 4 times and the runner-up exactly once less, so the
+    model must count rather than spot the only repeated word.
+    """
+    category = rng.choice(CATEGORIES)
+    choices = tuple(rng.sample(category, NUM_CHOICES))
+    answer = rng.randrange(NUM_CHOICES)
+    top = rng.choice((3, 4))
+    others = [i for i in range(NUM_CHOICES) if i != answer]
+    rng.shuffle(others)
+    counts = {answer: top, others[0]: top - 1}
+    for i in others[1:]:
+        counts[i] = rng.randrange(0, top - 1)
+    words = [choices[i] for i, n in counts.items() for _ in range(n)]
+    words += [rng.choice(FILLER) for _ in range(rng.randrange(0, 4))]
+    rng.shuffle(words)
+    return MCExample(" ".join(words + [QUESTION]), choices, answer)
+
+
+def eval_examples(count: int = 200, *, seed: int = 0) -> list[MCExample]:
+    """The held-out eval set: ``count`` distinct items from the eval seed stream."""
+    rng = random.Random(seed + EVAL_SEED_OFFSET)
+    seen: set[str] = set()
+    examples: list[MCExample] = []
+    while len(examples) < count:
+        example = majority_example(rng)
+        if example.prompt not in seen:
+            seen.add(example.prompt)
+            examples.append(example)
+    return examples
+
+
+def train_stream(*, seed: int = 0, exclude: Sequence[MCExample] = ()) -> Iterator[MCExample]:
+    """An endless stream of training items, skipping any prompt in ``exclude`` (the eval set)."""
+    rng = random.Random(seed)
+    held_out = {e.prompt for e in exclude}
+    while True:
+        example = majority_example(rng)
+        if example.prompt not in held_out:
+            yield example
+
+
+def write_jsonl(path: str | Path, examples: Sequence[MCExample]) -> Path:
+    """Write items as JSONL (``{"prompt", "choices", "answer"}`` per line), the format verify reads."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(e.to_json()) + "\n" for e in examples), encoding="utf-8")
+    except OSError as exc:
+        raise D2MergeError(f"cannot write eval set: {exc.strerror or exc}", path=path) from None
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[MCExample]:
+    """Read and validate a multiple-choice JSONL file; a bad line is a one-line error naming it."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise D2MergeError("eval file not found", path=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise D2MergeError(f"cannot read eval file: {getattr(exc, 'strerror', None) or exc}", path=path) from None
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise D2MergeError(f"not valid JSON ({exc.msg})", path=where) from None
+        if not isinstance(item, dict):
+            raise D2MergeError("each line must be a JSON object", path=where)
+        prompt, choices, answer = item.get("prompt"), item.get("choices"), item.get("answer")
+        if not isinstance(prompt, str):
+            raise D2MergeError("'prompt' must be a string", path=where)
+        if (not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices)):
+            raise D2MergeError("'choices' must be a list of at least two non-empty strings", path=where)
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise D2MergeError(f"'answer' must be an index into choices (0..{len(choices) - 1})", path=where)
+        examples.append(MCExample(prompt, tuple(choices), answer))
+    if not examples:
+        raise D2MergeError("eval file holds no examples", path=path)
+    return examples
+
+
+# ----- tokens and scoring ---------------------------------------------------------------------
+
+
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(folder: str | Path) -> Any | None:
+    """The tokenizer saved in a model folder, or None when it has none.
+
+    A folder whose tokenizer_config names a generic class (the word-level tokenizer of
+    d2merge.synthetic) is loaded as exactly that: AutoTokenizer would otherwise pick the
+    class of the config's model_type (Qwen2Tokenizer for a tiny Qwen2), which rebuilds a
+    BPE pipeline around the word-level vocabulary and turns " red" into no tokens at all.
+    """
+    folder = Path(folder)
+    if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
+        return None
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    try:
+        if (folder / "tokenizer.json").exists() and config.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES:
+            return PreTrainedTokenizerFast.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise D2MergeError(f"cannot load the tokenizer: {' '.join(str(exc).split())[:200]}", path=folder) from None
+
+
+
+@dataclass(frozen=True)
+class ChoiceBatch:
+    """Every (example, choice) pair as one right-padded sequence, with the choice tokens marked."""
+
+    input_ids: torch.Tensor  # (pairs, length)
+    attention_mask: torch.Tensor  # (pairs, length)
+    choice_mask: torch.Tensor  # (pairs, length): 1 where the token belongs to the choice
+    example_index: torch.Tensor  # (pairs,)
+    num_choices: list[int]
+
+
+def encode_choices(tokenizer: Any, examples: Sequence[MCExample]) -> ChoiceBatch:
+    """Tokenise prompt and continuation separately (continuation with a leading space), as lm-eval does.
+
+    Separate tokenisation keeps the prompt's tokens identical across choices, so
+    only the choice tokens differ between the sequences being compared.
+    """
+    rows: list[tuple[list[int], int]] = []
+    index: list[int] = []
+    for i, example in enumerate(examples):
+        prompt_ids = list(tokenizer(example.prompt)["input_ids"])
+        for choice in example.choices:
+            choice_ids = list(tokenizer(" " + choice, add_special_tokens=False)["input_ids"])
+            if not prompt_ids or not choice_ids:
+                raise D2MergeError(f"example {i}: the prompt or choice {choice!r} tokenises to nothing")
+            rows.append((prompt_ids + choice_ids, len(choice_ids)))
+            index.append(i)
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    choice_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (ids, n_choice) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        choice_mask[row, len(ids) - n_choice: len(ids)] = 1
+    return ChoiceBatch(input_ids, attention, choice_mask, torch.tensor(index),
+                       [len(e.choices) for e in examples])
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token t | tokens < t) for every position t >= 1, in fp32: shape (batch, length - 1).
+
+    One sequence at a time: a batch-sized fp32 log-softmax over a 150k vocabulary is gigabytes.
+    """
+    rows = []
+    for row in range(logits.shape[0]):
+        logprobs = torch.log_softmax(logits[row, :-1].float(), dim=-1)
+        rows.append(logprobs.gather(-1, input_ids[row, 1:, None]).squeeze(-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def choice_scores(model: nn.Module, tokenizer: Any, examples: Sequence[MCExample], *, reduction: str = "sum",
+                  batch_size: int = 64, encoded: ChoiceBatch | None = None) -> list[list[float]]:
+    """Each example's per-choice log-likelihood scores (``sum`` over the choice tokens, or ``mean``)."""
+    if reduction not in SCORE_REDUCTIONS:
+        raise D2MergeError(f"unknown score reduction {reduction!r}; choose one of {', '.join(SCORE_REDUCTIONS)}")
+    batch = encoded or encode_choices(tokenizer, examples)
+    device = next(model.parameters()).device
+    totals = []
+    for start in range(0, batch.input_ids.shape[0], batch_size):
+        ids = batch.input_ids[start: start + batch_size].to(device)
+        mask = batch.attention_mask[start: start + batch_size].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        picked = token_logprobs(logits, ids) * batch.choice_mask[start: start + batch_size, 1:].to(device)
+        summed = picked.sum(-1)
+        if reduction == "mean":
+            summed = summed / batch.choice_mask[start: start + batch_size].sum(-1).to(device)
+        totals.append(summed.double().cpu())
+    flat = torch.cat(totals).tolist()
+    scores: list[list[float]] = []
+    position = 0
+    for n in batch.num_choices:
+        scores.append(flat[position: position + n])
+        position += n
+    return scores
+
+
+def predictions(scores: Sequence[Sequence[float]]) -> list[int]:
+    """The chosen index per example (the first of equal maxima, as argmax does)."""
+    return [max(range(len(s)), key=lambda i: (s[i], -i)) for s in scores]
+
+
+def accuracy(examples: Sequence[MCExample], predicted: Sequence[int]) -> float:
+    return sum(int(p == e.answer) for e, p in zip(examples, predicted)) / max(len(examples), 1)

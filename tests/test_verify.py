@@ -1,0 +1,296 @@
+"""d2merge verify: passes a correct merge, fails (exit 1) every kind of wrong one, errors (exit 2) on bad input.
+
+A check that cannot fail is a defect, so each check is shown failing on a merged
+folder that is wrong in the way that check exists to catch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import weakref
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from d2merge.errors import D2MergeError
+from d2merge.io.checkpoint import open_base
+from d2merge.io.safetensors_file import save_tensors
+from d2merge.merge import merge
+from d2merge.tasks import MCExample, eval_examples, write_jsonl
+from d2merge.verify import (SCHEMA_VERSION, LayerCheck, LogitStats, Thresholds, judge, mc_result, thresholds_for,
+                            ulp, verify)
+
+TARGET = "model.layers.1.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory: pytest.TempPathFactory, tiny_bases: Callable[..., Path],
+         make_adapter: Callable[..., Path]) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("verify")
+    base = tiny_bases("llama")
+    # Factors of 0.05 move the logits clearly while keeping dW near the base weights' size.
+    adapter = make_adapter(base, "d2lora", seed=1, magnitude=0.05)
+    merged = merge(base, adapter, root / "merged", dtype="fp32", hash_sources=False).output
+    eval_set = write_jsonl(root / "eval.jsonl", eval_examples(60))
+    prompts = root / "prompts.txt"
+    prompts.write_text("the cat is red\n\nwhich is more red or blue\none two three four five six\n")
+    return {"root": root, "base": base, "adapter": adapter, "merged": merged, "eval": eval_set, "prompts": prompts}
+
+
+def rewrite_tensor(folder: Path, name: str, change: Any) -> None:
+    """Rewrite the folder's safetensors file with ``change(tensor)`` applied to one tensor (None drops it)."""
+    checkpoint = open_base(folder)
+    file = checkpoint.tensors.file_of(name)
+    tensors = {}
+    for key in checkpoint.tensors.keys():
+        if checkpoint.tensors.file_of(key) != file:
+            continue
+        tensor = checkpoint.tensors.read(key).clone()
+        if key == name:
+            tensor = change(tensor)
+            if tensor is None:
+                continue
+        tensors[key] = tensor
+    save_tensors(file, tensors, {"format": "pt"})
+
+
+def merge_with_config(work: dict[str, Path], tmp_path: Path, **fields: Any) -> Path:
+    """A merge made from the right factors but a wrong adapter_config (what a mis-set tau or axis does)."""
+    edited = tmp_path / "edited-adapter"
+    shutil.copytree(work["adapter"], edited)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    config.update(fields)
+    (edited / "adapter_config.json").write_text(json.dumps(config))
+    return merge(work["base"], edited, tmp_path / "wrong-merge", dtype="fp32", hash_sources=False).output
+
+
+def test_correct_merge_passes(work: dict[str, Path], tmp_path: Path, cli_runner: Callable[[list[str]], Any]) -> None:
+    report_path = tmp_path / "report.json"
+    code, out, _ = cli_runner(["verify", str(work["base"]), str(work["adapter"]), str(work["merged"]),
+                               "--mc-eval", str(work["eval"]), "--report", str(report_path)])
+    assert code == 0, out
+    assert "PASS" in out and "merge gap (pp)" in out
+    report = json.loads(report_path.read_text())
+    result = report["results"][0]
+    assert report["passed"] and result["dtype"] == "fp32"
+    assert result["logits"]["max_abs_diff"] < 1e-4
+    assert result["mc"]["merge_gap_pp"] == 0.0 and result["mc"]["examples"] == 60
+    assert len(result["layers"]) == 14 and result["copied_checked"] == 7
+    assert set(result["method_summary"]) == {"norm_ratio_min", "norm_ratio_max"}
+
+
+@pytest.mark.parametrize("where", ("merged", "copied"))
+def test_corrupted_tensor_fails(work: dict[str, Path], writable_copy: Callable[..., Path],
+                                cli_runner: Callable[[list[str]], Any], where: str) -> None:
+    folder = writable_copy(work["merged"], "corrupt")
+    name = TARGET if where == "merged" else "model.layers.0.input_layernorm.weight"
+
+    def nudge(tensor: torch.Tensor) -> torch.Tensor:
+        tensor.view(-1)[5] += 1e-3  # small: far below what the logits could show at the default limits
+        return tensor
+
+    rewrite_tensor(folder, name, nudge)
+    code, out, err = cli_runner(["verify", str(work["base"]), str(work["adapter"]), str(folder)])
+    assert code == 1
+    assert "verification failed" in err
+    if where == "merged":
+        assert f"ulp in {TARGET}" in err
+    else:
+        assert "differ from the base (first: model.layers.0.input_layernorm.weight)" in err
+
+
+def test_missing_tensor_fails_without_running_the_model(work: dict[str, Path], writable_copy: Callable[..., Path],
+                                                        cli_runner: Callable[[list[str]], Any]) -> None:
+    folder = writable_copy(work["merged"], "incomplete")
+    rewrite_tensor(folder, TARGET, lambda tensor: None)
+    code, _, err = cli_runner(["verify", str(work["base"]), str(work["adapter"]), str(folder)])
+    assert code == 1
+    assert f"missing from the merged folder (first: {TARGET})" in err
+
+
+@pytest.mark.parametrize("fields", ({"tau": 1.0}, {"norm_axis": "in"}, {"residual": False}), ids=str)
+def test_merge_with_wrong_settings_fails(work: dict[str, Path], tmp_path: Path,
+                                         cli_runner: Callable[[list[str]], Any], fields: dict[str, Any]) -> None:
+    wrong = merge_with_config(work, tmp_path, **fields)
+    code, out, err = cli_runner(["verify", str(work["base"]), str(work["adapter"]), str(wrong),
+                                 "--report", str(tmp_path / "r.json")])
+    assert code == 1
+    result = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert result["max_ulp_error"] > 1e4  # every adapted tensor is off, not a rounding
+    assert result["logits"]["max_abs_diff"] > 1e-3  # and the model shows it
+    assert "--max-ulp" in err and "--max-abs-diff" in err
+
+
+def test_dtypes_side_by_side(work: dict[str, Path]) -> None:
+    report = verify(work["base"], work["adapter"], dtypes="fp32,bf16,fp16", mc_eval=work["eval"])
+    assert [r.dtype for r in report.results] == ["fp32", "bf16", "fp16"]
+    assert report.passed, report.failures()
+    fp32, bf16, fp16 = report.results
+    # Rounding shows where it must: bf16 rounds hardest, fp32 barely at all.
+    assert fp32.logits.max_abs_diff < fp16.logits.max_abs_diff < bf16.logits.max_abs_diff
+    assert bf16.max_ulp_error <= 1.0 and fp16.max_ulp_error <= 1.0
+    header = report.table().splitlines()[5]
+    assert header.split() == ["fp32", "bf16", "fp16"]
+    from d2merge.verify import format_gap_table
+
+    gap = format_gap_table(report)
+    assert "merge gap (pp)" in gap and gap.splitlines()[0].split() == ["fp32", "bf16", "fp16"]
+
+
+def test_dtypes_with_merged_folder_is_an_input_error(work: dict[str, Path],
+                                                     cli_runner: Callable[[list[str]], Any]) -> None:
+    code, _, err = cli_runner(["verify", str(work["base"]), str(work["adapter"]), str(work["merged"]),
+                               "--dtypes", "bf16"])
+    assert code == 2 and "cannot be combined" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mc-eval", "missing.jsonl"], "eval file not found"),
+    (["--dtypes", "fp8"], "unknown dtype 'fp8'"),
+])
+def test_bad_input_exits_2(work: dict[str, Path], cli_runner: Callable[[list[str]], Any], args: list[str],
+                           message: str) -> None:
+    code, _, err = cli_runner(["verify", str(work["base"]), str(work["adapter"]), *args])
+    assert code == 2 and message in err
+
+
+def test_prompts_are_probes(work: dict[str, Path]) -> None:
+    report = verify(work["base"], work["adapter"], work["merged"], prompts=work["prompts"])
+    assert report.probes["source"] == "prompts" and report.probes["count"] == 3
+    assert report.results[0].logits.positions == 4 + 6 + 6  # real tokens only, never padding
+    assert report.passed
+
+
+def test_only_one_model_is_alive_at_a_time(work: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import d2merge.verify as verify_module
+
+    loaded: list[weakref.ref] = []
+    real = verify_module.load_fp32_model
+
+    def tracking(location: Any, **kwargs: Any) -> torch.nn.Module:
+        assert all(ref() is None for ref in loaded), "a model was still alive when the next one loaded"
+        model = real(location, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(verify_module, "load_fp32_model", tracking)
+    verify(work["base"], work["adapter"], dtypes="fp32,bf16")
+    assert len(loaded) == 3
+
+
+# ----- the pieces, with numbers chosen to sit on each side of each threshold ----------------
+
+
+def stats(max_abs: float = 0.0, top1: float = 1.0) -> LogitStats:
+    return LogitStats(positions=100, max_abs_diff=max_abs, mean_abs_diff=max_abs / 10, kl_mean=0.0, kl_max=0.0,
+                      top1_agreement=top1, argmax_flips=round(100 * (1 - top1)))
+
+
+def layer(ulps: float) -> LayerCheck:
+    return LayerCheck("w", "m", 0.0, ulps, ulps, {})
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"logits": stats(max_abs=2e-3)}, "--max-abs-diff"),
+    ({"logits": stats(top1=0.95)}, "--min-top1"),
+    ({"layers": [layer(300.0)]}, "--max-ulp"),
+    ({"mc": "gap"}, "--max-gap-pp"),
+    ({"copied_mismatched": ["x"]}, "differ from the base"),
+    ({"missing": ["x"]}, "missing"),
+])
+def test_each_threshold_fails_on_its_own(kwargs: dict[str, Any], flag: str) -> None:
+    limits = thresholds_for("fp32")
+    args: dict[str, Any] = {"logits": stats(), "mc": None, "layers": [layer(1.0)], "copied_mismatched": [],
+                            "missing": []}
+    assert judge(limits, **args) == []
+    if kwargs.get("mc") == "gap":
+        examples = [MCExample("p", ("a", "b"), 0), MCExample("q", ("a", "b"), 0)]
+        kwargs = {"mc": mc_result(examples, [[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]])}
+    failures = judge(limits, **{**args, **kwargs})
+    assert len(failures) == 1 and flag in failures[0]
+
+
+def test_mc_result_reports_the_gap_and_flips() -> None:
+    examples = [MCExample("p", ("a", "b", "c"), 0), MCExample("q", ("a", "b", "c"), 2),
+                MCExample("r", ("a", "b", "c"), 1), MCExample("s", ("a", "b", "c"), 1)]
+    unmerged = [[3, 1, 0], [0, 1, 3], [0, 3, 1], [3, 0, 1]]
+    merged = [[3, 1, 0], [0, 3, 1], [0, 3, 1], [0, 3, 1]]  # #1 right -> wrong, #3 wrong -> right
+    result = mc_result(examples, unmerged, merged)
+    assert result.accuracy_unmerged == result.accuracy_merged == 0.75
+    assert result.merge_gap_pp == 0.0
+    assert [(f.index, f.unmerged, f.merged) for f in result.flipped] == [(1, 2, 1), (3, 0, 1)]
+    worse = mc_result(examples, unmerged, [[0, 1, 3], *merged[1:3], unmerged[3]])
+    assert worse.merge_gap_pp == pytest.approx(-50.0)
+
+
+def test_thresholds_overrides() -> None:
+    assert thresholds_for("bf16", {"max_gap_pp": 0.25, "min_top1": None}) == Thresholds(
+        max_abs_diff=thresholds_for("bf16").max_abs_diff, max_gap_pp=0.25, min_top1=thresholds_for("bf16").min_top1,
+        max_ulp=thresholds_for("bf16").max_ulp)
+    with pytest.raises(D2MergeError, match="unknown threshold"):
+        thresholds_for("fp32", {"max_kl": 1.0})
+
+
+def test_ulp_matches_the_formats() -> None:
+    values = torch.tensor([1.0, 3.0, -0.75, 0.0], dtype=torch.float64)
+    assert ulp(values, torch.float32).tolist() == [2.0**-23, 2.0**-22, 2.0**-24, 2.0**-149]
+    assert ulp(values, torch.bfloat16).tolist() == [2.0**-7, 2.0**-6, 2.0**-8, 2.0**-133]
+    assert ulp(values, torch.float16).tolist() == [2.0**-10, 2.0**-9, 2.0**-11, 2.0**-24]
+    # Against the formats themselves: the next representable value is one ulp away.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.tensor([1.5, 1000.0, 1e-3], dtype=dtype)
+        step = torch.nextafter(x, torch.full_like(x, float("inf"))).double() - x.double()
+        assert torch.equal(ulp(x.double(), dtype), step)
+
+
+# ----- the report schema (docs/verify-report.md) ----------------------------------------------
+
+NUMBER = (int, float)
+TOP_LEVEL = {"schema_version": int, "d2merge_version": str, "passed": bool, "base": str, "adapter": str,
+             "method": str, "probes": dict, "mc_eval": (str, type(None)), "options": dict, "results": list}
+RESULT = {"dtype": str, "merged": (str, type(None)), "passed": bool, "failures": list, "thresholds": dict,
+          "logits": (dict, type(None)), "mc": (dict, type(None)), "layers": list, "copied_checked": int,
+          "copied_mismatched": list, "missing_tensors": list, "max_abs_error": NUMBER, "max_ulp_error": NUMBER,
+          "worst_layer": (str, type(None)), "method_summary": dict}
+LOGITS = {"positions": int, "max_abs_diff": NUMBER, "mean_abs_diff": NUMBER, "kl_mean": NUMBER, "kl_max": NUMBER,
+          "top1_agreement": NUMBER, "argmax_flips": int}
+MC = {"examples": int, "accuracy_unmerged": NUMBER, "accuracy_merged": NUMBER, "merge_gap_pp": NUMBER,
+      "flipped": list}
+LAYER = {"tensor": str, "module": str, "max_abs_error": NUMBER, "max_ulp_error": NUMBER,
+         "max_ulp_error_at_value": NUMBER, "method": dict}
+THRESHOLDS = {"max_abs_diff": NUMBER, "max_gap_pp": NUMBER, "min_top1": NUMBER, "max_ulp": NUMBER}
+PROBES = {"source": str, "count": int, "length": int, "positions": int, "seed": (int, type(None))}
+
+
+def check_keys(obj: dict, schema: dict, where: str) -> None:
+    assert set(schema) <= set(obj), f"{where}: missing {set(schema) - set(obj)}"
+    for key, kind in schema.items():
+        assert isinstance(obj[key], kind), f"{where}.{key}: {type(obj[key]).__name__}"
+
+
+def test_report_schema(work: dict[str, Path], writable_copy: Callable[..., Path], tmp_path: Path) -> None:
+    broken = writable_copy(work["merged"], "broken")
+    rewrite_tensor(broken, TARGET, lambda t: t * 1.01)
+    report = verify(work["base"], work["adapter"], broken, mc_eval=work["eval"])
+    path = report.save(tmp_path / "report.json")
+    data = json.loads(path.read_text())  # strict JSON: no NaN or Infinity
+    json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["schema_version"] == SCHEMA_VERSION == 1
+    check_keys(data, TOP_LEVEL, "report")
+    check_keys(data["probes"], PROBES, "probes")
+    assert data["passed"] is False
+    for result in data["results"]:
+        check_keys(result, RESULT, "result")
+        check_keys(result["thresholds"], THRESHOLDS, "thresholds")
+        check_keys(result["logits"], LOGITS, "logits")
+        check_keys(result["mc"], MC, "mc")
+        for item in result["layers"]:
+            check_keys(item, LAYER, "layer")
+            assert all(isinstance(v, NUMBER) for v in item["method"].values())
+        for flip in result["mc"]["flipped"]:
+            check_keys(flip, {"index": int, "answer": int, "unmerged": int, "merged": int}, "flipped")
+        assert all(isinstance(f, str) for f in result["failures"]) and result["failures"]
+        assert result["worst_layer"] == TARGET
