@@ -28,7 +28,7 @@ from d2merge.demo import run_demo
 from d2merge.errors import D2MergeError, VerificationFailed
 from d2merge.merge import MergeOptions
 from d2merge.export.formats import FORMATS as EXPORT_FORMATS
-from d2merge.export.formats import merge_as
+from d2merge.publish import PushSettings, merge_verify_push
 from d2merge.merge import plan as plan_merge
 from d2merge.verify import VerifyOptions, option_help, threshold_defaults, verify
 
@@ -78,6 +78,29 @@ def _options_from(dataclass_type: Any) -> Callable[[Callable[..., Any]], Callabl
     return decorate
 
 
+def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The Hub options shared by `push` and `merge --push-to`."""
+    options = [
+        click.option("--private", is_flag=True,
+                     help="Create the repo as private. Only applies when the push creates it; an existing repo "
+                          "keeps its visibility."),
+        click.option("--revision", metavar="BRANCH", default=None,
+                     help="Commit to this branch instead of main (created from main if missing). "
+                          "refs/pr/N adds a commit to an open pull request."),
+        click.option("--create-pr", is_flag=True,
+                     help="Open a pull request against main instead of committing to it (works on repos you can "
+                          "only read)."),
+        click.option("--commit-message", metavar="TEXT", default=None,
+                     help=f"Commit title. [default: Upload merged model with d2merge {__version__}]"),
+        click.option("--token", metavar="TOKEN", default=None,
+                     help="Hugging Face token with write access. [default: HF_TOKEN, else the `hf auth login` "
+                          "cache; prefer those, a --token is visible in the process list]"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @cli.command("merge")
 @click.argument("base", metavar="BASE")
 @click.argument("adapter", metavar="ADAPTER")
@@ -87,11 +110,21 @@ def _options_from(dataclass_type: Any) -> Callable[[Callable[..., Any]], Callabl
               help="hf: Hugging Face folder; safetensors: one file with provenance metadata; "
                    "onnx: exported and validated with ONNX Runtime (fp32, or fp16 with --dtype fp16).")
 @_options_from(MergeOptions)
+@click.option("--verify", "run_verify", is_flag=True,
+              help="After merging, run `d2merge verify` (default thresholds) and put its table in the model card; "
+                   "exit 1 if a threshold is exceeded.")
+@click.option("--push-to", metavar="REPO_ID", default=None,
+              help="After a successful merge, push the folder to the Hub as REPO_ID (see `d2merge push`).")
+@click.option("--require-verify", is_flag=True,
+              help="With --push-to: verify first and push only if verification passes.")
+@_push_options
 @click.option("--dry-run", is_flag=True, help="Print the plan (every changed tensor, rank, scale, shard) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
-def merge_command(base: str, adapter: str, out: str | None, output_format: str, dry_run: bool, as_json: bool,
-                  quiet: bool, **options: Any) -> None:
+def merge_command(base: str, adapter: str, out: str | None, output_format: str, run_verify: bool,
+                  push_to: str | None, require_verify: bool, private: bool, revision: str | None, create_pr: bool,
+                  commit_message: str | None, token: str | None, dry_run: bool, as_json: bool, quiet: bool,
+                  **options: Any) -> None:
     """Merge ADAPTER into BASE and write a Hugging Face folder.
 
     \b
@@ -120,10 +153,24 @@ def merge_command(base: str, adapter: str, out: str | None, output_format: str, 
         raise click.UsageError("missing -o/--out OUT (or use --dry-run to see the plan)")
     # A bar only on a terminal: in a pipe or a log it is noise around the one-line result or error.
     progress = not quiet and sys.stderr.isatty()
-    outcome = merge_as(base, adapter, out, format=output_format, options=merge_options, progress=progress)
-    click.echo(outcome.describe())
-    for note in outcome.merge.plan.notes:
+    if require_verify and push_to is None:
+        raise click.UsageError("--require-verify guards a push: add --push-to REPO_ID (or use --verify)")
+    push = None if push_to is None else PushSettings(push_to, private, revision, create_pr, commit_message, token)
+    result = merge_verify_push(base, adapter, out, options=merge_options, output_format=output_format,
+                               verify=run_verify, push=push, require_verify=require_verify, progress=progress,
+                               echo=lambda msg: click.echo(msg, err=True))
+    click.echo(result.outcome.describe())
+    for note in result.outcome.merge.plan.notes:
         click.echo(f"note: {note}")
+    if result.verify is not None:
+        click.echo(result.verify.table())
+        if not result.verify.passed:
+            raise VerificationFailed("; ".join(result.verify.failures())
+                                     + (" (nothing was pushed)" if push is not None else ""))
+    if result.push is not None:
+        from d2merge.hub import format_push
+
+        click.echo(format_push(result.push))
 
 
 @cli.command("inspect")
@@ -144,33 +191,29 @@ def inspect_command(adapter: str, as_json: bool, allow_pickle: bool) -> None:
 @cli.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to write the demo's models (default: a new temp folder).")
-def demo_command(workdir: str | None) -> None:
-    """Run the whole job on a built-in tiny model: no downloads, about a minute on a laptop.
+@click.option("--train-steps", type=click.IntRange(1), default=400, show_default=True,
+              help="Training steps for the demo adapter.")
+@click.option("--quick", is_flag=True, help="Skip the ONNX export and the bench.")
+def demo_command(workdir: str | None, train_steps: int, quick: bool) -> None:
+    """Run the whole job on a built-in tiny model: no downloads, about a minute on 2 cores.
 
-    Builds a random-init Llama-style base and a D2-LoRA adapter, merges it,
-    and proves the merge against an fp64 recomputation.
+    Builds a random-init Llama-style base, trains a D2-LoRA adapter on a built-in
+    multiple-choice task, merges it, proves the merge against an fp64
+    recomputation, verifies merged vs unmerged in fp32 and bf16 (the merge gap
+    in percentage points), exports and validates ONNX, and prints a bench table.
+    Exits 1 if verification fails.
     """
-    report = run_demo(workdir, echo=click.echo)
+    report = run_demo(workdir, echo=click.echo, train_steps=train_steps, quick=quick)
     click.echo(f"\ndemo finished: files in {report.workdir}")
+    verdict = report.figures.get("verify")
+    if verdict is not None and not verdict.passed:
+        raise VerificationFailed("; ".join(verdict.failures()))
 
 
 @cli.command("push")
 @click.argument("folder", type=click.Path())
 @click.argument("repo_id")
-@click.option("--private", is_flag=True,
-              help="Create the repo as private. Only applies when the push creates it; an existing repo keeps "
-                   "its visibility.")
-@click.option("--revision", metavar="BRANCH", default=None,
-              help="Commit to this branch instead of main (created from main if missing). "
-                   "refs/pr/N adds a commit to an open pull request.")
-@click.option("--create-pr", is_flag=True,
-              help="Open a pull request against main instead of committing to it (works on repos you can "
-                   "only read).")
-@click.option("--commit-message", metavar="TEXT", default=None,
-              help=f"Commit title. [default: Upload merged model with d2merge {__version__}]")
-@click.option("--token", metavar="TOKEN", default=None,
-              help="Hugging Face token with write access. [default: HF_TOKEN, else the `hf auth login` cache; "
-                   "prefer those, a --token is visible in the process list]")
+@_push_options
 @click.option("--dry-run", is_flag=True,
               help="Check the folder, then print the files, sizes and model card a push would send. "
                    "Contacts nothing, needs no token.")

@@ -7,6 +7,7 @@ time, so peak memory depends on the largest tensor, not on the model size.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
@@ -21,7 +22,7 @@ from d2merge.errors import D2MergeError
 from d2merge.export.model_card import CardInfo, render_model_card
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import SAFETENSORS_INDEX, BaseCheckpoint, open_base
-from d2merge.io.output import (AtomicFolder, check_output_location, copy_support_files, disk_error, sha256_file,
+from d2merge.io.output import (TEMP_MARKER, AtomicFolder, check_output_location, copy_support_files, disk_error, sha256_file,
                                write_json, write_text)
 from d2merge.io.safetensors_file import StreamingWriter, dtype_size
 from d2merge.methods import EMBEDDING
@@ -453,3 +454,16 @@ def _hub_id_from_cache(location: Path) -> str | None:
         if part.startswith("models--"):
             return part[len("models--"):].replace("--", "/", 1)
     return None
+
+
+def add_verify_table_to_card(result: MergeResult, verify_table: str) -> Path:
+    """Rewrite the model card of a finished merge with the verify table (atomic replace)."""
+    card = result.output / "README.md"
+    staged = result.output / f".README.md{TEMP_MARKER}{os.getpid()}"
+    write_text(staged, render_model_card(card_info(result.plan, result.source_hashes, verify_table)))
+    try:
+        os.replace(staged, card)
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        raise disk_error(exc, card) from None
+    return card

@@ -7,6 +7,7 @@ the adapter was trained with); ``attach`` adds fresh trainable adapters;
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -17,6 +18,24 @@ from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter, write_adapter
 from d2merge.methods import EMBEDDING, LINEAR, AdapterConfig, parse_adapter_config
 from d2merge.methods.runtime import AdapterLayer
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" / "Writing model shards" bars from transformers inside the block.
+
+    d2merge prints its own progress; transformers' bars would interleave with it
+    and with one-line errors on stderr.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_base_model(base: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
@@ -30,7 +49,8 @@ def load_base_model(base: str | Path, *, dtype: torch.dtype = torch.float32, dev
         raise D2MergeError("a transformers model folder (with config.json) is needed here", path=location)
     try:
         # use_safetensors: a pytorch_model.bin is pickle, which d2merge never loads without --allow-pickle
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise D2MergeError(f"transformers cannot load the model: {' '.join(str(exc).split())[:300]}",
                            path=location, hint="d2merge reads safetensors weights; convert pickle "

@@ -80,21 +80,21 @@ def build_tiny_tokenizer(vocab_size: int = 128):
                                    bos_token="<s>", eos_token="</s>")
 
 
+def save_quietly(model, folder: Path, *, max_shard_size: str | int | None = None) -> None:
+    """save_pretrained without transformers' "Writing model shards" bar (a tiny model needs none)."""
+    from d2merge.runtime import quiet_transformers
+
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    with quiet_transformers():
+        model.save_pretrained(folder, **kwargs)
+
+
 def save_tiny_base(folder: str | Path, arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32,
                    max_shard_size: str | int | None = None, tokenizer: bool = True, **config_kwargs) -> Path:
     """Write a tiny random base model as a Hugging Face folder (sharded when max_shard_size is small)."""
-    from transformers.utils import logging as hf_logging
-
     folder = Path(folder)
     model = build_tiny_model(arch, seed=seed, dtype=dtype, **config_kwargs)
-    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a tiny model needs no "Writing model shards" bar
-    try:
-        model.save_pretrained(folder, **kwargs)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+    save_quietly(model, folder, max_shard_size=max_shard_size)
     if tokenizer:
         build_tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return folder

@@ -78,11 +78,11 @@ def build_task_model(*, seed: int = 0) -> nn.Module:
 
 def save_task_base(folder: str | Path, *, seed: int = 0) -> Path:
     """Write the task base (with the word-level tokenizer) as a Hugging Face folder."""
-    from d2merge.synthetic import build_tiny_tokenizer
+    from d2merge.synthetic import build_tiny_tokenizer, save_quietly
 
     folder = Path(folder)
     model = build_task_model(seed=seed)
-    model.save_pretrained(folder)
+    save_quietly(model, folder)
     build_tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return folder
 

@@ -460,3 +460,63 @@ def test_fake_hub_caps_requests(model_dir: Path, hub_in_process: FakeHub) -> Non
 
     assert hub_in_process.routes_called() == ["create_repo", "validate_yaml", "validate_yaml"]
     assert hub_in_process.commits == []
+
+
+# ----- merge --push-to / --verify / --require-verify ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_and_adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from d2merge.synthetic import save_random_adapter
+
+    root = tmp_path_factory.mktemp("publish")
+    base = save_tiny_base(root / "base", "llama")
+    return base, save_random_adapter(base, root / "adapter", "d2lora", r=4, tau=0.5)
+
+
+def test_merge_push_to_with_require_verify_pushes_a_verified_card(base_and_adapter, hub_in_process: FakeHub,
+                                                                  tmp_path: Path, capsys) -> None:
+    base, adapter = base_and_adapter
+    out = tmp_path / "merged"
+    code, stdout, err = run_main(["merge", str(base), str(adapter), "-o", str(out), "--push-to", "me/merged",
+                                  "--require-verify", "--token", TOKEN], capsys)
+    assert code == 0, err
+    assert [c.repo_id for c in hub_in_process.commits] == ["me/merged"]
+    pushed = hub_in_process.commits[0].files
+    assert pushed["README.md"] == (out / "README.md").read_bytes()
+    card = pushed["README.md"].decode()
+    assert "## Verification (merged vs unmerged)" in card and "PASS" in card
+    assert set(pushed) == {p.name for p in out.iterdir()}
+    assert TOKEN not in stdout + err
+
+
+def test_merge_require_verify_failure_pushes_nothing(base_and_adapter, hub_in_process: FakeHub, tmp_path: Path,
+                                                     capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import d2merge.verify as verify_module
+
+    strict = verify_module.Thresholds(max_abs_diff=0.0, max_gap_pp=0.0, min_top1=1.0, max_ulp=0.0)
+    monkeypatch.setattr(verify_module, "thresholds_for", lambda dtype, overrides=None: strict)
+    base, adapter = base_and_adapter
+    code, _, err = run_main(["merge", str(base), str(adapter), "-o", str(tmp_path / "merged"), "--push-to",
+                             "me/merged", "--require-verify", "--token", TOKEN], capsys)
+    assert code == 1
+    assert "nothing was pushed" in err.splitlines()[-1]
+    assert hub_in_process.commits == [] and hub_in_process.requests == []
+    # the merge itself is complete and its card records the failed verification
+    assert "FAIL" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_merge_push_to_without_verify(base_and_adapter, hub_in_process: FakeHub, tmp_path: Path, capsys) -> None:
+    base, adapter = base_and_adapter
+    code, _, err = run_main(["merge", str(base), str(adapter), "-o", str(tmp_path / "m"), "--push-to", "me/plain",
+                             "--revision", "exp-1", "--token", TOKEN], capsys)
+    assert code == 0, err
+    assert [(c.repo_id, c.ref) for c in hub_in_process.commits] == [("me/plain", "exp-1")]
+    assert "Verification" not in hub_in_process.commits[0].files["README.md"].decode()
+
+
+def test_require_verify_without_push_is_a_usage_error(base_and_adapter, tmp_path: Path, capsys) -> None:
+    base, adapter = base_and_adapter
+    code, _, err = run_main(["merge", str(base), str(adapter), "-o", str(tmp_path / "m"), "--require-verify"], capsys)
+    assert code == 2 and "--push-to" in err
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,21 @@
+"""The README's main job, `d2merge demo`, runs end to end (shortened: few training steps, no ONNX/bench)."""
+
+from __future__ import annotations
+
+import pytest
+
+from d2merge.cli import main
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_and_passes_verification(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--workdir", str(tmp_path), "--train-steps", "30", "--quick"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0, out
+    for step in ("build base model", "train D2-LoRA adapter", "merge (streaming, fp32)", "check against fp64",
+                 "verify merged vs unmerged"):
+        assert step in out
+    assert "merge gap (pp)" in out and "PASS" in out
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert (tmp_path / "eval.jsonl").is_file()
