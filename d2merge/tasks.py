@@ -118,13 +118,10 @@ def write_jsonl(path: str | Path, examples: Sequence[MCExample]) -> Path:
 
 def read_jsonl(path: str | Path) -> list[MCExample]:
     """Read and validate a multiple-choice JSONL file; a bad line is a one-line error naming it."""
+    from d2merge.io.checkpoint import read_text
+
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise D2MergeError("eval file not found", path=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise D2MergeError(f"cannot read eval file: {getattr(exc, 'strerror', None) or exc}", path=path) from None
+    lines = read_text(path, "eval file").splitlines()
     examples = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

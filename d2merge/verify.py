@@ -272,13 +272,10 @@ def prompt_probes(tokenizer: Any, prompts: Sequence[str], *, max_length: int, so
 
 
 def read_prompts(path: str | Path) -> list[str]:
+    from d2merge.io.checkpoint import read_text
+
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise D2MergeError("prompts file not found", path=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise D2MergeError(f"cannot read prompts file: {getattr(exc, 'strerror', None) or exc}", path=path) from None
+    lines = read_text(path, "prompts file").splitlines()
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise D2MergeError("prompts file has no non-empty line", path=path)

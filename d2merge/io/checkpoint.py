@@ -34,19 +34,27 @@ class TensorSource(Protocol):
     def file_of(self, name: str) -> Path: ...
 
 
-def read_json(path: Path, what: str) -> Any:
-    """A small JSON file, with one-line errors naming it."""
+def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> str:
+    """A small UTF-8 text file (configs, prompts, eval sets), with one-line errors naming it."""
+    path = Path(path)
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise D2MergeError(f"{what} is larger than {MAX_JSON_BYTES} bytes", path=path, hint=JSON_HINT)
-        text = path.read_text(encoding="utf-8")
+        if path.stat().st_size > max_bytes:
+            raise D2MergeError(f"{what} is larger than {max_bytes} bytes", path=path, hint=JSON_HINT)
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise D2MergeError(f"{what} not found", path=path, hint="the folder is incomplete; download it again") from None
+        raise D2MergeError(f"{what} not found", path=path, hint="check the path; the folder may be incomplete") from None
     except UnicodeDecodeError:
         raise D2MergeError(f"{what} is not UTF-8 text", path=path, hint=JSON_HINT) from None
+    except IsADirectoryError:
+        raise D2MergeError(f"{what} is a folder, not a file", path=path, hint="pass the file itself") from None
     except OSError as exc:
         raise D2MergeError(f"cannot read {what}: {exc.strerror or exc}", path=path,
                            hint="check that the file exists and is readable") from None
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A small JSON file, with one-line errors naming it."""
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
