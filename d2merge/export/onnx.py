@@ -342,15 +342,12 @@ def _destination(out_path_or_dir: str | os.PathLike) -> Path:
 
 
 def _load_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
-    if not (model_dir / "config.json").is_file():
-        raise D2MergeError("not a Hugging Face model folder (config.json missing)", path=model_dir)
-    from transformers import AutoModelForCausalLM
+    from d2merge.runtime import load_base_model
 
-    try:
-        # use_safetensors: a pytorch_model.bin is pickle, which d2merge never loads without --allow-pickle
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
-    except (ValueError, OSError, KeyError) as exc:
-        raise D2MergeError(f"cannot load as a causal language model: {exc}", path=model_dir) from exc
+    if not (model_dir / "config.json").is_file():
+        raise D2MergeError("not a Hugging Face model folder (config.json missing)", path=model_dir,
+                           hint="export a merged folder (d2merge merge writes one)")
+    model = load_base_model(model_dir, dtype=dtype)
     if dtype == torch.float16:
         for name, param in model.named_parameters():
             if not torch.isfinite(param).all():
