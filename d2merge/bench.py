@@ -10,7 +10,6 @@ computed between figures measured in the same run.
 from __future__ import annotations
 
 import gc
-import json
 import statistics
 import tempfile
 import time
@@ -265,6 +264,3 @@ def plot_report(report: BenchReport, path: str | Path) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def report_json(report: BenchReport) -> str:
-    return json.dumps(report.to_json(), indent=2)

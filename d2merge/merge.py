@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import torch
 
-from d2merge import __version__
 from d2merge.errors import D2MergeError
 from d2merge.export.model_card import CardInfo, render_model_card
 from d2merge.io.adapter import Adapter, load_adapter

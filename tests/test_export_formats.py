@@ -13,7 +13,7 @@ from d2merge.cli import main
 from d2merge.export.single_file import merge_to_safetensors
 from d2merge.io.safetensors_file import SafetensorsFile
 from d2merge.merge import merge
-from d2merge.runtime import load_base_model, load_unmerged
+from d2merge.runtime import load_unmerged
 from d2merge.synthetic import save_random_adapter, save_tiny_base
 
 

@@ -272,9 +272,3 @@ class Method:
         """An ``nn.Module`` computing the unmerged forward around ``base_layer``."""
         raise NotImplementedError
 
-
-def base_weight_oriented(layer: nn.Module, settings: ModuleSettings) -> torch.Tensor:
-    """The base layer's weight as (out, in), whatever its storage layout."""
-    weight = layer.weight
-    transposed = settings.fan_in_fan_out or settings.layer_kind == EMBEDDING
-    return weight.T if transposed else weight

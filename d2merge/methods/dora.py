@@ -6,7 +6,7 @@ taken from this adapter's own unmerged base W0, never from a merged weight.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
