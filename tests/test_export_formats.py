@@ -164,3 +164,14 @@ def test_bench_rejects_unknown_variant(llama_pair):
 
     with pytest.raises(D2MergeError, match="unknown bench variant"):
         bench(*llama_pair, variants=("gpu",))
+
+
+def test_bench_plot_draws_a_png(llama_pair, tmp_path):
+    from d2merge.bench import plot_report
+
+    settings = BenchSettings(batch_sizes=(1,), seq_lens=(4,), decode_tokens=1, warmup=0, repeats=1)
+    report = bench(*llama_pair, variants=("base", "merged"), settings=settings)
+    out = tmp_path / "bench.png"
+    plot_report(report, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 5000
