@@ -49,3 +49,17 @@ def test_live_process_left_alone(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_single_file_output_removes_a_killed_runs_temp_file(tmp_path: Path) -> None:
+    from d2merge.export.single_file import merge_to_safetensors
+    from d2merge.io.output import TEMP_MARKER
+    from d2merge.synthetic import save_random_adapter, save_tiny_base
+
+    base = save_tiny_base(tmp_path / "base", "llama")
+    adapter = save_random_adapter(base, tmp_path / "adapter", "lora")
+    stale = tmp_path / f".merged.safetensors{TEMP_MARKER}{_dead_pid()}"
+    stale.write_bytes(b"partial")
+    merge_to_safetensors(base, adapter, tmp_path / "merged.safetensors")
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "merged.safetensors"]

@@ -16,7 +16,7 @@ from typing import Any
 
 from d2merge import __version__
 from d2merge.errors import D2MergeError
-from d2merge.io.output import check_output_location, disk_error
+from d2merge.io.output import TEMP_MARKER, check_output_location, disk_error, remove_stale_temps
 from d2merge.io.safetensors_file import rewrite_metadata
 from d2merge.merge import (MergeOptions, MergeResult, _device, _options, _source_label, _start_hashing, card_info,
                            plan, write_tensors)
@@ -55,7 +55,8 @@ def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: Merg
     reserved = {_source_label(merge_plan, f): PLACEHOLDER for f in files}
     hashes: dict[str, str] = {}
     hasher = _start_hashing(merge_plan, hashes) if options.hash_sources else None
-    temp = out_path.parent / f".{out_path.name}.d2merge-tmp-{os.getpid()}"
+    remove_stale_temps(out_path)
+    temp = out_path.parent / f".{out_path.name}{TEMP_MARKER}{os.getpid()}"
     try:
         write_tensors(merge_plan, out_path.parent, device=_device(options.device), progress=progress,
                       shard_paths=[temp], metadata=single_file_metadata(merge_plan, reserved))

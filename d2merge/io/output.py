@@ -82,6 +82,19 @@ def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool,
     return out
 
 
+def remove_stale_temps(final: Path) -> None:
+    """Remove ``.<name>.d2merge-tmp-<pid>`` folders or files left by killed runs (their pid is gone)."""
+    prefix = f".{final.name}{TEMP_MARKER}"
+    # escaped: a name like "run[1]" or "a*" must match only its own temp entries
+    for candidate in final.parent.glob(f"{glob.escape(prefix)}*"):
+        pid_text = candidate.name[len(prefix):]
+        if pid_text.isdigit() and (int(pid_text) == os.getpid() or not _pid_alive(int(pid_text))):
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
+
+
 class AtomicFolder:
     """A temp folder that becomes ``final`` on :meth:`commit`, and vanishes on error or interrupt."""
 
@@ -103,12 +116,7 @@ class AtomicFolder:
 
     def remove_stale(self) -> None:
         """Temp folders of earlier runs that were killed: their process is gone, so they are garbage."""
-        prefix = f".{self.final.name}{TEMP_MARKER}"
-        # escaped: a name like "run[1]" or "a*" must match only its own temp folders
-        for candidate in self.final.parent.glob(f"{glob.escape(prefix)}*"):
-            pid_text = candidate.name[len(prefix):]
-            if pid_text.isdigit() and (int(pid_text) == os.getpid() or not _pid_alive(int(pid_text))):
-                shutil.rmtree(candidate, ignore_errors=True)
+        remove_stale_temps(self.final)
         # A run killed between commit's two renames left the previous output aside:
         # put it back when nothing took its place, otherwise it is superseded.
         old_prefix = f".{self.final.name}{OLD_MARKER}"
