@@ -293,12 +293,6 @@ def load_base_tokenizer(base: BaseCheckpoint, why: str) -> Any:
 # ----- model passes ---------------------------------------------------------------------------
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def _batches(probes: Probes, batch_size: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     for start in range(0, probes.input_ids.shape[0], batch_size):
         rows = slice(start, start + batch_size)
@@ -575,7 +569,6 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     if merged is not None and dtypes is not None:
         raise D2MergeError("--dtypes merges on the fly; it cannot be combined with a MERGED folder",
                            hint="drop MERGED to compare fresh merges per dtype, or drop --dtypes")
-    _quiet_transformers()
     base_ckpt = open_base(base, allow_pickle=options.allow_pickle)
     adapter_obj: Adapter = load_adapter(adapter, allow_pickle=options.allow_pickle)
     examples = read_jsonl(mc_eval) if mc_eval is not None else None
