@@ -48,7 +48,7 @@ def render_model_card(info: CardInfo) -> str:
         f"# {name}",
         "",
         f"This model is {('`' + info.base_model + '`') if info.base_model else 'a base model'} with a {title} adapter "
-        f"merged into its weights by [d2merge](https://pypi.org/project/d2merge/) {__version__}. It loads with "
+        f"merged into its weights by d2merge {__version__}. It loads with "
         "`transformers` alone and runs at the base model's speed: the adapter adds no layers.",
         "",
         "## How it was made",
