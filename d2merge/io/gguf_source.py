@@ -35,7 +35,7 @@ def hf_folder_from_gguf(gguf_path: str | Path, out: str | Path, *, dtype: torch.
     The write is atomic (the folder appears complete or not at all). Quantized GGUF tensors are
     dequantized by transformers; ``dtype`` is the dtype they are then stored in.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from d2merge.io.output import AtomicFolder
     from d2merge.runtime import quiet_transformers
@@ -50,7 +50,7 @@ def hf_folder_from_gguf(gguf_path: str | Path, out: str | Path, *, dtype: torch.
     with quiet_transformers():
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    config = loaded.config  # parsed once with the weights; the loaded model is dropped below
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype
