@@ -108,7 +108,10 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Output folder, or file for --format safetensors/onnx. Required unless --dry-run.")
 @click.option("--format", "output_format", type=click.Choice(EXPORT_FORMATS), default="hf", show_default=True,
               help="hf: Hugging Face folder; safetensors: one file with provenance metadata; "
-                   "onnx: exported and validated with ONNX Runtime (fp32, or fp16 with --dtype fp16).")
+                   "onnx: exported and validated with ONNX Runtime (fp32, or fp16 with --dtype fp16); "
+                   "onnx-genai: onnxruntime-genai build, validated with its Generator (see --precision).")
+@click.option("--precision", "genai_precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32",
+              show_default=True, help="With --format onnx-genai: precision of the onnxruntime-genai build.")
 @_options_from(MergeOptions)
 @click.option("--verify", "run_verify", is_flag=True,
               help="After merging, run `d2merge verify` (default thresholds) and put its table in the model card; "
@@ -121,7 +124,8 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--dry-run", is_flag=True, help="Print the plan (every changed tensor, rank, scale, shard) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
-def merge_command(base: str, adapter: str, out: str | None, output_format: str, run_verify: bool,
+def merge_command(base: str, adapter: str, out: str | None, output_format: str, genai_precision: str,
+                  run_verify: bool,
                   push_to: str | None, require_verify: bool, private: bool, revision: str | None, create_pr: bool,
                   commit_message: str | None, token: str | None, dry_run: bool, as_json: bool, quiet: bool,
                   **options: Any) -> None:
@@ -158,7 +162,7 @@ def merge_command(base: str, adapter: str, out: str | None, output_format: str, 
     push = None if push_to is None else PushSettings(push_to, private, revision, create_pr, commit_message, token)
     result = merge_verify_push(base, adapter, out, options=merge_options, output_format=output_format,
                                verify=run_verify, push=push, require_verify=require_verify, progress=progress,
-                               echo=lambda msg: click.echo(msg, err=True))
+                               echo=lambda msg: click.echo(msg, err=True), genai_precision=genai_precision)
     click.echo(result.outcome.describe())
     for note in result.outcome.merge.plan.notes:
         click.echo(f"note: {note}")

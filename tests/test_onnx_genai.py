@@ -190,3 +190,15 @@ def test_smollm2_generic_onnx_with_past_generates_token_for_token(smollm2: Path,
         expected = _expected_greedy(smollm2, prompt, 12)
         tokens = greedy_generate_onnx(result.onnx_path, [prompt], 12, eos_token_id=2, pad_token_id=2)
         assert tokens[0].tolist() == expected
+
+
+def test_merge_format_onnx_genai(cli_runner, wide_base, make_adapter, tmp_path: Path) -> None:
+    base = wide_base("llama")
+    adapter = make_adapter(base, "d2lora", target_modules=["q_proj", "v_proj", "down_proj"])
+    out = tmp_path / "merged-genai"
+    done = cli_runner(["merge", base, adapter, "-o", out, "--format", "onnx-genai", "--precision", "int4"])
+    assert done.code == 0, done.err
+    assert "[onnx-genai]" in done.out and "top-1 agreement" in done.out and (out / GENAI_CONFIG).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged-genai"]  # the fp32 scratch merge is gone
+    refused = cli_runner(["merge", base, adapter, "-o", tmp_path / "x", "--precision", "int4"])
+    assert refused.code == 2 and "--format onnx-genai" in refused.err and not (tmp_path / "x").exists()
