@@ -108,7 +108,10 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Output folder, or file for --format safetensors/onnx. Required unless --dry-run.")
 @click.option("--format", "output_format", type=click.Choice(EXPORT_FORMATS), default="hf", show_default=True,
               help="hf: Hugging Face folder; safetensors: one file with provenance metadata; "
-                   "onnx: exported and validated with ONNX Runtime (fp32, or fp16 with --dtype fp16).")
+                   "onnx: exported and validated with ONNX Runtime (fp32, or fp16 with --dtype fp16); "
+                   "onnx-genai: onnxruntime-genai build, validated with its Generator (see --precision).")
+@click.option("--precision", "genai_precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32",
+              show_default=True, help="With --format onnx-genai: precision of the onnxruntime-genai build.")
 @_options_from(MergeOptions)
 @click.option("--verify", "run_verify", is_flag=True,
               help="After merging, run `d2merge verify` (default thresholds) and put its table in the model card; "
@@ -121,7 +124,8 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--dry-run", is_flag=True, help="Print the plan (every changed tensor, rank, scale, shard) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
-def merge_command(base: str, adapter: str, out: str | None, output_format: str, run_verify: bool,
+def merge_command(base: str, adapter: str, out: str | None, output_format: str, genai_precision: str,
+                  run_verify: bool,
                   push_to: str | None, require_verify: bool, private: bool, revision: str | None, create_pr: bool,
                   commit_message: str | None, token: str | None, dry_run: bool, as_json: bool, quiet: bool,
                   **options: Any) -> None:
@@ -158,7 +162,7 @@ def merge_command(base: str, adapter: str, out: str | None, output_format: str, 
     push = None if push_to is None else PushSettings(push_to, private, revision, create_pr, commit_message, token)
     result = merge_verify_push(base, adapter, out, options=merge_options, output_format=output_format,
                                verify=run_verify, push=push, require_verify=require_verify, progress=progress,
-                               echo=lambda msg: click.echo(msg, err=True))
+                               echo=lambda msg: click.echo(msg, err=True), genai_precision=genai_precision)
     click.echo(result.outcome.describe())
     for note in result.outcome.merge.plan.notes:
         click.echo(f"note: {note}")
@@ -269,10 +273,18 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
 @click.option("--no-validate", is_flag=True,
               help="Skip the ONNX Runtime vs PyTorch comparison (faster; the file is then unproven).")
 @click.option("--atol", type=float, default=None,
-              help="Bound on the max |logit difference| at real tokens. [default: 1e-4 for fp32; for fp16 1% of "
-                   "the largest logit, at least 1e-3]")
-def export_onnx_command(model_dir: str, out: str, dtype: str, with_past: bool, opset: int, exporter: str,
-                        external_data: bool | None, no_validate: bool, atol: float | None) -> None:
+              help="Bound on the max |logit difference| at real tokens. [default: fp32 1e-4 of the largest logit, at least "
+                   "1e-4; fp16 1% of the largest logit, at least 1e-3]")
+@click.option("--runtime", type=click.Choice(["generic", "genai"]), default="generic", show_default=True,
+              help="generic: torch.onnx graph for any ONNX Runtime loop. genai: onnxruntime-genai's model builder "
+                   "(optimised decoder + genai_config.json, CPU), needs the 'genai' extra; OUT is a folder.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32", show_default=True,
+              help="With --runtime genai: fp32 (checked token for token against transformers), fp16, or int4 "
+                   "weights (top-1 agreement and logit diff vs fp32 reported and gated).")
+@click.pass_context
+def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str, with_past: bool, opset: int,
+                        exporter: str, external_data: bool | None, no_validate: bool, atol: float | None,
+                        runtime: str, precision: str) -> None:
     """Export a merged MODEL_DIR (config.json + safetensors) to ONNX, proven against PyTorch.
 
     The graph takes input_ids and attention_mask (int64, dynamic batch and
@@ -287,7 +299,21 @@ def export_onnx_command(model_dir: str, out: str, dtype: str, with_past: bool, o
       d2merge export-onnx ./merged -o model.onnx --with-past         # for generation loops
       d2merge export-onnx ./merged -o model-fp16.onnx --dtype fp16   # half the size
       d2merge export-onnx ./merged -o model.onnx --exporter legacy --opset 17
+      d2merge export-onnx ./merged -o ./merged-genai --runtime genai --precision int4
     """
+    given = [name for name in ("dtype", "with_past", "opset", "exporter", "external_data", "precision")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if runtime == "genai":
+        from d2merge.export.onnx_genai import export_genai
+
+        generic_only = [name for name in given if name != "precision"]
+        if generic_only:
+            raise click.UsageError(f"--{generic_only[0].replace('_', '-')} applies to the generic export; with "
+                                   "--runtime genai choose --precision fp32|fp16|int4")
+        click.echo(export_genai(model_dir, out, precision=precision, validate=not no_validate, atol=atol).describe())
+        return
+    if "precision" in given:
+        raise click.UsageError("--precision is for --runtime genai; the generic export takes --dtype fp32|fp16")
     from d2merge.export.onnx import export_onnx
 
     result = export_onnx(model_dir, out, dtype=dtype, with_past=with_past, opset=opset, exporter=exporter,

@@ -2,7 +2,8 @@
 
 ``hf`` is the engine's own folder; ``safetensors`` one file with provenance
 metadata; ``onnx`` a merged folder (in a temp place) exported and validated
-with ONNX Runtime. The CLI calls :func:`merge_as`; so can scripts.
+with ONNX Runtime; ``onnx-genai`` the same merged folder built by onnxruntime-genai's model
+builder and validated with its Generator (``d2merge.export.onnx_genai``). The CLI calls :func:`merge_as`; so can scripts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from d2merge.errors import D2MergeError
 from d2merge.merge import MergeOptions, MergeResult, merge
 
-FORMATS = ("hf", "safetensors", "onnx")
+FORMATS = ("hf", "safetensors", "onnx", "onnx-genai")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ExportOutcome:
     format: str
     output: Path
     merge: MergeResult
-    onnx: Any = None  # OnnxExportResult for format="onnx"
+    onnx: Any = None  # OnnxExportResult for format="onnx", GenaiExportResult for "onnx-genai"
 
     def describe(self) -> str:
         merged = len(self.merge.plan.merged)
@@ -35,9 +36,12 @@ class ExportOutcome:
 
 
 def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", options: MergeOptions | None = None,
-             progress: bool = False, onnx_opset: int | None = None, onnx_with_past: bool = False) -> ExportOutcome:
-    """Merge and write ``out`` in the chosen format."""
+             progress: bool = False, onnx_opset: int | None = None, onnx_with_past: bool = False,
+             genai_precision: str = "fp32") -> ExportOutcome:
+    """Merge and write ``out`` in the chosen format (``genai_precision``: fp32, fp16 or int4 for onnx-genai)."""
     options = options or MergeOptions()
+    if genai_precision != "fp32" and format != "onnx-genai":
+        raise D2MergeError("--precision is for --format onnx-genai", hint="use --dtype for the other formats")
     if format == "hf":
         result = merge(base, adapter, out, options, progress=progress)
         return ExportOutcome(format, result.output, result)
@@ -63,4 +67,21 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
             exported = export_onnx(result.output, out_path, dtype=onnx_dtype, with_past=onnx_with_past,
                                    opset=onnx_opset or DEFAULT_OPSET)
         return ExportOutcome(format, exported.onnx_path, result, exported)
+    if format == "onnx-genai":
+        from d2merge.export.onnx_genai import PRECISIONS, export_genai, import_genai
+        from d2merge.io.output import check_output_location
+
+        if genai_precision not in PRECISIONS:
+            raise D2MergeError(f"unknown genai precision {genai_precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+        if options.dtype not in ("auto", "fp32"):
+            raise D2MergeError("--format onnx-genai merges in fp32 and takes its precision from --precision",
+                               hint="drop --dtype; use --precision fp32|fp16|int4")
+        import_genai()  # before the merge: a missing extra should not cost a merge
+        out_path = Path(out)
+        check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=False)
+        with tempfile.TemporaryDirectory(prefix=".d2merge-genai-", dir=out_path.absolute().parent) as scratch:
+            fp32 = MergeOptions(**{**options.__dict__, "dtype": "fp32", "overwrite": False})
+            result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
+            built = export_genai(result.output, out_path, precision=genai_precision)
+        return ExportOutcome(format, built.output, result, built)
     raise D2MergeError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
