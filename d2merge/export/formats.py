@@ -15,7 +15,7 @@ from typing import Any
 from d2merge.errors import D2MergeError
 from d2merge.merge import MergeOptions, MergeResult, merge
 
-FORMATS = ("hf", "safetensors", "onnx")
+FORMATS = ("hf", "safetensors", "onnx", "gguf")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class ExportOutcome:
     output: Path
     merge: MergeResult
     onnx: Any = None  # OnnxExportResult for format="onnx"
+    gguf: Any = None  # GGUFExportResult for format="gguf"
 
     def describe(self) -> str:
         merged = len(self.merge.plan.merged)
@@ -31,11 +32,14 @@ class ExportOutcome:
                 f"[{self.format}] in {self.merge.seconds:.2f}s")
         if self.onnx is not None:
             text += "\n" + self.onnx.describe()
+        if self.gguf is not None:
+            text += "\n" + self.gguf.describe()
         return text
 
 
 def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", options: MergeOptions | None = None,
-             progress: bool = False, onnx_opset: int | None = None, onnx_with_past: bool = False) -> ExportOutcome:
+             progress: bool = False, onnx_opset: int | None = None, onnx_with_past: bool = False,
+             gguf_type: str = "f16", gguf_modelfile: bool = False) -> ExportOutcome:
     """Merge and write ``out`` in the chosen format."""
     options = options or MergeOptions()
     if format == "hf":
@@ -63,4 +67,10 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
             exported = export_onnx(result.output, out_path, dtype=onnx_dtype, with_past=onnx_with_past,
                                    opset=onnx_opset or DEFAULT_OPSET)
         return ExportOutcome(format, exported.onnx_path, result, exported)
+    if format == "gguf":
+        from d2merge.export.gguf import merge_to_gguf
+
+        result, exported = merge_to_gguf(base, adapter, out, options, gguf_type=gguf_type, progress=progress,
+                                         modelfile=gguf_modelfile)
+        return ExportOutcome(format, exported.output, result, gguf=exported)
     raise D2MergeError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
