@@ -252,7 +252,29 @@ def add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
     if not special.merges:
         raise D2MergeError("tokenizer.json has no BPE merges", path=path)
+    # What the tokenizer really does, not what a config claims: llama.cpp's defaults for these
+    # differ by pre-tokenizer, so both are always written.
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        configured = AutoTokenizer.from_pretrained(folder)
+    ids = configured("a")["input_ids"]
+    special.add_special_token = {"bos": configured.bos_token_id is not None and ids[:1] == [configured.bos_token_id],
+                                 "eos": configured.eos_token_id is not None and ids[-1:] == [configured.eos_token_id]}
     special.add_to_gguf(writer, quiet=True)
+    writer.add_add_space_prefix(bool(_byte_level_option(spec.get("pre_tokenizer"), "add_prefix_space")))
+
+
+def _byte_level_option(node: Any, key: str) -> Any:
+    """An option of the ByteLevel step of a (possibly nested Sequence) pre-tokenizer."""
+    if isinstance(node, dict):
+        if node.get("type") == "ByteLevel":
+            return node.get(key)
+        for child in node.get("pretokenizers") or []:
+            found = _byte_level_option(child, key)
+            if found is not None:
+                return found
+    return None
 
 
 # ----- tensors --------------------------------------------------------------------------------
