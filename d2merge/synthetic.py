@@ -43,7 +43,7 @@ def tiny_config(arch: str = "llama", *, vocab_size: int = 128, hidden_size: int 
         from transformers import MistralConfig, Qwen3Config
 
         kind = Qwen3Config if arch == "qwen3" else MistralConfig
-        extra = {"head_dim": hidden_size // num_heads} if arch == "qwen3" else {"sliding_window": None}
+        extra = {"head_dim": 128} if arch == "qwen3" else {"sliding_window": None}
         config = kind(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                       max_position_embeddings=max_positions, tie_word_embeddings=bool(tie_word_embeddings),

@@ -28,10 +28,11 @@ SMOL_VOCAB = 49152
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PROBE_TEXTS = ("The capital of France is", "def fib(n):\n    return n if n < 2 else fib(n-1) + fib(n-2)",
                "  leading spaces, émojis 🚀 and 中文", "<|im_start|>user\nHi<|im_end|>\n", "3.14159 x 2 = 6.28318")
-# Bounds on max |logit diff| vs the fp32 HF model (f16/bf16: verify's defaults for those dtypes).
-# q8_0/q4_0 measured on these tiny models (hidden 32, 2 layers, logits ~0.5): q8_0 5.7e-3 to 6e-3,
-# q4_0 2.6e-2 to 3.2e-2; bounds leave ~3x room. Top-1 agreement is reported, not asserted, for q4_0.
-LOGIT_BOUNDS = {"f32": 1e-4, "f16": 0.1, "bf16": 0.5, "q8_0": 2e-2, "q4_0": 0.1}
+# Bounds on max |logit diff| vs the fp32 HF merge (f16/bf16: verify's defaults for those dtypes).
+# Measured on these tiny models merged with a random D2-LoRA adapter (hidden 32, 2 layers, random
+# near-tied logits): f16 0.9e-3 to 2.1e-3, bf16 6.7e-3 to 8.8e-3, q8_0 2.0e-2 to 6.6e-2 (top-1 89-100%),
+# q4_0 0.33 to 0.55 (top-1 28-50%: 4-bit rounding of random weights). Bounds about 2-3x measured.
+LOGIT_BOUNDS = {"f32": 1e-4, "f16": 0.1, "bf16": 0.5, "q8_0": 0.2, "q4_0": 1.0}
 has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
 llama_cpp_only = pytest.mark.skipif(not has_llama_cpp, reason="llama-cpp-python is not installed (extra gguf-llama)")
 
