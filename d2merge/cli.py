@@ -109,9 +109,13 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--format", "output_format", type=click.Choice(EXPORT_FORMATS), default="hf", show_default=True,
               help="hf: Hugging Face folder; safetensors: one file with provenance metadata; "
                    "onnx: exported and validated with ONNX Runtime (fp32, or fp16 with --dtype fp16); "
-                   "onnx-genai: onnxruntime-genai build, validated with its Generator (see --precision).")
+                   "onnx-genai: onnxruntime-genai build, validated with its Generator (see --precision); "
+                   "gguf: one .gguf file for llama.cpp, Ollama, LM Studio (see --gguf-type).")
 @click.option("--precision", "genai_precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32",
               show_default=True, help="With --format onnx-genai: precision of the onnxruntime-genai build.")
+@click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
+              help="With --format gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (2-D weights; norms stay f32).")
+@click.option("--modelfile", is_flag=True, help="With --format gguf: also write an Ollama Modelfile beside it.")
 @_options_from(MergeOptions)
 @click.option("--verify", "run_verify", is_flag=True,
               help="After merging, run `d2merge verify` (default thresholds) and put its table in the model card; "
@@ -125,6 +129,7 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
 def merge_command(base: str, adapter: str, out: str | None, output_format: str, genai_precision: str,
+                  gguf_type: str, modelfile: bool,
                   run_verify: bool,
                   push_to: str | None, require_verify: bool, private: bool, revision: str | None, create_pr: bool,
                   commit_message: str | None, token: str | None, dry_run: bool, as_json: bool, quiet: bool,
@@ -149,6 +154,11 @@ def merge_command(base: str, adapter: str, out: str | None, output_format: str, 
       d2merge merge ./llama-3b ./my-adapter -o ./merged-onnx --format onnx --dtype fp16
     """
     merge_options = MergeOptions(**options)
+    format_options: dict[str, Any] = {"genai_precision": genai_precision}
+    if output_format == "gguf":
+        from d2merge.export.gguf import check_gguf_type
+
+        format_options.update(gguf_type=check_gguf_type(gguf_type), gguf_modelfile=modelfile)
     if dry_run:
         merge_plan = plan_merge(base, adapter, merge_options)
         click.echo(json.dumps(merge_plan.summary(), indent=2, default=str) if as_json else merge_plan.describe())
@@ -162,7 +172,7 @@ def merge_command(base: str, adapter: str, out: str | None, output_format: str, 
     push = None if push_to is None else PushSettings(push_to, private, revision, create_pr, commit_message, token)
     result = merge_verify_push(base, adapter, out, options=merge_options, output_format=output_format,
                                verify=run_verify, push=push, require_verify=require_verify, progress=progress,
-                               echo=lambda msg: click.echo(msg, err=True), genai_precision=genai_precision)
+                               echo=lambda msg: click.echo(msg, err=True), **format_options)
     click.echo(result.outcome.describe())
     for note in result.outcome.merge.plan.notes:
         click.echo(f"note: {note}")
@@ -318,6 +328,32 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
 
     result = export_onnx(model_dir, out, dtype=dtype, with_past=with_past, opset=opset, exporter=exporter,
                          external_data=external_data, validate=not no_validate, atol=atol)
+    click.echo(result.describe())
+
+
+@cli.command("export-gguf")
+@click.argument("merged", metavar="MERGED", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="The .gguf file to write (atomically: nothing appears there until it is complete).")
+@click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
+              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 for 2-D weights; norms and biases stay f32.")
+@click.option("--name", default=None, help="general.name in the GGUF. [default: the output file's stem]")
+@click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def export_gguf_command(merged: str, out: str, gguf_type: str, name: str | None, modelfile: bool, overwrite: bool,
+                        quiet: bool) -> None:
+    """Export a merged MERGED folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp, Ollama, LM Studio.
+
+    \b
+    Examples:
+      d2merge export-gguf ./merged -o model.gguf                   # f16
+      d2merge export-gguf ./merged -o model-q8.gguf --gguf-type q8_0 --modelfile
+    """
+    from d2merge.export.gguf import check_gguf_type, export_gguf
+
+    result = export_gguf(merged, out, gguf_type=check_gguf_type(gguf_type), overwrite=overwrite, name=name,
+                         modelfile=modelfile, progress=not quiet and sys.stderr.isatty())
     click.echo(result.describe())
 
 

@@ -42,15 +42,14 @@ class PublishResult:
 def merge_verify_push(base: Any, adapter: Any, out: str | Path, *, options: MergeOptions | None = None,
                       output_format: str = "hf", verify: bool = False, push: PushSettings | None = None,
                       require_verify: bool = False, progress: bool = False,
-                      echo: Callable[[str], None] | None = None, genai_precision: str = "fp32") -> PublishResult:
+                      echo: Callable[[str], None] | None = None, **format_options: Any) -> PublishResult:
     """Merge into ``out``; verify it (``verify`` or ``require_verify``); push it when all went well."""
     say = echo or (lambda _msg: None)
     verify = verify or require_verify
     if (verify or push is not None) and output_format != "hf":
         raise D2MergeError(f"--verify and --push-to work on a Hugging Face folder, not --format {output_format}",
                            hint="merge with --format hf (the default)")
-    outcome = merge_as(base, adapter, out, format=output_format, options=options, progress=progress,
-                       genai_precision=genai_precision)
+    outcome = merge_as(base, adapter, out, format=output_format, options=options, progress=progress, **format_options)
     report = None
     if verify:
         from d2merge.verify import verify as run_verify

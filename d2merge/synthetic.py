@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-ARCHITECTURES = ("llama", "qwen2", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "gpt2", "qwen3", "mistral")
 
 # Words of the built-in word-level tokenizer; the vocabulary is padded with
 # `tok<N>` entries up to the model's vocab size.
@@ -39,6 +39,15 @@ def tiny_config(arch: str = "llama", *, vocab_size: int = 128, hidden_size: int 
                              num_hidden_layers=num_layers, num_attention_heads=num_heads,
                              num_key_value_heads=num_kv_heads, max_position_embeddings=max_positions,
                              tie_word_embeddings=bool(tie_word_embeddings), **special)
+    elif arch in ("qwen3", "mistral"):
+        from transformers import MistralConfig, Qwen3Config
+
+        kind = Qwen3Config if arch == "qwen3" else MistralConfig
+        extra = {"head_dim": 128} if arch == "qwen3" else {"sliding_window": None}
+        config = kind(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                      max_position_embeddings=max_positions, tie_word_embeddings=bool(tie_word_embeddings),
+                      **extra, **special)
     elif arch == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
                             n_positions=max_positions, n_inner=intermediate_size,
@@ -105,6 +114,7 @@ DEFAULT_TARGETS = {
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),
 }
+DEFAULT_TARGETS["qwen3"] = DEFAULT_TARGETS["mistral"] = DEFAULT_TARGETS["llama"]
 
 
 def adapter_config(method: str, *, r: int = 4, lora_alpha: float = 8.0, target_modules: tuple[str, ...] = ("q_proj",),

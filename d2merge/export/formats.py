@@ -16,7 +16,7 @@ from typing import Any
 from d2merge.errors import D2MergeError
 from d2merge.merge import MergeOptions, MergeResult, merge
 
-FORMATS = ("hf", "safetensors", "onnx", "onnx-genai")
+FORMATS = ("hf", "safetensors", "onnx", "onnx-genai", "gguf")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class ExportOutcome:
     output: Path
     merge: MergeResult
     onnx: Any = None  # OnnxExportResult for format="onnx", GenaiExportResult for "onnx-genai"
+    gguf: Any = None  # GGUFExportResult for format="gguf"
 
     def describe(self) -> str:
         merged = len(self.merge.plan.merged)
@@ -32,13 +33,16 @@ class ExportOutcome:
                 f"[{self.format}] in {self.merge.seconds:.2f}s")
         if self.onnx is not None:
             text += "\n" + self.onnx.describe()
+        if self.gguf is not None:
+            text += "\n" + self.gguf.describe()
         return text
 
 
 def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", options: MergeOptions | None = None,
              progress: bool = False, onnx_opset: int | None = None, onnx_with_past: bool = False,
-             genai_precision: str = "fp32") -> ExportOutcome:
-    """Merge and write ``out`` in the chosen format (``genai_precision``: fp32, fp16 or int4 for onnx-genai)."""
+             genai_precision: str = "fp32", gguf_type: str = "f16", gguf_modelfile: bool = False) -> ExportOutcome:
+    """Merge and write ``out`` in the chosen format (``genai_precision``: fp32, fp16 or int4 for onnx-genai;
+    ``gguf_type`` and ``gguf_modelfile`` for gguf)."""
     options = options or MergeOptions()
     if genai_precision != "fp32" and format != "onnx-genai":
         raise D2MergeError("--precision is for --format onnx-genai", hint="use --dtype for the other formats")
@@ -84,4 +88,10 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
             result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
             built = export_genai(result.output, out_path, precision=genai_precision)
         return ExportOutcome(format, built.output, result, built)
+    if format == "gguf":
+        from d2merge.export.gguf import merge_to_gguf
+
+        result, exported = merge_to_gguf(base, adapter, out, options, gguf_type=gguf_type, progress=progress,
+                                         modelfile=gguf_modelfile)
+        return ExportOutcome(format, exported.output, result, gguf=exported)
     raise D2MergeError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")

@@ -1,0 +1,535 @@
+"""GGUF export: a merged model that llama.cpp, Ollama and LM Studio load, written with gguf-py.
+
+Why gguf-py and not our own writer: it is maintained with llama.cpp, so the key names, tensor
+names (``get_tensor_name_map``) and quantization formats (``gguf.quants``) are the ones
+llama.cpp reads. What d2merge adds is the conversion decisions llama.cpp's converter makes for
+the architectures we support, each checked in tests/test_gguf.py against three independent
+readers (transformers' GGUF loader, llama.cpp itself, and a GGUF llama.cpp wrote):
+
+- Llama and Mistral attention: llama.cpp applies rotary embeddings to interleaved pairs, HF to
+  the two halves of each head, so q/k rows are permuted per head (Qwen2/Qwen3 use NEOX rope
+  in llama.cpp and are written unpermuted).
+- Llama 3 rope scaling: llama.cpp reads per-frequency factors from a ``rope_freqs`` tensor.
+- Byte-level BPE tokenizers (tokenizer.json): tokens, token types, merges, special ids,
+  add_bos/add_eos and the chat template, plus the pre-tokenizer name llama.cpp selects by the
+  sha256 of the tokenization of a fixed probe text (as its converter does). A tokenizer whose
+  pre-tokenizer is not one we have checked is refused, never approximated.
+
+Streaming: every tensor's header entry is computed from shapes alone, the header is written,
+then tensors are read, converted and quantized one at a time, so memory holds one tensor.
+The file is written beside its destination and renamed into place at the end; the bytes
+depend only on the inputs (no timestamps, sorted tensor order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from d2merge import __version__
+from d2merge.errors import D2MergeError
+
+# --gguf-type -> (GGML type of 2-D weights, llama.cpp's general.file_type). Only the types
+# gguf-py can produce in numpy; 1-D tensors (norms, biases) always stay F32, as in llama.cpp.
+GGUF_TYPES: dict[str, tuple[str, int]] = {
+    "f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
+    "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9),
+}
+# HF architectures -> (gguf arch name, q/k permuted for llama.cpp's interleaved rope)
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),  # llama.cpp's converter writes HF Mistral as llama
+    "Qwen2ForCausalLM": ("qwen2", False),
+    "Qwen3ForCausalLM": ("qwen3", False),
+}
+# The probe text llama.cpp's converter tokenizes; the sha256 of the resulting id list names the
+# pre-tokenizer (llama.cpp's convert_hf_to_gguf_update.py keeps the table). Only pre-tokenizers
+# whose tokenizer families we support are listed; anything else is refused.
+PRE_TOKENIZER_PROBE = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you "
+    "sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+KNOWN_PRE_TOKENIZERS: dict[str, str] = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3, 3.1, 3.2
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5, Qwen2, Qwen2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+}
+# gguf token types (gguf.TokenType): written as ints so the table reads without the enum.
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+PROVENANCE_PREFIX = "d2merge."
+
+
+@dataclass(frozen=True)
+class GGUFExportResult:
+    output: Path
+    gguf_type: str
+    architecture: str
+    tensors: int
+    bytes: int
+    seconds: float
+    modelfile: Path | None = None
+
+    def describe(self) -> str:
+        extra = f" + {self.modelfile.name}" if self.modelfile else ""
+        return (f"wrote {self.output}{extra} ({self.architecture}, {self.gguf_type}, {self.tensors} tensors, "
+                f"{self.bytes / 1e6:.1f} MB) in {self.seconds:.1f}s")
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise D2MergeError("GGUF export needs the 'gguf' package", hint="pip install 'd2merge[gguf]'") from None
+    return gguf
+
+
+def check_gguf_type(gguf_type: str) -> str:
+    if gguf_type not in GGUF_TYPES:
+        raise D2MergeError(f"unknown --gguf-type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    return gguf_type
+
+
+# ----- hyperparameters ------------------------------------------------------------------------
+
+
+def _rope(config: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+    """(rope theta, rope scaling dict) from transformers 4.x (rope_scaling) or 5.x (rope_parameters)."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    params["rope_type"] = kind
+    return float(theta), params
+
+
+def llama3_rope_factors(params: Mapping[str, Any], theta: float, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors of Llama 3 rope scaling, the ``rope_freqs`` tensor llama.cpp reads.
+
+    The same wavelength bands transformers uses: high frequencies unchanged, low frequencies
+    divided by ``factor``, a smooth blend in between.
+    """
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    old_context = float(params.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            out.append(1.0)
+        elif wavelen > old_context / low:
+            out.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _head_dim(config: Mapping[str, Any]) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def check_config(config: Mapping[str, Any], path: Path) -> tuple[str, bool]:
+    """(gguf arch, permute q/k) for a supported config; one-line refusal otherwise."""
+    archs = config.get("architectures") or []
+    name = archs[0] if archs else config.get("model_type", "?")
+    if name not in ARCHITECTURES:
+        raise D2MergeError(f"GGUF export does not support architecture {name}", path=path,
+                           hint=f"supported: {', '.join(ARCHITECTURES)}")
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if not isinstance(config.get(key), int):
+            raise D2MergeError(f"config.json has no integer {key}", path=path)
+    if config.get("sliding_window") is not None and config.get("use_sliding_window", True):
+        raise D2MergeError(f"{name} with sliding_window={config['sliding_window']} is not exported: llama.cpp's "
+                           f"{ARCHITECTURES[name][0]} graph attends to the whole context", path=path)
+    if config.get("hidden_act", "silu") != "silu":
+        raise D2MergeError(f"hidden_act {config.get('hidden_act')!r} is not exported (llama.cpp uses silu here)",
+                           path=path)
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise D2MergeError("attention_bias/mlp_bias Llama variants are not exported", path=path)
+    _, rope = _rope(config)
+    if rope["rope_type"] not in ("default", "llama3", "linear"):
+        raise D2MergeError(f"rope type {rope['rope_type']!r} is not exported", path=path,
+                           hint="supported: default, llama3, linear")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise D2MergeError("partial rotary embeddings are not exported", path=path)
+    return ARCHITECTURES[name]
+
+
+def add_hyperparameters(writer: Any, config: Mapping[str, Any], arch: str) -> None:
+    """The keys llama.cpp's loader reads for these architectures (``{arch}.*``)."""
+    gguf = _gguf()
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(int(config.get("max_position_embeddings") or 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+    theta, rope = _rope(config)
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    if config.get("head_dim") is not None:
+        writer.add_key_length(int(config["head_dim"]))
+        writer.add_value_length(int(config["head_dim"]))
+    if arch == "llama":
+        writer.add_vocab_size(config["vocab_size"])
+        writer.add_rope_dimension_count(_head_dim(config))
+
+
+# ----- tokenizer ------------------------------------------------------------------------------
+
+
+def _looks_special(token: str) -> bool:
+    return token.startswith("<|") and token.endswith("|>")
+
+
+def add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
+    """Byte-level BPE from tokenizer.json, or a one-line refusal (never an approximation)."""
+    gguf = _gguf()
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise D2MergeError("GGUF export needs a tokenizer.json (byte-level BPE)", path=folder,
+                           hint="copy the base's tokenizer files into the merged folder")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise D2MergeError(f"unreadable tokenizer.json: {exc}", path=path) from None
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise D2MergeError(f"tokenizer model {model.get('type')!r} without a byte-level pre-tokenizer cannot be "
+                           "converted to GGUF faithfully", path=path,
+                           hint="supported: byte-level BPE tokenizers (Llama 3, Qwen2/Qwen3, SmolLM2)")
+    from transformers import PreTrainedTokenizerFast
+
+    from d2merge.runtime import quiet_transformers
+
+    with quiet_transformers():
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    digest = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_PROBE)).encode()).hexdigest()
+    pre = KNOWN_PRE_TOKENIZERS.get(digest)
+    if pre is None:
+        raise D2MergeError(f"unknown BPE pre-tokenizer (probe hash {digest[:16]}...): llama.cpp would split text "
+                           "differently than this tokenizer", path=path,
+                           hint="supported: Llama 3, Qwen2/Qwen3 and SmolLM2 tokenizers")
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise D2MergeError(f"tokenizer has id {max(vocab.values())} but the model's vocab_size is {vocab_size}",
+                           path=path)
+    by_id = {i: t for t, i in vocab.items()}
+    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+            continue
+        token = by_id[i]
+        if i in added:
+            # llama.cpp matches added tokens before pre-tokenization: special (or <|...|>) ones are
+            # control tokens, the others user-defined.
+            types.append(CONTROL if added[i].special or _looks_special(token) else USER_DEFINED)
+        else:
+            types.append(NORMAL)
+        tokens.append(token)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise D2MergeError("tokenizer.json has no BPE merges", path=path)
+    # What the tokenizer really does, not what a config claims: llama.cpp's defaults for these
+    # differ by pre-tokenizer, so both are always written.
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        configured = AutoTokenizer.from_pretrained(folder)
+    ids = configured("a")["input_ids"]
+    special.add_special_token = {"bos": configured.bos_token_id is not None and ids[:1] == [configured.bos_token_id],
+                                 "eos": configured.eos_token_id is not None and ids[-1:] == [configured.eos_token_id]}
+    special.add_to_gguf(writer, quiet=True)
+    writer.add_add_space_prefix(bool(_byte_level_option(spec.get("pre_tokenizer"), "add_prefix_space")))
+
+
+def _byte_level_option(node: Any, key: str) -> Any:
+    """An option of the ByteLevel step of a (possibly nested Sequence) pre-tokenizer."""
+    if isinstance(node, dict):
+        if node.get("type") == "ByteLevel":
+            return node.get(key)
+        for child in node.get("pretokenizers") or []:
+            found = _byte_level_option(child, key)
+            if found is not None:
+                return found
+    return None
+
+
+# ----- tensors --------------------------------------------------------------------------------
+
+
+def permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF rotates the two halves of each head; llama.cpp rotates interleaved pairs: reorder rows."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2)
+            .reshape(weight.shape))
+
+
+@dataclass(frozen=True)
+class _Planned:
+    source: str | None  # HF tensor name (None: generated, e.g. rope_freqs)
+    name: str
+    shape: tuple[int, ...]
+    qtype: Any
+    nbytes: int
+
+
+def _plan_tensors(names_shapes: list[tuple[str, tuple[int, ...]]], config: Mapping[str, Any], arch: str,
+                  gguf_type: str, path: Path) -> list[_Planned]:
+    gguf = _gguf()
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    mapping = gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"])
+    weight_type = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[gguf_type][0])
+    tied = bool(config.get("tie_word_embeddings", False))
+    planned = []
+    for name, shape in names_shapes:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == "lm_head.weight" and tied:
+            continue  # llama.cpp ties output to token_embd when output.weight is absent
+        target = mapping.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise D2MergeError(f"no GGUF name for this tensor in llama.cpp's {arch} layout", path=path, tensor=name)
+        planned.append(_plan_one(name, target, shape, weight_type))
+    if not tied and "lm_head.weight" not in {n for n, _ in names_shapes}:
+        raise D2MergeError("config says untied embeddings but there is no lm_head.weight", path=path)
+    theta, rope = _rope(config)
+    if rope["rope_type"] == "llama3":
+        planned.append(_planned_f32(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                                    (_head_dim(config) // 2,)))
+    return planned
+
+
+def _planned_f32(source: str | None, name: str, shape: tuple[int, ...]) -> _Planned:
+    gguf = _gguf()
+    return _Planned(source, name, shape, gguf.GGMLQuantizationType.F32, 4 * math.prod(shape))
+
+
+def _plan_one(source: str, name: str, shape: tuple[int, ...], weight_type: Any) -> _Planned:
+    gguf = _gguf()
+    if len(shape) < 2 or weight_type == gguf.GGMLQuantizationType.F32:
+        return _planned_f32(source, name, shape)
+    block, _ = gguf.GGML_QUANT_SIZES[weight_type]
+    if shape[-1] % block:
+        # a row that is not a whole number of blocks cannot be quantized: F16, as llama.cpp does
+        weight_type = gguf.GGMLQuantizationType.F16
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, weight_type)
+    return _Planned(source, name, shape, weight_type, math.prod(byte_shape))
+
+
+def _encode(tensor: torch.Tensor, qtype: Any) -> np.ndarray:
+    gguf = _gguf()
+    data = tensor.detach().to(torch.float32).contiguous().numpy()
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return data
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, qtype)
+
+
+# ----- the export -----------------------------------------------------------------------------
+
+
+def provenance_from_folder(folder: Path) -> dict[str, str]:
+    """What an export from a merged folder can say about its source: the sha256 of its weights."""
+    from d2merge.io.output import sha256_file
+
+    hashes = {f"merged/{p.name}": sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+    return {"sources": json.dumps(hashes, sort_keys=True)}
+
+
+def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type: str = "f16",
+                overwrite: bool = False, provenance: Mapping[str, str] | None = None, name: str | None = None,
+                modelfile: bool = False, progress: bool = False) -> GGUFExportResult:
+    """Write the causal LM in the HF folder ``merged`` as one GGUF file at ``out``.
+
+    ``provenance`` (method, settings, sources, ...) lands under ``d2merge.*`` keys beside
+    ``d2merge.version``; without it the sha256 of the folder's weight files is recorded.
+    ``modelfile`` also writes an Ollama ``Modelfile`` next to the GGUF.
+    """
+    from d2merge.io.checkpoint import open_base
+    from d2merge.io.output import TEMP_MARKER, check_output_location, disk_error, remove_stale_temps
+
+    gguf = _gguf()
+    check_gguf_type(gguf_type)
+    started = time.perf_counter()
+    folder = Path(merged)
+    out_path = Path(out)
+    if out_path.suffix != ".gguf":
+        raise D2MergeError("a GGUF output must end in .gguf", path=out_path, hint="name it like model.gguf")
+    checkpoint = open_base(folder)
+    if checkpoint.folder is None or checkpoint.config is None:
+        raise D2MergeError("GGUF export needs a Hugging Face folder with config.json", path=folder)
+    config = checkpoint.config
+    arch, permute = check_config(config, folder / "config.json")
+    out_path = check_output_location(out_path, [folder], overwrite=overwrite, is_file=True)
+    names = sorted(checkpoint.tensors.keys())
+    planned = _plan_tensors([(n, tuple(checkpoint.tensors.info(n)[1])) for n in names], config, arch, gguf_type,
+                            folder)
+
+    remove_stale_temps(out_path)
+    temp = out_path.parent / f".{out_path.name}{TEMP_MARKER}{os.getpid()}"
+    writer = gguf.GGUFWriter(temp, arch)
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or out_path.stem)
+        total = sum(math.prod(p.shape) for p in planned if p.source is not None)
+        writer.add_size_label(gguf.size_label(total, total, 0, 0))
+        add_hyperparameters(writer, config, arch)
+        writer.add_file_type(GGUF_TYPES[gguf_type][1])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_tokenizer(writer, checkpoint.folder, config["vocab_size"])
+        writer.add_string(PROVENANCE_PREFIX + "version", __version__)
+        writer.add_string(PROVENANCE_PREFIX + "gguf_type", gguf_type)
+        for key, value in sorted((provenance or provenance_from_folder(folder)).items()):
+            writer.add_string(PROVENANCE_PREFIX + key, str(value))
+        for item in planned:
+            writer.add_tensor_info(item.name, item.shape, np.float32, item.nbytes, raw_dtype=item.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for item in _progress(planned, progress):
+            writer.write_tensor_data(_tensor_bytes(item, checkpoint, config, permute))
+        writer.close()
+        try:
+            os.replace(temp, out_path)
+        except OSError as exc:
+            raise disk_error(exc, out_path) from None
+    except OSError as exc:
+        raise disk_error(exc, out_path) from None
+    finally:
+        writer.close()
+        temp.unlink(missing_ok=True)
+    written_modelfile = write_modelfile(out_path, checkpoint.folder) if modelfile else None
+    return GGUFExportResult(out_path, gguf_type, arch, len(planned), out_path.stat().st_size,
+                            time.perf_counter() - started, written_modelfile)
+
+
+def _progress(items: list[_Planned], enabled: bool) -> Iterator[_Planned]:
+    from tqdm.auto import tqdm
+
+    yield from tqdm(items, desc="writing GGUF", unit="tensor", disable=not enabled, leave=False)
+
+
+def _tensor_bytes(item: _Planned, checkpoint: Any, config: Mapping[str, Any], permute: bool) -> np.ndarray:
+    if item.source is None:  # rope_freqs
+        theta, rope = _rope(config)
+        return llama3_rope_factors(rope, theta, _head_dim(config))
+    tensor = checkpoint.tensors.read(item.source)
+    if permute and item.source.endswith(("q_proj.weight", "q_proj.bias")):
+        tensor = permute_for_llama_cpp(tensor, config["num_attention_heads"])
+    elif permute and item.source.endswith(("k_proj.weight", "k_proj.bias")):
+        tensor = permute_for_llama_cpp(tensor, int(config.get("num_key_value_heads")
+                                                   or config["num_attention_heads"]))
+    data = _encode(tensor, item.qtype)
+    if data.nbytes != item.nbytes:
+        raise D2MergeError(f"encoded {data.nbytes} bytes, planned {item.nbytes}", tensor=item.source)
+    return data
+
+
+def write_modelfile(gguf_path: Path, folder: Path) -> Path:
+    """An Ollama Modelfile beside the GGUF: FROM it; Ollama reads the chat template from the GGUF."""
+    from d2merge.io.output import write_text
+
+    target = gguf_path.with_name("Modelfile")
+    lines = [f"FROM ./{gguf_path.name}"]
+    generation = folder / "generation_config.json"
+    if generation.is_file():
+        try:
+            settings = json.loads(generation.read_text(encoding="utf-8"))
+        except ValueError:
+            settings = {}
+        for key in ("temperature", "top_p", "top_k"):
+            if isinstance(settings.get(key), (int, float)) and settings.get("do_sample"):
+                lines.append(f"PARAMETER {key} {settings[key]}")
+    write_text(target, "\n".join(lines) + "\n")
+    return target
+
+
+def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any = None, *,
+                  gguf_type: str = "f16", progress: bool = False, modelfile: bool = False
+                  ) -> tuple[Any, GGUFExportResult]:
+    """Merge in fp32 into a temp folder beside ``out``, then export it; the GGUF records the merge.
+
+    The temp folder costs one fp32 copy of the model on disk, never in memory: both the merge
+    and the export stream one tensor at a time.
+    """
+    import tempfile
+
+    from d2merge.io.output import check_output_location
+    from d2merge.merge import MergeOptions, card_info, merge
+
+    check_gguf_type(gguf_type)
+    options = options or MergeOptions()
+    out_path = Path(out)
+    if out_path.suffix != ".gguf":
+        raise D2MergeError("a GGUF output must end in .gguf", path=out_path, hint="name it like model.gguf")
+    check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite,
+                          is_file=True)
+    with tempfile.TemporaryDirectory(prefix=".d2merge-gguf-", dir=out_path.absolute().parent) as scratch:
+        fp32 = MergeOptions(**{**options.__dict__, "dtype": "fp32", "overwrite": False})
+        result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
+        info = card_info(result.plan, result.source_hashes)
+        provenance = {"method": info.method, "settings": json.dumps(dict(info.settings), sort_keys=True, default=str),
+                      "sources": json.dumps(dict(info.source_hashes), sort_keys=True),
+                      "base_model": info.base_model or ""}
+        exported = export_gguf(result.output, out_path, gguf_type=gguf_type, overwrite=options.overwrite,
+                               provenance={k: v for k, v in provenance.items() if v}, progress=progress,
+                               modelfile=modelfile)
+    return result, exported
+
+
+# ----- reading back ---------------------------------------------------------------------------
+
+
+def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A GGUF as a transformers model (dequantized, q/k permutation undone): what verify runs."""
+    from transformers import AutoModelForCausalLM
+
+    from d2merge.runtime import quiet_transformers
+
+    path = Path(path)
+    if not path.is_file():
+        raise D2MergeError("GGUF file not found", path=path)
+    _gguf()
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Every key/value of a GGUF file (arrays as lists), for comparisons and inspection."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(Path(path))
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def tensor_table(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{GGUF tensor name: (ggml shape, type name)}."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(Path(path))
+    return {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors}
+
+
+ProgressHook = Callable[[str], None]
