@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -161,3 +162,31 @@ def test_majority_example_uses_its_rng_only() -> None:
     import random
 
     assert majority_example(random.Random(9)) == majority_example(random.Random(9))
+
+
+def test_train_on_user_text_and_mc_data(tiny_bases: Any, tmp_path: Path) -> None:
+    """Any causal LM with its tokenizer: plain text (next-token loss) and a user MC JSONL, progress bar off."""
+    base = tiny_bases("gpt2")  # Conv1D layers, tied embeddings: not the task base
+    text = train_adapter(base, tmp_path / "text", "lora", data=["the cat is red and the dog is blue"] * 4,
+                         steps=3, batch_size=2, target_modules=("c_attn",), max_length=8, progress=False)
+    assert text.accuracy_before is None and len(text.losses) == 3
+    assert load_adapter(text.adapter).method.name == "lora"
+    items = [MCExample("the cat is", ("red", "blue"), i % 2) for i in range(12)]
+    data = write_jsonl(tmp_path / "mc.jsonl", items)
+    mc = train_adapter(base, tmp_path / "mc", "d2lora", data=data, eval_size=4, steps=2, batch_size=4,
+                       target_modules=("c_attn",), progress=False, eval_out=tmp_path / "held.jsonl")
+    assert mc.eval_examples == 4 and mc.accuracy_after is not None and len(read_jsonl(mc.eval_set)) == 4
+    with pytest.raises(D2MergeError, match="leave none for training"):
+        train_adapter(base, tmp_path / "x", data=data, eval_size=12, steps=1)
+
+
+def test_english_task_split_keeps_facts_apart() -> None:
+    from d2merge.english_task import FAMILIES, split
+
+    train, held_out = split()
+    assert len(held_out) == 200 and len(train) > 150
+    assert not {e.prompt for e in train} & {e.prompt for e in held_out}
+    assert all(len(e.choices) == 4 and len(set(e.choices)) == 4 for e in train + held_out)
+    assert {e.prompt.split()[1] for e in held_out} == {"capital", "opposite", "plural", "plus"}
+    assert split() == split() and split("plurals", held_out=10)[1][0].prompt.startswith("The plural of")
+    assert len(FAMILIES) == 4
