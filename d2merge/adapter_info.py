@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,15 @@ class AdapterInfo:
     num_parameters: int
     modules: tuple[ModuleInfo, ...]
     replaced: tuple[str, ...]
+    # adapter_config.json fields that act on the weights, each with its value (methods/fields.py).
+    honoured_fields: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
         return {
             "path": str(self.path), "method": self.method, "peft_type": self.peft_type, "r": self.r,
             "lora_alpha": self.lora_alpha, "options": self.options, "target_modules": self.target_modules,
             "num_parameters": self.num_parameters, "replaced": list(self.replaced),
+            "honoured_fields": self.honoured_fields,
             "modules": [{"module": m.module, "layer_kind": m.layer_kind, "rank": m.rank, "scale": m.scale,
                          "update_norm": m.update_norm} for m in self.modules],
         }
@@ -49,7 +53,9 @@ class AdapterInfo:
         lines = [f"adapter      {self.path}",
                  f"method       {self.method} (peft_type {self.peft_type}), {ranks}, alpha={self.lora_alpha:g}{opts}",
                  f"targets      {self.target_modules}",
-                 f"parameters   {self.num_parameters:,} in {len(self.modules)} modules"]
+                 f"parameters   {self.num_parameters:,} in {len(self.modules)} modules",
+                 "fields       " + ", ".join(f"{k}={json.dumps(v)}" for k, v in self.honoured_fields.items())
+                 + " (honoured; every other field is weight-neutral)"]
         if self.replaced:
             lines.append(f"replaced     {', '.join(self.replaced)} (full tensors: modules_to_save / base_layer)")
         width = max((len(m.module) for m in self.modules), default=6)
@@ -74,4 +80,5 @@ def inspect_adapter(adapter: Adapter | str | Path, *, allow_pickle: bool = False
         modules.append(ModuleInfo(name, entry.layer_kind, rank, settings.scale, norm))
     target = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules or [])
     return AdapterInfo(adapter.path, method.name, config.peft_type, config.r, config.lora_alpha, dict(config.options),
-                       target, adapter.num_parameters(), tuple(modules), tuple(sorted(adapter.replacements)))
+                       target, adapter.num_parameters(), tuple(modules), tuple(sorted(adapter.replacements)),
+                       {name: config.raw[name] for name in config.honoured_fields})

@@ -130,19 +130,14 @@ def load_unmerged(base: str | Path, adapter: Adapter | str | Path, *, dtype: tor
 
 
 def _targets(model: nn.Module, config: AdapterConfig) -> Iterator[tuple[str, nn.Module]]:
-    """Modules matched by ``target_modules`` as PEFT matches them (list: name suffix; string: full regex)."""
-    import re
+    """Modules matched by ``target_modules`` / ``exclude_modules`` as PEFT matches them (methods.matching)."""
+    from d2merge.methods.matching import is_target
 
-    targets = config.target_modules
+    exclude = config.raw.get("exclude_modules")
     for name, module in model.named_modules():
         if not name or isinstance(module, AdapterLayer) or not hasattr(module, "weight"):
             continue
-        if isinstance(targets, str):
-            matched = re.fullmatch(targets, name) is not None
-        elif targets:
-            matched = any(name == t or name.endswith("." + t) for t in targets)
-        else:
-            matched = False
+        matched = is_target(config.target_modules, name, exclude)
         if matched and getattr(module, "weight", None) is not None and module.weight.ndim == 2:
             yield name, module
 

@@ -124,12 +124,26 @@ def _sort_keys(keys: list[str], method: Method, config: AdapterConfig
         else:
             if ".base_layer." in rest:
                 replacements[rest.replace(".base_layer.", ".")] = key
-            elif any(rest == f"{m}.{p}" or rest.endswith(f".{m}.{p}") or rest.startswith(f"{m}.")
-                     for m in config.modules_to_save for p in ("weight", "bias")):
+            elif _is_module_to_save(rest, config.modules_to_save):
                 replacements[rest.replace(".modules_to_save.", ".").replace(".original_module.", ".")] = key
+            elif config.raw.get("bias") == "all" and rest.endswith(".bias"):
+                # bias "all": PEFT saves every trained bias of the model under its own name.
+                replacements[rest] = key
             else:
                 unknown.append(key)
     return modules, replacements, unknown
+
+
+def _is_module_to_save(rest: str, modules_to_save: tuple[str, ...]) -> bool:
+    """PEFT's ``_set_trainable`` match: the module name ends with the entry, a plain suffix.
+
+    So ``"norm"`` names ``model.norm`` and every ``*_layernorm`` too, and PEFT saves them all.
+    """
+    module, _, param = rest.rpartition(".")
+    if param not in ("weight", "bias") or not module:
+        return False
+    module = module.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
+    return any(module.endswith(m) for m in modules_to_save)
 
 
 def write_adapter(folder: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
 from d2merge.errors import D2MergeError
@@ -9,6 +10,7 @@ from d2merge.methods.base import EMBEDDING, LINEAR, AdapterConfig, Method, Modul
 from d2merge.methods.d2lora import D2LoRA
 from d2merge.methods.dora import DoRA
 from d2merge.methods.dual_lora import DualLoRA
+from d2merge.methods.fields import check_fields
 from d2merge.methods.lora import LoRA
 
 METHODS: dict[str, Method] = {m.name: m for m in (D2LoRA(), DualLoRA(), LoRA(), DoRA())}
@@ -46,7 +48,9 @@ def parse_adapter_config(raw: Mapping[str, Any], source: str = "adapter_config.j
     if not isinstance(raw, Mapping):
         raise D2MergeError("adapter config must be a JSON object", path=source, hint=CONFIG_HINT)
     try:
-        return method_for_config(raw, source).parse_config(raw, source)
+        method = method_for_config(raw, source)
+        honoured = check_fields(raw, method.peft_type, source)
+        return replace(method.parse_config(raw, source), honoured_fields=honoured)
     except D2MergeError as exc:
         if exc.hint:
             raise

@@ -9,7 +9,6 @@ builds the runtime module for the unmerged forward. Nothing outside
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from d2merge.errors import D2MergeError
+from d2merge.methods import matching
 
 LINEAR = "linear"
 EMBEDDING = "embedding"
@@ -40,6 +40,8 @@ class AdapterConfig:
     format_version: str | None = None
     # Method-specific settings (tau, norm_axis, r_mag, ...), validated by the method.
     options: Mapping[str, Any] = field(default_factory=dict)
+    # The fields of adapter_config.json that act on the weights, as honoured (see methods/fields.py).
+    honoured_fields: tuple[str, ...] = field(default=(), compare=False)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -60,12 +62,13 @@ class ModuleSettings:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
+def pattern_key(patterns: Mapping[str, Any], module: str, field: str = "pattern") -> str | None:
     """The pattern that applies to ``module``, matched as PEFT does: a regex on a dotted suffix."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+    return matching.pattern_key(patterns, module, field=field)
+
+
+# Scales and alphas multiply float32 tensors: beyond this torch raises instead of giving inf.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _number(raw: Mapping[str, Any], name: str, source: str, *, default: Any = None, positive: bool = False,
@@ -116,6 +119,9 @@ class Method:
         alpha = _number(raw, "lora_alpha", source, default=rank if isinstance(rank, int) else None)
         if alpha == 0:
             raise D2MergeError("field 'lora_alpha' must be non-zero", path=source)
+        if abs(alpha) > FLOAT32_MAX:
+            raise D2MergeError(f"field 'lora_alpha' is {alpha:g}, beyond float32 range (3.4e38), in which the "
+                               "merge computes", path=source)
         target = raw.get("target_modules")
         if isinstance(target, list):
             target = tuple(str(t) for t in target)
@@ -126,17 +132,15 @@ class Method:
         for name, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
             if not isinstance(patterns, dict):
                 raise D2MergeError(f"field '{name}' must be an object, got {patterns!r}", path=source)
-            for key in patterns:
-                try:
-                    re.compile(rf"(.*\.)?({key})$")  # as pattern_key matches it
-                except re.error as exc:
-                    raise D2MergeError(f"{name} key {key!r} is not a valid pattern: {exc}", path=source) from None
+            matching.check_pattern_keys(patterns, name, source)
         for key in rank_pattern:
             self.parse_rank({**raw, **self.rank_override(rank_pattern[key])}, source)
         for key, value in alpha_pattern.items():
             _number({"alpha_pattern": value}, "alpha_pattern", source)
             if value == 0:
                 raise D2MergeError(f"alpha_pattern['{key}'] must be non-zero", path=source)
+            if abs(value) > FLOAT32_MAX:
+                raise D2MergeError(f"alpha_pattern['{key}'] is {value:g}, beyond float32 range (3.4e38)", path=source)
         modules_to_save = raw.get("modules_to_save") or ()
         if not isinstance(modules_to_save, (list, tuple)) or not all(isinstance(m, str) for m in modules_to_save):
             raise D2MergeError("field 'modules_to_save' must be a list of module names", path=source)
@@ -174,11 +178,11 @@ class Method:
                         fan_in_fan_out: bool | None = None) -> ModuleSettings:
         """Resolve rank, alpha and scale for one module (rank/alpha patterns applied)."""
         raw = dict(config.raw)
-        key = pattern_key(config.rank_pattern, module)
+        key = pattern_key(config.rank_pattern, module, "rank_pattern")
         if key is not None:
             raw.update(self.rank_override(config.rank_pattern[key]))
         rank = self.parse_rank(raw, "adapter_config.json")
-        alpha_key = pattern_key(config.alpha_pattern, module)
+        alpha_key = pattern_key(config.alpha_pattern, module, "alpha_pattern")
         alpha = config.alpha_pattern[alpha_key] if alpha_key is not None else config.lora_alpha
         options = dict(config.options)
         if not isinstance(rank, int):
