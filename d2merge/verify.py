@@ -168,6 +168,9 @@ class DtypeResult:
     copied_mismatched: list[str]
     missing_tensors: list[str]
     failures: list[str]
+    # Tensors of the plan an exported MERGED (GGUF, onnxruntime-genai) does not store exactly in any
+    # dtype (quantized blocks, fused graphs): judged by their logits only.
+    not_checked: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -584,10 +587,13 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
                                hint="pass --prompts FILE")
         probes = random_probes(vocab_size, count=options.num_probes, length=options.probe_length, seed=options.seed)
 
-    if merged is not None:
+    exported = open_exported(merged) if merged is not None else None
+    if exported is not None:
+        columns: list[tuple[str, Path | None]] = [(exported.label, Path(merged))]  # type: ignore[arg-type]
+    elif merged is not None:
         merged_ckpt = open_base(merged, allow_pickle=options.allow_pickle)
         probe_plan = build_plan(base_ckpt, adapter_obj, tied_embeddings=options.tied_embeddings)
-        columns: list[tuple[str, Path | None]] = [(stored_dtype(probe_plan, merged_ckpt), merged_ckpt.location)]
+        columns = [(stored_dtype(probe_plan, merged_ckpt), merged_ckpt.location)]
     else:
         columns = [(name, None) for name in parse_dtypes(dtypes or ("fp32",))]
 
@@ -604,6 +610,10 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     temp_root = Path(tempfile.mkdtemp(prefix="d2merge-verify-")) if merged is None else None
     try:
         for dtype, folder in columns:
+            if exported is not None:
+                results.append(_verify_exported(exported, base_ckpt, adapter_obj, probes, reference_logits,
+                                                examples, tokenizer, unmerged_scores, thresholds, options, say))
+                continue
             if folder is None:
                 assert temp_root is not None
                 say(f"merging into a temp folder ({dtype})")
@@ -639,6 +649,66 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     return VerifyReport(base=str(base_ckpt.location), adapter=str(adapter_obj.path), method=adapter_obj.method.name,
                         probes=probes.description, mc_eval=None if mc_eval is None else str(mc_eval),
                         options=options, results=results)
+
+
+# ----- exported models (GGUF, onnxruntime-genai) as MERGED -------------------------------------
+
+
+def open_exported(merged: str | Path) -> Any | None:
+    """The verify adapter of a GGUF file or an onnxruntime-genai folder, None for a merged HF folder.
+
+    The adapter (``d2merge.export.gguf.GGUFForVerify``, ``d2merge.export.onnx_genai.GenaiForVerify``)
+    gives the column label, loads the model, maps back the exactly stored weights and sets the limits.
+    """
+    path = Path(merged)
+    if path.is_file() and path.suffix == ".gguf":
+        from d2merge.export.gguf import gguf_for_verify
+
+        return gguf_for_verify(path)
+    if path.is_dir() and (path / "genai_config.json").is_file():
+        from d2merge.export.onnx_genai import genai_for_verify
+
+        return genai_for_verify(path)
+    return None
+
+
+def _verify_exported(exported: Any, base_ckpt: BaseCheckpoint, adapter_obj: Adapter, probes: Probes,
+                     reference_logits: torch.Tensor, examples: Sequence[MCExample] | None, tokenizer: Any,
+                     unmerged_scores: Any, thresholds: Mapping[str, float | None] | None, options: VerifyOptions,
+                     say: Callable[[str], None]) -> DtypeResult:
+    """One column for an exported model: its logits (and MC scores), and its exactly stored weights."""
+    label = exported.label
+    say(f"loading {exported.path} ({label})")
+    model = exported.load_model()
+    layers: list[LayerCheck] = []
+    copied, mismatched, missing = 0, [], []
+    merge_plan = build_plan(base_ckpt, adapter_obj, dtype="fp32", tied_embeddings=options.tied_embeddings)
+    weights = exported.weights(model)
+    if weights is not None:
+        say(f"checking the stored weights against fp64 ({label})")
+        checkpoint = BaseCheckpoint(exported.path, None, weights, None, (exported.path,))
+        layers, copied, mismatched, missing = check_weights(merge_plan, checkpoint)
+        not_checked = [name for name in missing if name in weights.quantized]
+        missing = [name for name in missing if name not in weights.quantized]
+    else:
+        not_checked = [item.name for item in merge_plan.tensors]
+    real = probes.attention_mask.bool()
+    limits = exported.thresholds(float(reference_logits[real].abs().max()))
+    if thresholds:
+        thresholds_for("fp32", thresholds)  # the same refusal of unknown names
+        limits = replace(limits, **{k: float(v) for k, v in thresholds.items() if v is not None})
+    say(f"running the exported model ({label})")
+    logits = compare_logits(model, probes, reference_logits, options.batch_size)
+    mc = None
+    if examples is not None:
+        merged_scores = choice_scores(model, tokenizer, examples, reduction=options.mc_score,
+                                      batch_size=options.batch_size)
+        mc = mc_result(examples, unmerged_scores, merged_scores)
+    del model
+    gc.collect()
+    failures = judge(limits, logits, mc, layers, mismatched, missing)
+    return DtypeResult(label, str(exported.path), limits, logits, mc, layers,
+                       copied, mismatched, missing, failures, not_checked)
 
 
 # ----- tables ---------------------------------------------------------------------------------
@@ -692,6 +762,8 @@ def format_report(report: VerifyReport) -> str:
     row("max weight abs error", [_fmt_sci(r.max_abs_error) for r in results])
     row("max weight error (ulp)", [f"{r.max_ulp_error:.3g}" for r in results])
     row("copied tensors exact", [f"{r.copied_checked - len(r.copied_mismatched)}/{r.copied_checked}" for r in results])
+    if any(r.not_checked for r in results):
+        row("tensors by logits only", [str(len(r.not_checked)) for r in results])
     summaries = [method_summary(r.layers) for r in results]
     for key in dict.fromkeys(k for s in summaries for k in s):
         row(f"{report.method}: {key}", [f"{s[key]:.6g}" if key in s else "-" for s in summaries])
