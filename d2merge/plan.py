@@ -77,6 +77,11 @@ class MergePlan:
     def base_weight_file(self, item: TensorPlan) -> Path:
         return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).file_of(item.source)
 
+    def source_files(self) -> dict[str, Path]:
+        """The files this merge reads, by the label the model card shows (``adapter/...``, ``base/...``)."""
+        files = [self.adapter.weights_file, self.adapter.path / "adapter_config.json", *self.base.weight_files]
+        return {(f"adapter/{p.name}" if p.parent == self.adapter.path else f"base/{p.name}"): p for p in files}
+
     @property
     def total_bytes(self) -> int:
         return sum(t.out_bytes for t in self.tensors)

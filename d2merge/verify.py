@@ -434,7 +434,7 @@ def check_weights(merge_plan: MergePlan, merged: BaseCheckpoint
 
     Returns (per-layer checks, copied tensors checked, copied tensors that differ, missing tensors).
     """
-    from d2merge.merge import compute_tensor
+    from d2merge.engine import compute_tensor
 
     stored_names = set(merged.tensors.keys())
     layers: list[LayerCheck] = []
