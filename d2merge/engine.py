@@ -22,7 +22,6 @@ import torch
 from d2merge.errors import D2MergeError
 from d2merge.io.output import disk_error
 from d2merge.io.safetensors_file import StreamingWriter, dtype_size
-from d2merge.methods import EMBEDDING
 from d2merge.plan import MergePlan, TensorPlan
 
 
@@ -114,7 +113,7 @@ def _compute(merge_plan: MergePlan, item: TensorPlan, device: torch.device, comp
     w0 = merge_plan.base_weight(item, buffers.read_buffer(item_bytes(item)))
     storage, out = _output_tensor(buffers, item)
     blockwise = (device.type == "cpu" and compute_dtype == torch.float32 and w0.ndim == 2
-                 and not (settings.fan_in_fan_out or settings.layer_kind == EMBEDDING)
+                 and not settings.transposed
                  and method.row_separable(settings))
     if not blockwise:
         merged = method.merged_weight(w0.to(device), {k: v.to(device) for k, v in factors.items()}, settings,

@@ -13,13 +13,16 @@ PACKAGE = ROOT / "d2merge"
 # What each layer may import from d2merge (function-level imports count too: a lazy import
 # upwards is still an upward import).
 ALLOWED = {
+    "d2merge.errors": (),
+    "d2merge.dtypes": (),
+    "d2merge.sizes": ("d2merge.errors",),
     "d2merge.methods": ("d2merge.errors", "d2merge.methods"),
     "d2merge.io.safetensors_file": ("d2merge.errors",),
     "d2merge.io.checkpoint": ("d2merge.errors", "d2merge.io"),
     "d2merge.io.adapter": ("d2merge.errors", "d2merge.io", "d2merge.methods"),
     "d2merge.io.output": ("d2merge.errors",),
     "d2merge.io.source_hashes": ("d2merge.errors", "d2merge.io"),
-    "d2merge.plan": ("d2merge.errors", "d2merge.io", "d2merge.methods"),
+    "d2merge.plan": ("d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.io", "d2merge.methods"),
     "d2merge.engine": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.plan"),
     "d2merge.export.model_card": ("d2merge",),
     "d2merge.export.hf_folder": ("d2merge.errors", "d2merge.io", "d2merge.plan", "d2merge.engine",

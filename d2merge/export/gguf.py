@@ -37,6 +37,7 @@ import torch
 
 from d2merge import __version__
 from d2merge.errors import D2MergeError
+from d2merge.sizes import format_size
 
 # --gguf-type -> (GGML type of 2-D weights, llama.cpp's general.file_type). Only the types
 # gguf-py can produce in numpy; 1-D tensors (norms, biases) always stay F32, as in llama.cpp.
@@ -84,7 +85,7 @@ class GGUFExportResult:
     def describe(self) -> str:
         extra = f" + {self.modelfile.name}" if self.modelfile else ""
         return (f"wrote {self.output}{extra} ({self.architecture}, {self.gguf_type}, {self.tensors} tensors, "
-                f"{self.bytes / 1e6:.1f} MB) in {self.seconds:.1f}s")
+                f"{format_size(self.bytes)}) in {self.seconds:.1f}s")
 
 
 def _gguf() -> Any:
