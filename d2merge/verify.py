@@ -294,7 +294,11 @@ def load_base_tokenizer(base: BaseCheckpoint, why: str) -> Any:
 
 
 def _batches(probes: Probes, batch_size: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    for start in range(0, probes.input_ids.shape[0], batch_size):
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal, nothing in a pipe or a CI log.
+    for start in tqdm(range(0, probes.input_ids.shape[0], batch_size), desc="probes", unit="batch",
+                      disable=None, leave=False):
         rows = slice(start, start + batch_size)
         yield rows, probes.input_ids[rows], probes.attention_mask[rows]
 
@@ -434,12 +438,14 @@ def check_weights(merge_plan: MergePlan, merged: BaseCheckpoint
 
     Returns (per-layer checks, copied tensors checked, copied tensors that differ, missing tensors).
     """
+    from tqdm.auto import tqdm
+
     from d2merge.engine import compute_tensor
 
     stored_names = set(merged.tensors.keys())
     layers: list[LayerCheck] = []
     copied, mismatched, missing = 0, [], []
-    for item in merge_plan.tensors:
+    for item in tqdm(merge_plan.tensors, desc="weights vs fp64", unit="tensor", disable=None, leave=False):
         if item.name not in stored_names:
             missing.append(item.name)
             continue
