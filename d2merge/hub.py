@@ -28,6 +28,7 @@ from typing import Any
 
 from d2merge import __version__
 from d2merge.errors import D2MergeError
+from d2merge.sizes import format_size
 
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
@@ -236,16 +237,6 @@ def format_push(result: PushResult) -> str:
         if result.pr_url:
             lines.append(f"pull request: {result.pr_url}")
     return "\n".join(lines)
-
-
-def format_size(size: int) -> str:
-    """Decimal units, as the Hub shows them."""
-    if size < 1000:
-        return f"{size} B"
-    value, units = size / 1000, ["kB", "MB", "GB", "TB"]
-    while value >= 1000 and len(units) > 1:
-        value, units = value / 1000, units[1:]
-    return f"{value:.1f} {units[0]}"
 
 
 # -- folder helpers -------------------------------------------------------------------------------

@@ -30,19 +30,19 @@ import torch
 from torch import nn
 
 from d2merge import __version__
+from d2merge.dtypes import FLOAT_DTYPES
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
-from d2merge.methods import EMBEDDING
 from d2merge.plan import DTYPE_ALIASES, MergePlan, TensorPlan, build_plan
 from d2merge.tasks import MCExample, accuracy, choice_scores, load_tokenizer, predictions, read_jsonl
 
 SCHEMA_VERSION = 1
-VERIFY_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VERIFY_DTYPES: dict[str, torch.dtype] = {n: d.torch_dtype for n, d in FLOAT_DTYPES.items()}
 DTYPE_LABELS = {v: k for k, v in VERIFY_DTYPES.items()}
 # Explicit mantissa bits and smallest normal exponent: what "one ulp" means for each output dtype.
-MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
-MIN_NORMAL_EXPONENT = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
+MANTISSA_BITS = {d.torch_dtype: d.mantissa_bits for d in FLOAT_DTYPES.values()}
+MIN_NORMAL_EXPONENT = {d.torch_dtype: d.min_normal_exponent for d in FLOAT_DTYPES.values()}
 
 
 @dataclass(frozen=True)
@@ -417,7 +417,7 @@ def reference_merge(merge_plan: MergePlan, item: TensorPlan
     w0 = merge_plan.base_weight(item).double()
     factors = {k: v.double() for k, v in adapter.factors(item.module).items()}
     reference = method.merged_weight(w0, factors, settings, compute_dtype=torch.float64)
-    transposed = settings.fan_in_fan_out or settings.layer_kind == EMBEDDING
+    transposed = settings.transposed
     update = method.update(factors, settings)
     update = (update.T if transposed else update).abs()
     # Entries of a low-rank product are sums of r products about rms(dW) in size; where they
@@ -434,7 +434,7 @@ def check_weights(merge_plan: MergePlan, merged: BaseCheckpoint
 
     Returns (per-layer checks, copied tensors checked, copied tensors that differ, missing tensors).
     """
-    from d2merge.merge import compute_tensor
+    from d2merge.engine import compute_tensor
 
     stored_names = set(merged.tensors.keys())
     layers: list[LayerCheck] = []

@@ -61,6 +61,15 @@ class ModuleSettings:
     fan_in_fan_out: bool
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def transposed(self) -> bool:
+        """Whether the base weight is stored (in, out), the transpose of the formula's (out, in).
+
+        GPT-2's Conv1D (``fan_in_fan_out``) and embeddings (num_embeddings, dim)
+        both store it so; every formula works on (out, in).
+        """
+        return self.fan_in_fan_out or self.layer_kind == EMBEDDING
+
 
 def pattern_key(patterns: Mapping[str, Any], module: str, field: str = "pattern") -> str | None:
     """The pattern that applies to ``module``, matched as PEFT does: a regex on a dotted suffix."""
@@ -220,6 +229,17 @@ class Method:
         """The rank the stored tensors imply (compared against the config by the planner)."""
         raise NotImplementedError
 
+    # How the rank is named in tables ("r=8"); Dual LoRA has two.
+    rank_name: ClassVar[str] = "r"
+
+    def configured_rank(self, settings: ModuleSettings) -> Any:
+        """The rank the config gives a module, in the form :meth:`rank_of` returns."""
+        return settings.r
+
+    def rank_text(self, rank: Any) -> str:
+        """A rank (from :meth:`rank_of` or :meth:`configured_rank`) as tables print it."""
+        return str(rank)
+
     # ----- math ---------------------------------------------------------------------------
     # Factors indexed by output row (B factors, magnitudes): sliced when merging a block of rows.
     row_factors: ClassVar[frozenset[str]] = frozenset()
@@ -231,17 +251,12 @@ class Method:
         The formula works on ``W`` of shape (out, in); layers stored transposed
         (fan_in_fan_out, embeddings) are transposed in and out here.
         """
-        transposed = settings.fan_in_fan_out or settings.layer_kind == EMBEDDING
+        transposed = settings.transposed
         w = w0.to(compute_dtype, copy=True)
         w = w.T if transposed else w
         factors = {name: t.to(compute_dtype) for name, t in tensors.items()}
         merged = self.merge_rows_(w, factors, settings, slice(None))
         return (merged.T if transposed else merged).contiguous()
-
-    def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
-                       settings: ModuleSettings) -> torch.Tensor:
-        """The merged weight for ``w0`` of shape (out, in), leaving ``w0`` untouched."""
-        return self.merge_rows_(w0.clone(), factors, settings, slice(None))
 
     def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
                     rows: slice) -> torch.Tensor:
@@ -269,6 +284,32 @@ class Method:
     def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
         """Method-specific figures for verify (norm ratios, sign margins): none by default."""
         return {}
+
+    # ----- initialisation -----------------------------------------------------------------
+    # The "down" factors (PEFT's A): drawn at random for training while every other factor starts
+    # at zero, so a fresh adapter is exactly the base model.
+    random_init_tensors: ClassVar[frozenset[str]] = frozenset()
+
+    def init_factors(self, shapes: Mapping[str, tuple[int, ...]], *,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Fresh factors for training, as PEFT's ``LoraVariant.init``: each A Kaiming-uniform, each B zero.
+
+        Each random factor gets its own draw, so D2-LoRA's two branches differ.
+        A method whose other factors need a start value (DoRA's magnitude from
+        the base weight) sets it in its runtime module.
+        """
+        factors: dict[str, torch.Tensor] = {}
+        for name, shape in shapes.items():
+            if name in self.random_init_tensors:
+                bound = (3.0 / shape[1]) ** 0.5
+                factors[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+            else:
+                factors[name] = torch.zeros(shape)
+        return factors
+
+    def example_config(self, r: int) -> dict[str, Any]:
+        """The method's own ``adapter_config.json`` fields for a fresh adapter of rank ``r``."""
+        return {"peft_type": self.peft_type, "r": r}
 
     # ----- runtime ------------------------------------------------------------------------
     def runtime_module(self, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,

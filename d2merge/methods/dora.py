@@ -19,6 +19,18 @@ from d2merge.methods.runtime import AdapterLayer
 MAGNITUDE = "lora_magnitude_vector"
 
 
+def row_norms(v: torch.Tensor) -> torch.Tensor:
+    """||V|| per output row, accumulated in fp64 and returned in ``v``'s dtype.
+
+    As D2-LoRA's norms (``D2LoRA.norms``): the sum of squares over a row of
+    thousands of weights loses fp32 ulps, and the ratio multiplies every element
+    of the row, so the accumulation is the merge's largest rounding term.
+    """
+    if v.dtype == torch.float64:
+        return torch.linalg.vector_norm(v, dim=1)
+    return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64).to(v.dtype)
+
+
 class DoRA(LoRA):
     name = "dora"
     peft_type = "LORA"
@@ -36,8 +48,7 @@ class DoRA(LoRA):
     def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
                     rows: slice) -> torch.Tensor:
         v = w.addmm_(factors["lora_B"][rows], factors["lora_A"], alpha=settings.scale)
-        norm = torch.linalg.vector_norm(v, dim=1)
-        return v.mul_((factors[MAGNITUDE][rows] / norm)[:, None])
+        return v.mul_((factors[MAGNITUDE][rows] / row_norms(v))[:, None])
 
     def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
         v = w0 + self.low_rank(factors, settings)
