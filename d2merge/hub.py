@@ -276,10 +276,9 @@ def _is_hidden(relpath: str) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise D2MergeError(f"unreadable JSON ({exc})", path=path, hint="the file is truncated or not JSON") from None
+    from d2merge.io.json_file import read_json
+
+    data = read_json(path, path.name)
     if not isinstance(data, dict):
         raise D2MergeError("expected a JSON object", path=path)
     return data

@@ -870,6 +870,60 @@ def _(ws: Workspace) -> list[str]:
     return ws.merge_args("--max-shard-size", "5 parsecs")
 
 
+# ---- hostile folders (issue 10) -----------------------------------------------------------------
+
+
+def add_custom_code(folder: Path, marker: Path, where: str = "config.json") -> None:
+    """An auto_map pointing at Python in the folder that, if transformers imported it, creates ``marker``.
+
+    The model_type is one transformers does not know, so only the folder's own code could load it:
+    that is the case where transformers asks "Do you wish to run the custom code? [y/N]".
+    """
+    (folder / "configuration_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('code from the model folder ran')\n"
+        "from transformers import PretrainedConfig\n\n\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil-net'\n")
+    (folder / "tokenization_evil.py").write_text((folder / "configuration_evil.py").read_text())
+    path = folder / where
+    data = json.loads(path.read_text())
+    if where == "config.json":
+        data.update(model_type="evil-net", auto_map={"AutoConfig": "configuration_evil.EvilConfig",
+                                                     "AutoModelForCausalLM": "configuration_evil.EvilConfig"})
+    else:
+        data.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})
+    path.write_text(json.dumps(data))
+
+
+CODE_REFUSED = r"has an auto_map: the folder ships its own code"
+
+
+@case("custom-code-base-verify", CODE_REFUSED, "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker)
+    return ["verify", str(ws.base), str(ws.adapter), "--num-probes", "1", "--probe-length", "4"]
+
+
+@case("custom-code-base-bench", CODE_REFUSED, "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker)
+    return ["bench", str(ws.base), str(ws.adapter), "--variants", "base", "--batch-sizes", "1", "--seq-lens", "4",
+            "--decode-tokens", "0", "--warmup", "0", "--repeats", "1"]
+
+
+@case("custom-code-merged-export-onnx", CODE_REFUSED, "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker)
+    return ["export-onnx", str(ws.base), "-o", str(ws.root / "model.onnx")]
+
+
+@case("custom-code-tokenizer-verify-prompts", CODE_REFUSED, "base/tokenizer_config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker, "tokenizer_config.json")
+    (ws.root / "prompts.txt").write_text("hello\n")
+    return ["verify", str(ws.base), str(ws.adapter), "--prompts", str(ws.root / "prompts.txt"),
+            "--num-probes", "1", "--probe-length", "4"]
+
+
 # -- paths that must work -------------------------------------------------------------------------
 
 

@@ -435,3 +435,70 @@ def test_unreachable_endpoint_in_a_real_process_never_shows_the_token(merged_fol
         if not debug:
             assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert_no_token([out, err], merged_folder, home, tmp_path)
+
+
+# -- never run code from a model folder (issue 10, finding 1) -------------------------------------
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_a_user_saying_yes_still_runs_no_folder_code(where: str, templates: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers asks "Do you wish to run the custom code? [y/N]"; here stdin answers y to every prompt.
+
+    d2merge must refuse the folder before anything can ask: the prompt is never shown, the folder's
+    code never imported (its marker file stays absent), and the one line names the auto_map.
+    """
+    from malformed import add_custom_code
+
+    prompts: list[str] = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": prompts.append(prompt) or "y")
+    ws = Workspace(tmp_path, templates)
+    ws.copy("base")
+    ws.copy("adapter")
+    add_custom_code(ws.base, ws.marker, where)
+    (tmp_path / "prompts.txt").write_text("hello\n")
+    loaders = [["verify", ws.base, ws.adapter, "--prompts", tmp_path / "prompts.txt", "--probe-length", "4"],
+               ["export-onnx", ws.base, "-o", tmp_path / "model.onnx"]]
+    if where == "config.json":
+        loaders.append(["bench", ws.base, ws.adapter, "--variants", "base", "--batch-sizes", "1", "--seq-lens", "4",
+                        "--decode-tokens", "0", "--warmup", "0", "--repeats", "1"])
+    for argv in loaders:
+        code, out, err = run_cli(argv, capsys, monkeypatch)
+        assert code == 2, err
+        assert err.count("\n") == 1 and "auto_map" in err and where in err, err
+    assert prompts == []
+    assert not ws.marker.exists(), "code from the model folder ran"
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_library_loaders_refuse_folder_code(where: str, templates: Path, tmp_path: Path) -> None:
+    from malformed import add_custom_code
+
+    from d2merge.io.transformers_folder import load_config, load_model, load_tokenizer
+
+    ws = Workspace(tmp_path, templates)
+    ws.copy("base")
+    add_custom_code(ws.base, ws.marker, where)
+    for load in (load_model, load_tokenizer, load_config):
+        with pytest.raises(D2MergeError, match="auto_map"):
+            load(ws.base)
+    assert not ws.marker.exists()
+
+
+def test_transformers_is_called_from_one_loader_only() -> None:
+    """Every from_pretrained goes through d2merge.io.transformers_folder (trust_remote_code=False there)."""
+    import re
+
+    calls = []
+    for path in sorted((REPO_ROOT / "d2merge").rglob("*.py")):
+        if path.name == "transformers_folder.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if re.search(r"\.from_pretrained\(", code) and not re.search(r"""['"][^'"]*from_pretrained""", code):
+                calls.append(f"{path.relative_to(REPO_ROOT)}:{number}")
+    assert calls == []
+    source = (REPO_ROOT / "d2merge" / "io" / "transformers_folder.py").read_text()
+    assert source.count(".from_pretrained(") == source.count("trust_remote_code=False)") == 4

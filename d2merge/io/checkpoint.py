@@ -16,14 +16,13 @@ from typing import Any, Protocol
 import torch
 
 from d2merge.errors import D2MergeError
+from d2merge.io.json_file import JSON_HINT, MAX_JSON_BYTES, read_json, read_text  # noqa: F401 (re-exported)
 from d2merge.io.safetensors_file import SafetensorsFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-MAX_JSON_BYTES = 64 * 1024 * 1024
 PICKLE_HINT = ("pickle can run code when loaded; convert the file to safetensors, "
                "or pass --allow-pickle if you trust its origin")
-JSON_HINT = "fix the file or download it again"
 _NOT_FOUND_HINT = "check the path; a Hub repo id (owner/name) must already be in the local Hugging Face cache"
 
 
@@ -32,34 +31,6 @@ class TensorSource(Protocol):
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]: ...
     def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor: ...
     def file_of(self, name: str) -> Path: ...
-
-
-def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> str:
-    """A small UTF-8 text file (configs, prompts, eval sets), with one-line errors naming it."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > max_bytes:
-            raise D2MergeError(f"{what} is larger than {max_bytes} bytes", path=path, hint=JSON_HINT)
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise D2MergeError(f"{what} not found", path=path, hint="check the path; the folder may be incomplete") from None
-    except UnicodeDecodeError:
-        raise D2MergeError(f"{what} is not UTF-8 text", path=path, hint=JSON_HINT) from None
-    except IsADirectoryError:
-        raise D2MergeError(f"{what} is a folder, not a file", path=path, hint="pass the file itself") from None
-    except OSError as exc:
-        raise D2MergeError(f"cannot read {what}: {exc.strerror or exc}", path=path,
-                           hint="check that the file exists and is readable") from None
-
-
-def read_json(path: Path, what: str) -> Any:
-    """A small JSON file, with one-line errors naming it."""
-    text = read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise D2MergeError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})", path=path,
-                           hint=JSON_HINT) from None
 
 
 class SafetensorsFiles:
