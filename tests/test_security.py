@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import socket
 import struct
 import subprocess
@@ -503,3 +504,49 @@ def test_transformers_is_called_from_one_loader_only() -> None:
     source = (REPO_ROOT / "d2merge" / "io" / "transformers_folder.py").read_text()
     loads = [line for line in source.splitlines() if ".from_pretrained(" in line]
     assert len(loads) == 4 and all("trust_remote_code=False" in line for line in loads)
+
+
+# -- only files from inside the base folder travel (issue 10, finding 3) --------------------------
+
+
+def test_support_file_links_out_of_the_base_are_not_copied_or_pushed(templates: Path, tmp_path: Path, hub_env: Path,
+                                                                       capsys: pytest.CaptureFixture[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "elsewhere" / "token"
+    secret.parent.mkdir()
+    secret.write_text(TOKEN)
+    ws = Workspace(tmp_path / "case", templates)
+    ws.root.mkdir()
+    ws.copy("base")
+    ws.copy("adapter")
+    (ws.base / "LICENSE").symlink_to(secret)  # ln -s ~/.cache/huggingface/token base/LICENSE
+    (ws.base / "additional_chat_templates").symlink_to(secret.parent, target_is_directory=True)
+    (secret.parent / "tool.jinja").write_text(TOKEN)
+    (ws.base / "NOTICE").write_text("a real notice")  # a regular file inside the base: copied
+    (ws.base / "tokenizer.json").mkdir()  # not a regular file
+    code, out, err = run_cli(ws.merge_args(), capsys, monkeypatch)
+    assert code == 0, err
+    assert "note: not copied from the base folder: " in out
+    assert "LICENSE (a link to a file outside the base folder)" in out
+    assert "additional_chat_templates/tool.jinja (a link" in out and "tokenizer.json (not a regular file)" in out
+    assert sorted(p.name for p in ws.out.iterdir()) == ["NOTICE", "README.md", "config.json", "model.safetensors",
+                                                        "tokenizer_config.json"]
+    code, out, err = run_cli(["push", ws.out, "me/merged", "--dry-run"], capsys, monkeypatch)
+    assert code == 0, err
+    import re
+
+    assert re.search(r"^\W*LICENSE\b", out, re.M) is None, out  # not in the file list (the card's note names it)
+    assert_no_token([out, err], ws.out)
+
+
+def test_push_refuses_a_link_out_of_the_folder(merged_folder: Path, tmp_path: Path, hub_env: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = Path(shutil.copytree(merged_folder, tmp_path / "merged"))
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN)
+    (folder / "LICENSE").symlink_to(secret)
+    code, out, err = run_cli(["push", folder, "me/merged", "--dry-run"], capsys, monkeypatch)
+    assert code == 2
+    assert "LICENSE: a link to a file outside the folder; refusing to send it" in err
+    assert_no_token([out, err])

@@ -15,7 +15,7 @@ from typing import Any
 from d2merge.errors import D2MergeError
 
 MAX_JSON_BYTES = 64 * 1024 * 1024
-MAX_INT_DIGITS = 100  # no count, size or offset d2merge reads needs more than 20
+MAX_INT_DIGITS = 1000  # far below int()'s own 4300-digit limit; no count or offset needs more than 20
 JSON_HINT = "fix the file or download it again"
 
 

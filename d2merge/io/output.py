@@ -186,13 +186,43 @@ def write_text(path: Path, text: str) -> None:
         raise disk_error(exc, path) from None
 
 
-def copy_support_files(source_folder: Path | None, destination: Path) -> list[str]:
-    """Copy tokenizer, generation config, templates and licence files; returns the names copied."""
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def support_files(source_folder: Path | None, weight_files: Iterable[Path] = ()) -> tuple[list[str], list[str]]:
+    """The support files a merge copies, and the ones it skips, each with the reason.
+
+    A name such as LICENSE may be a symlink to anything (``ln -s ~/.cache/huggingface/token
+    LICENSE``), and a merged folder is pushed to the Hub as it is. So a file is copied only when
+    it is a regular file that resolves inside the base folder, or inside the folder the base's
+    own weights resolve into (the Hub cache keeps a snapshot's files as links into ``blobs/``).
+    """
     if source_folder is None:
-        return []
-    names = [n for n in COPIED_FILES if (source_folder / n).is_file()]
+        return [], []
+    trusted = {source_folder.resolve(), *(Path(w).resolve().parent for w in weight_files)}
+    candidates = [n for n in COPIED_FILES if (source_folder / n).exists() or (source_folder / n).is_symlink()]
     for pattern in COPIED_PATTERNS:
-        names += sorted(str(p.relative_to(source_folder)) for p in source_folder.glob(pattern) if p.is_file())
+        candidates += sorted(str(p.relative_to(source_folder)) for p in source_folder.glob(pattern))
+    names, skipped = [], []
+    for name in candidates:
+        path = source_folder / name
+        resolved = path.resolve()
+        if not any(_inside(resolved, folder) for folder in trusted):
+            skipped.append(f"{name} (a link to a file outside the base folder)")
+        elif not resolved.is_file():
+            skipped.append(f"{name} (not a regular file)")
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def copy_support_files(source_folder: Path | None, destination: Path, weight_files: Iterable[Path] = ()) -> list[str]:
+    """Copy tokenizer, generation config, templates and licence files; returns the names copied.
+
+    Only what :func:`support_files` allows; the merge plan lists the skipped ones as a note.
+    """
+    names, _ = support_files(source_folder, weight_files)
     for name in names:
         target = destination / name
         try:
