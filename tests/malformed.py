@@ -924,6 +924,88 @@ def _(ws: Workspace) -> list[str]:
             "--num-probes", "1", "--probe-length", "4"]
 
 
+# ---- quantized bases (issue 10, finding 5) ------------------------------------------------------
+
+QUANTIZED = r"the base is quantized \(.*\).*merge into the original 16-bit"
+Q0_WEIGHT = f"{Q0}.weight"
+
+
+def _rewrite_base(ws: Workspace, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors = base_tensors()
+    edit(tensors)
+    _base_st(ws).unlink()
+    save_tensors(_base_st(ws), tensors, {"format": "pt"})
+
+
+def _int8_with_scb(tensors: dict[str, torch.Tensor]) -> None:
+    """bitsandbytes LLM.int8: int8 codes per row and a float scale per row (SCB)."""
+    for name in [n for n in tensors if n.endswith("_proj.weight")]:
+        w = tensors[name]
+        scale = w.abs().amax(dim=1)
+        tensors[name] = torch.round(w / scale[:, None] * 127).to(torch.int8)
+        tensors[name.replace(".weight", ".SCB")] = scale
+
+
+@case("base-bnb-int8-with-quantization-config", r"the base is quantized \(config.json has a quantization_config\)",
+      "base/config.json")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, _int8_with_scb)
+    config = base_config()
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (ws.base / "config.json").write_text(json.dumps(config))
+
+
+@case("base-bnb-int8-without-config", r"the base is quantized \(int8 weights\)", "base/model.safetensors", Q0_WEIGHT)
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, _int8_with_scb)
+
+
+@case("base-int8-weights-only", r"the base is quantized \(int8 weights\)", "base/model.safetensors", Q0_WEIGHT)
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({Q0_WEIGHT: torch.zeros(HIDDEN, HIDDEN, dtype=torch.int8)}))
+
+
+def _fp8(tensors: dict[str, torch.Tensor]) -> None:
+    tensors[Q0_WEIGHT] = tensors[Q0_WEIGHT].to(torch.float8_e4m3fn)
+
+
+@case("base-fp8-weights-dtype-bf16", r"the base is quantized \(float8_e4m3fn weights\)", "base/model.safetensors",
+      Q0_WEIGHT)
+def _(ws: Workspace) -> list[str]:
+    _rewrite_base(ws, _fp8)
+    return ws.merge_args("--dtype", "bf16")
+
+
+@case("base-fp8-weights-default-dtype", r"the base is quantized \(float8_e4m3fn weights\)", "base/model.safetensors",
+      Q0_WEIGHT)
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, _fp8)
+
+
+@case("base-fp8-with-block-scales", QUANTIZED, "base/model.safetensors", f"{Q0}.weight_scale_inv")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({f"{Q0}.weight_scale_inv": torch.ones(1, 1)}))
+
+
+@case("base-gptq-qweight", QUANTIZED, "base/model.safetensors", f"{Q0}.qweight")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({f"{Q0}.qweight": torch.zeros(2, HIDDEN, dtype=torch.int32)}))
+
+
+@case("base-bnb-4bit-absmax", QUANTIZED, "base/model.safetensors", f"{Q0}.weight.absmax")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({f"{Q0}.weight.absmax": torch.ones(4)}))
+
+
+@case("base-quantized-verify", r"the base is quantized \(config.json has a quantization_config\)",
+      "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    config = base_config()
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (ws.base / "config.json").write_text(json.dumps(config))
+    return ["verify", str(ws.base), str(ws.adapter), "--num-probes", "1", "--probe-length", "4"]
+
+
 # -- paths that must work -------------------------------------------------------------------------
 
 

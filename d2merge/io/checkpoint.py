@@ -164,8 +164,48 @@ def resolve_location(spec: str | Path) -> Path:
     raise D2MergeError("path not found", path=spec, hint=_NOT_FOUND_HINT)
 
 
+# Tensors that only quantized checkpoints hold: bitsandbytes (SCB, absmax, quant_map, quant_state),
+# FP8 block scales (weight_scale_inv), compressed-tensors (weight_scale, input_scale), GPTQ/AWQ.
+QUANTIZATION_TENSORS = ("SCB", "weight_scale_inv", "weight_scale", "input_scale", "absmax", "nested_absmax",
+                        "quant_map", "nested_quant_map", "qweight", "qzeros", "g_idx", "weight_packed")
+QUANTIZED_HINT = "merge into the original 16-bit (bf16/fp16/fp32) base model, then quantize the merged model"
+
+
+def refuse_quantized(base: BaseCheckpoint) -> None:
+    """Refuse a quantized base: adding an update to integer codes or fp8 values gives a wrong model.
+
+    A quantized weight is codes plus scales; the merge formula needs the real weight, and writing
+    the codes back as if they were weights (448 where 0.07 was meant) would be a silent error.
+    """
+    config = base.config or {}
+    parts = [config] + [v for v in config.values() if isinstance(v, dict)]
+    for part in parts:
+        if part.get("quantization_config") is not None:
+            raise D2MergeError("the base is quantized (config.json has a quantization_config)",
+                               path=base.location / "config.json" if base.folder else base.location,
+                               hint=QUANTIZED_HINT)
+    for name in base.tensors.keys():
+        dtype = base.tensors.info(name)[0]
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in QUANTIZATION_TENSORS or name.endswith(".weight.absmax") or ".quant_state." in name:
+            raise D2MergeError("the base is quantized (it holds quantization scales)", path=base.tensors.file_of(name),
+                               tensor=name, hint=QUANTIZED_HINT)
+        if dtype.is_floating_point and dtype.itemsize == 1:
+            raise D2MergeError(f"the base is quantized ({str(dtype).replace('torch.', '')} weights)",
+                               path=base.tensors.file_of(name), tensor=name, hint=QUANTIZED_HINT)
+        if leaf == "weight" and not dtype.is_floating_point and not dtype.is_complex:
+            raise D2MergeError(f"the base is quantized ({str(dtype).replace('torch.', '')} weights)",
+                               path=base.tensors.file_of(name), tensor=name, hint=QUANTIZED_HINT)
+
+
 def open_base(spec: str | Path, *, allow_pickle: bool = False) -> BaseCheckpoint:
-    """Open a base model; reads headers and config only, never tensor data."""
+    """Open a base model; reads headers and config only, never tensor data. Quantized bases are refused."""
+    base = _open_base(spec, allow_pickle=allow_pickle)
+    refuse_quantized(base)
+    return base
+
+
+def _open_base(spec: str | Path, *, allow_pickle: bool = False) -> BaseCheckpoint:
     location = resolve_location(spec)
     if location.is_file():
         if location.suffix == ".safetensors":
