@@ -1006,6 +1006,38 @@ def _(ws: Workspace) -> list[str]:
     return ["verify", str(ws.base), str(ws.adapter), "--num-probes", "1", "--probe-length", "4"]
 
 
+# ---- --overwrite replaces only what d2merge wrote (issue 10, finding 6) ---------------------------
+
+NOT_OURS = r"--overwrite replaces only a folder that d2merge wrote"
+
+
+@case("overwrite-a-project-folder", r"the output folder was not written by d2merge \(it holds NOTES.md\).*" + NOT_OURS,
+      "project")
+def _(ws: Workspace) -> list[str]:
+    project = ws.root / "project"  # cd my-project && d2merge merge ... -o . --overwrite
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('my work')\n")
+    (project / "NOTES.md").write_text("notes\n")
+    return ws.merge_args("--overwrite", out=project)
+
+
+@case("overwrite-a-merge-with-a-file-added", r"holds a file d2merge did not write: my-eval.jsonl.*" + NOT_OURS, "out")
+def _(ws: Workspace) -> list[str]:
+    from d2merge.merge import merge
+
+    merge(ws.base, ws.adapter, ws.out)
+    (ws.out / "my-eval.jsonl").write_text("{}\n")
+    return ws.merge_args("--overwrite")
+
+
+@case("overwrite-with-a-forged-marker", r"the output folder was not written by d2merge", "out")
+def _(ws: Workspace) -> list[str]:
+    ws.out.mkdir()
+    (ws.out / "thesis.tex").write_text("years of work")
+    (ws.out / ".d2merge-output.json").write_text('{"files": "everything"}')
+    return ws.merge_args("--overwrite")
+
+
 # -- paths that must work -------------------------------------------------------------------------
 
 

@@ -217,10 +217,16 @@ def test_pickle_adapter_is_accepted_with_allow_pickle(env: Env, cli_runner: Any)
 
 
 def test_existing_output_is_replaced_with_overwrite(env: Env, cli_runner: Any) -> None:
+    """--overwrite replaces an earlier d2merge output; a folder holding anything else is refused (issue 10)."""
     case = existing_output(env)
     result = cli_runner([*case.argv, "--overwrite", "-q"])
+    assert result.code == 2 and "keep.txt" in result.err and (case.out / "keep.txt").is_file(), result.err
+    (case.out / "keep.txt").unlink()  # an empty folder holds nothing to lose
+    assert cli_runner([*case.argv, "--overwrite", "-q"]).code == 0
+    (case.out / "config.json").write_text("{}")  # a file d2merge wrote, changed since: still d2merge's
+    result = cli_runner([*case.argv, "--overwrite", "-q"])
     assert result.code == 0, result.err
-    assert not (case.out / "keep.txt").exists() and (case.out / "config.json").is_file()
+    assert (case.out / "config.json").read_text() != "{}"
 
 
 @pytest.mark.parametrize("name", ["unknown-peft-type", "nan-in-adapter"])

@@ -486,7 +486,7 @@ def test_merge_push_to_with_require_verify_pushes_a_verified_card(base_and_adapt
     assert pushed["README.md"] == (out / "README.md").read_bytes()
     card = pushed["README.md"].decode()
     assert "## Verification (merged vs unmerged)" in card and "PASS" in card
-    assert set(pushed) == {p.name for p in out.iterdir()}
+    assert set(pushed) == {p.name for p in out.iterdir() if not p.name.startswith(".")}
     assert TOKEN not in stdout + err
 
 

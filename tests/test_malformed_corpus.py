@@ -297,14 +297,14 @@ def test_symlinked_and_relative_paths_work(paths, templates: Path, reference_out
     assert out.is_dir() and not out.is_symlink()
     produced = {p.name: p.read_bytes() for p in out.iterdir()}
     if paths.id == "base-as-a-single-file":  # a bare .safetensors base has no config or tokenizer to copy
-        assert sorted(produced) == ["README.md", "model.safetensors"]
+        assert sorted(produced) == [".d2merge-output.json", "README.md", "model.safetensors"]
     else:
         assert sorted(produced) == sorted(reference_output)
     # Weights and config are byte-identical to the plain-path merge (the card may name sources differently).
     for name in produced:
-        if name != "README.md":
+        if name not in ("README.md", ".d2merge-output.json"):
             assert produced[name] == reference_output[name], name
-    assert [p for p in ws.root.rglob("*") if ".d2merge-" in p.name] == []
+    assert [p for p in ws.root.rglob("*") if ".d2merge-" in p.name and p.name != ".d2merge-output.json"] == []
     assert not (ws.root / MARKER).exists()
 
 
