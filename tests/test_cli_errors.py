@@ -238,3 +238,23 @@ def test_subprocess_error_has_no_traceback(name: str, env: Env) -> None:
     proc = subprocess.run([sys.executable, "-m", "d2merge.cli", *case.argv], capture_output=True, text=True,
                           cwd=env.tmp_path, env=environment, timeout=120)
     assert_clean_failure(case, proc.returncode, proc.stdout, proc.stderr, needles, None)
+
+
+def test_a_bug_in_d2merge_has_its_own_exit_code(env: Env, cli_runner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 2 means bad input; an internal error exits 3 with one line asking for a --debug report (issue 10)."""
+    import d2merge.cli
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(d2merge.cli, "plan_merge", broken)
+    case = existing_output(env)
+    for debug in ([], ["--debug"]):
+        result = cli_runner([*debug, *case.argv, "--dry-run"])
+        assert result.code == 3, result.err
+        last = result.err.splitlines()[-1]
+        assert last.startswith("d2merge: internal error: ZeroDivisionError: division by zero")
+        assert "please report it" in last and "--debug" in last
+        assert ("Traceback" in result.err) == bool(debug)
+        if not debug:
+            assert len(result.err.splitlines()) == 1
