@@ -3,7 +3,8 @@
 Each command lives in this one file as a thin wrapper; the work is done by the
 library functions it calls, so everything here is scriptable from Python too.
 Errors the user can fix are one line on stderr with exit code 2; a verification
-that ran and failed its thresholds exits 1; tracebacks appear only with --debug.
+that ran and failed its thresholds exits 1; a bug in d2merge exits 3; tracebacks
+appear only with --debug.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from d2merge.merge import plan as plan_merge
 from d2merge.verify import VerifyOptions, option_help, threshold_defaults, verify
 
 _DEBUG = {"on": bool(os.environ.get("D2MERGE_DEBUG"))}
+INTERNAL_ERROR_EXIT = 3  # not 2: a CI job must tell a d2merge bug from a bad input
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -47,7 +49,8 @@ def cli(debug: bool) -> None:
       d2merge merge ./base ./adapter -o ./merged --dry-run   # the plan, nothing written
       d2merge merge ./base ./adapter -o ./merged      # streaming fp32 merge
       d2merge verify ./base ./adapter ./merged        # merged vs unmerged, exit 1 on drift
-    Exit codes: 0 ok, 1 verification thresholds exceeded, 2 bad input or environment.
+    Exit codes: 0 ok, 1 verification thresholds exceeded, 2 bad input or environment,
+    3 a bug in d2merge (please report it with --debug).
     """
     if debug:
         _DEBUG["on"] = True
@@ -511,16 +514,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("d2merge: interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # a bug in d2merge: still one line unless --debug
+    except Exception as exc:  # a bug in d2merge, not the user's input: its own exit code
         if _DEBUG["on"]:
             traceback.print_exc()
-        else:
-            click.echo(
-                f"d2merge: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
-                "(rerun with --debug for the traceback)",
-                err=True,
-            )
-        sys.exit(2)
+        click.echo(
+            f"d2merge: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+            "(this is a bug in d2merge, not in your input: please report it with the output of the same "
+            "command rerun with --debug)",
+            err=True,
+        )
+        sys.exit(INTERNAL_ERROR_EXIT)
     sys.exit(0)
 
 

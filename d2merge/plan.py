@@ -283,6 +283,11 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
         else:
             plans.append(TensorPlan(name, source, "copy", tuple(shape), in_dtype, out_dtype))
     plans, shard_names = _assign_shards(plans, shard_limit)
+    from d2merge.io.output import support_files
+
+    _, skipped = support_files(base.folder, base.weight_files)
+    if skipped:
+        notes.append(f"not copied from the base folder: {', '.join(skipped)}")
     dtype_label = out_dtype_name if target_dtype is not None else _auto_label(plans)
     if target_dtype is not None:
         config_updates["dtype"] = BY_TORCH[target_dtype].config_name

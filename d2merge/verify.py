@@ -562,6 +562,7 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     ``echo`` receives one line per stage (the CLI sends them to stderr).
     """
     from d2merge.merge import merge
+    from d2merge.io.transformers_folder import refuse_custom_code
     from d2merge.runtime import attach_adapter
 
     options = replace(options or VerifyOptions(), **overrides) if overrides else (options or VerifyOptions())
@@ -570,6 +571,9 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
         raise D2MergeError("--dtypes merges on the fly; it cannot be combined with a MERGED folder",
                            hint="drop MERGED to compare fresh merges per dtype, or drop --dtypes")
     base_ckpt = open_base(base, allow_pickle=options.allow_pickle)
+    for folder in (base_ckpt.folder, None if merged is None else open_base(merged).folder):
+        if folder is not None:  # before any work: transformers loads both folders later
+            refuse_custom_code(folder)
     adapter_obj: Adapter = load_adapter(adapter, allow_pickle=options.allow_pickle)
     examples = read_jsonl(mc_eval) if mc_eval is not None else None
     tokenizer = None
