@@ -193,6 +193,14 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
             return tied_pair[0]  # transformers loads a tied lm_head from the embedding, whatever is stored
         if weight_name in infos:
             return weight_name
+        renamed = _renamed_on_load(config.get("model_type"))
+        if renamed:
+            raise D2MergeError(f"{what} '{weight_name.rsplit('.', 1)[0]}' is named as transformers holds this "
+                               f"'{config.get('model_type')}' model in memory, but its checkpoint stores the tensors "
+                               f"under other names ({renamed}), which d2merge does not map",
+                               path=adapter.weights_file, tensor=tensor,
+                               hint="merge with PEFT's merge_and_unload, or target modules whose names the "
+                                    "checkpoint keeps (attention projections)")
         raise D2MergeError(f"{what} '{weight_name.rsplit('.', 1)[0]}' is not in the base model",
                            path=adapter.weights_file, tensor=tensor,
                            hint="was the adapter trained on another base model?")
@@ -337,6 +345,25 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
     if target_dtype is not None:
         config_updates["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[target_dtype]
     return MergePlan(base, adapter, tuple(plans), tuple(shard_names), dtype_label, config_updates, tuple(notes))
+
+
+def _renamed_on_load(model_type: Any) -> str | None:
+    """What transformers renames or fuses when it loads a checkpoint of ``model_type`` (None: nothing)."""
+    if not isinstance(model_type, str):
+        return None
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return None
+    mapping = get_checkpoint_conversion_mapping(model_type) or []
+    shown = []
+    for transform in mapping:
+        sources = getattr(transform, "source_patterns", None)
+        targets = getattr(transform, "target_patterns", None)
+        if sources and targets:
+            first = lambda v: (v[0] if isinstance(v, (list, tuple)) else v).strip(".")  # noqa: E731
+            shown.append(f"{first(sources)} -> {first(targets)}")
+    return "; ".join(shown[:3]) or None
 
 
 def _token_settings(adapter: Adapter, module: str, keys: dict[str, str], base_shape: tuple[int, ...]

@@ -104,6 +104,10 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
             raise D2MergeError(f"module '{module_name}' is not in the model", path=adapter.weights_file,
                                hint="was the adapter trained on another base model?") from None
         kind = adapter.modules[module_name].layer_kind
+        if kind == LINEAR and not (isinstance(layer, nn.Linear) or _is_conv1d(layer)):
+            raise D2MergeError(f"module '{module_name}' is a {type(layer).__name__}, not a linear layer, so its "
+                               "unmerged forward is not base(x) + B(A(x))", path=adapter.weights_file,
+                               hint="merge with PEFT's merge_and_unload")
         settings = method.module_settings(config, module_name, kind,
                                           config.fan_in_fan_out if kind == LINEAR else False)
         if kind == TOKENS:

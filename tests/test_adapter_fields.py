@@ -75,7 +75,7 @@ def test_a_field_of_another_method_is_refused(lora_adapter: Any, cli_runner: Any
     ({"lora_bias": "yes"}, "lora_bias: value 'yes' is not true or false"),
     ({"trainable_token_indices": [3, 5]}, "trainable_token_indices is set but the adapter holds no trained rows"),
     ({"trainable_token_indices": ["cat"]}, "trainable_token_indices: ['cat'] is neither"),
-    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
+    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "LoRA on a fused MoE expert parameter"),
     ({"layer_replication": [[0, 2]]}, "layer_replication"),
     ({"use_qalora": True}, "use_qalora"),
     ({"lora_alpha": 1e300}, "field 'lora_alpha' is 1e+300, beyond float32 range"),

@@ -108,6 +108,19 @@ def _token_indices(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None
             "write it as PEFT does")
 
 
+def _target_parameters(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
+    if value in (None, []):
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return f"target_parameters: {value!r} is not a list of parameter names", "write it as PEFT does"
+    fused = [v for v in value if not v.endswith(".weight")]
+    if not fused:
+        return None  # LoRA on a layer's 2-D weight: PEFT's delta is the plain s * B @ A
+    return (f"target_parameters {fused[0]!r}: LoRA on a fused MoE expert parameter; transformers 5 fuses experts "
+            "in memory but saves them per expert (w1/w2/w3), and PEFT's keys do not name the parameter, so d2merge "
+            "does not merge it", "merge with PEFT's merge_and_unload and save_pretrained")
+
+
 def _bias(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
     return None if value in ("none", "all", "lora_only") else (
         f"bias: value {value!r} is not one PEFT defines", "accepted: 'none', 'all', 'lora_only'")
@@ -172,8 +185,9 @@ TABLE: tuple[Field, ...] = (
     Field("runtime_config", LORA, NEUTRAL, "any (runtime-only, PEFT does not save it)"),
     Field("lora_bias", LORA, HONOURED, "true (b + s * lora_B.bias; refused on a layer without bias, as PEFT "
                                        "does), false", _lora_bias),
-    Field("target_parameters", LORA, REFUSED, "null", _off(None, [], what="target_parameters (LoRA on fused "
-          "MoE expert parameters)", hint="merge with PEFT's merge_and_unload")),
+    Field("target_parameters", LORA, HONOURED, "null, or names of 2-D weights (\"self_attn.q_proj.weight\", "
+                                               "merged as LoRA on that layer); refused: fused MoE expert "
+                                               "parameters (\"mlp.experts.gate_up_proj\")", _target_parameters),
     Field("use_bdlora", LORA, REFUSED, "null", _off(None, {}, False, what="use_bdlora (block-diagonal LoRA)",
                                                    hint=NOT_IMPLEMENTED)),
     Field("arrow_config", LORA, REFUSED, "null", _off(None, {}, what="arrow_config (Arrow routing over several "
