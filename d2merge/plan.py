@@ -20,7 +20,7 @@ from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
 from d2merge.io.safetensors_file import DTYPE_NAMES, dtype_size
-from d2merge.methods import EMBEDDING, LINEAR, ModuleSettings, trainable_tokens
+from d2merge.methods import LINEAR, ModuleSettings, trainable_tokens
 from d2merge.methods.base import BIAS, TOKENS
 from d2merge.methods.lora import LORA_BIAS
 from d2merge.sizes import format_size, parse_size
