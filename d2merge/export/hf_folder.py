@@ -56,7 +56,7 @@ def write_metadata(merge_plan: MergePlan, folder: Path, hashes: dict[str, str]) 
             config["torch_dtype"] = merge_plan.config_updates["dtype"]
         write_json(folder / "config.json", config)
         written.append("config.json")
-    written += copy_support_files(merge_plan.base.folder, folder)
+    written += copy_support_files(merge_plan.base.folder, folder, merge_plan.base.weight_files)
     write_text(folder / "README.md", render_model_card(card_info(merge_plan, hashes)))
     written.append("README.md")
     return written

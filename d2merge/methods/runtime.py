@@ -33,6 +33,11 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         for p in base_layer.parameters():
             p.requires_grad_(False)
+        if settings.base_init is not None:
+            # PiSSA/OLoRA: PEFT rebuilds the base layer's weight as the residual on load; so do we.
+            with torch.no_grad():
+                base = method.effective_base(self.base_weight().float(), settings)
+                base_layer.weight.copy_(base.T if self.transposed else base)
 
     @property
     def transposed(self) -> bool:
@@ -60,6 +65,12 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"module={self.settings.module}, r={self.settings.r}, scale={self.settings.scale:g}"
+
+
+def embed_scale(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor | float:
+    """The factor a scaled embedding (Gemma's ``embed_scale``) applies to its lookups; 1 for a plain one."""
+    scale = getattr(layer, "embed_scale", None)
+    return 1.0 if scale is None else torch.as_tensor(scale).to(dtype)
 
 
 def layer_shape(base_layer: nn.Module, settings: ModuleSettings) -> tuple[int, int]:
