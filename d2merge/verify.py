@@ -558,6 +558,8 @@ def reference_merge(merge_plan: MergePlan, item: TensorPlan
     transposed = settings.transposed
     update = method.update(factors, settings)
     update = (update.T if transposed else update).abs()
+    if update.shape != w0.shape:  # trainable token rows: the update is whole rows, at most this large
+        update = update.amax().expand(w0.shape)
     # Entries of a low-rank product are sums of r products about rms(dW) in size; where they
     # cancel, the fp32 result keeps an absolute error of eps * rms(dW), so that is the floor.
     floor = torch.sqrt(torch.mean(update.square())) if update.numel() else torch.zeros((), dtype=update.dtype)
