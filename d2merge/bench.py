@@ -15,13 +15,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from d2merge.errors import D2MergeError
-from d2merge.io.checkpoint import open_base
+
+if TYPE_CHECKING:  # imported where used: the CLI reads VARIANTS without loading torch
+    import torch
 
 SCHEMA_VERSION = 1
 VARIANTS = ("base", "unmerged", "merged", "onnx")
@@ -140,15 +139,23 @@ def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
 
 
 def _inputs(vocab: int, batch: int, seq: int, seed: int) -> torch.Tensor:
+    import torch
+
     generator = torch.Generator().manual_seed(seed + 1000 * batch + seq)
     return torch.randint(0, vocab, (batch, seq), generator=generator)
 
 
 def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -> list[BenchRow]:
     """Prefill grid and KV-cache decode for a PyTorch causal LM."""
+    import torch
+    from tqdm.auto import tqdm
+
     vocab = model.config.vocab_size
     rows = []
-    with torch.inference_mode():
+    cells = len(settings.batch_sizes) * len(settings.seq_lens) + len(settings.decode_batch_sizes)
+    # disable=None: a bar on a terminal, nothing in a pipe or a CI log.
+    bar = tqdm(total=cells, desc=f"bench {variant}", unit="cell", disable=None, leave=False)
+    with bar, torch.inference_mode():
         for batch in settings.batch_sizes:
             for seq in settings.seq_lens:
                 ids = _inputs(vocab, batch, seq, settings.seed)
@@ -156,27 +163,32 @@ def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -
                 timings = _time(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False),
                                 settings.warmup, settings.repeats)
                 rows.append(_summarise(variant, "prefill", batch, seq, timings, batch * seq))
+                bar.update()
         for batch in settings.decode_batch_sizes:
             ids = _inputs(vocab, batch, settings.decode_prompt_len, settings.seed)
             step_timings: list[float] = []
             for run in range(settings.warmup + settings.repeats):
                 out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                # transformers 5 names the KV cache `cache` (argument and output); `past_key_values`
+                # still works but warns on every call.
+                past, token = out.cache, out.logits[:, -1:].argmax(-1)
                 length = ids.shape[1]
                 for _ in range(settings.decode_tokens):
                     length += 1
                     mask = torch.ones((batch, length), dtype=torch.long)
                     started = time.perf_counter()
-                    out = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
-                    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                    out = model(input_ids=token, attention_mask=mask, cache=past, use_cache=True)
+                    past, token = out.cache, out.logits[:, -1:].argmax(-1)
                     if run >= settings.warmup:
                         step_timings.append(time.perf_counter() - started)
             rows.append(_summarise(variant, "decode", batch, settings.decode_prompt_len, step_timings, batch))
+            bar.update()
     return rows
 
 
 def bench_onnx(onnx_path: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
     """Prefill grid for an ONNX graph without past (input_ids, attention_mask -> logits) on the CPU."""
+    import numpy as np
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -198,6 +210,9 @@ def bench_onnx(onnx_path: Path, vocab: int, settings: BenchSettings) -> list[Ben
 
 def bench_llama_cpp(gguf_path: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
     """Batch-1 prefill cells and decode of a GGUF in llama.cpp (llama-cpp-python), as many threads as torch."""
+    import numpy as np
+    import torch
+
     try:
         import llama_cpp
     except ImportError:
@@ -235,6 +250,8 @@ def bench_llama_cpp(gguf_path: Path, vocab: int, settings: BenchSettings) -> lis
 
 def bench_genai(folder: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
     """Batch-1 prefill cells (append_tokens) and decode (generate_next_token) of an onnxruntime-genai build."""
+    import numpy as np
+
     from d2merge.export.onnx_genai import GenaiCausalLM
 
     model = GenaiCausalLM(folder)
@@ -273,6 +290,8 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
     llama_cpp is only there by default and the model cannot be exported to GGUF, it is skipped
     with a note (``meta["skipped"]``); asked for by name, that is an error.
     """
+    import torch
+
     from d2merge.merge import merge
     from d2merge.runtime import load_base_model, load_unmerged
 
@@ -284,6 +303,12 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
         raise D2MergeError(f"unknown bench variant(s) {', '.join(sorted(unknown))}; "
                            f"choose from {', '.join(ALL_VARIANTS)}")
     say = echo or (lambda _msg: None)
+    from d2merge.io.checkpoint import resolve_location
+    from d2merge.io.transformers_folder import refuse_custom_code
+
+    for folder in (base, merged):  # before any work: every variant is loaded by transformers
+        if folder is not None and resolve_location(folder).is_dir():
+            refuse_custom_code(resolve_location(folder))
     report = BenchReport(settings, meta={"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                                          "base": str(base), "adapter": str(adapter)})
     with tempfile.TemporaryDirectory(prefix="d2merge-bench-") as scratch:
@@ -315,12 +340,14 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
                 say("exporting ONNX (fp32, no past) into a temp folder ...")
                 onnx = export_onnx(merged, Path(scratch) / "onnx", dtype="fp32").onnx_path  # type: ignore[arg-type]
             if vocab is None:
-                from transformers import AutoConfig
+                from d2merge.io.transformers_folder import load_config
 
-                vocab = AutoConfig.from_pretrained(merged).vocab_size
+                vocab = load_config(merged).vocab_size
             say("measuring onnx ...")
             report.rows += bench_onnx(Path(onnx), vocab, settings)
         if vocab is None and ("llama_cpp" in variants or "genai" in variants):
+            from d2merge.io.checkpoint import open_base
+
             vocab = int((open_base(merged or base).config or {}).get("vocab_size") or 0)
         if "llama_cpp" in variants:
             if gguf is None:

@@ -134,6 +134,9 @@ def check_merged_folder(model_dir: Path) -> dict[str, Any]:
         raise D2MergeError("not a Hugging Face model folder (config.json missing)", path=model_dir,
                            hint="pass a merged model folder (d2merge merge writes one)")
     config = read_json(model_dir / "config.json", "config.json")
+    from d2merge.io.transformers_folder import refuse_custom_code
+
+    refuse_custom_code(model_dir)  # the builder hands the folder to transformers
     architectures = config.get("architectures") if isinstance(config, dict) else None
     if not (isinstance(architectures, list) and architectures and isinstance(architectures[0], str)):
         raise D2MergeError("config.json names no architecture", path=model_dir / "config.json",
@@ -342,18 +345,20 @@ class GenaiForVerify:
     def weights(self, model: Any) -> None:
         return None
 
+    @property
+    def floor_dtype(self) -> str | None:
+        """The dtype whose rounding floor verify judges this build by (fp32: fp32 arithmetic's); None for int4."""
+        return None if self.precision == "int4" else self.precision
+
     def thresholds(self, reference_max_abs: float) -> Any:
         """verify's limits (``reference_max_abs``: the largest |logit| of the unmerged model)."""
-        from dataclasses import replace
+        from d2merge.verify_options import DEFAULT_THRESHOLDS, Thresholds
 
-        from d2merge.export.onnx import default_tolerance
-        from d2merge.verify import DEFAULT_THRESHOLDS
-
-        if self.precision == "int4":
-            return replace(DEFAULT_THRESHOLDS["fp16"], max_abs_diff=INT4_MAX_REL_DIFF * reference_max_abs,
-                           min_top1=INT4_MIN_TOP1, max_gap_pp=100.0)
-        return replace(DEFAULT_THRESHOLDS[self.precision],
-                       max_abs_diff=default_tolerance(self.precision, reference_max_abs))
+        if self.precision != "int4":
+            return DEFAULT_THRESHOLDS[self.precision]
+        fp16 = DEFAULT_THRESHOLDS["fp16"]  # no rounding floor for int4 blocks: the export's own gates
+        return Thresholds(floor_multiple=fp16.floor_multiple, alpha=fp16.alpha, max_ulp=fp16.max_ulp,
+                          max_abs_diff=INT4_MAX_REL_DIFF * reference_max_abs, min_top1=INT4_MIN_TOP1)
 
 
 def genai_for_verify(folder: str | os.PathLike) -> GenaiForVerify:
