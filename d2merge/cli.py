@@ -318,10 +318,12 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32", show_default=True,
               help="With --runtime genai: fp32 (checked token for token against transformers), fp16, or int4 "
                    "weights (top-1 agreement and logit diff vs fp32 reported and gated).")
+@click.option("--overwrite", is_flag=True,
+              help="With --runtime genai: replace an output folder d2merge wrote, once the new build is validated.")
 @click.pass_context
 def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str, with_past: bool, opset: int,
                         exporter: str, external_data: bool | None, no_validate: bool, atol: float | None,
-                        runtime: str, precision: str) -> None:
+                        runtime: str, precision: str, overwrite: bool) -> None:
     """Export a merged MODEL_DIR (config.json + safetensors) to ONNX, proven against PyTorch.
 
     The graph takes input_ids and attention_mask (int64, dynamic batch and
@@ -347,8 +349,11 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
         if generic_only:
             raise click.UsageError(f"--{generic_only[0].replace('_', '-')} applies to the generic export; with "
                                    "--runtime genai choose --precision fp32|fp16|int4")
-        click.echo(export_genai(model_dir, out, precision=precision, validate=not no_validate, atol=atol).describe())
+        click.echo(export_genai(model_dir, out, precision=precision, validate=not no_validate, atol=atol,
+                                overwrite=overwrite).describe())
         return
+    if overwrite:
+        raise click.UsageError("--overwrite is for --runtime genai (the generic export has no --overwrite)")
     if "precision" in given:
         raise click.UsageError("--precision is for --runtime genai; the generic export takes --dtype fp32|fp16")
     # Every rule known up front is checked here, before torch loads and the export runs.
