@@ -253,13 +253,17 @@ def test_merge_format_onnx_genai_overwrite_replaces_only_its_own_output(cli_runn
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign"]
 
 
-def test_bench_measures_genai_beside_the_other_variants(wide_merge) -> None:
+def test_bench_measures_genai_beside_the_other_variants(wide_merge, tmp_path: Path) -> None:
     from d2merge.bench import BenchSettings, bench
+    from d2merge.export.onnx import export_onnx
 
     base, adapter, merged = wide_merge
+    # the generic graph with the (much faster) legacy exporter; the genai build is bench's own
+    onnx = export_onnx(merged, tmp_path / "generic", exporter="legacy", validate=False).onnx_path
     settings = BenchSettings(batch_sizes=(1,), seq_lens=(8,), decode_prompt_len=8, decode_tokens=4, warmup=1,
                              repeats=2)
-    report = bench(base, adapter, variants=("base", "unmerged", "merged", "onnx", "genai"), settings=settings)
+    report = bench(base, adapter, merged=merged, onnx=onnx, variants=("base", "unmerged", "merged", "onnx", "genai"),
+                   settings=settings)
     cells = {(r.variant, r.mode) for r in report.rows}
     for variant in ("base", "unmerged", "merged", "genai"):
         assert (variant, "prefill") in cells and (variant, "decode") in cells, variant
