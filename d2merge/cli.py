@@ -524,12 +524,15 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
     Compares logits on probe inputs (max/mean |diff|, KL, top-1 agreement), the
     multiple-choice merge gap with --mc-eval, and every merged tensor against an
     fp64 recomputation (abs and ulp error, plus the method's own figures).
-    Without MERGED, merges into a temp folder per --dtypes. Only one model is in
-    memory at a time. Exit 0: pass; 1: a threshold was exceeded; 2: bad input.
+    Without MERGED, merges into a temp folder per --dtypes. MERGED may also be a
+    .gguf file (read with transformers' GGUF loader) or an onnxruntime-genai
+    folder (logits through its Generator). Only one model is in memory at a
+    time. Exit 0: pass; 1: a threshold was exceeded; 2: bad input.
 
     \b
     Examples:
       d2merge verify ./base ./adapter ./merged
+      d2merge verify ./base ./adapter model-q8_0.gguf
       d2merge verify ./base ./adapter --dtypes fp32,bf16 --mc-eval eval.jsonl
       d2merge verify ./base ./adapter ./merged --prompts prompts.txt --report verify.json
     """
