@@ -160,6 +160,8 @@ CASES: dict[str, Case] = {
     "llama-trainable-tokens": Case("llama", dict(target_modules=["q_proj"], trainable_token_indices=[3, 17, 5])),
     "llama-trainable-tokens-dict": Case("llama", dict(target_modules=["v_proj"],
                                                       trainable_token_indices={"embed_tokens": [9, 4]})),
+    "llama-trainable-tokens-lm-head": Case("llama", dict(target_modules=["q_proj"], trainable_token_indices={
+        "embed_tokens": [3, 4], "lm_head": [5]})),
     "llama-alora": Case("llama", dict(target_modules=["q_proj"], alora_invocation_tokens=[5, 6]),
                         expect="aLoRA adapter is active only after its invocation tokens"),
     "llama-target-parameters": Case("llama", dict(target_modules=["v_proj"],
