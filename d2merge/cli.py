@@ -285,6 +285,8 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
                    "protobuf's 2 GB limit]")
 @click.option("--no-validate", is_flag=True,
               help="Skip the ONNX Runtime vs PyTorch comparison (faster; the file is then unproven).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing graph (and its .data file), only once the new one is validated.")
 @click.option("--atol", type=float, default=None,
               help="Bound on the max |logit difference| at real tokens. [default: fp32 1e-4 of the largest logit, at least "
                    "1e-4; fp16 1% of the largest logit, at least 1e-3]")
@@ -297,7 +299,7 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
 @click.pass_context
 def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str, with_past: bool, opset: int,
                         exporter: str, external_data: bool | None, no_validate: bool, atol: float | None,
-                        runtime: str, precision: str) -> None:
+                        overwrite: bool, runtime: str, precision: str) -> None:
     """Export a merged MODEL_DIR (config.json + safetensors) to ONNX, proven against PyTorch.
 
     The graph takes input_ids and attention_mask (int64, dynamic batch and
@@ -330,7 +332,7 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
     from d2merge.export.onnx import export_onnx
 
     result = export_onnx(model_dir, out, dtype=dtype, with_past=with_past, opset=opset, exporter=exporter,
-                         external_data=external_data, validate=not no_validate, atol=atol)
+                         external_data=external_data, validate=not no_validate, atol=atol, overwrite=overwrite)
     click.echo(result.describe())
 
 

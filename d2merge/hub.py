@@ -28,13 +28,14 @@ from typing import Any
 
 from d2merge import __version__
 from d2merge.errors import D2MergeError
+from d2merge.io.output import WORK_MARKERS
 
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
-# Names written by an interrupted or still-running writer: d2merge's writers stage as
-# ".<name>.d2merge-tmp-<pid>" (d2merge.io.output), hence "contains"; others (huggingface_hub,
-# curl, browsers, ONNX staging folders) use these suffixes.
-TEMP_MARKER = ".d2merge-tmp"
+# Names written by an interrupted or still-running writer: d2merge's own (d2merge.io.output's one
+# set: temp, set-aside previous output, lock), matched with "contains"; others (huggingface_hub,
+# curl, browsers) use these suffixes.
+TEMP_MARKERS = WORK_MARKERS
 TEMP_SUFFIXES = (".tmp", ".partial", ".incomplete")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx")
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
@@ -85,7 +86,7 @@ def default_commit_message() -> str:
 
 def is_temp_name(name: str) -> bool:
     """A name left behind by an interrupted write; such a folder is not finished."""
-    return TEMP_MARKER in name or name.endswith(TEMP_SUFFIXES)
+    return any(marker in name for marker in TEMP_MARKERS) or name.endswith(TEMP_SUFFIXES)
 
 
 def folder_files(folder: str | Path) -> tuple[PushedFile, ...]:

@@ -1038,6 +1038,62 @@ def _(ws: Workspace) -> list[str]:
     return ws.merge_args("--overwrite")
 
 
+# ---- JSON that Python's parser cannot take (issue 10, finding 10) ---------------------------------
+
+BIG_INT = "1" + "0" * 4999  # 5000 digits: int() refuses more than 4300
+DEEP = "[" * 100000 + "]" * 100000  # RecursionError in the parser
+TOO_MANY_DIGITS = r"is not usable JSON: an integer with 5000 digits"
+TOO_DEEP = r"is not usable JSON: nested too deeply"
+
+
+@case("config-5000-digit-integer", TOO_MANY_DIGITS, "adapter/adapter_config.json")
+def _(ws: Workspace) -> None:
+    _set_config(ws, json.dumps(adapter_config_dict()).replace('"r": 2', f'"r": {BIG_INT}'))
+
+
+@case("config-nested-100000-deep", TOO_DEEP, "adapter/adapter_config.json")
+def _(ws: Workspace) -> None:
+    _set_config(ws, json.dumps(adapter_config_dict())[:-1] + f', "extra": {DEEP}}}')
+
+
+@case("base-config-nested-100000-deep", TOO_DEEP, "base/config.json")
+def _(ws: Workspace) -> None:
+    (ws.base / "config.json").write_text(json.dumps(base_config())[:-1] + f', "extra": {DEEP}}}')
+
+
+@case("base-config-5000-digit-integer", TOO_MANY_DIGITS, "base/config.json")
+def _(ws: Workspace) -> None:
+    (ws.base / "config.json").write_text(json.dumps(base_config())[:-1] + f', "extra": {BIG_INT}}}')
+
+
+@case("base-index-5000-digit-integer", TOO_MANY_DIGITS, "base/model.safetensors.index.json")
+@own_inputs
+def _(ws: Workspace) -> None:
+    ws.copy("sharded", "base")
+    index = ws.base / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    index.write_text(json.dumps(data).replace(f'"total_size": {data["metadata"]["total_size"]}',
+                                              f'"total_size": {BIG_INT}'))
+
+
+def _st_json_cases(kind: str, path_of: Callable[[Workspace], Path], file: str) -> None:
+    @case(f"{kind}-st-header-5000-digit-integer", TOO_MANY_DIGITS, file)
+    def _(ws: Workspace) -> None:
+        header, data = split_safetensors(path_of(ws))
+        raw = json.dumps(header)[:-1] + f', "extra": {BIG_INT}}}'
+        path_of(ws).write_bytes(join_safetensors(raw.encode(), data))
+
+    @case(f"{kind}-st-header-nested-100000-deep", TOO_DEEP, file)
+    def _(ws: Workspace) -> None:
+        header, data = split_safetensors(path_of(ws))
+        raw = json.dumps(header)[:-1] + f', "extra": {DEEP}}}'
+        path_of(ws).write_bytes(join_safetensors(raw.encode(), data))
+
+
+_st_json_cases("base", _base_st, "base/model.safetensors")
+_st_json_cases("adapter", _adapter_st, "adapter/adapter_model.safetensors")
+
+
 # -- paths that must work -------------------------------------------------------------------------
 
 
