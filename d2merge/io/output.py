@@ -152,9 +152,16 @@ def _marked_pid(name: str, prefix: str) -> int | None:
     return int(pid_text) if pid_text.isdigit() else None
 
 
-def _gone(pid: int) -> bool:
-    """The run that owns a marked name is over: dead, or this very process (a leftover of our own)."""
-    return pid == os.getpid() or not _pid_alive(pid)
+# Work paths this process is using right now: recovery skips them (an export's scratch merge
+# sits beside the graph that the same process is about to write).
+_IN_USE: set[str] = set()
+
+
+def _gone(pid: int, path: Path) -> bool:
+    """The run that owns a marked name is over: dead, or this process and no longer in use."""
+    if pid == os.getpid():
+        return str(path.absolute()) not in _IN_USE
+    return not _pid_alive(pid)
 
 
 def _remove(path: Path) -> None:
@@ -170,7 +177,7 @@ def remove_stale_temps(final: Path) -> None:
     # escaped: a name like "run[1]" or "a*" must match only its own temp entries
     for candidate in final.parent.glob(f"{glob.escape(prefix)}*"):
         pid = _marked_pid(candidate.name, prefix)
-        if pid is not None and _gone(pid):
+        if pid is not None and _gone(pid, candidate):
             _remove(candidate)
 
 
@@ -191,7 +198,7 @@ def recover_output(final: Path) -> None:
         prefix = f".{final.name}{marker}"
         for candidate in sorted(final.parent.glob(f"{glob.escape(prefix)}*")):
             pid = _marked_pid(candidate.name, prefix)
-            if pid is None or not _gone(pid):
+            if pid is None or not _gone(pid, candidate):
                 continue
             arrived = final.exists() or final.is_symlink()
             if marker == OLD_MARKER:
@@ -287,6 +294,7 @@ class AtomicFolder:
             if self.temp.exists():
                 shutil.rmtree(self.temp)
             self.temp.mkdir()
+            _IN_USE.add(str(self.temp.absolute()))
         except OSError as exc:
             self.lock.release()
             raise disk_error(exc, self.temp) from None
@@ -330,6 +338,7 @@ class AtomicFolder:
             if not self.committed:
                 shutil.rmtree(self.temp, ignore_errors=True)
         finally:
+            _IN_USE.discard(str(self.temp.absolute()))
             self.lock.release()
 
 
@@ -357,6 +366,7 @@ class AtomicFiles:
             if self.temp.exists():
                 shutil.rmtree(self.temp)
             self.temp.mkdir()
+            _IN_USE.add(str(self.temp.absolute()))
         except OSError as exc:
             self.lock.release()
             raise disk_error(exc, self.temp) from None
@@ -409,6 +419,7 @@ class AtomicFiles:
         try:
             shutil.rmtree(self.temp, ignore_errors=True)
         finally:
+            _IN_USE.discard(str(self.temp.absolute()))
             self.lock.release()
 
 
@@ -424,9 +435,11 @@ def scratch_beside(final: Path, what: str) -> Iterator[Path]:
         folder.mkdir()
     except OSError as exc:
         raise disk_error(exc, folder) from None
+    _IN_USE.add(str(folder))
     try:
         yield folder
     finally:
+        _IN_USE.discard(str(folder))
         shutil.rmtree(folder, ignore_errors=True)
 
 
