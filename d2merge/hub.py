@@ -30,6 +30,7 @@ from typing import Any
 from d2merge import __version__
 from d2merge.errors import D2MergeError
 from d2merge.io.output import WORK_MARKERS
+from d2merge.sizes import format_size
 
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
@@ -329,16 +330,6 @@ def format_push(result: PushResult) -> str:
     return "\n".join(lines)
 
 
-def format_size(size: int) -> str:
-    """Decimal units, as the Hub shows them."""
-    if size < 1000:
-        return f"{size} B"
-    value, units = size / 1000, ["kB", "MB", "GB", "TB"]
-    while value >= 1000 and len(units) > 1:
-        value, units = value / 1000, units[1:]
-    return f"{value:.1f} {units[0]}"
-
-
 # -- folder helpers -------------------------------------------------------------------------------
 
 
@@ -399,6 +390,17 @@ def _check_repo_id(repo_id: str) -> None:
 
 
 # -- Hub errors -----------------------------------------------------------------------------------
+
+
+def check_can_push() -> None:
+    """Refuse a push that cannot happen (HF_HUB_OFFLINE) before any work is done for it.
+
+    ``merge --push-to`` calls this before merging: an offline run must not spend a
+    merge and a verify to fail at the last step.
+    """
+    if _offline():
+        raise D2MergeError("HF_HUB_OFFLINE is set, so nothing can be pushed",
+                           hint="unset HF_HUB_OFFLINE to push, or merge without --push-to")
 
 
 def _offline() -> bool:

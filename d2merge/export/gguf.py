@@ -37,6 +37,7 @@ import torch
 
 from d2merge import __version__
 from d2merge.errors import D2MergeError
+from d2merge.sizes import format_size
 
 # --gguf-type -> (GGML type of 2-D weights, llama.cpp's general.file_type). Only the types
 # gguf-py can produce in numpy; 1-D tensors (norms, biases) always stay F32, as in llama.cpp.
@@ -84,7 +85,7 @@ class GGUFExportResult:
     def describe(self) -> str:
         extra = f" + {self.modelfile.name}" if self.modelfile else ""
         return (f"wrote {self.output}{extra} ({self.architecture}, {self.gguf_type}, {self.tensors} tensors, "
-                f"{self.bytes / 1e6:.1f} MB) in {self.seconds:.1f}s")
+                f"{format_size(self.bytes)}) in {self.seconds:.1f}s")
 
 
 def _gguf() -> Any:
@@ -476,8 +477,9 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     The temp folder costs one fp32 copy of the model on disk, never in memory: both the merge
     and the export stream one tensor at a time.
     """
+    from d2merge.export.hf_folder import card_info
     from d2merge.io.output import check_output_location, scratch_beside
-    from d2merge.merge import MergeOptions, card_info, merge
+    from d2merge.merge import MergeOptions, merge
 
     check_gguf_type(gguf_type)
     options = options or MergeOptions()
@@ -487,7 +489,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite,
                           is_file=True)
     with scratch_beside(out_path, "merge") as scratch:
-        fp32 = MergeOptions(**{**options.__dict__, "dtype": "fp32", "overwrite": False})
+        fp32 = options.with_overrides(dtype="fp32", overwrite=False)
         result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
         info = card_info(result.plan, result.source_hashes)
         provenance = {"method": info.method, "settings": json.dumps(dict(info.settings), sort_keys=True, default=str),

@@ -47,7 +47,7 @@ def hf_folder_from_gguf(gguf_path: str | Path, out: str | Path, *, dtype: torch.
                            hint="pip install gguf")
     if not gguf_path.is_file():
         raise D2MergeError("GGUF file not found", path=gguf_path)
-    folder, name = gguf_path.parent, gguf_path.name
+    name = gguf_path.name
     loaded = transformers_folder.load_model(gguf_path, gguf_file=name, dtype=torch.float32)
     tokenizer = transformers_folder.load_tokenizer(gguf_path, gguf_file=name)
     config = loaded.config  # parsed once with the weights; the loaded model is dropped below

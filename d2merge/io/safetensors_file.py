@@ -166,8 +166,6 @@ class SafetensorsFile:
             raise D2MergeError(f"cannot read file: {exc.strerror or exc}", path=self.path, tensor=name) from None
         if got != info.nbytes:
             raise self._fail(f"file ended after {got} of {info.nbytes} bytes (changed while reading?)", tensor=name)
-        if info.dtype == torch.bool:
-            return buffer.view(torch.bool).reshape(info.shape)
         return buffer.view(info.dtype).reshape(info.shape)
 
 
