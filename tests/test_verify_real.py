@@ -51,30 +51,35 @@ def small_eval(smollm2_adapters: dict[str, Path], tmp_path_factory: pytest.TempP
     return write_jsonl(tmp_path_factory.mktemp("eval") / "eval40.jsonl", read_jsonl(smollm2_adapters["eval"])[:40])
 
 
+def figures(label: str, report: Any) -> None:
+    """One line per column for the record (shown with pytest -s): floor, difference, gap, verdict."""
+    for r in report.results:
+        gap = "" if r.mc is None else (f" gap {r.mc.merge_gap_pp:+.2f} pp [{r.mc.gap_ci_pp[0]:+.2f}, "
+                                       f"{r.mc.gap_ci_pp[1]:+.2f}] flips {r.mc.right_to_wrong}/{r.mc.wrong_to_right} "
+                                       f"(rounding {r.mc.rounding_flips}) McNemar p {r.mc.mcnemar_p:.3g}")
+        print(f"FIGURES {label} {r.dtype}: floor {r.floor.max_abs_diff:.3g} diff {r.logits.max_abs_diff:.3g} "
+              f"(x{r.logits.max_abs_diff / r.floor.max_abs_diff:.2f}) ulp {r.max_ulp_error:.4g}{gap} "
+              f"{'PASS' if r.passed else 'FAIL'}")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_correct_merges_pass_with_the_defaults(smollm2: Path, smollm2_adapters: dict[str, Path], merges: Merges,
-                                               method: str) -> None:
+                                               small_eval: Path, method: str) -> None:
     adapter = smollm2_adapters[method]
     for dtype in DTYPES:
         report = verify(smollm2, adapter, merges(method, dtype))
+        figures(f"{method} merged folder", report)
         assert report.passed, (dtype, report.failures())
         result = report.results[0]
         assert result.dtype == dtype and result.floor is not None
         assert result.logits.max_abs_diff <= result.limits.max_abs_diff
-    report = verify(smollm2, adapter, dtypes=",".join(DTYPES))
+    report = verify(smollm2, adapter, dtypes=",".join(DTYPES), mc_eval=small_eval)
+    figures(f"{method} --dtypes", report)
     assert report.passed, report.failures()
     assert [r.dtype for r in report.results] == list(DTYPES)
-
-
-@pytest.mark.parametrize("method", ("lora", "dora"))
-def test_merge_gap_of_a_correct_bf16_merge_passes(smollm2: Path, smollm2_adapters: dict[str, Path],
-                                                  merges: Merges, small_eval: Path) -> None:
-    report = verify(smollm2, smollm2_adapters["lora"], merges("lora", "bf16"), mc_eval=small_eval)
-    assert report.passed, report.failures()
-    mc = report.results[0].mc
-    assert mc is not None and mc.examples == 40 and mc.rounding_flips is not None
-    low, high = mc.gap_ci_pp
-    assert low <= mc.merge_gap_pp <= high
+    for r in report.results:
+        assert r.mc is not None and r.mc.examples == 40 and r.mc.rounding_flips is not None
+        assert r.mc.gap_ci_pp[0] <= r.mc.merge_gap_pp <= r.mc.gap_ci_pp[1]
 
 
 FAULTS = {"tau sign": "weight check", "scaled 1.01": "weight check", "swapped layers": "weight check",
@@ -96,5 +101,6 @@ def test_fault_fails_with_the_defaults(smollm2: Path, smollm2_adapters: dict[str
     else:
         wrong = faults.drift_merge(smollm2, adapter, merges("lora", "bf16"), merges("lora", "fp32"), tmp_path / "wrong")
     code, out, err = cli_runner(["verify", smollm2, adapter, wrong])
+    print(f"FIGURES fault {fault}: " + " | ".join(line.strip() for line in err.splitlines() if "check" in line))
     assert code == 1, out
     assert FAULTS[fault] in err and "verification failed" in err
