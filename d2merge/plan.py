@@ -9,24 +9,26 @@ error, never silently dropped.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from d2merge.dtypes import ALIASES, FLOAT_DTYPES, by_torch
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
 from d2merge.io.safetensors_file import DTYPE_NAMES, dtype_size
-from d2merge.methods import EMBEDDING, LINEAR, ModuleSettings, trainable_tokens
+from d2merge.methods import LINEAR, ModuleSettings, trainable_tokens
 from d2merge.methods.base import BIAS, TOKENS
 from d2merge.methods.lora import LORA_BIAS
+from d2merge.options import TIED_POLICIES
+from d2merge.sizes import format_size, parse_size
 
-OUT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
-TIED_POLICIES = ("untie", "tie", "error")
+# "auto" keeps each base tensor's dtype; the others are d2merge.dtypes' table.
+OUT_DTYPES: dict[str, torch.dtype | None] = {"auto": None, **{n: d.torch_dtype for n, d in FLOAT_DTYPES.items()}}
+DTYPE_ALIASES = ALIASES
 CONV1D_MODEL_TYPES = {"gpt2"}
 CONV1D_LAYERS = {"c_attn", "c_proj", "c_fc"}
 # Names transformers gives the input embedding that an ``lm_head`` is tied to.
@@ -79,6 +81,11 @@ class MergePlan:
     def base_weight_file(self, item: TensorPlan) -> Path:
         return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).file_of(item.source)
 
+    def source_files(self) -> dict[str, Path]:
+        """The files this merge reads, by the label the model card shows (``adapter/...``, ``base/...``)."""
+        files = [self.adapter.weights_file, self.adapter.path / "adapter_config.json", *self.base.weight_files]
+        return {(f"adapter/{p.name}" if p.parent == self.adapter.path else f"base/{p.name}"): p for p in files}
+
     @property
     def total_bytes(self) -> int:
         return sum(t.out_bytes for t in self.tensors)
@@ -102,23 +109,32 @@ class MergePlan:
             "total_bytes": self.total_bytes,
             "config_updates": self.config_updates,
             "notes": list(self.notes),
+            # The rows of describe()'s table: every tensor that is not a plain copy.
+            "changed": [self._change(t) for t in self.tensors if t.action != "copy"],
         }
+
+    def _change(self, t: TensorPlan) -> dict[str, Any]:
+        method = self.adapter.method
+        return {"tensor": t.name, "action": t.action,
+                "rank": method.rank_text(method.configured_rank(t.settings)) if t.settings else None,
+                "scale": t.settings.scale if t.settings else None, "dtype": DTYPE_NAMES[t.out_dtype],
+                "shard": self.shard_names[t.shard]}
 
     def describe(self) -> str:
         """A readable table of the plan: one line per changed tensor, then the totals."""
         s = self.summary()
         cfg = self.adapter.config
-        ranks = f"r={cfg.r}" if cfg.r else "r_mag/r_dir=" + "/".join(str(cfg.raw.get(k)) for k in ("r_mag", "r_dir"))
+        method = self.adapter.method
+        ranks = f"{method.rank_name}={method.rank_text(method.parse_rank(cfg.raw, 'adapter_config.json'))}"
         lines = [f"base     {s['base']}", f"adapter  {s['adapter']}  ({s['method']}, {ranks}, alpha={s['lora_alpha']:g}"
                  + "".join(f", {k}={v}" for k, v in s["options"].items()) + ")",
-                 f"output   dtype {s['out_dtype']}, {len(self.shard_names)} shard(s), {_human(self.total_bytes)}", ""]
+                 f"output   dtype {s['out_dtype']}, {len(self.shard_names)} shard(s), {format_size(self.total_bytes)}", ""]
         width = max((len(t.name) for t in self.tensors if t.action != "copy"), default=10)
         lines.append(f"{'tensor':<{width}}  action   rank  scale      dtype  shard")
         for t in self.tensors:
             if t.action == "copy":
                 continue
-            rank = t.settings.r if t.settings and t.settings.r else (
-                f"{t.settings.options.get('r_mag')}/{t.settings.options.get('r_dir')}" if t.settings else "-")
+            rank = method.rank_text(method.configured_rank(t.settings)) if t.settings else "-"
             scale = f"{t.settings.scale:<9.4g}" if t.settings else "-        "
             lines.append(f"{t.name:<{width}}  {t.action:<7}  {str(rank):<4}  {scale}  {DTYPE_NAMES[t.out_dtype]:<5}  "
                          f"{self.shard_names[t.shard]}")
@@ -127,31 +143,6 @@ class MergePlan:
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count."""
-    if isinstance(text, int):
-        size = text
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
-        if not match:
-            raise D2MergeError(f"invalid size {text!r}", hint="write it like 5GB, 500MB or 2GiB")
-        number, unit = float(match.group(1)), match.group(2).upper().rstrip("B")
-        base = 1024 if unit.endswith("I") else 1000
-        power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
-        size = int(number * base**power)
-    if size <= 0:
-        raise D2MergeError(f"size must be positive, got {text!r}")
-    return size
 
 
 def parse_dtype(name: str) -> str:
@@ -233,12 +224,12 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
             raise D2MergeError(f"base tensor has shape {list(base_shape)}; only 2-D weights can be adapted",
                                path=base.tensors.file_of(source), tensor=source)
         rows, cols = base_shape
-        out_features, in_features = (cols, rows) if (fan_in_fan_out or entry.layer_kind == EMBEDDING) else (rows, cols)
+        out_features, in_features = (cols, rows) if settings.transposed else (rows, cols)
         expected = {**method.optional_shapes(settings, out_features, in_features),
                     **method.expected_shapes(settings, out_features, in_features)}
         stored_rank = method.rank_of({n: _Shape(adapter.tensors.info(k)[1]) for n, k in entry.keys.items()},
                                      entry.layer_kind)
-        config_rank = settings.r or {k: settings.options[k] for k in ("r_mag", "r_dir")}
+        config_rank = method.configured_rank(settings)
         if stored_rank != config_rank:
             raise D2MergeError(f"factor rank {stored_rank} does not match the config's rank {config_rank}",
                                path=adapter.weights_file, tensor=entry.keys[method.tensor_names(entry.layer_kind)[0]],
@@ -341,9 +332,14 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
         else:
             plans.append(TensorPlan(name, source, "copy", tuple(shape), in_dtype, out_dtype))
     plans, shard_names = _assign_shards(plans, shard_limit)
+    from d2merge.io.output import support_files
+
+    _, skipped = support_files(base.folder, base.weight_files)
+    if skipped:
+        notes.append(f"not copied from the base folder: {', '.join(skipped)}")
     dtype_label = out_dtype_name if target_dtype is not None else _auto_label(plans)
     if target_dtype is not None:
-        config_updates["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[target_dtype]
+        config_updates["dtype"] = by_torch(target_dtype).config_name
     return MergePlan(base, adapter, tuple(plans), tuple(shard_names), dtype_label, config_updates, tuple(notes))
 
 

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from d2merge.errors import D2MergeError
 from d2merge.export.formats import ExportOutcome, merge_as
-from d2merge.merge import MergeOptions, add_verify_table_to_card
+from d2merge.export.hf_folder import add_verify_table_to_card
+from d2merge.merge import MergeOptions
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ def merge_verify_push(base: Any, adapter: Any, out: str | Path, *, options: Merg
     if (verify or push is not None) and output_format != "hf":
         raise D2MergeError(f"--verify and --push-to work on a Hugging Face folder, not --format {output_format}",
                            hint="merge with --format hf (the default)")
+    if push is not None:
+        from d2merge.hub import check_can_push
+
+        check_can_push()
     outcome = merge_as(base, adapter, out, format=output_format, options=options, progress=progress, **format_options)
     report = None
     if verify:
@@ -56,7 +61,7 @@ def merge_verify_push(base: Any, adapter: Any, out: str | Path, *, options: Merg
 
         say("verifying merged vs unmerged ...")
         report = run_verify(base, adapter, outcome.output, echo=say)
-        add_verify_table_to_card(outcome.merge, report.table())
+        add_verify_table_to_card(outcome.output, outcome.merge.plan, outcome.merge.source_hashes, report.table())
         if not report.passed:
             return PublishResult(outcome, report)
     pushed = None

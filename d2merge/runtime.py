@@ -41,17 +41,15 @@ def quiet_transformers() -> Iterator[None]:
 
 def load_base_model(base: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     """A transformers causal LM from a local folder (or cached Hub id), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
     from d2merge.io.checkpoint import resolve_location
+    from d2merge.io.transformers_folder import load_model
 
     location = resolve_location(base)
     if not (location / "config.json").exists():
         raise D2MergeError("a transformers model folder (with config.json) is needed here", path=location)
     try:
-        # use_safetensors: a pytorch_model.bin is pickle, which d2merge never loads without --allow-pickle
-        with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True)
+        # safetensors only: a pytorch_model.bin is pickle, which d2merge never loads without --allow-pickle
+        model = load_model(location, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise D2MergeError(f"transformers cannot load the model: {' '.join(str(exc).split())[:300]}",
                            path=location, hint="d2merge reads safetensors weights; convert pickle "

@@ -870,6 +870,310 @@ def _(ws: Workspace) -> list[str]:
     return ws.merge_args("--max-shard-size", "5 parsecs")
 
 
+# ---- hostile folders (issue 10) -----------------------------------------------------------------
+
+
+def add_custom_code(folder: Path, marker: Path, where: str = "config.json") -> None:
+    """An auto_map pointing at Python in the folder that, if transformers imported it, creates ``marker``.
+
+    The model_type is one transformers does not know, so only the folder's own code could load it:
+    that is the case where transformers asks "Do you wish to run the custom code? [y/N]".
+    """
+    (folder / "configuration_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('code from the model folder ran')\n"
+        "from transformers import PretrainedConfig\n\n\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil-net'\n")
+    (folder / "tokenization_evil.py").write_text((folder / "configuration_evil.py").read_text())
+    path = folder / where
+    data = json.loads(path.read_text())
+    if where == "config.json":
+        data.update(model_type="evil-net", auto_map={"AutoConfig": "configuration_evil.EvilConfig",
+                                                     "AutoModelForCausalLM": "configuration_evil.EvilConfig"})
+    else:
+        data.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})
+    path.write_text(json.dumps(data))
+
+
+CODE_REFUSED = r"has an auto_map: the folder ships its own code"
+
+
+@case("custom-code-base-verify", CODE_REFUSED, "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker)
+    return ["verify", str(ws.base), str(ws.adapter), "--num-probes", "1", "--probe-length", "4"]
+
+
+@case("custom-code-base-bench", CODE_REFUSED, "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker)
+    return ["bench", str(ws.base), str(ws.adapter), "--variants", "base", "--batch-sizes", "1", "--seq-lens", "4",
+            "--decode-tokens", "0", "--warmup", "0", "--repeats", "1"]
+
+
+@case("custom-code-merged-export-onnx", CODE_REFUSED, "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker)
+    return ["export-onnx", str(ws.base), "-o", str(ws.root / "model.onnx")]
+
+
+@case("custom-code-tokenizer-verify-prompts", CODE_REFUSED, "base/tokenizer_config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker, "tokenizer_config.json")
+    (ws.root / "prompts.txt").write_text("hello\n")
+    return ["verify", str(ws.base), str(ws.adapter), "--prompts", str(ws.root / "prompts.txt"),
+            "--num-probes", "1", "--probe-length", "4"]
+
+
+# ---- quantized bases (issue 10, finding 5) ------------------------------------------------------
+
+QUANTIZED = r"the base is quantized \(.*\).*merge into the original 16-bit"
+Q0_WEIGHT = f"{Q0}.weight"
+
+
+def _rewrite_base(ws: Workspace, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors = base_tensors()
+    edit(tensors)
+    _base_st(ws).unlink()
+    save_tensors(_base_st(ws), tensors, {"format": "pt"})
+
+
+def _int8_with_scb(tensors: dict[str, torch.Tensor]) -> None:
+    """bitsandbytes LLM.int8: int8 codes per row and a float scale per row (SCB)."""
+    for name in [n for n in tensors if n.endswith("_proj.weight")]:
+        w = tensors[name]
+        scale = w.abs().amax(dim=1)
+        tensors[name] = torch.round(w / scale[:, None] * 127).to(torch.int8)
+        tensors[name.replace(".weight", ".SCB")] = scale
+
+
+@case("base-bnb-int8-with-quantization-config", r"the base is quantized \(config.json has a quantization_config\)",
+      "base/config.json")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, _int8_with_scb)
+    config = base_config()
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (ws.base / "config.json").write_text(json.dumps(config))
+
+
+@case("base-bnb-int8-without-config", r"the base is quantized \(int8 weights\)", "base/model.safetensors", Q0_WEIGHT)
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, _int8_with_scb)
+
+
+@case("base-int8-weights-only", r"the base is quantized \(int8 weights\)", "base/model.safetensors", Q0_WEIGHT)
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({Q0_WEIGHT: torch.zeros(HIDDEN, HIDDEN, dtype=torch.int8)}))
+
+
+def _fp8(tensors: dict[str, torch.Tensor]) -> None:
+    tensors[Q0_WEIGHT] = tensors[Q0_WEIGHT].to(torch.float8_e4m3fn)
+
+
+@case("base-fp8-weights-dtype-bf16", r"the base is quantized \(float8_e4m3fn weights\)", "base/model.safetensors",
+      Q0_WEIGHT)
+def _(ws: Workspace) -> list[str]:
+    _rewrite_base(ws, _fp8)
+    return ws.merge_args("--dtype", "bf16")
+
+
+@case("base-fp8-weights-default-dtype", r"the base is quantized \(float8_e4m3fn weights\)", "base/model.safetensors",
+      Q0_WEIGHT)
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, _fp8)
+
+
+@case("base-fp8-with-block-scales", QUANTIZED, "base/model.safetensors", f"{Q0}.weight_scale_inv")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({f"{Q0}.weight_scale_inv": torch.ones(1, 1)}))
+
+
+@case("base-gptq-qweight", QUANTIZED, "base/model.safetensors", f"{Q0}.qweight")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({f"{Q0}.qweight": torch.zeros(2, HIDDEN, dtype=torch.int32)}))
+
+
+@case("base-bnb-4bit-absmax", QUANTIZED, "base/model.safetensors", f"{Q0}.weight.absmax")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({f"{Q0}.weight.absmax": torch.ones(4)}))
+
+
+@case("base-quantized-verify", r"the base is quantized \(config.json has a quantization_config\)",
+      "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    config = base_config()
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (ws.base / "config.json").write_text(json.dumps(config))
+    return ["verify", str(ws.base), str(ws.adapter), "--num-probes", "1", "--probe-length", "4"]
+
+
+# ---- --overwrite replaces only what d2merge wrote (issue 10, finding 6) ---------------------------
+
+NOT_OURS = r"--overwrite replaces only a folder that d2merge wrote"
+
+
+@case("overwrite-a-project-folder", r"the output folder was not written by d2merge \(it holds NOTES.md\).*" + NOT_OURS,
+      "project")
+def _(ws: Workspace) -> list[str]:
+    project = ws.root / "project"  # cd my-project && d2merge merge ... -o . --overwrite
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('my work')\n")
+    (project / "NOTES.md").write_text("notes\n")
+    return ws.merge_args("--overwrite", out=project)
+
+
+@case("overwrite-a-merge-with-a-file-added", r"holds a file d2merge did not write: my-eval.jsonl.*" + NOT_OURS, "out")
+def _(ws: Workspace) -> list[str]:
+    from d2merge.merge import merge
+
+    merge(ws.base, ws.adapter, ws.out)
+    (ws.out / "my-eval.jsonl").write_text("{}\n")
+    return ws.merge_args("--overwrite")
+
+
+@case("overwrite-with-a-forged-marker", r"the output folder was not written by d2merge", "out")
+def _(ws: Workspace) -> list[str]:
+    ws.out.mkdir()
+    (ws.out / "thesis.tex").write_text("years of work")
+    (ws.out / ".d2merge-output.json").write_text('{"files": "everything"}')
+    return ws.merge_args("--overwrite")
+
+
+# ---- JSON that Python's parser cannot take (issue 10, finding 10) ---------------------------------
+
+BIG_INT = "1" + "0" * 4999  # 5000 digits: int() refuses more than 4300
+DEEP = "[" * 100000 + "]" * 100000  # RecursionError in the parser
+TOO_MANY_DIGITS = r"is not usable JSON: an integer with 5000 digits"
+TOO_DEEP = r"is not usable JSON: nested too deeply"
+
+
+@case("config-5000-digit-integer", TOO_MANY_DIGITS, "adapter/adapter_config.json")
+def _(ws: Workspace) -> None:
+    _set_config(ws, json.dumps(adapter_config_dict()).replace('"r": 2', f'"r": {BIG_INT}'))
+
+
+@case("config-nested-100000-deep", TOO_DEEP, "adapter/adapter_config.json")
+def _(ws: Workspace) -> None:
+    _set_config(ws, json.dumps(adapter_config_dict())[:-1] + f', "extra": {DEEP}}}')
+
+
+@case("base-config-nested-100000-deep", TOO_DEEP, "base/config.json")
+def _(ws: Workspace) -> None:
+    (ws.base / "config.json").write_text(json.dumps(base_config())[:-1] + f', "extra": {DEEP}}}')
+
+
+@case("base-config-5000-digit-integer", TOO_MANY_DIGITS, "base/config.json")
+def _(ws: Workspace) -> None:
+    (ws.base / "config.json").write_text(json.dumps(base_config())[:-1] + f', "extra": {BIG_INT}}}')
+
+
+@case("base-index-5000-digit-integer", TOO_MANY_DIGITS, "base/model.safetensors.index.json")
+@own_inputs
+def _(ws: Workspace) -> None:
+    ws.copy("sharded", "base")
+    index = ws.base / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    index.write_text(json.dumps(data).replace(f'"total_size": {data["metadata"]["total_size"]}',
+                                              f'"total_size": {BIG_INT}'))
+
+
+def _st_json_cases(kind: str, path_of: Callable[[Workspace], Path], file: str) -> None:
+    @case(f"{kind}-st-header-5000-digit-integer", TOO_MANY_DIGITS, file)
+    def _(ws: Workspace) -> None:
+        header, data = split_safetensors(path_of(ws))
+        raw = json.dumps(header)[:-1] + f', "extra": {BIG_INT}}}'
+        path_of(ws).write_bytes(join_safetensors(raw.encode(), data))
+
+    @case(f"{kind}-st-header-nested-100000-deep", TOO_DEEP, file)
+    def _(ws: Workspace) -> None:
+        header, data = split_safetensors(path_of(ws))
+        raw = json.dumps(header)[:-1] + f', "extra": {DEEP}}}'
+        path_of(ws).write_bytes(join_safetensors(raw.encode(), data))
+
+
+_st_json_cases("base", _base_st, "base/model.safetensors")
+_st_json_cases("adapter", _adapter_st, "adapter/adapter_model.safetensors")
+
+
+# ---- bench and export-onnx on broken inputs (issue 10, findings 8, 13, 16) -----------------------
+
+BENCH_FAST = ["--batch-sizes", "1", "--seq-lens", "4", "--decode-tokens", "0", "--warmup", "0", "--repeats", "1"]
+
+
+def _bench(ws: Workspace, *extra: str) -> list[str]:
+    return ["bench", str(ws.base), str(ws.adapter), *extra, *BENCH_FAST]
+
+
+def _truncated_copy(ws: Workspace, name: str = "merged") -> Path:
+    folder = ws.copy("base", name)
+    raw = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(raw[:-12])
+    return folder
+
+
+@case("export-onnx-truncated-shard", r"data is truncated", "merged/model.safetensors")
+def _(ws: Workspace) -> list[str]:
+    return ["export-onnx", str(_truncated_copy(ws)), "-o", str(ws.root / "model.onnx")]
+
+
+@case("bench-truncated-merged-shard", r"data is truncated", "merged/model.safetensors")
+def _(ws: Workspace) -> list[str]:
+    return _bench(ws, "--merged", str(_truncated_copy(ws)), "--variants", "merged")
+
+
+@case("bench-adapter-for-another-base", r"shape \[2, 32\] does not fit base", "adapter/adapter_model.safetensors",
+      Q0_A_POS)
+def _(ws: Workspace) -> list[str]:
+    _rewrite_adapter(ws, adapter_tensors(hidden=32))
+    return _bench(ws, "--variants", "unmerged")
+
+
+@case("bench-onnx-not-an-onnx-file", r"ONNX Runtime cannot load this file as an ONNX model", "model.onnx")
+def _(ws: Workspace) -> list[str]:
+    (ws.root / "model.onnx").write_bytes(b"this is not protobuf \xff\xfe" * 10)
+    return _bench(ws, "--onnx", str(ws.root / "model.onnx"), "--variants", "onnx")
+
+
+@case("bench-merged-of-an-unrelated-base", r"MERGED is not a merge of this base", "unrelated/model.safetensors")
+def _(ws: Workspace) -> list[str]:
+    from d2merge.merge import merge
+
+    write_base(ws.root / "other-base", seed=7)
+    merge(ws.root / "other-base", ws.adapter, ws.root / "unrelated")
+    shutil.rmtree(ws.root / "other-base")
+    return _bench(ws, "--merged", str(ws.root / "unrelated"), "--variants", "merged")
+
+
+@case("export-onnx-parent-is-a-file", r"the output's parent is not a folder", "parent-file")
+def _(ws: Workspace) -> list[str]:
+    (ws.root / "parent-file").write_text("")
+    return ["export-onnx", str(ws.base), "-o", str(ws.root / "parent-file" / "model.onnx")]
+
+
+@case("export-onnx-existing-graph", r"output already exists.*--overwrite", "model.onnx")
+def _(ws: Workspace) -> list[str]:
+    (ws.root / "model.onnx").write_bytes(b"an earlier export")
+    return ["export-onnx", str(ws.base), "-o", str(ws.root / "model.onnx")]
+
+
+@case("export-onnx-into-its-input", r"output path overlaps an input", "base/model.onnx")
+def _(ws: Workspace) -> list[str]:
+    return ["export-onnx", str(ws.base), "-o", str(ws.base)]
+
+
+@case("export-onnx-read-only-parent", r"the output's parent folder is not writable", "read-only", runner="readonly")
+def _(ws: Workspace) -> list[str]:
+    (ws.root / "read-only").mkdir()
+    os.chmod(ws.root / "read-only", 0o555)
+    return ["export-onnx", str(ws.base), "-o", str(ws.root / "read-only" / "new-folder")]
+
+
+@case("merge-format-onnx-existing-graph", r"output already exists.*--overwrite", "onnx-out/model.onnx")
+def _(ws: Workspace) -> list[str]:
+    (ws.root / "onnx-out").mkdir()
+    (ws.root / "onnx-out" / "model.onnx").write_bytes(b"an earlier export")
+    return ws.merge_args("--format", "onnx", out=ws.root / "onnx-out")
+
+
 # -- paths that must work -------------------------------------------------------------------------
 
 

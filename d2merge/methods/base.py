@@ -70,6 +70,15 @@ class ModuleSettings:
     # "pissa" / "olora": the base PEFT rebuilt from W0 at load time (methods/residual_base.py).
     base_init: str | None = None
 
+    @property
+    def transposed(self) -> bool:
+        """Whether the base weight is stored (in, out), the transpose of the formula's (out, in).
+
+        GPT-2's Conv1D (``fan_in_fan_out``) and embeddings (num_embeddings, dim)
+        both store it so; every formula works on (out, in).
+        """
+        return self.fan_in_fan_out or self.layer_kind == EMBEDDING
+
 
 def pattern_key(patterns: Mapping[str, Any], module: str, field: str = "pattern") -> str | None:
     """The pattern that applies to ``module``, matched as PEFT does: a regex on a dotted suffix."""
@@ -245,6 +254,17 @@ class Method:
         """The rank the stored tensors imply (compared against the config by the planner)."""
         raise NotImplementedError
 
+    # How the rank is named in tables ("r=8"); Dual LoRA has two.
+    rank_name: ClassVar[str] = "r"
+
+    def configured_rank(self, settings: ModuleSettings) -> Any:
+        """The rank the config gives a module, in the form :meth:`rank_of` returns."""
+        return settings.r
+
+    def rank_text(self, rank: Any) -> str:
+        """A rank (from :meth:`rank_of` or :meth:`configured_rank`) as tables print it."""
+        return str(rank)
+
     # ----- math ---------------------------------------------------------------------------
     # Factors indexed by output row (B factors, magnitudes): sliced when merging a block of rows.
     row_factors: ClassVar[frozenset[str]] = frozenset()
@@ -262,7 +282,7 @@ class Method:
                                                      settings.options["token_indices"])
         if settings.part == BIAS:
             return self.merged_bias(w0.to(compute_dtype, copy=True), factors, settings)
-        transposed = settings.fan_in_fan_out or settings.layer_kind == EMBEDDING
+        transposed = settings.transposed
         w = w0.to(compute_dtype, copy=True)
         w = w.T if transposed else w
         w = self.effective_base(w, settings)
@@ -279,11 +299,6 @@ class Method:
                     settings: ModuleSettings) -> torch.Tensor:
         """The layer's merged bias (only methods with a bias factor have one)."""
         raise D2MergeError(f"{self.name} has no bias factor", hint="merge with PEFT")
-
-    def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
-                       settings: ModuleSettings) -> torch.Tensor:
-        """The merged weight for ``w0`` of shape (out, in), leaving ``w0`` untouched."""
-        return self.merge_rows_(self.effective_base(w0.clone(), settings), factors, settings, slice(None))
 
     def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
                     rows: slice) -> torch.Tensor:
@@ -311,6 +326,32 @@ class Method:
     def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
         """Method-specific figures for verify (norm ratios, sign margins): none by default."""
         return {}
+
+    # ----- initialisation -----------------------------------------------------------------
+    # The "down" factors (PEFT's A): drawn at random for training while every other factor starts
+    # at zero, so a fresh adapter is exactly the base model.
+    random_init_tensors: ClassVar[frozenset[str]] = frozenset()
+
+    def init_factors(self, shapes: Mapping[str, tuple[int, ...]], *,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Fresh factors for training, as PEFT's ``LoraVariant.init``: each A Kaiming-uniform, each B zero.
+
+        Each random factor gets its own draw, so D2-LoRA's two branches differ.
+        A method whose other factors need a start value (DoRA's magnitude from
+        the base weight) sets it in its runtime module.
+        """
+        factors: dict[str, torch.Tensor] = {}
+        for name, shape in shapes.items():
+            if name in self.random_init_tensors:
+                bound = (3.0 / shape[1]) ** 0.5
+                factors[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+            else:
+                factors[name] = torch.zeros(shape)
+        return factors
+
+    def example_config(self, r: int) -> dict[str, Any]:
+        """The method's own ``adapter_config.json`` fields for a fresh adapter of rank ``r``."""
+        return {"peft_type": self.peft_type, "r": r}
 
     # ----- runtime ------------------------------------------------------------------------
     def runtime_module(self, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,

@@ -24,6 +24,18 @@ from d2merge.methods.runtime import AdapterLayer, embed_scale
 MAGNITUDE = "lora_magnitude_vector"
 
 
+def row_norms(v: torch.Tensor) -> torch.Tensor:
+    """||V|| per output row, accumulated in fp64 and returned in ``v``'s dtype.
+
+    As D2-LoRA's norms (``D2LoRA.norms``): the sum of squares over a row of
+    thousands of weights loses fp32 ulps, and the ratio multiplies every element
+    of the row, so the accumulation is the merge's largest rounding term.
+    """
+    if v.dtype == torch.float64:
+        return torch.linalg.vector_norm(v, dim=1)
+    return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64).to(v.dtype)
+
+
 class DoRA(LoRA):
     name = "dora"
     peft_type = "LORA"
@@ -48,8 +60,7 @@ class DoRA(LoRA):
                     rows: slice) -> torch.Tensor:
         a, b = self.tensor_names(settings.layer_kind)[:2]
         v = w.addmm_(factors[b][rows], factors[a], alpha=settings.scale)
-        norm = torch.linalg.vector_norm(v, dim=1)
-        return v.mul_((factors[MAGNITUDE][rows] / norm)[:, None])
+        return v.mul_((factors[MAGNITUDE][rows] / row_norms(v))[:, None])
 
     def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
         v = w0 + self.low_rank(factors, settings)

@@ -25,6 +25,11 @@ class LoRA(Method):
     peft_type = "LORA"
     linear_tensors = ("lora_A", "lora_B")
     embedding_tensors = ("lora_embedding_A", "lora_embedding_B")
+    random_init_tensors = frozenset({"lora_A", "lora_embedding_A"})
+
+    def example_config(self, r: int) -> dict[str, Any]:
+        # PEFT's LoRA and DoRA share peft_type LORA; use_dora tells them apart.
+        return {"peft_type": self.peft_type, "r": r, "use_dora": self.name == "dora"}
     row_factors = frozenset({"lora_B", "lora_embedding_B"})
     optional_linear_tensors = {LORA_BIAS: "lora_B.bias"}
 
