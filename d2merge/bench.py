@@ -186,14 +186,53 @@ def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -
     return rows
 
 
-def bench_onnx(onnx_path: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
-    """Prefill grid for an ONNX graph without past (input_ids, attention_mask -> logits) on the CPU."""
-    import numpy as np
+def open_onnx_session(onnx_path: Path) -> Any:
+    """An ONNX Runtime CPU session, or one line when the file is not an ONNX model it can run."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...), all Exception
+        detail = " ".join(str(exc).split())[:200]
+        raise D2MergeError(f"ONNX Runtime cannot load this file as an ONNX model ({type(exc).__name__}: {detail})",
+                           path=onnx_path, hint="pass a graph written by `d2merge export-onnx`") from None
+
+
+def check_merged_pairing(base: Any, adapter: Any, merged: str | Path) -> None:
+    """Refuse a MERGED folder that is not a merge of this base and adapter, as verify would.
+
+    Benchmarking an unrelated model against the unmerged one would print a table that means
+    nothing; verify's weight check (copied tensors bit for bit, merged ones against fp64) tells.
+    """
+    from d2merge.io.checkpoint import open_base
+    from d2merge.plan import build_plan
+    from d2merge.verify import check_weights, stored_dtype, thresholds_for
+
+    merged_ckpt = open_base(merged)
+    dtype = stored_dtype(build_plan(base, adapter), merged_ckpt)
+    layers, _, mismatched, missing = check_weights(build_plan(base, adapter, dtype=dtype), merged_ckpt)
+    hint = "pass the folder `d2merge merge BASE ADAPTER` wrote, or leave out --merged"
+    if missing:
+        raise D2MergeError(f"MERGED lacks {len(missing)} tensor(s) of this base (first: {missing[0]})",
+                           path=merged_ckpt.location, hint=hint)
+    if mismatched:
+        raise D2MergeError("MERGED is not a merge of this base: a tensor the adapter does not touch differs",
+                           path=merged_ckpt.tensors.file_of(mismatched[0]), tensor=mismatched[0], hint=hint)
+    limit = thresholds_for(dtype).max_ulp
+    worst = max(layers, key=lambda layer: layer.max_ulp_error, default=None)
+    if worst is not None and not worst.max_ulp_error <= limit:
+        raise D2MergeError(f"MERGED is not a merge of this adapter: weight error {worst.max_ulp_error:.3g} ulp "
+                           f"> {limit:g}", path=merged_ckpt.tensors.file_of(worst.tensor), tensor=worst.tensor,
+                           hint=hint)
+
+
+def bench_onnx(onnx_path: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
+    """Prefill grid for an ONNX graph without past (input_ids, attention_mask -> logits) on the CPU."""
+    import numpy as np
+
+    session = open_onnx_session(onnx_path)
     names = {i.name for i in session.get_inputs()}
     if any(n.startswith("past_key_values") for n in names):
         raise D2MergeError("bench needs an ONNX graph without past for the prefill grid", path=onnx_path,
@@ -309,6 +348,17 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
     for folder in (base, merged):  # before any work: every variant is loaded by transformers
         if folder is not None and resolve_location(folder).is_dir():
             refuse_custom_code(resolve_location(folder))
+    # Also before any work: the inputs must fit together, or a variant fails halfway with a shape error.
+    from d2merge.io.adapter import load_adapter
+    from d2merge.io.checkpoint import open_base
+    from d2merge.plan import build_plan
+
+    base_ckpt, adapter_obj = open_base(base), load_adapter(adapter)
+    build_plan(base_ckpt, adapter_obj)
+    if merged is not None:
+        check_merged_pairing(base_ckpt, adapter_obj, merged)
+    if onnx is not None:
+        open_onnx_session(Path(onnx))
     report = BenchReport(settings, meta={"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                                          "base": str(base), "adapter": str(adapter)})
     with tempfile.TemporaryDirectory(prefix="d2merge-bench-") as scratch:

@@ -309,6 +309,9 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
                    "protobuf's 2 GB limit]")
 @click.option("--no-validate", is_flag=True,
               help="Skip the ONNX Runtime vs PyTorch comparison (faster; the file is then unproven).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing graph (and its .data file), or with --runtime genai an output folder "
+                   "d2merge wrote, only once the new one is validated.")
 @click.option("--atol", type=float, default=None,
               help="Bound on the max |logit difference| at real tokens. [default: fp32 1e-4 of the largest logit, at least "
                    "1e-4; fp16 1% of the largest logit, at least 1e-3]")
@@ -318,12 +321,10 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32", show_default=True,
               help="With --runtime genai: fp32 (checked token for token against transformers), fp16, or int4 "
                    "weights (top-1 agreement and logit diff vs fp32 reported and gated).")
-@click.option("--overwrite", is_flag=True,
-              help="With --runtime genai: replace an output folder d2merge wrote, once the new build is validated.")
 @click.pass_context
 def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str, with_past: bool, opset: int,
                         exporter: str, external_data: bool | None, no_validate: bool, atol: float | None,
-                        runtime: str, precision: str, overwrite: bool) -> None:
+                        overwrite: bool, runtime: str, precision: str) -> None:
     """Export a merged MODEL_DIR (config.json + safetensors) to ONNX, proven against PyTorch.
 
     The graph takes input_ids and attention_mask (int64, dynamic batch and
@@ -352,8 +353,6 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
         click.echo(export_genai(model_dir, out, precision=precision, validate=not no_validate, atol=atol,
                                 overwrite=overwrite).describe())
         return
-    if overwrite:
-        raise click.UsageError("--overwrite is for --runtime genai (the generic export has no --overwrite)")
     if "precision" in given:
         raise click.UsageError("--precision is for --runtime genai; the generic export takes --dtype fp32|fp16")
     # Every rule known up front is checked here, before torch loads and the export runs.
@@ -362,7 +361,7 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
 
     result = export_onnx(model_dir, out, dtype=settings.dtype, with_past=settings.with_past, opset=settings.opset,
                          exporter=settings.exporter, external_data=external_data, validate=not no_validate,
-                         atol=atol)
+                         atol=atol, overwrite=overwrite)
     click.echo(result.describe())
 
 

@@ -243,8 +243,8 @@ def random_probes(vocab_size: int, *, count: int, length: int, seed: int) -> Pro
     """Seeded uniform random token ids: reproducible and independent of any tokenizer."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (count, length), generator=generator)
-    return Probes(ids, torch.ones_like(ids), {"source": "random", "file": None, "count": count, "length": length, "seed": seed,
-                                              "positions": count * length})
+    return Probes(ids, torch.ones_like(ids), {"source": "random", "file": None, "count": count, "length": length,
+                                              "seed": seed, "positions": count * length})
 
 
 def prompt_probes(tokenizer: Any, prompts: Sequence[str], *, max_length: int, source: str) -> Probes:

@@ -371,7 +371,7 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
     ``modelfile`` also writes an Ollama ``Modelfile`` next to the GGUF.
     """
     from d2merge.io.checkpoint import open_base
-    from d2merge.io.output import TEMP_MARKER, check_output_location, disk_error, remove_stale_temps
+    from d2merge.io.output import AtomicFiles, check_output_location, disk_error
 
     gguf = _gguf()
     check_gguf_type(gguf_type)
@@ -390,8 +390,8 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
     planned = _plan_tensors([(n, tuple(checkpoint.tensors.info(n)[1])) for n in names], config, arch, gguf_type,
                             folder)
 
-    remove_stale_temps(out_path)
-    temp = out_path.parent / f".{out_path.name}{TEMP_MARKER}{os.getpid()}"
+    staging = AtomicFiles(out_path, overwrite=overwrite, sidecars=("Modelfile",) if modelfile else ()).__enter__()
+    temp = staging.staged
     writer = gguf.GGUFWriter(temp, arch)
     try:
         writer.add_type(gguf.GGUFType.MODEL)
@@ -414,16 +414,15 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
         for item in _progress(planned, progress):
             writer.write_tensor_data(_tensor_bytes(item, checkpoint, config, permute))
         writer.close()
-        try:
-            os.replace(temp, out_path)
-        except OSError as exc:
-            raise disk_error(exc, out_path) from None
+        if modelfile:
+            write_modelfile(temp, checkpoint.folder)
+        staging.commit()
     except OSError as exc:
         raise disk_error(exc, out_path) from None
     finally:
         writer.close()
-        temp.unlink(missing_ok=True)
-    written_modelfile = write_modelfile(out_path, checkpoint.folder) if modelfile else None
+        staging.__exit__(None, None, None)
+    written_modelfile = out_path.with_name("Modelfile") if modelfile else None
     return GGUFExportResult(out_path, gguf_type, arch, len(planned), out_path.stat().st_size,
                             time.perf_counter() - started, written_modelfile)
 
@@ -478,10 +477,8 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     The temp folder costs one fp32 copy of the model on disk, never in memory: both the merge
     and the export stream one tensor at a time.
     """
-    import tempfile
-
-    from d2merge.io.output import check_output_location
     from d2merge.export.hf_folder import card_info
+    from d2merge.io.output import check_output_location, scratch_beside
     from d2merge.merge import MergeOptions, merge
 
     check_gguf_type(gguf_type)
@@ -491,7 +488,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
         raise D2MergeError("a GGUF output must end in .gguf", path=out_path, hint="name it like model.gguf")
     check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite,
                           is_file=True)
-    with tempfile.TemporaryDirectory(prefix=".d2merge-gguf-", dir=out_path.absolute().parent) as scratch:
+    with scratch_beside(out_path, "merge") as scratch:
         fp32 = options.with_overrides(dtype="fp32", overwrite=False)
         result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
         info = card_info(result.plan, result.source_hashes)
