@@ -137,11 +137,20 @@ def test_head_size_the_cpu_kernel_refuses(cli_runner, tiny_bases, tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_extra(cli_runner, wide_base, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_extra(cli_runner, wide_base, make_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # makes `import onnxruntime_genai` fail
     result = cli_runner(["export-onnx", wide_base("llama"), "-o", tmp_path / "out", "--runtime", "genai"])
     _assert_one_line_refusal(result, "onnxruntime-genai is not installed", "d2merge[genai]")
     assert list(tmp_path.iterdir()) == []
+    adapter = make_adapter(wide_base("llama"), "lora")
+    result = cli_runner(["merge", wide_base("llama"), adapter, "-o", tmp_path / "out", "--format", "onnx-genai"])
+    _assert_one_line_refusal(result, "onnxruntime-genai is not installed")  # before any merge work
+    assert list(tmp_path.iterdir()) == []
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / GENAI_CONFIG).write_text("{}")
+    result = cli_runner(["verify", wide_base("llama"), adapter, build])
+    _assert_one_line_refusal(result, "onnxruntime-genai is not installed")
 
 
 @pytest.mark.parametrize("make", ["empty", "adapter", "no-weights"])
