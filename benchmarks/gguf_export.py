@@ -60,6 +60,9 @@ def main() -> None:
     if not base.exists():
         params = build_checkpoint(base, hidden=hidden, layers=args.layers, intermediate=intermediate, vocab=vocab,
                                   heads=heads, kv_heads=kv_heads, dtype=torch.bfloat16)
+        config = json.loads((base / "config.json").read_text())
+        config["architectures"] = ["LlamaForCausalLM"]  # merge_speed's config names none; GGUF needs it
+        (base / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer = smollm2_tokenizer_folder(root)
         for name in TOKENIZER_FILES:
             if (tokenizer / name).is_file():
