@@ -398,8 +398,8 @@ def test_llama_cpp_tokenizes_and_generates_like_transformers(smol_merged, gguf_t
 
 
 # SmolLM2-135M merged with D2-LoRA, read back by transformers, on real prompts and random probes.
-# Measured: see docs/gguf.md (f16 / q8_0 / q4_0); bounds about 2-3x measured for f16, floors for the
-# quantized types those of verify (QUANTIZED_GATES).
+# Measured: see docs/gguf.md (f16 / q8_0 / q4_0); the quantized types are held to verify's gates
+# (QUANTIZED_GATES).
 @pytest.mark.slow
 def test_transformers_reader_on_merged_smollm2(smol_merged):
     from transformers import AutoTokenizer
@@ -423,7 +423,8 @@ def test_transformers_reader_on_merged_smollm2(smol_merged):
         print(f"smollm2 {gguf_type}: max |logit diff| {diff:.3g} ({diff / largest:.2%} of {largest:.3g}), "
               f"top-1 {top1:.2%}")
         if gguf_type == "f16":
-            assert diff < 0.1 and top1 >= 0.97
+            # measured 0.087 (0.25% of the largest logit, 34.6); 1% as the ONNX fp16 check
+            assert diff < 0.01 * largest and top1 >= 0.97
             rebuilt = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             for text in PROBE_TEXTS:
                 assert rebuilt(text)["input_ids"] == tokenizer(text)["input_ids"], text
