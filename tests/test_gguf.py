@@ -462,7 +462,9 @@ def test_verify_gates_a_quantized_gguf_by_logits(tiny_merges, bpe_bases):
     report = verify(bpe_bases("qwen2"), tiny_merges.adapter("qwen2"), path, num_probes=2, probe_length=8)
     column = report.results[0]
     assert column.dtype == "gguf-q8_0" and report.passed, report.table()
-    assert column.layers == [] and len(column.not_checked) == 2 * 7  # every merged weight is quantized
+    # every 2-D weight is quantized: the 14 merged ones, the embedding and lm_head; norms/biases ulp-checked
+    assert column.layers == [] and len(column.not_checked) == 2 * 7 + 2
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(column.not_checked)
     assert "tensors by logits only" in report.table()
     strict = verify(bpe_bases("qwen2"), tiny_merges.adapter("qwen2"), path, num_probes=2, probe_length=8,
                     thresholds={"max_abs_diff": 1e-6})
