@@ -414,7 +414,8 @@ def test_transformers_reader_on_merged_smollm2(smol_merged):
     ids = torch.cat([torch.tensor([p[:width] for p in prompts]), _ids(width)])
     want = _hf_logits(folder, ids)
     largest = want.abs().max().item()
-    for gguf_type in ("f16", "q8_0", "q4_0"):
+    # q4_0 was measured once (docs/gguf.md: 20% top-1, 44%); each SmolLM2 read costs minutes on CI
+    for gguf_type in ("f16", "q8_0"):
         path = gguf_of(gguf_type)
         with torch.no_grad():
             got = load_gguf_model(path)(ids).logits
