@@ -310,7 +310,8 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
 @click.option("--no-validate", is_flag=True,
               help="Skip the ONNX Runtime vs PyTorch comparison (faster; the file is then unproven).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing graph (and its .data file), only once the new one is validated.")
+              help="Replace an existing graph (and its .data file), or with --runtime genai an output folder "
+                   "d2merge wrote, only once the new one is validated.")
 @click.option("--atol", type=float, default=None,
               help="Bound on the max |logit difference| at real tokens. [default: fp32 1e-4 of the largest logit, at least "
                    "1e-4; fp16 1% of the largest logit, at least 1e-3]")
@@ -349,7 +350,8 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
         if generic_only:
             raise click.UsageError(f"--{generic_only[0].replace('_', '-')} applies to the generic export; with "
                                    "--runtime genai choose --precision fp32|fp16|int4")
-        click.echo(export_genai(model_dir, out, precision=precision, validate=not no_validate, atol=atol).describe())
+        click.echo(export_genai(model_dir, out, precision=precision, validate=not no_validate, atol=atol,
+                                overwrite=overwrite).describe())
         return
     if "precision" in given:
         raise click.UsageError("--precision is for --runtime genai; the generic export takes --dtype fp32|fp16")
@@ -521,12 +523,15 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
     Compares logits on probe inputs (max/mean |diff|, KL, top-1 agreement), the
     multiple-choice merge gap with --mc-eval, and every merged tensor against an
     fp64 recomputation (abs and ulp error, plus the method's own figures).
-    Without MERGED, merges into a temp folder per --dtypes. Only one model is in
-    memory at a time. Exit 0: pass; 1: a threshold was exceeded; 2: bad input.
+    Without MERGED, merges into a temp folder per --dtypes. MERGED may also be a
+    .gguf file (read with transformers' GGUF loader) or an onnxruntime-genai
+    folder (logits through its Generator). Only one model is in memory at a
+    time. Exit 0: pass; 1: a threshold was exceeded; 2: bad input.
 
     \b
     Examples:
       d2merge verify ./base ./adapter ./merged
+      d2merge verify ./base ./adapter model-q8_0.gguf
       d2merge verify ./base ./adapter --dtypes fp32,bf16 --mc-eval eval.jsonl
       d2merge verify ./base ./adapter ./merged --prompts prompts.txt --report verify.json
     """

@@ -917,7 +917,9 @@ def verify_exported(exported: Any, *, merge_plan_for: Callable[[str], MergePlan]
     rounding floor); a quantized one against the fixed limits its exporter measured.
     """
     label, floor_dtype = exported.label, exported.floor_dtype
-    merge_plan = merge_plan_for(floor_dtype or "fp32")
+    # fp32: each expected tensor is then cast once to the dtype the file stores it in (norms stay
+    # f32 in an f16 GGUF), as the exporter did.
+    merge_plan = merge_plan_for("fp32")
     real = probes.attention_mask.bool()
     chosen = exported.thresholds(float(reference_logits[real].abs().max()))
     if thresholds:

@@ -450,7 +450,7 @@ def test_verify_accepts_gguf_and_fails_a_wrong_one(tiny_merges, bpe_bases, cli_r
     assert len(column["layers"]) == 2 * 7 and column["max_ulp_error"] <= 1.0 and column["copied_checked"] > 0
     wrong = export_gguf(base, tmp_path / "base.gguf", gguf_type="f16").output  # the base, not the merge
     res = cli_runner(["verify", base, adapter, wrong, "--num-probes", "2", "--probe-length", "8"])
-    assert res.code == 1 and "gguf-f16: weight error" in res.err, res.err
+    assert res.code == 1 and "gguf-f16: weight check" in res.err and "logit check" in res.err, res.err
 
 
 @pytest.mark.slow
@@ -486,9 +486,13 @@ def test_bench_measures_llama_cpp_beside_pytorch(tiny_merges, bpe_bases):
 
 @pytest.mark.llama_cpp
 @llama_cpp_only
-def test_bench_skips_default_llama_cpp_for_a_model_gguf_refuses(tiny_bases, make_adapter):
+def test_bench_skips_default_llama_cpp_for_a_model_gguf_refuses(tiny_bases, make_adapter, monkeypatch):
+    import d2merge.bench
     from d2merge.bench import BenchSettings, bench
 
+    assert "llama_cpp" in d2merge.bench.default_variants()  # installed here: measured by default
+    # The default grid minus its slow generic ONNX export; the default-variants path is the same.
+    monkeypatch.setattr(d2merge.bench, "default_variants", lambda: ("merged", "llama_cpp"))
     settings = BenchSettings(batch_sizes=(1,), seq_lens=(4,), decode_batch_sizes=(), warmup=0, repeats=1)
     base = tiny_bases("llama")  # word-level tokenizer: no GGUF
     report = bench(base, make_adapter(base, "lora"), settings=settings)

@@ -291,7 +291,7 @@ RESULT = {"dtype": str, "merged": (str, type(None)), "passed": bool, "failures":
           "logits": (dict, type(None)), "mc": (dict, type(None)), "layers": list, "copied_checked": int,
           "copied_mismatched": list, "missing_tensors": list, "max_abs_error": NUMBER, "max_ulp_error": NUMBER,
           "worst_layer": (str, type(None)), "method_summary": dict, "floor": dict, "limits": dict,
-          "top1_flips_p": NUMBER}
+          "top1_flips_p": NUMBER, "not_checked": list}
 LOGITS = {"positions": int, "max_abs_diff": NUMBER, "mean_abs_diff": NUMBER, "kl_mean": NUMBER, "kl_max": NUMBER,
           "top1_agreement": NUMBER, "argmax_flips": int}
 MC = {"examples": int, "accuracy_unmerged": NUMBER, "accuracy_merged": NUMBER, "merge_gap_pp": NUMBER,

@@ -187,11 +187,13 @@ def build_genai(model_dir: Path, out_dir: Path, precision: str, cache_dir: Path)
 
 def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, precision: str = "fp32",
                  validate: bool = True, atol: float | None = None,
-                 greedy_prompts: Sequence[Sequence[int]] | None = None) -> GenaiExportResult:
+                 greedy_prompts: Sequence[Sequence[int]] | None = None, overwrite: bool = False) -> GenaiExportResult:
     """Build an onnxruntime-genai folder at ``out_dir`` from a merged folder, validated before it appears.
 
     Raises D2MergeError (and leaves nothing at ``out_dir``) when the extra is missing, the folder is
-    not a merged model, the builder refuses the architecture, or validation fails.
+    not a merged model, the builder refuses the architecture, or validation fails. ``overwrite``
+    follows merge's rule: an existing output is replaced only if d2merge wrote it (or it is empty),
+    and only once the new build has passed validation.
     """
     from d2merge.io.output import AtomicFolder, check_output_location
 
@@ -200,11 +202,11 @@ def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pr
     model_dir = Path(model_dir)
     import_genai()
     check_merged_folder(model_dir)
-    final = check_output_location(Path(out_dir), [model_dir], overwrite=False)
+    final = check_output_location(Path(out_dir), [model_dir], overwrite=overwrite)
     if final.suffix == ".onnx":
         raise D2MergeError("a genai build is a folder (model.onnx, its data and genai_config.json), not one file",
                            path=final, hint="pass a folder name to -o")
-    with AtomicFolder(final) as staging:
+    with AtomicFolder(final, overwrite=overwrite) as staging:
         started = time.perf_counter()
         build_genai(model_dir, staging.temp, precision, staging.temp / ".builder-cache")
         with contextlib.suppress(OSError):
