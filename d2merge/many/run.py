@@ -273,7 +273,7 @@ def existing_output_matches(plan: MergePlan, job: Job, output: Path, hashes: dic
     except (D2MergeError, OSError, UnicodeDecodeError):
         return False, None
     table = _VERIFY_SECTION.search(card)
-    without = _VERIFY_SECTION.sub("\n", card, count=1) if table else card
+    without = _VERIFY_SECTION.sub("", card, count=1) if table else card
     return without == render_model_card(card_info(plan, hashes)), (table.group(1) if table else None)
 
 
@@ -287,8 +287,9 @@ def check_jobs(base: BaseCheckpoint, jobs: Sequence[Job], outdir: Path, options:
         checked.append(entry)
         try:
             entry.plan = plan_job(base, job, options.allow_pickle)
-            check_output_location(output, [base.location, entry.plan.adapter.path], overwrite=True,
-                                  is_file=job.format == "safetensors")
+            if outdir.is_dir():  # a dry run may name an OUTDIR the real run would create
+                check_output_location(output, [base.location, entry.plan.adapter.path], overwrite=True,
+                                      is_file=job.format == "safetensors")
             if output.exists():
                 matches, table = existing_output_matches(entry.plan, job, output, hashes.for_plan(entry.plan))
                 if matches:
