@@ -142,6 +142,9 @@ def _job(entry: Any, number: int, base_folder: Path, defaults: Mapping[str, Any]
     if not isinstance(entry, dict):
         raise D2MergeError(f"{where} is a {type(entry).__name__}; expected an adapter folder or a mapping",
                            path=source)
+    label = entry.get("name") or (Path(entry["adapter"]).name if isinstance(entry.get("adapter"), str) else None)
+    if isinstance(label, str) and label:
+        where = f"{where} ({label})"
     unknown = sorted(set(entry) - set(JOB_FIELDS))
     if unknown:
         raise D2MergeError(f"{where}: unknown field '{unknown[0]}'", path=source,
