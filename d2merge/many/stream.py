@@ -6,7 +6,9 @@ takes its output tensor from it exactly as ``d2merge merge`` would (the same
 engine function, the same one-thread fp32 arithmetic, the same cast), and a
 writer thread appends it to that job's open shard. A job's tensors reach its
 files in the order of its own plan, so each output is the bytes a single merge
-writes.
+writes. A tensor a job leaves unchanged (same dtype) is copied file to file
+as the single merge copies it (``copy_file_range``: kernel-side, no pass
+through this process's memory), so it is read into memory by nobody.
 
 Memory: the base tensor of the step plus the jobs' computed tensors waiting
 for the writer, all drawn from one :class:`InflightBudget` whose cap
@@ -259,6 +261,13 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
             shard_entries.setdefault(item.shard, []).append((item.name, item.out_dtype, item.shape))
         entries[id(t)] = shard_entries
 
+    byte_range = getattr(base.tensors, "byte_range", None)
+
+    def raw_source(item: TensorPlan) -> tuple[Path, int, int] | None:
+        if item.action != "copy" or item.in_dtype != item.out_dtype or byte_range is None:
+            return None
+        return byte_range(item.source)
+
     writer = _PassWriter(budget)
     local = threading.local()
 
@@ -279,13 +288,16 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
                 t.fail(exc)
         return job
 
-    def wrote(t: Target, path: Path, item: TensorPlan, tensor: torch.Tensor,
+    def wrote(t: Target, path: Path, item: TensorPlan, tensor: torch.Tensor | tuple[Path, int, int],
               storage: torch.Tensor | None) -> Callable[[], None]:
         def job() -> None:
             try:
                 if t.error is None and t._writer is not None:
                     try:
-                        t._writer.write(item.name, tensor)
+                        if isinstance(tensor, tuple):
+                            t._writer.copy_from(item.name, *tensor)
+                        else:
+                            t._writer.write(item.name, tensor)
                     except OSError as exc:
                         raise disk_error(exc, path) from None
                     if on_tensor is not None:
@@ -330,8 +342,12 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
                     t._shard = item.shard
                     writer.submit(opened(t, t.shard_paths[item.shard], item.shard))
                 path = t.shard_paths[item.shard]
-                if item.action == "copy" and item.in_dtype == item.out_dtype:
-                    # unchanged bytes: the shared read is written as is (what the raw copy writes)
+                raw = raw_source(item)
+                if raw is not None:
+                    # unchanged bytes, copied file to file as `d2merge merge` does (kernel-side, never
+                    # through this process's memory)
+                    writer.submit(wrote(t, path, item, raw, None))
+                elif item.action == "copy" and item.in_dtype == item.out_dtype:
                     writer.submit(wrote(t, path, item, reader.loaded(item.source), None))
                 else:
                     storage, out = _compute(pass_plan, item, device, torch.float32, buffers())
@@ -351,7 +367,7 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
             work = [entry for entry in steps[anchor] if entry[0].error is None]
             for t, _, items in work:
                 for item in items:
-                    if _reads_base(item):
+                    if _reads_base(item) and raw_source(item) is None:
                         reader.load(item.source)
             if pool is None or len(work) < 2:
                 for entry in work:
