@@ -254,6 +254,31 @@ def test_rerun_redoes_a_job_whose_sources_changed_only_with_overwrite(tiny_bases
     assert_same_output(single_merge(cli_runner, tmp_path, base, changed), out / "changing")
 
 
+def test_a_job_failing_mid_pass_leaves_the_others_whole(tiny_bases: Any, make_adapter: Callable, tmp_path: Path,
+                                                         cli_runner: Callable) -> None:
+    """A NaN in one adapter is found only while merging: that job fails, its temp goes, the others finish."""
+    import torch
+
+    from d2merge.io.adapter import WEIGHTS_NAME, write_adapter
+
+    base = tiny_bases("llama")
+    good = make_adapter(base, "lora", seed=71)
+    source = make_adapter(base, "dora", seed=72)
+    stored = SafetensorsFile(source / WEIGHTS_NAME)
+    tensors = {name: stored.read(name).clone() for name in stored.keys()}
+    poisoned = next(name for name in tensors if "layers.1" in name and "lora_B" in name)
+    tensors[poisoned][0, 0] = float("nan")
+    nan = tmp_path / "nan-adapter"
+    write_adapter(nan, json.loads((source / "adapter_config.json").read_text()), tensors)
+    manifest = write_manifest(tmp_path / "jobs.json", [str(nan), str(good)])
+    out = tmp_path / "out"
+    result = cli_runner(["merge-many", base, manifest, "-o", out, "--workers", "2"])
+    assert result.code == 2
+    assert "job 'nan-adapter'" in result.err and "NaN/Inf" in result.err and poisoned in result.err
+    assert sorted(p.name for p in out.iterdir()) == [good.name]  # no temp left, nothing that looks complete
+    assert_same_output(single_merge(cli_runner, tmp_path, base, good), out / good.name)
+
+
 @pytest.mark.parametrize("parallel", ["thread", pytest.param("process", marks=pytest.mark.slow)])
 def test_workers_write_the_same_bytes(four_methods: tuple[Path, list[Path]], tmp_path: Path, parallel: str,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
