@@ -341,6 +341,16 @@ def test_ray_missing_or_unreachable_is_one_line(tiny_bases: Any, make_adapter: C
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     base = tiny_bases("llama")
     jobs = [str(make_adapter(base, "lora", seed=51))]
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(D2MergeError, match=rf"cannot reach the Ray cluster at '127.0.0.1:{port}'"):
+        merge_many(base, jobs, tmp_path / "out", ray=f"127.0.0.1:{port}")
+    with pytest.raises(D2MergeError, match="invalid Ray address 'nowhere'"):
+        merge_many(base, jobs, tmp_path / "out", ray="nowhere")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     with pytest.raises(D2MergeError, match=r"--ray needs the ray package.*pip install 'd2merge\[ray\]'"):
         merge_many(base, jobs, tmp_path / "out", ray="auto")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -63,12 +64,31 @@ def connect(ray: Any, address: str, num_cpus: int | None) -> bool:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                      runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
         else:
+            _check_reachable(address)
             ray.init(address=address, log_to_driver=False)
+    except D2MergeError:
+        raise
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError... for an unreachable cluster
         raise D2MergeError(f"cannot reach the Ray cluster at {address!r}: {type(exc).__name__}: "
                            f"{' '.join(str(exc).split())[:300]}",
                            hint="start one with `ray start --head`, pass its address, or use --ray local") from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes: Ray retries an unreachable head for a long time before it gives up."""
+    if address == "auto":
+        return  # Ray finds the local cluster itself and says at once when there is none
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise D2MergeError(f"invalid Ray address {address!r}",
+                           hint="use auto, local, HOST:PORT (the GCS port, 6379) or ray://HOST:PORT (client, 10001)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise D2MergeError(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc}",
+                           hint="start one with `ray start --head`, check the address, or use --ray local") from None
 
 
 def group_count(jobs: int, cpus: float, max_jobs_per_pass: int) -> int:

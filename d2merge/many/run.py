@@ -501,6 +501,10 @@ def merge_many(base: str | Path, manifest: str | Path | Sequence[Job | str | Pat
             jobs = jobs_from([j.to_json() if isinstance(j, Job) else j for j in plain], base_folder=Path.cwd(),
                              defaults=options.job_defaults())
     out = Path(outdir).expanduser().absolute()
+    if ray is not None and not dry_run:
+        from d2merge.many.ray_jobs import import_ray
+
+        import_ray()  # a missing extra is one line before anything is planned or created
     base_ckpt = open_base(base, allow_pickle=options.allow_pickle)
     if not dry_run:
         _make_outdir(out)
