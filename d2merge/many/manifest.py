@@ -29,7 +29,8 @@ from typing import Any, Mapping
 
 from d2merge.errors import D2MergeError
 from d2merge.io.checkpoint import read_text
-from d2merge.plan import TIED_POLICIES, parse_dtype, parse_size
+from d2merge.plan import TIED_POLICIES, parse_dtype
+from d2merge.sizes import parse_size
 
 # Formats one pass over the base can write; the exporters that convert a merged folder
 # (onnx, onnx-genai, gguf) run per merged output with `d2merge export-*`.

@@ -40,8 +40,10 @@ from d2merge.io.output import (TEMP_MARKER, AtomicFolder, check_output_location,
 from d2merge.io.safetensors_file import SafetensorsFile, rewrite_metadata
 from d2merge.many.manifest import MANY_FORMATS, Job, load_manifest
 from d2merge.many.stream import OnTensor, Target, stream_many
-from d2merge.merge import MergeResult, _device, add_verify_table_to_card, card_info, write_metadata
-from d2merge.plan import OUT_DTYPES, TIED_POLICIES, MergePlan, build_plan, parse_size
+from d2merge.engine import resolve_device
+from d2merge.export.hf_folder import add_verify_table_to_card, card_info, write_metadata
+from d2merge.plan import OUT_DTYPES, TIED_POLICIES, MergePlan, build_plan
+from d2merge.sizes import parse_size
 
 PARALLEL_KINDS = ("thread", "process")
 
@@ -212,7 +214,7 @@ class SourceHashes:
 
     def __init__(self, base: BaseCheckpoint):
         self._base = base
-        self._base_hashes: dict[str, str] | None = None
+        self._base_hashes: dict[Path, str] | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -222,19 +224,17 @@ class SourceHashes:
             self._thread = threading.Thread(target=self.base_hashes, name="d2merge-many-hash", daemon=True)
             self._thread.start()
 
-    def base_hashes(self) -> dict[str, str]:
+    def base_hashes(self) -> dict[Path, str]:
         with self._lock:
             if self._base_hashes is None:
-                self._base_hashes = {f"base/{p.name}": _sha256_or_unreadable(p) for p in self._base.weight_files}
+                self._base_hashes = {p: _sha256_or_unreadable(p) for p in self._base.weight_files}
             return self._base_hashes
 
     def for_plan(self, plan: MergePlan) -> dict[str, str]:
-        """The same labels and order as ``d2merge merge`` records."""
-        hashes: dict[str, str] = {}
-        for path in (plan.adapter.weights_file, plan.adapter.path / "adapter_config.json"):
-            hashes[f"adapter/{path.name}"] = _sha256_or_unreadable(path)
-        hashes.update(self.base_hashes())
-        return hashes
+        """The labels ``d2merge merge`` records (``plan.source_files``), the base hashed once for all jobs."""
+        base = self.base_hashes()
+        return {label: base[path] if path in base else _sha256_or_unreadable(path)
+                for label, path in plan.source_files().items()}
 
 
 def _sha256_or_unreadable(path: Path) -> str:
@@ -336,7 +336,7 @@ def run_pass(base: BaseCheckpoint, entries: list[CheckedJob], options: ManyOptio
                     temp = entry.output.parent / f".{entry.output.name}{TEMP_MARKER}{os.getpid()}"
                     stack.callback(temp.unlink, missing_ok=True)
                     folders[job.name] = temp
-                    reserved = {label: PLACEHOLDER for label in _labels(entry.plan)}
+                    reserved = {label: PLACEHOLDER for label in entry.plan.source_files()}
                     targets.append(Target(job.name, entry.plan, [temp], single_file_metadata(entry.plan, reserved)))
                 else:
                     folder = stack.enter_context(AtomicFolder(entry.output, overwrite=entry.output.exists()))
@@ -345,7 +345,7 @@ def run_pass(base: BaseCheckpoint, entries: list[CheckedJob], options: ManyOptio
             except Exception as exc:
                 outcomes[job.name] = JobOutcome(job.name, str(job.adapter), str(entry.output), FAILED,
                                                 error=_error_line(job, exc), method=entry.plan.adapter.method.name)
-        budget = stream_many(targets, device=_device(options.device),
+        budget = stream_many(targets, device=resolve_device(options.device),
                              max_inflight_bytes=parse_size(options.max_inflight),
                              threads=options.workers if options.parallel == "thread" else 1,
                              progress=progress, on_tensor=on_tensor)
@@ -369,11 +369,6 @@ def run_pass(base: BaseCheckpoint, entries: list[CheckedJob], options: ManyOptio
     return [outcomes[e.job.name] for e in entries], budget.peak
 
 
-def _labels(plan: MergePlan) -> list[str]:
-    files = [plan.adapter.weights_file, plan.adapter.path / "adapter_config.json", *plan.base.weight_files]
-    return [f"adapter/{p.name}" if p.parent == plan.adapter.path else f"base/{p.name}" for p in files]
-
-
 def _commit(entry: CheckedJob, where: AtomicFolder | Path, hashes: dict[str, str]) -> None:
     """The files written after the tensors, then the rename: as ``d2merge merge`` does for one job."""
     plan = entry.plan
@@ -383,7 +378,7 @@ def _commit(entry: CheckedJob, where: AtomicFolder | Path, hashes: dict[str, str
         where.commit()
         return
     entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
-    reserved = {label: PLACEHOLDER for label in _labels(plan)}
+    reserved = {label: PLACEHOLDER for label in plan.source_files()}
     final = {k: (v if len(v) == 64 else PLACEHOLDER) for k, v in hashes.items()}
     rewrite_metadata(where, entries, single_file_metadata(plan, {**reserved, **final}))
     try:
@@ -404,7 +399,7 @@ def _verify(entry: CheckedJob, outcome: JobOutcome, base: BaseCheckpoint, option
                         options=VerifyOptions(tied_embeddings=job.tied_embeddings, allow_pickle=options.allow_pickle))
         plan = entry.plan
         assert plan is not None
-        add_verify_table_to_card(MergeResult(entry.output, plan, (), 0.0, hashes.for_plan(plan)), report.table())
+        add_verify_table_to_card(entry.output, plan, hashes.for_plan(plan), report.table())
     except Exception as exc:
         outcome.status, outcome.error = FAILED, _error_line(job, exc)
         return

@@ -31,7 +31,7 @@ import torch
 
 from d2merge.io.output import disk_error
 from d2merge.io.safetensors_file import StreamingWriter, dtype_size
-from d2merge.merge import ScratchBuffers, _compute
+from d2merge.engine import ScratchBuffers, compute_output, one_intra_op_thread
 from d2merge.plan import MergePlan, TensorPlan
 
 OnTensor = Callable[[str, TensorPlan], None]
@@ -350,7 +350,7 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
                 elif item.action == "copy" and item.in_dtype == item.out_dtype:
                     writer.submit(wrote(t, path, item, reader.loaded(item.source), None))
                 else:
-                    storage, out = _compute(pass_plan, item, device, torch.float32, buffers())
+                    storage, out = compute_output(pass_plan, item, device=device, buffers=buffers())
                     writer.submit(wrote(t, path, item, out, storage))
         except Exception as exc:
             t.fail(exc)
@@ -359,24 +359,24 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="d2merge-many") if threads > 1 else None
     bar = tqdm(total=len(steps), unit="tensor", desc=f"merging {len(targets)} jobs", disable=not progress,
                dynamic_ncols=True, leave=False)
-    # One intra-op thread, as the single merge: the same arithmetic order, so the same bytes.
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        for anchor in sorted(steps):
-            work = [entry for entry in steps[anchor] if entry[0].error is None]
-            for t, _, items in work:
-                for item in items:
-                    if _reads_base(item) and raw_source(item) is None:
-                        reader.load(item.source)
-            if pool is None or len(work) < 2:
-                for entry in work:
-                    run_step(*entry)
-            else:
-                for future in [pool.submit(run_step, *entry) for entry in work]:
-                    future.result()
-            writer.submit(released(reader.end_step()))
-            bar.update(1)
+        # One intra-op thread, as the single merge: the same arithmetic order, so the same bytes.
+        with one_intra_op_thread():
+            for anchor in sorted(steps):
+                # the step's base tensors are read once, then every job takes its tensors from them
+                work = [entry for entry in steps[anchor] if entry[0].error is None]
+                for _t, _plan, items in work:
+                    for item in items:
+                        if _reads_base(item) and raw_source(item) is None:
+                            reader.load(item.source)
+                if pool is None or len(work) < 2:
+                    for entry in work:
+                        run_step(*entry)
+                else:
+                    for future in [pool.submit(run_step, *entry) for entry in work]:
+                        future.result()
+                writer.submit(released(reader.end_step()))
+                bar.update(1)
         for t in targets:
             if t.error is None and t._shard >= 0:
                 writer.submit(closed(t, t.shard_paths[t._shard]))
@@ -388,8 +388,8 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
                 t._writer.abandon()
         raise
     finally:
-        torch.set_num_threads(torch_threads)
         if pool is not None:
             pool.shutdown(wait=True)
         bar.close()
     return budget
+
