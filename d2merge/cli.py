@@ -28,7 +28,7 @@ from d2merge.bench import save_report as save_bench_report
 from d2merge.demo import run_demo
 from d2merge.errors import D2MergeError, VerificationFailed
 from d2merge.merge import MergeOptions
-from d2merge.many.run import ManyOptions
+from d2merge.many.options import ManyOptions
 from d2merge.export.formats import FORMATS as EXPORT_FORMATS
 from d2merge.publish import PushSettings, merge_verify_push
 from d2merge.merge import plan as plan_merge

@@ -29,12 +29,10 @@ from typing import Any, Mapping
 
 from d2merge.errors import D2MergeError
 from d2merge.io.checkpoint import read_text
+from d2merge.many.options import MANY_FORMATS
 from d2merge.plan import TIED_POLICIES, parse_dtype
 from d2merge.sizes import parse_size
 
-# Formats one pass over the base can write; the exporters that convert a merged folder
-# (onnx, onnx-genai, gguf) run per merged output with `d2merge export-*`.
-MANY_FORMATS = ("hf", "safetensors")
 JOB_FIELDS = ("adapter", "name", "format", "dtype", "max_shard_size", "tied_embeddings", "verify")
 DEFAULT_FIELDS = tuple(f for f in JOB_FIELDS if f not in ("adapter", "name"))
 THRESHOLD_FIELDS = ("max_abs_diff", "max_gap_pp", "min_top1", "max_ulp")
