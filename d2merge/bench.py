@@ -15,12 +15,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from d2merge.errors import D2MergeError
+
+if TYPE_CHECKING:  # imported where used: the CLI reads VARIANTS without loading torch
+    import torch
 
 SCHEMA_VERSION = 1
 VARIANTS = ("base", "unmerged", "merged", "onnx")
@@ -126,15 +126,23 @@ def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
 
 
 def _inputs(vocab: int, batch: int, seq: int, seed: int) -> torch.Tensor:
+    import torch
+
     generator = torch.Generator().manual_seed(seed + 1000 * batch + seq)
     return torch.randint(0, vocab, (batch, seq), generator=generator)
 
 
 def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -> list[BenchRow]:
     """Prefill grid and KV-cache decode for a PyTorch causal LM."""
+    import torch
+    from tqdm.auto import tqdm
+
     vocab = model.config.vocab_size
     rows = []
-    with torch.inference_mode():
+    cells = len(settings.batch_sizes) * len(settings.seq_lens) + len(settings.decode_batch_sizes)
+    # disable=None: a bar on a terminal, nothing in a pipe or a CI log.
+    bar = tqdm(total=cells, desc=f"bench {variant}", unit="cell", disable=None, leave=False)
+    with bar, torch.inference_mode():
         for batch in settings.batch_sizes:
             for seq in settings.seq_lens:
                 ids = _inputs(vocab, batch, seq, settings.seed)
@@ -142,27 +150,32 @@ def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -
                 timings = _time(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False),
                                 settings.warmup, settings.repeats)
                 rows.append(_summarise(variant, "prefill", batch, seq, timings, batch * seq))
+                bar.update()
         for batch in settings.decode_batch_sizes:
             ids = _inputs(vocab, batch, settings.decode_prompt_len, settings.seed)
             step_timings: list[float] = []
             for run in range(settings.warmup + settings.repeats):
                 out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                # transformers 5 names the KV cache `cache` (argument and output); `past_key_values`
+                # still works but warns on every call.
+                past, token = out.cache, out.logits[:, -1:].argmax(-1)
                 length = ids.shape[1]
                 for _ in range(settings.decode_tokens):
                     length += 1
                     mask = torch.ones((batch, length), dtype=torch.long)
                     started = time.perf_counter()
-                    out = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
-                    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                    out = model(input_ids=token, attention_mask=mask, cache=past, use_cache=True)
+                    past, token = out.cache, out.logits[:, -1:].argmax(-1)
                     if run >= settings.warmup:
                         step_timings.append(time.perf_counter() - started)
             rows.append(_summarise(variant, "decode", batch, settings.decode_prompt_len, step_timings, batch))
+            bar.update()
     return rows
 
 
 def bench_onnx(onnx_path: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
     """Prefill grid for an ONNX graph without past (input_ids, attention_mask -> logits) on the CPU."""
+    import numpy as np
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -186,6 +199,8 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
           onnx: str | Path | None = None, variants: Iterable[str] = VARIANTS,
           settings: BenchSettings | None = None, echo: Callable[[str], None] | None = None) -> BenchReport:
     """Measure every requested variant; merges (and exports ONNX) into a temp folder when not given."""
+    import torch
+
     from d2merge.merge import merge
     from d2merge.runtime import load_base_model, load_unmerged
 

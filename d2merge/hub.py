@@ -309,6 +309,17 @@ def _check_repo_id(repo_id: str) -> None:
 # -- Hub errors -----------------------------------------------------------------------------------
 
 
+def check_can_push() -> None:
+    """Refuse a push that cannot happen (HF_HUB_OFFLINE) before any work is done for it.
+
+    ``merge --push-to`` calls this before merging: an offline run must not spend a
+    merge and a verify to fail at the last step.
+    """
+    if _offline():
+        raise D2MergeError("HF_HUB_OFFLINE is set, so nothing can be pushed",
+                           hint="unset HF_HUB_OFFLINE to push, or merge without --push-to")
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from d2merge.dtypes import ALIASES, BY_TORCH, FLOAT_DTYPES
+from d2merge.dtypes import ALIASES, FLOAT_DTYPES, by_torch
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
@@ -23,12 +23,12 @@ from d2merge.io.safetensors_file import DTYPE_NAMES, dtype_size
 from d2merge.methods import LINEAR, ModuleSettings, trainable_tokens
 from d2merge.methods.base import BIAS, TOKENS
 from d2merge.methods.lora import LORA_BIAS
+from d2merge.options import TIED_POLICIES
 from d2merge.sizes import format_size, parse_size
 
 # "auto" keeps each base tensor's dtype; the others are d2merge.dtypes' table.
 OUT_DTYPES: dict[str, torch.dtype | None] = {"auto": None, **{n: d.torch_dtype for n, d in FLOAT_DTYPES.items()}}
 DTYPE_ALIASES = ALIASES
-TIED_POLICIES = ("untie", "tie", "error")
 CONV1D_MODEL_TYPES = {"gpt2"}
 CONV1D_LAYERS = {"c_attn", "c_proj", "c_fc"}
 # Names transformers gives the input embedding that an ``lm_head`` is tied to.
@@ -109,7 +109,16 @@ class MergePlan:
             "total_bytes": self.total_bytes,
             "config_updates": self.config_updates,
             "notes": list(self.notes),
+            # The rows of describe()'s table: every tensor that is not a plain copy.
+            "changed": [self._change(t) for t in self.tensors if t.action != "copy"],
         }
+
+    def _change(self, t: TensorPlan) -> dict[str, Any]:
+        method = self.adapter.method
+        return {"tensor": t.name, "action": t.action,
+                "rank": method.rank_text(method.configured_rank(t.settings)) if t.settings else None,
+                "scale": t.settings.scale if t.settings else None, "dtype": DTYPE_NAMES[t.out_dtype],
+                "shard": self.shard_names[t.shard]}
 
     def describe(self) -> str:
         """A readable table of the plan: one line per changed tensor, then the totals."""
@@ -330,7 +339,7 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
         notes.append(f"not copied from the base folder: {', '.join(skipped)}")
     dtype_label = out_dtype_name if target_dtype is not None else _auto_label(plans)
     if target_dtype is not None:
-        config_updates["dtype"] = BY_TORCH[target_dtype].config_name
+        config_updates["dtype"] = by_torch(target_dtype).config_name
     return MergePlan(base, adapter, tuple(plans), tuple(shard_names), dtype_label, config_updates, tuple(notes))
 
 

@@ -23,7 +23,7 @@ import gc
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -39,6 +39,9 @@ from d2merge.io.checkpoint import BaseCheckpoint, open_base
 from d2merge.plan import DTYPE_ALIASES, MergePlan, TensorPlan, build_plan
 from d2merge.tasks import (MCExample, accuracy, choice_scores, encode_choices, load_tokenizer, predictions,
                            read_jsonl)
+# The option model and thresholds live in a torch-free module (the CLI's flags come from there).
+from d2merge.verify_options import (DEFAULT_THRESHOLDS, Thresholds, VerifyOptions,  # noqa: F401 (re-exported)
+                                    option_help, threshold_defaults)
 
 SCHEMA_VERSION = 1
 VERIFY_DTYPES: dict[str, torch.dtype] = {n: d.torch_dtype for n, d in FLOAT_DTYPES.items()}
@@ -48,26 +51,6 @@ MANTISSA_BITS = {d.torch_dtype: d.mantissa_bits for d in FLOAT_DTYPES.values()}
 MIN_NORMAL_EXPONENT = {d.torch_dtype: d.min_normal_exponent for d in FLOAT_DTYPES.values()}
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """How one output dtype is judged (docs/verify-report.md says how each number was chosen).
-
-    The logit limits come from the model itself: verify measures the **rounding floor** (the
-    unmerged model against itself with one rounding of the output dtype applied to the base
-    weights, on the same probes) and allows ``floor_multiple`` times it. Flips (argmax on the
-    probes, answers on --mc-eval) are judged by exact binomial tests at level ``alpha``. The
-    fixed limits (``max_abs_diff``, ``min_top1``, ``max_gap_pp``) are explicit overrides: None
-    means "from the floor and the tests".
-    """
-
-    floor_multiple: float  # max |logit diff| may reach this multiple of the rounding floor
-    alpha: float  # level of the paired tests (McNemar on the answers, flips against rounding's)
-    max_ulp: float  # largest weight error against the fp64 reference, in output-dtype ulps
-    max_abs_diff: float | None = None  # a fixed logit limit instead of floor_multiple x floor
-    min_top1: float | None = None  # a fixed top-1 agreement limit (fraction) on top of the flip test
-    max_gap_pp: float | None = None  # a fixed |merge gap| limit in percentage points on top of the tests
-
-
 # fp32 arithmetic alone (the unmerged forward adds x.W0 + x.dW, the merged one computes x.(W0 + dW))
 # moves logits by about 1e-6 of their scale; PEFT's own unmerged DoRA forward is 8.8e-4 from its
 # merge on SmolLM2 (logits up to about 37, 2.4e-5 of the scale). The floor is never taken below
@@ -75,67 +58,6 @@ class Thresholds:
 # tolerance export-onnx uses.
 ARITHMETIC_FLOOR_REL = 1e-5
 ARITHMETIC_FLOOR_ABS = 1e-5
-# Defaults per output dtype (measurements in docs/verify-report.md):
-# - floor_multiple: the max |logit diff| of a correct merge is another draw of the same rounding
-#   as the floor; over every method and dtype on SmolLM2 and the tiny models the ratio measured
-#   at most 1.9 (max over positions is a noisy statistic), hence 4.
-# - alpha 0.01: a correct merge flips answers like rounding does and in no preferred direction;
-#   each test then fails it with probability at most 1%.
-# - max_ulp: a correct merge rounds once, so 16-bit tensors sit within 0.5 ulp of the fp64
-#   reference (measured 0.5-0.503); 0.75 leaves room for the fp32 arithmetic before the cast and
-#   still fails a merge that rounds twice (the update added into an already rounded base reaches
-#   1 ulp and more). fp32 outputs carry that arithmetic's own error (measured 3-7 ulps on tiny
-#   models, 22 at 134M, growing with the norms' length), hence 256, still far below what one trip
-#   through fp16 (up to 4096) or bf16 (up to 65536) leaves.
-DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
-    "fp32": Thresholds(floor_multiple=10.0, alpha=0.01, max_ulp=256.0),
-    "bf16": Thresholds(floor_multiple=4.0, alpha=0.01, max_ulp=0.75),
-    "fp16": Thresholds(floor_multiple=4.0, alpha=0.01, max_ulp=0.75),
-}
-
-
-@dataclass(frozen=True)
-class VerifyOptions:
-    """Every verify setting in one place; the CLI's flags and help text are read from these fields."""
-
-    probe_source: str = field(default="auto", metadata={
-        "help": "Probe inputs without --prompts: built-in English sentences (needs the base's tokenizer), "
-                "seeded random tokens, or auto (sentences when the base has a tokenizer).",
-        "choices": ("auto", "sentences", "random")})
-    num_probes: int = field(default=8, metadata={"help": "Random probe sequences (random probes only)."})
-    probe_length: int = field(default=32, metadata={
-        "help": "Tokens per random probe; also the most tokens kept of each sentence or --prompts line."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random probe tokens."})
-    mc_score: str = field(default="sum", metadata={
-        "help": "How a choice is scored: summed or per-token mean log-likelihood of its tokens.",
-        "choices": ("sum", "mean")})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
-    tied_embeddings: str = field(default="untie", metadata={
-        "help": "The --tied-embeddings policy the merge used (needed to recompute it).",
-        "choices": ("untie", "tie", "error")})
-    allow_pickle: bool = field(default=False, metadata={"help": "Allow .bin (pickle) weights. Only for trusted files."})
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise D2MergeError(f"invalid {f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
-        for name in ("num_probes", "probe_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise D2MergeError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-
-
-def option_help(name: str) -> str:
-    """The help text of a VerifyOptions field (the CLI reads its flags' help from here)."""
-    return next(f.metadata.get("help", "") for f in fields(VerifyOptions) if f.name == name)
-
-
-def threshold_defaults(name: str) -> str:
-    """``fp32 10, bf16 4, fp16 4``: a threshold's per-dtype defaults, for help texts."""
-    values = {dtype: getattr(limits, name) for dtype, limits in DEFAULT_THRESHOLDS.items()}
-    if all(v is None for v in values.values()):
-        return "none (from the rounding floor and the tests)"
-    return ", ".join(f"{dtype} {value:g}" for dtype, value in values.items())
 
 
 # ----- results --------------------------------------------------------------------------------
@@ -425,7 +347,11 @@ def load_base_tokenizer(base: BaseCheckpoint, why: str) -> Any:
 
 
 def _batches(probes: Probes, batch_size: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    for start in range(0, probes.input_ids.shape[0], batch_size):
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal, nothing in a pipe or a CI log.
+    for start in tqdm(range(0, probes.input_ids.shape[0], batch_size), desc="probes", unit="batch",
+                      disable=None, leave=False):
         rows = slice(start, start + batch_size)
         yield rows, probes.input_ids[rows], probes.attention_mask[rows]
 
@@ -632,6 +558,8 @@ def reference_merge(merge_plan: MergePlan, item: TensorPlan
     transposed = settings.transposed
     update = method.update(factors, settings)
     update = (update.T if transposed else update).abs()
+    if update.shape != w0.shape:  # trainable token rows: the update is whole rows, at most this large
+        update = update.amax().expand(w0.shape)
     # Entries of a low-rank product are sums of r products about rms(dW) in size; where they
     # cancel, the fp32 result keeps an absolute error of eps * rms(dW), so that is the floor.
     floor = torch.sqrt(torch.mean(update.square())) if update.numel() else torch.zeros((), dtype=update.dtype)
@@ -646,12 +574,14 @@ def check_weights(merge_plan: MergePlan, merged: BaseCheckpoint
 
     Returns (per-layer checks, copied tensors checked, copied tensors that differ, missing tensors).
     """
+    from tqdm.auto import tqdm
+
     from d2merge.engine import compute_tensor
 
     stored_names = set(merged.tensors.keys())
     layers: list[LayerCheck] = []
     copied, mismatched, missing = 0, [], []
-    for item in merge_plan.tensors:
+    for item in tqdm(merge_plan.tensors, desc="weights vs fp64", unit="tensor", disable=None, leave=False):
         if item.name not in stored_names:
             missing.append(item.name)
             continue

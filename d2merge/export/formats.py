@@ -11,10 +11,13 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from d2merge.errors import D2MergeError
-from d2merge.merge import MergeOptions, MergeResult, merge
+from d2merge.options import MergeOptions
+
+if TYPE_CHECKING:
+    from d2merge.merge import MergeResult
 
 FORMATS = ("hf", "safetensors", "onnx", "onnx-genai", "gguf")
 
@@ -39,10 +42,11 @@ class ExportOutcome:
 
 
 def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", options: MergeOptions | None = None,
-             progress: bool = False, onnx_opset: int | None = None, onnx_with_past: bool = False,
-             genai_precision: str = "fp32", gguf_type: str = "f16", gguf_modelfile: bool = False) -> ExportOutcome:
+             progress: bool = False, genai_precision: str = "fp32", gguf_type: str = "f16", gguf_modelfile: bool = False) -> ExportOutcome:
     """Merge and write ``out`` in the chosen format (``genai_precision``: fp32, fp16 or int4 for onnx-genai;
     ``gguf_type`` and ``gguf_modelfile`` for gguf)."""
+    from d2merge.merge import merge
+
     options = options or MergeOptions()
     if genai_precision != "fp32" and format != "onnx-genai":
         raise D2MergeError("--precision is for --format onnx-genai", hint="use --dtype for the other formats")
@@ -55,7 +59,7 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
         result = merge_to_safetensors(base, adapter, out, options, progress=progress)
         return ExportOutcome(format, result.output, result)
     if format == "onnx":
-        from d2merge.export.onnx import DEFAULT_OPSET, export_onnx
+        from d2merge.export.onnx import export_onnx
         from d2merge.io.output import check_output_location
 
         onnx_dtype = {"auto": "fp32", "fp32": "fp32", "fp16": "fp16"}.get(options.dtype)
@@ -68,8 +72,7 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
         with tempfile.TemporaryDirectory(prefix=".d2merge-onnx-", dir=out_path.absolute().parent) as scratch:
             fp32 = options.with_overrides(dtype="fp32", overwrite=False)
             result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
-            exported = export_onnx(result.output, out_path, dtype=onnx_dtype, with_past=onnx_with_past,
-                                   opset=onnx_opset or DEFAULT_OPSET)
+            exported = export_onnx(result.output, out_path, dtype=onnx_dtype)
         return ExportOutcome(format, exported.onnx_path, result, exported)
     if format == "onnx-genai":
         from d2merge.export.onnx_genai import PRECISIONS, export_genai, import_genai

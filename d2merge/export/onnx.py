@@ -34,15 +34,13 @@ from torch import nn
 
 from d2merge.dtypes import FLOAT_DTYPES
 from d2merge.errors import D2MergeError
+from d2merge.options import DEFAULT_OPSET, OnnxExportOptions
 
 # ONNX Runtime on CPU has no bf16 kernels: the two rows of d2merge.dtypes it can run.
 DTYPES: dict[str, torch.dtype] = {n: FLOAT_DTYPES[n].torch_dtype for n in ("fp32", "fp16")}
-EXPORTERS = ("dynamo", "legacy")
-# 18 is the opset torch's dynamo exporter implements natively (it cannot go lower). 23 is not a
-# safe default: it emits the fused RotaryEmbedding op, which ONNX Runtime 1.32 rejects for
-# batch > 1 when position ids are shared across the batch (transformers' default). Our wrapper
-# passes per-row position ids, which avoids that, but 18 is what the test-suite covers.
-DEFAULT_OPSET = 18
+# Exporter names, the default opset and why: d2merge.options (the CLI's flags come from there).
+# Our wrapper passes per-row position ids, which avoids opset 23's RotaryEmbedding problem, but 18
+# is what the test-suite covers.
 # fp32: rounding differences between two correct fp32 implementations grow with the size of the
 # logits (summation order over hidden sizes of 576+ and 30 layers). Measured: 1e-7..3e-7 on tiny
 # models (largest logit ~0.6), 8e-5 (genai) to 4.9e-4 on SmolLM2-135M (largest logit ~37), i.e.
@@ -157,10 +155,10 @@ class CausalLMOnnxWrapper(nn.Module):
         # layers and the attention mask length always equals the cache length (sliding-window
         # models still mask correctly; the mask is built from the config, not the cache).
         cache = DynamicCache([(past[i], past[i + 1]) for i in range(0, len(past), 2)])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                         use_cache=True, **kwargs)
+        # `cache`, transformers 5's name for the KV cache (`past_key_values` warns on every call).
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, **kwargs)
         present: list[torch.Tensor] = []
-        for layer in out.past_key_values.layers:
+        for layer in out.cache.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
@@ -180,6 +178,8 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
     _check_request(dtype, exporter, opset)
     model_dir = Path(model_dir)
     onnx_path = _destination(out_path_or_dir)
+    stages = _Stages(["loading the model", "exporting the graph", *(["validating with ONNX Runtime"] * validate),
+                      "writing"])
 
     model = _load_model(model_dir, DTYPES[dtype])
     weight_bytes = _weight_bytes(model)
@@ -195,6 +195,7 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
         # already carries its final name and only the folder changes at the end.
         staged = staging / onnx_path.name
         started = time.perf_counter()
+        stages.next()
         _export_graph(wrapper, sample_args, staged, opset=opset, exporter=exporter, external_data=use_external,
                       input_names=input_names, output_names=output_names, with_past=with_past,
                       display_path=onnx_path)
@@ -212,18 +213,22 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
 
         validation = None
         if validate:
+            stages.next()
             if dtype != "fp32":  # free the fp16 copy before loading the fp32 reference next to it
                 del model
                 model = _load_model(model_dir, torch.float32)
             validation = _validate_staged(staged, CausalLMOnnxWrapper(model, with_past).eval(),
                                           with_past=with_past, atol=atol, display_path=onnx_path)
+        stages.next()
         paths = _commit(staging, onnx_path)
     except BaseException:
+        stages.close()
         shutil.rmtree(staging, ignore_errors=True)
         for folder in new_folders:  # a failed export leaves no trace, not even the folders it created
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    stages.close()
     shutil.rmtree(staging, ignore_errors=True)
 
     return OnnxExportResult(
@@ -325,14 +330,32 @@ def default_tolerance(dtype: str, reference_max_abs: float) -> float:
 # --- checks and loading ------------------------------------------------------------------------
 
 
+class _Stages:
+    """A tqdm bar over the export's stages: the export itself is one long call with no finer progress.
+
+    Shown on a terminal only (tqdm's disable=None), so pipes and CI logs stay clean.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        from tqdm.auto import tqdm
+
+        self._names = names
+        self._bar = tqdm(total=len(names), desc="export-onnx", unit="stage", disable=None, leave=False,
+                         bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+        self._bar.set_postfix_str(names[0])
+
+    def next(self) -> None:
+        self._bar.update()
+        if self._bar.n < len(self._names):
+            self._bar.set_postfix_str(self._names[self._bar.n])
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def _check_request(dtype: str, exporter: str, opset: int) -> None:
-    if dtype in ("bf16", "bfloat16"):
-        raise D2MergeError("bf16 ONNX graphs cannot be validated or run: ONNX Runtime's CPU provider has no "
-                           "bfloat16 kernels", hint="use --dtype fp32, exact, or --dtype fp16, half the size")
-    if dtype not in DTYPES:
-        raise D2MergeError(f"unknown dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
-    if exporter not in EXPORTERS:
-        raise D2MergeError(f"unknown exporter {exporter!r}", hint=f"choose one of {', '.join(EXPORTERS)}")
+    """Every rule known up front (bf16, exporter, dynamo's lowest opset), before a minute of export."""
+    OnnxExportOptions(dtype=dtype, opset=opset, exporter=exporter)
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
@@ -385,7 +408,7 @@ def _cache_layout(model: nn.Module) -> list[tuple[int, int]]:
         probe = torch.ones(1, 2, dtype=torch.long)
         out = model(input_ids=probe, attention_mask=probe, use_cache=True)
     layout: list[tuple[int, int]] = []
-    for layer in out.past_key_values.layers:
+    for layer in out.cache.layers:
         layout += [(layer.keys.shape[1], layer.keys.shape[3]), (layer.values.shape[1], layer.values.shape[3])]
     return layout
 
