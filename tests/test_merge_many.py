@@ -257,8 +257,6 @@ def test_rerun_redoes_a_job_whose_sources_changed_only_with_overwrite(tiny_bases
 def test_a_job_failing_mid_pass_leaves_the_others_whole(tiny_bases: Any, make_adapter: Callable, tmp_path: Path,
                                                          cli_runner: Callable) -> None:
     """A NaN in one adapter is found only while merging: that job fails, its temp goes, the others finish."""
-    import torch
-
     from d2merge.io.adapter import WEIGHTS_NAME, write_adapter
 
     base = tiny_bases("llama")

@@ -18,7 +18,6 @@ is self-contained, so worker processes and Ray tasks run the same code.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
