@@ -137,7 +137,6 @@ class CheckedJob:
     plan: MergePlan | None = None
     error: str | None = None
     skip: bool = False
-    previous_verify: dict[str, Any] | None = None  # a skipped job's verdict, read from its card
 
 
 def _error_line(job: Job, exc: BaseException) -> str:
@@ -187,11 +186,11 @@ def _sha256_or_unreadable(path: Path) -> str:
         return "unreadable"
 
 
-_VERIFY_SECTION = re.compile(r"\n## Verification \(merged vs unmerged\)\n\n```\n(.*?)\n```\n", re.DOTALL)
+_VERIFY_SECTION = re.compile(r"\n## Verification \(merged vs unmerged\)\n\n```\n.*?\n```\n", re.DOTALL)
 
 
-def existing_output_matches(plan: MergePlan, job: Job, output: Path, hashes: dict[str, str]) -> tuple[bool, str | None]:
-    """(complete with this job's provenance, the verify table in its card if any).
+def existing_output_matches(plan: MergePlan, job: Job, output: Path, hashes: dict[str, str]) -> bool:
+    """Whether ``output`` is complete and carries this job's provenance.
 
     Complete: every shard present and whole, with the tensors this plan writes.
     Provenance: the card (or header metadata) is exactly what this job would
@@ -200,24 +199,22 @@ def existing_output_matches(plan: MergePlan, job: Job, output: Path, hashes: dic
     try:
         if job.format == "safetensors":
             if not output.is_file():
-                return False, None
+                return False
             stored = SafetensorsFile(output)
             return (stored.keys() == [t.name for t in plan.tensors]
-                    and stored.metadata == single_file_metadata(plan, hashes)), None
+                    and stored.metadata == single_file_metadata(plan, hashes))
         if not output.is_dir():
-            return False, None
+            return False
         for shard, name in enumerate(plan.shard_names):
             stored = SafetensorsFile(output / name)
             if stored.keys() != [t.name for t in plan.tensors if t.shard == shard]:
-                return False, None
+                return False
         if plan.base.config is not None and not (output / "config.json").is_file():
-            return False, None
+            return False
         card = (output / "README.md").read_text(encoding="utf-8")
     except (D2MergeError, OSError, UnicodeDecodeError):
-        return False, None
-    table = _VERIFY_SECTION.search(card)
-    without = _VERIFY_SECTION.sub("", card, count=1) if table else card
-    return without == render_model_card(card_info(plan, hashes)), (table.group(1) if table else None)
+        return False
+    return _VERIFY_SECTION.sub("", card, count=1) == render_model_card(card_info(plan, hashes))
 
 
 def check_jobs(base: BaseCheckpoint, jobs: Sequence[Job], outdir: Path, options: ManyOptions,
@@ -234,14 +231,9 @@ def check_jobs(base: BaseCheckpoint, jobs: Sequence[Job], outdir: Path, options:
                 check_output_location(output, [base.location, entry.plan.adapter.path], overwrite=True,
                                       is_file=job.format == "safetensors")
             if output.exists():
-                matches, table = existing_output_matches(entry.plan, job, output, hashes.for_plan(entry.plan))
-                if matches:
+                if existing_output_matches(entry.plan, job, output, hashes.for_plan(entry.plan)):
+                    # A verified job is verified again: the card's old verdict may be for other thresholds.
                     entry.skip = True
-                    if table is not None:
-                        failed = any(line.startswith("result") and "FAIL" in line for line in table.splitlines())
-                        entry.previous_verify = {"passed": not failed,
-                                                 "failures": ["failed when it was verified (see its model card)"]
-                                                 if failed else []}
                 elif not options.overwrite:
                     raise D2MergeError("output exists but is not this job's complete result (its sources, options "
                                        "or files differ)", path=output,
@@ -379,10 +371,7 @@ def _run_checked(base: BaseCheckpoint, checked: list[CheckedJob], options: ManyO
             outcomes[job.name] = JobOutcome(job.name, str(job.adapter), str(entry.output), FAILED, error=entry.error)
         elif entry.skip:
             outcomes[job.name] = JobOutcome(job.name, str(job.adapter), str(entry.output), SKIPPED,
-                                            verify=entry.previous_verify, method=entry.plan.adapter.method.name,
-                                            plan=entry.plan)
-            if entry.previous_verify is not None and not entry.previous_verify["passed"]:
-                outcomes[job.name].status = VERIFY_FAILED
+                                            method=entry.plan.adapter.method.name, plan=entry.plan)
         else:
             todo.append(entry)
     peak = 0
@@ -459,7 +448,6 @@ def merge_many(base: str | Path, manifest: str | Path | Sequence[Job | str | Pat
             error = c.error if c.error else (None if dry_run or c.skip else
                                              "not run: another job cannot run (fix it, or pass --keep-going)")
             outcomes.append(JobOutcome(c.job.name, str(c.job.adapter), str(c.output), status, error=error,
-                                       verify=c.previous_verify,
                                        method=c.plan.adapter.method.name if c.plan else None, plan=c.plan))
         return ManyReport(str(base_ckpt.location), str(out), outcomes, time.perf_counter() - started, runner)
 
