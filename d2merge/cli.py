@@ -21,7 +21,7 @@ import click
 # Only light modules at import time: `d2merge --help` and flag errors must not wait for torch.
 # Each command imports the library it calls (tests/test_cli_startup.py checks this).
 from d2merge import __version__
-from d2merge.bench import VARIANTS as BENCH_VARIANTS
+from d2merge.bench import ALL_VARIANTS as BENCH_VARIANTS
 from d2merge.bench import BenchSettings
 from d2merge.errors import D2MergeError, VerificationFailed
 from d2merge.many.options import ManyOptions
@@ -311,6 +311,8 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
                    "protobuf's 2 GB limit]")
 @click.option("--no-validate", is_flag=True,
               help="Skip the ONNX Runtime vs PyTorch comparison (faster; the file is then unproven).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing graph (and its .data file), only once the new one is validated.")
 @click.option("--atol", type=float, default=None,
               help="Bound on the max |logit difference| at real tokens. [default: fp32 1e-4 of the largest logit, at least "
                    "1e-4; fp16 1% of the largest logit, at least 1e-3]")
@@ -323,7 +325,7 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
 @click.pass_context
 def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str, with_past: bool, opset: int,
                         exporter: str, external_data: bool | None, no_validate: bool, atol: float | None,
-                        runtime: str, precision: str) -> None:
+                        overwrite: bool, runtime: str, precision: str) -> None:
     """Export a merged MODEL_DIR (config.json + safetensors) to ONNX, proven against PyTorch.
 
     The graph takes input_ids and attention_mask (int64, dynamic batch and
@@ -359,7 +361,7 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
 
     result = export_onnx(model_dir, out, dtype=settings.dtype, with_past=settings.with_past, opset=settings.opset,
                          exporter=settings.exporter, external_data=external_data, validate=not no_validate,
-                         atol=atol)
+                         atol=atol, overwrite=overwrite)
     click.echo(result.describe())
 
 
@@ -406,8 +408,16 @@ def _int_list(text: str) -> tuple[int, ...]:
               help="A merged folder to measure (default: merge into a temp folder, fp32).")
 @click.option("--onnx", "onnx_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="An ONNX graph without past (default: export the merged model to a temp folder).")
-@click.option("--variants", default=",".join(BENCH_VARIANTS), show_default=True,
-              help="Which of base, unmerged, merged, onnx to measure.")
+@click.option("--variants", default=None,
+              help=f"Which of {', '.join(BENCH_VARIANTS)} to measure. [default: base,unmerged,merged,onnx, "
+                   "plus llama_cpp when llama-cpp-python is installed]")
+@click.option("--gguf", "gguf_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A GGUF for the llama_cpp variant (default: export the merged model, see --gguf-type).")
+@click.option("--gguf-type", default="f16", show_default=True, help="Type of that temp GGUF export.")
+@click.option("--genai", "genai_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="An onnxruntime-genai folder for the genai variant (default: build one, see --genai-precision).")
+@click.option("--genai-precision", type=click.Choice(["fp32", "fp16", "int4"]), default="int4", show_default=True,
+              help="Precision of that temp genai build.")
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Prefill batch sizes.")
 @click.option("--seq-lens", default="32,128", show_default=True, help="Prefill sequence lengths.")
 @click.option("--decode-tokens", default=BenchSettings.decode_tokens, show_default=True, type=click.IntRange(0),
@@ -419,11 +429,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the throughput chart to a PNG (needs the 'plot' extra: matplotlib).")
-def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | None, variants: str,
+def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | None, variants: str | None,
+                  gguf_path: str | None, gguf_type: str, genai_path: str | None, genai_precision: str,
                   batch_sizes: str, seq_lens: str, decode_tokens: int, decode_prompt_len: int, warmup: int,
                   repeats: int,
                   json_path: str | None, plot_path: str | None) -> None:
-    """Measure throughput and latency: base vs unmerged vs merged vs ONNX Runtime.
+    """Measure throughput and latency: base vs unmerged vs merged vs ONNX Runtime (and llama.cpp, onnxruntime-genai).
 
     Each variant is loaded, measured and freed in turn. Every cell gets warm-up
     runs and repeated timed runs; the table shows medians, p50/p95 latency and
@@ -434,6 +445,7 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
       d2merge bench ./base ./adapter                         # everything, small grid
       d2merge bench ./base ./adapter --merged ./merged --variants merged,unmerged
       d2merge bench ./base ./adapter --batch-sizes 8 --seq-lens 128 --json bench.json --plot bench.png
+      d2merge bench ./base ./adapter --variants merged,onnx,llama_cpp,genai --genai-precision int4
     """
     from d2merge.bench import bench as run_bench
     from d2merge.bench import plot_report as plot_bench_report
@@ -442,9 +454,10 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
     settings = BenchSettings(batch_sizes=_int_list(batch_sizes), seq_lens=_int_list(seq_lens),
                              decode_batch_sizes=(1,) if decode_tokens else (), decode_tokens=decode_tokens,
                              decode_prompt_len=decode_prompt_len, warmup=warmup, repeats=repeats)
-    chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+    chosen = None if variants is None else tuple(v.strip() for v in variants.split(",") if v.strip())
     report = run_bench(base, adapter, merged=merged, onnx=onnx_path, variants=chosen, settings=settings,
-                       echo=lambda msg: click.echo(msg, err=True))
+                       echo=lambda msg: click.echo(msg, err=True), gguf=gguf_path, gguf_type=gguf_type,
+                       genai=genai_path, genai_precision=genai_precision)
     click.echo(report.table())
     if json_path:
         save_bench_report(report, json_path)

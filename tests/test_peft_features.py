@@ -110,3 +110,16 @@ def test_merge_verify_passes(lora: dict[str, Any], qwen2_tied: Path, tmp_path: P
                          "--no-hash-sources"])
     assert result.code == 0, result.err
     assert "PASS" in result.out + result.err
+
+
+def test_training_from_a_pissa_init_is_refused(qwen2_tied: Path) -> None:
+    """attach() would put fresh factors on a residual base: a model missing its top-r part."""
+    from transformers import AutoModelForCausalLM
+
+    from d2merge.errors import D2MergeError
+    from d2merge.runtime import attach
+
+    model = AutoModelForCausalLM.from_pretrained(qwen2_tied)
+    with pytest.raises(D2MergeError, match="trains only from the plain init"):
+        attach(model, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+                       "init_lora_weights": "pissa"})

@@ -19,8 +19,6 @@ import contextlib
 import inspect
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -166,7 +164,7 @@ class CausalLMOnnxWrapper(nn.Module):
 def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike, *, dtype: str = "fp32",
                 with_past: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "dynamo",
                 external_data: bool | None = None, validate: bool = True,
-                atol: float | None = None) -> OnnxExportResult:
+                atol: float | None = None, overwrite: bool = False) -> OnnxExportResult:
     """Export the causal LM in `model_dir` to ONNX, validate it, then move it into place.
 
     `out_path_or_dir` ending in `.onnx` is the graph file; anything else is a folder that
@@ -175,9 +173,20 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
     request that cannot be honoured (bf16, an opset the exporter does not produce, a validation
     diff above tolerance) and leaves nothing at the destination in that case.
     """
+    from d2merge.io.checkpoint import open_base
+    from d2merge.io.output import AtomicFiles, check_output_location
+
     _check_request(dtype, exporter, opset)
     model_dir = Path(model_dir)
     onnx_path = _destination(out_path_or_dir)
+    # Before any work: never into an input, never over an existing graph without --overwrite,
+    # and the weights are whole (a truncated shard is one line here, not a SafetensorsError later).
+    onnx_path = check_output_location(onnx_path, [model_dir], overwrite=overwrite, is_file=True,
+                                      missing_parents=True)
+    sidecar = onnx_path.with_name(onnx_path.name + ".data")
+    if sidecar.exists() and not overwrite:
+        raise D2MergeError("output already exists", path=sidecar, hint="pass --overwrite or choose another path")
+    open_base(model_dir)
     stages = _Stages(["loading the model", "exporting the graph", *(["validating with ONNX Runtime"] * validate),
                       "writing"])
 
@@ -188,12 +197,18 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
     sample_args, input_names, output_names = _sample_inputs(model, with_past)
 
     new_folders = [f for f in (onnx_path.parent, *onnx_path.parent.parents) if not f.exists()]  # leaf first
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{onnx_path.name}.", suffix=".tmp", dir=onnx_path.parent))
     try:
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from d2merge.io.output import disk_error
+
+        raise disk_error(exc, onnx_path.parent) from None
+    files = AtomicFiles(onnx_path, overwrite=overwrite, sidecars=(sidecar.name,))
+    try:
+        files.__enter__()
         # The external data location is stored relative to the graph file, so the staged file
         # already carries its final name and only the folder changes at the end.
-        staged = staging / onnx_path.name
+        staged = files.staged
         started = time.perf_counter()
         stages.next()
         _export_graph(wrapper, sample_args, staged, opset=opset, exporter=exporter, external_data=use_external,
@@ -220,16 +235,16 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
             validation = _validate_staged(staged, CausalLMOnnxWrapper(model, with_past).eval(),
                                           with_past=with_past, atol=atol, display_path=onnx_path)
         stages.next()
-        paths = _commit(staging, onnx_path)
+        paths = files.commit()
     except BaseException:
         stages.close()
-        shutil.rmtree(staging, ignore_errors=True)
+        files.__exit__(None, None, None)
         for folder in new_folders:  # a failed export leaves no trace, not even the folders it created
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
     stages.close()
-    shutil.rmtree(staging, ignore_errors=True)
+    files.__exit__(None, None, None)
 
     return OnnxExportResult(
         onnx_path=onnx_path, paths=paths, dtype=dtype, exporter=exporter, opset=graph_opset, with_past=with_past,
@@ -514,17 +529,6 @@ def _normalize_legacy_file(raw: Path, staged: Path, external_data: bool) -> None
     else:
         onnx.save_model(model, str(staged))
     raw.unlink()
-
-
-def _commit(staging: Path, onnx_path: Path) -> tuple[Path, ...]:
-    """Rename staged files into place, data before graph, so the graph never points at nothing."""
-    data = staging / (onnx_path.name + ".data")
-    paths: list[Path] = []
-    if data.exists():
-        os.replace(data, onnx_path.with_name(data.name))
-        paths.append(onnx_path.with_name(data.name))
-    os.replace(staging / onnx_path.name, onnx_path)
-    return (onnx_path, *paths)
 
 
 # --- validation --------------------------------------------------------------------------------
