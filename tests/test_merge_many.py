@@ -99,6 +99,23 @@ def test_outputs_are_byte_identical_to_single_merges(four_methods: tuple[Path, l
     assert all(j["seconds"] > 0 and j["error"] is None for j in report["jobs"])
 
 
+def test_shards_out_of_tensor_order_match_single_merges(tiny_bases: Any, make_adapter: Callable, tmp_path: Path,
+                                                        cli_runner: Callable) -> None:
+    """A tensor over the shard limit gets a shard of its own ahead of the one being filled (huggingface_hub's
+    split), so a job's shards are not contiguous in tensor order: several are open at once."""
+    from d2merge.merge import plan
+
+    base = tiny_bases("llama")
+    adapters = [make_adapter(base, "lora", seed=81), make_adapter(base, "d2lora", seed=82)]
+    shards = [t.shard for t in plan(base, adapters[0], max_shard_size="6KB").tensors]
+    assert shards != sorted(shards)  # the case this test is about
+    report = merge_many(base, [str(a) for a in adapters], tmp_path / "out", max_shard_size="6KB")
+    assert report.exit_code == 0, report.table()
+    for adapter in adapters:
+        assert_same_output(single_merge(cli_runner, tmp_path, base, adapter, "--max-shard-size", "6KB"),
+                           tmp_path / "out" / adapter.name)
+
+
 def test_tied_and_conv1d_base_matches_single_merges(tiny_bases: Any, make_adapter: Callable, tmp_path: Path,
                                                     cli_runner: Callable) -> None:
     """GPT-2: Conv1D (fan_in_fan_out) layers and a tied lm_head the untie policy writes separately."""

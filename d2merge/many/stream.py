@@ -166,8 +166,17 @@ class Target:
     shard_paths: list[Path]
     metadata: dict[str, str] | None = None
     error: BaseException | None = None
-    _writer: StreamingWriter | None = field(default=None, repr=False)
-    _shard: int = field(default=-1, repr=False)
+    # Open shard writers by shard index, and the tensors each shard still waits for. Shards are
+    # not always contiguous in tensor order (huggingface_hub gives a tensor over the limit a shard
+    # of its own before the shard being filled), so a job may hold several open at once.
+    _writers: dict[int, StreamingWriter] = field(default_factory=dict, repr=False)
+    _left: dict[int, int] = field(default_factory=dict, repr=False)
+    _opened: set[int] = field(default_factory=set, repr=False)
+
+    def abandon_all(self) -> None:
+        for handle in self._writers.values():
+            handle.abandon()
+        self._writers.clear()
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -260,6 +269,7 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
         for item in t.plan.tensors:
             shard_entries.setdefault(item.shard, []).append((item.name, item.out_dtype, item.shape))
         entries[id(t)] = shard_entries
+        t._left = {shard: len(items) for shard, items in shard_entries.items()}
 
     byte_range = getattr(base.tensors, "byte_range", None)
 
@@ -281,7 +291,7 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
             if t.error is not None:
                 return
             try:
-                t._writer = StreamingWriter(path, entries[id(t)][shard], t.metadata or {"format": "pt"})
+                t._writers[shard] = StreamingWriter(path, entries[id(t)][shard], t.metadata or {"format": "pt"})
             except OSError as exc:
                 t.fail(disk_error(exc, path))
             except Exception as exc:
@@ -292,12 +302,13 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
               storage: torch.Tensor | None) -> Callable[[], None]:
         def job() -> None:
             try:
-                if t.error is None and t._writer is not None:
+                handle = t._writers.get(item.shard)
+                if t.error is None and handle is not None:
                     try:
                         if isinstance(tensor, tuple):
-                            t._writer.copy_from(item.name, *tensor)
+                            handle.copy_from(item.name, *tensor)
                         else:
-                            t._writer.write(item.name, tensor)
+                            handle.write(item.name, tensor)
                     except OSError as exc:
                         raise disk_error(exc, path) from None
                     if on_tensor is not None:
@@ -309,13 +320,14 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
                     budget.give(storage)
         return job
 
-    def closed(t: Target, path: Path) -> Callable[[], None]:
+    def closed(t: Target, path: Path, shard: int | None) -> Callable[[], None]:
+        """Close one shard (``None``: abandon every open shard of a failed job)."""
         def job() -> None:
-            handle, t._writer = t._writer, None
-            if handle is None:
+            if shard is None or t.error is not None:
+                t.abandon_all()
                 return
-            if t.error is not None:
-                handle.abandon()
+            handle = t._writers.pop(shard, None)
+            if handle is None:
                 return
             try:
                 handle.close()
@@ -336,10 +348,8 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
             return
         try:
             for item in items:
-                if item.shard != t._shard:
-                    if t._shard >= 0:
-                        writer.submit(closed(t, t.shard_paths[t._shard]))
-                    t._shard = item.shard
+                if item.shard not in t._opened:
+                    t._opened.add(item.shard)
                     writer.submit(opened(t, t.shard_paths[item.shard], item.shard))
                 path = t.shard_paths[item.shard]
                 raw = raw_source(item)
@@ -352,9 +362,12 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
                 else:
                     storage, out = compute_output(pass_plan, item, device=device, buffers=buffers())
                     writer.submit(wrote(t, path, item, out, storage))
+                t._left[item.shard] -= 1
+                if t._left[item.shard] == 0:  # the shard's last tensor: close (fsync) it now
+                    writer.submit(closed(t, path, item.shard))
         except Exception as exc:
             t.fail(exc)
-            writer.submit(closed(t, t.shard_paths[max(t._shard, 0)]))
+            writer.submit(closed(t, t.shard_paths[0], None))
 
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="d2merge-many") if threads > 1 else None
     bar = tqdm(total=len(steps), unit="tensor", desc=f"merging {len(targets)} jobs", disable=not progress,
@@ -378,14 +391,13 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
                 writer.submit(released(reader.end_step()))
                 bar.update(1)
         for t in targets:
-            if t.error is None and t._shard >= 0:
-                writer.submit(closed(t, t.shard_paths[t._shard]))
+            if t.error is not None:  # failed in the writer thread: its open shards are abandoned
+                writer.submit(closed(t, t.shard_paths[0], None))
         writer.finish()
     except BaseException:
         writer.abort()
         for t in targets:
-            if t._writer is not None:
-                t._writer.abandon()
+            t.abandon_all()
         raise
     finally:
         if pool is not None:
