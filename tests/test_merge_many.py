@@ -21,7 +21,7 @@ import pytest
 from d2merge.errors import D2MergeError
 from d2merge.io.output import TEMP_MARKER
 from d2merge.io.safetensors_file import SafetensorsFile
-from d2merge.many import Job, ManyOptions, load_manifest, merge_many
+from d2merge.many import Job, load_manifest, merge_many
 
 SHARD = "20KB"
 METHODS = ("lora", "dora", "d2lora", "dual_lora")
@@ -378,24 +378,13 @@ def test_ray_missing_or_unreachable_is_one_line(tiny_bases: Any, make_adapter: C
 
 
 # ----- Ray ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Any:
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        ray.shutdown()
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
-    yield ray
-    ray.shutdown()
+# One test, one cluster: under xdist a second worker must not find (and lose) this worker's cluster.
 
 
 @pytest.mark.slow
-def test_ray_outputs_identical_and_a_killed_worker_is_retried(ray_cluster: Any, four_methods: tuple[Path, list[Path]],
-                                                              tmp_path: Path) -> None:
+def test_ray_identical_outputs_retried_worker_and_per_job_failures(four_methods: tuple[Path, list[Path]],
+                                                                   tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
     base, adapters = four_methods
     jobs = [Job(a.name, a, max_shard_size=SHARD) for a in adapters]
     local = merge_many(base, jobs, tmp_path / "local")
@@ -408,32 +397,34 @@ def test_ray_outputs_identical_and_a_killed_worker_is_retried(ray_cluster: Any, 
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
 
-    report = merge_many(base, jobs, tmp_path / "ray", ray="auto", on_tensor=kill_first_worker)
-    assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker died mid-task
-    assert report.exit_code == 0 and report.runner == "ray", report.table()
-    assert [o.status for o in report.outcomes] == ["merged"] * len(adapters)
-    for adapter in adapters:
-        assert_same_output(tmp_path / "local" / adapter.name, tmp_path / "ray" / adapter.name)
-    assert not [p for p in (tmp_path / "ray").iterdir() if TEMP_MARKER in p.name]
-
-    # a rerun through Ray finds every output complete: all skipped, nothing rewritten
-    again = merge_many(base, jobs, tmp_path / "ray", ray="auto")
-    assert [o.status for o in again.outcomes] == ["skipped"] * len(adapters)
-
-
-@pytest.mark.slow
-def test_ray_a_failing_job_does_not_fail_the_others(ray_cluster: Any, tiny_bases: Any, make_adapter: Callable,
-                                                    tmp_path: Path) -> None:
-    base = tiny_bases("llama")
-    good = make_adapter(base, "lora", seed=61)
-    other = make_adapter(base, "dual_lora", seed=62)
-    jobs = [Job("good", good), Job("other", other)]
-
     def fail_one(job: str, item: Any) -> None:
-        if job == "other":
+        if job == adapters[1].name:
             raise D2MergeError("disk gone", path="/nowhere")
 
-    report = merge_many(base, jobs, tmp_path / "out", ray="auto", on_tensor=fail_one, options=ManyOptions())
-    assert [o.status for o in report.outcomes] == ["merged", "failed"] and report.exit_code == 2
-    assert report.outcomes[1].error == "job 'other': /nowhere: disk gone"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good"]
+    assert not ray.is_initialized()
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
+    try:
+        report = merge_many(base, jobs, tmp_path / "ray", ray="auto", on_tensor=kill_first_worker)
+        assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker died mid-task
+        assert report.exit_code == 0 and report.runner == "ray", report.table()
+        assert [o.status for o in report.outcomes] == ["merged"] * len(adapters)
+        for adapter in adapters:
+            assert_same_output(tmp_path / "local" / adapter.name, tmp_path / "ray" / adapter.name)
+        assert not [p for p in (tmp_path / "ray").iterdir() if TEMP_MARKER in p.name]
+
+        # a rerun through Ray finds every output complete: all skipped, nothing rewritten
+        again = merge_many(base, jobs, tmp_path / "ray", ray="auto")
+        assert [o.status for o in again.outcomes] == ["skipped"] * len(adapters)
+
+        # a job failing inside a task fails alone: its task's other job and the other task finish
+        failing = merge_many(base, jobs, tmp_path / "failing", ray="auto", on_tensor=fail_one)
+        assert [o.status for o in failing.outcomes] == ["merged", "failed", "merged", "merged"]
+        assert failing.exit_code == 2
+        assert failing.outcomes[1].error == f"job '{adapters[1].name}': /nowhere: disk gone"
+        assert sorted(p.name for p in (tmp_path / "failing").iterdir()) == sorted(
+            a.name for i, a in enumerate(adapters) if i != 1)
+    finally:
+        ray.shutdown()
