@@ -24,6 +24,7 @@ from d2merge import __version__
 from d2merge.bench import ALL_VARIANTS as BENCH_VARIANTS
 from d2merge.bench import BenchSettings
 from d2merge.errors import D2MergeError, VerificationFailed
+from d2merge.many.options import ManyOptions
 from d2merge.export.formats import FORMATS as EXPORT_FORMATS
 from d2merge.options import EXPORTERS, ONNX_DTYPES, MergeOptions, OnnxExportOptions
 from d2merge.options import option_help as model_help
@@ -70,7 +71,8 @@ def _options_from(dataclass_type: Any) -> Callable[[Callable[..., Any]], Callabl
                 else:
                     fn = click.option(flag, f.name, is_flag=True, default=False, help=help_text)(fn)
             else:
-                kind = click.Choice(f.metadata["choices"]) if "choices" in f.metadata else str
+                kind = (click.Choice(f.metadata["choices"]) if "choices" in f.metadata
+                        else click.IntRange(1) if f.type in (int, "int") else str)
                 fn = click.option(flag, f.name, default=f.default, show_default=True, type=kind, help=help_text)(fn)
         return fn
 
@@ -547,6 +549,70 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
     click.echo(report.table())
     if not report.passed:
         raise VerificationFailed("; ".join(report.failures()))
+
+@cli.command("merge-many")
+@click.argument("base", metavar="BASE")
+@click.argument("manifest", metavar="MANIFEST", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "outdir", type=click.Path(file_okay=False), default=None,
+              help="Folder that receives one output per job (created if missing). Required unless --dry-run.")
+@_options_from(ManyOptions)
+@click.option("--ray", "ray_address", metavar="auto|local|ADDRESS", default=None,
+              help="Run the jobs as Ray tasks: auto (the cluster `ray start` set up), local (start one here), or a "
+                   "cluster ADDRESS. Paths must be shared by every node. Needs the 'ray' extra.")
+@click.option("--dry-run", is_flag=True, help="Plan and check every job, print the plans, write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plans as JSON.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the summary as JSON: per job the output, status, seconds, verify verdict, error.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
+def merge_many_command(base: str, manifest: str, outdir: str | None, ray_address: str | None, dry_run: bool,
+                       as_json: bool, report_path: str | None, quiet: bool, **options: Any) -> None:
+    """Merge every adapter of MANIFEST into BASE, reading the base once: one output per job under OUTDIR.
+
+    \b
+    MANIFEST  JSON or YAML: a list of adapter folders (outputs named after them), or
+              {defaults: {...}, jobs: [{adapter, name, dtype, format, max_shard_size,
+              tied_embeddings, verify}, ...]}; see docs/merge-many.md
+    Every job is planned and checked before anything is written; a rerun skips
+    jobs whose output is complete with matching provenance and redoes the rest.
+    Exit codes: 0 all jobs done, 1 a verification failed, 2 a job could not run.
+
+    \b
+    Examples:
+      d2merge merge-many ./llama-3b adapters.yaml -o ./merged --dry-run
+      d2merge merge-many ./llama-3b adapters.json -o ./merged --dtype bf16 --report report.json
+      d2merge merge-many ./llama-3b adapters.yaml -o /shared/merged --ray auto
+    """
+    from d2merge.many import merge_many
+
+    if outdir is None and not dry_run:
+        raise click.UsageError("missing -o/--out OUTDIR (or use --dry-run to see the plans)")
+    report = merge_many(base, manifest, outdir or ".", ManyOptions(**options), dry_run=dry_run, ray=ray_address,
+                        progress=not quiet and sys.stderr.isatty(), echo=lambda msg: click.echo(msg, err=True))
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps([{**o.to_json(), "plan": o.plan.summary() if o.plan else None}
+                                   for o in report.outcomes], indent=2, default=str))
+        else:
+            for o in report.outcomes:
+                click.echo(f"== job {o.name} -> {o.output}: {o.status}" + (f": {o.error}" if o.error else "")
+                           + (" (complete, provenance matches)" if o.status == "skipped" else ""))
+                if o.plan is not None and o.status != "skipped":
+                    click.echo(o.plan.describe())
+                click.echo("")
+            click.echo(report.table())
+    else:
+        click.echo(report.table())
+    if report_path:
+        report.save(report_path)
+    if report.exit_code == 2:
+        failed = [o for o in report.outcomes if o.status == "failed"]
+        not_run = sum(o.status == "not_run" for o in report.outcomes)
+        raise D2MergeError(f"{len(failed)} of {len(report.outcomes)} jobs failed"
+                           + (f", {not_run} not run (nothing was written; --keep-going runs them)" if not_run else "")
+                           + (f"; first: {failed[0].error}" if failed else ""))
+    if report.exit_code == 1:
+        raise VerificationFailed(", ".join(o.name for o in report.outcomes if o.status == "verify_failed")
+                                 + " failed verification")
 
 
 # end of commands
