@@ -105,7 +105,7 @@ class VerifyOptions:
     num_probes: int = field(default=8, metadata={"help": "Random probe sequences (random probes only)."})
     probe_length: int = field(default=32, metadata={
         "help": "Tokens per random probe; also the most tokens kept of each sentence or --prompts line."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random probe tokens."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random probe tokens and of the rounding floor's draw."})
     mc_score: str = field(default="sum", metadata={
         "help": "How a choice is scored: summed or per-token mean log-likelihood of its tokens.",
         "choices": ("sum", "mean")})
