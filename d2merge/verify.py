@@ -77,8 +77,10 @@ ARITHMETIC_FLOOR_REL = 1e-5
 ARITHMETIC_FLOOR_ABS = 1e-5
 # Defaults per output dtype (measurements in docs/verify-report.md):
 # - floor_multiple: the max |logit diff| of a correct merge is another draw of the same rounding
-#   as the floor; on SmolLM2 with sentence probes the ratio measured 1.1-1.5 for bf16 and fp16
-#   (max over positions is a noisy statistic), hence 4. fp32's floor is the arithmetic floor
+#   as the floor; on SmolLM2 with sentence probes the ratio measured 1.09-2.01 for bf16 and fp16
+#   (max over positions is a noisy statistic; D2-LoRA's rescaled rows round a little coarser),
+#   hence 5: 2.5x room, and every gross fault measured (swapped layers, another task) sits at
+#   over 250x. fp32's floor is the arithmetic floor
 #   (one fp32 rounding measures 3e-5 there, 10x below it), and 10 x 1e-5 is export-onnx's 1e-4.
 # - alpha 0.01: a correct merge flips answers like rounding does and in no preferred direction;
 #   each test then fails it with probability at most 1%.
@@ -90,8 +92,8 @@ ARITHMETIC_FLOOR_ABS = 1e-5
 #   through fp16 (up to 4096) or bf16 (up to 65536) leaves.
 DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(floor_multiple=10.0, alpha=0.01, max_ulp=256.0),
-    "bf16": Thresholds(floor_multiple=4.0, alpha=0.01, max_ulp=0.75),
-    "fp16": Thresholds(floor_multiple=4.0, alpha=0.01, max_ulp=0.75),
+    "bf16": Thresholds(floor_multiple=5.0, alpha=0.01, max_ulp=0.75),
+    "fp16": Thresholds(floor_multiple=5.0, alpha=0.01, max_ulp=0.75),
 }
 
 
@@ -132,7 +134,7 @@ def option_help(name: str) -> str:
 
 
 def threshold_defaults(name: str) -> str:
-    """``fp32 10, bf16 4, fp16 4``: a threshold's per-dtype defaults, for help texts."""
+    """``fp32 10, bf16 5, fp16 5``: a threshold's per-dtype defaults, for help texts."""
     values = {dtype: getattr(limits, name) for dtype, limits in DEFAULT_THRESHOLDS.items()}
     if all(v is None for v in values.values()):
         return "none (from the rounding floor and the tests)"
