@@ -28,7 +28,7 @@ from d2merge.many.options import ManyOptions
 from d2merge.export.formats import FORMATS as EXPORT_FORMATS
 from d2merge.options import EXPORTERS, ONNX_DTYPES, MergeOptions, OnnxExportOptions
 from d2merge.options import option_help as model_help
-from d2merge.verify_options import VerifyOptions, option_help, threshold_defaults
+from d2merge.verify_options import VerifyOptions, threshold_defaults
 
 _DEBUG = {"on": bool(os.environ.get("D2MERGE_DEBUG"))}
 INTERNAL_ERROR_EXIT = 3  # not 2: a CI job must tell a d2merge bug from a bad input
@@ -71,8 +71,9 @@ def _options_from(dataclass_type: Any) -> Callable[[Callable[..., Any]], Callabl
                 else:
                     fn = click.option(flag, f.name, is_flag=True, default=False, help=help_text)(fn)
             else:
+                # int and float fields keep their type (VerifyOptions has counts); range checks stay in the model
                 kind = (click.Choice(f.metadata["choices"]) if "choices" in f.metadata
-                        else click.IntRange(1) if f.type in (int, "int") else str)
+                        else {"int": int, "float": float}.get(str(f.type), str))
                 fn = click.option(flag, f.name, default=f.default, show_default=True, type=kind, help=help_text)(fn)
         return fn
 
@@ -477,19 +478,10 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
                    "time, and compare side by side. Not with MERGED. [default: fp32]")
 @click.option("--prompts", type=click.Path(dir_okay=False), default=None,
               help="Probe with these prompts (one per line, tokenised with the base's tokenizer) instead of "
-                   "random tokens.")
-@click.option("--probe-source", type=click.Choice(("auto", "sentences", "random")),
-              default=VerifyOptions.probe_source, show_default=True, help=option_help("probe_source"))
-@click.option("--num-probes", type=click.IntRange(1), default=VerifyOptions.num_probes, show_default=True,
-              help=option_help("num_probes"))
-@click.option("--probe-length", type=click.IntRange(1), default=VerifyOptions.probe_length, show_default=True,
-              help=option_help("probe_length"))
-@click.option("--seed", type=int, default=VerifyOptions.seed, show_default=True, help=option_help("seed"))
+                   "the built-in sentences or random tokens. Their text is never printed.")
 @click.option("--mc-eval", type=click.Path(dir_okay=False), default=None,
               help='Multiple-choice JSONL ({"prompt", "choices", "answer"} per line): report accuracy unmerged '
                    "and merged, the merge gap in percentage points and the flipped answers.")
-@click.option("--mc-score", type=click.Choice(("sum", "mean")), default=VerifyOptions.mc_score,
-              show_default=True, help=option_help("mc_score"))
 @click.option("--floor-multiple", type=click.FloatRange(0, min_open=True), default=None,
               help="Largest allowed |logit difference| as a multiple of the rounding floor measured on the same "
                    f"probes. [default: {threshold_defaults('floor_multiple')}]")
@@ -509,17 +501,11 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
                    f"[default: {threshold_defaults('max_ulp')}]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report as JSON (schema: docs/verify-report.md).")
-@click.option("--batch-size", type=click.IntRange(1), default=VerifyOptions.batch_size, show_default=True,
-              help=option_help("batch_size"))
-@click.option("--tied-embeddings", type=click.Choice(("untie", "tie", "error")),
-              default=VerifyOptions.tied_embeddings, show_default=True, help=option_help("tied_embeddings"))
-@click.option("--allow-pickle", is_flag=True, help=option_help("allow_pickle"))
+@_options_from(VerifyOptions)
 def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | None, prompts: str | None,
-                   probe_source: str, num_probes: int, probe_length: int, seed: int, mc_eval: str | None,
-                   mc_score: str, floor_multiple: float | None, alpha: float | None,
+                   mc_eval: str | None, floor_multiple: float | None, alpha: float | None,
                    max_abs_diff: float | None, max_gap_pp: float | None, min_top1: float | None,
-                   max_ulp: float | None, report_path: str | None, batch_size: int, tied_embeddings: str,
-                   allow_pickle: bool) -> None:
+                   max_ulp: float | None, report_path: str | None, **option_values: Any) -> None:
     """Prove a merge faithful: MERGED against BASE + ADAPTER run unmerged.
 
     Compares logits on probe inputs (max/mean |diff|, KL, top-1 agreement), the
@@ -539,9 +525,7 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
     """
     from d2merge.verify import verify
 
-    options = VerifyOptions(probe_source=probe_source, num_probes=num_probes, probe_length=probe_length, seed=seed,
-                            mc_score=mc_score, batch_size=batch_size, tied_embeddings=tied_embeddings,
-                            allow_pickle=allow_pickle)
+    options = VerifyOptions(**option_values)
     thresholds = {"floor_multiple": floor_multiple, "alpha": alpha, "max_abs_diff": max_abs_diff,
                   "max_gap_pp": max_gap_pp, "min_top1": min_top1, "max_ulp": max_ulp}
     report = verify(base, adapter, merged, dtypes=dtypes, mc_eval=mc_eval, prompts=prompts, thresholds=thresholds,
