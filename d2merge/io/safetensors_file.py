@@ -15,11 +15,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 
 from d2merge.errors import D2MergeError
+from d2merge.io.direct_io import OutputFile
 
 # Largest header we accept: the real format caps it at 100 MB; a larger length
 # prefix is a corrupt or hostile file, refused before allocating anything.
@@ -197,16 +198,26 @@ def encode_header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
 
 
 class StreamingWriter:
-    """Writes a safetensors file whose header is known up front, one tensor at a time, in order."""
+    """Writes a safetensors file whose header is known up front, one tensor at a time, in order.
+
+    Bytes go through :class:`d2merge.io.direct_io.OutputFile`: O_DIRECT where the
+    filesystem allows it, buffered writes elsewhere; the file is the same either way.
+    """
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, *, direct: bool | None = None):
         self.path = Path(path)
         self._entries = entries
         self._next = 0
-        header, _ = encode_header(entries, metadata)
-        self._fh: BinaryIO = open(self.path, "wb")
+        header, spans = encode_header(entries, metadata)
+        data_bytes = max((end for _, end in spans.values()), default=0)
+        self._fh = OutputFile(self.path, size_hint=len(header) + data_bytes, direct=direct)
         self._fh.write(header)
+
+    @property
+    def direct(self) -> bool:
+        """Whether the bytes are going out with O_DIRECT."""
+        return self._fh.direct
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, dtype, shape = self._entries[self._next]
@@ -216,50 +227,26 @@ class StreamingWriter:
         self._next += 1
 
     def copy_from(self, name: str, source: Path, offset: int, nbytes: int) -> None:
-        """Copy a tensor's bytes straight from another file (kernel-side where the OS allows)."""
+        """Copy a tensor's bytes straight from another file (kernel-side, or into the direct-I/O staging buffer)."""
         expected_name, dtype, shape = self._entries[self._next]
         if name != expected_name or nbytes != math.prod(shape) * dtype_size(dtype):
             raise RuntimeError(f"writer expected {expected_name} ({math.prod(shape) * dtype_size(dtype)} bytes), "
                                f"got {name} ({nbytes} bytes)")
-        self._fh.flush()
-        with open(source, "rb") as src:
-            remaining, position = nbytes, offset
-            out_fd = self._fh.fileno()
-            while remaining:
-                try:
-                    copied = os.copy_file_range(src.fileno(), out_fd, remaining, position)
-                except (AttributeError, OSError):
-                    copied = 0
-                if copied <= 0:  # not supported across these filesystems: plain reads
-                    src.seek(position)
-                    while remaining:
-                        block = src.read(min(remaining, 64 * 1024 * 1024))
-                        if not block:
-                            raise D2MergeError("file ended while copying", path=source, tensor=name)
-                        self._fh.write(block)
-                        remaining -= len(block)
-                    break
-                remaining -= copied
-                position += copied
+        if self._fh.copy_range(source, offset, nbytes) != nbytes:
+            raise D2MergeError("file ended while copying", path=source, tensor=name)
         self._next += 1
 
     def close(self) -> None:
         if self._next != len(self._entries):
-            self._fh.close()
+            self._fh.abandon()
             raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} tensors were never written")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
         self._fh.close()
 
     def abandon(self) -> None:
         """Close without completing (the caller deletes the partial file with its temp folder)."""
-        if not self._fh.closed:
-            try:
-                self._fh.close()
-            except OSError:
-                # Flushing the buffered tail failed (disk full): moot for a discarded file, and raising
-                # here would replace the error that made the caller abandon it.
-                pass
+        # Never raises: a failure here (disk full) is moot for a discarded file, and raising
+        # would replace the error that made the caller abandon it.
+        self._fh.abandon()
 
     def __enter__(self) -> "StreamingWriter":
         return self
