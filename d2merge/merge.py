@@ -17,13 +17,16 @@ from typing import Any, Callable
 
 import torch
 
+from d2merge.device import ComputeDevice
 from d2merge.errors import D2MergeError
 from d2merge.export.model_card import CardInfo, render_model_card
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import SAFETENSORS_INDEX, BaseCheckpoint, open_base
-from d2merge.io.output import (TEMP_MARKER, AtomicFolder, check_output_location, copy_support_files, disk_error, sha256_file,
-                               write_json, write_text)
+from d2merge.io.output import (TEMP_MARKER, AtomicFolder, check_output_location, copy_support_files, disk_error, write_json,
+                               write_text)
 from d2merge.io.safetensors_file import StreamingWriter, dtype_size
+from d2merge.io.source_hash import SourceHasher
+from d2merge.io.tensor_reader import TensorReader
 from d2merge.methods import EMBEDDING
 from d2merge.plan import OUT_DTYPES, TIED_POLICIES, MergePlan, TensorPlan, build_plan
 
@@ -51,8 +54,8 @@ class MergeOptions:
     allow_pickle: bool = field(default=False, metadata={
         "help": "Allow .bin (pickle) weights; loaded with weights_only=True. Only for files you trust."})
     hash_sources: bool = field(default=True, metadata={
-        "help": "Record the sha256 of the base and adapter files in the model card (hashed in a "
-                "background thread while merging)."})
+        "help": "Record the sha256 of the base and adapter files in the model card (hashed from the "
+                "bytes the merge reads, in a background thread; a Hub-cache file's name is its sha256)."})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -106,38 +109,30 @@ def merge(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter, out:
     inputs = [merge_plan.base.location, merge_plan.adapter.path]
     out_path = check_output_location(Path(out), inputs, overwrite=options.overwrite)
     device = _device(options.device)
-    hashes: dict[str, str] = {}
-    hasher = _start_hashing(merge_plan, hashes) if options.hash_sources else None
-    with AtomicFolder(out_path, overwrite=options.overwrite) as folder:
-        written = write_tensors(merge_plan, folder.temp, device=device, progress=progress, on_tensor=on_tensor)
+    hasher = start_hashing(merge_plan) if options.hash_sources else None
+    try:
+        with AtomicFolder(out_path, overwrite=options.overwrite) as folder:
+            written = write_tensors(merge_plan, folder.temp, device=device, progress=progress, on_tensor=on_tensor,
+                                    hasher=hasher)
+            hashes = hasher.finish() if hasher is not None else {}
+            written += write_metadata(merge_plan, folder.temp, hashes)
+            folder.commit()
+    finally:
         if hasher is not None:
-            hasher.join()
-        written += write_metadata(merge_plan, folder.temp, hashes)
-        folder.commit()
+            hasher.abandon()
     return MergeResult(out_path, merge_plan, tuple(written), time.perf_counter() - started, hashes)
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise D2MergeError("--device cuda was asked for but no CUDA device is available", hint="use --device cpu")
-    return torch.device(name)
+def _device(name: str | torch.device | ComputeDevice) -> ComputeDevice:
+    """The compute device; ``cuda`` without a GPU is refused in one line."""
+    return name if isinstance(name, ComputeDevice) else ComputeDevice(str(name))
 
 
-def _start_hashing(merge_plan: MergePlan, hashes: dict[str, str]) -> threading.Thread:
-    """Hash the source files on the other core while the merge runs (hashlib releases the GIL)."""
+def start_hashing(merge_plan: MergePlan) -> SourceHasher:
+    """A hasher for the base and adapter files, fed by the engine's reads (see io/source_hash.py)."""
     files = [merge_plan.adapter.weights_file, merge_plan.adapter.path / "adapter_config.json",
              *merge_plan.base.weight_files]
-
-    def run() -> None:
-        for path in files:
-            try:
-                hashes[_source_label(merge_plan, path)] = sha256_file(path)
-            except OSError:
-                hashes[_source_label(merge_plan, path)] = "unreadable"
-
-    thread = threading.Thread(target=run, name="d2merge-hash", daemon=True)
-    thread.start()
-    return thread
+    return SourceHasher({_source_label(merge_plan, path): path for path in files})
 
 
 def _source_label(merge_plan: MergePlan, path: Path) -> str:
@@ -159,15 +154,11 @@ class ScratchBuffers:
     :meth:`release` once the writer thread has written them.
     """
 
-    def __init__(self) -> None:
-        self._read = torch.empty(0, dtype=torch.uint8)
+    def __init__(self, device: ComputeDevice | None = None, hasher: SourceHasher | None = None) -> None:
+        self.device = device or ComputeDevice("cpu")
+        self.reader = TensorReader(hasher, allocate=self.device.host_buffer)
         self._work = torch.empty(0, dtype=torch.float32)
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
-
-    def read_buffer(self, nbytes: int) -> torch.Tensor:
-        if self._read.numel() < nbytes:
-            self._read = torch.empty(nbytes, dtype=torch.uint8)
-        return self._read[:nbytes]
 
     def work(self, numel: int) -> torch.Tensor:
         if self._work.numel() < numel:
@@ -180,7 +171,7 @@ class ScratchBuffers:
             try:
                 buffer = self._free.get_nowait()
             except queue.Empty:
-                return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+                return self.device.host_buffer(nbytes)
             if buffer.numel() >= nbytes:
                 return buffer
             # too small for this tensor: dropped, so the pool converges on the larger sizes
@@ -195,7 +186,7 @@ def _output_tensor(buffers: ScratchBuffers, item: TensorPlan) -> tuple[torch.Ten
     return storage, storage[: item.out_bytes].view(item.out_dtype).view(item.shape)
 
 
-def compute_tensor(merge_plan: MergePlan, item: TensorPlan, *, device: torch.device = torch.device("cpu"),
+def compute_tensor(merge_plan: MergePlan, item: TensorPlan, *, device: str | torch.device | ComputeDevice = "cpu",
                    compute_dtype: torch.dtype = torch.float32, buffers: ScratchBuffers | None = None
                    ) -> torch.Tensor:
     """The output tensor for one plan entry, already cast to its output dtype (NaN/Inf refused).
@@ -203,38 +194,44 @@ def compute_tensor(merge_plan: MergePlan, item: TensorPlan, *, device: torch.dev
     With ``buffers`` the result lives in a reused buffer: hand it back with
     ``buffers.release`` (see :func:`write_tensors`); without, it is fresh memory.
     """
-    return _compute(merge_plan, item, device, compute_dtype, buffers or ScratchBuffers())[1]
+    device = _device(device)
+    storage, out, ready = _compute(merge_plan, item, device, compute_dtype, buffers or ScratchBuffers(device))
+    ready()
+    return out
 
 
-def _compute(merge_plan: MergePlan, item: TensorPlan, device: torch.device, compute_dtype: torch.dtype,
-             buffers: ScratchBuffers) -> tuple[torch.Tensor, torch.Tensor]:
-    """(storage to release, output tensor) for one plan entry."""
+def _no_wait() -> None:
+    return None
+
+
+def _compute(merge_plan: MergePlan, item: TensorPlan, device: ComputeDevice, compute_dtype: torch.dtype,
+             buffers: ScratchBuffers) -> tuple[torch.Tensor, torch.Tensor, Callable[[], None]]:
+    """(storage to release, output tensor, wait until its bytes are on the host) for one plan entry."""
     if item.action == "copy":
-        source = merge_plan.base.tensors.read(item.source, buffers.read_buffer(item_bytes(item)))
+        source = buffers.reader.read(merge_plan.base.tensors, item.source)
         storage, out = _output_tensor(buffers, item)
-        return storage, out.copy_(source)
+        return storage, out.copy_(source), _no_wait
     if item.action == "replace":
         tensor = merge_plan.adapter.tensors.read(item.source)
         _check_finite(tensor, merge_plan.adapter.weights_file, item.source, "adapter tensor")
         storage, out = _output_tensor(buffers, item)
-        return storage, out.copy_(tensor)
+        return storage, out.copy_(tensor), _no_wait
     adapter = merge_plan.adapter
     method, settings = adapter.method, item.settings
     factors = adapter.factors(item.module)  # type: ignore[arg-type]
     for name, tensor in factors.items():
         _check_finite(tensor, adapter.weights_file, adapter.modules[item.module].keys[name], "adapter tensor")
     path = merge_plan.base_weight_file(item)
-    w0 = merge_plan.base_weight(item, buffers.read_buffer(item_bytes(item)))
+    w0 = buffers.reader.read(adapter.tensors if item.base_from_adapter else merge_plan.base.tensors, item.source)
     storage, out = _output_tensor(buffers, item)
-    blockwise = (device.type == "cpu" and compute_dtype == torch.float32 and w0.ndim == 2
+    blockwise = (device.blockwise and compute_dtype == torch.float32 and w0.ndim == 2
                  and not (settings.fan_in_fan_out or settings.layer_kind == EMBEDDING)
                  and method.row_separable(settings))
     if not blockwise:
-        merged = method.merged_weight(w0.to(device), {k: v.to(device) for k, v in factors.items()}, settings,
-                                      compute_dtype=compute_dtype)
-        out.copy_(merged)  # the one cast: round-to-nearest-even
-        _check_finite(out, path, item.name, "merged weight")
-        return storage, out
+        merged = method.merged_weight(device.upload(w0), {k: device.upload(v) for k, v in factors.items()},
+                                      settings, compute_dtype=compute_dtype)
+        ready = device.download(merged, out, lambda cast: _check_finite(cast, path, item.name, "merged weight"))
+        return storage, out, ready
     factors = {k: v.to(compute_dtype) for k, v in factors.items()}
     rows, cols = w0.shape
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
@@ -244,7 +241,7 @@ def _compute(merge_plan: MergePlan, item: TensorPlan, device: torch.device, comp
         w = work[: (block.stop - start) * cols].view(block.stop - start, cols).copy_(w0[block])
         out[block].copy_(method.merge_rows_(w, factors, settings, block))  # the one cast
     _check_finite(out, path, item.name, "merged weight")
-    return storage, out
+    return storage, out, _no_wait
 
 
 def item_bytes(item: TensorPlan) -> int:
@@ -322,15 +319,17 @@ class _WriterThread:
         self._thread.join()
 
 
-def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device = torch.device("cpu"),
+def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.device | ComputeDevice = "cpu",
                   progress: bool = False, on_tensor: Callable[[TensorPlan], None] | None = None,
-                  shard_paths: list[Path] | None = None, metadata: dict[str, str] | None = None) -> list[str]:
+                  shard_paths: list[Path] | None = None, metadata: dict[str, str] | None = None,
+                  hasher: SourceHasher | None = None) -> list[str]:
     """Stream every planned tensor into its shard; returns the file names written.
 
     Computing (main thread) and writing (a writer thread) overlap; both release
     the GIL in their heavy parts. ``shard_paths`` overrides where each shard
     goes (the single-file exporter names its one shard), ``metadata`` the
     header metadata. ``on_tensor`` is called after each tensor is written.
+    ``hasher`` receives every base range read (see :func:`start_hashing`).
     """
     from tqdm.auto import tqdm
 
@@ -350,11 +349,12 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device =
                 raise disk_error(exc, path) from None
         return job
 
-    def wrote(path: Path, item: TensorPlan, computed: tuple[torch.Tensor, torch.Tensor] | None,
+    def wrote(path: Path, item: TensorPlan, computed: tuple[torch.Tensor, torch.Tensor, Callable[[], None]] | None,
               raw: tuple[Path, int, int] | None) -> Callable[[], None]:
         def job() -> None:
             try:
                 if computed is not None:
+                    computed[2]()  # a GPU's copy back to the host has landed
                     open_writer["current"].write(item.name, computed[1])
                     buffers.release(computed[0])
                 else:
@@ -374,7 +374,8 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device =
                 raise disk_error(exc, path) from None
         return job
 
-    buffers = ScratchBuffers()
+    device = _device(device)
+    buffers = ScratchBuffers(device, hasher)
     writer = _WriterThread()
     # One intra-op thread: the blocks are cache-sized, and on a busy machine a second
     # OpenMP thread waiting for a core stalls every block (measured: 5-8 s vs 15-70 s

@@ -18,7 +18,7 @@ from d2merge import __version__
 from d2merge.errors import D2MergeError
 from d2merge.io.output import TEMP_MARKER, check_output_location, disk_error, remove_stale_temps
 from d2merge.io.safetensors_file import rewrite_metadata
-from d2merge.merge import (MergeOptions, MergeResult, _device, _options, _source_label, _start_hashing, card_info,
+from d2merge.merge import (MergeOptions, MergeResult, _device, _options, _source_label, card_info, start_hashing,
                            plan, write_tensors)
 from d2merge.plan import MergePlan
 
@@ -54,14 +54,14 @@ def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: Merg
              *merge_plan.base.weight_files]
     reserved = {_source_label(merge_plan, f): PLACEHOLDER for f in files}
     hashes: dict[str, str] = {}
-    hasher = _start_hashing(merge_plan, hashes) if options.hash_sources else None
+    hasher = start_hashing(merge_plan) if options.hash_sources else None
     remove_stale_temps(out_path)
     temp = out_path.parent / f".{out_path.name}{TEMP_MARKER}{os.getpid()}"
     try:
         write_tensors(merge_plan, out_path.parent, device=_device(options.device), progress=progress,
-                      shard_paths=[temp], metadata=single_file_metadata(merge_plan, reserved))
+                      shard_paths=[temp], metadata=single_file_metadata(merge_plan, reserved), hasher=hasher)
         if hasher is not None:
-            hasher.join()
+            hashes = hasher.finish()
             final = {k: (v if len(v) == 64 else PLACEHOLDER) for k, v in hashes.items()}
             entries = [(t.name, t.out_dtype, t.shape) for t in merge_plan.tensors]
             rewrite_metadata(temp, entries, single_file_metadata(merge_plan, {**reserved, **final}))
@@ -70,5 +70,7 @@ def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: Merg
         except OSError as exc:
             raise disk_error(exc, out_path) from None
     finally:
+        if hasher is not None:
+            hasher.abandon()
         temp.unlink(missing_ok=True)
     return MergeResult(out_path, merge_plan, (out_path.name,), time.perf_counter() - started, hashes)
