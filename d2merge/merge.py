@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from d2merge import profile
 from d2merge.device import ComputeDevice
 from d2merge.errors import D2MergeError
 from d2merge.export.model_card import CardInfo, render_model_card
@@ -105,7 +106,8 @@ def merge(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter, out:
     """
     options = _options(options, overrides)
     started = time.perf_counter()
-    merge_plan = plan(base, adapter, options)
+    with profile.phase("plan"):
+        merge_plan = plan(base, adapter, options)
     inputs = [merge_plan.base.location, merge_plan.adapter.path]
     out_path = check_output_location(Path(out), inputs, overwrite=options.overwrite)
     device = _device(options.device)
@@ -296,7 +298,8 @@ class _WriterThread:
 
     def submit(self, job: Callable[[], None]) -> None:
         self.raise_error()
-        self._queue.put(job)
+        with profile.phase("write (wait)"):  # the writer is behind: the main thread waits here
+            self._queue.put(job)
 
     def raise_error(self) -> None:
         if self._error is not None:
@@ -353,12 +356,13 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
               raw: tuple[Path, int, int] | None) -> Callable[[], None]:
         def job() -> None:
             try:
-                if computed is not None:
-                    computed[2]()  # a GPU's copy back to the host has landed
-                    open_writer["current"].write(item.name, computed[1])
-                    buffers.release(computed[0])
-                else:
-                    open_writer["current"].copy_from(item.name, *raw)  # type: ignore[misc]
+                with profile.phase("write"):
+                    if computed is not None:
+                        computed[2]()  # a GPU's copy back to the host has landed
+                        open_writer["current"].write(item.name, computed[1])
+                        buffers.release(computed[0])
+                    else:
+                        open_writer["current"].copy_from(item.name, *raw)  # type: ignore[misc]
             except OSError as exc:
                 raise disk_error(exc, path) from None
             bar.update(item.out_bytes)
@@ -369,7 +373,8 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
     def closed(path: Path) -> Callable[[], None]:
         def job() -> None:
             try:
-                open_writer.pop("current").close()
+                with profile.phase("write"):
+                    open_writer.pop("current").close()
             except OSError as exc:
                 raise disk_error(exc, path) from None
         return job
@@ -389,7 +394,8 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
             for item in items:
                 bar.set_postfix_str(item.name[-40:], refresh=False)
                 raw = _raw_copy_source(merge_plan, item)
-                computed = None if raw is not None else _compute(merge_plan, item, device, torch.float32, buffers)
+                with profile.phase("compute"):
+                    computed = None if raw is not None else _compute(merge_plan, item, device, torch.float32, buffers)
                 writer.submit(wrote(path, item, computed, raw))
                 del computed
             writer.submit(closed(path))

@@ -27,6 +27,8 @@ import mmap
 import os
 from pathlib import Path
 
+from d2merge import profile
+
 # 4 KiB covers the logical block size of every disk we know (512 or 4096); mmap gives page alignment.
 ALIGNMENT = 4096
 # Big enough that one write() per 64 MB keeps the disk busy, small enough to be noise beside the tensors.
@@ -206,7 +208,8 @@ class OutputFile:
                     else:
                         self._write_all(tail)
                 del tail
-            os.fsync(self._fd)
+            with profile.phase("fsync"):
+                os.fsync(self._fd)
         finally:
             self._release()
 

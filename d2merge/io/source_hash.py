@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from d2merge import profile
+
 _BLOB_SHA256 = re.compile(r"[0-9a-f]{64}")
 _GAP_BLOCK = 8 * 1024 * 1024
 UNREADABLE = "unreadable"
@@ -119,6 +121,7 @@ class SourceHasher:
             if entry.known is None:
                 self._fill_to(entry, None)
         self.stats.cpu_s = time.thread_time() - started
+        profile.add("hash (thread)", 0.0, self.stats.cpu_s)
 
     def _feed(self, entry: _FileHash, start: int, data: memoryview) -> None:
         if entry.failed:
@@ -163,7 +166,8 @@ class SourceHasher:
         if not self._done:
             self._queue.put(None)
             self._done = True
-        self._thread.join()
+        with profile.phase("hash"):
+            self._thread.join()
         out = {}
         for label, path in self._labels.items():
             entry = self._files[Path(path).absolute()]

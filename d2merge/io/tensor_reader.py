@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from d2merge import profile
 from d2merge.io.checkpoint import TensorSource
 from d2merge.io.source_hash import SourceHasher
 
@@ -43,9 +44,15 @@ class TensorReader:
         self.bytes_read = 0
 
     def read(self, source: TensorSource, name: str) -> torch.Tensor:
+        with profile.phase("read"):
+            return self._read(source, name)
+
+    def _read(self, source: TensorSource, name: str) -> torch.Tensor:
         slot = self._slots[self._next]
         self._next = (self._next + 1) % len(self._slots)
-        slot.free.wait()
+        if not slot.free.is_set():
+            with profile.phase("hash"):  # the hasher is behind: waiting for it to free the buffer
+                slot.free.wait()
         dtype, shape = source.info(name)
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         if slot.buffer.numel() < nbytes:
