@@ -263,8 +263,14 @@ def _check_finite(tensor: torch.Tensor, path: Path, name: str, what: str) -> Non
 
 
 def _raw_copy_source(merge_plan: MergePlan, item: TensorPlan) -> tuple[Path, int, int] | None:
-    """Unchanged tensors in their own dtype are copied byte for byte, never decoded."""
-    if item.action != "copy" or item.in_dtype != item.out_dtype:
+    """Unchanged tensors go from file to file in the writer thread, never held whole in memory.
+
+    In their own dtype they are copied byte for byte; cast between float dtypes
+    (``--dtype fp32`` on a bf16 base) they are converted a chunk at a time.
+    """
+    if item.action != "copy":
+        return None
+    if item.in_dtype != item.out_dtype and not (item.in_dtype.is_floating_point and item.out_dtype.is_floating_point):
         return None
     byte_range = getattr(merge_plan.base.tensors, "byte_range", None)
     return byte_range(item.source) if byte_range is not None else None
@@ -361,8 +367,10 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
                         computed[2]()  # a GPU's copy back to the host has landed
                         open_writer["current"].write(item.name, computed[1])
                         buffers.release(computed[0])
-                    else:
+                    elif item.in_dtype == item.out_dtype:
                         open_writer["current"].copy_from(item.name, *raw)  # type: ignore[misc]
+                    else:
+                        open_writer["current"].convert_from(item.name, raw[0], raw[1], item.in_dtype)  # type: ignore[index]
             except OSError as exc:
                 raise disk_error(exc, path) from None
             bar.update(item.out_bytes)

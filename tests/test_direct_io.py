@@ -158,3 +158,18 @@ def test_streaming_writer_direct_equals_buffered(tmp_path: Path) -> None:
                 else:
                     writer.write(name, tensor)
         assert path.read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_convert_from_equals_torch_cast(tmp_path: Path, out_dtype: torch.dtype) -> None:
+    """Chunked cast while copying (fp32 output of a bf16 base): the bytes torch's copy_ gives."""
+    gen = torch.Generator().manual_seed(6)
+    tensor = (torch.randn(1001, 7, generator=gen) * 100).to(torch.bfloat16)
+    source = tmp_path / "source.safetensors"
+    with StreamingWriter(source, [("w", tensor.dtype, tuple(tensor.shape))], direct=False) as writer:
+        writer.write("w", tensor)
+    info = SafetensorsFile(source).tensors["w"]
+    path = tmp_path / "out.safetensors"
+    with StreamingWriter(path, [("w", out_dtype, tuple(tensor.shape))]) as writer:
+        writer.convert_from("w", source, info.start, torch.bfloat16, chunk_elements=1000)  # chunks straddle rows
+    assert torch.equal(SafetensorsFile(path).read("w"), torch.empty(tensor.shape, dtype=out_dtype).copy_(tensor))

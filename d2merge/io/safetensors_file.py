@@ -236,6 +236,34 @@ class StreamingWriter:
             raise D2MergeError("file ended while copying", path=source, tensor=name)
         self._next += 1
 
+    def convert_from(self, name: str, source: Path, offset: int, in_dtype: torch.dtype,
+                     chunk_elements: int = 1 << 20) -> None:
+        """Copy a tensor from another file while casting it to this entry's dtype, a chunk at a time.
+
+        Memory stays at two small chunks whatever the tensor's size (an fp32 output of
+        a bf16 embedding would otherwise hold the whole tensor twice); the cast is
+        torch's, the one ``Tensor.copy_`` does, so the bytes are the same.
+        """
+        expected_name, dtype, shape = self._entries[self._next]
+        if name != expected_name:
+            raise RuntimeError(f"writer expected {expected_name}, got {name}")
+        count = math.prod(shape)
+        in_size = dtype_size(in_dtype)
+        step = max(1, min(count, chunk_elements))
+        raw = torch.empty(step * in_size, dtype=torch.uint8)
+        cast = torch.empty(step, dtype=dtype)
+        with open(source, "rb", buffering=0) as src:
+            done = 0
+            while done < count:
+                n = min(step, count - done)
+                got = os.preadv(src.fileno(), [memoryview(raw.numpy())[: n * in_size]], offset + done * in_size)
+                if got != n * in_size:
+                    raise D2MergeError("file ended while copying", path=source, tensor=name)
+                cast[:n].copy_(raw[: n * in_size].view(in_dtype))
+                self._fh.write(memoryview(cast[:n].view(torch.uint8).numpy()))
+                done += n
+        self._next += 1
+
     def close(self) -> None:
         if self._next != len(self._entries):
             self._fh.abandon()
