@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from d2merge.io.adapter import write_adapter
+from d2merge.io.direct_io import resident_fraction
 from d2merge.io.safetensors_file import StreamingWriter
 
 SHAPES = {  # hidden, layers, intermediate, vocab, heads, kv_heads
@@ -281,6 +282,9 @@ def measure(args: argparse.Namespace, root: Path, base: Path, adapter: Path) -> 
                 out = root / f"out-{label.replace(' ', '-')}"
                 shutil.rmtree(out, ignore_errors=True)
                 (evict if mode == "cold" else warm)([base, adapter])
+                cached = resident_fraction(list(base.glob("*.safetensors")))
+                if cached is not None and (cached > 0.1 if mode == "cold" else cached < 0.9):
+                    print(f"  warning: {100 * cached:.0f}% of the base is in page cache for a {mode} run", flush=True)
                 results.setdefault((mode, label), []).append(run_measured(argv_for(out), env=env))  # type: ignore[operator]
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"  {mode} {label}: {results[(mode, label)][-1]['wall']:.2f} s", flush=True)

@@ -173,3 +173,18 @@ def test_convert_from_equals_torch_cast(tmp_path: Path, out_dtype: torch.dtype) 
     with StreamingWriter(path, [("w", out_dtype, tuple(tensor.shape))]) as writer:
         writer.convert_from("w", source, info.start, torch.bfloat16, chunk_elements=1000)  # chunks straddle rows
     assert torch.equal(SafetensorsFile(path).read("w"), torch.empty(tensor.shape, dtype=out_dtype).copy_(tensor))
+
+
+def test_resident_fraction_sees_eviction(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(64 * 4096))
+    path.read_bytes()
+    assert direct_io.resident_fraction([path]) == 1.0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert direct_io.resident_fraction([path]) < 0.5  # the kernel may keep a page or two it is using
+    assert direct_io.resident_fraction([tmp_path / "missing"]) is None

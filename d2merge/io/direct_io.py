@@ -249,3 +249,48 @@ class OutputFile:
 
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def resident_fraction(paths: list[Path] | tuple[Path, ...]) -> float | None:
+    """Share of the files' pages now in the page cache (mincore on a read-only mapping); None if unknown.
+
+    Tells a cold base (worth O_DIRECT reads) from a warm one (page-cache hits are
+    cheaper than any disk read), and lets the benchmark check its eviction worked.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long)
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    except (OSError, AttributeError):
+        return None
+    page = mmap.PAGESIZE
+    resident = total = 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | _CLOEXEC)
+        except OSError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                continue
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                pages = -(-size // page)
+                vec = (ctypes.c_ubyte * pages)()
+                if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                    return None
+                resident += pages - bytes(vec).count(0)  # Linux sets only bit 0 (resident)
+                total += pages
+            finally:
+                libc.munmap(ctypes.c_void_p(addr), size)
+        finally:
+            os.close(fd)
+    return resident / total if total else 1.0
