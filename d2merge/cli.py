@@ -3,7 +3,8 @@
 Each command lives in this one file as a thin wrapper; the work is done by the
 library functions it calls, so everything here is scriptable from Python too.
 Errors the user can fix are one line on stderr with exit code 2; a verification
-that ran and failed its thresholds exits 1; tracebacks appear only with --debug.
+that ran and failed its thresholds exits 1; a bug in d2merge exits 3; tracebacks
+appear only with --debug.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from d2merge.merge import plan as plan_merge
 from d2merge.verify import VerifyOptions, option_help, threshold_defaults, verify
 
 _DEBUG = {"on": bool(os.environ.get("D2MERGE_DEBUG"))}
+INTERNAL_ERROR_EXIT = 3  # not 2: a CI job must tell a d2merge bug from a bad input
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -47,7 +49,8 @@ def cli(debug: bool) -> None:
       d2merge merge ./base ./adapter -o ./merged --dry-run   # the plan, nothing written
       d2merge merge ./base ./adapter -o ./merged      # streaming fp32 merge
       d2merge verify ./base ./adapter ./merged        # merged vs unmerged, exit 1 on drift
-    Exit codes: 0 ok, 1 verification thresholds exceeded, 2 bad input or environment.
+    Exit codes: 0 ok, 1 verification thresholds exceeded, 2 bad input or environment,
+    3 a bug in d2merge (please report it with --debug).
     """
     if debug:
         _DEBUG["on"] = True
@@ -424,6 +427,8 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
 @click.option("--prompts", type=click.Path(dir_okay=False), default=None,
               help="Probe with these prompts (one per line, tokenised with the base's tokenizer) instead of "
                    "random tokens.")
+@click.option("--probe-source", type=click.Choice(("auto", "sentences", "random")),
+              default=VerifyOptions.probe_source, show_default=True, help=option_help("probe_source"))
 @click.option("--num-probes", type=click.IntRange(1), default=VerifyOptions.num_probes, show_default=True,
               help=option_help("num_probes"))
 @click.option("--probe-length", type=click.IntRange(1), default=VerifyOptions.probe_length, show_default=True,
@@ -434,12 +439,20 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
                    "and merged, the merge gap in percentage points and the flipped answers.")
 @click.option("--mc-score", type=click.Choice(("sum", "mean")), default=VerifyOptions.mc_score,
               show_default=True, help=option_help("mc_score"))
+@click.option("--floor-multiple", type=click.FloatRange(0, min_open=True), default=None,
+              help="Largest allowed |logit difference| as a multiple of the rounding floor measured on the same "
+                   f"probes. [default: {threshold_defaults('floor_multiple')}]")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+              help="Level of the paired tests (McNemar on --mc-eval answers; flips against rounding's). "
+                   f"[default: {threshold_defaults('alpha')}]")
 @click.option("--max-abs-diff", type=click.FloatRange(0), default=None,
-              help=f"Largest allowed |logit difference|. [default: {threshold_defaults('max_abs_diff')}]")
+              help="A fixed limit on |logit difference| instead of the floor multiple. "
+                   f"[default: {threshold_defaults('max_abs_diff')}]")
 @click.option("--max-gap-pp", type=click.FloatRange(0), default=None,
-              help=f"Largest allowed |merge gap| in percentage points. [default: {threshold_defaults('max_gap_pp')}]")
+              help="Also fail when |merge gap| exceeds this many percentage points. "
+                   f"[default: {threshold_defaults('max_gap_pp')}]")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
-              help=f"Smallest allowed top-1 agreement (0-1). [default: {threshold_defaults('min_top1')}]")
+              help=f"Also fail below this top-1 agreement (0-1). [default: {threshold_defaults('min_top1')}]")
 @click.option("--max-ulp", type=click.FloatRange(0), default=None,
               help="Largest allowed weight error, in ulps of the output dtype. "
                    f"[default: {threshold_defaults('max_ulp')}]")
@@ -451,7 +464,8 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
               default=VerifyOptions.tied_embeddings, show_default=True, help=option_help("tied_embeddings"))
 @click.option("--allow-pickle", is_flag=True, help=option_help("allow_pickle"))
 def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | None, prompts: str | None,
-                   num_probes: int, probe_length: int, seed: int, mc_eval: str | None, mc_score: str,
+                   probe_source: str, num_probes: int, probe_length: int, seed: int, mc_eval: str | None,
+                   mc_score: str, floor_multiple: float | None, alpha: float | None,
                    max_abs_diff: float | None, max_gap_pp: float | None, min_top1: float | None,
                    max_ulp: float | None, report_path: str | None, batch_size: int, tied_embeddings: str,
                    allow_pickle: bool) -> None:
@@ -469,14 +483,14 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
       d2merge verify ./base ./adapter --dtypes fp32,bf16 --mc-eval eval.jsonl
       d2merge verify ./base ./adapter ./merged --prompts prompts.txt --report verify.json
     """
-    options = VerifyOptions(num_probes=num_probes, probe_length=probe_length, seed=seed, mc_score=mc_score,
-                            batch_size=batch_size, tied_embeddings=tied_embeddings, allow_pickle=allow_pickle)
-    thresholds = {"max_abs_diff": max_abs_diff, "max_gap_pp": max_gap_pp, "min_top1": min_top1, "max_ulp": max_ulp}
+    options = VerifyOptions(probe_source=probe_source, num_probes=num_probes, probe_length=probe_length, seed=seed,
+                            mc_score=mc_score, batch_size=batch_size, tied_embeddings=tied_embeddings,
+                            allow_pickle=allow_pickle)
+    thresholds = {"floor_multiple": floor_multiple, "alpha": alpha, "max_abs_diff": max_abs_diff,
+                  "max_gap_pp": max_gap_pp, "min_top1": min_top1, "max_ulp": max_ulp}
     report = verify(base, adapter, merged, dtypes=dtypes, mc_eval=mc_eval, prompts=prompts, thresholds=thresholds,
-                    options=options, echo=lambda message: click.echo(message, err=True))
+                    options=options, echo=lambda message: click.echo(message, err=True), report=report_path)
     click.echo(report.table())
-    if report_path:
-        report.save(report_path)
     if not report.passed:
         raise VerificationFailed("; ".join(report.failures()))
 
@@ -511,16 +525,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("d2merge: interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # a bug in d2merge: still one line unless --debug
+    except Exception as exc:  # a bug in d2merge, not the user's input: its own exit code
         if _DEBUG["on"]:
             traceback.print_exc()
-        else:
-            click.echo(
-                f"d2merge: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
-                "(rerun with --debug for the traceback)",
-                err=True,
-            )
-        sys.exit(2)
+        click.echo(
+            f"d2merge: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+            "(this is a bug in d2merge, not in your input: please report it with the output of the same "
+            "command rerun with --debug)",
+            err=True,
+        )
+        sys.exit(INTERNAL_ERROR_EXIT)
     sys.exit(0)
 
 

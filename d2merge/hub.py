@@ -28,6 +28,7 @@ from typing import Any
 
 from d2merge import __version__
 from d2merge.errors import D2MergeError
+from d2merge.sizes import format_size
 
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
@@ -124,6 +125,14 @@ def check_folder_complete(folder: str | Path) -> None:
     if not weights:
         raise D2MergeError("no weights (*.safetensors, *.bin, *.gguf, *.onnx) in the folder", path=folder,
                            hint="the merge did not finish; re-run it")
+    # A link sends its target's bytes: only targets inside the folder, or where its weights live
+    # (a Hub cache snapshot links into blobs/), never ~/.cache/huggingface/token and the like.
+    trusted = {folder.resolve(), *((folder / w).resolve().parent for w in weights)}
+    for relpath in sorted(present):
+        target = (folder / relpath).resolve()
+        if not any(target == t or t in target.parents for t in trusted):
+            raise D2MergeError("a link to a file outside the folder; refusing to send it", path=folder / relpath,
+                               hint="replace the link by the file it should contain, or remove it")
     for index in sorted(p for p in present if p.endswith(INDEX_SUFFIXES)):
         weight_map = _read_json(folder / index).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -238,16 +247,6 @@ def format_push(result: PushResult) -> str:
     return "\n".join(lines)
 
 
-def format_size(size: int) -> str:
-    """Decimal units, as the Hub shows them."""
-    if size < 1000:
-        return f"{size} B"
-    value, units = size / 1000, ["kB", "MB", "GB", "TB"]
-    while value >= 1000 and len(units) > 1:
-        value, units = value / 1000, units[1:]
-    return f"{value:.1f} {units[0]}"
-
-
 # -- folder helpers -------------------------------------------------------------------------------
 
 
@@ -276,10 +275,9 @@ def _is_hidden(relpath: str) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise D2MergeError(f"unreadable JSON ({exc})", path=path, hint="the file is truncated or not JSON") from None
+    from d2merge.io.json_file import read_json
+
+    data = read_json(path, path.name)
     if not isinstance(data, dict):
         raise D2MergeError("expected a JSON object", path=path)
     return data

@@ -9,21 +9,25 @@ error, never silently dropped.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from d2merge.dtypes import ALIASES, BY_TORCH, FLOAT_DTYPES
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
 from d2merge.io.safetensors_file import DTYPE_NAMES, dtype_size
-from d2merge.methods import EMBEDDING, LINEAR, ModuleSettings
+from d2merge.methods import LINEAR, ModuleSettings, trainable_tokens
+from d2merge.methods.base import BIAS, TOKENS
+from d2merge.methods.lora import LORA_BIAS
+from d2merge.sizes import format_size, parse_size
 
-OUT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
+# "auto" keeps each base tensor's dtype; the others are d2merge.dtypes' table.
+OUT_DTYPES: dict[str, torch.dtype | None] = {"auto": None, **{n: d.torch_dtype for n, d in FLOAT_DTYPES.items()}}
+DTYPE_ALIASES = ALIASES
 TIED_POLICIES = ("untie", "tie", "error")
 CONV1D_MODEL_TYPES = {"gpt2"}
 CONV1D_LAYERS = {"c_attn", "c_proj", "c_fc"}
@@ -77,6 +81,11 @@ class MergePlan:
     def base_weight_file(self, item: TensorPlan) -> Path:
         return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).file_of(item.source)
 
+    def source_files(self) -> dict[str, Path]:
+        """The files this merge reads, by the label the model card shows (``adapter/...``, ``base/...``)."""
+        files = [self.adapter.weights_file, self.adapter.path / "adapter_config.json", *self.base.weight_files]
+        return {(f"adapter/{p.name}" if p.parent == self.adapter.path else f"base/{p.name}"): p for p in files}
+
     @property
     def total_bytes(self) -> int:
         return sum(t.out_bytes for t in self.tensors)
@@ -106,17 +115,17 @@ class MergePlan:
         """A readable table of the plan: one line per changed tensor, then the totals."""
         s = self.summary()
         cfg = self.adapter.config
-        ranks = f"r={cfg.r}" if cfg.r else "r_mag/r_dir=" + "/".join(str(cfg.raw.get(k)) for k in ("r_mag", "r_dir"))
+        method = self.adapter.method
+        ranks = f"{method.rank_name}={method.rank_text(method.parse_rank(cfg.raw, 'adapter_config.json'))}"
         lines = [f"base     {s['base']}", f"adapter  {s['adapter']}  ({s['method']}, {ranks}, alpha={s['lora_alpha']:g}"
                  + "".join(f", {k}={v}" for k, v in s["options"].items()) + ")",
-                 f"output   dtype {s['out_dtype']}, {len(self.shard_names)} shard(s), {_human(self.total_bytes)}", ""]
+                 f"output   dtype {s['out_dtype']}, {len(self.shard_names)} shard(s), {format_size(self.total_bytes)}", ""]
         width = max((len(t.name) for t in self.tensors if t.action != "copy"), default=10)
         lines.append(f"{'tensor':<{width}}  action   rank  scale      dtype  shard")
         for t in self.tensors:
             if t.action == "copy":
                 continue
-            rank = t.settings.r if t.settings and t.settings.r else (
-                f"{t.settings.options.get('r_mag')}/{t.settings.options.get('r_dir')}" if t.settings else "-")
+            rank = method.rank_text(method.configured_rank(t.settings)) if t.settings else "-"
             scale = f"{t.settings.scale:<9.4g}" if t.settings else "-        "
             lines.append(f"{t.name:<{width}}  {t.action:<7}  {str(rank):<4}  {scale}  {DTYPE_NAMES[t.out_dtype]:<5}  "
                          f"{self.shard_names[t.shard]}")
@@ -125,31 +134,6 @@ class MergePlan:
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count."""
-    if isinstance(text, int):
-        size = text
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
-        if not match:
-            raise D2MergeError(f"invalid size {text!r}", hint="write it like 5GB, 500MB or 2GiB")
-        number, unit = float(match.group(1)), match.group(2).upper().rstrip("B")
-        base = 1024 if unit.endswith("I") else 1000
-        power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
-        size = int(number * base**power)
-    if size <= 0:
-        raise D2MergeError(f"size must be positive, got {text!r}")
-    return size
 
 
 def parse_dtype(name: str) -> str:
@@ -191,16 +175,29 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
             return tied_pair[0]  # transformers loads a tied lm_head from the embedding, whatever is stored
         if weight_name in infos:
             return weight_name
+        renamed = _renamed_on_load(config.get("model_type"))
+        if renamed:
+            raise D2MergeError(f"{what} '{weight_name.rsplit('.', 1)[0]}' is named as transformers holds this "
+                               f"'{config.get('model_type')}' model in memory, but its checkpoint stores the tensors "
+                               f"under other names ({renamed}), which d2merge does not map",
+                               path=adapter.weights_file, tensor=tensor,
+                               hint="merge with PEFT's merge_and_unload, or target modules whose names the "
+                                    "checkpoint keeps (attention projections)")
         raise D2MergeError(f"{what} '{weight_name.rsplit('.', 1)[0]}' is not in the base model",
                            path=adapter.weights_file, tensor=tensor,
                            hint="was the adapter trained on another base model?")
 
     merges: dict[str, tuple[str, ModuleSettings]] = {}
+    token_rows: set[str] = set()  # tensors whose change is trainable token rows (PEFT keeps a tied head tied)
     for module, entry in adapter.modules.items():
         method = adapter.method
         first_key = next(iter(entry.keys.values()))
         weight_name = f"{module}.weight"
         source = base_name_for(weight_name, "adapted module", first_key)
+        if entry.layer_kind == TOKENS:
+            merges[weight_name] = (source, _token_settings(adapter, module, entry.keys, infos[source][1]))
+            token_rows.add(weight_name)
+            continue
         missing = [n for n in method.tensor_names(entry.layer_kind) if n not in entry.keys]
         if missing:
             raise D2MergeError(f"module '{module}' lacks the {method.name} tensor '{missing[0]}'",
@@ -218,11 +215,12 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
             raise D2MergeError(f"base tensor has shape {list(base_shape)}; only 2-D weights can be adapted",
                                path=base.tensors.file_of(source), tensor=source)
         rows, cols = base_shape
-        out_features, in_features = (cols, rows) if (fan_in_fan_out or entry.layer_kind == EMBEDDING) else (rows, cols)
-        expected = method.expected_shapes(settings, out_features, in_features)
+        out_features, in_features = (cols, rows) if settings.transposed else (rows, cols)
+        expected = {**method.optional_shapes(settings, out_features, in_features),
+                    **method.expected_shapes(settings, out_features, in_features)}
         stored_rank = method.rank_of({n: _Shape(adapter.tensors.info(k)[1]) for n, k in entry.keys.items()},
                                      entry.layer_kind)
-        config_rank = settings.r or {k: settings.options[k] for k in ("r_mag", "r_dir")}
+        config_rank = method.configured_rank(settings)
         if stored_rank != config_rank:
             raise D2MergeError(f"factor rank {stored_rank} does not match the config's rank {config_rank}",
                                path=adapter.weights_file, tensor=entry.keys[method.tensor_names(entry.layer_kind)[0]],
@@ -237,7 +235,22 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
                 raise D2MergeError(f"adapter tensor has non-float dtype {dtype}", path=adapter.weights_file, tensor=key,
                                    hint="adapter factors are floating point; save the adapter again")
         merges[weight_name] = (source, settings)
+        if adapter.config.raw.get("lora_bias") is True and entry.layer_kind == LINEAR and LORA_BIAS not in entry.keys:
+            raise D2MergeError(f"module '{module}' lacks lora_B.bias, which lora_bias: true gives every LoRA layer",
+                               path=adapter.weights_file, tensor=first_key,
+                               hint="the adapter file is incomplete, or lora_bias does not match these weights")
+        if LORA_BIAS in entry.keys:
+            bias_name = f"{module}.bias"
+            if bias_name not in infos:
+                raise D2MergeError(f"lora_bias: module '{module}' has no bias in the base, so lora_B.bias has nowhere "
+                                   "to merge (PEFT refuses to merge it too)", path=adapter.weights_file,
+                                   tensor=entry.keys[LORA_BIAS], hint="serve this adapter unmerged with PEFT")
+            merges[bias_name] = (bias_name, replace(settings, part=BIAS, fan_in_fan_out=False))
 
+    if adapter.config.raw.get("trainable_token_indices") not in (None, [], {}) and not token_rows:
+        raise D2MergeError("trainable_token_indices is set but the adapter holds no trained rows "
+                           f"(*.{trainable_tokens.STORED_SUFFIX})", path=adapter.weights_file,
+                           hint="the adapter file is incomplete, or the config does not match these weights")
     replacements: dict[str, str] = {}
     for target, key in adapter.replacements.items():
         source = base_name_for(target, "replaced module", key)
@@ -252,6 +265,15 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
     if tied_pair:
         emb, head = tied_pair
         changed = [n for n in (emb, head) if n in merges or n in replacements]
+        if changed == [emb] and emb in token_rows and emb not in replacements:
+            # PEFT ties the lm_head's token adapter to the embedding's: both change, and the tie is exact.
+            notes.append(f"trainable tokens on '{emb}', which is tied to '{head}': the tie is kept, as PEFT "
+                         "applies the trained rows to both (exact)")
+            changed = []
+        elif emb in token_rows:
+            raise D2MergeError(f"trainable tokens on the tied '{emb}' together with a change to '{head}' or a full "
+                               "embedding tensor", path=adapter.weights_file,
+                               hint="d2merge cannot tell how PEFT combined them; merge with PEFT's merge_and_unload")
         if changed:
             if tied_embeddings == "error":
                 raise D2MergeError(f"the adapter changes '{changed[0]}', which is tied to "
@@ -301,10 +323,56 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
         else:
             plans.append(TensorPlan(name, source, "copy", tuple(shape), in_dtype, out_dtype))
     plans, shard_names = _assign_shards(plans, shard_limit)
+    from d2merge.io.output import support_files
+
+    _, skipped = support_files(base.folder, base.weight_files)
+    if skipped:
+        notes.append(f"not copied from the base folder: {', '.join(skipped)}")
     dtype_label = out_dtype_name if target_dtype is not None else _auto_label(plans)
     if target_dtype is not None:
-        config_updates["dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[target_dtype]
+        config_updates["dtype"] = BY_TORCH[target_dtype].config_name
     return MergePlan(base, adapter, tuple(plans), tuple(shard_names), dtype_label, config_updates, tuple(notes))
+
+
+def _renamed_on_load(model_type: Any) -> str | None:
+    """What transformers renames or fuses when it loads a checkpoint of ``model_type`` (None: nothing)."""
+    if not isinstance(model_type, str):
+        return None
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return None
+    mapping = get_checkpoint_conversion_mapping(model_type) or []
+    shown = []
+    for transform in mapping:
+        sources = getattr(transform, "source_patterns", None)
+        targets = getattr(transform, "target_patterns", None)
+        if sources and targets:
+            first = lambda v: (v[0] if isinstance(v, (list, tuple)) else v).strip(".")  # noqa: E731
+            shown.append(f"{first(sources)} -> {first(targets)}")
+    return "; ".join(shown[:3]) or None
+
+
+def _token_settings(adapter: Adapter, module: str, keys: dict[str, str], base_shape: tuple[int, ...]
+                    ) -> ModuleSettings:
+    """Settings of a trainable-tokens entry, its indices and delta checked against the base embedding."""
+    settings = adapter.method.module_settings(adapter.config, module, TOKENS, False)
+    key = keys[trainable_tokens.DELTA]
+    indices = settings.options.get("token_indices")
+    if indices is None:
+        raise D2MergeError(f"trainable_token_indices names no indices for '{module}'", path=adapter.weights_file,
+                           tensor=key, hint="the adapter config and weights do not match")
+    rows, dim = base_shape
+    if len(set(indices)) != len(indices) or any(not 0 <= i < rows for i in indices):
+        raise D2MergeError(f"trainable_token_indices for '{module}' repeat an index or fall outside its {rows} rows",
+                           path=adapter.path / "adapter_config.json", tensor=key,
+                           hint="was the adapter trained on another base model (or a resized vocabulary)?")
+    dtype, shape = adapter.tensors.info(key)
+    if tuple(shape) != (len(indices), dim) or not dtype.is_floating_point:
+        raise D2MergeError(f"trained token rows have shape {list(shape)} ({dtype}), expected "
+                           f"[{len(indices)}, {dim}] floats", path=adapter.weights_file, tensor=key,
+                           hint="was the adapter trained on another base model?")
+    return settings
 
 
 class _Shape:

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 from d2merge.errors import D2MergeError
 from d2merge.export.formats import ExportOutcome, merge_as
-from d2merge.merge import MergeOptions, add_verify_table_to_card
+from d2merge.export.hf_folder import add_verify_table_to_card
+from d2merge.merge import MergeOptions
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def merge_verify_push(base: Any, adapter: Any, out: str | Path, *, options: Merg
 
         say("verifying merged vs unmerged ...")
         report = run_verify(base, adapter, outcome.output, echo=say)
-        add_verify_table_to_card(outcome.merge, report.table())
+        add_verify_table_to_card(outcome.output, outcome.merge.plan, outcome.merge.source_hashes, report.table())
         if not report.passed:
             return PublishResult(outcome, report)
     pushed = None

@@ -17,6 +17,7 @@ from torch import nn
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter, write_adapter
 from d2merge.methods import EMBEDDING, LINEAR, AdapterConfig, parse_adapter_config
+from d2merge.methods.base import TOKENS
 from d2merge.methods.runtime import AdapterLayer
 
 
@@ -40,17 +41,15 @@ def quiet_transformers() -> Iterator[None]:
 
 def load_base_model(base: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     """A transformers causal LM from a local folder (or cached Hub id), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
     from d2merge.io.checkpoint import resolve_location
+    from d2merge.io.transformers_folder import load_model
 
     location = resolve_location(base)
     if not (location / "config.json").exists():
         raise D2MergeError("a transformers model folder (with config.json) is needed here", path=location)
     try:
-        # use_safetensors: a pytorch_model.bin is pickle, which d2merge never loads without --allow-pickle
-        with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True)
+        # safetensors only: a pytorch_model.bin is pickle, which d2merge never loads without --allow-pickle
+        model = load_model(location, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise D2MergeError(f"transformers cannot load the model: {' '.join(str(exc).split())[:300]}",
                            path=location, hint="d2merge reads safetensors weights; convert pickle "
@@ -103,11 +102,30 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
             raise D2MergeError(f"module '{module_name}' is not in the model", path=adapter.weights_file,
                                hint="was the adapter trained on another base model?") from None
         kind = adapter.modules[module_name].layer_kind
+        if kind == LINEAR and not (isinstance(layer, nn.Linear) or _is_conv1d(layer)):
+            raise D2MergeError(f"module '{module_name}' is a {type(layer).__name__}, not a linear layer, so its "
+                               "unmerged forward is not base(x) + B(A(x))", path=adapter.weights_file,
+                               hint="merge with PEFT's merge_and_unload")
         settings = method.module_settings(config, module_name, kind,
                                           config.fan_in_fan_out if kind == LINEAR else False)
+        if kind == TOKENS:
+            _attach_trainable_tokens(model, module_name, layer, adapter.factors(module_name), settings)
+            continue
         runtime = method.runtime_module(layer, adapter.factors(module_name), settings, dropout=dropout)
         _set_submodule(model, module_name, runtime)
     return model
+
+
+def _attach_trainable_tokens(model: nn.Module, module_name: str, layer: nn.Module,
+                             factors: Mapping[str, torch.Tensor], settings: Any) -> None:
+    """The embedding with its trained rows; a tied ``lm_head`` shares them, as in PEFT."""
+    from d2merge.methods.trainable_tokens import DELTA, TrainableTokensLayer
+
+    tokens = TrainableTokensLayer(layer, factors[DELTA], settings.options["token_indices"])
+    _set_submodule(model, module_name, tokens)
+    for name, module in list(model.named_modules()):
+        if module is not layer and isinstance(module, nn.Linear) and module.weight is layer.weight:
+            _set_submodule(model, name, TrainableTokensLayer(module, tokens.delta, settings.options["token_indices"]))
 
 
 def _untie_in_config(model: nn.Module) -> None:

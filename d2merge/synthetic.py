@@ -122,14 +122,11 @@ def adapter_config(method: str, *, r: int = 4, lora_alpha: float = 8.0, target_m
     """An adapter_config.json for one of the methods, with the given fields added."""
     config: dict = {"base_model_name_or_path": base_model_name_or_path, "lora_alpha": lora_alpha,
                     "target_modules": list(target_modules), "format_version": "1"}
-    if method == "d2lora":
-        config.update(peft_type="D2LORA", r=r, tau=0.5, norm_axis="out", residual=True, eps=0.0)
-    elif method == "dual_lora":
-        config.update(peft_type="DUAL_LORA", r_mag=r, r_dir=r)
-    elif method in ("lora", "dora"):
-        config.update(peft_type="LORA", r=r, use_dora=method == "dora")
-    else:
+    from d2merge.methods import METHODS
+
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
+    config.update(METHODS[method].example_config(r))
     config.update(fields)
     return config
 

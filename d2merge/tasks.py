@@ -118,7 +118,7 @@ def write_jsonl(path: str | Path, examples: Sequence[MCExample]) -> Path:
 
 def read_jsonl(path: str | Path) -> list[MCExample]:
     """Read and validate a multiple-choice JSONL file; a bad line is a one-line error naming it."""
-    from d2merge.io.checkpoint import read_text
+    from d2merge.io.json_file import parse_json, read_text
 
     path = Path(path)
     lines = read_text(path, "eval file").splitlines()
@@ -127,10 +127,7 @@ def read_jsonl(path: str | Path) -> list[MCExample]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise D2MergeError(f"not valid JSON ({exc.msg})", path=where) from None
+        item = parse_json(line, "line", where)
         if not isinstance(item, dict):
             raise D2MergeError("each line must be a JSON object", path=where)
         prompt, choices, answer = item.get("prompt"), item.get("choices"), item.get("answer")
@@ -163,16 +160,16 @@ def load_tokenizer(folder: str | Path) -> Any | None:
     folder = Path(folder)
     if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
         return None
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from d2merge.io import transformers_folder
+    from d2merge.io.json_file import read_json
 
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    config_path = folder / "tokenizer_config.json"
+    config = read_json(config_path, "tokenizer_config.json") if config_path.is_file() else {}
+    if not isinstance(config, dict):
         config = {}
     try:
-        if (folder / "tokenizer.json").exists() and config.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES:
-            return PreTrainedTokenizerFast.from_pretrained(folder)
-        return AutoTokenizer.from_pretrained(folder)
+        generic = (folder / "tokenizer.json").exists() and config.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
+        return transformers_folder.load_tokenizer(folder, fast_generic=generic)
     except (OSError, ValueError) as exc:
         raise D2MergeError(f"cannot load the tokenizer: {' '.join(str(exc).split())[:200]}", path=folder) from None
 

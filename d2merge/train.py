@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from d2merge.errors import D2MergeError
-from d2merge.methods.dual_lora import DualLoRALayer
+from d2merge.methods.dual_lora import B_MAG_INIT, DualLoRALayer
+from d2merge.methods.runtime import AdapterLayer
 from d2merge.tasks import (CATEGORIES, FILLER, QUESTION, MCExample, accuracy, choice_scores, encode_choices,
                            eval_examples, load_tokenizer, predictions, read_jsonl, token_logprobs,
                            train_stream, write_jsonl)
@@ -41,9 +42,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # From a sweep on the task base (400 steps, batch 32): at 1e-2 D2-LoRA's loss climbs back after
 # 150 steps; at 1e-3 every method reaches 96-97% held-out accuracy.
 DEFAULT_LR = 1e-3
-# Dual LoRA warm-up: B_mag starts uniform in [0, DUAL_LORA_B_MAG_INIT) and dW is scaled by a
-# factor ramping 0 -> 1 over the first warm-up steps (folded into B_mag before saving).
-DUAL_LORA_B_MAG_INIT = 1e-3
+DUAL_LORA_B_MAG_INIT = B_MAG_INIT  # Dual LoRA's warm-up start (d2merge.methods.dual_lora)
 
 
 @dataclass(frozen=True)
@@ -123,28 +122,30 @@ def task_adapter_config(method: str, *, r: int = 8, lora_alpha: float = 16.0,
     return config
 
 
+def start_training(model: nn.Module, *, generator: torch.Generator | None = None) -> int:
+    """Each adapter layer's own training start (its method's hook); returns how many need a warm-up ramp."""
+    return sum(layer.start_training(generator) for layer in model.modules() if isinstance(layer, AdapterLayer))
+
+
 def start_dual_lora_warmup(model: nn.Module, *, generator: torch.Generator | None = None,
                            init: float = DUAL_LORA_B_MAG_INIT) -> int:
     """Give every Dual LoRA layer a small positive B_mag and warmup 0 (dW stays zero); returns the count."""
     layers = [m for m in model.modules() if isinstance(m, DualLoRALayer)]
-    with torch.no_grad():
-        for layer in layers:
-            b_mag = layer.factors["lora_B_mag"]
-            b_mag.copy_(torch.rand(b_mag.shape, generator=generator).to(b_mag) * init)
-            layer.warmup = 0.0
+    for layer in layers:
+        layer.start_training(generator, init)
     return len(layers)
 
 
 def set_warmup(model: nn.Module, value: float) -> None:
     for module in model.modules():
-        if isinstance(module, DualLoRALayer):
-            module.warmup = value
+        if isinstance(module, AdapterLayer):
+            module.set_warmup(value)
 
 
 def fold_warmup(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module, DualLoRALayer):
-            module.fold_warmup()
+        if isinstance(module, AdapterLayer):
+            module.finish_training()
 
 
 def answer_loss(model: nn.Module, tokenizer: Any, examples: Sequence[MCExample]) -> torch.Tensor:
@@ -339,8 +340,7 @@ def train_adapter(base_folder: str | Path, out_adapter_folder: str | Path, metho
                                  base_model_name_or_path=str(base_folder), **config_fields)
     attach(model, config, seed=seed)
     before_step = None
-    if method == "dual_lora":
-        start_dual_lora_warmup(model, generator=torch.Generator().manual_seed(seed + 1))
+    if start_training(model, generator=torch.Generator().manual_seed(seed + 1)):
         ramp = max(1, steps // 10) if warmup_steps is None else max(1, warmup_steps)
         before_step = lambda step: set_warmup(model, min(1.0, step / ramp))  # noqa: E731
     accuracy_before = evaluate(model, tokenizer, held_out) if held_out else None

@@ -870,6 +870,174 @@ def _(ws: Workspace) -> list[str]:
     return ws.merge_args("--max-shard-size", "5 parsecs")
 
 
+# ---- hostile folders (issue 10) -----------------------------------------------------------------
+
+
+def add_custom_code(folder: Path, marker: Path, where: str = "config.json") -> None:
+    """An auto_map pointing at Python in the folder that, if transformers imported it, creates ``marker``.
+
+    The model_type is one transformers does not know, so only the folder's own code could load it:
+    that is the case where transformers asks "Do you wish to run the custom code? [y/N]".
+    """
+    (folder / "configuration_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('code from the model folder ran')\n"
+        "from transformers import PretrainedConfig\n\n\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil-net'\n")
+    (folder / "tokenization_evil.py").write_text((folder / "configuration_evil.py").read_text())
+    path = folder / where
+    data = json.loads(path.read_text())
+    if where == "config.json":
+        data.update(model_type="evil-net", auto_map={"AutoConfig": "configuration_evil.EvilConfig",
+                                                     "AutoModelForCausalLM": "configuration_evil.EvilConfig"})
+    else:
+        data.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})
+    path.write_text(json.dumps(data))
+
+
+CODE_REFUSED = r"has an auto_map: the folder ships its own code"
+
+
+@case("custom-code-base-verify", CODE_REFUSED, "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker)
+    return ["verify", str(ws.base), str(ws.adapter), "--num-probes", "1", "--probe-length", "4"]
+
+
+@case("custom-code-base-bench", CODE_REFUSED, "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker)
+    return ["bench", str(ws.base), str(ws.adapter), "--variants", "base", "--batch-sizes", "1", "--seq-lens", "4",
+            "--decode-tokens", "0", "--warmup", "0", "--repeats", "1"]
+
+
+@case("custom-code-merged-export-onnx", CODE_REFUSED, "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker)
+    return ["export-onnx", str(ws.base), "-o", str(ws.root / "model.onnx")]
+
+
+@case("custom-code-tokenizer-verify-prompts", CODE_REFUSED, "base/tokenizer_config.json")
+def _(ws: Workspace) -> list[str]:
+    add_custom_code(ws.base, ws.marker, "tokenizer_config.json")
+    (ws.root / "prompts.txt").write_text("hello\n")
+    return ["verify", str(ws.base), str(ws.adapter), "--prompts", str(ws.root / "prompts.txt"),
+            "--num-probes", "1", "--probe-length", "4"]
+
+
+# ---- quantized bases (issue 10, finding 5) ------------------------------------------------------
+
+QUANTIZED = r"the base is quantized \(.*\).*merge into the original 16-bit"
+Q0_WEIGHT = f"{Q0}.weight"
+
+
+def _rewrite_base(ws: Workspace, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors = base_tensors()
+    edit(tensors)
+    _base_st(ws).unlink()
+    save_tensors(_base_st(ws), tensors, {"format": "pt"})
+
+
+def _int8_with_scb(tensors: dict[str, torch.Tensor]) -> None:
+    """bitsandbytes LLM.int8: int8 codes per row and a float scale per row (SCB)."""
+    for name in [n for n in tensors if n.endswith("_proj.weight")]:
+        w = tensors[name]
+        scale = w.abs().amax(dim=1)
+        tensors[name] = torch.round(w / scale[:, None] * 127).to(torch.int8)
+        tensors[name.replace(".weight", ".SCB")] = scale
+
+
+@case("base-bnb-int8-with-quantization-config", r"the base is quantized \(config.json has a quantization_config\)",
+      "base/config.json")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, _int8_with_scb)
+    config = base_config()
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (ws.base / "config.json").write_text(json.dumps(config))
+
+
+@case("base-bnb-int8-without-config", r"the base is quantized \(int8 weights\)", "base/model.safetensors", Q0_WEIGHT)
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, _int8_with_scb)
+
+
+@case("base-int8-weights-only", r"the base is quantized \(int8 weights\)", "base/model.safetensors", Q0_WEIGHT)
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({Q0_WEIGHT: torch.zeros(HIDDEN, HIDDEN, dtype=torch.int8)}))
+
+
+def _fp8(tensors: dict[str, torch.Tensor]) -> None:
+    tensors[Q0_WEIGHT] = tensors[Q0_WEIGHT].to(torch.float8_e4m3fn)
+
+
+@case("base-fp8-weights-dtype-bf16", r"the base is quantized \(float8_e4m3fn weights\)", "base/model.safetensors",
+      Q0_WEIGHT)
+def _(ws: Workspace) -> list[str]:
+    _rewrite_base(ws, _fp8)
+    return ws.merge_args("--dtype", "bf16")
+
+
+@case("base-fp8-weights-default-dtype", r"the base is quantized \(float8_e4m3fn weights\)", "base/model.safetensors",
+      Q0_WEIGHT)
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, _fp8)
+
+
+@case("base-fp8-with-block-scales", QUANTIZED, "base/model.safetensors", f"{Q0}.weight_scale_inv")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({f"{Q0}.weight_scale_inv": torch.ones(1, 1)}))
+
+
+@case("base-gptq-qweight", QUANTIZED, "base/model.safetensors", f"{Q0}.qweight")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({f"{Q0}.qweight": torch.zeros(2, HIDDEN, dtype=torch.int32)}))
+
+
+@case("base-bnb-4bit-absmax", QUANTIZED, "base/model.safetensors", f"{Q0}.weight.absmax")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: t.update({f"{Q0}.weight.absmax": torch.ones(4)}))
+
+
+@case("base-quantized-verify", r"the base is quantized \(config.json has a quantization_config\)",
+      "base/config.json")
+def _(ws: Workspace) -> list[str]:
+    config = base_config()
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (ws.base / "config.json").write_text(json.dumps(config))
+    return ["verify", str(ws.base), str(ws.adapter), "--num-probes", "1", "--probe-length", "4"]
+
+
+# ---- --overwrite replaces only what d2merge wrote (issue 10, finding 6) ---------------------------
+
+NOT_OURS = r"--overwrite replaces only a folder that d2merge wrote"
+
+
+@case("overwrite-a-project-folder", r"the output folder was not written by d2merge \(it holds NOTES.md\).*" + NOT_OURS,
+      "project")
+def _(ws: Workspace) -> list[str]:
+    project = ws.root / "project"  # cd my-project && d2merge merge ... -o . --overwrite
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('my work')\n")
+    (project / "NOTES.md").write_text("notes\n")
+    return ws.merge_args("--overwrite", out=project)
+
+
+@case("overwrite-a-merge-with-a-file-added", r"holds a file d2merge did not write: my-eval.jsonl.*" + NOT_OURS, "out")
+def _(ws: Workspace) -> list[str]:
+    from d2merge.merge import merge
+
+    merge(ws.base, ws.adapter, ws.out)
+    (ws.out / "my-eval.jsonl").write_text("{}\n")
+    return ws.merge_args("--overwrite")
+
+
+@case("overwrite-with-a-forged-marker", r"the output folder was not written by d2merge", "out")
+def _(ws: Workspace) -> list[str]:
+    ws.out.mkdir()
+    (ws.out / "thesis.tex").write_text("years of work")
+    (ws.out / ".d2merge-output.json").write_text('{"files": "everything"}')
+    return ws.merge_args("--overwrite")
+
+
 # -- paths that must work -------------------------------------------------------------------------
 
 

@@ -217,10 +217,16 @@ def test_pickle_adapter_is_accepted_with_allow_pickle(env: Env, cli_runner: Any)
 
 
 def test_existing_output_is_replaced_with_overwrite(env: Env, cli_runner: Any) -> None:
+    """--overwrite replaces an earlier d2merge output; a folder holding anything else is refused (issue 10)."""
     case = existing_output(env)
     result = cli_runner([*case.argv, "--overwrite", "-q"])
+    assert result.code == 2 and "keep.txt" in result.err and (case.out / "keep.txt").is_file(), result.err
+    (case.out / "keep.txt").unlink()  # an empty folder holds nothing to lose
+    assert cli_runner([*case.argv, "--overwrite", "-q"]).code == 0
+    (case.out / "config.json").write_text("{}")  # a file d2merge wrote, changed since: still d2merge's
+    result = cli_runner([*case.argv, "--overwrite", "-q"])
     assert result.code == 0, result.err
-    assert not (case.out / "keep.txt").exists() and (case.out / "config.json").is_file()
+    assert (case.out / "config.json").read_text() != "{}"
 
 
 @pytest.mark.parametrize("name", ["unknown-peft-type", "nan-in-adapter"])
@@ -232,3 +238,23 @@ def test_subprocess_error_has_no_traceback(name: str, env: Env) -> None:
     proc = subprocess.run([sys.executable, "-m", "d2merge.cli", *case.argv], capture_output=True, text=True,
                           cwd=env.tmp_path, env=environment, timeout=120)
     assert_clean_failure(case, proc.returncode, proc.stdout, proc.stderr, needles, None)
+
+
+def test_a_bug_in_d2merge_has_its_own_exit_code(env: Env, cli_runner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 2 means bad input; an internal error exits 3 with one line asking for a --debug report (issue 10)."""
+    import d2merge.cli
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(d2merge.cli, "plan_merge", broken)
+    case = existing_output(env)
+    for debug in ([], ["--debug"]):
+        result = cli_runner([*debug, *case.argv, "--dry-run"])
+        assert result.code == 3, result.err
+        last = result.err.splitlines()[-1]
+        assert last.startswith("d2merge: internal error: ZeroDivisionError: division by zero")
+        assert "please report it" in last and "--debug" in last
+        assert ("Traceback" in result.err) == bool(debug)
+        if not debug:
+            assert len(result.err.splitlines()) == 1

@@ -417,7 +417,7 @@ def _drop_all_weights(folder: Path) -> str:
     (lambda f: (f / "sub").mkdir() or (f / "sub" / "x.incomplete").write_bytes(b"x"), ("sub/x.incomplete",)),
     (_truncate_a_shard, ("truncated",)),
     (_drop_all_weights, ("no weights",)),
-    (lambda f: (f / "config.json").write_text("{not json"), ("config.json", "unreadable JSON")),
+    (lambda f: (f / "config.json").write_text("{not json"), ("config.json", "is not valid JSON")),
 ], ids=["missing-shard", "no-config", "d2merge-tmp", "d2merge-staging-dir", "partial", "tmp",
         "incomplete-in-subfolder", "truncated-shard", "no-weights", "bad-config"])
 def test_incomplete_folder_is_refused_before_contacting(model_dir: Path, hub_in_process: FakeHub, tmp_path: Path,
@@ -486,7 +486,7 @@ def test_merge_push_to_with_require_verify_pushes_a_verified_card(base_and_adapt
     assert pushed["README.md"] == (out / "README.md").read_bytes()
     card = pushed["README.md"].decode()
     assert "## Verification (merged vs unmerged)" in card and "PASS" in card
-    assert set(pushed) == {p.name for p in out.iterdir()}
+    assert set(pushed) == {p.name for p in out.iterdir() if not p.name.startswith(".")}
     assert TOKEN not in stdout + err
 
 

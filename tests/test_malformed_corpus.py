@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 import d2merge.cli
 from d2merge.errors import D2MergeError
@@ -296,12 +297,36 @@ def test_symlinked_and_relative_paths_work(paths, templates: Path, reference_out
     assert out.is_dir() and not out.is_symlink()
     produced = {p.name: p.read_bytes() for p in out.iterdir()}
     if paths.id == "base-as-a-single-file":  # a bare .safetensors base has no config or tokenizer to copy
-        assert sorted(produced) == ["README.md", "model.safetensors"]
+        assert sorted(produced) == [".d2merge-output.json", "README.md", "model.safetensors"]
     else:
         assert sorted(produced) == sorted(reference_output)
     # Weights and config are byte-identical to the plain-path merge (the card may name sources differently).
     for name in produced:
-        if name != "README.md":
+        if name not in ("README.md", ".d2merge-output.json"):
             assert produced[name] == reference_output[name], name
-    assert [p for p in ws.root.rglob("*") if ".d2merge-" in p.name] == []
+    assert [p for p in ws.root.rglob("*") if ".d2merge-" in p.name and p.name != ".d2merge-output.json"] == []
     assert not (ws.root / MARKER).exists()
+
+
+# -- unusual but valid inputs (issue 10) ----------------------------------------------------------
+
+
+def test_float8_adapter_factors_merge_as_their_exact_fp32_values(templates: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Once NotImplementedError "sum_cpu" from the NaN screen: fp8 factors are upcast exactly, then merged."""
+    from malformed import adapter_tensors, write_adapter
+
+    from d2merge.io.safetensors_file import SafetensorsFile
+
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in adapter_tensors().items()}
+    write_adapter(tmp_path / "fp8", tensors=fp8)
+    write_adapter(tmp_path / "fp32", tensors={k: v.float() for k, v in fp8.items()})
+    for name in ("fp8", "fp32"):
+        code, out, err = run_inprocess(["merge", str(templates / "base"), str(tmp_path / name),
+                                        "-o", str(tmp_path / f"out-{name}"), "-q"], capsys)
+        assert (code, err) == (0, ""), err
+    got, want = SafetensorsFile(tmp_path / "out-fp8" / "model.safetensors"), SafetensorsFile(
+        tmp_path / "out-fp32" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for key in got.keys():
+        assert torch.equal(got.read(key), want.read(key)), key

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import socket
 import struct
 import subprocess
@@ -435,3 +436,117 @@ def test_unreachable_endpoint_in_a_real_process_never_shows_the_token(merged_fol
         if not debug:
             assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert_no_token([out, err], merged_folder, home, tmp_path)
+
+
+# -- never run code from a model folder (issue 10, finding 1) -------------------------------------
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_a_user_saying_yes_still_runs_no_folder_code(where: str, templates: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers asks "Do you wish to run the custom code? [y/N]"; here stdin answers y to every prompt.
+
+    d2merge must refuse the folder before anything can ask: the prompt is never shown, the folder's
+    code never imported (its marker file stays absent), and the one line names the auto_map.
+    """
+    from malformed import add_custom_code
+
+    prompts: list[str] = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": prompts.append(prompt) or "y")
+    ws = Workspace(tmp_path, templates)
+    ws.copy("base")
+    ws.copy("adapter")
+    add_custom_code(ws.base, ws.marker, where)
+    (tmp_path / "prompts.txt").write_text("hello\n")
+    loaders = [["verify", ws.base, ws.adapter, "--prompts", tmp_path / "prompts.txt", "--probe-length", "4"],
+               ["export-onnx", ws.base, "-o", tmp_path / "model.onnx"]]
+    if where == "config.json":
+        loaders.append(["bench", ws.base, ws.adapter, "--variants", "base", "--batch-sizes", "1", "--seq-lens", "4",
+                        "--decode-tokens", "0", "--warmup", "0", "--repeats", "1"])
+    for argv in loaders:
+        code, out, err = run_cli(argv, capsys, monkeypatch)
+        assert code == 2, err
+        assert err.count("\n") == 1 and "auto_map" in err and where in err, err
+    assert prompts == []
+    assert not ws.marker.exists(), "code from the model folder ran"
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_library_loaders_refuse_folder_code(where: str, templates: Path, tmp_path: Path) -> None:
+    from malformed import add_custom_code
+
+    from d2merge.io.transformers_folder import load_config, load_model, load_tokenizer
+
+    ws = Workspace(tmp_path, templates)
+    ws.copy("base")
+    add_custom_code(ws.base, ws.marker, where)
+    for load in (load_model, load_tokenizer, load_config):
+        with pytest.raises(D2MergeError, match="auto_map"):
+            load(ws.base)
+    assert not ws.marker.exists()
+
+
+def test_transformers_is_called_from_one_loader_only() -> None:
+    """Every from_pretrained goes through d2merge.io.transformers_folder (trust_remote_code=False there)."""
+    import re
+
+    calls = []
+    for path in sorted((REPO_ROOT / "d2merge").rglob("*.py")):
+        if path.name == "transformers_folder.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if re.search(r"\.from_pretrained\(", code) and not re.search(r"""['"][^'"]*from_pretrained""", code):
+                calls.append(f"{path.relative_to(REPO_ROOT)}:{number}")
+    assert calls == []
+    source = (REPO_ROOT / "d2merge" / "io" / "transformers_folder.py").read_text()
+    loads = [line for line in source.splitlines() if ".from_pretrained(" in line]
+    assert len(loads) == 4 and all("trust_remote_code=False" in line for line in loads)
+
+
+# -- only files from inside the base folder travel (issue 10, finding 3) --------------------------
+
+
+def test_support_file_links_out_of_the_base_are_not_copied_or_pushed(templates: Path, tmp_path: Path, hub_env: Path,
+                                                                       capsys: pytest.CaptureFixture[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "elsewhere" / "token"
+    secret.parent.mkdir()
+    secret.write_text(TOKEN)
+    ws = Workspace(tmp_path / "case", templates)
+    ws.root.mkdir()
+    ws.copy("base")
+    ws.copy("adapter")
+    (ws.base / "LICENSE").symlink_to(secret)  # ln -s ~/.cache/huggingface/token base/LICENSE
+    (ws.base / "additional_chat_templates").symlink_to(secret.parent, target_is_directory=True)
+    (secret.parent / "tool.jinja").write_text(TOKEN)
+    (ws.base / "NOTICE").write_text("a real notice")  # a regular file inside the base: copied
+    (ws.base / "tokenizer.json").mkdir()  # not a regular file
+    code, out, err = run_cli(ws.merge_args(), capsys, monkeypatch)
+    assert code == 0, err
+    assert "note: not copied from the base folder: " in out
+    assert "LICENSE (a link to a file outside the base folder)" in out
+    assert "additional_chat_templates/tool.jinja (a link" in out and "tokenizer.json (not a regular file)" in out
+    assert sorted(p.name for p in ws.out.iterdir()) == ["NOTICE", "README.md", "config.json", "model.safetensors",
+                                                        "tokenizer_config.json"]
+    code, out, err = run_cli(["push", ws.out, "me/merged", "--dry-run"], capsys, monkeypatch)
+    assert code == 0, err
+    import re
+
+    assert re.search(r"^\W*LICENSE\b", out, re.M) is None, out  # not in the file list (the card's note names it)
+    assert_no_token([out, err], ws.out)
+
+
+def test_push_refuses_a_link_out_of_the_folder(merged_folder: Path, tmp_path: Path, hub_env: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = Path(shutil.copytree(merged_folder, tmp_path / "merged"))
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN)
+    (folder / "LICENSE").symlink_to(secret)
+    code, out, err = run_cli(["push", folder, "me/merged", "--dry-run"], capsys, monkeypatch)
+    assert code == 2
+    assert "LICENSE: a link to a file outside the folder; refusing to send it" in err
+    assert_no_token([out, err])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,8 +21,9 @@ from d2merge.io.checkpoint import open_base
 from d2merge.io.safetensors_file import save_tensors
 from d2merge.merge import merge
 from d2merge.tasks import MCExample, eval_examples, write_jsonl
-from d2merge.verify import (SCHEMA_VERSION, LayerCheck, LogitStats, Thresholds, judge, mc_result, thresholds_for,
-                            ulp, verify)
+from d2merge.verify import (SCHEMA_VERSION, LayerCheck, LogitStats, RoundingFloor, binomial_tail, flips_vs_rounding,
+                            judge, mc_result, mcnemar_exact, paired_gap_interval, resolve_limits, thresholds_for, ulp,
+                            verify)
 
 TARGET = "model.layers.1.self_attn.q_proj.weight"
 
@@ -121,7 +123,7 @@ def test_merge_with_wrong_settings_fails(work: dict[str, Path], tmp_path: Path,
     result = json.loads((tmp_path / "r.json").read_text())["results"][0]
     assert result["max_ulp_error"] > 1e4  # every adapted tensor is off, not a rounding
     assert result["logits"]["max_abs_diff"] > 1e-3  # and the model shows it
-    assert "--max-ulp" in err and "--max-abs-diff" in err
+    assert "weight check" in err and "--max-ulp" in err and "logit check" in err and "--floor-multiple" in err
 
 
 def test_dtypes_side_by_side(work: dict[str, Path]) -> None:
@@ -178,39 +180,68 @@ def test_only_one_model_is_alive_at_a_time(work: dict[str, Path], monkeypatch: p
 
     monkeypatch.setattr(verify_module, "load_fp32_model", tracking)
     verify(work["base"], work["adapter"], dtypes="fp32,bf16")
-    assert len(loaded) == 3
+    assert len(loaded) == 5  # unmerged, then per dtype: the rounding floor and the merged model
 
 
 # ----- the pieces, with numbers chosen to sit on each side of each threshold ----------------
 
 
-def stats(max_abs: float = 0.0, top1: float = 1.0) -> LogitStats:
+def stats(max_abs: float = 0.0, flips: int = 0) -> LogitStats:
     return LogitStats(positions=100, max_abs_diff=max_abs, mean_abs_diff=max_abs / 10, kl_mean=0.0, kl_max=0.0,
-                      top1_agreement=top1, argmax_flips=round(100 * (1 - top1)))
+                      top1_agreement=(100 - flips) / 100, argmax_flips=flips)
 
 
 def layer(ulps: float) -> LayerCheck:
     return LayerCheck("w", "m", 0.0, ulps, ulps, {})
 
 
-@pytest.mark.parametrize("kwargs, flag", [
-    ({"logits": stats(max_abs=2e-3)}, "--max-abs-diff"),
-    ({"logits": stats(top1=0.95)}, "--min-top1"),
-    ({"layers": [layer(300.0)]}, "--max-ulp"),
-    ({"mc": "gap"}, "--max-gap-pp"),
-    ({"copied_mismatched": ["x"]}, "differ from the base"),
-    ({"missing": ["x"]}, "missing"),
+FLOOR = RoundingFloor(stats(max_abs=1e-4, flips=1), arithmetic=1e-5, max_abs_diff=1e-4, mc_flips=1)
+
+
+def answers(unmerged_right: list[bool], merged_right: list[bool], rounded_right: list[bool] | None = None) -> Any:
+    """An MCResult from which examples each model gets right (two choices, answer 0)."""
+    examples = [MCExample(f"p{i}", ("a", "b"), 0) for i in range(len(unmerged_right))]
+
+    def scores(right: list[bool]) -> list[list[float]]:
+        return [[1.0, 0.0] if r else [0.0, 1.0] for r in right]
+
+    return mc_result(examples, scores(unmerged_right), scores(merged_right),
+                     None if rounded_right is None else scores(rounded_right))
+
+
+@pytest.mark.parametrize("kwargs, overrides, flag", [
+    ({"logits": stats(max_abs=2e-3)}, {}, "--floor-multiple"),  # 20 x the floor
+    ({"logits": stats(max_abs=2e-3)}, {"max_abs_diff": 1e-3}, "--max-abs-diff"),
+    ({"logits": stats(flips=10)}, {}, "top-1 check"),  # 10 flips against 1 from rounding: p = 12/2048
+    ({"logits": stats(flips=3)}, {"min_top1": 0.98}, "--min-top1"),
+    ({"layers": [layer(300.0)]}, {}, "--max-ulp"),
+    ({"mc": answers([True] * 40, [False] * 8 + [True] * 32, [True] * 32 + [False] * 8)}, {}, "McNemar"),
+    ({"mc": answers([True] * 20 + [False] * 20, [False] * 20 + [True] * 20, [True] * 20 + [False] * 20)}, {},
+     "from rounding alone"),  # 40 flips, no net gap: only the flip count shows it
+    ({"mc": answers([True, True], [True, False])}, {"max_gap_pp": 10.0}, "--max-gap-pp"),
+    ({"copied_mismatched": ["x"]}, {}, "differ from the base"),
+    ({"missing": ["x"]}, {}, "missing"),
 ])
-def test_each_threshold_fails_on_its_own(kwargs: dict[str, Any], flag: str) -> None:
-    limits = thresholds_for("fp32")
-    args: dict[str, Any] = {"logits": stats(), "mc": None, "layers": [layer(1.0)], "copied_mismatched": [],
-                            "missing": []}
-    assert judge(limits, **args) == []
-    if kwargs.get("mc") == "gap":
-        examples = [MCExample("p", ("a", "b"), 0), MCExample("q", ("a", "b"), 0)]
-        kwargs = {"mc": mc_result(examples, [[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]])}
-    failures = judge(limits, **{**args, **kwargs})
-    assert len(failures) == 1 and flag in failures[0]
+def test_each_threshold_fails_on_its_own(kwargs: dict[str, Any], overrides: dict[str, float], flag: str) -> None:
+    limits = resolve_limits(thresholds_for("fp32", overrides), FLOOR)
+    args: dict[str, Any] = {"logits": stats(max_abs=5e-4, flips=2), "mc": answers([True] * 10, [True] * 10),
+                            "layers": [layer(1.0)], "copied_mismatched": [], "missing": []}
+    assert judge(limits, **args, floor=FLOOR) == []
+    failures = judge(limits, **{**args, **kwargs}, floor=FLOOR)
+    assert len(failures) == 1 and flag in failures[0], failures
+
+
+def test_statistics_match_known_values() -> None:
+    assert binomial_tail(0, 5) == 1.0 and binomial_tail(6, 5) == 0.0
+    assert binomial_tail(5, 5) == pytest.approx(1 / 32) and binomial_tail(3, 4) == pytest.approx(5 / 16)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 0) == pytest.approx(0.25)
+    assert mcnemar_exact(10, 2) == pytest.approx(2 * 79 / 4096)  # P(X >= 10 | n=12) = (66 + 12 + 1) / 4096
+    assert flips_vs_rounding(3, 3) == pytest.approx(binomial_tail(3, 6)) and flips_vs_rounding(0, 4) == 1.0
+    low, high = paired_gap_interval(0, 0, 200)  # nothing flipped: a narrow interval around 0, not [0, 0]
+    assert low < 0 < high and high - low < 2.0
+    low, high = paired_gap_interval(3, 0, 200)  # the issue's bf16 DoRA case: -1.5 pp
+    assert low < -1.5 < high and high < 0.5
+    assert paired_gap_interval(40, 0, 40)[1] < -80
 
 
 def test_mc_result_reports_the_gap_and_flips() -> None:
@@ -227,11 +258,16 @@ def test_mc_result_reports_the_gap_and_flips() -> None:
 
 
 def test_thresholds_overrides() -> None:
-    assert thresholds_for("bf16", {"max_gap_pp": 0.25, "min_top1": None}) == Thresholds(
-        max_abs_diff=thresholds_for("bf16").max_abs_diff, max_gap_pp=0.25, min_top1=thresholds_for("bf16").min_top1,
-        max_ulp=thresholds_for("bf16").max_ulp)
+    assert thresholds_for("bf16", {"max_gap_pp": 0.25, "min_top1": None}) == replace(
+        thresholds_for("bf16"), max_gap_pp=0.25)
+    assert thresholds_for("bf16").max_abs_diff is None  # the logit limit comes from the floor by default
     with pytest.raises(D2MergeError, match="unknown threshold"):
         thresholds_for("fp32", {"max_kl": 1.0})
+    floor = replace(FLOOR, max_abs_diff=0.2)
+    assert resolve_limits(thresholds_for("bf16"), floor).max_abs_diff == pytest.approx(
+        thresholds_for("bf16").floor_multiple * 0.2)
+    fixed = resolve_limits(thresholds_for("bf16", {"max_abs_diff": 0.5}), floor)
+    assert (fixed.max_abs_diff, fixed.max_abs_diff_from) == (0.5, "fixed")
 
 
 def test_ulp_matches_the_formats() -> None:
@@ -254,15 +290,22 @@ TOP_LEVEL = {"schema_version": int, "d2merge_version": str, "passed": bool, "bas
 RESULT = {"dtype": str, "merged": (str, type(None)), "passed": bool, "failures": list, "thresholds": dict,
           "logits": (dict, type(None)), "mc": (dict, type(None)), "layers": list, "copied_checked": int,
           "copied_mismatched": list, "missing_tensors": list, "max_abs_error": NUMBER, "max_ulp_error": NUMBER,
-          "worst_layer": (str, type(None)), "method_summary": dict}
+          "worst_layer": (str, type(None)), "method_summary": dict, "floor": dict, "limits": dict,
+          "top1_flips_p": NUMBER}
 LOGITS = {"positions": int, "max_abs_diff": NUMBER, "mean_abs_diff": NUMBER, "kl_mean": NUMBER, "kl_max": NUMBER,
           "top1_agreement": NUMBER, "argmax_flips": int}
 MC = {"examples": int, "accuracy_unmerged": NUMBER, "accuracy_merged": NUMBER, "merge_gap_pp": NUMBER,
-      "flipped": list}
+      "flipped": list, "right_to_wrong": int, "wrong_to_right": int, "gap_ci_pp": list, "mcnemar_p": NUMBER,
+      "rounding_flips": int, "flips_vs_rounding_p": NUMBER}
+FLOOR_KEYS = {"logits": dict, "arithmetic": NUMBER, "max_abs_diff": NUMBER, "mc_flips": int}
+LIMITS = {"max_abs_diff": NUMBER, "max_abs_diff_from": str, "max_ulp": NUMBER, "alpha": NUMBER,
+          "min_top1": (NUMBER, type(None)), "max_gap_pp": (NUMBER, type(None))}
 LAYER = {"tensor": str, "module": str, "max_abs_error": NUMBER, "max_ulp_error": NUMBER,
          "max_ulp_error_at_value": NUMBER, "method": dict}
-THRESHOLDS = {"max_abs_diff": NUMBER, "max_gap_pp": NUMBER, "min_top1": NUMBER, "max_ulp": NUMBER}
-PROBES = {"source": str, "count": int, "length": int, "positions": int, "seed": (int, type(None))}
+THRESHOLDS = {"floor_multiple": NUMBER, "alpha": NUMBER, "max_ulp": NUMBER, "max_abs_diff": (NUMBER, type(None)),
+              "max_gap_pp": (NUMBER, type(None)), "min_top1": (NUMBER, type(None))}
+PROBES = {"source": str, "count": int, "length": int, "positions": int, "seed": (int, type(None)),
+          "file": (str, type(None))}
 
 
 def check_keys(obj: dict, schema: dict, where: str) -> None:
@@ -287,6 +330,9 @@ def test_report_schema(work: dict[str, Path], writable_copy: Callable[..., Path]
         check_keys(result["thresholds"], THRESHOLDS, "thresholds")
         check_keys(result["logits"], LOGITS, "logits")
         check_keys(result["mc"], MC, "mc")
+        check_keys(result["floor"], FLOOR_KEYS, "floor")
+        check_keys(result["floor"]["logits"], LOGITS, "floor.logits")
+        check_keys(result["limits"], LIMITS, "limits")
         for item in result["layers"]:
             check_keys(item, LAYER, "layer")
             assert all(isinstance(v, NUMBER) for v in item["method"].values())

@@ -66,7 +66,7 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
         check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite,
                               is_file=out_path.suffix == ".onnx")
         with tempfile.TemporaryDirectory(prefix=".d2merge-onnx-", dir=out_path.absolute().parent) as scratch:
-            fp32 = MergeOptions(**{**options.__dict__, "dtype": "fp32", "overwrite": False})
+            fp32 = options.with_overrides(dtype="fp32", overwrite=False)
             result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
             exported = export_onnx(result.output, out_path, dtype=onnx_dtype, with_past=onnx_with_past,
                                    opset=onnx_opset or DEFAULT_OPSET)
@@ -84,7 +84,7 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
         out_path = Path(out)
         check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=False)
         with tempfile.TemporaryDirectory(prefix=".d2merge-genai-", dir=out_path.absolute().parent) as scratch:
-            fp32 = MergeOptions(**{**options.__dict__, "dtype": "fp32", "overwrite": False})
+            fp32 = options.with_overrides(dtype="fp32", overwrite=False)
             result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
             built = export_genai(result.output, out_path, precision=genai_precision)
         return ExportOutcome(format, built.output, result, built)

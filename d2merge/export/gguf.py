@@ -37,6 +37,7 @@ import torch
 
 from d2merge import __version__
 from d2merge.errors import D2MergeError
+from d2merge.sizes import format_size
 
 # --gguf-type -> (GGML type of 2-D weights, llama.cpp's general.file_type). Only the types
 # gguf-py can produce in numpy; 1-D tensors (norms, biases) always stay F32, as in llama.cpp.
@@ -84,7 +85,7 @@ class GGUFExportResult:
     def describe(self) -> str:
         extra = f" + {self.modelfile.name}" if self.modelfile else ""
         return (f"wrote {self.output}{extra} ({self.architecture}, {self.gguf_type}, {self.tensors} tensors, "
-                f"{self.bytes / 1e6:.1f} MB) in {self.seconds:.1f}s")
+                f"{format_size(self.bytes)}) in {self.seconds:.1f}s")
 
 
 def _gguf() -> Any:
@@ -204,10 +205,11 @@ def add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
     if not path.is_file():
         raise D2MergeError("GGUF export needs a tokenizer.json (byte-level BPE)", path=folder,
                            hint="copy the base's tokenizer files into the merged folder")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise D2MergeError(f"unreadable tokenizer.json: {exc}", path=path) from None
+    from d2merge.io.json_file import read_json
+
+    spec = read_json(path, "tokenizer.json")
+    if not isinstance(spec, dict):
+        raise D2MergeError("tokenizer.json is not a JSON object", path=path)
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise D2MergeError(f"tokenizer model {model.get('type')!r} without a byte-level pre-tokenizer cannot be "
@@ -254,10 +256,9 @@ def add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
         raise D2MergeError("tokenizer.json has no BPE merges", path=path)
     # What the tokenizer really does, not what a config claims: llama.cpp's defaults for these
     # differ by pre-tokenizer, so both are always written.
-    from transformers import AutoTokenizer
+    from d2merge.io.transformers_folder import load_tokenizer
 
-    with quiet_transformers():
-        configured = AutoTokenizer.from_pretrained(folder)
+    configured = load_tokenizer(folder)
     ids = configured("a")["input_ids"]
     special.add_special_token = {"bos": configured.bos_token_id is not None and ids[:1] == [configured.bos_token_id],
                                  "eos": configured.eos_token_id is not None and ids[-1:] == [configured.eos_token_id]}
@@ -457,9 +458,10 @@ def write_modelfile(gguf_path: Path, folder: Path) -> Path:
     lines = [f"FROM ./{gguf_path.name}"]
     generation = folder / "generation_config.json"
     if generation.is_file():
-        try:
-            settings = json.loads(generation.read_text(encoding="utf-8"))
-        except ValueError:
+        from d2merge.io.json_file import read_json
+
+        settings = read_json(generation, "generation_config.json")
+        if not isinstance(settings, dict):
             settings = {}
         for key in ("temperature", "top_p", "top_k"):
             if isinstance(settings.get(key), (int, float)) and settings.get("do_sample"):
@@ -479,7 +481,8 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     import tempfile
 
     from d2merge.io.output import check_output_location
-    from d2merge.merge import MergeOptions, card_info, merge
+    from d2merge.export.hf_folder import card_info
+    from d2merge.merge import MergeOptions, merge
 
     check_gguf_type(gguf_type)
     options = options or MergeOptions()
@@ -489,7 +492,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite,
                           is_file=True)
     with tempfile.TemporaryDirectory(prefix=".d2merge-gguf-", dir=out_path.absolute().parent) as scratch:
-        fp32 = MergeOptions(**{**options.__dict__, "dtype": "fp32", "overwrite": False})
+        fp32 = options.with_overrides(dtype="fp32", overwrite=False)
         result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
         info = card_info(result.plan, result.source_hashes)
         provenance = {"method": info.method, "settings": json.dumps(dict(info.settings), sort_keys=True, default=str),
@@ -506,16 +509,13 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
 
 def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A GGUF as a transformers model (dequantized, q/k permutation undone): what verify runs."""
-    from transformers import AutoModelForCausalLM
-
-    from d2merge.runtime import quiet_transformers
+    from d2merge.io.transformers_folder import load_model
 
     path = Path(path)
     if not path.is_file():
         raise D2MergeError("GGUF file not found", path=path)
     _gguf()
-    with quiet_transformers():
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    return load_model(path, gguf_file=path.name, dtype=dtype).eval()
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -20,7 +20,7 @@ METHOD_TITLES = {"d2lora": "D2-LoRA", "dual_lora": "Dual LoRA", "lora": "LoRA", 
 
 @dataclass(frozen=True)
 class CardInfo:
-    """What the card says; collected by the merge engine (and verify, when it ran)."""
+    """What the card says; collected from the merge plan by ``d2merge.export.hf_folder.card_info`` (and verify, when it ran)."""
 
     base_model: str | None
     method: str

@@ -32,9 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from d2merge.dtypes import FLOAT_DTYPES
 from d2merge.errors import D2MergeError
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+# ONNX Runtime on CPU has no bf16 kernels: the two rows of d2merge.dtypes it can run.
+DTYPES: dict[str, torch.dtype] = {n: FLOAT_DTYPES[n].torch_dtype for n in ("fp32", "fp16")}
 EXPORTERS = ("dynamo", "legacy")
 # 18 is the opset torch's dynamo exporter implements natively (it cannot go lower). 23 is not a
 # safe default: it emits the fused RotaryEmbedding op, which ONNX Runtime 1.32 rejects for

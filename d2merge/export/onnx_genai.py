@@ -134,6 +134,9 @@ def check_merged_folder(model_dir: Path) -> dict[str, Any]:
         raise D2MergeError("not a Hugging Face model folder (config.json missing)", path=model_dir,
                            hint="pass a merged model folder (d2merge merge writes one)")
     config = read_json(model_dir / "config.json", "config.json")
+    from d2merge.io.transformers_folder import refuse_custom_code
+
+    refuse_custom_code(model_dir)  # the builder hands the folder to transformers
     architectures = config.get("architectures") if isinstance(config, dict) else None
     if not (isinstance(architectures, list) and architectures and isinstance(architectures[0], str)):
         raise D2MergeError("config.json names no architecture", path=model_dir / "config.json",

@@ -18,8 +18,10 @@ from d2merge import __version__
 from d2merge.errors import D2MergeError
 from d2merge.io.output import TEMP_MARKER, check_output_location, disk_error, remove_stale_temps
 from d2merge.io.safetensors_file import rewrite_metadata
-from d2merge.merge import (MergeOptions, MergeResult, _device, _options, _source_label, card_info, start_hashing,
-                           plan, write_tensors)
+from d2merge.engine import resolve_device, write_tensors
+from d2merge.export.hf_folder import card_info
+from d2merge.io.source_hashes import BackgroundHashes
+from d2merge.merge import MergeOptions, MergeResult, plan
 from d2merge.plan import MergePlan
 
 PLACEHOLDER = "0" * 64  # a sha256 in hex has exactly this width
@@ -41,7 +43,7 @@ def single_file_metadata(merge_plan: MergePlan, hashes: dict[str, str]) -> dict[
 def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: MergeOptions | None = None, *,
                          progress: bool = False, **overrides: Any) -> MergeResult:
     """Merge into one ``.safetensors`` file at ``out`` (written beside it, renamed at the end)."""
-    options = _options(options, {"max_shard_size": 2**62, **overrides})
+    options = MergeOptions.resolve(options, {"max_shard_size": 2**62, **overrides})
     started = time.perf_counter()
     merge_plan = plan(base, adapter, options)
     out_path = Path(out)
@@ -50,18 +52,18 @@ def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: Merg
                            hint="name the output like merged.safetensors, or use --format hf for a folder")
     out_path = check_output_location(out_path, [merge_plan.base.location, merge_plan.adapter.path],
                                      overwrite=options.overwrite, is_file=True)
-    files = [merge_plan.adapter.weights_file, merge_plan.adapter.path / "adapter_config.json",
-             *merge_plan.base.weight_files]
-    reserved = {_source_label(merge_plan, f): PLACEHOLDER for f in files}
+    device = resolve_device(options.device)
+    sources = merge_plan.source_files()
+    reserved = {label: PLACEHOLDER for label in sources}
+    hasher = BackgroundHashes(sources) if options.hash_sources else None
     hashes: dict[str, str] = {}
-    hasher = start_hashing(merge_plan) if options.hash_sources else None
     remove_stale_temps(out_path)
     temp = out_path.parent / f".{out_path.name}{TEMP_MARKER}{os.getpid()}"
     try:
-        write_tensors(merge_plan, out_path.parent, device=_device(options.device), progress=progress,
+        write_tensors(merge_plan, out_path.parent, device=device, progress=progress,
                       shard_paths=[temp], metadata=single_file_metadata(merge_plan, reserved), hasher=hasher)
         if hasher is not None:
-            hashes = hasher.finish()
+            hashes = hasher.result()
             final = {k: (v if len(v) == 64 else PLACEHOLDER) for k, v in hashes.items()}
             entries = [(t.name, t.out_dtype, t.shape) for t in merge_plan.tensors]
             rewrite_metadata(temp, entries, single_file_metadata(merge_plan, {**reserved, **final}))
@@ -71,6 +73,6 @@ def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: Merg
             raise disk_error(exc, out_path) from None
     finally:
         if hasher is not None:
-            hasher.abandon()
+            hasher.abandon()  # stops the hashing thread if the merge failed; a no-op after result()
         temp.unlink(missing_ok=True)
     return MergeResult(out_path, merge_plan, (out_path.name,), time.perf_counter() - started, hashes)

@@ -15,7 +15,8 @@ import torch
 
 from d2merge.errors import D2MergeError
 from d2merge.io.checkpoint import PICKLE_HINT, PickleFiles, SafetensorsFiles, TensorSource, read_json, resolve_location
-from d2merge.methods import EMBEDDING, LINEAR, AdapterConfig, Method, parse_adapter_config
+from d2merge.methods import EMBEDDING, LINEAR, AdapterConfig, Method, parse_adapter_config, trainable_tokens
+from d2merge.methods.base import TOKENS
 from d2merge.methods import method_for_config
 
 PREFIX = "base_model.model."
@@ -101,25 +102,33 @@ def _sort_keys(keys: list[str], method: Method, config: AdapterConfig
     modules: dict[str, AdapterModule] = {}
     replacements: dict[str, str] = {}
     unknown: list[str] = []
-    suffixes = []
+    # (key suffix, tensor name); a name may belong to linear and embedding modules alike (DoRA's
+    # magnitude), so a module's kind is settled once all its tensors are known.
+    kinds_of: dict[str, set[str]] = {}
+    suffixes: list[tuple[str, str]] = []
+    if method.peft_type == "LORA" and config.raw.get("trainable_token_indices") not in (None, [], {}):
+        suffixes.append((f".{trainable_tokens.STORED_SUFFIX}", trainable_tokens.DELTA))
+        kinds_of[trainable_tokens.DELTA] = {TOKENS}
+    for name, stored in method.optional_linear_tensors.items():
+        suffixes.append((f".{stored}", name))
+        kinds_of.setdefault(name, set()).add(LINEAR)
     for kind in (LINEAR, EMBEDDING):
-        names = method.linear_tensors if kind == LINEAR else method.embedding_tensors
-        for name in names:
-            suffixes.append((f".{name}.weight", name, kind))
-            suffixes.append((f".{name}", name, kind))
+        for name in method.linear_tensors if kind == LINEAR else method.embedding_tensors:
+            suffixes += [(f".{name}.weight", name), (f".{name}", name)]
+            kinds_of.setdefault(name, set()).add(kind)
+    found: dict[str, dict[str, str]] = {}
     for key in keys:
         if not key.startswith(PREFIX):
             unknown.append(key)
             continue
         rest = key[len(PREFIX):]
-        for suffix, name, kind in suffixes:
+        for suffix, name in suffixes:
             if rest.endswith(suffix):
-                module = rest[: -len(suffix)]
-                entry = modules.setdefault(module, AdapterModule(module, kind, {}))
-                if entry.layer_kind != kind or name in entry.keys:
+                entry = found.setdefault(rest[: -len(suffix)], {})
+                if name in entry:
                     unknown.append(key)
                 else:
-                    entry.keys[name] = key
+                    entry[name] = key
                 break
         else:
             if ".base_layer." in rest:
@@ -131,6 +140,13 @@ def _sort_keys(keys: list[str], method: Method, config: AdapterConfig
                 replacements[rest] = key
             else:
                 unknown.append(key)
+    for module, entry in found.items():
+        kinds = set.intersection(*(kinds_of[name] for name in entry))
+        if not kinds:
+            unknown.extend(entry.values())  # tensors of a linear and of an embedding module under one name
+            continue
+        kind = LINEAR if LINEAR in kinds else kinds.pop()
+        modules[module] = AdapterModule(module, kind, dict(sorted(entry.items())))
     return modules, replacements, unknown
 
 

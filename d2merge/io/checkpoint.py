@@ -16,14 +16,13 @@ from typing import Any, Protocol
 import torch
 
 from d2merge.errors import D2MergeError
+from d2merge.io.json_file import JSON_HINT, MAX_JSON_BYTES, read_json, read_text  # noqa: F401 (re-exported)
 from d2merge.io.safetensors_file import SafetensorsFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-MAX_JSON_BYTES = 64 * 1024 * 1024
 PICKLE_HINT = ("pickle can run code when loaded; convert the file to safetensors, "
                "or pass --allow-pickle if you trust its origin")
-JSON_HINT = "fix the file or download it again"
 _NOT_FOUND_HINT = "check the path; a Hub repo id (owner/name) must already be in the local Hugging Face cache"
 
 
@@ -32,34 +31,6 @@ class TensorSource(Protocol):
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]: ...
     def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor: ...
     def file_of(self, name: str) -> Path: ...
-
-
-def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> str:
-    """A small UTF-8 text file (configs, prompts, eval sets), with one-line errors naming it."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > max_bytes:
-            raise D2MergeError(f"{what} is larger than {max_bytes} bytes", path=path, hint=JSON_HINT)
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise D2MergeError(f"{what} not found", path=path, hint="check the path; the folder may be incomplete") from None
-    except UnicodeDecodeError:
-        raise D2MergeError(f"{what} is not UTF-8 text", path=path, hint=JSON_HINT) from None
-    except IsADirectoryError:
-        raise D2MergeError(f"{what} is a folder, not a file", path=path, hint="pass the file itself") from None
-    except OSError as exc:
-        raise D2MergeError(f"cannot read {what}: {exc.strerror or exc}", path=path,
-                           hint="check that the file exists and is readable") from None
-
-
-def read_json(path: Path, what: str) -> Any:
-    """A small JSON file, with one-line errors naming it."""
-    text = read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise D2MergeError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})", path=path,
-                           hint=JSON_HINT) from None
 
 
 class SafetensorsFiles:
@@ -193,8 +164,48 @@ def resolve_location(spec: str | Path) -> Path:
     raise D2MergeError("path not found", path=spec, hint=_NOT_FOUND_HINT)
 
 
+# Tensors that only quantized checkpoints hold: bitsandbytes (SCB, absmax, quant_map, quant_state),
+# FP8 block scales (weight_scale_inv), compressed-tensors (weight_scale, input_scale), GPTQ/AWQ.
+QUANTIZATION_TENSORS = ("SCB", "weight_scale_inv", "weight_scale", "input_scale", "absmax", "nested_absmax",
+                        "quant_map", "nested_quant_map", "qweight", "qzeros", "g_idx", "weight_packed")
+QUANTIZED_HINT = "merge into the original 16-bit (bf16/fp16/fp32) base model, then quantize the merged model"
+
+
+def refuse_quantized(base: BaseCheckpoint) -> None:
+    """Refuse a quantized base: adding an update to integer codes or fp8 values gives a wrong model.
+
+    A quantized weight is codes plus scales; the merge formula needs the real weight, and writing
+    the codes back as if they were weights (448 where 0.07 was meant) would be a silent error.
+    """
+    config = base.config or {}
+    parts = [config] + [v for v in config.values() if isinstance(v, dict)]
+    for part in parts:
+        if part.get("quantization_config") is not None:
+            raise D2MergeError("the base is quantized (config.json has a quantization_config)",
+                               path=base.location / "config.json" if base.folder else base.location,
+                               hint=QUANTIZED_HINT)
+    for name in base.tensors.keys():
+        dtype = base.tensors.info(name)[0]
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in QUANTIZATION_TENSORS or name.endswith(".weight.absmax") or ".quant_state." in name:
+            raise D2MergeError("the base is quantized (it holds quantization scales)", path=base.tensors.file_of(name),
+                               tensor=name, hint=QUANTIZED_HINT)
+        if dtype.is_floating_point and dtype.itemsize == 1:
+            raise D2MergeError(f"the base is quantized ({str(dtype).replace('torch.', '')} weights)",
+                               path=base.tensors.file_of(name), tensor=name, hint=QUANTIZED_HINT)
+        if leaf == "weight" and not dtype.is_floating_point and not dtype.is_complex:
+            raise D2MergeError(f"the base is quantized ({str(dtype).replace('torch.', '')} weights)",
+                               path=base.tensors.file_of(name), tensor=name, hint=QUANTIZED_HINT)
+
+
 def open_base(spec: str | Path, *, allow_pickle: bool = False) -> BaseCheckpoint:
-    """Open a base model; reads headers and config only, never tensor data."""
+    """Open a base model; reads headers and config only, never tensor data. Quantized bases are refused."""
+    base = _open_base(spec, allow_pickle=allow_pickle)
+    refuse_quantized(base)
+    return base
+
+
+def _open_base(spec: str | Path, *, allow_pickle: bool = False) -> BaseCheckpoint:
     location = resolve_location(spec)
     if location.is_file():
         if location.suffix == ".safetensors":

@@ -27,7 +27,7 @@ import mmap
 import os
 from pathlib import Path
 
-from d2merge import profile
+import d2merge.profile as profile
 
 # 4 KiB covers the logical block size of every disk we know (512 or 4096); mmap gives page alignment.
 ALIGNMENT = 4096

@@ -35,8 +35,9 @@ def hf_folder_from_gguf(gguf_path: str | Path, out: str | Path, *, dtype: torch.
     The write is atomic (the folder appears complete or not at all). Quantized GGUF tensors are
     dequantized by transformers; ``dtype`` is the dtype they are then stored in.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from d2merge.io import transformers_folder
     from d2merge.io.output import AtomicFolder
     from d2merge.runtime import quiet_transformers
 
@@ -46,10 +47,9 @@ def hf_folder_from_gguf(gguf_path: str | Path, out: str | Path, *, dtype: torch.
                            hint="pip install gguf")
     if not gguf_path.is_file():
         raise D2MergeError("GGUF file not found", path=gguf_path)
-    folder, name = gguf_path.parent, gguf_path.name
-    with quiet_transformers():
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    name = gguf_path.name
+    loaded = transformers_folder.load_model(gguf_path, gguf_file=name, dtype=torch.float32)
+    tokenizer = transformers_folder.load_tokenizer(gguf_path, gguf_file=name)
     config = loaded.config  # parsed once with the weights; the loaded model is dropped below
     if hasattr(config, "quantization_config"):
         del config.quantization_config

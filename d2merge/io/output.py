@@ -21,6 +21,9 @@ from d2merge.errors import D2MergeError
 
 TEMP_MARKER = ".d2merge-tmp-"
 OLD_MARKER = ".d2merge-old-"
+# Inside every output folder: what d2merge wrote there. --overwrite replaces a folder only when it
+# holds nothing else (an existing project folder passed as -o by mistake is refused, not deleted).
+OUTPUT_MARKER = ".d2merge-output.json"
 # Files copied from the base folder: tokenizer, generation settings, chat templates, licence.
 COPIED_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -70,6 +73,8 @@ def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool,
             what = "a folder" if out.is_dir() else "not a folder"
             raise D2MergeError(f"output exists and is {what}; refusing to replace it", path=out,
                                hint="remove it or choose another path")
+        if not is_file:
+            check_replaceable(out)
     parent = out.parent
     if not parent.is_dir():
         if parent.exists() or parent.is_symlink():
@@ -80,6 +85,48 @@ def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool,
         raise D2MergeError("the output's parent folder is not writable", path=parent,
                            hint="choose a writable output location")
     return out
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every entry under ``folder`` (files, links, empty folders), relative, in POSIX form, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        for name in filenames + [d for d in dirnames if (here / d).is_symlink() or not any((here / d).iterdir())]:
+            found.append((here / name).relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def write_output_marker(folder: Path) -> None:
+    """Record, inside a finished output folder, every file d2merge put there."""
+    files = [name for name in _files_under(folder) if name != OUTPUT_MARKER]
+    write_json(folder / OUTPUT_MARKER, {"written_by": "d2merge", "files": files})
+
+
+def check_replaceable(folder: Path) -> None:
+    """--overwrite may replace an empty folder or one that d2merge wrote, and nothing else."""
+    present = _files_under(folder)
+    if not present:
+        return
+    from d2merge.io.json_file import parse_json
+
+    marker = folder / OUTPUT_MARKER
+    listed: set[str] | None = None
+    if marker.is_file() and not marker.is_symlink():
+        try:
+            data = parse_json(marker.read_text(encoding="utf-8"), OUTPUT_MARKER, marker)
+        except (D2MergeError, OSError, UnicodeDecodeError):
+            data = None
+        if isinstance(data, dict) and data.get("written_by") == "d2merge" and isinstance(data.get("files"), list):
+            listed = {f for f in data["files"] if isinstance(f, str)} | {OUTPUT_MARKER}
+    hint = "--overwrite replaces only a folder that d2merge wrote; remove it yourself or choose another path"
+    if listed is None:
+        raise D2MergeError(f"the output folder was not written by d2merge (it holds {present[0]})", path=folder,
+                           hint=hint)
+    unexpected = [name for name in present if name not in listed]
+    if unexpected:
+        raise D2MergeError(f"the output folder holds a file d2merge did not write: {unexpected[0]}", path=folder,
+                           hint=hint)
 
 
 def remove_stale_temps(final: Path) -> None:
@@ -135,12 +182,14 @@ class AtomicFolder:
     def commit(self) -> Path:
         """fsync and rename into place; an existing output is replaced only after the new one is whole."""
         try:
+            write_output_marker(self.temp)
             _fsync_dir(self.temp)
             old = None
             if self.final.exists():
                 if not self.overwrite:
                     raise D2MergeError("output appeared while merging", path=self.final,
                                        hint="pass --overwrite or choose another path")
+                check_replaceable(self.final)
                 old = self.final.parent / f".{self.final.name}{OLD_MARKER}{os.getpid()}"
                 os.replace(self.final, old)
             os.replace(self.temp, self.final)
@@ -186,13 +235,43 @@ def write_text(path: Path, text: str) -> None:
         raise disk_error(exc, path) from None
 
 
-def copy_support_files(source_folder: Path | None, destination: Path) -> list[str]:
-    """Copy tokenizer, generation config, templates and licence files; returns the names copied."""
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def support_files(source_folder: Path | None, weight_files: Iterable[Path] = ()) -> tuple[list[str], list[str]]:
+    """The support files a merge copies, and the ones it skips, each with the reason.
+
+    A name such as LICENSE may be a symlink to anything (``ln -s ~/.cache/huggingface/token
+    LICENSE``), and a merged folder is pushed to the Hub as it is. So a file is copied only when
+    it is a regular file that resolves inside the base folder, or inside the folder the base's
+    own weights resolve into (the Hub cache keeps a snapshot's files as links into ``blobs/``).
+    """
     if source_folder is None:
-        return []
-    names = [n for n in COPIED_FILES if (source_folder / n).is_file()]
+        return [], []
+    trusted = {source_folder.resolve(), *(Path(w).resolve().parent for w in weight_files)}
+    candidates = [n for n in COPIED_FILES if (source_folder / n).exists() or (source_folder / n).is_symlink()]
     for pattern in COPIED_PATTERNS:
-        names += sorted(str(p.relative_to(source_folder)) for p in source_folder.glob(pattern) if p.is_file())
+        candidates += sorted(str(p.relative_to(source_folder)) for p in source_folder.glob(pattern))
+    names, skipped = [], []
+    for name in candidates:
+        path = source_folder / name
+        resolved = path.resolve()
+        if not any(_inside(resolved, folder) for folder in trusted):
+            skipped.append(f"{name} (a link to a file outside the base folder)")
+        elif not resolved.is_file():
+            skipped.append(f"{name} (not a regular file)")
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def copy_support_files(source_folder: Path | None, destination: Path, weight_files: Iterable[Path] = ()) -> list[str]:
+    """Copy tokenizer, generation config, templates and licence files; returns the names copied.
+
+    Only what :func:`support_files` allows; the merge plan lists the skipped ones as a note.
+    """
+    names, _ = support_files(source_folder, weight_files)
     for name in names:
         target = destination / name
         try:

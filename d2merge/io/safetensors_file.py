@@ -21,6 +21,7 @@ import torch
 
 from d2merge.errors import D2MergeError
 from d2merge.io.direct_io import OutputFile
+from d2merge.io.json_file import parse_json
 
 # Largest header we accept: the real format caps it at 100 MB; a larger length
 # prefix is a corrupt or hostile file, refused before allocating anything.
@@ -86,9 +87,11 @@ class SafetensorsFile:
         if len(raw) < header_len:
             raise self._fail("header is truncated")
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = parse_json(raw.decode("utf-8"), "header")
+        except UnicodeDecodeError as exc:
             raise self._fail(f"header is not valid JSON ({exc.__class__.__name__})") from None
+        except D2MergeError as exc:
+            raise self._fail(exc.reason) from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
         data_start = 8 + header_len
@@ -164,8 +167,6 @@ class SafetensorsFile:
             raise D2MergeError(f"cannot read file: {exc.strerror or exc}", path=self.path, tensor=name) from None
         if got != info.nbytes:
             raise self._fail(f"file ended after {got} of {info.nbytes} bytes (changed while reading?)", tensor=name)
-        if info.dtype == torch.bool:
-            return buffer.view(torch.bool).reshape(info.shape)
         return buffer.view(info.dtype).reshape(info.shape)
 
 

@@ -1,6 +1,6 @@
 """The merge engine's reads: base tensors into a small ring of reused buffers, each range shown to the hasher.
 
-Why a ring and not one buffer: the hashing thread (io/source_hash.py) still
+Why a ring and not one buffer: the hashing thread (io/source_hashes.py) still
 holds the bytes of tensor k while the engine reads tensor k+1, so the engine
 cycles through ``slots`` buffers and waits only if the hasher falls behind.
 Reused buffers also matter on their own: fresh multi-megabyte allocations are
@@ -28,10 +28,10 @@ from typing import Callable
 
 import torch
 
-from d2merge import profile
+import d2merge.profile as profile
 from d2merge.io.checkpoint import TensorSource
 from d2merge.io.direct_io import ALIGNMENT, direct_io_enabled, resident_fraction, round_up
-from d2merge.io.source_hash import SourceHasher
+from d2merge.io.source_hashes import BackgroundHashes
 
 
 # Direct reads pay off when most of the base must come from disk anyway; page-cache hits are
@@ -84,7 +84,7 @@ class _Slot:
 class TensorReader:
     """``read(source, name)``: a tensor viewing one of ``slots`` reused buffers, valid until the next read."""
 
-    def __init__(self, hasher: SourceHasher | None = None, *, slots: int = 2,
+    def __init__(self, hasher: BackgroundHashes | None = None, *, slots: int = 2,
                  allocate: Callable[[int], torch.Tensor] = _plain,
                  schedule: list[tuple[TensorSource, str]] | None = None, direct: bool = False):
         self.hasher = hasher

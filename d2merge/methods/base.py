@@ -16,10 +16,15 @@ import torch
 from torch import nn
 
 from d2merge.errors import D2MergeError
-from d2merge.methods import matching
+from d2merge.methods import matching, residual_base, trainable_tokens
 
 LINEAR = "linear"
 EMBEDDING = "embedding"
+# PEFT's trainable_token_indices: whole rows of an embedding replaced (methods/trainable_tokens.py).
+TOKENS = "tokens"
+# Which tensor of a module a plan entry writes: its weight, or its bias (lora_bias: lora_B.bias).
+WEIGHT = "weight"
+BIAS = "bias"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,19 @@ class ModuleSettings:
     scale: float
     fan_in_fan_out: bool
     options: Mapping[str, Any] = field(default_factory=dict)
+    # WEIGHT, or BIAS for the layer's bias when the adapter has lora_bias (a second plan entry).
+    part: str = WEIGHT
+    # "pissa" / "olora": the base PEFT rebuilt from W0 at load time (methods/residual_base.py).
+    base_init: str | None = None
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the base weight is stored (in, out), the transpose of the formula's (out, in).
+
+        GPT-2's Conv1D (``fan_in_fan_out``) and embeddings (num_embeddings, dim)
+        both store it so; every formula works on (out, in).
+        """
+        return self.fan_in_fan_out or self.layer_kind == EMBEDDING
 
 
 def pattern_key(patterns: Mapping[str, Any], module: str, field: str = "pattern") -> str | None:
@@ -111,6 +129,8 @@ class Method:
     embedding_tensors: ClassVar[tuple[str, ...]] = ()
     # Tensors stored without a ``.weight`` suffix (PEFT's own quirk).
     bare_tensors: ClassVar[frozenset[str]] = frozenset()
+    # Tensors a linear module may have, with the key suffix PEFT stores them under (lora_B.bias).
+    optional_linear_tensors: ClassVar[dict[str, str]] = {}
 
     # ----- config -------------------------------------------------------------------------
     def parse_config(self, raw: Mapping[str, Any], source: str) -> AdapterConfig:
@@ -187,6 +207,9 @@ class Method:
         options = dict(config.options)
         if not isinstance(rank, int):
             options.update(rank)
+        if layer_kind == TOKENS:
+            options["token_indices"] = trainable_tokens.indices_for(config.raw.get("trainable_token_indices"), module)
+        init = config.raw.get("init_lora_weights")
         return ModuleSettings(
             module=module,
             layer_kind=layer_kind,
@@ -195,6 +218,8 @@ class Method:
             scale=self.scale(rank, alpha, config.use_rslora),
             fan_in_fan_out=config.fan_in_fan_out if fan_in_fan_out is None else fan_in_fan_out,
             options=options,
+            # PEFT rebuilds the base only for linear layers (its Embedding has no PiSSA/OLoRA init).
+            base_init=init if layer_kind == LINEAR and init in residual_base.INITS else None,
         )
 
     def scale(self, rank: Any, alpha: float, use_rslora: bool) -> float:
@@ -202,6 +227,9 @@ class Method:
 
     # ----- tensors ------------------------------------------------------------------------
     def tensor_names(self, layer_kind: str) -> tuple[str, ...]:
+        """The tensors every module of this kind must have (optional ones are not listed)."""
+        if layer_kind == TOKENS:
+            return (trainable_tokens.DELTA,) if self.peft_type == "LORA" else ()
         names = self.linear_tensors if layer_kind == LINEAR else self.embedding_tensors
         if not names:
             raise D2MergeError(f"{self.name} does not support {layer_kind} layers")
@@ -209,16 +237,33 @@ class Method:
 
     def stored_key(self, module: str, tensor: str, layer_kind: str) -> str:
         """The key of an adapter tensor in ``adapter_model.safetensors`` (PEFT layout)."""
-        bare = layer_kind == EMBEDDING or tensor in self.bare_tensors
+        if tensor in self.optional_linear_tensors:
+            return f"base_model.model.{module}.{self.optional_linear_tensors[tensor]}"
+        bare = layer_kind != LINEAR or tensor in self.bare_tensors
         return f"base_model.model.{module}.{tensor}" + ("" if bare else ".weight")
 
     def expected_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         """Shapes each adapter tensor must have, in PEFT orientation: ``A`` is (r, in), ``B`` is (out, r)."""
         raise NotImplementedError
 
+    def optional_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the optional tensors (``optional_linear_tensors``) a module may have."""
+        return {}
+
     def rank_of(self, tensors: Mapping[str, torch.Tensor], layer_kind: str) -> Any:
         """The rank the stored tensors imply (compared against the config by the planner)."""
         raise NotImplementedError
+
+    # How the rank is named in tables ("r=8"); Dual LoRA has two.
+    rank_name: ClassVar[str] = "r"
+
+    def configured_rank(self, settings: ModuleSettings) -> Any:
+        """The rank the config gives a module, in the form :meth:`rank_of` returns."""
+        return settings.r
+
+    def rank_text(self, rank: Any) -> str:
+        """A rank (from :meth:`rank_of` or :meth:`configured_rank`) as tables print it."""
+        return str(rank)
 
     # ----- math ---------------------------------------------------------------------------
     # Factors indexed by output row (B factors, magnitudes): sliced when merging a block of rows.
@@ -231,17 +276,29 @@ class Method:
         The formula works on ``W`` of shape (out, in); layers stored transposed
         (fan_in_fan_out, embeddings) are transposed in and out here.
         """
-        transposed = settings.fan_in_fan_out or settings.layer_kind == EMBEDDING
+        factors = {name: t.to(compute_dtype) for name, t in tensors.items()}
+        if settings.layer_kind == TOKENS:
+            return trainable_tokens.merged_embedding(w0.to(compute_dtype, copy=True), factors[trainable_tokens.DELTA],
+                                                     settings.options["token_indices"])
+        if settings.part == BIAS:
+            return self.merged_bias(w0.to(compute_dtype, copy=True), factors, settings)
+        transposed = settings.transposed
         w = w0.to(compute_dtype, copy=True)
         w = w.T if transposed else w
-        factors = {name: t.to(compute_dtype) for name, t in tensors.items()}
+        w = self.effective_base(w, settings)
         merged = self.merge_rows_(w, factors, settings, slice(None))
         return (merged.T if transposed else merged).contiguous()
 
-    def merge_oriented(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor],
-                       settings: ModuleSettings) -> torch.Tensor:
-        """The merged weight for ``w0`` of shape (out, in), leaving ``w0`` untouched."""
-        return self.merge_rows_(w0.clone(), factors, settings, slice(None))
+    def effective_base(self, w0: torch.Tensor, settings: ModuleSettings) -> torch.Tensor:
+        """The base weight (out, in) the adapter was trained on: W0, or PEFT's PiSSA/OLoRA residual of it."""
+        if settings.base_init is None:
+            return w0
+        return residual_base.residual_base(w0, settings.base_init, settings.r, settings.scale)
+
+    def merged_bias(self, b0: torch.Tensor, factors: Mapping[str, torch.Tensor],
+                    settings: ModuleSettings) -> torch.Tensor:
+        """The layer's merged bias (only methods with a bias factor have one)."""
+        raise D2MergeError(f"{self.name} has no bias factor", hint="merge with PEFT")
 
     def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
                     rows: slice) -> torch.Tensor:
@@ -256,7 +313,7 @@ class Method:
 
     def row_separable(self, settings: ModuleSettings) -> bool:
         """Whether each merged row depends only on the same row of W0 (true unless norms span rows)."""
-        return True
+        return settings.base_init is None and settings.part == WEIGHT and settings.layer_kind != TOKENS
 
     def rows_of(self, factors: Mapping[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
         """The factors restricted to a block of output rows."""
@@ -269,6 +326,32 @@ class Method:
     def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
         """Method-specific figures for verify (norm ratios, sign margins): none by default."""
         return {}
+
+    # ----- initialisation -----------------------------------------------------------------
+    # The "down" factors (PEFT's A): drawn at random for training while every other factor starts
+    # at zero, so a fresh adapter is exactly the base model.
+    random_init_tensors: ClassVar[frozenset[str]] = frozenset()
+
+    def init_factors(self, shapes: Mapping[str, tuple[int, ...]], *,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Fresh factors for training, as PEFT's ``LoraVariant.init``: each A Kaiming-uniform, each B zero.
+
+        Each random factor gets its own draw, so D2-LoRA's two branches differ.
+        A method whose other factors need a start value (DoRA's magnitude from
+        the base weight) sets it in its runtime module.
+        """
+        factors: dict[str, torch.Tensor] = {}
+        for name, shape in shapes.items():
+            if name in self.random_init_tensors:
+                bound = (3.0 / shape[1]) ** 0.5
+                factors[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+            else:
+                factors[name] = torch.zeros(shape)
+        return factors
+
+    def example_config(self, r: int) -> dict[str, Any]:
+        """The method's own ``adapter_config.json`` fields for a fresh adapter of rank ``r``."""
+        return {"peft_type": self.peft_type, "r": r}
 
     # ----- runtime ------------------------------------------------------------------------
     def runtime_module(self, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,

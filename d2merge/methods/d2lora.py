@@ -26,6 +26,7 @@ class D2LoRA(Method):
     name = "d2lora"
     peft_type = "D2LORA"
     linear_tensors = ("lora_A_pos", "lora_B_pos", "lora_A_neg", "lora_B_neg")
+    random_init_tensors = frozenset({"lora_A_pos", "lora_A_neg"})
     row_factors = frozenset({"lora_B_pos", "lora_B_neg"})
 
     def parse_options(self, raw: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -40,6 +41,10 @@ class D2LoRA(Method):
         if norm_axis not in NORM_AXES:
             raise D2MergeError(f"field 'norm_axis' must be \"out\" or \"in\", got {norm_axis!r}", path=source)
         return {"tau": tau, "norm_axis": norm_axis, "residual": _flag(raw, "residual", source, True), "eps": eps}
+
+    def example_config(self, r: int) -> dict[str, Any]:
+        # The paper's tau 0.5; eps 0 keeps the projection exact.
+        return {"peft_type": self.peft_type, "r": r, "tau": 0.5, "norm_axis": "out", "residual": True, "eps": 0.0}
 
     def expected_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         r = settings.r

@@ -2,6 +2,11 @@
 
 V = W0 + s * (B @ A); W_merged = (m / ||V||_row)[:, None] * V, with the norm
 taken from this adapter's own unmerged base W0, never from a merged weight.
+
+Embeddings: PEFT's DoRA embedding takes one norm per embedding dimension (over the
+vocabulary), and its magnitude has embedding_dim entries. In the (out, in) =
+(embedding_dim, num_embeddings) orientation every formula here works in, that is the
+same per-row norm as for a linear layer, so one formula serves both.
 """
 
 from __future__ import annotations
@@ -12,32 +17,50 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from d2merge.methods.base import ModuleSettings
+from d2merge.methods.base import EMBEDDING, ModuleSettings
 from d2merge.methods.lora import LoRA
-from d2merge.methods.runtime import AdapterLayer
+from d2merge.methods.runtime import AdapterLayer, embed_scale
 
 MAGNITUDE = "lora_magnitude_vector"
+
+
+def row_norms(v: torch.Tensor) -> torch.Tensor:
+    """||V|| per output row, accumulated in fp64 and returned in ``v``'s dtype.
+
+    As D2-LoRA's norms (``D2LoRA.norms``): the sum of squares over a row of
+    thousands of weights loses fp32 ulps, and the ratio multiplies every element
+    of the row, so the accumulation is the merge's largest rounding term.
+    """
+    if v.dtype == torch.float64:
+        return torch.linalg.vector_norm(v, dim=1)
+    return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64).to(v.dtype)
 
 
 class DoRA(LoRA):
     name = "dora"
     peft_type = "LORA"
     linear_tensors = ("lora_A", "lora_B", MAGNITUDE)
-    embedding_tensors = ()  # PEFT's DoRA embeddings use another norm axis; not supported here.
+    embedding_tensors = ("lora_embedding_A", "lora_embedding_B", MAGNITUDE)
     bare_tensors = frozenset({MAGNITUDE})
-    row_factors = frozenset({"lora_B", MAGNITUDE})
+    row_factors = frozenset({"lora_B", "lora_embedding_B", MAGNITUDE})
+    optional_linear_tensors = {}  # PEFT refuses lora_bias with DoRA
 
     def expected_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
-        return {"lora_A": (settings.r, in_features), "lora_B": (out_features, settings.r), MAGNITUDE: (out_features,)}
+        a, b, m = self.tensor_names(settings.layer_kind)
+        return {a: (settings.r, in_features), b: (out_features, settings.r), m: (out_features,)}
+
+    def optional_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        return {}
 
     def low_rank(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
-        return settings.scale * (factors["lora_B"] @ factors["lora_A"])
+        a, b = self.tensor_names(settings.layer_kind)[:2]
+        return settings.scale * (factors[b] @ factors[a])
 
     def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
                     rows: slice) -> torch.Tensor:
-        v = w.addmm_(factors["lora_B"][rows], factors["lora_A"], alpha=settings.scale)
-        norm = torch.linalg.vector_norm(v, dim=1)
-        return v.mul_((factors[MAGNITUDE][rows] / norm)[:, None])
+        a, b = self.tensor_names(settings.layer_kind)[:2]
+        v = w.addmm_(factors[b][rows], factors[a], alpha=settings.scale)
+        return v.mul_((factors[MAGNITUDE][rows] / row_norms(v))[:, None])
 
     def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
         v = w0 + self.low_rank(factors, settings)
@@ -71,6 +94,8 @@ class DoRALayer(AdapterLayer):
         self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.settings.layer_kind == EMBEDDING:
+            return self.embedding_forward(x)
         f, s = self.factors, self.settings
         w0 = self.base_weight()
         lora_weight = (f["lora_B"] @ f["lora_A"]).detach()
@@ -84,3 +109,15 @@ class DoRALayer(AdapterLayer):
             base_result = result if self.bias is None else result - self.bias
         lora_result = F.linear(F.linear(x, f["lora_A"]), f["lora_B"])
         return result + ((mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * s.scale)
+
+    def embedding_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA embedding: m/||V|| * base(x) + m/||V|| * s * lookup(A)(x) @ B^T * embed_scale."""
+        f, s, layer = self.factors, self.settings, self.base_layer
+        a, b = f["lora_embedding_A"], f["lora_embedding_B"]
+        w0 = self.base_weight()  # (embedding_dim, num_embeddings)
+        norm = torch.linalg.vector_norm(w0 + s.scale * (b @ a).detach(), dim=1).detach()
+        mag_norm_scale = f[MAGNITUDE] / norm
+        hidden = F.embedding(x, a.T, layer.padding_idx, layer.max_norm, layer.norm_type,
+                             layer.scale_grad_by_freq, layer.sparse)
+        lora_result = mag_norm_scale * (hidden @ b.T) * s.scale * embed_scale(layer, hidden.dtype)
+        return mag_norm_scale * layer(x) + lora_result

@@ -23,6 +23,9 @@ from d2merge.methods.runtime import AdapterLayer
 # Direction entries with |B_dir @ A_dir| below this many fp32 ulps of the product's
 # scale may flip sign between dtypes or matmul orders.
 FLIP_MARGIN_ULPS = 64
+# Warm-up: B_mag starts uniform in [0, B_MAG_INIT) and dW is scaled by a factor ramping
+# 0 -> 1 over the first warm-up steps (folded into B_mag before saving).
+B_MAG_INIT = 1e-3
 
 
 def dual_sign(x: torch.Tensor) -> torch.Tensor:
@@ -48,6 +51,7 @@ class DualLoRA(Method):
     name = "dual_lora"
     peft_type = "DUAL_LORA"
     linear_tensors = ("lora_A_mag", "lora_B_mag", "lora_A_dir", "lora_B_dir")
+    random_init_tensors = frozenset({"lora_A_mag", "lora_A_dir"})
     row_factors = frozenset({"lora_B_mag", "lora_B_dir"})
 
     def parse_rank(self, raw: Mapping[str, Any], source: str) -> Any:
@@ -77,6 +81,17 @@ class DualLoRA(Method):
 
     def rank_of(self, tensors: Mapping[str, torch.Tensor], layer_kind: str) -> Any:
         return {"r_mag": tensors["lora_A_mag"].shape[0], "r_dir": tensors["lora_A_dir"].shape[0]}
+
+    rank_name = "r_mag/r_dir"
+
+    def example_config(self, r: int) -> dict[str, Any]:
+        return {"peft_type": self.peft_type, "r_mag": r, "r_dir": r}
+
+    def configured_rank(self, settings: ModuleSettings) -> Any:
+        return {k: settings.options[k] for k in ("r_mag", "r_dir")}
+
+    def rank_text(self, rank: Any) -> str:
+        return f"{rank['r_mag']}/{rank['r_dir']}"
 
     def delta_from(self, f: Mapping[str, torch.Tensor], settings: ModuleSettings, *, ste: bool = False) -> torch.Tensor:
         magnitude = torch.relu(f["lora_B_mag"] @ f["lora_A_mag"])
@@ -125,6 +140,20 @@ class DualLoRALayer(AdapterLayer):
         super().__init__(method, base_layer, tensors, settings, dropout=dropout)
         self.method = method
         self.warmup = 1.0
+
+    def start_training(self, generator: torch.Generator | None = None, init: float = B_MAG_INIT) -> bool:
+        """A small positive B_mag and warmup 0: dW stays exactly zero, yet gradients flow from step 1."""
+        with torch.no_grad():
+            b_mag = self.factors["lora_B_mag"]
+            b_mag.copy_(torch.rand(b_mag.shape, generator=generator).to(b_mag) * init)
+        self.warmup = 0.0
+        return True
+
+    def set_warmup(self, value: float) -> None:
+        self.warmup = value
+
+    def finish_training(self) -> None:
+        self.fold_warmup()
 
     def fold_warmup(self) -> None:
         """Scale B_mag by ``warmup`` and reset it to 1 (exact up to one rounding of B_mag)."""

@@ -58,18 +58,22 @@ def _one_of(*allowed: Any, what: str) -> Check:
     return check
 
 
-INIT_ACCEPTED = (True, False, "gaussian", "orthogonal", "eva")
+# True/False/gaussian/orthogonal/eva leave the base as it is (the trained factors are all saved);
+# pissa/olora make PEFT rebuild a residual base on load, which d2merge rebuilds the same way.
+INIT_ACCEPTED = (True, False, "gaussian", "orthogonal", "eva", "pissa", "olora")
 
 
 def _init(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
-    # These inits leave the base weight as it is, and the trained factors are all saved.
+    if value == "olora" and raw.get("fan_in_fan_out"):
+        return ("init_lora_weights 'olora' with fan_in_fan_out: PEFT's OLoRA factors the stored (in, out) weight "
+                "of a Conv1D layer, whose factors then do not fit the layer, so there is no merge to reproduce",
+                CONVERT_HINT)
     if any(value == a and type(value) is type(a) for a in INIT_ACCEPTED):
         return None
     text = str(value)
-    if text in ("pissa", "olora") or text.startswith("pissa_niter_"):
-        why = ("PEFT rebuilds a residual base (W0 minus the top-r part) when it loads this adapter"
-               + (", from a randomised SVD that cannot be reproduced" if text.startswith("pissa_niter_") else ""))
-        return f"init_lora_weights {value!r}: {why}; merging into W0 would be wrong", CONVERT_HINT
+    if text.startswith("pissa_niter_"):
+        return (f"init_lora_weights {value!r}: PEFT rebuilds a residual base from a randomised SVD when it loads "
+                "this adapter, which cannot be reproduced; merging into W0 would be wrong", CONVERT_HINT)
     if text in ("corda", "lora_ga", "loftq"):
         return (f"init_lora_weights {value!r}: the adapter was trained on a base changed with data or "
                 "quantization that adapter_config.json does not hold", CONVERT_HINT)
@@ -83,6 +87,38 @@ def _alora(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
     return ("alora_invocation_tokens: an aLoRA adapter is active only after its invocation tokens appear in "
             "the input, so no single merged weight reproduces it (PEFT refuses to merge it too)",
             "serve it unmerged with PEFT, or train a plain LoRA adapter")
+
+
+def _lora_bias(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
+    if value is True and raw.get("use_dora"):
+        return "lora_bias with use_dora: PEFT does not support this pair, so no PEFT merge exists to reproduce", \
+            "train the adapter with one of them"
+    if value in (None, False, True) and type(value) in (type(None), bool):
+        return None
+    return f"lora_bias: value {value!r} is not true or false", "accepted: true, false"
+
+
+def _token_indices(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
+    def ints(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+    if value is None or ints(value) or (isinstance(value, dict) and value
+                                        and all(isinstance(k, str) and ints(v) for k, v in value.items())):
+        return None
+    return (f"trainable_token_indices: {value!r} is neither a list of token ids nor {{module: [token ids]}}",
+            "write it as PEFT does")
+
+
+def _target_parameters(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
+    if value in (None, []):
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return f"target_parameters: {value!r} is not a list of parameter names", "write it as PEFT does"
+    fused = [v for v in value if not v.endswith(".weight")]
+    if not fused:
+        return None  # LoRA on a layer's 2-D weight: PEFT's delta is the plain s * B @ A
+    return (f"target_parameters {fused[0]!r}: LoRA on a fused MoE expert parameter; transformers 5 fuses experts "
+            "in memory but saves them per expert (w1/w2/w3), and PEFT's keys do not name the parameter, so d2merge "
+            "does not merge it", "merge with PEFT's merge_and_unload and save_pretrained")
 
 
 def _bias(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -118,17 +154,20 @@ TABLE: tuple[Field, ...] = (
     Field("bias", LORA, HONOURED, "\"none\", \"lora_only\" (saved biases replace the base's); \"all\" is "
                                   "accepted here and its non-LoRA bias tensors are refused by the planner", _bias),
     Field("init_lora_weights", LORA, HONOURED, "true, false, \"gaussian\", \"orthogonal\", \"eva\" (base unchanged); "
-                                               "refused: \"pissa\", \"pissa_niter_*\", \"olora\", \"corda\", "
-                                               "\"loftq\", \"lora_ga\", \"mica\"", _init),
+                                               "\"pissa\" (SVD) and \"olora\" (QR, not with fan_in_fan_out): the "
+                                               "residual base PEFT rebuilds on load is rebuilt; refused: "
+                                               "\"pissa_niter_*\" (randomised), \"corda\", \"loftq\", "
+                                               "\"lora_ga\", \"mica\"", _init),
     Field("layers_to_transform", LORA, HONOURED, "a list or an integer (which layers got factors; the merge "
                                                  "follows the saved factors)"),
     Field("layers_pattern", LORA, HONOURED, "a list or a string, with layers_to_transform"),
-    Field("use_dora", LORA, HONOURED, "true (DoRA on linear layers), false"),
+    Field("use_dora", LORA, HONOURED, "true (DoRA on linear and embedding layers), false"),
     Field("megatron_config", LORA, REFUSED, "null", _off(None, {}, what="megatron_config (Megatron parallel "
                                                           "layers)", hint=NOT_IMPLEMENTED)),
     Field("megatron_core", LORA, NEUTRAL, "any (a module name, used only with megatron_config)"),
-    Field("trainable_token_indices", LORA, REFUSED, "null", _off(None, [], {}, what="trainable_token_indices "
-          "(trainable token rows)", hint="merge with PEFT's merge_and_unload")),
+    Field("trainable_token_indices", LORA, HONOURED, "null, [token ids] (input embedding) or {module: [token ids]}: "
+                                                     "the trained rows replace the base's (a tied lm_head follows, "
+                                                     "as in PEFT)", _token_indices),
     Field("loftq_config", LORA, NEUTRAL, "any (read only with init_lora_weights \"loftq\", which is refused)"),
     Field("eva_config", LORA, NEUTRAL, "any (EVA only initialises the factors, which are saved)"),
     Field("corda_config", LORA, NEUTRAL, "any (read only with init_lora_weights \"corda\", which is refused)"),
@@ -144,10 +183,11 @@ TABLE: tuple[Field, ...] = (
     Field("layer_replication", LORA, REFUSED, "null", _off(None, [], what="layer_replication (the adapted model "
           "has more layers than the base)", hint=NOT_IMPLEMENTED)),
     Field("runtime_config", LORA, NEUTRAL, "any (runtime-only, PEFT does not save it)"),
-    Field("lora_bias", LORA, REFUSED, "false", _off(False, what="lora_bias (a trained lora_B bias)",
-                                                   hint="merge with PEFT's merge_and_unload")),
-    Field("target_parameters", LORA, REFUSED, "null", _off(None, [], what="target_parameters (LoRA on fused "
-          "MoE expert parameters)", hint="merge with PEFT's merge_and_unload")),
+    Field("lora_bias", LORA, HONOURED, "true (b + s * lora_B.bias; refused on a layer without bias, as PEFT "
+                                       "does), false", _lora_bias),
+    Field("target_parameters", LORA, HONOURED, "null, or names of 2-D weights (\"self_attn.q_proj.weight\", "
+                                               "merged as LoRA on that layer); refused: fused MoE expert "
+                                               "parameters (\"mlp.experts.gate_up_proj\")", _target_parameters),
     Field("use_bdlora", LORA, REFUSED, "null", _off(None, {}, False, what="use_bdlora (block-diagonal LoRA)",
                                                    hint=NOT_IMPLEMENTED)),
     Field("arrow_config", LORA, REFUSED, "null", _off(None, {}, what="arrow_config (Arrow routing over several "

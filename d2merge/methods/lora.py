@@ -12,8 +12,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from d2merge.methods.base import EMBEDDING, Method, ModuleSettings
-from d2merge.methods.runtime import AdapterLayer
+from d2merge.methods import trainable_tokens
+from d2merge.methods.base import BIAS, EMBEDDING, TOKENS, Method, ModuleSettings
+from d2merge.methods.runtime import AdapterLayer, embed_scale
+
+# lora_bias: PEFT gives lora_B a bias, scaled with the rest of the branch: b_merged = b0 + s * lora_B.bias.
+LORA_BIAS = "lora_bias"
 
 
 class LoRA(Method):
@@ -21,25 +25,42 @@ class LoRA(Method):
     peft_type = "LORA"
     linear_tensors = ("lora_A", "lora_B")
     embedding_tensors = ("lora_embedding_A", "lora_embedding_B")
+    random_init_tensors = frozenset({"lora_A", "lora_embedding_A"})
+
+    def example_config(self, r: int) -> dict[str, Any]:
+        # PEFT's LoRA and DoRA share peft_type LORA; use_dora tells them apart.
+        return {"peft_type": self.peft_type, "r": r, "use_dora": self.name == "dora"}
     row_factors = frozenset({"lora_B", "lora_embedding_B"})
+    optional_linear_tensors = {LORA_BIAS: "lora_B.bias"}
 
     def expected_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
-        a, b = self.tensor_names(settings.layer_kind)
+        a, b = self.tensor_names(settings.layer_kind)[:2]
         return {a: (settings.r, in_features), b: (out_features, settings.r)}
+
+    def optional_shapes(self, settings: ModuleSettings, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        return {LORA_BIAS: (out_features,)}
+
+    def merged_bias(self, b0: torch.Tensor, factors: Mapping[str, torch.Tensor],
+                    settings: ModuleSettings) -> torch.Tensor:
+        return b0.add_(factors[LORA_BIAS], alpha=settings.scale)
 
     def rank_of(self, tensors: Mapping[str, torch.Tensor], layer_kind: str) -> Any:
         return tensors[self.tensor_names(layer_kind)[0]].shape[0]
 
     def low_rank(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
-        a, b = self.tensor_names(settings.layer_kind)
+        a, b = self.tensor_names(settings.layer_kind)[:2]
         return settings.scale * (factors[b] @ factors[a])
 
     def update(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
+        if settings.layer_kind == TOKENS:
+            return factors[trainable_tokens.DELTA]  # the new rows themselves
+        if settings.part == BIAS:
+            return settings.scale * factors[LORA_BIAS]
         return self.low_rank(factors, settings)
 
     def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
                     rows: slice) -> torch.Tensor:
-        a, b = self.tensor_names(settings.layer_kind)
+        a, b = self.tensor_names(settings.layer_kind)[:2]
         # W0 + s * (B @ A), fused into one pass over the rows.
         return w.addmm_(factors[b][rows], factors[a], alpha=settings.scale)
 
@@ -54,7 +75,7 @@ class LoRALayer(AdapterLayer):
     def __init__(self, method: LoRA, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,
                  settings: ModuleSettings, *, dropout: float = 0.0):
         super().__init__(method, base_layer, tensors, settings, dropout=dropout)
-        self.a_name, self.b_name = method.tensor_names(settings.layer_kind)
+        self.a_name, self.b_name = method.tensor_names(settings.layer_kind)[:2]
 
     def low_rank_output(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors[self.a_name], self.factors[self.b_name]
@@ -62,9 +83,11 @@ class LoRALayer(AdapterLayer):
             layer = self.base_layer
             hidden = F.embedding(x, a.T, layer.padding_idx, layer.max_norm, layer.norm_type,
                                  layer.scale_grad_by_freq, layer.sparse)
-        else:
-            hidden = F.linear(self.dropout(x), a)
-        return self.settings.scale * F.linear(hidden, b)
+            # Gemma's scaled embedding multiplies its lookup; PEFT scales the adapter's part too.
+            return self.settings.scale * F.linear(hidden, b) * embed_scale(layer, hidden.dtype)
+        hidden = F.linear(self.dropout(x), a)
+        bias = self.factors[LORA_BIAS] if LORA_BIAS in self.factors else None
+        return F.linear(hidden, b, bias) * self.settings.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.low_rank_output(x)

@@ -11,9 +11,8 @@ from typing import Mapping
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from d2merge.methods.base import EMBEDDING, Method, ModuleSettings
+from d2merge.methods.base import Method, ModuleSettings
 
 
 class AdapterLayer(nn.Module):
@@ -23,7 +22,7 @@ class AdapterLayer(nn.Module):
                  settings: ModuleSettings, *, dropout: float = 0.0):
         super().__init__()
         if factors is None:
-            factors = init_factors(method.expected_shapes(settings, *layer_shape(base_layer, settings)))
+            factors = method.init_factors(method.expected_shapes(settings, *layer_shape(base_layer, settings)))
         self.base_layer = base_layer
         self.settings = settings
         weight = base_layer.weight
@@ -34,10 +33,15 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         for p in base_layer.parameters():
             p.requires_grad_(False)
+        if settings.base_init is not None:
+            # PiSSA/OLoRA: PEFT rebuilds the base layer's weight as the residual on load; so do we.
+            with torch.no_grad():
+                base = method.effective_base(self.base_weight().float(), settings)
+                base_layer.weight.copy_(base.T if self.transposed else base)
 
     @property
     def transposed(self) -> bool:
-        return self.settings.fan_in_fan_out or self.settings.layer_kind == EMBEDDING
+        return self.settings.transposed
 
     def base_weight(self) -> torch.Tensor:
         """The frozen base weight as (out, in)."""
@@ -48,36 +52,28 @@ class AdapterLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    def apply_weight(self, x: torch.Tensor, weight_oriented: torch.Tensor) -> torch.Tensor:
-        """The base layer's operation with a replacement (out, in) weight and the base bias."""
-        if self.settings.layer_kind == EMBEDDING:
-            layer = self.base_layer
-            return F.embedding(x, weight_oriented.T, layer.padding_idx, layer.max_norm, layer.norm_type,
-                               layer.scale_grad_by_freq, layer.sparse)
-        return F.linear(x, weight_oriented, self.bias)
+    # Training hooks: a method whose init cannot train as is (Dual LoRA: relu'(0) = 0) overrides them.
+    def start_training(self, generator: torch.Generator | None = None) -> bool:
+        """Prepare the factors for training from the init; True when the layer needs the warm-up ramp."""
+        return False
+
+    def set_warmup(self, value: float) -> None:
+        """Where the warm-up ramp is (0 -> 1), set before each step while ``start_training`` asked for it."""
+
+    def finish_training(self) -> None:
+        """Fold any training-only state into the factors, so the saved adapter follows the merge formula."""
 
     def extra_repr(self) -> str:
         return f"module={self.settings.module}, r={self.settings.r}, scale={self.settings.scale:g}"
 
 
-def init_factors(shapes: Mapping[str, tuple[int, ...]], *, generator: torch.Generator | None = None
-                 ) -> dict[str, torch.Tensor]:
-    """Fresh factors for training: every ``A`` random (Kaiming-uniform as PEFT), every ``B`` zero.
-
-    With B zero the adapter starts exactly at the base model. Each ``A``
-    (``A_pos`` and ``A_neg`` too) gets its own draw, so the branches differ.
-    """
-    factors: dict[str, torch.Tensor] = {}
-    for name, shape in shapes.items():
-        if "_A" in name or name.endswith("embedding_A"):
-            bound = (3.0 / shape[1]) ** 0.5
-            factors[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-        else:
-            factors[name] = torch.zeros(shape)
-    return factors
+def embed_scale(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor | float:
+    """The factor a scaled embedding (Gemma's ``embed_scale``) applies to its lookups; 1 for a plain one."""
+    scale = getattr(layer, "embed_scale", None)
+    return 1.0 if scale is None else torch.as_tensor(scale).to(dtype)
 
 
 def layer_shape(base_layer: nn.Module, settings: ModuleSettings) -> tuple[int, int]:
     """(out, in) of a base layer in the formula's orientation."""
     rows, cols = base_layer.weight.shape
-    return (cols, rows) if (settings.fan_in_fan_out or settings.layer_kind == EMBEDDING) else (rows, cols)
+    return (cols, rows) if settings.transposed else (rows, cols)

@@ -3,7 +3,7 @@
 Why not hash each file on its own: a separate pass reads every base byte a
 second time (2.3 s of a 4.1 s 1.1B merge; with direct reads it doubled the 7B
 time, because nothing was left in page cache for it). Here the engine's reader
-hands each tensor it read to :meth:`SourceHasher.saw`; a hashing thread feeds
+hands each tensor it read to :meth:`BackgroundHashes.saw`; a hashing thread feeds
 those bytes to the file's sha256 in file order (hashlib releases the GIL, so
 this runs on the other core while the main thread computes). Bytes the merge
 never reads (headers, tensors copied kernel-side, or tensors read out of file
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from d2merge import profile
+import d2merge.profile as profile
 
 _BLOB_SHA256 = re.compile(r"[0-9a-f]{64}")
 _GAP_BLOCK = 8 * 1024 * 1024
@@ -64,12 +64,14 @@ class HashStats:
     blob_names_used: int = 0
 
 
-class SourceHasher:
+class BackgroundHashes:
     """Hashes a fixed set of files from ranges the reader saw, in one background thread.
 
-    ``files`` maps a label (``base/model.safetensors``) to the file. Call
-    :meth:`saw` for every range read (with a callback that frees the buffer),
-    then :meth:`finish` for ``{label: hex digest}``.
+    ``files`` maps a label (``base/model.safetensors``) to the file. The engine
+    calls :meth:`saw` for every range it read (with a callback that frees the
+    buffer); :meth:`result` then gives ``{label: hex digest}``. A file that
+    cannot be read is recorded as ``unreadable``: the merge itself reports
+    unreadable weights with a better message.
     """
 
     def __init__(self, files: dict[str, Path]):
@@ -161,7 +163,7 @@ class SourceHasher:
         except OSError:
             entry.failed = True
 
-    def finish(self) -> dict[str, str]:
+    def result(self) -> dict[str, str]:
         """Wait for the hashing thread; ``{label: sha256 hex}`` (``unreadable`` for a file that failed)."""
         if not self._done:
             self._queue.put(None)

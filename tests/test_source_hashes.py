@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from d2merge.io.checkpoint import SafetensorsFiles
-from d2merge.io.source_hash import UNREADABLE, SourceHasher, hub_blob_sha256
+from d2merge.io.source_hashes import UNREADABLE, BackgroundHashes, hub_blob_sha256
 from d2merge.io.tensor_reader import TensorReader
 from d2merge.io.safetensors_file import save_tensors
 
@@ -39,12 +39,12 @@ def test_digest_equals_hashlib_whatever_the_reads(weights: Path, order: str) -> 
     names = _offset_order(source)
     reads = {"file": names, "reversed": names[::-1], "repeated": names[:3] + names[:2] + names[2:],
              "partial": names[1::2], "none": []}[order]
-    hasher = SourceHasher({"base/model.safetensors": weights})
+    hasher = BackgroundHashes({"base/model.safetensors": weights})
     reader = TensorReader(hasher, slots=2)
     for name in reads:
         expected = source.read(name).clone()
         assert torch.equal(reader.read(source, name), expected)  # the reader's bytes are the tensor's
-    assert hasher.finish() == {"base/model.safetensors": _digest(weights)}
+    assert hasher.result() == {"base/model.safetensors": _digest(weights)}
     if order == "file":
         # Only the header was read by the hasher itself: every tensor byte was read once.
         header = source.byte_range(names[0])[1]
@@ -55,18 +55,18 @@ def test_digest_equals_hashlib_whatever_the_reads(weights: Path, order: str) -> 
 def test_ring_buffers_are_not_overwritten_while_hashed(weights: Path) -> None:
     """With one slot the reader must wait for the hasher before reusing the buffer: digest still right."""
     source = SafetensorsFiles([weights])
-    hasher = SourceHasher({"w": weights})
+    hasher = BackgroundHashes({"w": weights})
     reader = TensorReader(hasher, slots=1)
     for name in _offset_order(source) * 2:
         reader.read(source, name)
-    assert hasher.finish()["w"] == _digest(weights)
+    assert hasher.result()["w"] == _digest(weights)
 
 
 def test_several_files_and_labels(weights: Path, tmp_path: Path) -> None:
     other = tmp_path / "adapter_config.json"
     other.write_text('{"r": 8}')
-    hasher = SourceHasher({"base/model.safetensors": weights, "adapter/adapter_config.json": other})
-    assert hasher.finish() == {"base/model.safetensors": _digest(weights),
+    hasher = BackgroundHashes({"base/model.safetensors": weights, "adapter/adapter_config.json": other})
+    assert hasher.result() == {"base/model.safetensors": _digest(weights),
                                "adapter/adapter_config.json": _digest(other)}
 
 
@@ -80,9 +80,9 @@ def test_hub_cache_blob_name_is_used_not_rehashed(weights: Path, tmp_path: Path)
     os.replace(weights, blobs / digest)
     (snapshot / "model.safetensors").symlink_to(blobs / digest)
     assert hub_blob_sha256(snapshot / "model.safetensors") == digest
-    hasher = SourceHasher({"base/model.safetensors": snapshot / "model.safetensors"})
+    hasher = BackgroundHashes({"base/model.safetensors": snapshot / "model.safetensors"})
     assert not hasher.wants(snapshot / "model.safetensors")
-    assert hasher.finish() == {"base/model.safetensors": digest}
+    assert hasher.result() == {"base/model.safetensors": digest}
     assert hasher.stats.hashed_bytes == 0 and hasher.stats.blob_names_used == 1
     # a git blob (40-hex sha1 name) is not a sha256: hashed as usual
     (blobs / ("a" * 40)).write_bytes(b"{}")
@@ -92,20 +92,20 @@ def test_hub_cache_blob_name_is_used_not_rehashed(weights: Path, tmp_path: Path)
 def test_unreadable_and_shrunk_files(weights: Path, tmp_path: Path) -> None:
     source = SafetensorsFiles([weights])
     names = _offset_order(source)
-    hasher = SourceHasher({"gone": tmp_path / "missing.bin", "w": weights})
+    hasher = BackgroundHashes({"gone": tmp_path / "missing.bin", "w": weights})
     reader = TensorReader(hasher)
     reader.read(source, names[0])
     with open(weights, "r+b") as fh:  # shrinks under the merge: never a digest of half a file
         fh.truncate(source.byte_range(names[2])[1])
     reader.read(source, names[0])
-    hashes = hasher.finish()
+    hashes = hasher.result()
     assert hashes["gone"] == UNREADABLE
     assert hashes["w"] == UNREADABLE
 
 
 def test_abandon_releases_buffers(weights: Path) -> None:
     source = SafetensorsFiles([weights])
-    hasher = SourceHasher({"w": weights})
+    hasher = BackgroundHashes({"w": weights})
     reader = TensorReader(hasher, slots=1)
     for name in _offset_order(source):
         reader.read(source, name)

@@ -1,0 +1,107 @@
+"""The Hugging Face folder a merge writes: shards, index, config, tokenizer files, model card.
+
+The engine (``d2merge.engine``) streams the shards into a hidden temp folder;
+this module adds what turns those shards into a folder ``transformers`` loads
+(the index, the config with the output dtype, the copied tokenizer files) and
+the model card, then renames the folder into place, so an interrupted run
+leaves no folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from d2merge.device import ComputeDevice
+from d2merge.engine import write_tensors
+from d2merge.export.model_card import CardInfo, render_model_card
+from d2merge.io.checkpoint import SAFETENSORS_INDEX
+from d2merge.io.output import TEMP_MARKER, AtomicFolder, copy_support_files, disk_error, write_json, write_text
+from d2merge.io.source_hashes import BackgroundHashes
+from d2merge.plan import MergePlan, TensorPlan
+
+
+def write_hf_folder(merge_plan: MergePlan, out: Path, *, overwrite: bool = False,
+                    device: str | torch.device | ComputeDevice = "cpu",
+                    progress: bool = False, on_tensor: Callable[[TensorPlan], None] | None = None,
+                    hashes: BackgroundHashes | None = None) -> tuple[list[str], dict[str, str]]:
+    """Write the merged folder at ``out`` atomically; returns (file names written, source hashes).
+
+    ``hashes``, when given, is fed by the engine's reads and waited for after the
+    last shard: the card records them.
+    """
+    with AtomicFolder(out, overwrite=overwrite) as folder:
+        written = write_tensors(merge_plan, folder.temp, device=device, progress=progress,
+                                on_tensor=on_tensor, hasher=hashes)
+        digests = hashes.result() if hashes is not None else {}
+        written += write_metadata(merge_plan, folder.temp, digests)
+        folder.commit()
+    return written, digests
+
+
+def write_metadata(merge_plan: MergePlan, folder: Path, hashes: dict[str, str]) -> list[str]:
+    """Index, config, copied tokenizer files and the model card: written only after every shard."""
+    written: list[str] = []
+    if len(merge_plan.shard_names) > 1:
+        weight_map = {t.name: merge_plan.shard_names[t.shard] for t in merge_plan.tensors}
+        write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": merge_plan.total_bytes},
+                                                "weight_map": dict(sorted(weight_map.items()))})
+        written.append(SAFETENSORS_INDEX)
+    if merge_plan.base.config is not None:
+        config = dict(merge_plan.base.config)
+        for key, value in merge_plan.config_updates.items():
+            config[key] = value
+        if "dtype" in merge_plan.config_updates and "torch_dtype" in config:
+            config["torch_dtype"] = merge_plan.config_updates["dtype"]
+        write_json(folder / "config.json", config)
+        written.append("config.json")
+    written += copy_support_files(merge_plan.base.folder, folder, merge_plan.base.weight_files)
+    write_text(folder / "README.md", render_model_card(card_info(merge_plan, hashes)))
+    written.append("README.md")
+    return written
+
+
+def card_info(merge_plan: MergePlan, hashes: dict[str, str], verify_table: str | None = None) -> CardInfo:
+    """What the card (and the single-file and GGUF provenance) says about a merge."""
+    cfg = merge_plan.adapter.config
+    settings: dict[str, Any] = {"r": cfg.r} if cfg.r else {}
+    settings.update({"lora_alpha": cfg.lora_alpha, **cfg.options})
+    settings.update({"target_modules": ", ".join(sorted(merge_plan.adapter.modules))
+                     if len(merge_plan.adapter.modules) <= 8 else f"{len(merge_plan.adapter.modules)} modules"})
+    if cfg.use_rslora:
+        settings["use_rslora"] = True
+    if cfg.rank_pattern:
+        settings["rank_pattern"] = dict(cfg.rank_pattern)
+    if cfg.alpha_pattern:
+        settings["alpha_pattern"] = dict(cfg.alpha_pattern)
+    base_name = cfg.base_model_name_or_path
+    if not base_name or Path(base_name).is_absolute() or base_name.startswith(".") or Path(base_name).exists():
+        # A local path is no Hub id: name the base only when it came from the Hub cache.
+        base_name = _hub_id_from_cache(merge_plan.base.location)
+    return CardInfo(base_model=base_name, method=merge_plan.adapter.method.name, settings=settings,
+                    source_hashes=dict(sorted(hashes.items())), out_dtype=merge_plan.out_dtype,
+                    notes=merge_plan.notes, verify_table=verify_table)
+
+
+def _hub_id_from_cache(location: Path) -> str | None:
+    """``org/name`` when the base came from the Hub cache (models--org--name/snapshots/<sha>)."""
+    for part in location.parts:
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/", 1)
+    return None
+
+
+def add_verify_table_to_card(folder: Path, merge_plan: MergePlan, hashes: dict[str, str], verify_table: str) -> Path:
+    """Rewrite the model card of a finished merge with the verify table (atomic replace)."""
+    card = folder / "README.md"
+    staged = folder / f".README.md{TEMP_MARKER}{os.getpid()}"
+    write_text(staged, render_model_card(card_info(merge_plan, hashes, verify_table)))
+    try:
+        os.replace(staged, card)
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        raise disk_error(exc, card) from None
+    return card

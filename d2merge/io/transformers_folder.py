@@ -1,0 +1,80 @@
+"""The one place d2merge hands a model folder to transformers: models, tokenizers, configs.
+
+A folder whose config.json or tokenizer_config.json has an ``auto_map`` ships its own
+Python (``configuration_*.py``, ``modeling_*.py``, ``tokenization_*.py``) that transformers
+would import, or ask about on stdin. d2merge never runs code from a model folder, so such a
+folder is refused before transformers sees it, and every call passes
+``trust_remote_code=False`` so that nothing slips past the check either.
+Nothing else in d2merge calls ``from_pretrained`` (tests/test_security.py checks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d2merge.errors import D2MergeError
+
+CODE_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+CODE_HINT = ("d2merge never runs code from a model folder; use a model whose architecture transformers "
+             "supports natively, or remove auto_map if the folder works without its code")
+
+
+def refuse_custom_code(folder: Path) -> None:
+    """Refuse a folder that asks transformers to import its own Python (an ``auto_map``)."""
+    from d2merge.io.json_file import read_json
+
+    for name in CODE_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = read_json(path, name)
+        configs = [data] if isinstance(data, dict) else []
+        if isinstance(data, dict):  # composite models nest their parts' configs
+            configs += [v for v in data.values() if isinstance(v, dict)]
+        if any("auto_map" in c for c in configs):
+            raise D2MergeError(f"{name} has an auto_map: the folder ships its own code", path=path, hint=CODE_HINT)
+
+
+def _folder_of(location: str | Path) -> Path:
+    location = Path(location)
+    return location if location.is_dir() else location.parent
+
+
+def load_model(location: str | Path, *, dtype: torch.dtype = torch.float32, gguf_file: str | None = None) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` without remote code, safetensors (or GGUF) only."""
+    from transformers import AutoModelForCausalLM
+
+    from d2merge.runtime import quiet_transformers
+
+    folder = _folder_of(location)
+    refuse_custom_code(folder)
+    extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, **extra)
+
+
+def load_tokenizer(location: str | Path, *, fast_generic: bool = False, gguf_file: str | None = None) -> Any:
+    """The folder's tokenizer without remote code; ``fast_generic`` skips AutoTokenizer's class lookup."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from d2merge.runtime import quiet_transformers
+
+    folder = _folder_of(location)
+    refuse_custom_code(folder)
+    extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    with quiet_transformers():
+        if fast_generic:
+            return PreTrainedTokenizerFast.from_pretrained(folder, trust_remote_code=False, **extra)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **extra)
+
+
+def load_config(location: str | Path) -> Any:
+    """The folder's transformers config without remote code."""
+    from transformers import AutoConfig
+
+    folder = _folder_of(location)
+    refuse_custom_code(folder)
+    return AutoConfig.from_pretrained(folder, trust_remote_code=False)
