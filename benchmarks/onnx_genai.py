@@ -46,11 +46,11 @@ class TorchRunner:
             started = time.perf_counter()
             out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
             prefill = time.perf_counter() - started
-            past, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+            past, token, steps = out.cache, out.logits[:, -1:].argmax(-1), []
             for _ in range(tokens):
                 started = time.perf_counter()
-                out = self.model(input_ids=token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = self.model(input_ids=token, cache=past, use_cache=True)
+                past, token = out.cache, out.logits[:, -1:].argmax(-1)
                 steps.append(time.perf_counter() - started)
         return prefill, steps
 

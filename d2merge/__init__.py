@@ -6,15 +6,61 @@ The Python API is what the command line uses::
     d2merge.plan("./base", "./adapter").describe()          # what would change
     d2merge.merge("./base", "./adapter", "./merged", dtype="bf16")
     d2merge.load_adapter("./adapter").config
+
+The names below are imported on first use (PEP 562): ``import d2merge`` and
+``d2merge --help`` stay fast because torch loads only when a merge needs it.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from d2merge.errors import D2MergeError, VerificationFailed  # noqa: E402
-from d2merge.io import load_adapter, open_base  # noqa: E402
-from d2merge.merge import MergeOptions, MergeResult, merge, plan  # noqa: E402
+
+# name -> module that defines it
+_LAZY = {"load_adapter": "d2merge.io", "open_base": "d2merge.io", "MergeOptions": "d2merge.options",
+         "MergeResult": "d2merge.merge", "merge": "d2merge.merge", "plan": "d2merge.merge"}
 
 __all__ = ["D2MergeError", "MergeOptions", "MergeResult", "VerificationFailed", "__version__", "load_adapter",
            "merge", "open_base", "plan"]
+
+if TYPE_CHECKING:
+    from d2merge.io import load_adapter, open_base
+    from d2merge.merge import MergeResult, merge, plan
+    from d2merge.options import MergeOptions
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'd2merge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``d2merge.merge`` and ``d2merge.plan`` the functions when their submodules load.
+
+    Importing a submodule sets it as an attribute of the package; ``merge`` and
+    ``plan`` are both submodules and the API's functions, and the functions win
+    (as they did when this package imported them eagerly). The submodules stay
+    importable by their full names.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("merge", "plan") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -15,18 +15,31 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from d2merge.errors import D2MergeError
 
+if TYPE_CHECKING:  # imported where used: the CLI reads VARIANTS without loading torch
+    import torch
+
 SCHEMA_VERSION = 1
 VARIANTS = ("base", "unmerged", "merged", "onnx")
+# Runtimes from optional extras: llama_cpp (a GGUF export in llama.cpp, extra gguf-llama; measured by
+# default when llama-cpp-python is installed) and genai (an onnxruntime-genai build, extra genai).
+# Both run one sequence at a time here, so they get the batch-1 cells of the grid only.
+EXTRA_VARIANTS = ("llama_cpp", "genai")
+ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
 # Throughput ratios reported per grid cell: name -> (numerator variant, denominator variant).
 RATIOS = {"merged_over_unmerged": ("merged", "unmerged"), "merged_over_base": ("merged", "base"),
-          "onnx_over_pytorch": ("onnx", "merged")}
+          "onnx_over_pytorch": ("onnx", "merged"), "llama_cpp_over_pytorch": ("llama_cpp", "merged"),
+          "genai_over_pytorch": ("genai", "merged")}
+
+
+def default_variants() -> tuple[str, ...]:
+    """The four core variants, plus llama_cpp when llama-cpp-python is installed."""
+    import importlib.util
+
+    return VARIANTS + (("llama_cpp",) if importlib.util.find_spec("llama_cpp") is not None else ())
 
 
 @dataclass(frozen=True)
@@ -126,15 +139,23 @@ def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
 
 
 def _inputs(vocab: int, batch: int, seq: int, seed: int) -> torch.Tensor:
+    import torch
+
     generator = torch.Generator().manual_seed(seed + 1000 * batch + seq)
     return torch.randint(0, vocab, (batch, seq), generator=generator)
 
 
 def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -> list[BenchRow]:
     """Prefill grid and KV-cache decode for a PyTorch causal LM."""
+    import torch
+    from tqdm.auto import tqdm
+
     vocab = model.config.vocab_size
     rows = []
-    with torch.inference_mode():
+    cells = len(settings.batch_sizes) * len(settings.seq_lens) + len(settings.decode_batch_sizes)
+    # disable=None: a bar on a terminal, nothing in a pipe or a CI log.
+    bar = tqdm(total=cells, desc=f"bench {variant}", unit="cell", disable=None, leave=False)
+    with bar, torch.inference_mode():
         for batch in settings.batch_sizes:
             for seq in settings.seq_lens:
                 ids = _inputs(vocab, batch, seq, settings.seed)
@@ -142,32 +163,76 @@ def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -
                 timings = _time(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False),
                                 settings.warmup, settings.repeats)
                 rows.append(_summarise(variant, "prefill", batch, seq, timings, batch * seq))
+                bar.update()
         for batch in settings.decode_batch_sizes:
             ids = _inputs(vocab, batch, settings.decode_prompt_len, settings.seed)
             step_timings: list[float] = []
             for run in range(settings.warmup + settings.repeats):
                 out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                # transformers 5 names the KV cache `cache` (argument and output); `past_key_values`
+                # still works but warns on every call.
+                past, token = out.cache, out.logits[:, -1:].argmax(-1)
                 length = ids.shape[1]
                 for _ in range(settings.decode_tokens):
                     length += 1
                     mask = torch.ones((batch, length), dtype=torch.long)
                     started = time.perf_counter()
-                    out = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
-                    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                    out = model(input_ids=token, attention_mask=mask, cache=past, use_cache=True)
+                    past, token = out.cache, out.logits[:, -1:].argmax(-1)
                     if run >= settings.warmup:
                         step_timings.append(time.perf_counter() - started)
             rows.append(_summarise(variant, "decode", batch, settings.decode_prompt_len, step_timings, batch))
+            bar.update()
     return rows
 
 
-def bench_onnx(onnx_path: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
-    """Prefill grid for an ONNX graph without past (input_ids, attention_mask -> logits) on the CPU."""
+def open_onnx_session(onnx_path: Path) -> Any:
+    """An ONNX Runtime CPU session, or one line when the file is not an ONNX model it can run."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...), all Exception
+        detail = " ".join(str(exc).split())[:200]
+        raise D2MergeError(f"ONNX Runtime cannot load this file as an ONNX model ({type(exc).__name__}: {detail})",
+                           path=onnx_path, hint="pass a graph written by `d2merge export-onnx`") from None
+
+
+def check_merged_pairing(base: Any, adapter: Any, merged: str | Path) -> None:
+    """Refuse a MERGED folder that is not a merge of this base and adapter, as verify would.
+
+    Benchmarking an unrelated model against the unmerged one would print a table that means
+    nothing; verify's weight check (copied tensors bit for bit, merged ones against fp64) tells.
+    """
+    from d2merge.io.checkpoint import open_base
+    from d2merge.plan import build_plan
+    from d2merge.verify import check_weights, stored_dtype, thresholds_for
+
+    merged_ckpt = open_base(merged)
+    dtype = stored_dtype(build_plan(base, adapter), merged_ckpt)
+    layers, _, mismatched, missing = check_weights(build_plan(base, adapter, dtype=dtype), merged_ckpt)
+    hint = "pass the folder `d2merge merge BASE ADAPTER` wrote, or leave out --merged"
+    if missing:
+        raise D2MergeError(f"MERGED lacks {len(missing)} tensor(s) of this base (first: {missing[0]})",
+                           path=merged_ckpt.location, hint=hint)
+    if mismatched:
+        raise D2MergeError("MERGED is not a merge of this base: a tensor the adapter does not touch differs",
+                           path=merged_ckpt.tensors.file_of(mismatched[0]), tensor=mismatched[0], hint=hint)
+    limit = thresholds_for(dtype).max_ulp
+    worst = max(layers, key=lambda layer: layer.max_ulp_error, default=None)
+    if worst is not None and not worst.max_ulp_error <= limit:
+        raise D2MergeError(f"MERGED is not a merge of this adapter: weight error {worst.max_ulp_error:.3g} ulp "
+                           f"> {limit:g}", path=merged_ckpt.tensors.file_of(worst.tensor), tensor=worst.tensor,
+                           hint=hint)
+
+
+def bench_onnx(onnx_path: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
+    """Prefill grid for an ONNX graph without past (input_ids, attention_mask -> logits) on the CPU."""
+    import numpy as np
+
+    session = open_onnx_session(onnx_path)
     names = {i.name for i in session.get_inputs()}
     if any(n.startswith("past_key_values") for n in names):
         raise D2MergeError("bench needs an ONNX graph without past for the prefill grid", path=onnx_path,
@@ -182,18 +247,100 @@ def bench_onnx(onnx_path: Path, vocab: int, settings: BenchSettings) -> list[Ben
     return rows
 
 
+def bench_llama_cpp(gguf_path: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
+    """Batch-1 prefill cells and decode of a GGUF in llama.cpp (llama-cpp-python), as many threads as torch."""
+    import numpy as np
+    import torch
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise D2MergeError("the llama_cpp variant needs llama-cpp-python",
+                           hint="pip install 'd2merge[gguf-llama]' (builds llama.cpp from source)") from None
+    longest = max([*settings.seq_lens, settings.decode_prompt_len + settings.decode_tokens]) + 8
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=longest, n_batch=longest, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    rows = []
+    for seq in settings.seq_lens if 1 in settings.batch_sizes else ():
+        ids = _inputs(vocab, 1, seq, settings.seed)[0].tolist()
+
+        def prefill() -> None:
+            llm.reset()
+            llm.eval(ids)
+
+        rows.append(_summarise("llama_cpp", "prefill", 1, seq, _time(prefill, settings.warmup, settings.repeats), seq))
+    if 1 in settings.decode_batch_sizes and settings.decode_tokens:
+        prompt = _inputs(vocab, 1, settings.decode_prompt_len, settings.seed)[0].tolist()
+        step_timings: list[float] = []
+        for run in range(settings.warmup + settings.repeats):
+            llm.reset()
+            llm.eval(prompt)
+            for _ in range(settings.decode_tokens):
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # greedy, as the PyTorch loop
+                started = time.perf_counter()
+                llm.eval([token])
+                if run >= settings.warmup:
+                    step_timings.append(time.perf_counter() - started)
+        rows.append(_summarise("llama_cpp", "decode", 1, settings.decode_prompt_len, step_timings, 1))
+    llm.close()
+    return rows
+
+
+def bench_genai(folder: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
+    """Batch-1 prefill cells (append_tokens) and decode (generate_next_token) of an onnxruntime-genai build."""
+    import numpy as np
+
+    from d2merge.export.onnx_genai import GenaiCausalLM
+
+    model = GenaiCausalLM(folder)
+    rows = []
+    for seq in settings.seq_lens if 1 in settings.batch_sizes else ():
+        ids = _inputs(vocab, 1, seq, settings.seed).numpy().astype(np.int32)
+
+        def prefill() -> None:
+            model.generator(seq + 1).append_tokens(ids)
+
+        rows.append(_summarise("genai", "prefill", 1, seq, _time(prefill, settings.warmup, settings.repeats), seq))
+    if 1 in settings.decode_batch_sizes and settings.decode_tokens:
+        prompt = _inputs(vocab, 1, settings.decode_prompt_len, settings.seed).numpy().astype(np.int32)
+        step_timings: list[float] = []
+        for run in range(settings.warmup + settings.repeats):
+            generator = model.generator(settings.decode_prompt_len + settings.decode_tokens + 1)
+            generator.append_tokens(prompt)
+            for _ in range(settings.decode_tokens):
+                started = time.perf_counter()
+                generator.generate_next_token()
+                if run >= settings.warmup:
+                    step_timings.append(time.perf_counter() - started)
+        rows.append(_summarise("genai", "decode", 1, settings.decode_prompt_len, step_timings, 1))
+    return rows
+
+
 def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = None,
-          onnx: str | Path | None = None, variants: Iterable[str] = VARIANTS,
-          settings: BenchSettings | None = None, echo: Callable[[str], None] | None = None) -> BenchReport:
-    """Measure every requested variant; merges (and exports ONNX) into a temp folder when not given."""
+          onnx: str | Path | None = None, variants: Iterable[str] | None = None,
+          settings: BenchSettings | None = None, echo: Callable[[str], None] | None = None,
+          gguf: str | Path | None = None, gguf_type: str = "f16", genai: str | Path | None = None,
+          genai_precision: str = "int4") -> BenchReport:
+    """Measure every requested variant; merges (and exports ONNX, GGUF, genai) into a temp folder when not given.
+
+    ``variants`` defaults to :func:`default_variants`. llama_cpp measures ``gguf`` or a fresh
+    ``gguf_type`` export; genai measures ``genai`` or a fresh ``genai_precision`` build. When
+    llama_cpp is only there by default and the model cannot be exported to GGUF, it is skipped
+    with a note (``meta["skipped"]``); asked for by name, that is an error.
+    """
+    import torch
+
     from d2merge.merge import merge
     from d2merge.runtime import load_base_model, load_unmerged
 
     settings = settings or BenchSettings()
-    variants = tuple(variants)
-    unknown = set(variants) - set(VARIANTS)
+    by_default = variants is None
+    variants = default_variants() if variants is None else tuple(variants)
+    unknown = set(variants) - set(ALL_VARIANTS)
     if unknown:
-        raise D2MergeError(f"unknown bench variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+        raise D2MergeError(f"unknown bench variant(s) {', '.join(sorted(unknown))}; "
+                           f"choose from {', '.join(ALL_VARIANTS)}")
     say = echo or (lambda _msg: None)
     from d2merge.io.checkpoint import resolve_location
     from d2merge.io.transformers_folder import refuse_custom_code
@@ -201,10 +348,23 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
     for folder in (base, merged):  # before any work: every variant is loaded by transformers
         if folder is not None and resolve_location(folder).is_dir():
             refuse_custom_code(resolve_location(folder))
+    # Also before any work: the inputs must fit together, or a variant fails halfway with a shape error.
+    from d2merge.io.adapter import load_adapter
+    from d2merge.io.checkpoint import open_base
+    from d2merge.plan import build_plan
+
+    base_ckpt, adapter_obj = open_base(base), load_adapter(adapter)
+    build_plan(base_ckpt, adapter_obj)
+    if merged is not None:
+        check_merged_pairing(base_ckpt, adapter_obj, merged)
+    if onnx is not None:
+        open_onnx_session(Path(onnx))
     report = BenchReport(settings, meta={"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                                          "base": str(base), "adapter": str(adapter)})
     with tempfile.TemporaryDirectory(prefix="d2merge-bench-") as scratch:
-        if merged is None and ("merged" in variants or "onnx" in variants):
+        needs_merge = {"merged", "onnx"} | ({"llama_cpp"} if gguf is None else set()) | (
+            {"genai"} if genai is None else set())
+        if merged is None and needs_merge & set(variants):
             say("merging into a temp folder ...")
             merged = merge(base, adapter, Path(scratch) / "merged", dtype="fp32", hash_sources=False).output
         loaders: dict[str, Callable[[], torch.nn.Module]] = {
@@ -235,6 +395,36 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
                 vocab = load_config(merged).vocab_size
             say("measuring onnx ...")
             report.rows += bench_onnx(Path(onnx), vocab, settings)
+        if vocab is None and ("llama_cpp" in variants or "genai" in variants):
+            from d2merge.io.checkpoint import open_base
+
+            vocab = int((open_base(merged or base).config or {}).get("vocab_size") or 0)
+        if "llama_cpp" in variants:
+            if gguf is None:
+                from d2merge.export.gguf import export_gguf
+
+                say(f"exporting GGUF ({gguf_type}) into a temp folder ...")
+                try:
+                    gguf = export_gguf(merged, Path(scratch) / "model.gguf", gguf_type=gguf_type).output  # type: ignore[arg-type]
+                except D2MergeError as exc:
+                    if not by_default:
+                        raise
+                    report.meta.setdefault("skipped", {})["llama_cpp"] = str(exc)
+                    say(f"llama_cpp skipped: {exc}")
+            if gguf is not None:
+                say("measuring llama_cpp ...")
+                report.meta["gguf"] = str(gguf)
+                report.rows += bench_llama_cpp(Path(gguf), vocab, settings)
+        if "genai" in variants:
+            if genai is None:
+                from d2merge.export.onnx_genai import export_genai
+
+                say(f"building onnxruntime-genai ({genai_precision}) into a temp folder ...")
+                genai = export_genai(merged, Path(scratch) / "genai", precision=genai_precision,  # type: ignore[arg-type]
+                                     validate=False).output
+                report.meta["genai_precision"] = genai_precision
+            say("measuring genai ...")
+            report.rows += bench_genai(Path(genai), vocab, settings)
     return report
 
 
@@ -254,7 +444,7 @@ def plot_report(report: BenchReport, path: str | Path) -> None:
     except ImportError:
         raise D2MergeError("--plot needs matplotlib", hint="pip install 'd2merge[plot]'") from None
     cells = sorted({(r.mode, r.batch, r.seq) for r in report.rows})
-    variants = [v for v in VARIANTS if any(r.variant == v for r in report.rows)]
+    variants = [v for v in ALL_VARIANTS if any(r.variant == v for r in report.rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cells)), 4))
     width = 0.8 / max(1, len(variants))
     for i, variant in enumerate(variants):

@@ -73,10 +73,13 @@ def run_demo(workdir: str | Path | None = None, *, echo: Callable[[str], None] =
     report = DemoReport(root)
 
     def step(name: str, fn: Callable[[], str]) -> None:
+        # The step's line comes first, so a slow step (training) never looks like a hang.
+        echo(f"[{len(report.steps) + 1}] {name} ...")
         started = time.perf_counter()
         detail = fn()
-        report.steps.append((name, time.perf_counter() - started, detail))
-        echo(f"[{len(report.steps)}] {name:<26} {detail}")
+        seconds = time.perf_counter() - started
+        report.steps.append((name, seconds, detail))
+        echo(f"    {detail} ({seconds:.1f}s)")
 
     base, adapter, merged = root / "base", root / "adapter-d2lora", root / "merged"
     eval_set, onnx_dir = root / "eval.jsonl", root / "onnx"

@@ -97,6 +97,18 @@ def compute_tensor(merge_plan: MergePlan, item: TensorPlan, *, device: str | tor
     return out
 
 
+def compute_output(merge_plan: MergePlan, item: TensorPlan, *, device: str | torch.device | ComputeDevice,
+                   buffers: ScratchBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """(storage to release, output tensor) for one plan entry: exactly what :func:`write_tensors` streams.
+
+    For writers that fan one base read out to several outputs (``d2merge.many``): calling the
+    function the single merge calls is what makes their bytes the single merge's.
+    """
+    storage, out, ready = _compute(merge_plan, item, resolve_device(device), torch.float32, buffers)
+    ready()
+    return storage, out
+
+
 def _no_wait() -> None:
     return None
 

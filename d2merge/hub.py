@@ -20,6 +20,7 @@ import dataclasses
 import glob
 import importlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -28,14 +29,15 @@ from typing import Any
 
 from d2merge import __version__
 from d2merge.errors import D2MergeError
+from d2merge.io.output import WORK_MARKERS
 from d2merge.sizes import format_size
 
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
-# Names written by an interrupted or still-running writer: d2merge's writers stage as
-# ".<name>.d2merge-tmp-<pid>" (d2merge.io.output), hence "contains"; others (huggingface_hub,
-# curl, browsers, ONNX staging folders) use these suffixes.
-TEMP_MARKER = ".d2merge-tmp"
+# Names written by an interrupted or still-running writer: d2merge's own (d2merge.io.output's one
+# set: temp, set-aside previous output, lock), matched with "contains"; others (huggingface_hub,
+# curl, browsers) use these suffixes.
+TEMP_MARKERS = WORK_MARKERS
 TEMP_SUFFIXES = (".tmp", ".partial", ".incomplete")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx")
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
@@ -86,7 +88,7 @@ def default_commit_message() -> str:
 
 def is_temp_name(name: str) -> bool:
     """A name left behind by an interrupted write; such a folder is not finished."""
-    return TEMP_MARKER in name or name.endswith(TEMP_SUFFIXES)
+    return any(marker in name for marker in TEMP_MARKERS) or name.endswith(TEMP_SUFFIXES)
 
 
 def folder_files(folder: str | Path) -> tuple[PushedFile, ...]:
@@ -196,7 +198,86 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
         raise D2MergeError("no Hugging Face token found",
                            hint="run `hf auth login`, set HF_TOKEN, or pass --token")
     secrets.add(resolved)
+    check_token(resolved, "--token" if token else "the token (HF_TOKEN or the `hf auth login` cache)")
+    with scrubbed_channels(secrets):
+        result = _push(folder, repo_id, result, secrets, endpoint=endpoint, hub_url=hub_url, branch=branch,
+                       private=private, create_pr=create_pr, message=message, files=files, resolved=resolved)
+    return result
 
+
+_TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space: what an HTTP header can carry
+
+
+def check_token(token: str, where: str) -> None:
+    """Refuse a token that cannot be sent (whitespace, a newline, control or non-ASCII characters).
+
+    Sent as is it fails deep in the HTTP stack with an error that quotes the header, token
+    included ("Illegal header value b'Bearer secret\\n'"), and reads as a network failure.
+    """
+    if not _TOKEN_CHARACTERS.fullmatch(token):
+        bad = next((c for c in token if not _TOKEN_CHARACTERS.fullmatch(c)), " ")
+        what = {"\n": "a newline", "\r": "a carriage return", " ": "a space", "\t": "a tab"}.get(
+            bad, f"the character U+{ord(bad):04X}")
+        raise D2MergeError(f"{where} contains {what}; a Hugging Face token is printable ASCII without spaces",
+                           hint="pass the token without surrounding whitespace, e.g. "
+                                "--token \"$(tr -d '[:space:]' < token-file)\"")
+
+
+class _ScrubFilter(logging.Filter):
+    """Rewrites every log record's text with the known tokens removed (X-HF-Warning headers and such)."""
+
+    def __init__(self, secrets: set[str]):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        cleaned = scrub(text, self.secrets)
+        if cleaned != text:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+@contextlib.contextmanager
+def scrubbed_channels(secrets: set[str]) -> Iterator[None]:
+    """While talking to the Hub: no token on any channel, and no retry chatter before the one line.
+
+    huggingface_hub logs server warnings (X-HF-Warning) and one line per retry, and emits
+    README metadata warnings through ``warnings.warn``; any of them may quote what the server
+    sent back. Its log level is raised to ERROR (a failure is reported by d2merge's own line),
+    every handler in reach scrubs records, and warnings are caught and re-issued scrubbed, on
+    one line each, when the block ends (so that a recorder outside sees only the scrubbed text).
+    """
+    import warnings
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    filt = _ScrubFilter(secrets)
+    handlers = {id(h): h for lg in (logging.getLogger(), hub_logger) for h in lg.handlers}
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    hub_logger.addFilter(filt)
+    for handler in handlers.values():
+        handler.addFilter(filt)
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for handler in handlers.values():
+            handler.removeFilter(filt)
+        hub_logger.removeFilter(filt)
+        hub_logger.setLevel(level)
+        for w in caught:
+            text = " ".join(scrub(str(w.message), secrets).split())
+            warnings.warn_explicit(text, w.category if isinstance(w.category, type) else UserWarning,
+                                   w.filename, w.lineno)
+
+
+def _push(folder: Path, repo_id: str, result: PushResult, secrets: set[str], *, endpoint: str | None, hub_url: str,
+          branch: str, private: bool, create_pr: bool, message: str, files: tuple[PushedFile, ...],
+          resolved: str) -> PushResult:
+    """The Hub calls of :func:`push_folder`, each turned into a one-line error by ``_hub_errors``."""
     from huggingface_hub import HfApi
 
     # endpoint=None lets HfApi read HF_ENDPOINT itself; never replace it with a default of ours.
@@ -218,8 +299,10 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
             create_pr=create_pr,
             commit_message=message,
         )
-    return dataclasses.replace(result, repo_url=str(repo_url), dry_run=False, commit_url=commit.commit_url,
-                               commit_oid=commit.oid, pr_url=commit.pr_url)
+    # URLs as the server sent them: a misbehaving endpoint may put the token in them.
+    return dataclasses.replace(result, repo_url=scrub(str(repo_url), secrets), dry_run=False,
+                               commit_url=scrub(str(commit.commit_url), secrets), commit_oid=commit.oid,
+                               pr_url=None if commit.pr_url is None else scrub(str(commit.pr_url), secrets))
 
 
 def format_push(result: PushResult) -> str:
@@ -309,6 +392,17 @@ def _check_repo_id(repo_id: str) -> None:
 # -- Hub errors -----------------------------------------------------------------------------------
 
 
+def check_can_push() -> None:
+    """Refuse a push that cannot happen (HF_HUB_OFFLINE) before any work is done for it.
+
+    ``merge --push-to`` calls this before merging: an offline run must not spend a
+    merge and a verify to fail at the last step.
+    """
+    if _offline():
+        raise D2MergeError("HF_HUB_OFFLINE is set, so nothing can be pushed",
+                           hint="unset HF_HUB_OFFLINE to push, or merge without --push-to")
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 
@@ -320,7 +414,7 @@ def _offline() -> bool:
 def _known_secrets(token: str | None) -> set[str]:
     """Tokens that must never be echoed: the explicit one and the ones in the environment."""
     candidates = [token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
-    return {c for c in candidates if c}
+    return {c for c in candidates if c} | {c.strip() for c in candidates if c and c.strip()}
 
 
 def scrub(text: str, secrets: set[str]) -> str:

@@ -9,65 +9,21 @@ read headers and configs, ``d2merge.plan`` decides what every output tensor is,
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import d2merge.profile as profile
 from d2merge.engine import compute_tensor, resolve_device
-from d2merge.errors import D2MergeError
 from d2merge.export.hf_folder import card_info, write_hf_folder
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
 from d2merge.io.output import check_output_location
 from d2merge.io.source_hashes import BackgroundHashes
-from d2merge.plan import OUT_DTYPES, TIED_POLICIES, MergePlan, TensorPlan, build_plan
+from d2merge.options import MergeOptions
+from d2merge.plan import MergePlan, TensorPlan, build_plan
 
 __all__ = ["MergeOptions", "MergeResult", "card_info", "compute_tensor", "merge", "plan"]
-
-
-@dataclass(frozen=True)
-class MergeOptions:
-    """Every merge setting in one place; the CLI's flags and help are derived from these fields."""
-
-    dtype: str = field(default="auto", metadata={
-        "help": "Output dtype of floating tensors: auto keeps each base tensor's dtype.",
-        "choices": tuple(OUT_DTYPES)})
-    max_shard_size: str = field(default="5GB", metadata={
-        "help": "Largest output shard, e.g. 5GB, 500MB, 2GiB."})
-    tied_embeddings: str = field(default="untie", metadata={
-        "help": "When the adapter changes a tied embedding/lm_head: untie (exact, writes both), "
-                "tie (the change applies to both), error (refuse).",
-        "choices": TIED_POLICIES})
-    device: str = field(default="cpu", metadata={
-        "help": "Where the fp32 math runs (cpu or cuda); files are always read and written on the CPU.",
-        "choices": ("cpu", "cuda")})
-    overwrite: bool = field(default=False, metadata={
-        "help": "Replace an existing output folder (only once the new one is complete)."})
-    allow_pickle: bool = field(default=False, metadata={
-        "help": "Allow .bin (pickle) weights; loaded with weights_only=True. Only for files you trust."})
-    hash_sources: bool = field(default=True, metadata={
-        "help": "Record the sha256 of the base and adapter files in the model card (hashed from the "
-                "bytes the merge reads, in a background thread; a Hub-cache file's name is its sha256)."})
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise D2MergeError(f"invalid {f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
-
-    def with_overrides(self, **overrides: Any) -> MergeOptions:
-        """These options with some fields changed; an unknown name is a TypeError, as for a function."""
-        known = {f.name for f in fields(MergeOptions)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise TypeError(f"unknown merge option(s): {', '.join(sorted(unknown))}")
-        return replace(self, **overrides) if overrides else self
-
-    @classmethod
-    def resolve(cls, options: MergeOptions | None, overrides: dict[str, Any]) -> MergeOptions:
-        """``options`` (or the defaults) with the keyword overrides of a call like ``merge(..., dtype="bf16")``."""
-        return (options or cls()).with_overrides(**overrides)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,10 @@ def merge_verify_push(base: Any, adapter: Any, out: str | Path, *, options: Merg
     if (verify or push is not None) and output_format != "hf":
         raise D2MergeError(f"--verify and --push-to work on a Hugging Face folder, not --format {output_format}",
                            hint="merge with --format hf (the default)")
+    if push is not None:
+        from d2merge.hub import check_can_push
+
+        check_can_push()
     outcome = merge_as(base, adapter, out, format=output_format, options=options, progress=progress, **format_options)
     report = None
     if verify:

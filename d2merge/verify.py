@@ -39,6 +39,9 @@ from d2merge.io.checkpoint import BaseCheckpoint, open_base
 from d2merge.plan import DTYPE_ALIASES, MergePlan, TensorPlan, build_plan
 from d2merge.tasks import (MCExample, accuracy, choice_scores, encode_choices, load_tokenizer, predictions,
                            read_jsonl)
+# The option model and thresholds live in a torch-free module (the CLI's flags come from there).
+from d2merge.verify_options import (DEFAULT_THRESHOLDS, Thresholds, VerifyOptions,  # noqa: F401 (re-exported)
+                                    option_help, threshold_defaults)
 
 SCHEMA_VERSION = 1
 VERIFY_DTYPES: dict[str, torch.dtype] = {n: d.torch_dtype for n, d in FLOAT_DTYPES.items()}
@@ -48,26 +51,6 @@ MANTISSA_BITS = {d.torch_dtype: d.mantissa_bits for d in FLOAT_DTYPES.values()}
 MIN_NORMAL_EXPONENT = {d.torch_dtype: d.min_normal_exponent for d in FLOAT_DTYPES.values()}
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """How one output dtype is judged (docs/verify-report.md says how each number was chosen).
-
-    The logit limits come from the model itself: verify measures the **rounding floor** (the
-    unmerged model against itself with one rounding of the output dtype applied to the base
-    weights, on the same probes) and allows ``floor_multiple`` times it. Flips (argmax on the
-    probes, answers on --mc-eval) are judged by exact binomial tests at level ``alpha``. The
-    fixed limits (``max_abs_diff``, ``min_top1``, ``max_gap_pp``) are explicit overrides: None
-    means "from the floor and the tests".
-    """
-
-    floor_multiple: float  # max |logit diff| may reach this multiple of the rounding floor
-    alpha: float  # level of the paired tests (McNemar on the answers, flips against rounding's)
-    max_ulp: float  # largest weight error against the fp64 reference, in output-dtype ulps
-    max_abs_diff: float | None = None  # a fixed logit limit instead of floor_multiple x floor
-    min_top1: float | None = None  # a fixed top-1 agreement limit (fraction) on top of the flip test
-    max_gap_pp: float | None = None  # a fixed |merge gap| limit in percentage points on top of the tests
-
-
 # fp32 arithmetic alone (the unmerged forward adds x.W0 + x.dW, the merged one computes x.(W0 + dW))
 # moves logits by about 1e-6 of their scale; PEFT's own unmerged DoRA forward is 8.8e-4 from its
 # merge on SmolLM2 (logits up to about 37, 2.4e-5 of the scale). The floor is never taken below
@@ -75,67 +58,6 @@ class Thresholds:
 # tolerance export-onnx uses.
 ARITHMETIC_FLOOR_REL = 1e-5
 ARITHMETIC_FLOOR_ABS = 1e-5
-# Defaults per output dtype (measurements in docs/verify-report.md):
-# - floor_multiple: the max |logit diff| of a correct merge is another draw of the same rounding
-#   as the floor; over every method and dtype on SmolLM2 and the tiny models the ratio measured
-#   at most 1.9 (max over positions is a noisy statistic), hence 4.
-# - alpha 0.01: a correct merge flips answers like rounding does and in no preferred direction;
-#   each test then fails it with probability at most 1%.
-# - max_ulp: a correct merge rounds once, so 16-bit tensors sit within 0.5 ulp of the fp64
-#   reference (measured 0.5-0.503); 0.75 leaves room for the fp32 arithmetic before the cast and
-#   still fails a merge that rounds twice (the update added into an already rounded base reaches
-#   1 ulp and more). fp32 outputs carry that arithmetic's own error (measured 3-7 ulps on tiny
-#   models, 22 at 134M, growing with the norms' length), hence 256, still far below what one trip
-#   through fp16 (up to 4096) or bf16 (up to 65536) leaves.
-DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
-    "fp32": Thresholds(floor_multiple=10.0, alpha=0.01, max_ulp=256.0),
-    "bf16": Thresholds(floor_multiple=4.0, alpha=0.01, max_ulp=0.75),
-    "fp16": Thresholds(floor_multiple=4.0, alpha=0.01, max_ulp=0.75),
-}
-
-
-@dataclass(frozen=True)
-class VerifyOptions:
-    """Every verify setting in one place; the CLI's flags and help text are read from these fields."""
-
-    probe_source: str = field(default="auto", metadata={
-        "help": "Probe inputs without --prompts: built-in English sentences (needs the base's tokenizer), "
-                "seeded random tokens, or auto (sentences when the base has a tokenizer).",
-        "choices": ("auto", "sentences", "random")})
-    num_probes: int = field(default=8, metadata={"help": "Random probe sequences (random probes only)."})
-    probe_length: int = field(default=32, metadata={
-        "help": "Tokens per random probe; also the most tokens kept of each sentence or --prompts line."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random probe tokens."})
-    mc_score: str = field(default="sum", metadata={
-        "help": "How a choice is scored: summed or per-token mean log-likelihood of its tokens.",
-        "choices": ("sum", "mean")})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
-    tied_embeddings: str = field(default="untie", metadata={
-        "help": "The --tied-embeddings policy the merge used (needed to recompute it).",
-        "choices": ("untie", "tie", "error")})
-    allow_pickle: bool = field(default=False, metadata={"help": "Allow .bin (pickle) weights. Only for trusted files."})
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise D2MergeError(f"invalid {f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
-        for name in ("num_probes", "probe_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise D2MergeError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-
-
-def option_help(name: str) -> str:
-    """The help text of a VerifyOptions field (the CLI reads its flags' help from here)."""
-    return next(f.metadata.get("help", "") for f in fields(VerifyOptions) if f.name == name)
-
-
-def threshold_defaults(name: str) -> str:
-    """``fp32 10, bf16 4, fp16 4``: a threshold's per-dtype defaults, for help texts."""
-    values = {dtype: getattr(limits, name) for dtype, limits in DEFAULT_THRESHOLDS.items()}
-    if all(v is None for v in values.values()):
-        return "none (from the rounding floor and the tests)"
-    return ", ".join(f"{dtype} {value:g}" for dtype, value in values.items())
 
 
 # ----- results --------------------------------------------------------------------------------
@@ -229,6 +151,9 @@ class DtypeResult:
     copied_mismatched: list[str]
     missing_tensors: list[str]
     failures: list[str]
+    # Tensors of the plan an exported MERGED (GGUF, onnxruntime-genai) does not store exactly in any
+    # dtype (quantized blocks, fused graphs): judged by their logits only.
+    not_checked: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -318,8 +243,8 @@ def random_probes(vocab_size: int, *, count: int, length: int, seed: int) -> Pro
     """Seeded uniform random token ids: reproducible and independent of any tokenizer."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (count, length), generator=generator)
-    return Probes(ids, torch.ones_like(ids), {"source": "random", "file": None, "count": count, "length": length, "seed": seed,
-                                              "positions": count * length})
+    return Probes(ids, torch.ones_like(ids), {"source": "random", "file": None, "count": count, "length": length,
+                                              "seed": seed, "positions": count * length})
 
 
 def prompt_probes(tokenizer: Any, prompts: Sequence[str], *, max_length: int, source: str) -> Probes:
@@ -425,7 +350,11 @@ def load_base_tokenizer(base: BaseCheckpoint, why: str) -> Any:
 
 
 def _batches(probes: Probes, batch_size: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    for start in range(0, probes.input_ids.shape[0], batch_size):
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal, nothing in a pipe or a CI log.
+    for start in tqdm(range(0, probes.input_ids.shape[0], batch_size), desc="probes", unit="batch",
+                      disable=None, leave=False):
         rows = slice(start, start + batch_size)
         yield rows, probes.input_ids[rows], probes.attention_mask[rows]
 
@@ -632,6 +561,8 @@ def reference_merge(merge_plan: MergePlan, item: TensorPlan
     transposed = settings.transposed
     update = method.update(factors, settings)
     update = (update.T if transposed else update).abs()
+    if update.shape != w0.shape:  # trainable token rows: the update is whole rows, at most this large
+        update = update.amax().expand(w0.shape)
     # Entries of a low-rank product are sums of r products about rms(dW) in size; where they
     # cancel, the fp32 result keeps an absolute error of eps * rms(dW), so that is the floor.
     floor = torch.sqrt(torch.mean(update.square())) if update.numel() else torch.zeros((), dtype=update.dtype)
@@ -646,12 +577,14 @@ def check_weights(merge_plan: MergePlan, merged: BaseCheckpoint
 
     Returns (per-layer checks, copied tensors checked, copied tensors that differ, missing tensors).
     """
+    from tqdm.auto import tqdm
+
     from d2merge.engine import compute_tensor
 
     stored_names = set(merged.tensors.keys())
     layers: list[LayerCheck] = []
     copied, mismatched, missing = 0, [], []
-    for item in merge_plan.tensors:
+    for item in tqdm(merge_plan.tensors, desc="weights vs fp64", unit="tensor", disable=None, leave=False):
         if item.name not in stored_names:
             missing.append(item.name)
             continue
@@ -826,7 +759,8 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
                            hint="drop MERGED to compare fresh merges per dtype, or drop --dtypes")
     report_path = check_output_location(Path(report), (), overwrite=True, is_file=True) if report else None
     base_ckpt = open_base(base, allow_pickle=options.allow_pickle)
-    for folder in (base_ckpt.folder, None if merged is None else open_base(merged).folder):
+    exported = open_exported(merged) if merged is not None else None  # a GGUF or genai build: no HF folder
+    for folder in (base_ckpt.folder, None if merged is None or exported else open_base(merged).folder):
         if folder is not None:  # before any work: transformers loads both folders later
             refuse_custom_code(folder)
     adapter_obj: Adapter = load_adapter(adapter, allow_pickle=options.allow_pickle)
@@ -857,10 +791,12 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
         encoded = encode_choices(tokenizer, examples)
         check_eval_positions(base_ckpt.config, encoded, path=mc_eval)  # type: ignore[arg-type]
 
-    if merged is not None:
+    if exported is not None:
+        columns: list[tuple[str, Path | None]] = [(exported.label, Path(merged))]  # type: ignore[arg-type]
+    elif merged is not None:
         merged_ckpt = open_base(merged, allow_pickle=options.allow_pickle)
         probe_plan = build_plan(base_ckpt, adapter_obj, tied_embeddings=options.tied_embeddings)
-        columns: list[tuple[str, Path | None]] = [(stored_dtype(probe_plan, merged_ckpt), merged_ckpt.location)]
+        columns = [(stored_dtype(probe_plan, merged_ckpt), merged_ckpt.location)]
     else:
         columns = [(name, None) for name in column_names]
 
@@ -876,6 +812,19 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
         return choice_scores(model, tokenizer, examples, reduction=options.mc_score, batch_size=options.batch_size,
                              encoded=encoded)
 
+    def measure_floor(dtype: str, merge_plan: MergePlan) -> tuple[RoundingFloor, list[list[float]] | None]:
+        say(f"measuring the rounding floor ({dtype})")
+        model = unmerged_model(VERIFY_DTYPES[dtype], {item.name for item in merge_plan.merged})
+        floor_logits = compare_logits(model, probes, reference_logits, options.batch_size)
+        rounded_scores = scores_of(model)
+        del model
+        gc.collect()
+        floor_flips = None
+        if rounded_scores is not None:
+            floor_flips = sum(1 for u, r in zip(predictions(unmerged_scores), predictions(rounded_scores))
+                              if u != r)  # type: ignore[arg-type]
+        return rounding_floor(floor_logits, reference_logits, probes, floor_flips), rounded_scores
+
     # The unmerged model first, alone; its logits and scores are all that is kept.
     say("running the unmerged model (base + adapter)")
     model = unmerged_model()
@@ -888,6 +837,13 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     temp_root = Path(tempfile.mkdtemp(prefix="d2merge-verify-")) if merged is None else None
     try:
         for dtype, folder in columns:
+            if exported is not None:
+                results.append(verify_exported(exported, merge_plan_for=lambda dtype: build_plan(
+                    base_ckpt, adapter_obj, dtype=dtype, tied_embeddings=options.tied_embeddings),
+                    measure_floor=measure_floor, probes=probes, reference_logits=reference_logits,
+                    scores_of=scores_of, examples=examples, unmerged_scores=unmerged_scores,
+                    thresholds=thresholds, batch_size=options.batch_size, say=say))
+                continue
             if folder is None:
                 assert temp_root is not None
                 say(f"merging into a temp folder ({dtype})")
@@ -901,17 +857,7 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
             logits = mc = floor = None
             if not missing:
                 # transformers would fill a missing tensor with random values: judge without running it.
-                say(f"measuring the rounding floor ({dtype})")
-                model = unmerged_model(VERIFY_DTYPES[dtype], {item.name for item in merge_plan.merged})
-                floor_logits = compare_logits(model, probes, reference_logits, options.batch_size)
-                rounded_scores = scores_of(model)
-                del model
-                gc.collect()
-                floor_flips = None
-                if rounded_scores is not None:
-                    floor_flips = sum(1 for u, r in zip(predictions(unmerged_scores), predictions(rounded_scores))
-                                      if u != r)  # type: ignore[arg-type]
-                floor = rounding_floor(floor_logits, reference_logits, probes, floor_flips)
+                floor, rounded_scores = measure_floor(dtype, merge_plan)
                 say(f"running the merged model ({dtype})")
                 model = load_fp32_model(folder, allow_pickle=options.allow_pickle)
                 logits = compare_logits(model, probes, reference_logits, options.batch_size)
@@ -936,6 +882,75 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     if report_path is not None:
         result.save(report_path)
     return result
+
+
+# ----- exported models (GGUF, onnxruntime-genai) as MERGED -------------------------------------
+
+
+def open_exported(merged: str | Path) -> Any | None:
+    """The verify adapter of a GGUF file or an onnxruntime-genai folder, None for a merged HF folder.
+
+    The adapter (``d2merge.export.gguf.GGUFForVerify``, ``d2merge.export.onnx_genai.GenaiForVerify``)
+    gives the column label, loads the model, maps back the exactly stored weights and sets the limits.
+    """
+    path = Path(merged)
+    if path.is_file() and path.suffix == ".gguf":
+        from d2merge.export.gguf import gguf_for_verify
+
+        return gguf_for_verify(path)
+    if path.is_dir() and (path / "genai_config.json").is_file():
+        from d2merge.export.onnx_genai import genai_for_verify
+
+        return genai_for_verify(path)
+    return None
+
+
+def verify_exported(exported: Any, *, merge_plan_for: Callable[[str], MergePlan],
+                    measure_floor: Callable[[str, MergePlan], tuple[RoundingFloor, Any]], probes: Probes,
+                    reference_logits: torch.Tensor, scores_of: Callable[[Any], Any],
+                    examples: Sequence[MCExample] | None, unmerged_scores: Any,
+                    thresholds: Mapping[str, float | None] | None, batch_size: int,
+                    say: Callable[[str], None]) -> DtypeResult:
+    """One column for an exported model: its logits (and MC scores), and its exactly stored weights.
+
+    An export stored in fp32/fp16/bf16 is judged like a merged folder of that dtype (the same
+    rounding floor); a quantized one against the fixed limits its exporter measured.
+    """
+    label, floor_dtype = exported.label, exported.floor_dtype
+    # fp32: each expected tensor is then cast once to the dtype the file stores it in (norms stay
+    # f32 in an f16 GGUF), as the exporter did.
+    merge_plan = merge_plan_for("fp32")
+    real = probes.attention_mask.bool()
+    chosen = exported.thresholds(float(reference_logits[real].abs().max()))
+    if thresholds:
+        thresholds_for("fp32", thresholds)  # the same refusal of unknown names
+        chosen = replace(chosen, **{k: float(v) for k, v in thresholds.items() if v is not None})
+    floor, rounded_scores = measure_floor(floor_dtype, merge_plan) if floor_dtype else (None, None)
+    say(f"loading {exported.path} ({label})")
+    model = exported.load_model()
+    layers: list[LayerCheck] = []
+    copied, mismatched, missing = 0, [], []
+    weights = exported.weights(model)
+    if weights is not None:
+        say(f"checking the stored weights against fp64 ({label})")
+        layers, copied, mismatched, missing = check_weights(
+            merge_plan, BaseCheckpoint(exported.path, None, weights, None, (exported.path,)))
+        not_checked = [name for name in missing if name in weights.quantized]
+        missing = [name for name in missing if name not in weights.quantized]
+    else:
+        not_checked = [item.name for item in merge_plan.tensors]
+    say(f"running the exported model ({label})")
+    logits = compare_logits(model, probes, reference_logits, batch_size)
+    merged_scores = scores_of(model)
+    mc = None
+    if merged_scores is not None:
+        mc = mc_result(examples, unmerged_scores, merged_scores, rounded_scores)  # type: ignore[arg-type]
+    del model
+    gc.collect()
+    limits = resolve_limits(chosen, floor)
+    failures = judge(limits, logits, mc, layers, mismatched, missing, floor)
+    return DtypeResult(label, str(exported.path), chosen, logits, mc, floor, limits, top1_flips_p(logits, floor),
+                       layers, copied, mismatched, missing, failures, not_checked)
 
 
 # ----- tables ---------------------------------------------------------------------------------
@@ -1011,6 +1026,8 @@ def format_report(report: VerifyReport) -> str:
     row("max weight abs error", [_fmt_sci(r.max_abs_error) for r in results])
     row("max weight error (ulp)", [f"{r.max_ulp_error:.3g}" for r in results])
     row("copied tensors exact", [f"{r.copied_checked - len(r.copied_mismatched)}/{r.copied_checked}" for r in results])
+    if any(r.not_checked for r in results):
+        row("tensors by logits only", [str(len(r.not_checked)) for r in results])
     summaries = [method_summary(r.layers) for r in results]
     for key in dict.fromkeys(k for s in summaries for k in s):
         row(f"{report.method}: {key}", [f"{s[key]:.6g}" if key in s else "-" for s in summaries])

@@ -1038,6 +1038,142 @@ def _(ws: Workspace) -> list[str]:
     return ws.merge_args("--overwrite")
 
 
+# ---- JSON that Python's parser cannot take (issue 10, finding 10) ---------------------------------
+
+BIG_INT = "1" + "0" * 4999  # 5000 digits: int() refuses more than 4300
+DEEP = "[" * 100000 + "]" * 100000  # RecursionError in the parser
+TOO_MANY_DIGITS = r"is not usable JSON: an integer with 5000 digits"
+TOO_DEEP = r"is not usable JSON: nested too deeply"
+
+
+@case("config-5000-digit-integer", TOO_MANY_DIGITS, "adapter/adapter_config.json")
+def _(ws: Workspace) -> None:
+    _set_config(ws, json.dumps(adapter_config_dict()).replace('"r": 2', f'"r": {BIG_INT}'))
+
+
+@case("config-nested-100000-deep", TOO_DEEP, "adapter/adapter_config.json")
+def _(ws: Workspace) -> None:
+    _set_config(ws, json.dumps(adapter_config_dict())[:-1] + f', "extra": {DEEP}}}')
+
+
+@case("base-config-nested-100000-deep", TOO_DEEP, "base/config.json")
+def _(ws: Workspace) -> None:
+    (ws.base / "config.json").write_text(json.dumps(base_config())[:-1] + f', "extra": {DEEP}}}')
+
+
+@case("base-config-5000-digit-integer", TOO_MANY_DIGITS, "base/config.json")
+def _(ws: Workspace) -> None:
+    (ws.base / "config.json").write_text(json.dumps(base_config())[:-1] + f', "extra": {BIG_INT}}}')
+
+
+@case("base-index-5000-digit-integer", TOO_MANY_DIGITS, "base/model.safetensors.index.json")
+@own_inputs
+def _(ws: Workspace) -> None:
+    ws.copy("sharded", "base")
+    index = ws.base / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    index.write_text(json.dumps(data).replace(f'"total_size": {data["metadata"]["total_size"]}',
+                                              f'"total_size": {BIG_INT}'))
+
+
+def _st_json_cases(kind: str, path_of: Callable[[Workspace], Path], file: str) -> None:
+    @case(f"{kind}-st-header-5000-digit-integer", TOO_MANY_DIGITS, file)
+    def _(ws: Workspace) -> None:
+        header, data = split_safetensors(path_of(ws))
+        raw = json.dumps(header)[:-1] + f', "extra": {BIG_INT}}}'
+        path_of(ws).write_bytes(join_safetensors(raw.encode(), data))
+
+    @case(f"{kind}-st-header-nested-100000-deep", TOO_DEEP, file)
+    def _(ws: Workspace) -> None:
+        header, data = split_safetensors(path_of(ws))
+        raw = json.dumps(header)[:-1] + f', "extra": {DEEP}}}'
+        path_of(ws).write_bytes(join_safetensors(raw.encode(), data))
+
+
+_st_json_cases("base", _base_st, "base/model.safetensors")
+_st_json_cases("adapter", _adapter_st, "adapter/adapter_model.safetensors")
+
+
+# ---- bench and export-onnx on broken inputs (issue 10, findings 8, 13, 16) -----------------------
+
+BENCH_FAST = ["--batch-sizes", "1", "--seq-lens", "4", "--decode-tokens", "0", "--warmup", "0", "--repeats", "1"]
+
+
+def _bench(ws: Workspace, *extra: str) -> list[str]:
+    return ["bench", str(ws.base), str(ws.adapter), *extra, *BENCH_FAST]
+
+
+def _truncated_copy(ws: Workspace, name: str = "merged") -> Path:
+    folder = ws.copy("base", name)
+    raw = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(raw[:-12])
+    return folder
+
+
+@case("export-onnx-truncated-shard", r"data is truncated", "merged/model.safetensors")
+def _(ws: Workspace) -> list[str]:
+    return ["export-onnx", str(_truncated_copy(ws)), "-o", str(ws.root / "model.onnx")]
+
+
+@case("bench-truncated-merged-shard", r"data is truncated", "merged/model.safetensors")
+def _(ws: Workspace) -> list[str]:
+    return _bench(ws, "--merged", str(_truncated_copy(ws)), "--variants", "merged")
+
+
+@case("bench-adapter-for-another-base", r"shape \[2, 32\] does not fit base", "adapter/adapter_model.safetensors",
+      Q0_A_POS)
+def _(ws: Workspace) -> list[str]:
+    _rewrite_adapter(ws, adapter_tensors(hidden=32))
+    return _bench(ws, "--variants", "unmerged")
+
+
+@case("bench-onnx-not-an-onnx-file", r"ONNX Runtime cannot load this file as an ONNX model", "model.onnx")
+def _(ws: Workspace) -> list[str]:
+    (ws.root / "model.onnx").write_bytes(b"this is not protobuf \xff\xfe" * 10)
+    return _bench(ws, "--onnx", str(ws.root / "model.onnx"), "--variants", "onnx")
+
+
+@case("bench-merged-of-an-unrelated-base", r"MERGED is not a merge of this base", "unrelated/model.safetensors")
+def _(ws: Workspace) -> list[str]:
+    from d2merge.merge import merge
+
+    write_base(ws.root / "other-base", seed=7)
+    merge(ws.root / "other-base", ws.adapter, ws.root / "unrelated")
+    shutil.rmtree(ws.root / "other-base")
+    return _bench(ws, "--merged", str(ws.root / "unrelated"), "--variants", "merged")
+
+
+@case("export-onnx-parent-is-a-file", r"the output's parent is not a folder", "parent-file")
+def _(ws: Workspace) -> list[str]:
+    (ws.root / "parent-file").write_text("")
+    return ["export-onnx", str(ws.base), "-o", str(ws.root / "parent-file" / "model.onnx")]
+
+
+@case("export-onnx-existing-graph", r"output already exists.*--overwrite", "model.onnx")
+def _(ws: Workspace) -> list[str]:
+    (ws.root / "model.onnx").write_bytes(b"an earlier export")
+    return ["export-onnx", str(ws.base), "-o", str(ws.root / "model.onnx")]
+
+
+@case("export-onnx-into-its-input", r"output path overlaps an input", "base/model.onnx")
+def _(ws: Workspace) -> list[str]:
+    return ["export-onnx", str(ws.base), "-o", str(ws.base)]
+
+
+@case("export-onnx-read-only-parent", r"the output's parent folder is not writable", "read-only", runner="readonly")
+def _(ws: Workspace) -> list[str]:
+    (ws.root / "read-only").mkdir()
+    os.chmod(ws.root / "read-only", 0o555)
+    return ["export-onnx", str(ws.base), "-o", str(ws.root / "read-only" / "new-folder")]
+
+
+@case("merge-format-onnx-existing-graph", r"output already exists.*--overwrite", "onnx-out/model.onnx")
+def _(ws: Workspace) -> list[str]:
+    (ws.root / "onnx-out").mkdir()
+    (ws.root / "onnx-out" / "model.onnx").write_bytes(b"an earlier export")
+    return ws.merge_args("--format", "onnx", out=ws.root / "onnx-out")
+
+
 # -- paths that must work -------------------------------------------------------------------------
 
 

@@ -494,7 +494,8 @@ def test_merge_require_verify_failure_pushes_nothing(base_and_adapter, hub_in_pr
                                                      capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     import d2merge.verify as verify_module
 
-    strict = verify_module.Thresholds(max_abs_diff=0.0, max_gap_pp=0.0, min_top1=1.0, max_ulp=0.0)
+    strict = verify_module.Thresholds(floor_multiple=0.0, alpha=1.0, max_ulp=0.0, max_abs_diff=0.0, max_gap_pp=0.0,
+                                      min_top1=1.0)
     monkeypatch.setattr(verify_module, "thresholds_for", lambda dtype, overrides=None: strict)
     base, adapter = base_and_adapter
     code, _, err = run_main(["merge", str(base), str(adapter), "-o", str(tmp_path / "merged"), "--push-to",
@@ -520,3 +521,77 @@ def test_require_verify_without_push_is_a_usage_error(base_and_adapter, tmp_path
     code, _, err = run_main(["merge", str(base), str(adapter), "-o", str(tmp_path / "m"), "--require-verify"], capsys)
     assert code == 2 and "--push-to" in err
     assert not (tmp_path / "m").exists()
+
+
+# -- the token on every channel (issue 10, findings 2 and 15) -------------------------------------
+
+# Not shaped like hf_...: only the exact-token scrubbing can catch it.
+ODD_TOKEN = "SECRET-odd-shaped-token-4d9c"
+
+
+class LeakyHub(FakeHub):
+    """A Hub that misbehaves: every reply quotes the caller's token in an X-HF-Warning header (which
+    huggingface_hub logs), README validation warns with it (emitted through warnings.warn), and the
+    repo and commit URLs it returns contain it."""
+
+    def _handle(self, request):  # type: ignore[no-untyped-def]
+        status, headers, body = super()._handle(request)
+        auth = request.headers.get("authorization", "")
+        headers = {**headers, "X-HF-Warning": f"deprecated client; {auth} will expire"}
+        if status == 200 and body:
+            payload = json.loads(body)
+            if isinstance(payload, dict):
+                if "warnings" in payload:
+                    payload["warnings"] = [{"message": f"metadata for {auth} looks odd"}]
+                for key in ("url", "commitUrl"):
+                    if key in payload:
+                        payload[key] += f"?t={auth.removeprefix('Bearer ')}"
+            body = json.dumps(payload).encode()
+        return status, headers, body
+
+
+def test_a_leaky_hub_never_gets_the_token_shown(model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import warnings
+
+    with LeakyHub(token=ODD_TOKEN, max_requests=200, lifetime_s=60) as server:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-cached-token"))
+        registry = tmp_path / "agent_harnesses.json"
+        registry.write_text(json.dumps({"standardEnvVars": [], "harnesses": {}}))
+        monkeypatch.setattr(huggingface_hub.constants, "AGENT_HARNESSES_PATH", str(registry))
+        for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        caplog.set_level(logging.DEBUG)
+        with disable_progress_bars(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, out, err = run_main(["push", str(model_dir), "me/leaky", "--token", ODD_TOKEN], capsys)
+        assert code == 0, err
+        assert server.commits, "the push went through"
+    shown = [out, err, caplog.text, *(str(w.message) for w in caught)]
+    assert all(ODD_TOKEN not in text for text in shown), shown
+    assert "commit: " in out and "?t=***" in out  # the URL is printed, scrubbed
+    assert "Retry" not in err  # no huggingface_hub chatter before d2merge's own lines
+
+
+@pytest.mark.parametrize("bad", ["\n", " ", "\t", "\r\n", "\u00e9"])
+def test_a_token_with_stray_characters_is_refused_before_use(bad: str, model_dir: Path, hub_in_process: FakeHub,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["push", str(model_dir), "me/merged", "--token", TOKEN + bad], capsys)
+    assert_one_line_error(code, out, err, "--token contains", "printable ASCII without spaces")
+    assert TOKEN not in out + err and "Illegal header" not in err and "cannot reach" not in err
+    assert hub_in_process.requests == []  # refused before anything was sent
+
+
+def test_server_errors_print_no_retry_lines(model_dir: Path, hub_in_process: FakeHub,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A 500 at pre-upload: huggingface_hub retries (and logs each retry); the user sees one line."""
+    hub_in_process.fail("preupload", 500, "internal error")
+    code, out, err = run_main(["push", str(model_dir), "me/merged", "--token", TOKEN], capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1, err

@@ -529,7 +529,8 @@ def test_support_file_links_out_of_the_base_are_not_copied_or_pushed(templates: 
     assert "note: not copied from the base folder: " in out
     assert "LICENSE (a link to a file outside the base folder)" in out
     assert "additional_chat_templates/tool.jinja (a link" in out and "tokenizer.json (not a regular file)" in out
-    assert sorted(p.name for p in ws.out.iterdir()) == ["NOTICE", "README.md", "config.json", "model.safetensors",
+    assert sorted(p.name for p in ws.out.iterdir()) == [".d2merge-output.json", "NOTICE", "README.md", "config.json",
+                                                        "model.safetensors",
                                                         "tokenizer_config.json"]
     code, out, err = run_cli(["push", ws.out, "me/merged", "--dry-run"], capsys, monkeypatch)
     assert code == 0, err

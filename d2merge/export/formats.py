@@ -8,13 +8,16 @@ builder and validated with its Generator (``d2merge.export.onnx_genai``). The CL
 
 from __future__ import annotations
 
-import tempfile
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from d2merge.errors import D2MergeError
-from d2merge.merge import MergeOptions, MergeResult, merge
+from d2merge.options import MergeOptions
+
+if TYPE_CHECKING:
+    from d2merge.merge import MergeResult
 
 FORMATS = ("hf", "safetensors", "onnx", "onnx-genai", "gguf")
 
@@ -39,10 +42,11 @@ class ExportOutcome:
 
 
 def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", options: MergeOptions | None = None,
-             progress: bool = False, onnx_opset: int | None = None, onnx_with_past: bool = False,
-             genai_precision: str = "fp32", gguf_type: str = "f16", gguf_modelfile: bool = False) -> ExportOutcome:
+             progress: bool = False, genai_precision: str = "fp32", gguf_type: str = "f16", gguf_modelfile: bool = False) -> ExportOutcome:
     """Merge and write ``out`` in the chosen format (``genai_precision``: fp32, fp16 or int4 for onnx-genai;
     ``gguf_type`` and ``gguf_modelfile`` for gguf)."""
+    from d2merge.merge import merge
+
     options = options or MergeOptions()
     if genai_precision != "fp32" and format != "onnx-genai":
         raise D2MergeError("--precision is for --format onnx-genai", hint="use --dtype for the other formats")
@@ -55,25 +59,34 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
         result = merge_to_safetensors(base, adapter, out, options, progress=progress)
         return ExportOutcome(format, result.output, result)
     if format == "onnx":
-        from d2merge.export.onnx import DEFAULT_OPSET, export_onnx
-        from d2merge.io.output import check_output_location
+        from d2merge.export.onnx import _destination, export_onnx
+        from d2merge.io.output import check_output_location, scratch_beside
 
         onnx_dtype = {"auto": "fp32", "fp32": "fp32", "fp16": "fp16"}.get(options.dtype)
         if onnx_dtype is None:
             raise D2MergeError("ONNX Runtime on CPU cannot run bf16 graphs",
                                hint="use --dtype fp32 or --dtype fp16 with --format onnx")
-        out_path = Path(out)
+        # The output is the graph file (OUT itself, or OUT/model.onnx): a folder a killed run
+        # created stays usable, and the fp32 merge lives in a marked work folder beside the graph.
+        out_path = _destination(out)
         check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite,
-                              is_file=out_path.suffix == ".onnx")
-        with tempfile.TemporaryDirectory(prefix=".d2merge-onnx-", dir=out_path.absolute().parent) as scratch:
-            fp32 = options.with_overrides(dtype="fp32", overwrite=False)
-            result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
-            exported = export_onnx(result.output, out_path, dtype=onnx_dtype, with_past=onnx_with_past,
-                                   opset=onnx_opset or DEFAULT_OPSET)
+                              is_file=True, missing_parents=True)
+        new_folders = [f for f in (out_path.parent, *out_path.parent.parents) if not f.exists()]
+        try:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            with scratch_beside(out_path, "merge") as scratch:
+                fp32 = options.with_overrides(dtype="fp32", overwrite=False)
+                result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
+                exported = export_onnx(result.output, out_path, dtype=onnx_dtype, overwrite=options.overwrite)
+        except BaseException:
+            for folder in new_folders:  # a failed export leaves no trace, not even the folders it created
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
         return ExportOutcome(format, exported.onnx_path, result, exported)
     if format == "onnx-genai":
         from d2merge.export.onnx_genai import PRECISIONS, export_genai, import_genai
-        from d2merge.io.output import check_output_location
+        from d2merge.io.output import check_output_location, scratch_beside
 
         if genai_precision not in PRECISIONS:
             raise D2MergeError(f"unknown genai precision {genai_precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
@@ -82,11 +95,11 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
                                hint="drop --dtype; use --precision fp32|fp16|int4")
         import_genai()  # before the merge: a missing extra should not cost a merge
         out_path = Path(out)
-        check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=False)
-        with tempfile.TemporaryDirectory(prefix=".d2merge-genai-", dir=out_path.absolute().parent) as scratch:
+        check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite)
+        with scratch_beside(out_path, "merge") as scratch:
             fp32 = options.with_overrides(dtype="fp32", overwrite=False)
             result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
-            built = export_genai(result.output, out_path, precision=genai_precision)
+            built = export_genai(result.output, out_path, precision=genai_precision, overwrite=options.overwrite)
         return ExportOutcome(format, built.output, result, built)
     if format == "gguf":
         from d2merge.export.gguf import merge_to_gguf

@@ -10,7 +10,9 @@ weights were made, so a reader can reproduce and audit them.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Mapping
 
 from d2merge import __version__
@@ -30,6 +32,27 @@ class CardInfo:
     notes: tuple[str, ...] = ()
     verify_table: str | None = None
     model_name: str | None = None
+
+
+# An absolute path: POSIX (/tmp/x, ~/x) or Windows (C:\x), up to whitespace, a quote or a bracket.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:~?/|[A-Za-z]:\\)[^\s`'\"()\[\]]+")
+
+
+def without_local_paths(text: str) -> str:
+    """``base /tmp/run-7/base`` -> ``base base``: the card is published, the machine's paths are not.
+
+    Each absolute path keeps only its last component (the folder or file name a
+    reader recognises), as the sources table's ``base/...`` labels do; a Hub
+    cache path keeps the repo id.
+    """
+    def anonymise(match: re.Match[str]) -> str:
+        path = match.group(0)
+        pure = PureWindowsPath(path) if re.match(r"[A-Za-z]:\\", path) else PurePosixPath(path)
+        for part in pure.parts:
+            if part.startswith("models--"):
+                return part[len("models--"):].replace("--", "/", 1)
+        return pure.name or path
+    return _ABSOLUTE_PATH.sub(anonymise, text)
 
 
 def _yaml_scalar(value: str) -> str:
@@ -60,12 +83,13 @@ def render_model_card(info: CardInfo) -> str:
     body += [f"- output dtype: {info.out_dtype}",
              "- merge arithmetic: fp32, one round-to-nearest-even cast to the output dtype at the end"]
     for note in info.notes:
-        body.append(f"- note: {note}")
+        body.append(f"- note: {without_local_paths(note)}")
     if info.source_hashes:
         body += ["", "## Sources (sha256)", "", "| file | sha256 |", "| --- | --- |"]
         body += [f"| `{name}` | `{digest}` |" for name, digest in info.source_hashes.items()]
     if info.verify_table:
-        body += ["", "## Verification (merged vs unmerged)", "", "```", info.verify_table.rstrip(), "```"]
+        body += ["", "## Verification (merged vs unmerged)", "", "```", without_local_paths(info.verify_table.rstrip()),
+                 "```"]
     body += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
              'model = AutoModelForCausalLM.from_pretrained("<this folder or repo id>")',
              'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo id>")', "```", ""]

@@ -19,8 +19,6 @@ import contextlib
 import inspect
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -34,15 +32,13 @@ from torch import nn
 
 from d2merge.dtypes import FLOAT_DTYPES
 from d2merge.errors import D2MergeError
+from d2merge.options import DEFAULT_OPSET, OnnxExportOptions
 
 # ONNX Runtime on CPU has no bf16 kernels: the two rows of d2merge.dtypes it can run.
 DTYPES: dict[str, torch.dtype] = {n: FLOAT_DTYPES[n].torch_dtype for n in ("fp32", "fp16")}
-EXPORTERS = ("dynamo", "legacy")
-# 18 is the opset torch's dynamo exporter implements natively (it cannot go lower). 23 is not a
-# safe default: it emits the fused RotaryEmbedding op, which ONNX Runtime 1.32 rejects for
-# batch > 1 when position ids are shared across the batch (transformers' default). Our wrapper
-# passes per-row position ids, which avoids that, but 18 is what the test-suite covers.
-DEFAULT_OPSET = 18
+# Exporter names, the default opset and why: d2merge.options (the CLI's flags come from there).
+# Our wrapper passes per-row position ids, which avoids opset 23's RotaryEmbedding problem, but 18
+# is what the test-suite covers.
 # fp32: rounding differences between two correct fp32 implementations grow with the size of the
 # logits (summation order over hidden sizes of 576+ and 30 layers). Measured: 1e-7..3e-7 on tiny
 # models (largest logit ~0.6), 8e-5 (genai) to 4.9e-4 on SmolLM2-135M (largest logit ~37), i.e.
@@ -157,10 +153,10 @@ class CausalLMOnnxWrapper(nn.Module):
         # layers and the attention mask length always equals the cache length (sliding-window
         # models still mask correctly; the mask is built from the config, not the cache).
         cache = DynamicCache([(past[i], past[i + 1]) for i in range(0, len(past), 2)])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                         use_cache=True, **kwargs)
+        # `cache`, transformers 5's name for the KV cache (`past_key_values` warns on every call).
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, **kwargs)
         present: list[torch.Tensor] = []
-        for layer in out.past_key_values.layers:
+        for layer in out.cache.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
@@ -168,7 +164,7 @@ class CausalLMOnnxWrapper(nn.Module):
 def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike, *, dtype: str = "fp32",
                 with_past: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "dynamo",
                 external_data: bool | None = None, validate: bool = True,
-                atol: float | None = None) -> OnnxExportResult:
+                atol: float | None = None, overwrite: bool = False) -> OnnxExportResult:
     """Export the causal LM in `model_dir` to ONNX, validate it, then move it into place.
 
     `out_path_or_dir` ending in `.onnx` is the graph file; anything else is a folder that
@@ -177,9 +173,22 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
     request that cannot be honoured (bf16, an opset the exporter does not produce, a validation
     diff above tolerance) and leaves nothing at the destination in that case.
     """
+    from d2merge.io.checkpoint import open_base
+    from d2merge.io.output import AtomicFiles, check_output_location
+
     _check_request(dtype, exporter, opset)
     model_dir = Path(model_dir)
     onnx_path = _destination(out_path_or_dir)
+    # Before any work: never into an input, never over an existing graph without --overwrite,
+    # and the weights are whole (a truncated shard is one line here, not a SafetensorsError later).
+    onnx_path = check_output_location(onnx_path, [model_dir], overwrite=overwrite, is_file=True,
+                                      missing_parents=True)
+    sidecar = onnx_path.with_name(onnx_path.name + ".data")
+    if sidecar.exists() and not overwrite:
+        raise D2MergeError("output already exists", path=sidecar, hint="pass --overwrite or choose another path")
+    open_base(model_dir)
+    stages = _Stages(["loading the model", "exporting the graph", *(["validating with ONNX Runtime"] * validate),
+                      "writing"])
 
     model = _load_model(model_dir, DTYPES[dtype])
     weight_bytes = _weight_bytes(model)
@@ -188,13 +197,20 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
     sample_args, input_names, output_names = _sample_inputs(model, with_past)
 
     new_folders = [f for f in (onnx_path.parent, *onnx_path.parent.parents) if not f.exists()]  # leaf first
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{onnx_path.name}.", suffix=".tmp", dir=onnx_path.parent))
     try:
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from d2merge.io.output import disk_error
+
+        raise disk_error(exc, onnx_path.parent) from None
+    files = AtomicFiles(onnx_path, overwrite=overwrite, sidecars=(sidecar.name,))
+    try:
+        files.__enter__()
         # The external data location is stored relative to the graph file, so the staged file
         # already carries its final name and only the folder changes at the end.
-        staged = staging / onnx_path.name
+        staged = files.staged
         started = time.perf_counter()
+        stages.next()
         _export_graph(wrapper, sample_args, staged, opset=opset, exporter=exporter, external_data=use_external,
                       input_names=input_names, output_names=output_names, with_past=with_past,
                       display_path=onnx_path)
@@ -212,19 +228,23 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
 
         validation = None
         if validate:
+            stages.next()
             if dtype != "fp32":  # free the fp16 copy before loading the fp32 reference next to it
                 del model
                 model = _load_model(model_dir, torch.float32)
             validation = _validate_staged(staged, CausalLMOnnxWrapper(model, with_past).eval(),
                                           with_past=with_past, atol=atol, display_path=onnx_path)
-        paths = _commit(staging, onnx_path)
+        stages.next()
+        paths = files.commit()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        stages.close()
+        files.__exit__(None, None, None)
         for folder in new_folders:  # a failed export leaves no trace, not even the folders it created
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    shutil.rmtree(staging, ignore_errors=True)
+    stages.close()
+    files.__exit__(None, None, None)
 
     return OnnxExportResult(
         onnx_path=onnx_path, paths=paths, dtype=dtype, exporter=exporter, opset=graph_opset, with_past=with_past,
@@ -325,14 +345,32 @@ def default_tolerance(dtype: str, reference_max_abs: float) -> float:
 # --- checks and loading ------------------------------------------------------------------------
 
 
+class _Stages:
+    """A tqdm bar over the export's stages: the export itself is one long call with no finer progress.
+
+    Shown on a terminal only (tqdm's disable=None), so pipes and CI logs stay clean.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        from tqdm.auto import tqdm
+
+        self._names = names
+        self._bar = tqdm(total=len(names), desc="export-onnx", unit="stage", disable=None, leave=False,
+                         bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
+        self._bar.set_postfix_str(names[0])
+
+    def next(self) -> None:
+        self._bar.update()
+        if self._bar.n < len(self._names):
+            self._bar.set_postfix_str(self._names[self._bar.n])
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def _check_request(dtype: str, exporter: str, opset: int) -> None:
-    if dtype in ("bf16", "bfloat16"):
-        raise D2MergeError("bf16 ONNX graphs cannot be validated or run: ONNX Runtime's CPU provider has no "
-                           "bfloat16 kernels", hint="use --dtype fp32, exact, or --dtype fp16, half the size")
-    if dtype not in DTYPES:
-        raise D2MergeError(f"unknown dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
-    if exporter not in EXPORTERS:
-        raise D2MergeError(f"unknown exporter {exporter!r}", hint=f"choose one of {', '.join(EXPORTERS)}")
+    """Every rule known up front (bf16, exporter, dynamo's lowest opset), before a minute of export."""
+    OnnxExportOptions(dtype=dtype, opset=opset, exporter=exporter)
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
@@ -385,7 +423,7 @@ def _cache_layout(model: nn.Module) -> list[tuple[int, int]]:
         probe = torch.ones(1, 2, dtype=torch.long)
         out = model(input_ids=probe, attention_mask=probe, use_cache=True)
     layout: list[tuple[int, int]] = []
-    for layer in out.past_key_values.layers:
+    for layer in out.cache.layers:
         layout += [(layer.keys.shape[1], layer.keys.shape[3]), (layer.values.shape[1], layer.values.shape[3])]
     return layout
 
@@ -491,17 +529,6 @@ def _normalize_legacy_file(raw: Path, staged: Path, external_data: bool) -> None
     else:
         onnx.save_model(model, str(staged))
     raw.unlink()
-
-
-def _commit(staging: Path, onnx_path: Path) -> tuple[Path, ...]:
-    """Rename staged files into place, data before graph, so the graph never points at nothing."""
-    data = staging / (onnx_path.name + ".data")
-    paths: list[Path] = []
-    if data.exists():
-        os.replace(data, onnx_path.with_name(data.name))
-        paths.append(onnx_path.with_name(data.name))
-    os.replace(staging / onnx_path.name, onnx_path)
-    return (onnx_path, *paths)
 
 
 # --- validation --------------------------------------------------------------------------------

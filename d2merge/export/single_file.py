@@ -9,14 +9,13 @@ in the header, so the file is still written in a single pass.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from d2merge import __version__
 from d2merge.errors import D2MergeError
-from d2merge.io.output import TEMP_MARKER, check_output_location, disk_error, remove_stale_temps
+from d2merge.io.output import AtomicFiles, check_output_location
 from d2merge.io.safetensors_file import rewrite_metadata
 from d2merge.engine import resolve_device, write_tensors
 from d2merge.export.hf_folder import card_info
@@ -57,22 +56,14 @@ def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: Merg
     reserved = {label: PLACEHOLDER for label in sources}
     hasher = BackgroundHashes(sources) if options.hash_sources else None
     hashes: dict[str, str] = {}
-    remove_stale_temps(out_path)
-    temp = out_path.parent / f".{out_path.name}{TEMP_MARKER}{os.getpid()}"
-    try:
-        write_tensors(merge_plan, out_path.parent, device=device, progress=progress,
+    with AtomicFiles(out_path, overwrite=options.overwrite) as staging:
+        temp = staging.staged
+        write_tensors(merge_plan, staging.temp, device=device, progress=progress,
                       shard_paths=[temp], metadata=single_file_metadata(merge_plan, reserved), hasher=hasher)
         if hasher is not None:
             hashes = hasher.result()
             final = {k: (v if len(v) == 64 else PLACEHOLDER) for k, v in hashes.items()}
             entries = [(t.name, t.out_dtype, t.shape) for t in merge_plan.tensors]
             rewrite_metadata(temp, entries, single_file_metadata(merge_plan, {**reserved, **final}))
-        try:
-            os.replace(temp, out_path)
-        except OSError as exc:
-            raise disk_error(exc, out_path) from None
-    finally:
-        if hasher is not None:
-            hasher.abandon()  # stops the hashing thread if the merge failed; a no-op after result()
-        temp.unlink(missing_ok=True)
+        staging.commit()
     return MergeResult(out_path, merge_plan, (out_path.name,), time.perf_counter() - started, hashes)

@@ -72,7 +72,8 @@ def load_adapter(spec: str | Path, *, allow_pickle: bool = False) -> Adapter:
         folder = folder.parent
     config_path = folder / CONFIG_NAME
     if not config_path.exists():
-        hint = ("this looks like a base model; pass the adapter folder second"
+        hint = ("this looks like a base model, not an adapter: pass the folder that holds adapter_config.json "
+                "(merge and verify take BASE first, then ADAPTER)"
                 if (folder / "config.json").exists() else "an adapter folder holds adapter_config.json")
         raise D2MergeError(f"{CONFIG_NAME} not found", path=folder, hint=hint)
     raw = read_json(config_path, CONFIG_NAME)
@@ -146,7 +147,7 @@ def _sort_keys(keys: list[str], method: Method, config: AdapterConfig
             unknown.extend(entry.values())  # tensors of a linear and of an embedding module under one name
             continue
         kind = LINEAR if LINEAR in kinds else kinds.pop()
-        modules[module] = AdapterModule(module, kind, dict(sorted(entry.items())))
+        modules[module] = AdapterModule(module, kind, dict(entry))
     return modules, replacements, unknown
 
 

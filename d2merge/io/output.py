@@ -14,13 +14,21 @@ import json
 import os
 import shutil
 from pathlib import Path
+from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from d2merge.errors import D2MergeError
 
+# Names of work in progress beside an output (one set, shared with hub.py, which refuses to push
+# a folder holding any of them): a temp folder or file, a previous output set aside during a
+# commit (a folder, or a folder of previous files), and the lock of the run writing the output.
 TEMP_MARKER = ".d2merge-tmp-"
 OLD_MARKER = ".d2merge-old-"
+OLD_FILES_MARKER = ".d2merge-oldfiles-"
+LOCK_SUFFIX = ".d2merge-lock"
+WORK_MARKERS = (TEMP_MARKER, OLD_MARKER, OLD_FILES_MARKER, LOCK_SUFFIX)
+MOVING_IN = "moving-in.json"
 # Inside every output folder: what d2merge wrote there. --overwrite replaces a folder only when it
 # holds nothing else (an existing project folder passed as -o by mistake is refused, not deleted).
 OUTPUT_MARKER = ".d2merge-output.json"
@@ -54,12 +62,16 @@ def disk_error(exc: OSError, path: Path) -> D2MergeError:
     return D2MergeError(f"cannot write: {exc.strerror or exc}", path=path)
 
 
-def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool, is_file: bool = False) -> Path:
+def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool, is_file: bool = False,
+                          missing_parents: bool = False) -> Path:
     """Refuse outputs that would clobber inputs or an existing result; return the absolute path.
 
-    ``is_file`` is for single-file outputs (a .safetensors or .onnx file) rather than folders.
+    ``is_file`` is for single-file outputs (a .safetensors or .onnx file) rather than folders;
+    ``missing_parents`` for writers that create the parent folders (export-onnx -o NEW_DIR).
     """
     out = Path(out).expanduser().absolute()
+    recover_output(out)  # before any work: a killed run's previous output is back, its temps gone
+    check_not_locked(out)
     resolved = out.resolve()
     for source in inputs:
         source = Path(source).resolve()
@@ -76,6 +88,9 @@ def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool,
         if not is_file:
             check_replaceable(out)
     parent = out.parent
+    if missing_parents:
+        while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+            parent = parent.parent
     if not parent.is_dir():
         if parent.exists() or parent.is_symlink():
             raise D2MergeError("the output's parent is not a folder", path=parent, hint="choose another output path")
@@ -129,52 +144,168 @@ def check_replaceable(folder: Path) -> None:
                            hint=hint)
 
 
+def _marked_pid(name: str, prefix: str) -> int | None:
+    """The pid in ``<prefix><pid>`` or ``<prefix><pid>-<what>``; None for any other name."""
+    if not name.startswith(prefix):
+        return None
+    pid_text = name[len(prefix):].split("-", 1)[0]
+    return int(pid_text) if pid_text.isdigit() else None
+
+
+# Work paths this process is using right now: recovery skips them (an export's scratch merge
+# sits beside the graph that the same process is about to write).
+_IN_USE: set[str] = set()
+
+
+def _gone(pid: int, path: Path) -> bool:
+    """The run that owns a marked name is over: dead, or this process and no longer in use."""
+    if pid == os.getpid():
+        return str(path.absolute()) not in _IN_USE
+    return not _pid_alive(pid)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_stale_temps(final: Path) -> None:
-    """Remove ``.<name>.d2merge-tmp-<pid>`` folders or files left by killed runs (their pid is gone)."""
+    """Remove ``.<name>.d2merge-tmp-<pid>[-what]`` folders or files left by killed runs (their pid is gone)."""
     prefix = f".{final.name}{TEMP_MARKER}"
     # escaped: a name like "run[1]" or "a*" must match only its own temp entries
     for candidate in final.parent.glob(f"{glob.escape(prefix)}*"):
-        pid_text = candidate.name[len(prefix):]
-        if pid_text.isdigit() and (int(pid_text) == os.getpid() or not _pid_alive(int(pid_text))):
-            if candidate.is_dir() and not candidate.is_symlink():
-                shutil.rmtree(candidate, ignore_errors=True)
-            else:
-                candidate.unlink(missing_ok=True)
+        pid = _marked_pid(candidate.name, prefix)
+        if pid is not None and _gone(pid, candidate):
+            _remove(candidate)
+
+
+def recover_output(final: Path) -> None:
+    """Undo what a killed run left at ``final``, before any new work: temps go, a previous output comes back.
+
+    A run killed between the renames of a commit left the previous output aside: a folder
+    output as ``.<name>.d2merge-old-<pid>``, file outputs inside ``.<name>.d2merge-oldfiles-<pid>/``
+    with the list of new files it had started to move in. When the new main file (or folder)
+    never arrived, the previous one is put back; otherwise the commit had finished and the
+    old copy is garbage.
+    """
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    remove_stale_temps(final)
+    for marker in (OLD_MARKER, OLD_FILES_MARKER):
+        prefix = f".{final.name}{marker}"
+        for candidate in sorted(final.parent.glob(f"{glob.escape(prefix)}*")):
+            pid = _marked_pid(candidate.name, prefix)
+            if pid is None or not _gone(pid, candidate):
+                continue
+            arrived = final.exists() or final.is_symlink()
+            if marker == OLD_MARKER:
+                if arrived:
+                    _remove(candidate)
+                else:
+                    os.replace(candidate, final)
+                continue
+            if not arrived:
+                journal = candidate / MOVING_IN
+                moved_in = json.loads(journal.read_text()) if journal.is_file() else []
+                for name in moved_in:  # new sidecars that arrived without their main file
+                    if isinstance(name, str) and Path(name).name == name:
+                        _remove(final.parent / name)
+                for old in candidate.iterdir():
+                    if old.name != MOVING_IN:
+                        os.replace(old, final.parent / old.name)
+            _remove(candidate)
+
+
+class OutputLock:
+    """``.<name>.d2merge-lock`` beside an output, held (flock) by the one run writing it.
+
+    A second run on the same output fails at once with one line instead of racing the first
+    through the commit renames. The kernel drops the lock when its holder dies, so a kill -9
+    never leaves a lock that blocks; the file itself is removed by whoever releases it.
+    """
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.path = self.final.parent / f".{self.final.name}{LOCK_SUFFIX}"
+        self.fd: int | None = None
+
+    def acquire(self) -> "OutputLock":
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise disk_error(exc, self.path) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise D2MergeError("another d2merge run is writing this output right now", path=self.final,
+                                   hint="wait for it to finish, or choose another output path") from None
+            try:  # the file may have been removed by its previous holder after we opened it: try again
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    self.fd = fd
+                    return self
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it: no one else can be between
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def check_not_locked(final: Path) -> None:
+    """Fail fast, before any work, when another live run holds the output's lock."""
+    lock = OutputLock(final)
+    if lock.path.exists():
+        lock.acquire().release()
 
 
 class AtomicFolder:
-    """A temp folder that becomes ``final`` on :meth:`commit`, and vanishes on error or interrupt."""
+    """A temp folder that becomes ``final`` on :meth:`commit`, and vanishes on error or interrupt.
+
+    Holds the output's lock from start to end; what a killed earlier run left is recovered first.
+    """
 
     def __init__(self, final: Path, *, overwrite: bool = False):
         self.final = Path(final)
         self.overwrite = overwrite
         self.temp = self.final.parent / f".{self.final.name}{TEMP_MARKER}{os.getpid()}"
         self.committed = False
+        self.lock = OutputLock(self.final)
 
     def __enter__(self) -> "AtomicFolder":
-        self.remove_stale()
+        self.lock.acquire()
         try:
+            self.remove_stale()
             if self.temp.exists():
                 shutil.rmtree(self.temp)
             self.temp.mkdir()
+            _IN_USE.add(str(self.temp.absolute()))
         except OSError as exc:
+            self.lock.release()
             raise disk_error(exc, self.temp) from None
+        except BaseException:
+            self.lock.release()
+            raise
         return self
 
     def remove_stale(self) -> None:
         """Temp folders of earlier runs that were killed: their process is gone, so they are garbage."""
-        remove_stale_temps(self.final)
-        # A run killed between commit's two renames left the previous output aside:
-        # put it back when nothing took its place, otherwise it is superseded.
-        old_prefix = f".{self.final.name}{OLD_MARKER}"
-        for candidate in self.final.parent.glob(f"{glob.escape(old_prefix)}*"):
-            pid_text = candidate.name[len(old_prefix):]
-            if not pid_text.isdigit() or (int(pid_text) != os.getpid() and _pid_alive(int(pid_text))):
-                continue
-            if self.final.exists() or self.final.is_symlink():
-                shutil.rmtree(candidate, ignore_errors=True)
-            else:
-                os.replace(candidate, self.final)
+        recover_output(self.final)
 
     def path(self, name: str) -> Path:
         return self.temp / name
@@ -203,8 +334,126 @@ class AtomicFolder:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if not self.committed:
+        try:
+            if not self.committed:
+                shutil.rmtree(self.temp, ignore_errors=True)
+        finally:
+            _IN_USE.discard(str(self.temp.absolute()))
+            self.lock.release()
+
+
+class AtomicFiles:
+    """One output file and its sidecars (``model.onnx`` + ``model.onnx.data``, a GGUF + Modelfile).
+
+    They are written under their final names into ``.<name>.d2merge-tmp-<pid>/`` beside the
+    output and moved into place at :meth:`commit`: previous versions aside first, then the
+    sidecars, the main file last, so the main file's presence means the set is complete.
+    :func:`recover_output` undoes a commit that a kill interrupted.
+    """
+
+    def __init__(self, final: Path, *, overwrite: bool = False, sidecars: Iterable[str] = ()):
+        self.final = Path(final)
+        self.overwrite = overwrite
+        self.sidecars = tuple(sidecars)
+        self.temp = self.final.parent / f".{self.final.name}{TEMP_MARKER}{os.getpid()}"
+        self.committed = False
+        self.lock = OutputLock(self.final)
+
+    def __enter__(self) -> "AtomicFiles":
+        self.lock.acquire()
+        try:
+            recover_output(self.final)
+            if self.temp.exists():
+                shutil.rmtree(self.temp)
+            self.temp.mkdir()
+            _IN_USE.add(str(self.temp.absolute()))
+        except OSError as exc:
+            self.lock.release()
+            raise disk_error(exc, self.temp) from None
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    @property
+    def staged(self) -> Path:
+        """Where the main file is written (its final name, inside the temp folder)."""
+        return self.temp / self.final.name
+
+    def path(self, name: str) -> Path:
+        return self.temp / name
+
+    def commit(self) -> tuple[Path, ...]:
+        parent = self.final.parent
+        incoming = [p.name for p in sorted(self.temp.iterdir()) if p.name != self.final.name]
+        if not self.staged.exists():
+            raise D2MergeError("nothing was written", path=self.final)
+        names = [*incoming, self.final.name]
+        try:
+            present = [n for n in dict.fromkeys([*names, *self.sidecars]) if (parent / n).exists()]
+            if present and not self.overwrite:
+                raise D2MergeError("output appeared while writing", path=parent / present[0],
+                                   hint="pass --overwrite or choose another path")
+            for name in names:
+                _fsync_file(self.temp / name)
+            old = parent / f".{self.final.name}{OLD_FILES_MARKER}{os.getpid()}"
+            old.mkdir()
+            write_json(old / MOVING_IN, incoming)
+            _fsync_dir(old)
+            for name in present:  # the previous main file last: until then the old set is whole
+                if name != self.final.name:
+                    os.replace(parent / name, old / name)
+            if self.final.name in present:
+                os.replace(self.final, old / self.final.name)
+            for name in names:  # sidecars first, the main file last
+                os.replace(self.temp / name, parent / name)
+            _fsync_dir(parent)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            raise disk_error(exc, self.final) from None
+        self.committed = True
+        return tuple(parent / n for n in [self.final.name, *incoming])
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
             shutil.rmtree(self.temp, ignore_errors=True)
+        finally:
+            _IN_USE.discard(str(self.temp.absolute()))
+            self.lock.release()
+
+
+@contextmanager
+def scratch_beside(final: Path, what: str) -> Iterator[Path]:
+    """A work folder ``.<name>.d2merge-tmp-<pid>-<what>`` beside an output (the fp32 merge an export
+    reads), removed at the end; a killed run's is removed by the next run's :func:`recover_output`."""
+    final = Path(final).absolute()
+    folder = final.parent / f".{final.name}{TEMP_MARKER}{os.getpid()}-{what}"
+    try:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir()
+    except OSError as exc:
+        raise disk_error(exc, folder) from None
+    _IN_USE.add(str(folder))
+    try:
+        yield folder
+    finally:
+        _IN_USE.discard(str(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -116,6 +116,10 @@ class TensorReader:
             self._done_with_current()
             if self._prefetch is not None:
                 slot, tensor, path, start = self._prefetch.take(source, name)
+            elif getattr(source, "byte_range", None) is None:
+                # Not file-backed (pickles already in memory, d2merge.many's shared loads):
+                # the source has the tensor; a ring buffer would only add memory.
+                return source.read(name)
             else:
                 slot, tensor, path, start = self.strict_read(source, name, self._take_slot())
             self.bytes_read += tensor.numel() * tensor.element_size()

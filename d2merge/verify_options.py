@@ -1,0 +1,94 @@
+"""Verify's option model and default thresholds: the source of ``d2merge verify``'s flags.
+
+Kept free of torch (as ``d2merge.options``), so ``d2merge --help`` and flag errors answer at
+once; ``d2merge.verify`` does the work and re-exports these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from d2merge.errors import D2MergeError
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """How one output dtype is judged (docs/verify-report.md says how each number was chosen).
+
+    The logit limits come from the model itself: verify measures the **rounding floor** (the
+    unmerged model against itself with one rounding of the output dtype applied to the base
+    weights, on the same probes) and allows ``floor_multiple`` times it. Flips (argmax on the
+    probes, answers on --mc-eval) are judged by exact binomial tests at level ``alpha``. The
+    fixed limits (``max_abs_diff``, ``min_top1``, ``max_gap_pp``) are explicit overrides: None
+    means "from the floor and the tests".
+    """
+
+    floor_multiple: float  # max |logit diff| may reach this multiple of the rounding floor
+    alpha: float  # level of the paired tests (McNemar on the answers, flips against rounding's)
+    max_ulp: float  # largest weight error against the fp64 reference, in output-dtype ulps
+    max_abs_diff: float | None = None  # a fixed logit limit instead of floor_multiple x floor
+    min_top1: float | None = None  # a fixed top-1 agreement limit (fraction) on top of the flip test
+    max_gap_pp: float | None = None  # a fixed |merge gap| limit in percentage points on top of the tests
+
+
+# Defaults per output dtype (measurements in docs/verify-report.md):
+# - floor_multiple: the max |logit diff| of a correct merge is another draw of the same rounding
+#   as the floor; over every method and dtype on SmolLM2 and the tiny models the ratio measured
+#   at most 1.9 (max over positions is a noisy statistic), hence 4.
+# - alpha 0.01: a correct merge flips answers like rounding does and in no preferred direction;
+#   each test then fails it with probability at most 1%.
+# - max_ulp: a correct merge rounds once, so 16-bit tensors sit within 0.5 ulp of the fp64
+#   reference (measured 0.5-0.503); 0.75 leaves room for the fp32 arithmetic before the cast and
+#   still fails a merge that rounds twice (the update added into an already rounded base reaches
+#   1 ulp and more). fp32 outputs carry that arithmetic's own error (measured 3-7 ulps on tiny
+#   models, 22 at 134M, growing with the norms' length), hence 256, still far below what one trip
+#   through fp16 (up to 4096) or bf16 (up to 65536) leaves.
+DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
+    "fp32": Thresholds(floor_multiple=10.0, alpha=0.01, max_ulp=256.0),
+    "bf16": Thresholds(floor_multiple=4.0, alpha=0.01, max_ulp=0.75),
+    "fp16": Thresholds(floor_multiple=4.0, alpha=0.01, max_ulp=0.75),
+}
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """Every verify setting in one place; the CLI's flags and help text are read from these fields."""
+
+    probe_source: str = field(default="auto", metadata={
+        "help": "Probe inputs without --prompts: built-in English sentences (needs the base's tokenizer), "
+                "seeded random tokens, or auto (sentences when the base has a tokenizer).",
+        "choices": ("auto", "sentences", "random")})
+    num_probes: int = field(default=8, metadata={"help": "Random probe sequences (random probes only)."})
+    probe_length: int = field(default=32, metadata={
+        "help": "Tokens per random probe; also the most tokens kept of each sentence or --prompts line."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random probe tokens."})
+    mc_score: str = field(default="sum", metadata={
+        "help": "How a choice is scored: summed or per-token mean log-likelihood of its tokens.",
+        "choices": ("sum", "mean")})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    tied_embeddings: str = field(default="untie", metadata={
+        "help": "The --tied-embeddings policy the merge used (needed to recompute it).",
+        "choices": ("untie", "tie", "error")})
+    allow_pickle: bool = field(default=False, metadata={"help": "Allow .bin (pickle) weights. Only for trusted files."})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise D2MergeError(f"invalid {f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
+        for name in ("num_probes", "probe_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise D2MergeError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+def option_help(name: str) -> str:
+    """The help text of a VerifyOptions field (the CLI reads its flags' help from here)."""
+    return next(f.metadata.get("help", "") for f in fields(VerifyOptions) if f.name == name)
+
+
+def threshold_defaults(name: str) -> str:
+    """``fp32 10, bf16 4, fp16 4``: a threshold's per-dtype defaults, for help texts."""
+    values = {dtype: getattr(limits, name) for dtype, limits in DEFAULT_THRESHOLDS.items()}
+    if all(v is None for v in values.values()):
+        return "none (from the rounding floor and the tests)"
+    return ", ".join(f"{dtype} {value:g}" for dtype, value in values.items())
