@@ -24,9 +24,22 @@ if TYPE_CHECKING:  # imported where used: the CLI reads VARIANTS without loading
 
 SCHEMA_VERSION = 1
 VARIANTS = ("base", "unmerged", "merged", "onnx")
+# Runtimes from optional extras: llama_cpp (a GGUF export in llama.cpp, extra gguf-llama; measured by
+# default when llama-cpp-python is installed) and genai (an onnxruntime-genai build, extra genai).
+# Both run one sequence at a time here, so they get the batch-1 cells of the grid only.
+EXTRA_VARIANTS = ("llama_cpp", "genai")
+ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
 # Throughput ratios reported per grid cell: name -> (numerator variant, denominator variant).
 RATIOS = {"merged_over_unmerged": ("merged", "unmerged"), "merged_over_base": ("merged", "base"),
-          "onnx_over_pytorch": ("onnx", "merged")}
+          "onnx_over_pytorch": ("onnx", "merged"), "llama_cpp_over_pytorch": ("llama_cpp", "merged"),
+          "genai_over_pytorch": ("genai", "merged")}
+
+
+def default_variants() -> tuple[str, ...]:
+    """The four core variants, plus llama_cpp when llama-cpp-python is installed."""
+    import importlib.util
+
+    return VARIANTS + (("llama_cpp",) if importlib.util.find_spec("llama_cpp") is not None else ())
 
 
 @dataclass(frozen=True)
@@ -234,20 +247,100 @@ def bench_onnx(onnx_path: Path, vocab: int, settings: BenchSettings) -> list[Ben
     return rows
 
 
+def bench_llama_cpp(gguf_path: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
+    """Batch-1 prefill cells and decode of a GGUF in llama.cpp (llama-cpp-python), as many threads as torch."""
+    import numpy as np
+    import torch
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise D2MergeError("the llama_cpp variant needs llama-cpp-python",
+                           hint="pip install 'd2merge[gguf-llama]' (builds llama.cpp from source)") from None
+    longest = max([*settings.seq_lens, settings.decode_prompt_len + settings.decode_tokens]) + 8
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=longest, n_batch=longest, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    rows = []
+    for seq in settings.seq_lens if 1 in settings.batch_sizes else ():
+        ids = _inputs(vocab, 1, seq, settings.seed)[0].tolist()
+
+        def prefill() -> None:
+            llm.reset()
+            llm.eval(ids)
+
+        rows.append(_summarise("llama_cpp", "prefill", 1, seq, _time(prefill, settings.warmup, settings.repeats), seq))
+    if 1 in settings.decode_batch_sizes and settings.decode_tokens:
+        prompt = _inputs(vocab, 1, settings.decode_prompt_len, settings.seed)[0].tolist()
+        step_timings: list[float] = []
+        for run in range(settings.warmup + settings.repeats):
+            llm.reset()
+            llm.eval(prompt)
+            for _ in range(settings.decode_tokens):
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # greedy, as the PyTorch loop
+                started = time.perf_counter()
+                llm.eval([token])
+                if run >= settings.warmup:
+                    step_timings.append(time.perf_counter() - started)
+        rows.append(_summarise("llama_cpp", "decode", 1, settings.decode_prompt_len, step_timings, 1))
+    llm.close()
+    return rows
+
+
+def bench_genai(folder: Path, vocab: int, settings: BenchSettings) -> list[BenchRow]:
+    """Batch-1 prefill cells (append_tokens) and decode (generate_next_token) of an onnxruntime-genai build."""
+    import numpy as np
+
+    from d2merge.export.onnx_genai import GenaiCausalLM
+
+    model = GenaiCausalLM(folder)
+    rows = []
+    for seq in settings.seq_lens if 1 in settings.batch_sizes else ():
+        ids = _inputs(vocab, 1, seq, settings.seed).numpy().astype(np.int32)
+
+        def prefill() -> None:
+            model.generator(seq + 1).append_tokens(ids)
+
+        rows.append(_summarise("genai", "prefill", 1, seq, _time(prefill, settings.warmup, settings.repeats), seq))
+    if 1 in settings.decode_batch_sizes and settings.decode_tokens:
+        prompt = _inputs(vocab, 1, settings.decode_prompt_len, settings.seed).numpy().astype(np.int32)
+        step_timings: list[float] = []
+        for run in range(settings.warmup + settings.repeats):
+            generator = model.generator(settings.decode_prompt_len + settings.decode_tokens + 1)
+            generator.append_tokens(prompt)
+            for _ in range(settings.decode_tokens):
+                started = time.perf_counter()
+                generator.generate_next_token()
+                if run >= settings.warmup:
+                    step_timings.append(time.perf_counter() - started)
+        rows.append(_summarise("genai", "decode", 1, settings.decode_prompt_len, step_timings, 1))
+    return rows
+
+
 def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = None,
-          onnx: str | Path | None = None, variants: Iterable[str] = VARIANTS,
-          settings: BenchSettings | None = None, echo: Callable[[str], None] | None = None) -> BenchReport:
-    """Measure every requested variant; merges (and exports ONNX) into a temp folder when not given."""
+          onnx: str | Path | None = None, variants: Iterable[str] | None = None,
+          settings: BenchSettings | None = None, echo: Callable[[str], None] | None = None,
+          gguf: str | Path | None = None, gguf_type: str = "f16", genai: str | Path | None = None,
+          genai_precision: str = "int4") -> BenchReport:
+    """Measure every requested variant; merges (and exports ONNX, GGUF, genai) into a temp folder when not given.
+
+    ``variants`` defaults to :func:`default_variants`. llama_cpp measures ``gguf`` or a fresh
+    ``gguf_type`` export; genai measures ``genai`` or a fresh ``genai_precision`` build. When
+    llama_cpp is only there by default and the model cannot be exported to GGUF, it is skipped
+    with a note (``meta["skipped"]``); asked for by name, that is an error.
+    """
     import torch
 
     from d2merge.merge import merge
     from d2merge.runtime import load_base_model, load_unmerged
 
     settings = settings or BenchSettings()
-    variants = tuple(variants)
-    unknown = set(variants) - set(VARIANTS)
+    by_default = variants is None
+    variants = default_variants() if variants is None else tuple(variants)
+    unknown = set(variants) - set(ALL_VARIANTS)
     if unknown:
-        raise D2MergeError(f"unknown bench variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+        raise D2MergeError(f"unknown bench variant(s) {', '.join(sorted(unknown))}; "
+                           f"choose from {', '.join(ALL_VARIANTS)}")
     say = echo or (lambda _msg: None)
     from d2merge.io.checkpoint import resolve_location
     from d2merge.io.transformers_folder import refuse_custom_code
@@ -269,7 +362,9 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
     report = BenchReport(settings, meta={"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                                          "base": str(base), "adapter": str(adapter)})
     with tempfile.TemporaryDirectory(prefix="d2merge-bench-") as scratch:
-        if merged is None and ("merged" in variants or "onnx" in variants):
+        needs_merge = {"merged", "onnx"} | ({"llama_cpp"} if gguf is None else set()) | (
+            {"genai"} if genai is None else set())
+        if merged is None and needs_merge & set(variants):
             say("merging into a temp folder ...")
             merged = merge(base, adapter, Path(scratch) / "merged", dtype="fp32", hash_sources=False).output
         loaders: dict[str, Callable[[], torch.nn.Module]] = {
@@ -300,6 +395,36 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
                 vocab = load_config(merged).vocab_size
             say("measuring onnx ...")
             report.rows += bench_onnx(Path(onnx), vocab, settings)
+        if vocab is None and ("llama_cpp" in variants or "genai" in variants):
+            from d2merge.io.checkpoint import open_base
+
+            vocab = int((open_base(merged or base).config or {}).get("vocab_size") or 0)
+        if "llama_cpp" in variants:
+            if gguf is None:
+                from d2merge.export.gguf import export_gguf
+
+                say(f"exporting GGUF ({gguf_type}) into a temp folder ...")
+                try:
+                    gguf = export_gguf(merged, Path(scratch) / "model.gguf", gguf_type=gguf_type).output  # type: ignore[arg-type]
+                except D2MergeError as exc:
+                    if not by_default:
+                        raise
+                    report.meta.setdefault("skipped", {})["llama_cpp"] = str(exc)
+                    say(f"llama_cpp skipped: {exc}")
+            if gguf is not None:
+                say("measuring llama_cpp ...")
+                report.meta["gguf"] = str(gguf)
+                report.rows += bench_llama_cpp(Path(gguf), vocab, settings)
+        if "genai" in variants:
+            if genai is None:
+                from d2merge.export.onnx_genai import export_genai
+
+                say(f"building onnxruntime-genai ({genai_precision}) into a temp folder ...")
+                genai = export_genai(merged, Path(scratch) / "genai", precision=genai_precision,  # type: ignore[arg-type]
+                                     validate=False).output
+                report.meta["genai_precision"] = genai_precision
+            say("measuring genai ...")
+            report.rows += bench_genai(Path(genai), vocab, settings)
     return report
 
 
@@ -319,7 +444,7 @@ def plot_report(report: BenchReport, path: str | Path) -> None:
     except ImportError:
         raise D2MergeError("--plot needs matplotlib", hint="pip install 'd2merge[plot]'") from None
     cells = sorted({(r.mode, r.batch, r.seq) for r in report.rows})
-    variants = [v for v in VARIANTS if any(r.variant == v for r in report.rows)]
+    variants = [v for v in ALL_VARIANTS if any(r.variant == v for r in report.rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cells)), 4))
     width = 0.8 / max(1, len(variants))
     for i, variant in enumerate(variants):

@@ -21,9 +21,10 @@ import click
 # Only light modules at import time: `d2merge --help` and flag errors must not wait for torch.
 # Each command imports the library it calls (tests/test_cli_startup.py checks this).
 from d2merge import __version__
-from d2merge.bench import VARIANTS as BENCH_VARIANTS
+from d2merge.bench import ALL_VARIANTS as BENCH_VARIANTS
 from d2merge.bench import BenchSettings
 from d2merge.errors import D2MergeError, VerificationFailed
+from d2merge.many.options import ManyOptions
 from d2merge.export.formats import FORMATS as EXPORT_FORMATS
 from d2merge.options import EXPORTERS, ONNX_DTYPES, MergeOptions, OnnxExportOptions
 from d2merge.options import option_help as model_help
@@ -70,7 +71,8 @@ def _options_from(dataclass_type: Any) -> Callable[[Callable[..., Any]], Callabl
                 else:
                     fn = click.option(flag, f.name, is_flag=True, default=False, help=help_text)(fn)
             else:
-                kind = click.Choice(f.metadata["choices"]) if "choices" in f.metadata else str
+                kind = (click.Choice(f.metadata["choices"]) if "choices" in f.metadata
+                        else click.IntRange(1) if f.type in (int, "int") else str)
                 fn = click.option(flag, f.name, default=f.default, show_default=True, type=kind, help=help_text)(fn)
         return fn
 
@@ -310,7 +312,8 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
 @click.option("--no-validate", is_flag=True,
               help="Skip the ONNX Runtime vs PyTorch comparison (faster; the file is then unproven).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing graph (and its .data file), only once the new one is validated.")
+              help="Replace an existing graph (and its .data file), or with --runtime genai an output folder "
+                   "d2merge wrote, only once the new one is validated.")
 @click.option("--atol", type=float, default=None,
               help="Bound on the max |logit difference| at real tokens. [default: fp32 1e-4 of the largest logit, at least "
                    "1e-4; fp16 1% of the largest logit, at least 1e-3]")
@@ -349,7 +352,8 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
         if generic_only:
             raise click.UsageError(f"--{generic_only[0].replace('_', '-')} applies to the generic export; with "
                                    "--runtime genai choose --precision fp32|fp16|int4")
-        click.echo(export_genai(model_dir, out, precision=precision, validate=not no_validate, atol=atol).describe())
+        click.echo(export_genai(model_dir, out, precision=precision, validate=not no_validate, atol=atol,
+                                overwrite=overwrite).describe())
         return
     if "precision" in given:
         raise click.UsageError("--precision is for --runtime genai; the generic export takes --dtype fp32|fp16")
@@ -406,8 +410,16 @@ def _int_list(text: str) -> tuple[int, ...]:
               help="A merged folder to measure (default: merge into a temp folder, fp32).")
 @click.option("--onnx", "onnx_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="An ONNX graph without past (default: export the merged model to a temp folder).")
-@click.option("--variants", default=",".join(BENCH_VARIANTS), show_default=True,
-              help="Which of base, unmerged, merged, onnx to measure.")
+@click.option("--variants", default=None,
+              help=f"Which of {', '.join(BENCH_VARIANTS)} to measure. [default: base,unmerged,merged,onnx, "
+                   "plus llama_cpp when llama-cpp-python is installed]")
+@click.option("--gguf", "gguf_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A GGUF for the llama_cpp variant (default: export the merged model, see --gguf-type).")
+@click.option("--gguf-type", default="f16", show_default=True, help="Type of that temp GGUF export.")
+@click.option("--genai", "genai_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="An onnxruntime-genai folder for the genai variant (default: build one, see --genai-precision).")
+@click.option("--genai-precision", type=click.Choice(["fp32", "fp16", "int4"]), default="int4", show_default=True,
+              help="Precision of that temp genai build.")
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Prefill batch sizes.")
 @click.option("--seq-lens", default="32,128", show_default=True, help="Prefill sequence lengths.")
 @click.option("--decode-tokens", default=BenchSettings.decode_tokens, show_default=True, type=click.IntRange(0),
@@ -419,11 +431,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the throughput chart to a PNG (needs the 'plot' extra: matplotlib).")
-def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | None, variants: str,
+def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | None, variants: str | None,
+                  gguf_path: str | None, gguf_type: str, genai_path: str | None, genai_precision: str,
                   batch_sizes: str, seq_lens: str, decode_tokens: int, decode_prompt_len: int, warmup: int,
                   repeats: int,
                   json_path: str | None, plot_path: str | None) -> None:
-    """Measure throughput and latency: base vs unmerged vs merged vs ONNX Runtime.
+    """Measure throughput and latency: base vs unmerged vs merged vs ONNX Runtime (and llama.cpp, onnxruntime-genai).
 
     Each variant is loaded, measured and freed in turn. Every cell gets warm-up
     runs and repeated timed runs; the table shows medians, p50/p95 latency and
@@ -434,6 +447,7 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
       d2merge bench ./base ./adapter                         # everything, small grid
       d2merge bench ./base ./adapter --merged ./merged --variants merged,unmerged
       d2merge bench ./base ./adapter --batch-sizes 8 --seq-lens 128 --json bench.json --plot bench.png
+      d2merge bench ./base ./adapter --variants merged,onnx,llama_cpp,genai --genai-precision int4
     """
     from d2merge.bench import bench as run_bench
     from d2merge.bench import plot_report as plot_bench_report
@@ -442,9 +456,10 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
     settings = BenchSettings(batch_sizes=_int_list(batch_sizes), seq_lens=_int_list(seq_lens),
                              decode_batch_sizes=(1,) if decode_tokens else (), decode_tokens=decode_tokens,
                              decode_prompt_len=decode_prompt_len, warmup=warmup, repeats=repeats)
-    chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+    chosen = None if variants is None else tuple(v.strip() for v in variants.split(",") if v.strip())
     report = run_bench(base, adapter, merged=merged, onnx=onnx_path, variants=chosen, settings=settings,
-                       echo=lambda msg: click.echo(msg, err=True))
+                       echo=lambda msg: click.echo(msg, err=True), gguf=gguf_path, gguf_type=gguf_type,
+                       genai=genai_path, genai_precision=genai_precision)
     click.echo(report.table())
     if json_path:
         save_bench_report(report, json_path)
@@ -510,12 +525,15 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
     Compares logits on probe inputs (max/mean |diff|, KL, top-1 agreement), the
     multiple-choice merge gap with --mc-eval, and every merged tensor against an
     fp64 recomputation (abs and ulp error, plus the method's own figures).
-    Without MERGED, merges into a temp folder per --dtypes. Only one model is in
-    memory at a time. Exit 0: pass; 1: a threshold was exceeded; 2: bad input.
+    Without MERGED, merges into a temp folder per --dtypes. MERGED may also be a
+    .gguf file (read with transformers' GGUF loader) or an onnxruntime-genai
+    folder (logits through its Generator). Only one model is in memory at a
+    time. Exit 0: pass; 1: a threshold was exceeded; 2: bad input.
 
     \b
     Examples:
       d2merge verify ./base ./adapter ./merged
+      d2merge verify ./base ./adapter model-q8_0.gguf
       d2merge verify ./base ./adapter --dtypes fp32,bf16 --mc-eval eval.jsonl
       d2merge verify ./base ./adapter ./merged --prompts prompts.txt --report verify.json
     """
@@ -531,6 +549,70 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
     click.echo(report.table())
     if not report.passed:
         raise VerificationFailed("; ".join(report.failures()))
+
+@cli.command("merge-many")
+@click.argument("base", metavar="BASE")
+@click.argument("manifest", metavar="MANIFEST", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "outdir", type=click.Path(file_okay=False), default=None,
+              help="Folder that receives one output per job (created if missing). Required unless --dry-run.")
+@_options_from(ManyOptions)
+@click.option("--ray", "ray_address", metavar="auto|local|ADDRESS", default=None,
+              help="Run the jobs as Ray tasks: auto (the cluster `ray start` set up), local (start one here), or a "
+                   "cluster ADDRESS. Paths must be shared by every node. Needs the 'ray' extra.")
+@click.option("--dry-run", is_flag=True, help="Plan and check every job, print the plans, write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plans as JSON.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the summary as JSON: per job the output, status, seconds, verify verdict, error.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
+def merge_many_command(base: str, manifest: str, outdir: str | None, ray_address: str | None, dry_run: bool,
+                       as_json: bool, report_path: str | None, quiet: bool, **options: Any) -> None:
+    """Merge every adapter of MANIFEST into BASE, reading the base once: one output per job under OUTDIR.
+
+    \b
+    MANIFEST  JSON or YAML: a list of adapter folders (outputs named after them), or
+              {defaults: {...}, jobs: [{adapter, name, dtype, format, max_shard_size,
+              tied_embeddings, verify}, ...]}; see docs/merge-many.md
+    Every job is planned and checked before anything is written; a rerun skips
+    jobs whose output is complete with matching provenance and redoes the rest.
+    Exit codes: 0 all jobs done, 1 a verification failed, 2 a job could not run.
+
+    \b
+    Examples:
+      d2merge merge-many ./llama-3b adapters.yaml -o ./merged --dry-run
+      d2merge merge-many ./llama-3b adapters.json -o ./merged --dtype bf16 --report report.json
+      d2merge merge-many ./llama-3b adapters.yaml -o /shared/merged --ray auto
+    """
+    from d2merge.many import merge_many
+
+    if outdir is None and not dry_run:
+        raise click.UsageError("missing -o/--out OUTDIR (or use --dry-run to see the plans)")
+    report = merge_many(base, manifest, outdir or ".", ManyOptions(**options), dry_run=dry_run, ray=ray_address,
+                        progress=not quiet and sys.stderr.isatty(), echo=lambda msg: click.echo(msg, err=True))
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps([{**o.to_json(), "plan": o.plan.summary() if o.plan else None}
+                                   for o in report.outcomes], indent=2, default=str))
+        else:
+            for o in report.outcomes:
+                click.echo(f"== job {o.name} -> {o.output}: {o.status}" + (f": {o.error}" if o.error else "")
+                           + (" (complete, provenance matches)" if o.status == "skipped" else ""))
+                if o.plan is not None and o.status != "skipped":
+                    click.echo(o.plan.describe())
+                click.echo("")
+            click.echo(report.table())
+    else:
+        click.echo(report.table())
+    if report_path:
+        report.save(report_path)
+    if report.exit_code == 2:
+        failed = [o for o in report.outcomes if o.status == "failed"]
+        not_run = sum(o.status == "not_run" for o in report.outcomes)
+        raise D2MergeError(f"{len(failed)} of {len(report.outcomes)} jobs failed"
+                           + (f", {not_run} not run (nothing was written; --keep-going runs them)" if not_run else "")
+                           + (f"; first: {failed[0].error}" if failed else ""))
+    if report.exit_code == 1:
+        raise VerificationFailed(", ".join(o.name for o in report.outcomes if o.status == "verify_failed")
+                                 + " failed verification")
 
 
 # end of commands

@@ -92,6 +92,16 @@ def compute_tensor(merge_plan: MergePlan, item: TensorPlan, *, device: torch.dev
     return _compute(merge_plan, item, device, compute_dtype, buffers or ScratchBuffers())[1]
 
 
+def compute_output(merge_plan: MergePlan, item: TensorPlan, *, device: torch.device,
+                   buffers: ScratchBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """(storage to release, output tensor) for one plan entry: exactly what :func:`write_tensors` streams.
+
+    For writers that fan one base read out to several outputs (``d2merge.many``): calling the
+    function the single merge calls is what makes their bytes the single merge's.
+    """
+    return _compute(merge_plan, item, device, torch.float32, buffers)
+
+
 def _compute(merge_plan: MergePlan, item: TensorPlan, device: torch.device, compute_dtype: torch.dtype,
              buffers: ScratchBuffers) -> tuple[torch.Tensor, torch.Tensor]:
     """(storage to release, output tensor) for one plan entry."""

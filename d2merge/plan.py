@@ -19,6 +19,7 @@ from d2merge.dtypes import ALIASES, FLOAT_DTYPES, by_torch
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
+from d2merge.io.model_structure import conv1d_modules, is_listed
 from d2merge.io.safetensors_file import DTYPE_NAMES, dtype_size
 from d2merge.methods import LINEAR, ModuleSettings, trainable_tokens
 from d2merge.methods.base import BIAS, TOKENS
@@ -175,6 +176,8 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
     infos = {n: base.tensors.info(n) for n in names}
     config = base.config or {}
     tied_pair = _tied_pair(infos, config)
+    linear_modules = [m for m, e in adapter.modules.items() if e.layer_kind == LINEAR]
+    conv1d = conv1d_modules(config) if linear_modules else None
     notes: list[str] = []
     config_updates: dict[str, Any] = {}
 
@@ -213,11 +216,8 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
                                path=adapter.weights_file, tensor=first_key,
                                hint="the adapter file is incomplete, or peft_type does not match these weights")
         fan_in_fan_out = adapter.config.fan_in_fan_out if entry.layer_kind == LINEAR else False
-        if (entry.layer_kind == LINEAR and not fan_in_fan_out and config.get("model_type") in CONV1D_MODEL_TYPES
-                and module.rsplit(".", 1)[-1] in CONV1D_LAYERS):
-            raise D2MergeError(f"module '{module}' is a Conv1D layer stored (in, out) but the adapter config has "
-                               "fan_in_fan_out: false", path=adapter.path / "adapter_config.json", tensor=first_key,
-                               hint="set fan_in_fan_out: true, as PEFT does for GPT-2")
+        if entry.layer_kind == LINEAR:
+            _check_orientation(module, fan_in_fan_out, conv1d, config, adapter, first_key)
         settings = method.module_settings(adapter.config, module, entry.layer_kind, fan_in_fan_out)
         _, base_shape = infos[source]
         if len(base_shape) != 2:
@@ -396,6 +396,29 @@ def _auto_label(plans: list[TensorPlan]) -> str:
     return "auto (" + ", ".join(sorted(floats)).lower() + ")"
 
 
+def _check_orientation(module: str, fan_in_fan_out: bool, conv1d: frozenset[str] | None, config: dict[str, Any],
+                       adapter: Adapter, first_key: str) -> None:
+    """``fan_in_fan_out`` must match the layer: Conv1D stores (in, out), nn.Linear (out, in).
+
+    ``conv1d`` is transformers' own answer (d2merge.io.model_structure); without it
+    (an architecture transformers cannot build) GPT-2's layer names are the rule.
+    """
+    if conv1d is not None:
+        is_conv1d = is_listed(module, conv1d)
+    else:
+        is_conv1d = config.get("model_type") in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_LAYERS
+    if is_conv1d and not fan_in_fan_out:
+        raise D2MergeError(f"module '{module}' is a Conv1D layer stored (in, out) but the adapter config has "
+                           "fan_in_fan_out: false", path=adapter.path / "adapter_config.json", tensor=first_key,
+                           hint="set fan_in_fan_out: true, as PEFT does for GPT-2")
+    if conv1d is not None and fan_in_fan_out and not is_conv1d:
+        # PEFT resets fan_in_fan_out to false for an nn.Linear; merging it transposed would be wrong
+        # without a shape error whenever the weight is square.
+        raise D2MergeError(f"module '{module}' is an nn.Linear stored (out, in) but the adapter config has "
+                           "fan_in_fan_out: true", path=adapter.path / "adapter_config.json", tensor=first_key,
+                           hint="set fan_in_fan_out: false (PEFT uses true only for GPT-2 style Conv1D layers)")
+
+
 def _tied_pair(infos: dict[str, tuple[torch.dtype, tuple[int, ...]]], config: dict[str, Any]) -> tuple[str, str] | None:
     """(input embedding, lm_head) when the base ties them, else None."""
     tied = config.get("tie_word_embeddings")
@@ -414,13 +437,18 @@ def _tied_pair(infos: dict[str, tuple[torch.dtype, tuple[int, ...]]], config: di
 
 
 def _assign_shards(plans: list[TensorPlan], limit: int) -> tuple[list[TensorPlan], list[str]]:
-    """Greedy, in tensor order: a new shard starts when the next tensor would pass the limit."""
-    shard, used, assigned = 0, 0, []
-    for t in plans:
-        if used and used + t.out_bytes > limit:
-            shard, used = shard + 1, 0
-        assigned.append(replace(t, shard=shard))
-        used += t.out_bytes
-    count = shard + 1
-    names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    return assigned, names
+    """The shards transformers' ``save_pretrained`` would write: huggingface_hub's own split.
+
+    Greedy in tensor order, a tensor larger than the limit alone in its shard, the
+    ``model-0000i-of-0000n.safetensors`` names; the plan only supplies each tensor's
+    output size, so the split is decided before any byte is computed.
+    """
+    if not plans:
+        return plans, ["model.safetensors"]
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    split = split_state_dict_into_shards_factory({t.name: t for t in plans}, get_storage_size=lambda t: t.out_bytes,
+                                                 filename_pattern="model{suffix}.safetensors", max_shard_size=limit)
+    names = list(split.filename_to_tensors)
+    shard_of = {name: i for i, name in enumerate(names)}
+    return [replace(t, shard=shard_of[split.tensor_to_filename[t.name]]) for t in plans], names

@@ -23,7 +23,7 @@ import gc
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -151,6 +151,9 @@ class DtypeResult:
     copied_mismatched: list[str]
     missing_tensors: list[str]
     failures: list[str]
+    # Tensors of the plan an exported MERGED (GGUF, onnxruntime-genai) does not store exactly in any
+    # dtype (quantized blocks, fused graphs): judged by their logits only.
+    not_checked: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -240,8 +243,8 @@ def random_probes(vocab_size: int, *, count: int, length: int, seed: int) -> Pro
     """Seeded uniform random token ids: reproducible and independent of any tokenizer."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (count, length), generator=generator)
-    return Probes(ids, torch.ones_like(ids), {"source": "random", "file": None, "count": count, "length": length, "seed": seed,
-                                              "positions": count * length})
+    return Probes(ids, torch.ones_like(ids), {"source": "random", "file": None, "count": count, "length": length,
+                                              "seed": seed, "positions": count * length})
 
 
 def prompt_probes(tokenizer: Any, prompts: Sequence[str], *, max_length: int, source: str) -> Probes:
@@ -756,7 +759,8 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
                            hint="drop MERGED to compare fresh merges per dtype, or drop --dtypes")
     report_path = check_output_location(Path(report), (), overwrite=True, is_file=True) if report else None
     base_ckpt = open_base(base, allow_pickle=options.allow_pickle)
-    for folder in (base_ckpt.folder, None if merged is None else open_base(merged).folder):
+    exported = open_exported(merged) if merged is not None else None  # a GGUF or genai build: no HF folder
+    for folder in (base_ckpt.folder, None if merged is None or exported else open_base(merged).folder):
         if folder is not None:  # before any work: transformers loads both folders later
             refuse_custom_code(folder)
     adapter_obj: Adapter = load_adapter(adapter, allow_pickle=options.allow_pickle)
@@ -787,10 +791,12 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
         encoded = encode_choices(tokenizer, examples)
         check_eval_positions(base_ckpt.config, encoded, path=mc_eval)  # type: ignore[arg-type]
 
-    if merged is not None:
+    if exported is not None:
+        columns: list[tuple[str, Path | None]] = [(exported.label, Path(merged))]  # type: ignore[arg-type]
+    elif merged is not None:
         merged_ckpt = open_base(merged, allow_pickle=options.allow_pickle)
         probe_plan = build_plan(base_ckpt, adapter_obj, tied_embeddings=options.tied_embeddings)
-        columns: list[tuple[str, Path | None]] = [(stored_dtype(probe_plan, merged_ckpt), merged_ckpt.location)]
+        columns = [(stored_dtype(probe_plan, merged_ckpt), merged_ckpt.location)]
     else:
         columns = [(name, None) for name in column_names]
 
@@ -806,6 +812,19 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
         return choice_scores(model, tokenizer, examples, reduction=options.mc_score, batch_size=options.batch_size,
                              encoded=encoded)
 
+    def measure_floor(dtype: str, merge_plan: MergePlan) -> tuple[RoundingFloor, list[list[float]] | None]:
+        say(f"measuring the rounding floor ({dtype})")
+        model = unmerged_model(VERIFY_DTYPES[dtype], {item.name for item in merge_plan.merged})
+        floor_logits = compare_logits(model, probes, reference_logits, options.batch_size)
+        rounded_scores = scores_of(model)
+        del model
+        gc.collect()
+        floor_flips = None
+        if rounded_scores is not None:
+            floor_flips = sum(1 for u, r in zip(predictions(unmerged_scores), predictions(rounded_scores))
+                              if u != r)  # type: ignore[arg-type]
+        return rounding_floor(floor_logits, reference_logits, probes, floor_flips), rounded_scores
+
     # The unmerged model first, alone; its logits and scores are all that is kept.
     say("running the unmerged model (base + adapter)")
     model = unmerged_model()
@@ -818,6 +837,13 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     temp_root = Path(tempfile.mkdtemp(prefix="d2merge-verify-")) if merged is None else None
     try:
         for dtype, folder in columns:
+            if exported is not None:
+                results.append(verify_exported(exported, merge_plan_for=lambda dtype: build_plan(
+                    base_ckpt, adapter_obj, dtype=dtype, tied_embeddings=options.tied_embeddings),
+                    measure_floor=measure_floor, probes=probes, reference_logits=reference_logits,
+                    scores_of=scores_of, examples=examples, unmerged_scores=unmerged_scores,
+                    thresholds=thresholds, batch_size=options.batch_size, say=say))
+                continue
             if folder is None:
                 assert temp_root is not None
                 say(f"merging into a temp folder ({dtype})")
@@ -831,17 +857,7 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
             logits = mc = floor = None
             if not missing:
                 # transformers would fill a missing tensor with random values: judge without running it.
-                say(f"measuring the rounding floor ({dtype})")
-                model = unmerged_model(VERIFY_DTYPES[dtype], {item.name for item in merge_plan.merged})
-                floor_logits = compare_logits(model, probes, reference_logits, options.batch_size)
-                rounded_scores = scores_of(model)
-                del model
-                gc.collect()
-                floor_flips = None
-                if rounded_scores is not None:
-                    floor_flips = sum(1 for u, r in zip(predictions(unmerged_scores), predictions(rounded_scores))
-                                      if u != r)  # type: ignore[arg-type]
-                floor = rounding_floor(floor_logits, reference_logits, probes, floor_flips)
+                floor, rounded_scores = measure_floor(dtype, merge_plan)
                 say(f"running the merged model ({dtype})")
                 model = load_fp32_model(folder, allow_pickle=options.allow_pickle)
                 logits = compare_logits(model, probes, reference_logits, options.batch_size)
@@ -866,6 +882,75 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     if report_path is not None:
         result.save(report_path)
     return result
+
+
+# ----- exported models (GGUF, onnxruntime-genai) as MERGED -------------------------------------
+
+
+def open_exported(merged: str | Path) -> Any | None:
+    """The verify adapter of a GGUF file or an onnxruntime-genai folder, None for a merged HF folder.
+
+    The adapter (``d2merge.export.gguf.GGUFForVerify``, ``d2merge.export.onnx_genai.GenaiForVerify``)
+    gives the column label, loads the model, maps back the exactly stored weights and sets the limits.
+    """
+    path = Path(merged)
+    if path.is_file() and path.suffix == ".gguf":
+        from d2merge.export.gguf import gguf_for_verify
+
+        return gguf_for_verify(path)
+    if path.is_dir() and (path / "genai_config.json").is_file():
+        from d2merge.export.onnx_genai import genai_for_verify
+
+        return genai_for_verify(path)
+    return None
+
+
+def verify_exported(exported: Any, *, merge_plan_for: Callable[[str], MergePlan],
+                    measure_floor: Callable[[str, MergePlan], tuple[RoundingFloor, Any]], probes: Probes,
+                    reference_logits: torch.Tensor, scores_of: Callable[[Any], Any],
+                    examples: Sequence[MCExample] | None, unmerged_scores: Any,
+                    thresholds: Mapping[str, float | None] | None, batch_size: int,
+                    say: Callable[[str], None]) -> DtypeResult:
+    """One column for an exported model: its logits (and MC scores), and its exactly stored weights.
+
+    An export stored in fp32/fp16/bf16 is judged like a merged folder of that dtype (the same
+    rounding floor); a quantized one against the fixed limits its exporter measured.
+    """
+    label, floor_dtype = exported.label, exported.floor_dtype
+    # fp32: each expected tensor is then cast once to the dtype the file stores it in (norms stay
+    # f32 in an f16 GGUF), as the exporter did.
+    merge_plan = merge_plan_for("fp32")
+    real = probes.attention_mask.bool()
+    chosen = exported.thresholds(float(reference_logits[real].abs().max()))
+    if thresholds:
+        thresholds_for("fp32", thresholds)  # the same refusal of unknown names
+        chosen = replace(chosen, **{k: float(v) for k, v in thresholds.items() if v is not None})
+    floor, rounded_scores = measure_floor(floor_dtype, merge_plan) if floor_dtype else (None, None)
+    say(f"loading {exported.path} ({label})")
+    model = exported.load_model()
+    layers: list[LayerCheck] = []
+    copied, mismatched, missing = 0, [], []
+    weights = exported.weights(model)
+    if weights is not None:
+        say(f"checking the stored weights against fp64 ({label})")
+        layers, copied, mismatched, missing = check_weights(
+            merge_plan, BaseCheckpoint(exported.path, None, weights, None, (exported.path,)))
+        not_checked = [name for name in missing if name in weights.quantized]
+        missing = [name for name in missing if name not in weights.quantized]
+    else:
+        not_checked = [item.name for item in merge_plan.tensors]
+    say(f"running the exported model ({label})")
+    logits = compare_logits(model, probes, reference_logits, batch_size)
+    merged_scores = scores_of(model)
+    mc = None
+    if merged_scores is not None:
+        mc = mc_result(examples, unmerged_scores, merged_scores, rounded_scores)  # type: ignore[arg-type]
+    del model
+    gc.collect()
+    limits = resolve_limits(chosen, floor)
+    failures = judge(limits, logits, mc, layers, mismatched, missing, floor)
+    return DtypeResult(label, str(exported.path), chosen, logits, mc, floor, limits, top1_flips_p(logits, floor),
+                       layers, copied, mismatched, missing, failures, not_checked)
 
 
 # ----- tables ---------------------------------------------------------------------------------
@@ -941,6 +1026,8 @@ def format_report(report: VerifyReport) -> str:
     row("max weight abs error", [_fmt_sci(r.max_abs_error) for r in results])
     row("max weight error (ulp)", [f"{r.max_ulp_error:.3g}" for r in results])
     row("copied tensors exact", [f"{r.copied_checked - len(r.copied_mismatched)}/{r.copied_checked}" for r in results])
+    if any(r.not_checked for r in results):
+        row("tensors by logits only", [str(len(r.not_checked)) for r in results])
     summaries = [method_summary(r.layers) for r in results]
     for key in dict.fromkeys(k for s in summaries for k in s):
         row(f"{report.method}: {key}", [f"{s[key]:.6g}" if key in s else "-" for s in summaries])

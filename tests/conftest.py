@@ -241,3 +241,56 @@ def cli_runner(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPat
         return CliResult(code if isinstance(code, int) else (0 if code is None else 1), out, err)
 
     return run
+
+
+# Small on purpose (CI: 2 cores): rank 8 on the attention q/v of the last six layers, two dozen
+# steps. The adapters move SmolLM2's answers (that is what the merge gap needs), nothing more.
+SMOLLM2_ADAPTER_TRAINING: dict[str, Any] = {
+    "steps": 24, "batch_size": 8, "r": 8, "lora_alpha": 16.0, "lr": 3e-3, "seed": 0,
+    "target_modules": r"model\.layers\.(2[4-9])\.self_attn\.(q_proj|v_proj)",
+}
+SMOLLM2_EVAL_ITEMS = 100
+
+
+@pytest.fixture(scope="session")
+def smollm2_adapters(smollm2: Path) -> dict[str, Path]:
+    """Adapters of all four methods trained briefly on SmolLM2 with d2merge.train on the English task.
+
+    ``{"lora", "dora", "d2lora", "dual_lora"}``: trained on every family of
+    :mod:`d2merge.english_task`; ``"other_task"``: a LoRA trained on the sums family alone (the
+    adapter "trained on another task" of the fault tests); ``"eval"``: the first
+    :data:`SMOLLM2_EVAL_ITEMS` held-out items as JSONL. Cached beside the smollm2 folder (the
+    folder name carries the settings), under a file lock, each adapter written atomically.
+    """
+    import hashlib
+    import json
+
+    from d2merge.english_task import split
+    from d2merge.tasks import write_jsonl
+    from d2merge.train import train_adapter
+
+    key = hashlib.sha256(json.dumps([SMOLLM2_ADAPTER_TRAINING, SMOLLM2_EVAL_ITEMS]).encode()).hexdigest()[:10]
+    folder = REAL_MODEL_CACHE / f"{smollm2.name}-adapters-{key}"
+    train, held_out = split(held_out=200, seed=0)
+    sums_train, _ = split("sums", held_out=20, seed=0)
+    jobs = {"lora": train, "dora": train, "d2lora": train, "dual_lora": train, "other_task": sums_train}
+    with open(REAL_MODEL_CACHE / "smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        folder.mkdir(parents=True, exist_ok=True)
+        made: dict[str, Path] = {}
+        for name, data in jobs.items():
+            target = folder / name
+            if not (target / "adapter_config.json").is_file():
+                temp = folder / f".{name}.tmp-{os.getpid()}"
+                shutil.rmtree(temp, ignore_errors=True)
+                method = "lora" if name == "other_task" else name
+                train_adapter(smollm2, temp, method, data=data, eval_data=[], progress=False,
+                              **SMOLLM2_ADAPTER_TRAINING)
+                os.replace(temp, target)
+            made[name] = target
+        eval_file = folder / "eval.jsonl"
+        if not eval_file.is_file():
+            write_jsonl(folder / ".eval.tmp", held_out[:SMOLLM2_EVAL_ITEMS])
+            os.replace(folder / ".eval.tmp", eval_file)
+        made["eval"] = eval_file
+    return made

@@ -494,7 +494,8 @@ def test_merge_require_verify_failure_pushes_nothing(base_and_adapter, hub_in_pr
                                                      capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     import d2merge.verify as verify_module
 
-    strict = verify_module.Thresholds(max_abs_diff=0.0, max_gap_pp=0.0, min_top1=1.0, max_ulp=0.0)
+    strict = verify_module.Thresholds(floor_multiple=0.0, alpha=1.0, max_ulp=0.0, max_abs_diff=0.0, max_gap_pp=0.0,
+                                      min_top1=1.0)
     monkeypatch.setattr(verify_module, "thresholds_for", lambda dtype, overrides=None: strict)
     base, adapter = base_and_adapter
     code, _, err = run_main(["merge", str(base), str(adapter), "-o", str(tmp_path / "merged"), "--push-to",

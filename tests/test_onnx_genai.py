@@ -137,11 +137,20 @@ def test_head_size_the_cpu_kernel_refuses(cli_runner, tiny_bases, tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_extra(cli_runner, wide_base, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_extra(cli_runner, wide_base, make_adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # makes `import onnxruntime_genai` fail
     result = cli_runner(["export-onnx", wide_base("llama"), "-o", tmp_path / "out", "--runtime", "genai"])
     _assert_one_line_refusal(result, "onnxruntime-genai is not installed", "d2merge[genai]")
     assert list(tmp_path.iterdir()) == []
+    adapter = make_adapter(wide_base("llama"), "lora")
+    result = cli_runner(["merge", wide_base("llama"), adapter, "-o", tmp_path / "out", "--format", "onnx-genai"])
+    _assert_one_line_refusal(result, "onnxruntime-genai is not installed")  # before any merge work
+    assert list(tmp_path.iterdir()) == []
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / GENAI_CONFIG).write_text("{}")
+    result = cli_runner(["verify", wide_base("llama"), adapter, build])
+    _assert_one_line_refusal(result, "onnxruntime-genai is not installed")
 
 
 @pytest.mark.parametrize("make", ["empty", "adapter", "no-weights"])
@@ -202,3 +211,73 @@ def test_merge_format_onnx_genai(cli_runner, wide_base, make_adapter, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged-genai"]  # the fp32 scratch merge is gone
     refused = cli_runner(["merge", base, adapter, "-o", tmp_path / "x", "--precision", "int4"])
     assert refused.code == 2 and "--format onnx-genai" in refused.err and not (tmp_path / "x").exists()
+
+
+# ----- verify and bench take a genai build ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_merge(wide_base, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(base, D2-LoRA adapter, fp32 merged folder) on the wide tiny Llama."""
+    from d2merge.merge import merge
+    from d2merge.synthetic import save_random_adapter
+
+    root = tmp_path_factory.mktemp("wide-merge")
+    base = wide_base("llama")
+    adapter = save_random_adapter(base, root / "adapter", "d2lora", r=4,
+                                  target_modules=("q_proj", "v_proj", "down_proj"))
+    merged = merge(base, adapter, root / "merged", dtype="fp32", hash_sources=False).output
+    return base, adapter, merged
+
+
+def test_verify_gates_a_genai_build_and_overwrite_follows_merge(wide_merge, cli_runner, tmp_path: Path) -> None:
+    import json
+
+    base, adapter, merged = wide_merge
+    out = tmp_path / "genai"
+    export_genai(base, out, precision="fp32", validate=False)  # the base, not the merge: a wrong build
+    wrong = cli_runner(["verify", base, adapter, out, "--num-probes", "2", "--probe-length", "8"])
+    assert wrong.code == 1 and "genai-fp32: logit check" in wrong.err, wrong.err
+    refused = cli_runner(["export-onnx", merged, "-o", out, "--runtime", "genai"])
+    _assert_one_line_refusal(refused, "output already exists")
+    done = cli_runner(["export-onnx", merged, "-o", out, "--runtime", "genai", "--overwrite"])
+    assert done.code == 0, done.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["genai"]
+    report = tmp_path / "verify.json"
+    right = cli_runner(["verify", base, adapter, out, "--num-probes", "2", "--probe-length", "8", "--report", report])
+    assert right.code == 0, right.err + right.out
+    column = json.loads(report.read_text())["results"][0]
+    assert column["dtype"] == "genai-fp32" and column["passed"] and column["layers"] == []
+    assert len(column["not_checked"]) > 0 and column["logits"]["max_abs_diff"] <= 1e-4
+    assert "tensors by logits only" in right.out
+
+
+def test_merge_format_onnx_genai_overwrite_replaces_only_its_own_output(cli_runner, wide_merge, tmp_path: Path) -> None:
+    base, adapter, _ = wide_merge
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    refused = cli_runner(["merge", base, adapter, "-o", foreign, "--format", "onnx-genai", "--overwrite"])
+    assert refused.code == 2 and (foreign / "notes.txt").read_text() == "mine", refused.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign"]
+
+
+def test_bench_measures_genai_beside_the_other_variants(wide_merge, tmp_path: Path) -> None:
+    from d2merge.bench import BenchSettings, bench
+    from d2merge.export.onnx import export_onnx
+
+    base, adapter, merged = wide_merge
+    # the generic graph with the (much faster) legacy exporter; the genai build is bench's own
+    onnx = export_onnx(merged, tmp_path / "generic", exporter="legacy", validate=False).onnx_path
+    settings = BenchSettings(batch_sizes=(1,), seq_lens=(8,), decode_prompt_len=8, decode_tokens=4, warmup=1,
+                             repeats=2)
+    report = bench(base, adapter, merged=merged, onnx=onnx, variants=("base", "unmerged", "merged", "onnx", "genai"),
+                   settings=settings)
+    cells = {(r.variant, r.mode) for r in report.rows}
+    for variant in ("base", "unmerged", "merged", "genai"):
+        assert (variant, "prefill") in cells and (variant, "decode") in cells, variant
+    assert ("onnx", "prefill") in cells and report.meta["genai_precision"] == "int4"
+    assert all(r.tokens_per_s > 0 for r in report.rows)
+    ratios = [entry for entry in report.ratios() if "genai_over_pytorch" in entry]
+    assert {entry["mode"] for entry in ratios} == {"prefill", "decode"}
+    assert "genai/pytorch" in report.table()

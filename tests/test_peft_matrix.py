@@ -160,6 +160,8 @@ CASES: dict[str, Case] = {
     "llama-trainable-tokens": Case("llama", dict(target_modules=["q_proj"], trainable_token_indices=[3, 17, 5])),
     "llama-trainable-tokens-dict": Case("llama", dict(target_modules=["v_proj"],
                                                       trainable_token_indices={"embed_tokens": [9, 4]})),
+    "llama-trainable-tokens-lm-head": Case("llama", dict(target_modules=["q_proj"], trainable_token_indices={
+        "embed_tokens": [3, 4], "lm_head": [5]})),
     "llama-alora": Case("llama", dict(target_modules=["q_proj"], alora_invocation_tokens=[5, 6]),
                         expect="aLoRA adapter is active only after its invocation tokens"),
     "llama-target-parameters": Case("llama", dict(target_modules=["v_proj"],
@@ -306,6 +308,7 @@ def _run(name: str, bases: Bases, tmp_path: Path, cli_runner: Callable[..., Any]
         assert result.code == 2, f"{name}: expected a refusal, got exit {result.code}: {result.err}"
         assert len(lines) == 1 and lines[0].startswith("d2merge: error:"), result.err
         assert case.expect in lines[0], lines[0]
+        print(f"\nmatrix {name}: refused: {lines[0].split(': ', 2)[-1][:160]}")
         assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
         return
     assert result.code == 0, f"{name}: {result.err}"
@@ -328,6 +331,7 @@ def _run(name: str, bases: Bases, tmp_path: Path, cli_runner: Callable[..., Any]
         assert float((peft_merged - unmerged).abs().max()) > 1e-3, "PEFT's tied merge is right now: update the case"
     elif tied:
         assert config.get("tie_word_embeddings", True) is True, f"{name}: the tie must be kept"
+    worst = 0.0  # fp32: largest |d2merge - peft| / scale; bf16: largest ulp distance
     for tensor_name, tensor in ours.items():
         if tensor_name not in expected and case.arch == "mixtral":
             continue  # stored under the checkpoint's names; checked through the loaded model below
@@ -337,10 +341,12 @@ def _run(name: str, bases: Bases, tmp_path: Path, cli_runner: Callable[..., Any]
             assert tensor.dtype == torch.float32, tensor_name
             error = float((tensor - reference).abs().max())
             assert error <= 1e-6 * _scale(reference), f"{name} {tensor_name}: |d2merge - peft| = {error:.3g}"
+            worst = max(worst, error / _scale(reference))
         else:
             assert tensor.dtype == torch.bfloat16, tensor_name
             ulps = _bf16_ulps(tensor, reference.to(torch.bfloat16))
             assert ulps <= 1, f"{name} {tensor_name}: {ulps} bf16 ulps from PEFT's fp32 merge"
+            worst = max(worst, ulps)
     # Names transformers renames on load (Mixtral's block_sparse_moe) are compared through the loaded model.
     with quiet_transformers():
         loaded = cls.from_pretrained(out, dtype=case.dtype).state_dict()
@@ -358,7 +364,10 @@ def _run(name: str, bases: Bases, tmp_path: Path, cli_runner: Callable[..., Any]
         merged_model = cls.from_pretrained(out, dtype=torch.float32).eval()
     merged = _outputs(merged_model, ids, encoder)
     tolerance = (1e-4 if case.dtype == torch.float32 else 5e-2) * _scale(unmerged)
-    assert float((merged - unmerged).abs().max()) <= tolerance, f"{name}: merged logits differ from PEFT's unmerged"
+    logit_gap = float((merged - unmerged).abs().max())
+    assert logit_gap <= tolerance, f"{name}: merged logits differ from PEFT's unmerged"
+    unit = "of scale" if case.dtype == torch.float32 else "bf16 ulp"
+    print(f"\nmatrix {name}: {case.expect}, weights {worst:.3g} {unit}, logits {logit_gap:.3g} from PEFT unmerged")
 
     # d2merge's own unmerged runtime (what verify compares against) computes PEFT's forward.
     if not encoder and case.dtype == torch.float32:

@@ -15,6 +15,7 @@ import torch
 
 from d2merge.demo import reference_errors
 from d2merge.merge import merge
+from d2merge.merge import plan as merge_plan_of
 from d2merge.runtime import attach_adapter, quiet_transformers
 from d2merge.synthetic import save_random_adapter
 
@@ -93,4 +94,17 @@ def test_real_weights_lora_and_dora_match_peft(minilm, tmp_path):
         got = open_base(out).tensors
         worst = max((got.read(k).float() - v.float()).abs().max().item() for k, v in expected.items()
                     if k in got.keys())
-        assert worst <= 1e-6, (use_dora, worst)
+        if not use_dora:
+            assert worst <= 1e-6, (use_dora, worst)
+            continue
+        # DoRA's row norm is accumulated in fp64 (as D2-LoRA's; PEFT sums in fp32), so d2merge sits
+        # closer to the exact merge than PEFT does, and as far from PEFT as PEFT's own fp32 rounding
+        # (measured: PEFT 1.6e-6 from fp64, d2merge 3.4e-7, d2merge vs PEFT 1.9e-6).
+        plan = merge_plan_of(minilm, folder)
+        ours = peft_error = 0.0
+        for item in plan.merged:
+            exact = plan.adapter.method.merged_weight(plan.base_weight(item), plan.adapter.factors(item.module),
+                                                      item.settings, compute_dtype=torch.float64)
+            ours = max(ours, (got.read(item.name).double() - exact).abs().max().item())
+            peft_error = max(peft_error, (expected[item.name].double() - exact).abs().max().item())
+        assert ours <= peft_error and worst <= ours + peft_error, (worst, ours, peft_error)

@@ -291,7 +291,7 @@ RESULT = {"dtype": str, "merged": (str, type(None)), "passed": bool, "failures":
           "logits": (dict, type(None)), "mc": (dict, type(None)), "layers": list, "copied_checked": int,
           "copied_mismatched": list, "missing_tensors": list, "max_abs_error": NUMBER, "max_ulp_error": NUMBER,
           "worst_layer": (str, type(None)), "method_summary": dict, "floor": dict, "limits": dict,
-          "top1_flips_p": NUMBER}
+          "top1_flips_p": NUMBER, "not_checked": list}
 LOGITS = {"positions": int, "max_abs_diff": NUMBER, "mean_abs_diff": NUMBER, "kl_mean": NUMBER, "kl_max": NUMBER,
           "top1_agreement": NUMBER, "argmax_flips": int}
 MC = {"examples": int, "accuracy_unmerged": NUMBER, "accuracy_merged": NUMBER, "merge_gap_pp": NUMBER,
@@ -340,3 +340,110 @@ def test_report_schema(work: dict[str, Path], writable_copy: Callable[..., Path]
             check_keys(flip, {"index": int, "answer": int, "unmerged": int, "merged": int}, "flipped")
         assert all(isinstance(f, str) for f in result["failures"]) and result["failures"]
         assert result["worst_layer"] == TARGET
+
+
+# ----- faults on the tiny models (tests/faults.py; the same faults on SmolLM2: test_verify_real.py) --------
+
+import faults  # noqa: E402
+
+FAULT_CHECKS = {"tau sign": "weight check", "scaled 1.01": "weight check", "swapped layers": "weight check",
+                "another adapter": "weight check", "drift": "weight check"}
+
+
+@pytest.fixture(scope="session")
+def tiny_merges(work: dict[str, Path], make_adapter: Callable[..., Path]) -> dict[str, Path]:
+    root = work["root"] / "tiny-merges"
+    root.mkdir(exist_ok=True)
+    other = make_adapter(work["base"], "d2lora", seed=7, magnitude=0.05)
+    made = {"other-adapter": other}
+    for dtype in ("fp32", "bf16", "fp16"):
+        made[dtype] = merge(work["base"], work["adapter"], root / dtype, dtype=dtype, hash_sources=False).output
+        made[f"other-{dtype}"] = merge(work["base"], other, root / f"other-{dtype}", dtype=dtype,
+                                       hash_sources=False).output
+    return made
+
+
+def make_fault(fault: str, dtype: str, work: dict[str, Path], merges: dict[str, Path], target: Path) -> Path:
+    q0, q1 = "model.layers.0.self_attn.q_proj.weight", TARGET
+    if fault == "tau sign":
+        return faults.wrong_tau_sign(work["base"], work["adapter"], target, dtype)
+    if fault == "scaled 1.01":
+        return faults.scale_tensor(merges[dtype], target, q1)
+    if fault == "swapped layers":
+        return faults.swap_tensors(merges[dtype], target, q0, q1)
+    if fault == "another adapter":
+        return merges[f"other-{dtype}"]
+    assert fault == "drift"
+    return faults.drift_merge(work["base"], work["adapter"], merges[dtype], merges["fp32"], target)
+
+
+@pytest.mark.parametrize("dtype", ("fp32", "bf16", "fp16"))
+@pytest.mark.parametrize("fault", sorted(FAULT_CHECKS))
+def test_fault_fails_with_the_defaults(work: dict[str, Path], tiny_merges: dict[str, Path], tmp_path: Path,
+                                       cli_runner: Callable[[list[str]], Any], fault: str, dtype: str) -> None:
+    if fault == "drift" and dtype == "fp32":
+        pytest.skip("the drift is a 16-bit fault: in fp32 both roundings are fp32's")
+    wrong = make_fault(fault, dtype, work, tiny_merges, tmp_path / "wrong")
+    code, out, err = cli_runner(["verify", work["base"], work["adapter"], wrong, "--mc-eval", work["eval"]])
+    assert code == 1, out
+    assert FAULT_CHECKS[fault] in err and "verification failed" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ("llama", "gpt2"))
+@pytest.mark.parametrize("method", ("lora", "dora", "d2lora", "dual_lora"))
+def test_every_correct_merge_passes_with_the_defaults(tiny_bases: Callable[..., Path],
+                                                      make_adapter: Callable[..., Path], tmp_path: Path,
+                                                      arch: str, method: str, work: dict[str, Path]) -> None:
+    """Merged folders on Llama, --dtypes on GPT-2 (Conv1D, tied embeddings): both paths, half the time."""
+    base = tiny_bases(arch)
+    adapter = make_adapter(base, method, seed=3, magnitude=0.05)
+    if arch == "llama":
+        for dtype in ("fp32", "bf16", "fp16"):
+            merged = merge(base, adapter, tmp_path / dtype, dtype=dtype, hash_sources=False).output
+            report = verify(base, adapter, merged, mc_eval=work["eval"])
+            assert report.passed, report.failures()
+        return
+    report = verify(base, adapter, dtypes="fp32,bf16,fp16", mc_eval=work["eval"])
+    assert report.passed, report.failures()
+    assert all(r.floor is not None and r.floor.max_abs_diff > 0 for r in report.results)
+
+
+# ----- what is refused before any work starts --------------------------------------------------
+
+
+def test_report_into_a_missing_folder_is_refused_first(work: dict[str, Path], tmp_path: Path,
+                                                       cli_runner: Callable[[list[str]], Any]) -> None:
+    code, out, err = cli_runner(["verify", work["base"], work["adapter"], work["merged"],
+                                 "--report", tmp_path / "no-such-folder" / "report.json"])
+    assert code == 2 and "parent folder does not exist" in err
+    assert "running the unmerged model" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_probes_longer_than_gpt2_positions_are_one_line(tiny_bases: Callable[..., Path],
+                                                        make_adapter: Callable[..., Path], tmp_path: Path,
+                                                        cli_runner: Callable[[list[str]], Any]) -> None:
+    base = tiny_bases("gpt2")
+    adapter = make_adapter(base, "lora", seed=1)
+    positions = json.loads((base / "config.json").read_text())["n_positions"]
+    code, _, err = cli_runner(["verify", base, adapter, "--probe-source", "random",
+                               "--probe-length", str(positions + 1)])
+    assert code == 2 and f"at most {positions} positions (n_positions" in err and "--probe-length" in err
+    assert len(err.strip().splitlines()) == 1
+    long_eval = write_jsonl(tmp_path / "long.jsonl", [MCExample("the cat", ("a", "b"), 0),
+                                                      MCExample(" ".join(["red"] * (positions + 5)), ("a", "b"), 1)])
+    code, _, err = cli_runner(["verify", base, adapter, "--mc-eval", long_eval])
+    assert code == 2 and "eval example 1 is" in err and "red" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_sentence_probes_are_real_text_and_never_printed(work: dict[str, Path],
+                                                         cli_runner: Callable[[list[str]], Any]) -> None:
+    from d2merge.verify import PROBE_SENTENCES
+
+    code, out, err = cli_runner(["verify", work["base"], work["adapter"], work["merged"], "--prompts",
+                                 work["prompts"]])
+    assert code == 0 and "the cat is red" not in out + err
+    report = verify(work["base"], work["adapter"], work["merged"])
+    assert report.probes["source"] == "sentences" and report.probes["count"] == len(PROBE_SENTENCES)
+    assert verify(work["base"], work["adapter"], work["merged"], probe_source="random").probes["source"] == "random"

@@ -95,11 +95,11 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
                                hint="drop --dtype; use --precision fp32|fp16|int4")
         import_genai()  # before the merge: a missing extra should not cost a merge
         out_path = Path(out)
-        check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=False)
+        check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite)
         with scratch_beside(out_path, "merge") as scratch:
             fp32 = options.with_overrides(dtype="fp32", overwrite=False)
             result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
-            built = export_genai(result.output, out_path, precision=genai_precision)
+            built = export_genai(result.output, out_path, precision=genai_precision, overwrite=options.overwrite)
         return ExportOutcome(format, built.output, result, built)
     if format == "gguf":
         from d2merge.export.gguf import merge_to_gguf

@@ -515,18 +515,155 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     return load_model(path, gguf_file=path.name, dtype=dtype).eval()
 
 
+def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], str]]]:
+    """(every key/value, {tensor name: (ggml shape, type name)}) from one parse of the file.
+
+    One parse, because gguf-py's reader walks every tokenizer string in Python: seconds per
+    file for a 49k-token vocabulary.
+    """
+    gguf = _gguf()
+    path = Path(path)
+    if not path.is_file():
+        raise D2MergeError("GGUF file not found", path=path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise D2MergeError(f"not a readable GGUF file: {exc}", path=path) from None
+    metadata = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors}
+    return metadata, tensors
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Every key/value of a GGUF file (arrays as lists), for comparisons and inspection."""
-    gguf = _gguf()
-    reader = gguf.GGUFReader(Path(path))
-    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    return read_gguf(path)[0]
 
 
 def tensor_table(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
     """{GGUF tensor name: (ggml shape, type name)}."""
-    gguf = _gguf()
-    reader = gguf.GGUFReader(Path(path))
-    return {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors}
+    return read_gguf(path)[1]
+
+
+# ----- verify: a GGUF file as the merged model ------------------------------------------------
+
+# GGML tensor types that hold the merged values exactly in a torch dtype: verify checks those
+# tensors in ulps of that dtype. Quantized tensors have no such dtype and are gated by logits only.
+EXACT_TENSOR_TYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# verify's column defaults for a file whose 2-D weights are stored exactly in that dtype.
+EXACT_FILE_TYPES = {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}
+# Logit gates of quantized files: (min top-1 agreement, max |logit diff| / largest |logit| of the
+# unmerged model). Sanity floors that catch a broken file (wrong weights agree on ~1/vocab of the
+# positions and differ by more than the logits' own size), not a quality promise; the same kind
+# of floor as the genai int4 gate. Measured on correct files (docs/gguf.md): tiny random models
+# q8_0 top-1 89-100% at 7-12% of the largest logit; SmolLM2-135M figures in docs/gguf.md. 4-bit
+# rounding of tiny random weights (std 0.02) is destructive (q4_0 top-1 28-50%, diff ~ the
+# largest logit), so the q4/q5 floors are meant for real models.
+QUANTIZED_GATES: dict[str, tuple[float, float]] = {
+    "q8_0": (0.5, 0.5), "q5_0": (0.3, 0.75), "q5_1": (0.3, 0.75), "q4_0": (0.2, 0.75), "q4_1": (0.2, 0.75),
+}
+
+
+class GGUFWeights:
+    """The exactly stored tensors of a GGUF, by HF name, as transformers' reader loaded them.
+
+    A ``TensorSource`` for verify's weight check: each tensor is handed back in the dtype the
+    file stores it in (the reader's fp32 upcast of F16/BF16 is exact), so ulps are the file's.
+    ``quantized`` names the tensors stored in a block format, which no dtype holds exactly.
+    """
+
+    def __init__(self, path: Path, state: Mapping[str, torch.Tensor], stored: Mapping[str, torch.dtype],
+                 quantized: tuple[str, ...]):
+        self.path = path
+        self._state = state
+        self._stored = dict(stored)
+        self.quantized = quantized
+
+    def keys(self) -> list[str]:
+        return list(self._stored)
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self._stored[name], tuple(self._state[name].shape)
+
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        return self._state[name].to(self._stored[name])
+
+    def file_of(self, name: str) -> Path:
+        return self.path
+
+
+@dataclass(frozen=True)
+class GGUFForVerify:
+    """What ``d2merge verify`` needs to judge a GGUF file given as MERGED."""
+
+    path: Path
+    gguf_type: str
+    architecture: str  # the GGUF's (llama, qwen2, qwen3)
+    blocks: int
+    tensor_types: dict[str, str]  # GGUF tensor name -> GGML type name
+
+    @property
+    def label(self) -> str:
+        return f"gguf-{self.gguf_type}"
+
+    def load_model(self) -> torch.nn.Module:
+        return load_gguf_model(self.path)
+
+    def weights(self, model: torch.nn.Module) -> GGUFWeights:
+        """The model's tensors (HF names) mapped back to how the file stores them."""
+        gguf = _gguf()
+        arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.architecture)
+        mapping = gguf.get_tensor_name_map(arch_id, self.blocks)
+        embedding = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+        state = model.state_dict()
+        stored: dict[str, torch.dtype] = {}
+        quantized: list[str] = []
+        for name in state:
+            target = mapping.get_name(name, try_suffixes=(".weight", ".bias"))
+            if name == "lm_head.weight" and target not in self.tensor_types:
+                target = embedding  # tied: llama.cpp reuses token_embd as the output
+            if target not in self.tensor_types:
+                continue
+            kind = self.tensor_types[target]
+            if kind in EXACT_TENSOR_TYPES:
+                stored[name] = EXACT_TENSOR_TYPES[kind]
+            else:
+                quantized.append(name)
+        return GGUFWeights(self.path, state, stored, tuple(quantized))
+
+    @property
+    def floor_dtype(self) -> str | None:
+        """The dtype whose rounding floor verify judges this file by; None for quantized files."""
+        return EXACT_FILE_TYPES.get(self.gguf_type)
+
+    def thresholds(self, reference_max_abs: float) -> Any:
+        """verify's limits for this file (``reference_max_abs``: the largest |logit| of the unmerged model)."""
+        from d2merge.verify_options import DEFAULT_THRESHOLDS, Thresholds
+
+        if self.floor_dtype is not None:
+            return DEFAULT_THRESHOLDS[self.floor_dtype]
+        min_top1, max_rel = QUANTIZED_GATES[self.gguf_type]
+        # No rounding floor for block formats: fixed limits. F16 fallbacks in a quantized file are
+        # checked like an fp16 merge; answers flipped on --mc-eval are judged by McNemar's test.
+        fp16 = DEFAULT_THRESHOLDS["fp16"]
+        return Thresholds(floor_multiple=fp16.floor_multiple, alpha=fp16.alpha, max_ulp=fp16.max_ulp,
+                          max_abs_diff=max_rel * reference_max_abs, min_top1=min_top1)
+
+
+def gguf_for_verify(path: str | os.PathLike) -> GGUFForVerify:
+    """A GGUF's type and per-tensor storage, read once for verify; one-line refusal otherwise."""
+    path = Path(path)
+    metadata, table = read_gguf(path)
+    arch = metadata.get("general.architecture")
+    if arch not in {a for a, _ in ARCHITECTURES.values()}:
+        raise D2MergeError(f"verify reads GGUF files of the llama, qwen2 and qwen3 architectures, not {arch!r}",
+                           path=path)
+    by_file_type = {code: name for name, (_, code) in GGUF_TYPES.items()}
+    gguf_type = metadata.get(PROVENANCE_PREFIX + "gguf_type") or by_file_type.get(metadata.get("general.file_type"))
+    if gguf_type not in GGUF_TYPES:
+        raise D2MergeError(f"GGUF file type {metadata.get('general.file_type')!r} is not one d2merge writes",
+                           path=path, hint=f"verify checks {', '.join(GGUF_TYPES)}")
+    return GGUFForVerify(path, gguf_type, arch, int(metadata.get(f"{arch}.block_count") or 0),
+                         {name: kind for name, (_, kind) in table.items()})
 
 
 ProgressHook = Callable[[str], None]

@@ -29,7 +29,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,11 +187,13 @@ def build_genai(model_dir: Path, out_dir: Path, precision: str, cache_dir: Path)
 
 def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, precision: str = "fp32",
                  validate: bool = True, atol: float | None = None,
-                 greedy_prompts: Sequence[Sequence[int]] | None = None) -> GenaiExportResult:
+                 greedy_prompts: Sequence[Sequence[int]] | None = None, overwrite: bool = False) -> GenaiExportResult:
     """Build an onnxruntime-genai folder at ``out_dir`` from a merged folder, validated before it appears.
 
     Raises D2MergeError (and leaves nothing at ``out_dir``) when the extra is missing, the folder is
-    not a merged model, the builder refuses the architecture, or validation fails.
+    not a merged model, the builder refuses the architecture, or validation fails. ``overwrite``
+    follows merge's rule: an existing output is replaced only if d2merge wrote it (or it is empty),
+    and only once the new build has passed validation.
     """
     from d2merge.io.output import AtomicFolder, check_output_location
 
@@ -200,11 +202,11 @@ def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pr
     model_dir = Path(model_dir)
     import_genai()
     check_merged_folder(model_dir)
-    final = check_output_location(Path(out_dir), [model_dir], overwrite=False)
+    final = check_output_location(Path(out_dir), [model_dir], overwrite=overwrite)
     if final.suffix == ".onnx":
         raise D2MergeError("a genai build is a folder (model.onnx, its data and genai_config.json), not one file",
                            path=final, hint="pass a folder name to -o")
-    with AtomicFolder(final) as staging:
+    with AtomicFolder(final, overwrite=overwrite) as staging:
         started = time.perf_counter()
         build_genai(model_dir, staging.temp, precision, staging.temp / ".builder-cache")
         with contextlib.suppress(OSError):
@@ -253,6 +255,10 @@ class GenaiCausalLM:
     def eval(self) -> "GenaiCausalLM":
         return self
 
+    def parameters(self) -> Iterator[torch.Tensor]:
+        """One empty CPU tensor: callers written for torch models ask it for the device (CPU here)."""
+        yield torch.zeros(0)
+
     def generator(self, max_length: int) -> Any:
         params = self._og.GeneratorParams(self.model)
         params.set_search_options(max_length=max_length, do_sample=False, min_length=0, repetition_penalty=1.0)
@@ -300,6 +306,67 @@ class GenaiCausalLM:
                                    path=self.folder)
             logits[row, start:stop] = torch.from_numpy(self.step_logits(ids[row, start:stop].tolist()))
         return SimpleNamespace(logits=logits)
+
+
+def build_precision(folder: Path) -> str:
+    """fp32, fp16 or int4, read from the built graph (genai_config.json does not say)."""
+    import onnx
+
+    path = folder / "model.onnx"
+    if not path.is_file():
+        raise D2MergeError("the onnxruntime-genai folder has no model.onnx", path=folder)
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise D2MergeError(f"unreadable model.onnx: {_first_line(exc)}", path=path) from None
+    if any(node.op_type == "MatMulNBits" for node in graph.node):
+        return "int4"
+    if any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+@dataclass(frozen=True)
+class GenaiForVerify:
+    """What ``d2merge verify`` needs to judge an onnxruntime-genai folder given as MERGED.
+
+    Logits only: the graph's weights are fused and (int4) re-blocked, so there is nothing to
+    compare tensor by tensor; the gates are those the export itself applies.
+    """
+
+    path: Path  # the folder
+    precision: str
+
+    @property
+    def label(self) -> str:
+        return f"genai-{self.precision}"
+
+    def load_model(self) -> GenaiCausalLM:
+        return GenaiCausalLM(self.path)
+
+    def weights(self, model: Any) -> None:
+        return None
+
+    @property
+    def floor_dtype(self) -> str | None:
+        """The dtype whose rounding floor verify judges this build by (fp32: fp32 arithmetic's); None for int4."""
+        return None if self.precision == "int4" else self.precision
+
+    def thresholds(self, reference_max_abs: float) -> Any:
+        """verify's limits (``reference_max_abs``: the largest |logit| of the unmerged model)."""
+        from d2merge.verify_options import DEFAULT_THRESHOLDS, Thresholds
+
+        if self.precision != "int4":
+            return DEFAULT_THRESHOLDS[self.precision]
+        fp16 = DEFAULT_THRESHOLDS["fp16"]  # no rounding floor for int4 blocks: the export's own gates
+        return Thresholds(floor_multiple=fp16.floor_multiple, alpha=fp16.alpha, max_ulp=fp16.max_ulp,
+                          max_abs_diff=INT4_MAX_REL_DIFF * reference_max_abs, min_top1=INT4_MIN_TOP1)
+
+
+def genai_for_verify(folder: str | os.PathLike) -> GenaiForVerify:
+    folder = Path(folder)
+    import_genai()
+    return GenaiForVerify(folder, build_precision(folder))
 
 
 def validate_genai(folder: str | os.PathLike, model_dir: str | os.PathLike, *, precision: str,

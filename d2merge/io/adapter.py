@@ -147,7 +147,7 @@ def _sort_keys(keys: list[str], method: Method, config: AdapterConfig
             unknown.extend(entry.values())  # tensors of a linear and of an embedding module under one name
             continue
         kind = LINEAR if LINEAR in kinds else kinds.pop()
-        modules[module] = AdapterModule(module, kind, dict(sorted(entry.items())))
+        modules[module] = AdapterModule(module, kind, dict(entry))
     return modules, replacements, unknown
 
 

@@ -5,6 +5,14 @@ before allocation, offsets contiguous and inside the file, byte counts matching
 dtype x shape), then reads one tensor at a time. The writer takes the header up
 front (from the merge plan) and then streams tensors in order, so memory never
 holds more than the tensor being written.
+
+Why not the ``safetensors`` package for these two jobs: its ``save_file`` takes the
+whole state dict in memory (a merge holds one tensor at a time), and neither its
+reader nor its writer gives byte ranges, which the engine uses to copy unchanged
+tensors file to file without decoding them (``byte_range``/``copy_from``). The
+format is small and fixed; ``tests/test_reader_differential.py`` checks this reader
+against ``safetensors.safe_open`` on every corrupt and valid file of the malformed
+corpus, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -55,7 +63,8 @@ class TensorInfo:
 class SafetensorsFile:
     """A validated safetensors file whose tensors are read on demand.
 
-    Opening parses and checks the header only; :meth:`read` reads one tensor.
+    Opening parses and checks the header only; :meth:`read` reads one tensor, into a
+    reused buffer when given (the engine's scratch memory), which ``safe_open`` cannot.
     """
 
     def __init__(self, path: str | Path):
@@ -198,7 +207,11 @@ def encode_header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
 
 
 class StreamingWriter:
-    """Writes a safetensors file whose header is known up front, one tensor at a time, in order."""
+    """Writes a safetensors file whose header is known up front, one tensor at a time, in order.
+
+    The header comes from the plan, so the file is written in one pass while the
+    engine computes; ``safetensors.save_file`` would need every tensor in memory first.
+    """
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: Mapping[str, str] | None = None):

@@ -151,8 +151,8 @@ TABLE: tuple[Field, ...] = (
     Field("modules_to_save", ALL, HONOURED, "a list of module names (the saved full tensors replace the base's)"),
     Field("lora_dropout", ALL, NEUTRAL, "any number (dropout is off at inference)"),
     # LoraConfig (PEFT 0.21)
-    Field("bias", LORA, HONOURED, "\"none\", \"lora_only\" (saved biases replace the base's); \"all\" is "
-                                  "accepted here and its non-LoRA bias tensors are refused by the planner", _bias),
+    Field("bias", LORA, HONOURED, "\"none\", \"lora_only\", \"all\" (the trained biases PEFT saves replace the "
+                                  "base's; with lora_bias, s * lora_B.bias is added on top)", _bias),
     Field("init_lora_weights", LORA, HONOURED, "true, false, \"gaussian\", \"orthogonal\", \"eva\" (base unchanged); "
                                                "\"pissa\" (SVD) and \"olora\" (QR, not with fan_in_fan_out): the "
                                                "residual base PEFT rebuilds on load is rebuilt; refused: "

@@ -12,6 +12,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from d2merge.errors import D2MergeError
 from d2merge.methods.base import Method, ModuleSettings
 
 
@@ -21,6 +22,10 @@ class AdapterLayer(nn.Module):
     def __init__(self, method: Method, base_layer: nn.Module, factors: Mapping[str, torch.Tensor] | None,
                  settings: ModuleSettings, *, dropout: float = 0.0):
         super().__init__()
+        if factors is None and settings.base_init is not None:
+            # Fresh factors on a residual base would drop the top-r part from the model.
+            raise D2MergeError(f"init_lora_weights {settings.base_init!r}: d2merge trains only from the plain init",
+                               hint="train PiSSA/OLoRA adapters with PEFT; d2merge merges them")
         if factors is None:
             factors = method.init_factors(method.expected_shapes(settings, *layer_shape(base_layer, settings)))
         self.base_layer = base_layer

@@ -1,0 +1,37 @@
+"""Layer orientation from transformers itself (issue 11, item 7), not from module names."""
+
+from __future__ import annotations
+
+import json
+
+from d2merge.io.model_structure import conv1d_modules, is_listed
+
+
+def test_transformers_names_the_conv1d_layers(tiny_bases):
+    gpt2 = conv1d_modules(json.loads((tiny_bases("gpt2") / "config.json").read_text()))
+    llama = conv1d_modules(json.loads((tiny_bases("llama") / "config.json").read_text()))
+    assert gpt2 is not None and is_listed("transformer.h.0.attn.c_attn", gpt2)
+    assert is_listed("transformer.h.1.mlp.c_fc", gpt2) and not is_listed("lm_head", gpt2)
+    assert llama == frozenset()
+
+
+def test_unknown_architecture_or_custom_code_leaves_the_name_rules():
+    assert conv1d_modules({"model_type": "no-such-architecture", "hidden_size": 8}) is None
+    assert conv1d_modules({"model_type": "gpt2", "auto_map": {"AutoModel": "modeling_x.X"}}) is None
+    assert conv1d_modules(None) is None
+
+
+def test_fan_in_fan_out_on_a_linear_layer_is_refused(tiny_bases, make_adapter, cli_runner, tmp_path):
+    # A square q_proj would take the transposed factors without a shape error: a silently wrong merge.
+    base = tiny_bases("llama")
+    adapter = make_adapter(base, "lora", fan_in_fan_out=True, target_modules=("q_proj",))
+    result = cli_runner(["merge", base, adapter, "-o", tmp_path / "m"])
+    assert result.code == 2 and "is an nn.Linear" in result.err and "fan_in_fan_out: true" in result.err
+    assert not (tmp_path / "m").exists()
+
+
+def test_conv1d_without_fan_in_fan_out_is_refused(tiny_bases, make_adapter, cli_runner, tmp_path):
+    base = tiny_bases("gpt2")
+    adapter = make_adapter(base, "lora", fan_in_fan_out=False, target_modules=("c_proj",))
+    result = cli_runner(["merge", base, adapter, "-o", tmp_path / "m"])
+    assert result.code == 2 and "Conv1D" in result.err and "fan_in_fan_out: false" in result.err
