@@ -262,7 +262,6 @@ def _drop_config_field(ws: Workspace, name: str) -> None:
 
 
 Q0_A_POS = f"{PREFIX}{Q0}.lora_A_pos.weight"
-Q0_A_NEG = f"{PREFIX}{Q0}.lora_A_neg.weight"  # a module's first tensor in the file (names in sorted order)
 Q0_B_NEG = f"{PREFIX}{Q0}.lora_B_neg.weight"
 FIRST_BASE_TENSOR = "model.embed_tokens.weight"
 
@@ -618,7 +617,7 @@ def _(ws: Workspace) -> None:
 
 
 @case("adapter-tensor-missing", r"module 'model.layers.0.self_attn.q_proj' lacks the d2lora tensor 'lora_B_neg'",
-      "adapter/adapter_model.safetensors", Q0_A_NEG)
+      "adapter/adapter_model.safetensors", Q0_A_POS)
 def _(ws: Workspace) -> None:
     tensors = adapter_tensors()
     del tensors[Q0_B_NEG]
@@ -676,14 +675,14 @@ def _(ws: Workspace) -> None:
 
 
 @case("adapter-for-another-base-module", r"adapted module 'model.layers.0.attention.wq' is not in the base model",
-      "adapter/adapter_model.safetensors", f"{PREFIX}model.layers.0.attention.wq.lora_A_neg.weight")
+      "adapter/adapter_model.safetensors", f"{PREFIX}model.layers.0.attention.wq.lora_A_pos.weight")
 def _(ws: Workspace) -> None:
     tensors = {k.replace("self_attn.q_proj", "attention.wq"): v for k, v in adapter_tensors().items()}
     _rewrite_adapter(ws, tensors)
 
 
 @case("adapter-for-another-hidden-size", r"shape \[2, 32\] does not fit base 'model.layers.0.self_attn.q_proj.weight'",
-      "adapter/adapter_model.safetensors", Q0_A_NEG)
+      "adapter/adapter_model.safetensors", Q0_A_POS)
 def _(ws: Workspace) -> None:
     _rewrite_adapter(ws, adapter_tensors(hidden=32))
 
@@ -1122,7 +1121,7 @@ def _(ws: Workspace) -> list[str]:
 
 
 @case("bench-adapter-for-another-base", r"shape \[2, 32\] does not fit base", "adapter/adapter_model.safetensors",
-      Q0_A_NEG)
+      Q0_A_POS)
 def _(ws: Workspace) -> list[str]:
     _rewrite_adapter(ws, adapter_tensors(hidden=32))
     return _bench(ws, "--variants", "unmerged")
