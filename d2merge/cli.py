@@ -24,10 +24,11 @@ from d2merge import __version__
 from d2merge.bench import ALL_VARIANTS as BENCH_VARIANTS
 from d2merge.bench import BenchSettings
 from d2merge.errors import D2MergeError, VerificationFailed
+from d2merge.many.options import ManyOptions
 from d2merge.export.formats import FORMATS as EXPORT_FORMATS
 from d2merge.options import EXPORTERS, ONNX_DTYPES, MergeOptions, OnnxExportOptions
 from d2merge.options import option_help as model_help
-from d2merge.verify_options import VerifyOptions, option_help, threshold_defaults
+from d2merge.verify_options import VerifyOptions, threshold_defaults
 
 _DEBUG = {"on": bool(os.environ.get("D2MERGE_DEBUG"))}
 INTERNAL_ERROR_EXIT = 3  # not 2: a CI job must tell a d2merge bug from a bad input
@@ -70,7 +71,9 @@ def _options_from(dataclass_type: Any) -> Callable[[Callable[..., Any]], Callabl
                 else:
                     fn = click.option(flag, f.name, is_flag=True, default=False, help=help_text)(fn)
             else:
-                kind = click.Choice(f.metadata["choices"]) if "choices" in f.metadata else str
+                # int and float fields keep their type (VerifyOptions has counts); range checks stay in the model
+                kind = (click.Choice(f.metadata["choices"]) if "choices" in f.metadata
+                        else {"int": int, "float": float}.get(str(f.type), str))
                 fn = click.option(flag, f.name, default=f.default, show_default=True, type=kind, help=help_text)(fn)
         return fn
 
@@ -475,19 +478,10 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
                    "time, and compare side by side. Not with MERGED. [default: fp32]")
 @click.option("--prompts", type=click.Path(dir_okay=False), default=None,
               help="Probe with these prompts (one per line, tokenised with the base's tokenizer) instead of "
-                   "random tokens.")
-@click.option("--probe-source", type=click.Choice(("auto", "sentences", "random")),
-              default=VerifyOptions.probe_source, show_default=True, help=option_help("probe_source"))
-@click.option("--num-probes", type=click.IntRange(1), default=VerifyOptions.num_probes, show_default=True,
-              help=option_help("num_probes"))
-@click.option("--probe-length", type=click.IntRange(1), default=VerifyOptions.probe_length, show_default=True,
-              help=option_help("probe_length"))
-@click.option("--seed", type=int, default=VerifyOptions.seed, show_default=True, help=option_help("seed"))
+                   "the built-in sentences or random tokens. Their text is never printed.")
 @click.option("--mc-eval", type=click.Path(dir_okay=False), default=None,
               help='Multiple-choice JSONL ({"prompt", "choices", "answer"} per line): report accuracy unmerged '
                    "and merged, the merge gap in percentage points and the flipped answers.")
-@click.option("--mc-score", type=click.Choice(("sum", "mean")), default=VerifyOptions.mc_score,
-              show_default=True, help=option_help("mc_score"))
 @click.option("--floor-multiple", type=click.FloatRange(0, min_open=True), default=None,
               help="Largest allowed |logit difference| as a multiple of the rounding floor measured on the same "
                    f"probes. [default: {threshold_defaults('floor_multiple')}]")
@@ -507,17 +501,11 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
                    f"[default: {threshold_defaults('max_ulp')}]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report as JSON (schema: docs/verify-report.md).")
-@click.option("--batch-size", type=click.IntRange(1), default=VerifyOptions.batch_size, show_default=True,
-              help=option_help("batch_size"))
-@click.option("--tied-embeddings", type=click.Choice(("untie", "tie", "error")),
-              default=VerifyOptions.tied_embeddings, show_default=True, help=option_help("tied_embeddings"))
-@click.option("--allow-pickle", is_flag=True, help=option_help("allow_pickle"))
+@_options_from(VerifyOptions)
 def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | None, prompts: str | None,
-                   probe_source: str, num_probes: int, probe_length: int, seed: int, mc_eval: str | None,
-                   mc_score: str, floor_multiple: float | None, alpha: float | None,
+                   mc_eval: str | None, floor_multiple: float | None, alpha: float | None,
                    max_abs_diff: float | None, max_gap_pp: float | None, min_top1: float | None,
-                   max_ulp: float | None, report_path: str | None, batch_size: int, tied_embeddings: str,
-                   allow_pickle: bool) -> None:
+                   max_ulp: float | None, report_path: str | None, **option_values: Any) -> None:
     """Prove a merge faithful: MERGED against BASE + ADAPTER run unmerged.
 
     Compares logits on probe inputs (max/mean |diff|, KL, top-1 agreement), the
@@ -537,9 +525,7 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
     """
     from d2merge.verify import verify
 
-    options = VerifyOptions(probe_source=probe_source, num_probes=num_probes, probe_length=probe_length, seed=seed,
-                            mc_score=mc_score, batch_size=batch_size, tied_embeddings=tied_embeddings,
-                            allow_pickle=allow_pickle)
+    options = VerifyOptions(**option_values)
     thresholds = {"floor_multiple": floor_multiple, "alpha": alpha, "max_abs_diff": max_abs_diff,
                   "max_gap_pp": max_gap_pp, "min_top1": min_top1, "max_ulp": max_ulp}
     report = verify(base, adapter, merged, dtypes=dtypes, mc_eval=mc_eval, prompts=prompts, thresholds=thresholds,
@@ -547,6 +533,70 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
     click.echo(report.table())
     if not report.passed:
         raise VerificationFailed("; ".join(report.failures()))
+
+@cli.command("merge-many")
+@click.argument("base", metavar="BASE")
+@click.argument("manifest", metavar="MANIFEST", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "outdir", type=click.Path(file_okay=False), default=None,
+              help="Folder that receives one output per job (created if missing). Required unless --dry-run.")
+@_options_from(ManyOptions)
+@click.option("--ray", "ray_address", metavar="auto|local|ADDRESS", default=None,
+              help="Run the jobs as Ray tasks: auto (the cluster `ray start` set up), local (start one here), or a "
+                   "cluster ADDRESS. Paths must be shared by every node. Needs the 'ray' extra.")
+@click.option("--dry-run", is_flag=True, help="Plan and check every job, print the plans, write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plans as JSON.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the summary as JSON: per job the output, status, seconds, verify verdict, error.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
+def merge_many_command(base: str, manifest: str, outdir: str | None, ray_address: str | None, dry_run: bool,
+                       as_json: bool, report_path: str | None, quiet: bool, **options: Any) -> None:
+    """Merge every adapter of MANIFEST into BASE, reading the base once: one output per job under OUTDIR.
+
+    \b
+    MANIFEST  JSON or YAML: a list of adapter folders (outputs named after them), or
+              {defaults: {...}, jobs: [{adapter, name, dtype, format, max_shard_size,
+              tied_embeddings, verify}, ...]}; see docs/merge-many.md
+    Every job is planned and checked before anything is written; a rerun skips
+    jobs whose output is complete with matching provenance and redoes the rest.
+    Exit codes: 0 all jobs done, 1 a verification failed, 2 a job could not run.
+
+    \b
+    Examples:
+      d2merge merge-many ./llama-3b adapters.yaml -o ./merged --dry-run
+      d2merge merge-many ./llama-3b adapters.json -o ./merged --dtype bf16 --report report.json
+      d2merge merge-many ./llama-3b adapters.yaml -o /shared/merged --ray auto
+    """
+    from d2merge.many import merge_many
+
+    if outdir is None and not dry_run:
+        raise click.UsageError("missing -o/--out OUTDIR (or use --dry-run to see the plans)")
+    report = merge_many(base, manifest, outdir or ".", ManyOptions(**options), dry_run=dry_run, ray=ray_address,
+                        progress=not quiet and sys.stderr.isatty(), echo=lambda msg: click.echo(msg, err=True))
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps([{**o.to_json(), "plan": o.plan.summary() if o.plan else None}
+                                   for o in report.outcomes], indent=2, default=str))
+        else:
+            for o in report.outcomes:
+                click.echo(f"== job {o.name} -> {o.output}: {o.status}" + (f": {o.error}" if o.error else "")
+                           + (" (complete, provenance matches)" if o.status == "skipped" else ""))
+                if o.plan is not None and o.status != "skipped":
+                    click.echo(o.plan.describe())
+                click.echo("")
+            click.echo(report.table())
+    else:
+        click.echo(report.table())
+    if report_path:
+        report.save(report_path)
+    if report.exit_code == 2:
+        failed = [o for o in report.outcomes if o.status == "failed"]
+        not_run = sum(o.status == "not_run" for o in report.outcomes)
+        raise D2MergeError(f"{len(failed)} of {len(report.outcomes)} jobs failed"
+                           + (f", {not_run} not run (nothing was written; --keep-going runs them)" if not_run else "")
+                           + (f"; first: {failed[0].error}" if failed else ""))
+    if report.exit_code == 1:
+        raise VerificationFailed(", ".join(o.name for o in report.outcomes if o.status == "verify_failed")
+                                 + " failed verification")
 
 
 # end of commands

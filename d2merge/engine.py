@@ -19,17 +19,20 @@ from typing import Callable, Iterator
 
 import torch
 
+import d2merge.profile as profile
+from d2merge.device import ComputeDevice
 from d2merge.errors import D2MergeError
+from d2merge.io.checkpoint import SafetensorsFiles, TensorSource
 from d2merge.io.output import disk_error
 from d2merge.io.safetensors_file import StreamingWriter, dtype_size
+from d2merge.io.source_hashes import BackgroundHashes
+from d2merge.io.tensor_reader import TensorReader, cold_enough
 from d2merge.plan import MergePlan, TensorPlan
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device the fp32 math runs on; a missing CUDA device is refused before any work."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise D2MergeError("--device cuda was asked for but no CUDA device is available", hint="use --device cpu")
-    return torch.device(name)
+def resolve_device(name: str | torch.device | ComputeDevice) -> ComputeDevice:
+    """The device the fp32 math runs on; a missing CUDA device is refused (one line) before any work."""
+    return name if isinstance(name, ComputeDevice) else ComputeDevice(str(name))
 
 
 # Rows merged per block: 2^18 fp32 values (1 MB) stay in cache through convert, update and cast.
@@ -45,15 +48,14 @@ class ScratchBuffers:
     :meth:`release` once the writer thread has written them.
     """
 
-    def __init__(self) -> None:
-        self._read = torch.empty(0, dtype=torch.uint8)
+    def __init__(self, device: ComputeDevice | None = None, hasher: BackgroundHashes | None = None,
+                 schedule: list[tuple[TensorSource, str]] | None = None) -> None:
+        self.device = device or ComputeDevice("cpu")
+        # Base reads: a ring of reused (pinned, for a GPU) buffers shown to the hasher; with a
+        # schedule (a cold base) a prefetch thread reads them ahead with O_DIRECT.
+        self.reader = TensorReader(hasher, allocate=self.device.host_buffer, schedule=schedule, direct=bool(schedule))
         self._work = torch.empty(0, dtype=torch.float32)
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
-
-    def read_buffer(self, nbytes: int) -> torch.Tensor:
-        if self._read.numel() < nbytes:
-            self._read = torch.empty(nbytes, dtype=torch.uint8)
-        return self._read[:nbytes]
 
     def work(self, numel: int) -> torch.Tensor:
         if self._work.numel() < numel:
@@ -66,7 +68,7 @@ class ScratchBuffers:
             try:
                 buffer = self._free.get_nowait()
             except queue.Empty:
-                return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+                return self.device.host_buffer(nbytes)
             if buffer.numel() >= nbytes:
                 return buffer
             # too small for this tensor: dropped, so the pool converges on the larger sizes
@@ -81,7 +83,7 @@ def _output_tensor(buffers: ScratchBuffers, item: TensorPlan) -> tuple[torch.Ten
     return storage, storage[: item.out_bytes].view(item.out_dtype).view(item.shape)
 
 
-def compute_tensor(merge_plan: MergePlan, item: TensorPlan, *, device: torch.device = torch.device("cpu"),
+def compute_tensor(merge_plan: MergePlan, item: TensorPlan, *, device: str | torch.device | ComputeDevice = "cpu",
                    compute_dtype: torch.dtype = torch.float32, buffers: ScratchBuffers | None = None
                    ) -> torch.Tensor:
     """The output tensor for one plan entry, already cast to its output dtype (NaN/Inf refused).
@@ -89,38 +91,58 @@ def compute_tensor(merge_plan: MergePlan, item: TensorPlan, *, device: torch.dev
     With ``buffers`` the result lives in a reused buffer: hand it back with
     ``buffers.release`` (see :func:`write_tensors`); without, it is fresh memory.
     """
-    return _compute(merge_plan, item, device, compute_dtype, buffers or ScratchBuffers())[1]
+    device = resolve_device(device)
+    storage, out, ready = _compute(merge_plan, item, device, compute_dtype, buffers or ScratchBuffers(device))
+    ready()
+    return out
 
 
-def _compute(merge_plan: MergePlan, item: TensorPlan, device: torch.device, compute_dtype: torch.dtype,
-             buffers: ScratchBuffers) -> tuple[torch.Tensor, torch.Tensor]:
-    """(storage to release, output tensor) for one plan entry."""
+def compute_output(merge_plan: MergePlan, item: TensorPlan, *, device: str | torch.device | ComputeDevice,
+                   buffers: ScratchBuffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """(storage to release, output tensor) for one plan entry: exactly what :func:`write_tensors` streams.
+
+    For writers that fan one base read out to several outputs (``d2merge.many``): calling the
+    function the single merge calls is what makes their bytes the single merge's.
+    """
+    storage, out, ready = _compute(merge_plan, item, resolve_device(device), torch.float32, buffers)
+    ready()
+    return storage, out
+
+
+def _no_wait() -> None:
+    return None
+
+
+def _compute(merge_plan: MergePlan, item: TensorPlan, device: ComputeDevice, compute_dtype: torch.dtype,
+             buffers: ScratchBuffers) -> tuple[torch.Tensor, torch.Tensor, Callable[[], None]]:
+    """(storage to release, output tensor, wait until its bytes are on the host) for one plan entry."""
     if item.action == "copy":
-        source = merge_plan.base.tensors.read(item.source, buffers.read_buffer(item_bytes(item)))
+        source = buffers.reader.read(*_base_read(merge_plan, item))
         storage, out = _output_tensor(buffers, item)
-        return storage, out.copy_(source)
+        return storage, out.copy_(source), _no_wait
     if item.action == "replace":
         tensor = merge_plan.adapter.tensors.read(item.source)
         check_finite(tensor, merge_plan.adapter.weights_file, item.source, "adapter tensor")
         storage, out = _output_tensor(buffers, item)
-        return storage, out.copy_(tensor)
+        return storage, out.copy_(tensor), _no_wait
     adapter = merge_plan.adapter
     method, settings = adapter.method, item.settings
     factors = adapter.factors(item.module)  # type: ignore[arg-type]
     for name, tensor in factors.items():
         check_finite(tensor, adapter.weights_file, adapter.modules[item.module].keys[name], "adapter tensor")
     path = merge_plan.base_weight_file(item)
-    w0 = merge_plan.base_weight(item, buffers.read_buffer(item_bytes(item)))
+    w0 = buffers.reader.read(*_base_read(merge_plan, item))
     storage, out = _output_tensor(buffers, item)
-    blockwise = (device.type == "cpu" and compute_dtype == torch.float32 and w0.ndim == 2
+    blockwise = (device.blockwise and compute_dtype == torch.float32 and w0.ndim == 2
                  and not settings.transposed
                  and method.row_separable(settings))
     if not blockwise:
-        merged = method.merged_weight(w0.to(device), {k: v.to(device) for k, v in factors.items()}, settings,
-                                      compute_dtype=compute_dtype)
-        out.copy_(merged)  # the one cast: round-to-nearest-even
-        check_finite(out, path, item.name, "merged weight")
-        return storage, out
+        # On a GPU the finiteness check below synchronises with the upload, so the host
+        # read buffer is no longer needed when this returns (the reader may reuse it).
+        merged = method.merged_weight(device.upload(w0), {k: device.upload(v) for k, v in factors.items()},
+                                      settings, compute_dtype=compute_dtype)
+        ready = device.download(merged, out, lambda cast: check_finite(cast, path, item.name, "merged weight"))
+        return storage, out, ready
     factors = {k: v.to(compute_dtype) for k, v in factors.items()}
     rows, cols = w0.shape
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
@@ -130,7 +152,21 @@ def _compute(merge_plan: MergePlan, item: TensorPlan, device: torch.device, comp
         w = work[: (block.stop - start) * cols].view(block.stop - start, cols).copy_(w0[block])
         out[block].copy_(method.merge_rows_(w, factors, settings, block))  # the one cast
     check_finite(out, path, item.name, "merged weight")
-    return storage, out
+    return storage, out, _no_wait
+
+
+def _base_read(merge_plan: MergePlan, item: TensorPlan) -> tuple[TensorSource, str]:
+    """The (source, name) the engine reads for a "copy" or "merge" entry."""
+    tensors = merge_plan.adapter.tensors if item.base_from_adapter else merge_plan.base.tensors
+    return tensors, item.source
+
+
+def _direct_read_schedule(merge_plan: MergePlan, items: list[TensorPlan]) -> list[tuple[TensorSource, str]] | None:
+    """The engine's reads in order, for the prefetch thread, when the base is cold; else None."""
+    if not isinstance(merge_plan.base.tensors, SafetensorsFiles) or not cold_enough(merge_plan.base.weight_files):
+        return None
+    return [_base_read(merge_plan, item) for item in items
+            if item.action != "replace" and _raw_copy_source(merge_plan, item) is None]
 
 
 def item_bytes(item: TensorPlan) -> int:
@@ -154,8 +190,14 @@ def check_finite(tensor: torch.Tensor, path: Path, name: str, what: str) -> None
 
 
 def _raw_copy_source(merge_plan: MergePlan, item: TensorPlan) -> tuple[Path, int, int] | None:
-    """Unchanged tensors in their own dtype are copied byte for byte, never decoded."""
-    if item.action != "copy" or item.in_dtype != item.out_dtype:
+    """Unchanged tensors go from file to file in the writer thread, never held whole in memory.
+
+    In their own dtype they are copied byte for byte; cast between float dtypes
+    (``--dtype fp32`` on a bf16 base) they are converted a chunk at a time.
+    """
+    if item.action != "copy":
+        return None
+    if item.in_dtype != item.out_dtype and not (item.in_dtype.is_floating_point and item.out_dtype.is_floating_point):
         return None
     byte_range = getattr(merge_plan.base.tensors, "byte_range", None)
     return byte_range(item.source) if byte_range is not None else None
@@ -189,7 +231,8 @@ class _WriterThread:
 
     def submit(self, job: Callable[[], None]) -> None:
         self.raise_error()
-        self._queue.put(job)
+        with profile.phase("write (wait)"):  # the writer is behind: the main thread waits here
+            self._queue.put(job)
 
     def raise_error(self) -> None:
         if self._error is not None:
@@ -230,15 +273,18 @@ def one_intra_op_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device = torch.device("cpu"),
+def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.device | ComputeDevice = "cpu",
                   progress: bool = False, on_tensor: Callable[[TensorPlan], None] | None = None,
-                  shard_paths: list[Path] | None = None, metadata: dict[str, str] | None = None) -> list[str]:
+                  shard_paths: list[Path] | None = None, metadata: dict[str, str] | None = None,
+                  hasher: BackgroundHashes | None = None) -> list[str]:
     """Stream every planned tensor into its shard; returns the file names written.
 
     Computing (main thread) and writing (a writer thread) overlap; both release
     the GIL in their heavy parts. ``shard_paths`` overrides where each shard
     goes (the single-file exporter names its one shard), ``metadata`` the
     header metadata. ``on_tensor`` is called after each tensor is written.
+    ``hasher`` sees every base range the engine reads (io/source_hashes.py), so
+    the sources are hashed without a second pass; it is abandoned if the merge fails.
     """
     from tqdm.auto import tqdm
 
@@ -258,15 +304,19 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device =
                 raise disk_error(exc, path) from None
         return job
 
-    def wrote(path: Path, item: TensorPlan, computed: tuple[torch.Tensor, torch.Tensor] | None,
+    def wrote(path: Path, item: TensorPlan, computed: tuple[torch.Tensor, torch.Tensor, Callable[[], None]] | None,
               raw: tuple[Path, int, int] | None) -> Callable[[], None]:
         def job() -> None:
             try:
-                if computed is not None:
-                    open_writer["current"].write(item.name, computed[1])
-                    buffers.release(computed[0])
-                else:
-                    open_writer["current"].copy_from(item.name, *raw)  # type: ignore[misc]
+                with profile.phase("write"):
+                    if computed is not None:
+                        computed[2]()  # a GPU's copy back to the host has landed
+                        open_writer["current"].write(item.name, computed[1])
+                        buffers.release(computed[0])
+                    elif item.in_dtype == item.out_dtype:
+                        open_writer["current"].copy_from(item.name, *raw)  # type: ignore[misc]
+                    else:
+                        open_writer["current"].convert_from(item.name, raw[0], raw[1], item.in_dtype)  # type: ignore[index]
             except OSError as exc:
                 raise disk_error(exc, path) from None
             bar.update(item.out_bytes)
@@ -277,12 +327,15 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device =
     def closed(path: Path) -> Callable[[], None]:
         def job() -> None:
             try:
-                open_writer.pop("current").close()
+                with profile.phase("write"):
+                    open_writer.pop("current").close()
             except OSError as exc:
                 raise disk_error(exc, path) from None
         return job
 
-    buffers = ScratchBuffers()
+    device = resolve_device(device)
+    ordered = [item for _, items in sorted(by_shard.items()) for item in items]
+    buffers = ScratchBuffers(device, hasher, _direct_read_schedule(merge_plan, ordered))
     writer = _WriterThread()
     try:
         with one_intra_op_thread():
@@ -292,15 +345,20 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: torch.device =
                 for item in items:
                     bar.set_postfix_str(item.name[-40:], refresh=False)
                     raw = _raw_copy_source(merge_plan, item)
-                    computed = None if raw is not None else _compute(merge_plan, item, device, torch.float32, buffers)
+                    with profile.phase("compute"):
+                        computed = (None if raw is not None
+                                    else _compute(merge_plan, item, device, torch.float32, buffers))
                     writer.submit(wrote(path, item, computed, raw))
                     del computed
                 writer.submit(closed(path))
         writer.finish()
     except BaseException:
         writer.abort()
+        if hasher is not None:
+            hasher.abandon()
         raise
     finally:
+        buffers.reader.close()
         for handle in open_writer.values():
             handle.abandon()
         bar.close()

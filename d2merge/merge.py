@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import d2merge.profile as profile
 from d2merge.engine import compute_tensor, resolve_device
 from d2merge.export.hf_folder import card_info, write_hf_folder
 from d2merge.io.adapter import Adapter, load_adapter
@@ -57,11 +58,16 @@ def merge(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter, out:
     """
     options = MergeOptions.resolve(options, overrides)
     started = time.perf_counter()
-    merge_plan = plan(base, adapter, options)
+    with profile.phase("plan"):
+        merge_plan = plan(base, adapter, options)
     inputs = [merge_plan.base.location, merge_plan.adapter.path]
     out_path = check_output_location(Path(out), inputs, overwrite=options.overwrite)
     device = resolve_device(options.device)
     hashes = BackgroundHashes(merge_plan.source_files()) if options.hash_sources else None
-    written, digests = write_hf_folder(merge_plan, out_path, overwrite=options.overwrite, device=device,
-                                       progress=progress, on_tensor=on_tensor, hashes=hashes)
+    try:
+        written, digests = write_hf_folder(merge_plan, out_path, overwrite=options.overwrite, device=device,
+                                           progress=progress, on_tensor=on_tensor, hashes=hashes)
+    finally:
+        if hashes is not None:
+            hashes.abandon()  # stops the hashing thread if the merge failed; a no-op after result()
     return MergeResult(out_path, merge_plan, tuple(written), time.perf_counter() - started, digests)

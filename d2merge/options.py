@@ -38,8 +38,8 @@ class MergeOptions:
     allow_pickle: bool = field(default=False, metadata={
         "help": "Allow .bin (pickle) weights; loaded with weights_only=True. Only for files you trust."})
     hash_sources: bool = field(default=True, metadata={
-        "help": "Record the sha256 of the base and adapter files in the model card (hashed in a "
-                "background thread while merging)."})
+        "help": "Record the sha256 of the base and adapter files in the model card (hashed from the "
+                "bytes the merge reads, in a background thread; a Hub-cache file's name is its sha256)."})
 
     def __post_init__(self) -> None:
         for f in fields(self):

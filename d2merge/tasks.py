@@ -196,10 +196,11 @@ def encode_choices(tokenizer: Any, examples: Sequence[MCExample]) -> ChoiceBatch
     index: list[int] = []
     for i, example in enumerate(examples):
         prompt_ids = list(tokenizer(example.prompt)["input_ids"])
-        for choice in example.choices:
+        for j, choice in enumerate(example.choices):
             choice_ids = list(tokenizer(" " + choice, add_special_tokens=False)["input_ids"])
-            if not prompt_ids or not choice_ids:
-                raise D2MergeError(f"example {i}: the prompt or choice {choice!r} tokenises to nothing")
+            if not prompt_ids or not choice_ids:  # by number: the user's text is never printed
+                what = "prompt" if not prompt_ids else f"choice {j}"
+                raise D2MergeError(f"example {i}: its {what} tokenises to nothing")
             rows.append((prompt_ids + choice_ids, len(choice_ids)))
             index.append(i)
     width = max(len(ids) for ids, _ in rows)

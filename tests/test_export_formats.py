@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,14 +68,17 @@ def test_model_card_front_matter_and_body(llama_pair, tmp_path):
 
 
 def test_model_card_names_hub_base_only(tmp_path):
-    """A local base path is no Hub id: base_model appears only when it is one."""
+    """base_model is what is true of the base used: its Hub id when it came from the Hub cache,
+    never the adapter's claim (issue 10: meta-llama/Llama-3.1-8B for a tiny local base)."""
     base = save_tiny_base(tmp_path / "base", "llama")
     adapter = save_random_adapter(base, tmp_path / "ad", "lora", base_model_name_or_path="org/tiny-llama")
     card = (merge(base, adapter, tmp_path / "m").output / "README.md").read_text()
+    assert "base_model" not in card.split("---")[1] and "org/tiny-llama" not in card
+    cached = tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "abc123"
+    cached.parent.mkdir(parents=True)
+    shutil.copytree(base, cached)
+    card = (merge(cached, adapter, tmp_path / "m2").output / "README.md").read_text()
     assert 'base_model:\n- "org/tiny-llama"\nbase_model_relation: finetune' in card
-    local = save_random_adapter(base, tmp_path / "ad2", "lora")
-    card = (merge(base, local, tmp_path / "m2").output / "README.md").read_text()
-    assert "base_model" not in card.split("---")[1]
 
 
 def test_single_safetensors_carries_provenance(llama_pair, tmp_path):

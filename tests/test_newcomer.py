@@ -165,3 +165,33 @@ def test_bench_decode_uses_the_cache_argument_without_deprecation_warnings(tiny_
         rows = bench_torch(model, "base", settings)
     assert [r.mode for r in rows] == ["prefill", "decode"]
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+# ---- 6: a library call leaves the caller's torch as it found it --------------------------------
+
+
+def test_merge_gives_back_the_callers_thread_count(tiny_bases, make_adapter, tmp_path, monkeypatch):
+    import torch
+
+    import d2merge
+    import d2merge.engine
+    from d2merge.errors import D2MergeError
+
+    base = tiny_bases("llama")
+    adapter = make_adapter(base, "lora")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        d2merge.merge(base, adapter, tmp_path / "merged", hash_sources=False)
+        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2
+
+        def corrupt(*_args, **_kwargs):
+            raise D2MergeError("merged weight has 1 NaN/Inf value(s)")
+
+        monkeypatch.setattr(d2merge.engine, "check_finite", corrupt)  # fails inside the engine's stream
+        with pytest.raises(D2MergeError):
+            d2merge.merge(base, adapter, tmp_path / "failed", hash_sources=False)
+        assert torch.get_num_threads() == 2 and not (tmp_path / "failed").exists()
+    finally:
+        torch.set_num_threads(before)

@@ -1,4 +1,4 @@
-"""PEFT-made LoRA and DoRA adapters on the real SmolLM2-135M-Instruct, merged by d2merge and by PEFT.
+"""PEFT-made LoRA, DoRA and PiSSA adapters on the real SmolLM2-135M-Instruct, merged by d2merge and by PEFT.
 
 Real weights have uneven row norms and outliers that random tiny models lack: DoRA's norms and
 the fp32 rounding of a merge behave differently there. Each adapter is built with PEFT on every
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 peft = pytest.importorskip("peft")
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_peft_adapter_on_smollm2_merges_as_peft_merges(use_dora: bool, smollm2: Path, tmp_path: Path,
+@pytest.mark.parametrize("kind", ["lora", "dora", "pissa"])
+def test_peft_adapter_on_smollm2_merges_as_peft_merges(kind: str, smollm2: Path, tmp_path: Path,
                                                       read_tensors: Any) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,15 +33,16 @@ def test_peft_adapter_on_smollm2_merges_as_peft_merges(use_dora: bool, smollm2: 
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(smollm2)
+        init = {"init_lora_weights": "pissa"} if kind == "pissa" else {}
         peft_model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                                use_dora=use_dora))
+                                                                use_dora=kind == "dora", **init))
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_magnitude_vector" in name:
                     param.mul_(1 + 0.05 * torch.randn(param.shape, generator=g))
-                elif "lora_B" in name:  # PEFT's B is zero; a trained one is small next to W0
-                    param.copy_(0.01 * torch.randn(param.shape, generator=g))
+                elif "lora_B" in name:  # PEFT's B is zero (PiSSA's is not); training moves it a little
+                    param.add_(0.01 * torch.randn(param.shape, generator=g))
         peft_model.save_pretrained(tmp_path / "adapter")
     ids = tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
     peft_model.eval()
@@ -66,5 +67,5 @@ def test_peft_adapter_on_smollm2_merges_as_peft_merges(use_dora: bool, smollm2: 
         logits = merged(ids).logits
     logit_gap = float((logits - unmerged).abs().max())
     assert logit_gap <= 1e-3, f"merged logits {logit_gap:.3g} from PEFT's unmerged model"
-    print(f"\nsmollm2 {'dora' if use_dora else 'lora'}: max |d2merge - peft| / scale = {worst:.3g}, "
+    print(f"\nsmollm2 {kind}: max |d2merge - peft| / scale = {worst:.3g}, "
           f"max |logit(merged) - logit(peft unmerged)| = {logit_gap:.3g}")

@@ -551,3 +551,35 @@ def test_push_refuses_a_link_out_of_the_folder(merged_folder: Path, tmp_path: Pa
     assert code == 2
     assert "LICENSE: a link to a file outside the folder; refusing to send it" in err
     assert_no_token([out, err])
+
+
+# -- quiet pickle loading and a truthful model card (issue 10, findings 15 and 17) ----------------
+
+
+def test_allowed_plain_pickle_prints_no_torch_warning(templates: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace(tmp_path, templates)
+    ws.copy("base")
+    ws.copy("adapter")
+    tensors = {k: v.clone() for k, v in adapter_tensors().items()}
+    (ws.adapter / "adapter_model.safetensors").unlink()
+    with open(ws.adapter / "adapter_model.bin", "wb") as fh:  # a plain (non-zip) pickle of tensors
+        torch.save(tensors, fh, _use_new_zipfile_serialization=False)
+    code, out, err = run_cli(ws.merge_args("--allow-pickle"), capsys, monkeypatch)
+    assert (code, err) == (0, ""), err
+
+
+def test_model_card_names_only_the_base_actually_used(templates: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace(tmp_path, templates)
+    ws.copy("base")
+    ws.copy("adapter")
+    config = json.loads((ws.adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B"  # the adapter's claim, not our tiny base
+    (ws.adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, out, err = run_cli(ws.merge_args(), capsys, monkeypatch)
+    assert code == 0, err
+    card = (ws.out / "README.md").read_text()
+    assert "meta-llama" not in card and "Llama-3.1-8B" not in card

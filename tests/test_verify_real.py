@@ -2,13 +2,14 @@
 
 SmolLM2-135M-Instruct (the ``smollm2`` fixture) with adapters of all four methods trained
 briefly by d2merge.train on the English task (``smollm2_adapters``). Every correct merge passes
-with the defaults, as a merged folder in each dtype and through --dtypes; each fault of
+with the defaults, as a merged folder and through --dtypes fp32,bf16,fp16; each fault of
 tests/faults.py fails (exit 1) naming the check that caught it. Probes are the built-in English
 sentences; the multiple-choice gap runs on a small held-out slice where it is the point.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,11 +63,19 @@ def figures(label: str, report: Any) -> None:
               f"{'PASS' if r.passed else 'FAIL'}")
 
 
+# Each method's merged folder in one output dtype, every dtype covered by some method, so CI's two
+# cores stay within budget; D2MERGE_REAL_FULL=1 checks every method in every dtype (the figures in
+# docs/verify-report.md come from that run). Every method runs --dtypes fp32,bf16,fp16 below.
+FOLDER_DTYPES = {"lora": ("fp32",), "dora": ("bf16",), "d2lora": ("fp16",), "dual_lora": ("bf16",)}
+if os.environ.get("D2MERGE_REAL_FULL"):
+    FOLDER_DTYPES = {method: DTYPES for method in METHODS}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_correct_merges_pass_with_the_defaults(smollm2: Path, smollm2_adapters: dict[str, Path], merges: Merges,
                                                small_eval: Path, method: str) -> None:
     adapter = smollm2_adapters[method]
-    for dtype in DTYPES:
+    for dtype in FOLDER_DTYPES[method]:
         report = verify(smollm2, adapter, merges(method, dtype))
         figures(f"{method} merged folder", report)
         assert report.passed, (dtype, report.failures())

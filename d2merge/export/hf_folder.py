@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from d2merge.device import ComputeDevice
 from d2merge.engine import write_tensors
 from d2merge.export.model_card import CardInfo, render_model_card
 from d2merge.io.checkpoint import SAFETENSORS_INDEX
@@ -24,16 +25,17 @@ from d2merge.plan import MergePlan, TensorPlan
 
 
 def write_hf_folder(merge_plan: MergePlan, out: Path, *, overwrite: bool = False,
-                    device: torch.device = torch.device("cpu"),
+                    device: str | torch.device | ComputeDevice = "cpu",
                     progress: bool = False, on_tensor: Callable[[TensorPlan], None] | None = None,
                     hashes: BackgroundHashes | None = None) -> tuple[list[str], dict[str, str]]:
     """Write the merged folder at ``out`` atomically; returns (file names written, source hashes).
 
-    ``hashes``, when given, is waited for after the last shard: the card records them.
+    ``hashes``, when given, is fed by the engine's reads and waited for after the
+    last shard: the card records them.
     """
     with AtomicFolder(out, overwrite=overwrite) as folder:
         written = write_tensors(merge_plan, folder.temp, device=device, progress=progress,
-                                on_tensor=on_tensor)
+                                on_tensor=on_tensor, hasher=hashes)
         digests = hashes.result() if hashes is not None else {}
         written += write_metadata(merge_plan, folder.temp, digests)
         folder.commit()

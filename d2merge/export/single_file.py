@@ -59,7 +59,7 @@ def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: Merg
     with AtomicFiles(out_path, overwrite=options.overwrite) as staging:
         temp = staging.staged
         write_tensors(merge_plan, staging.temp, device=device, progress=progress,
-                      shard_paths=[temp], metadata=single_file_metadata(merge_plan, reserved))
+                      shard_paths=[temp], metadata=single_file_metadata(merge_plan, reserved), hasher=hasher)
         if hasher is not None:
             hashes = hasher.result()
             final = {k: (v if len(v) == 64 else PLACEHOLDER) for k, v in hashes.items()}

@@ -99,13 +99,19 @@ class PickleFiles:
 
 def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True: a payload that would run code is refused, not executed."""
+    import warnings
+
     try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns (two lines on stderr) about legacy pickle layouts; d2merge reports in one line
+        # or not at all, and weights_only=True already refuses anything that is not plain tensors.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise D2MergeError("file not found", path=path) from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as exc:

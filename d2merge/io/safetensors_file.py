@@ -23,11 +23,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 
 from d2merge.errors import D2MergeError
+from d2merge.io.direct_io import OutputFile
 from d2merge.io.json_file import parse_json
 
 # Largest header we accept: the real format caps it at 100 MB; a larger length
@@ -211,16 +212,25 @@ class StreamingWriter:
 
     The header comes from the plan, so the file is written in one pass while the
     engine computes; ``safetensors.save_file`` would need every tensor in memory first.
+
+    Bytes go through :class:`d2merge.io.direct_io.OutputFile`: O_DIRECT where the
+    filesystem allows it, buffered writes elsewhere; the file is the same either way.
     """
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, *, direct: bool | None = None):
         self.path = Path(path)
         self._entries = entries
         self._next = 0
-        header, _ = encode_header(entries, metadata)
-        self._fh: BinaryIO = open(self.path, "wb")
+        header, spans = encode_header(entries, metadata)
+        data_bytes = max((end for _, end in spans.values()), default=0)
+        self._fh = OutputFile(self.path, size_hint=len(header) + data_bytes, direct=direct)
         self._fh.write(header)
+
+    @property
+    def direct(self) -> bool:
+        """Whether the bytes are going out with O_DIRECT."""
+        return self._fh.direct
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, dtype, shape = self._entries[self._next]
@@ -230,50 +240,54 @@ class StreamingWriter:
         self._next += 1
 
     def copy_from(self, name: str, source: Path, offset: int, nbytes: int) -> None:
-        """Copy a tensor's bytes straight from another file (kernel-side where the OS allows)."""
+        """Copy a tensor's bytes straight from another file (kernel-side, or into the direct-I/O staging buffer)."""
         expected_name, dtype, shape = self._entries[self._next]
         if name != expected_name or nbytes != math.prod(shape) * dtype_size(dtype):
             raise RuntimeError(f"writer expected {expected_name} ({math.prod(shape) * dtype_size(dtype)} bytes), "
                                f"got {name} ({nbytes} bytes)")
-        self._fh.flush()
-        with open(source, "rb") as src:
-            remaining, position = nbytes, offset
-            out_fd = self._fh.fileno()
-            while remaining:
-                try:
-                    copied = os.copy_file_range(src.fileno(), out_fd, remaining, position)
-                except (AttributeError, OSError):
-                    copied = 0
-                if copied <= 0:  # not supported across these filesystems: plain reads
-                    src.seek(position)
-                    while remaining:
-                        block = src.read(min(remaining, 64 * 1024 * 1024))
-                        if not block:
-                            raise D2MergeError("file ended while copying", path=source, tensor=name)
-                        self._fh.write(block)
-                        remaining -= len(block)
-                    break
-                remaining -= copied
-                position += copied
+        if self._fh.copy_range(source, offset, nbytes) != nbytes:
+            raise D2MergeError("file ended while copying", path=source, tensor=name)
+        self._next += 1
+
+    def convert_from(self, name: str, source: Path, offset: int, in_dtype: torch.dtype,
+                     chunk_elements: int = 1 << 20) -> None:
+        """Copy a tensor from another file while casting it to this entry's dtype, a chunk at a time.
+
+        Memory stays at two small chunks whatever the tensor's size (an fp32 output of
+        a bf16 embedding would otherwise hold the whole tensor twice); the cast is
+        torch's, the one ``Tensor.copy_`` does, so the bytes are the same.
+        """
+        expected_name, dtype, shape = self._entries[self._next]
+        if name != expected_name:
+            raise RuntimeError(f"writer expected {expected_name}, got {name}")
+        count = math.prod(shape)
+        in_size = dtype_size(in_dtype)
+        step = max(1, min(count, chunk_elements))
+        raw = torch.empty(step * in_size, dtype=torch.uint8)
+        cast = torch.empty(step, dtype=dtype)
+        with open(source, "rb", buffering=0) as src:
+            done = 0
+            while done < count:
+                n = min(step, count - done)
+                got = os.preadv(src.fileno(), [memoryview(raw.numpy())[: n * in_size]], offset + done * in_size)
+                if got != n * in_size:
+                    raise D2MergeError("file ended while copying", path=source, tensor=name)
+                cast[:n].copy_(raw[: n * in_size].view(in_dtype))
+                self._fh.write(memoryview(cast[:n].view(torch.uint8).numpy()))
+                done += n
         self._next += 1
 
     def close(self) -> None:
         if self._next != len(self._entries):
-            self._fh.close()
+            self._fh.abandon()
             raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} tensors were never written")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
         self._fh.close()
 
     def abandon(self) -> None:
         """Close without completing (the caller deletes the partial file with its temp folder)."""
-        if not self._fh.closed:
-            try:
-                self._fh.close()
-            except OSError:
-                # Flushing the buffered tail failed (disk full): moot for a discarded file, and raising
-                # here would replace the error that made the caller abandon it.
-                pass
+        # Never raises: a failure here (disk full) is moot for a discarded file, and raising
+        # would replace the error that made the caller abandon it.
+        self._fh.abandon()
 
     def __enter__(self) -> "StreamingWriter":
         return self

@@ -59,7 +59,7 @@ class ModuleSettings:
     """Everything the formula needs for one adapted module, resolved from the config."""
 
     module: str
-    layer_kind: str  # LINEAR or EMBEDDING
+    layer_kind: str  # LINEAR, EMBEDDING or TOKENS (trainable token rows of an embedding)
     r: int
     alpha: float
     scale: float

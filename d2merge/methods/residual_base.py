@@ -11,8 +11,10 @@ W0 and the module's rank and scale, and every formula then applies to it:
     PiSSA:  W0 = V S U^T;  W_res = W0 - V_r S_r U_r^T          (the top-r singular part)
     OLoRA:  W0 = Q R;      W_res = W0 - s * Q_r R_r             (the first r columns of Q)
 
-The residual is computed in fp32 as PEFT does (and in fp64 by verify's reference)
-and is not rounded to the base's storage dtype before the merge: d2merge rounds once,
+The residual is computed in fp32 as PEFT computes it, also when the caller works in
+fp64 (verify's reference): PEFT's fp32 SVD/QR defines the base the adapter was trained
+on, and an fp64 decomposition differs from it by more than the merge's own rounding.
+It is not rounded to the base's storage dtype before the merge: d2merge rounds once,
 at the end. A model trained in bf16 held a residual rounded to bf16, which differs
 by at most half a bf16 ulp of W_res, below the final bf16 rounding.
 
@@ -31,7 +33,7 @@ INITS = (PISSA, OLORA)
 
 def residual_base(w0: torch.Tensor, init: str, r: int, scale: float) -> torch.Tensor:
     """W0 (out, in) minus the part PEFT's ``init`` moved into the factors at load time."""
-    work = w0 if w0.dtype == torch.float64 else w0.to(torch.float32)
+    work = w0.to(torch.float32)
     if init == PISSA:
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
         # PEFT splits S_r / scale evenly between B and A and multiplies by scale again: the

@@ -1,0 +1,509 @@
+"""merge-many: plan and check every job, skip the finished ones, merge the rest in one pass over the base.
+
+Order of work, which is also the safety policy:
+
+1. open the base once and plan every job (headers and configs only); a job that
+   cannot be planned is reported by name before anything is written;
+2. a job whose output already exists is skipped when the output is complete
+   and its provenance matches (the sha256 of every source in its model card or
+   header, the same options); otherwise it is refused unless ``overwrite``;
+3. the rest are merged in passes of at most ``max_jobs_per_pass`` jobs, each
+   pass reading the base once (:mod:`d2merge.many.stream`); every output is
+   written to a temp name and renamed into place only when complete;
+4. jobs that asked for it are verified, and the table goes into their card.
+
+The unit of work (:func:`run_group`: open, check, merge, verify a list of jobs)
+is self-contained, so worker processes and Ray tasks run the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from d2merge.errors import D2MergeError
+from d2merge.export.model_card import render_model_card
+from d2merge.export.single_file import PLACEHOLDER, single_file_metadata
+from d2merge.io.adapter import load_adapter
+from d2merge.io.checkpoint import BaseCheckpoint, open_base
+from d2merge.io.output import (TEMP_MARKER, AtomicFolder, check_output_location, disk_error, remove_stale_temps,
+                               sha256_file)
+from d2merge.io.safetensors_file import SafetensorsFile, rewrite_metadata
+from d2merge.many.manifest import Job, load_manifest
+from d2merge.many.options import ManyOptions
+from d2merge.many.stream import OnTensor, Target, stream_many
+from d2merge.engine import resolve_device
+from d2merge.export.hf_folder import add_verify_table_to_card, card_info, write_metadata
+from d2merge.plan import MergePlan, build_plan
+from d2merge.sizes import parse_size
+
+# Statuses of a job in the report.
+PLANNED, SKIPPED, MERGED, FAILED, VERIFY_FAILED, NOT_RUN = (
+    "planned", "skipped", "merged", "failed", "verify_failed", "not_run")
+
+
+@dataclass
+class JobOutcome:
+    """What happened to one job: the report's row."""
+
+    name: str
+    adapter: str
+    output: str
+    status: str
+    seconds: float = 0.0
+    error: str | None = None
+    verify: dict[str, Any] | None = None  # {"passed": bool, "failures": [...]} when verified
+    method: str | None = None
+    plan: MergePlan | None = field(default=None, repr=False, compare=False)  # in-process runs only
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "adapter": self.adapter, "output": self.output, "status": self.status,
+                "seconds": round(self.seconds, 3), "error": self.error, "verify": self.verify, "method": self.method}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "JobOutcome":
+        return cls(**{k: data[k] for k in ("name", "adapter", "output", "status", "seconds", "error", "verify",
+                                           "method")})
+
+
+@dataclass
+class ManyReport:
+    """The run's summary: one outcome per job, in manifest order."""
+
+    base: str
+    outdir: str
+    outcomes: list[JobOutcome]
+    seconds: float = 0.0
+    runner: str = "local"
+    peak_inflight_bytes: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """0 all succeeded (or skipped), 1 a verification failed, 2 a job could not run."""
+        statuses = {o.status for o in self.outcomes}
+        if statuses & {FAILED, NOT_RUN}:
+            return 2
+        return 1 if VERIFY_FAILED in statuses else 0
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for o in self.outcomes:
+            counts[o.status] = counts.get(o.status, 0) + 1
+        return counts
+
+    def table(self) -> str:
+        width = max([len(o.name) for o in self.outcomes] + [3])
+        lines = [f"{'job':<{width}}  {'status':<13}  {'seconds':>7}  output / error"]
+        for o in self.outcomes:
+            verdict = ""
+            if o.verify is not None:
+                verdict = "  verify " + ("PASS" if o.verify["passed"] else "FAIL: " + "; ".join(o.verify["failures"]))
+            detail = o.error if o.error else o.output + verdict
+            lines.append(f"{o.name:<{width}}  {o.status:<13}  {o.seconds:>7.2f}  {detail}")
+        lines.append(", ".join(f"{n} {s}" for s, n in self.counts().items())
+                     + f" of {len(self.outcomes)} jobs in {self.seconds:.2f}s ({self.runner})")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"base": self.base, "outdir": self.outdir, "runner": self.runner, "seconds": round(self.seconds, 3),
+                "exit_code": self.exit_code, "counts": self.counts(), "peak_inflight_bytes": self.peak_inflight_bytes,
+                "jobs": [o.to_json() for o in self.outcomes]}
+
+    def save(self, path: str | Path) -> Path:
+        from d2merge.io.output import write_json
+
+        path = Path(path)
+        write_json(path, self.to_json())
+        return path
+
+
+# ----- planning and checking -----------------------------------------------------------------
+
+
+@dataclass
+class CheckedJob:
+    """A job after planning: its plan, and whether it is to run, to skip, or cannot run."""
+
+    job: Job
+    output: Path
+    plan: MergePlan | None = None
+    error: str | None = None
+    skip: bool = False
+
+
+def _error_line(job: Job, exc: BaseException) -> str:
+    if isinstance(exc, D2MergeError):
+        return f"job '{job.name}': {exc}"
+    return f"job '{job.name}': internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def plan_job(base: BaseCheckpoint, job: Job, allow_pickle: bool = False) -> MergePlan:
+    adapter = load_adapter(job.adapter, allow_pickle=allow_pickle)
+    max_shard = 2**62 if job.format == "safetensors" else job.max_shard_size  # what merge_to_safetensors plans
+    return build_plan(base, adapter, dtype=job.dtype, max_shard_size=max_shard, tied_embeddings=job.tied_embeddings)
+
+
+class SourceHashes:
+    """sha256 of the base's files (once per process) and of each adapter's, labelled as the model card does."""
+
+    def __init__(self, base: BaseCheckpoint):
+        self._base = base
+        self._base_hashes: dict[Path, str] | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Hash the base on a background thread (hashlib releases the GIL) while the pass runs."""
+        if self._base_hashes is None and self._thread is None:
+            self._thread = threading.Thread(target=self.base_hashes, name="d2merge-many-hash", daemon=True)
+            self._thread.start()
+
+    def base_hashes(self) -> dict[Path, str]:
+        with self._lock:
+            if self._base_hashes is None:
+                self._base_hashes = {p: _sha256_or_unreadable(p) for p in self._base.weight_files}
+            return self._base_hashes
+
+    def for_plan(self, plan: MergePlan) -> dict[str, str]:
+        """The labels ``d2merge merge`` records (``plan.source_files``), the base hashed once for all jobs."""
+        base = self.base_hashes()
+        return {label: base[path] if path in base else _sha256_or_unreadable(path)
+                for label, path in plan.source_files().items()}
+
+
+def _sha256_or_unreadable(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return "unreadable"
+
+
+_VERIFY_SECTION = re.compile(r"\n## Verification \(merged vs unmerged\)\n\n```\n.*?\n```\n", re.DOTALL)
+
+
+def existing_output_matches(plan: MergePlan, job: Job, output: Path, hashes: dict[str, str]) -> bool:
+    """Whether ``output`` is complete and carries this job's provenance.
+
+    Complete: every shard present and whole, with the tensors this plan writes.
+    Provenance: the card (or header metadata) is exactly what this job would
+    write, sha256 of every source included, apart from a verify table.
+    """
+    try:
+        if job.format == "safetensors":
+            if not output.is_file():
+                return False
+            stored = SafetensorsFile(output)
+            return (stored.keys() == [t.name for t in plan.tensors]
+                    and stored.metadata == single_file_metadata(plan, hashes))
+        if not output.is_dir():
+            return False
+        for shard, name in enumerate(plan.shard_names):
+            stored = SafetensorsFile(output / name)
+            if stored.keys() != [t.name for t in plan.tensors if t.shard == shard]:
+                return False
+        if plan.base.config is not None and not (output / "config.json").is_file():
+            return False
+        card = (output / "README.md").read_text(encoding="utf-8")
+    except (D2MergeError, OSError, UnicodeDecodeError):
+        return False
+    return _VERIFY_SECTION.sub("", card, count=1) == render_model_card(card_info(plan, hashes))
+
+
+def check_jobs(base: BaseCheckpoint, jobs: Sequence[Job], outdir: Path, options: ManyOptions,
+               hashes: SourceHashes) -> list[CheckedJob]:
+    """Plan every job and decide run / skip / cannot run, before anything is written."""
+    checked: list[CheckedJob] = []
+    for job in jobs:
+        output = job.output(outdir)
+        entry = CheckedJob(job, output)
+        checked.append(entry)
+        try:
+            entry.plan = plan_job(base, job, options.allow_pickle)
+            if outdir.is_dir():  # a dry run may name an OUTDIR the real run would create
+                check_output_location(output, [base.location, entry.plan.adapter.path], overwrite=True,
+                                      is_file=job.format == "safetensors")
+            if output.exists():
+                if existing_output_matches(entry.plan, job, output, hashes.for_plan(entry.plan)):
+                    # A verified job is verified again: the card's old verdict may be for other thresholds.
+                    entry.skip = True
+                elif not options.overwrite:
+                    raise D2MergeError("output exists but is not this job's complete result (its sources, options "
+                                       "or files differ)", path=output,
+                                       hint="pass --overwrite to replace it, or choose another OUTDIR")
+        except Exception as exc:  # a bad job is reported by name; the others are unaffected
+            entry.error = _error_line(job, exc)
+    return checked
+
+
+# ----- running -------------------------------------------------------------------------------
+
+
+def _shard_paths(entry: CheckedJob, folder: Path, temp_file: Path | None) -> list[Path]:
+    assert entry.plan is not None
+    if temp_file is not None:
+        return [temp_file]
+    return [folder / name for name in entry.plan.shard_names]
+
+
+def run_pass(base: BaseCheckpoint, entries: list[CheckedJob], options: ManyOptions, hashes: SourceHashes, *,
+             progress: bool = False, on_tensor: OnTensor | None = None) -> tuple[list[JobOutcome], int]:
+    """Merge ``entries`` (planned, to run) in one pass over the base; (outcomes, peak bytes held)."""
+    started = time.perf_counter()
+    hashes.start()
+    outcomes: dict[str, JobOutcome] = {}
+    targets: list[Target] = []
+    with ExitStack() as stack:
+        folders: dict[str, AtomicFolder | Path] = {}
+        for entry in entries:
+            assert entry.plan is not None
+            job = entry.job
+            try:
+                if job.format == "safetensors":
+                    remove_stale_temps(entry.output)
+                    temp = entry.output.parent / f".{entry.output.name}{TEMP_MARKER}{os.getpid()}"
+                    stack.callback(temp.unlink, missing_ok=True)
+                    folders[job.name] = temp
+                    reserved = {label: PLACEHOLDER for label in entry.plan.source_files()}
+                    targets.append(Target(job.name, entry.plan, [temp], single_file_metadata(entry.plan, reserved)))
+                else:
+                    folder = stack.enter_context(AtomicFolder(entry.output, overwrite=entry.output.exists()))
+                    folders[job.name] = folder
+                    targets.append(Target(job.name, entry.plan, _shard_paths(entry, folder.temp, None)))
+            except Exception as exc:
+                outcomes[job.name] = JobOutcome(job.name, str(job.adapter), str(entry.output), FAILED,
+                                                error=_error_line(job, exc), method=entry.plan.adapter.method.name)
+        budget = stream_many(targets, device=resolve_device(options.device),
+                             max_inflight_bytes=parse_size(options.max_inflight),
+                             threads=options.workers if options.parallel == "thread" else 1,
+                             progress=progress, on_tensor=on_tensor)
+        by_name = {e.job.name: e for e in entries}
+        for target in targets:
+            entry = by_name[target.name]
+            job = entry.job
+            if target.error is None:
+                try:
+                    _commit(entry, folders[job.name], hashes.for_plan(entry.plan))  # type: ignore[arg-type]
+                except Exception as exc:
+                    target.fail(exc)
+            seconds = time.perf_counter() - started
+            if target.error is not None:
+                outcomes[job.name] = JobOutcome(job.name, str(job.adapter), str(entry.output), FAILED, seconds,
+                                                error=_error_line(job, target.error),
+                                                method=target.plan.adapter.method.name)
+            else:
+                outcomes[job.name] = JobOutcome(job.name, str(job.adapter), str(entry.output), MERGED, seconds,
+                                                method=target.plan.adapter.method.name, plan=target.plan)
+    return [outcomes[e.job.name] for e in entries], budget.peak
+
+
+def _commit(entry: CheckedJob, where: AtomicFolder | Path, hashes: dict[str, str]) -> None:
+    """The files written after the tensors, then the rename: as ``d2merge merge`` does for one job."""
+    plan = entry.plan
+    assert plan is not None
+    if isinstance(where, AtomicFolder):
+        write_metadata(plan, where.temp, hashes)
+        where.commit()
+        return
+    entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
+    reserved = {label: PLACEHOLDER for label in plan.source_files()}
+    final = {k: (v if len(v) == 64 else PLACEHOLDER) for k, v in hashes.items()}
+    rewrite_metadata(where, entries, single_file_metadata(plan, {**reserved, **final}))
+    try:
+        os.replace(where, entry.output)
+    except OSError as exc:
+        raise disk_error(exc, entry.output) from None
+
+
+def _verify(entry: CheckedJob, outcome: JobOutcome, base: BaseCheckpoint, options: ManyOptions,
+            hashes: SourceHashes) -> None:
+    """Verify a merged job as `d2merge merge --verify` does, and put the table in its card."""
+    from d2merge.verify import VerifyOptions, verify
+
+    job = entry.job
+    started = time.perf_counter()
+    try:
+        report = verify(base.location, job.adapter, entry.output, thresholds=dict(job.thresholds) or None,
+                        options=VerifyOptions(tied_embeddings=job.tied_embeddings, allow_pickle=options.allow_pickle))
+        plan = entry.plan
+        assert plan is not None
+        add_verify_table_to_card(entry.output, plan, hashes.for_plan(plan), report.table())
+    except Exception as exc:
+        outcome.status, outcome.error = FAILED, _error_line(job, exc)
+        return
+    finally:
+        outcome.seconds += time.perf_counter() - started
+    outcome.verify = {"passed": report.passed, "failures": report.failures()}
+    if not report.passed:
+        outcome.status = VERIFY_FAILED
+
+
+def run_group(base: str | Path | BaseCheckpoint, jobs: Sequence[Job], outdir: str | Path,
+              options: ManyOptions | None = None, *, progress: bool = False,
+              on_tensor: OnTensor | None = None) -> tuple[list[JobOutcome], int]:
+    """Check, merge (passes of ``max_jobs_per_pass``) and verify ``jobs``: what a worker or a Ray task runs.
+
+    Jobs already complete with matching provenance are skipped, so a retried
+    task redoes only what its lost attempt did not finish.
+    """
+    options = options or ManyOptions()
+    if not isinstance(base, BaseCheckpoint):
+        base = open_base(base, allow_pickle=options.allow_pickle)
+    hashes = SourceHashes(base)
+    checked = check_jobs(base, jobs, Path(outdir), options, hashes)
+    return _run_checked(base, checked, options, hashes, progress=progress, on_tensor=on_tensor)
+
+
+def _run_checked(base: BaseCheckpoint, checked: list[CheckedJob], options: ManyOptions, hashes: SourceHashes, *,
+                 progress: bool, on_tensor: OnTensor | None) -> tuple[list[JobOutcome], int]:
+    outcomes: dict[str, JobOutcome] = {}
+    todo = []
+    for entry in checked:
+        job = entry.job
+        if entry.error is not None:
+            outcomes[job.name] = JobOutcome(job.name, str(job.adapter), str(entry.output), FAILED, error=entry.error)
+        elif entry.skip:
+            outcomes[job.name] = JobOutcome(job.name, str(job.adapter), str(entry.output), SKIPPED,
+                                            method=entry.plan.adapter.method.name, plan=entry.plan)
+        else:
+            todo.append(entry)
+    peak = 0
+    step = options.max_jobs_per_pass
+    for start in range(0, len(todo), step):
+        done, pass_peak = run_pass(base, todo[start:start + step], options, hashes, progress=progress,
+                                   on_tensor=on_tensor)
+        peak = max(peak, pass_peak)
+        outcomes.update({o.name: o for o in done})
+    for entry in checked:
+        outcome = outcomes[entry.job.name]
+        needs = entry.job.verify and outcome.status in (MERGED, SKIPPED) and outcome.verify is None
+        if needs:
+            _verify(entry, outcome, base, options, hashes)
+    return [outcomes[e.job.name] for e in checked], peak
+
+
+def _process_group(base: str, jobs: list[Job], outdir: str, options: ManyOptions,
+                   on_tensor: OnTensor | None) -> tuple[list[dict[str, Any]], int]:
+    torch.set_num_threads(1)
+    outcomes, peak = run_group(base, jobs, outdir, options, on_tensor=on_tensor)
+    return [o.to_json() for o in outcomes], peak
+
+
+def split_jobs(jobs: Sequence[Job], groups: int) -> list[list[Job]]:
+    """Round-robin into ``groups`` non-empty groups (similar sizes, manifest order kept within each)."""
+    groups = max(1, min(groups, len(jobs)))
+    return [list(jobs[i::groups]) for i in range(groups)]
+
+
+def merge_many(base: str | Path, manifest: str | Path | Sequence[Job | str | Path], outdir: str | Path,
+               options: ManyOptions | None = None, *, dry_run: bool = False, ray: str | None = None,
+               progress: bool = False, on_tensor: OnTensor | None = None,
+               echo: Callable[[str], None] | None = None, **overrides: Any) -> ManyReport:
+    """Merge every job of ``manifest`` (a manifest file, or Jobs / adapter folders) into ``base`` under ``outdir``.
+
+    Keyword overrides are ManyOptions fields: ``merge_many(base, "jobs.yaml", "out", dtype="bf16", workers=2)``.
+    ``ray`` (``"auto"``, ``"local"`` or a cluster address) runs the groups of jobs as Ray tasks.
+    ``on_tensor(job_name, tensor_plan)`` is called after each tensor a job writes.
+    The report's ``exit_code`` is what the CLI exits with.
+    """
+    from d2merge.many.manifest import jobs_from
+
+    options = replace(options or ManyOptions(), **overrides) if overrides else (options or ManyOptions())
+    say = echo or (lambda _msg: None)
+    started = time.perf_counter()
+    if isinstance(manifest, (str, Path)):
+        jobs = load_manifest(manifest, options.job_defaults())
+    else:
+        plain = [str(j) if isinstance(j, Path) else j for j in manifest]
+        if all(isinstance(j, Job) for j in plain):
+            jobs = list(plain)  # type: ignore[arg-type]
+        else:
+            jobs = jobs_from([j.to_json() if isinstance(j, Job) else j for j in plain], base_folder=Path.cwd(),
+                             defaults=options.job_defaults())
+    out = Path(outdir).expanduser().absolute()
+    if ray is not None and not dry_run:
+        from d2merge.many.ray_jobs import import_ray
+
+        import_ray()  # a missing extra is one line before anything is planned or created
+    base_ckpt = open_base(base, allow_pickle=options.allow_pickle)
+    if not dry_run:
+        _make_outdir(out)
+    hashes = SourceHashes(base_ckpt)
+    checked = check_jobs(base_ckpt, jobs, out, options, hashes)
+    bad = [c for c in checked if c.error is not None]
+    for entry in bad:
+        say(f"d2merge: error: {entry.error}")
+    runner = "local" if ray is None else "ray"
+    if dry_run or (bad and not options.keep_going):
+        outcomes = []
+        for c in checked:
+            status = FAILED if c.error else (SKIPPED if c.skip else (PLANNED if dry_run else NOT_RUN))
+            error = c.error if c.error else (None if dry_run or c.skip else
+                                             "not run: another job cannot run (fix it, or pass --keep-going)")
+            outcomes.append(JobOutcome(c.job.name, str(c.job.adapter), str(c.output), status, error=error,
+                                       method=c.plan.adapter.method.name if c.plan else None, plan=c.plan))
+        return ManyReport(str(base_ckpt.location), str(out), outcomes, time.perf_counter() - started, runner)
+
+    peak = 0
+    if ray is not None:
+        from d2merge.many.ray_jobs import run_on_ray
+
+        runnable = [c.job for c in checked if c.error is None]
+        done = {o.name: o for o in run_on_ray(ray, base_ckpt.location, runnable, out, options, on_tensor=on_tensor,
+                                              echo=say)}
+        outcomes = [done.get(c.job.name) or JobOutcome(c.job.name, str(c.job.adapter), str(c.output), FAILED,
+                                                       error=c.error) for c in checked]
+    elif options.parallel == "process" and options.workers > 1:
+        outcomes, peak = _run_processes(base_ckpt, checked, out, options, on_tensor)
+    else:
+        outcomes, peak = _run_checked(base_ckpt, checked, options, hashes, progress=progress, on_tensor=on_tensor)
+    return ManyReport(str(base_ckpt.location), str(out), outcomes, time.perf_counter() - started, runner, peak)
+
+
+def _make_outdir(out: Path) -> None:
+    if out.is_dir():
+        return
+    if out.exists() or out.is_symlink():
+        raise D2MergeError("OUTDIR exists and is not a folder", path=out, hint="choose another -o OUTDIR")
+    if not out.parent.is_dir():
+        raise D2MergeError("OUTDIR's parent folder does not exist", path=out.parent, hint="create it first")
+    try:
+        out.mkdir()
+    except OSError as exc:
+        raise disk_error(exc, out) from None
+
+
+def _run_processes(base: BaseCheckpoint, checked: list[CheckedJob], out: Path, options: ManyOptions,
+                   on_tensor: OnTensor | None) -> tuple[list[JobOutcome], int]:
+    """Each group of jobs in its own process (spawned: no forked torch state), each with its own pass."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    runnable = [c.job for c in checked if c.error is None]
+    groups = split_jobs(runnable, options.workers)
+    done: dict[str, JobOutcome] = {}
+    peak = 0
+    inner = replace(options, workers=1)
+    with ProcessPoolExecutor(max_workers=len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [(group, pool.submit(_process_group, str(base.location), group, str(out), inner, on_tensor))
+                   for group in groups]
+        for group, future in futures:
+            try:
+                rows, group_peak = future.result()
+            except Exception as exc:  # the process died: its jobs failed, the other groups are unaffected
+                for job in group:
+                    done[job.name] = JobOutcome(job.name, str(job.adapter), str(job.output(out)), FAILED,
+                                                error=f"job '{job.name}': worker process failed: "
+                                                      f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+                continue
+            peak = max(peak, group_peak)
+            done.update({row["name"]: JobOutcome.from_json(row) for row in rows})
+    return [done.get(c.job.name) or JobOutcome(c.job.name, str(c.job.adapter), str(c.output), FAILED, error=c.error)
+            for c in checked], peak

@@ -1,0 +1,129 @@
+"""Source hashes from the reader's bytes: always hashlib's sha256 of the whole file, every byte read once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2merge.io.checkpoint import SafetensorsFiles
+from d2merge.io.source_hashes import UNREADABLE, BackgroundHashes, hub_blob_sha256
+from d2merge.io.tensor_reader import TensorReader
+from d2merge.io.safetensors_file import save_tensors
+
+
+@pytest.fixture()
+def weights(tmp_path: Path) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(17 + i, 9, generator=gen).to(torch.bfloat16 if i % 2 else torch.float32)
+               for i in range(6)}
+    path = tmp_path / "model.safetensors"
+    save_tensors(path, tensors, {"format": "pt"})
+    return path
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _offset_order(source: SafetensorsFiles) -> list[str]:
+    return sorted(source.keys(), key=lambda n: source.byte_range(n)[1])
+
+
+@pytest.mark.parametrize("order", ["file", "reversed", "repeated", "partial", "none"])
+def test_digest_equals_hashlib_whatever_the_reads(weights: Path, order: str) -> None:
+    source = SafetensorsFiles([weights])
+    names = _offset_order(source)
+    reads = {"file": names, "reversed": names[::-1], "repeated": names[:3] + names[:2] + names[2:],
+             "partial": names[1::2], "none": []}[order]
+    hasher = BackgroundHashes({"base/model.safetensors": weights})
+    reader = TensorReader(hasher, slots=2)
+    for name in reads:
+        expected = source.read(name).clone()
+        assert torch.equal(reader.read(source, name), expected)  # the reader's bytes are the tensor's
+    assert hasher.result() == {"base/model.safetensors": _digest(weights)}
+    if order == "file":
+        # Only the header was read by the hasher itself: every tensor byte was read once.
+        header = source.byte_range(names[0])[1]
+        assert hasher.stats.reread_bytes == header
+        assert hasher.stats.hashed_bytes == weights.stat().st_size
+
+
+def test_ring_buffers_are_not_overwritten_while_hashed(weights: Path) -> None:
+    """With one slot the reader must wait for the hasher before reusing the buffer: digest still right."""
+    source = SafetensorsFiles([weights])
+    hasher = BackgroundHashes({"w": weights})
+    reader = TensorReader(hasher, slots=1)
+    for name in _offset_order(source) * 2:
+        reader.read(source, name)
+    assert hasher.result()["w"] == _digest(weights)
+
+
+def test_several_files_and_labels(weights: Path, tmp_path: Path) -> None:
+    other = tmp_path / "adapter_config.json"
+    other.write_text('{"r": 8}')
+    hasher = BackgroundHashes({"base/model.safetensors": weights, "adapter/adapter_config.json": other})
+    assert hasher.result() == {"base/model.safetensors": _digest(weights),
+                               "adapter/adapter_config.json": _digest(other)}
+
+
+def test_hub_cache_blob_name_is_used_not_rehashed(weights: Path, tmp_path: Path) -> None:
+    """A Hub-cache file is a link to blobs/<sha256>: the name is the digest, nothing is read."""
+    digest = _digest(weights)
+    blobs = tmp_path / "models--org--name" / "blobs"
+    snapshot = tmp_path / "models--org--name" / "snapshots" / ("0" * 40)
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    os.replace(weights, blobs / digest)
+    (snapshot / "model.safetensors").symlink_to(blobs / digest)
+    assert hub_blob_sha256(snapshot / "model.safetensors") == digest
+    hasher = BackgroundHashes({"base/model.safetensors": snapshot / "model.safetensors"})
+    assert not hasher.wants(snapshot / "model.safetensors")
+    assert hasher.result() == {"base/model.safetensors": digest}
+    assert hasher.stats.hashed_bytes == 0 and hasher.stats.blob_names_used == 1
+    # a git blob (40-hex sha1 name) is not a sha256: hashed as usual
+    (blobs / ("a" * 40)).write_bytes(b"{}")
+    assert hub_blob_sha256(blobs / ("a" * 40)) is None
+
+
+def test_unreadable_and_shrunk_files(weights: Path, tmp_path: Path) -> None:
+    source = SafetensorsFiles([weights])
+    names = _offset_order(source)
+    hasher = BackgroundHashes({"gone": tmp_path / "missing.bin", "w": weights})
+    reader = TensorReader(hasher)
+    reader.read(source, names[0])
+    with open(weights, "r+b") as fh:  # shrinks under the merge: never a digest of half a file
+        fh.truncate(source.byte_range(names[2])[1])
+    reader.read(source, names[0])
+    hashes = hasher.result()
+    assert hashes["gone"] == UNREADABLE
+    assert hashes["w"] == UNREADABLE
+
+
+def test_abandon_releases_buffers(weights: Path) -> None:
+    source = SafetensorsFiles([weights])
+    hasher = BackgroundHashes({"w": weights})
+    reader = TensorReader(hasher, slots=1)
+    for name in _offset_order(source):
+        reader.read(source, name)
+    hasher.abandon()
+    reader.read(source, _offset_order(source)[0])  # would hang if a slot were never released
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_merge_records_hashlib_digests(tiny_bases, make_adapter, tmp_path: Path, sharded: bool) -> None:
+    from d2merge.merge import merge
+
+    base = tiny_bases("llama", sharded=sharded)
+    adapter = make_adapter(base, "lora")
+    result = merge(base, adapter, tmp_path / "out")
+    expected = {f"base/{p.name}": _digest(p) for p in Path(base).glob("*.safetensors")}
+    expected.update({f"adapter/{p.name}": _digest(p) for p in (Path(adapter) / "adapter_model.safetensors",
+                                                                Path(adapter) / "adapter_config.json")})
+    assert result.source_hashes == expected
+    card = (result.output / "README.md").read_text()
+    assert all(digest in card for digest in expected.values())
+    assert merge(base, adapter, tmp_path / "quiet", hash_sources=False).source_hashes == {}
