@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import glob
 import importlib
-import json
 import logging
 import os
 import re
