@@ -34,6 +34,12 @@ from merge_speed import build_checkpoint, build_lora, run_measured  # noqa: E402
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
+def wall_and_rss(argv: list[str], **kwargs: object) -> tuple[float, float]:
+    """Wall seconds and peak RSS bytes of one measured child (merge_speed.run_measured's figures)."""
+    figures = run_measured(argv, **kwargs)  # type: ignore[arg-type]
+    return figures["wall"], figures["rss"]
+
+
 def smollm2_tokenizer_folder(root: Path) -> Path:
     from d2merge.io.gguf_source import hf_folder_from_gguf, smollm2_gguf
 
@@ -86,7 +92,7 @@ def main() -> None:
     figures: dict[str, dict[str, float]] = {}
     shutil.rmtree(merged, ignore_errors=True)
     for label, argv, out in runs:
-        wall, rss = run_measured(argv, env=env)
+        wall, rss = wall_and_rss(argv, env=env)
         size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.glob("*.safetensors"))
         figures[label] = {"wall_s": wall, "peak_rss_bytes": rss, "output_bytes": size}
         print(f"{label:<18} {wall:8.1f} s  peak RSS {rss / 1e9:6.3f} GB  output {size / 1e9:6.2f} GB", flush=True)

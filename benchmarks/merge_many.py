@@ -40,6 +40,12 @@ VARIANTS = {"many": [], "threads": ["--workers", "2", "--parallel", "thread"],
             "processes": ["--workers", "2", "--parallel", "process"]}
 
 
+def wall_and_rss(argv: list[str], **kwargs: object) -> tuple[float, float]:
+    """Wall seconds and peak RSS bytes of one measured child (merge_speed.run_measured's figures)."""
+    figures = run_measured(argv, **kwargs)  # type: ignore[arg-type]
+    return figures["wall"], figures["rss"]
+
+
 def build_adapters(base: Path, root: Path, count: int, **shape: int) -> list[Path]:
     """``count`` LoRA adapters: the first from merge_speed.py, the others with their own random B."""
     first = root / "adapter-0"
@@ -95,7 +101,7 @@ def main() -> None:
     outs.mkdir()
     walls, peaks = [], []
     for adapter in adapters:
-        wall, rss = run_measured(cli + ["merge", str(base), str(adapter), "-o", str(outs / adapter.name), "-q"])
+        wall, rss = wall_and_rss(cli + ["merge", str(base), str(adapter), "-o", str(outs / adapter.name), "-q"])
         walls.append(wall)
         peaks.append(rss)
         print(f"sequential merge {adapter.name}: {wall:.2f}s, {rss / 1e9:.3f} GB", flush=True)
@@ -104,7 +110,7 @@ def main() -> None:
     for variant in variants:
         outdir = root / f"many-{variant}"
         shutil.rmtree(outdir, ignore_errors=True)
-        wall, rss = run_measured(cli + ["merge-many", str(base), str(manifest), "-o", str(outdir), "-q",
+        wall, rss = wall_and_rss(cli + ["merge-many", str(base), str(manifest), "-o", str(outdir), "-q",
                                         *VARIANTS[variant]])
         shutil.rmtree(outdir, ignore_errors=True)
         figures[variant] = {"wall_s": wall, "peak_rss_bytes": rss, "over_sequential": wall / sum(walls)}
