@@ -54,7 +54,7 @@ class ManyOptions:
         "choices": PARALLEL_KINDS})
     max_jobs_per_pass: int = field(default=32, metadata={
         "help": "Most jobs sharing one pass over the base (each holds open files); more jobs run in further passes."})
-    max_inflight: str = field(default="512MB", metadata={
+    max_inflight: str = field(default="256MB", metadata={
         "help": "Cap on the memory a pass holds for tensors read and computed but not yet written, e.g. 512MB, "
                 "2GiB (one step may exceed it when a single tensor is larger)."})
     device: str = field(default="cpu", metadata={
