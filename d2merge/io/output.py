@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, TypeVar
 
 from d2merge.errors import D2MergeError
 
@@ -274,10 +274,14 @@ def check_not_locked(final: Path) -> None:
         lock.acquire().release()
 
 
-class AtomicFolder:
-    """A temp folder that becomes ``final`` on :meth:`commit`, and vanishes on error or interrupt.
+_Output = TypeVar("_Output", bound="_StagedOutput")
 
-    Holds the output's lock from start to end; what a killed earlier run left is recovered first.
+
+class _StagedOutput:
+    """A temp folder ``.<name>.d2merge-tmp-<pid>`` beside ``final``, holding the output's lock.
+
+    Entering recovers what a killed earlier run left and creates the temp folder; leaving
+    removes whatever of it a commit did not move into place, and releases the lock.
     """
 
     def __init__(self, final: Path, *, overwrite: bool = False):
@@ -287,10 +291,10 @@ class AtomicFolder:
         self.committed = False
         self.lock = OutputLock(self.final)
 
-    def __enter__(self) -> "AtomicFolder":
+    def __enter__(self: _Output) -> _Output:
         self.lock.acquire()
         try:
-            self.remove_stale()
+            recover_output(self.final)
             if self.temp.exists():
                 shutil.rmtree(self.temp)
             self.temp.mkdir()
@@ -303,12 +307,25 @@ class AtomicFolder:
             raise
         return self
 
-    def remove_stale(self) -> None:
-        """Temp folders of earlier runs that were killed: their process is gone, so they are garbage."""
-        recover_output(self.final)
-
     def path(self, name: str) -> Path:
         return self.temp / name
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            # after AtomicFolder's commit the temp is the output (renamed away); after
+            # AtomicFiles' it is an empty folder; uncommitted, it is a partial output
+            shutil.rmtree(self.temp, ignore_errors=True)
+        finally:
+            _IN_USE.discard(str(self.temp.absolute()))
+            self.lock.release()
+
+
+class AtomicFolder(_StagedOutput):
+    """A temp folder that becomes ``final`` on :meth:`commit`, and vanishes on error or interrupt.
+
+    Holds the output's lock from start to end; what a killed earlier run left is recovered first.
+    """
 
     def commit(self) -> Path:
         """fsync and rename into place; an existing output is replaced only after the new one is whole."""
@@ -332,17 +349,8 @@ class AtomicFolder:
         self.committed = True
         return self.final
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        try:
-            if not self.committed:
-                shutil.rmtree(self.temp, ignore_errors=True)
-        finally:
-            _IN_USE.discard(str(self.temp.absolute()))
-            self.lock.release()
 
-
-class AtomicFiles:
+class AtomicFiles(_StagedOutput):
     """One output file and its sidecars (``model.onnx`` + ``model.onnx.data``, a GGUF + Modelfile).
 
     They are written under their final names into ``.<name>.d2merge-tmp-<pid>/`` beside the
@@ -352,36 +360,13 @@ class AtomicFiles:
     """
 
     def __init__(self, final: Path, *, overwrite: bool = False, sidecars: Iterable[str] = ()):
-        self.final = Path(final)
-        self.overwrite = overwrite
+        super().__init__(final, overwrite=overwrite)
         self.sidecars = tuple(sidecars)
-        self.temp = self.final.parent / f".{self.final.name}{TEMP_MARKER}{os.getpid()}"
-        self.committed = False
-        self.lock = OutputLock(self.final)
-
-    def __enter__(self) -> "AtomicFiles":
-        self.lock.acquire()
-        try:
-            recover_output(self.final)
-            if self.temp.exists():
-                shutil.rmtree(self.temp)
-            self.temp.mkdir()
-            _IN_USE.add(str(self.temp.absolute()))
-        except OSError as exc:
-            self.lock.release()
-            raise disk_error(exc, self.temp) from None
-        except BaseException:
-            self.lock.release()
-            raise
-        return self
 
     @property
     def staged(self) -> Path:
         """Where the main file is written (its final name, inside the temp folder)."""
         return self.temp / self.final.name
-
-    def path(self, name: str) -> Path:
-        return self.temp / name
 
     def commit(self) -> tuple[Path, ...]:
         parent = self.final.parent
@@ -413,14 +398,6 @@ class AtomicFiles:
             raise disk_error(exc, self.final) from None
         self.committed = True
         return tuple(parent / n for n in [self.final.name, *incoming])
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        try:
-            shutil.rmtree(self.temp, ignore_errors=True)
-        finally:
-            _IN_USE.discard(str(self.temp.absolute()))
-            self.lock.release()
 
 
 @contextmanager
