@@ -1,0 +1,7 @@
+"""`python -m d2merge` runs the command line, for environments where the script is not on PATH."""
+
+import sys
+
+from d2merge.cli import main
+
+sys.exit(main())
