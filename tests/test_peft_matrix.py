@@ -38,6 +38,8 @@ EQUAL = "equal"
 PEFT_MERGE_WRONG = "peft-merge-wrong"
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = ATTN + ["gate_proj", "up_proj", "down_proj"]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+MOE = {"mixtral", "qwen3-moe", "gpt-oss"}  # checkpoints whose names transformers changes on load
 
 
 def _config(arch: str) -> Any:
@@ -61,6 +63,13 @@ def _config(arch: str) -> Any:
         return tf.Phi3Config(**common, tie_word_embeddings=False)
     if arch == "mixtral":
         return tf.MixtralConfig(**common, num_local_experts=3, num_experts_per_tok=2, tie_word_embeddings=False)
+    if arch == "qwen3-moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=8, moe_intermediate_size=24, num_experts=3, num_experts_per_tok=2,
+                                 decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False)
+    if arch == "gpt-oss":
+        return tf.GptOssConfig(**common, head_dim=8, num_local_experts=3, num_experts_per_tok=2, sliding_window=16,
+                               layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=48,
                              pad_token_id=0, bos_token_id=2, eos_token_id=3)
@@ -214,18 +223,32 @@ CASES: dict[str, Case] = {
     "bert-dora": Case("bert", dict(target_modules=["query", "key"], use_dora=True)),
     "mixtral-attn": Case("mixtral", dict(target_modules=ATTN)),
     # PEFT turns the router target "gate" into target_parameters ["gate.weight"]; transformers 5 holds
-    # it as mlp.gate but the checkpoint says block_sparse_moe.gate.
-    "mixtral-router": Case("mixtral", dict(target_modules=["q_proj", "gate"]),
-                           expect="checkpoint stores the tensors under other names"),
-    "mixtral-experts": Case("mixtral", dict(target_modules=[], target_parameters=["mlp.experts.gate_up_proj",
-                                                                                  "mlp.experts.down_proj"]),
-                            expect="LoRA on a fused MoE expert parameter"),
+    # it as mlp.gate but the checkpoint says block_sparse_moe.gate (a rename d2merge reads from transformers).
+    "mixtral-router": Case("mixtral", dict(target_modules=["q_proj", "gate"])),
+    # Fused experts in memory (E, 2I, H) / (E, H, I); stored per expert as w1, w3 (gate, up) and w2.
+    "mixtral-experts": Case("mixtral", dict(target_modules=[], target_parameters=EXPERTS)),
+    "mixtral-experts-attn-patterns": Case("mixtral", dict(target_modules=["q_proj", "v_proj"], target_parameters=EXPERTS,
+                                                          use_rslora=True, rank_pattern={"down_proj": 2},
+                                                          alpha_pattern={"layers.1.mlp.experts.gate_up_proj": 3})),
+    "mixtral-experts-gate-up-only": Case("mixtral", dict(target_modules=[], target_parameters=["gate_up_proj"])),
+    # transformers 4 names: PEFT maps w1/w3/w2 onto the fused parameters (gate_up_proj at rank 2r).
+    "mixtral-experts-v4-names": Case("mixtral", dict(target_modules=["w1", "w2", "w3", "o_proj"])),
+    "mixtral-router-experts": Case("mixtral", dict(target_modules=["gate"], target_parameters=EXPERTS)),
+    "mixtral-experts-modules-to-save-router": Case("mixtral", dict(target_modules=[], target_parameters=EXPERTS,
+                                                                   modules_to_save=["gate"])),
+    "qwen3-moe-experts": Case("qwen3-moe", dict(target_modules=ATTN, target_parameters=EXPERTS)),
+    "qwen3-moe-router": Case("qwen3-moe", dict(target_modules=["gate", "o_proj"])),
+    # gpt-oss stores its experts fused, (E, in, out) (is_transposed), as it holds them.
+    "gpt-oss-experts": Case("gpt-oss", dict(target_modules=["q_proj"], target_parameters=EXPERTS)),
     # --- bf16 bases (output bf16) and sharded bases ------------------------------------------------------
     "llama-bf16": Case("llama", dict(target_modules=ALL_LINEAR), dtype=torch.bfloat16),
     "llama-bf16-dora": Case("llama", dict(target_modules=ALL_LINEAR, use_dora=True), dtype=torch.bfloat16),
     "llama-bf16-embedding": Case("llama", dict(target_modules=["embed_tokens", "lm_head"]), dtype=torch.bfloat16),
     "qwen2-bf16-lora-bias": Case("qwen2", dict(target_modules=["q_proj", "v_proj"], lora_bias=True),
                                  dtype=torch.bfloat16),
+    "mixtral-bf16-experts": Case("mixtral", dict(target_modules=["gate"], target_parameters=EXPERTS),
+                                 dtype=torch.bfloat16),
+    "qwen3-moe-sharded-experts": Case("qwen3-moe", dict(target_modules=[], target_parameters=EXPERTS), sharded=True),
     "qwen3-bf16-pissa": Case("qwen3", dict(target_modules=ATTN, init_lora_weights="pissa"), dtype=torch.bfloat16),
     "gpt2-bf16-conv1d": Case("gpt2", dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
                              dtype=torch.bfloat16),
@@ -333,7 +356,7 @@ def _run(name: str, bases: Bases, tmp_path: Path, cli_runner: Callable[..., Any]
         assert config.get("tie_word_embeddings", True) is True, f"{name}: the tie must be kept"
     worst = 0.0  # fp32: largest |d2merge - peft| / scale; bf16: largest ulp distance
     for tensor_name, tensor in ours.items():
-        if tensor_name not in expected and case.arch == "mixtral":
+        if tensor_name not in expected and case.arch in MOE:
             continue  # stored under the checkpoint's names; checked through the loaded model below
         reference = expected[tensor_name]
         assert tensor.shape == reference.shape, tensor_name
@@ -352,12 +375,16 @@ def _run(name: str, bases: Bases, tmp_path: Path, cli_runner: Callable[..., Any]
         loaded = cls.from_pretrained(out, dtype=case.dtype).state_dict()
     assert set(loaded) == set(expected)
     for tensor_name in set(expected) - set(ours):
-        assert tied or tensor_name not in base_state or case.arch == "mixtral", tensor_name
+        assert tied or tensor_name not in base_state or case.arch in MOE, tensor_name
         tensor, reference = loaded[tensor_name], expected[tensor_name]
         if case.dtype == torch.float32:
-            assert float((tensor - reference).abs().max()) <= 1e-6 * _scale(reference), tensor_name
+            error = float((tensor - reference).abs().max())
+            assert error <= 1e-6 * _scale(reference), f"{name} {tensor_name}: |d2merge - peft| = {error:.3g}"
+            worst = max(worst, error / _scale(reference))
         else:
-            assert _bf16_ulps(tensor, reference.to(torch.bfloat16)) <= 1, tensor_name
+            ulps = _bf16_ulps(tensor, reference.to(torch.bfloat16))
+            assert ulps <= 1, f"{name} {tensor_name}: {ulps} bf16 ulps from PEFT's fp32 merge"
+            worst = max(worst, ulps)
 
     # The merged folder loads and computes PEFT's unmerged outputs.
     with quiet_transformers():
