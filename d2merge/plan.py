@@ -420,7 +420,7 @@ def _parameter_merges(adapter: Adapter, module: str, target: target_parameters.T
             raise D2MergeError(f"shape {list(shape)} does not fit the parameter '{target.key}' {list(target.shape)}"
                                f" ({target.num_experts} expert(s), r={settings.r}): expected {list(expected[name])}",
                                path=adapter.weights_file, tensor=key,
-                               hint="was the adapter trained on another base model? (check r / rank_pattern)")
+                               hint="was the adapter trained on another base model, or with another r / rank_pattern?")
         if not dtype.is_floating_point:
             raise D2MergeError(f"adapter tensor has non-float dtype {dtype}", path=adapter.weights_file, tensor=key,
                                hint="adapter factors are floating point; save the adapter again")

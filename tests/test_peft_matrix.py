@@ -418,3 +418,141 @@ def test_the_matrix_covers_the_issue() -> None:
     assert len(CASES) >= 50
     assert any(c.dtype == torch.bfloat16 for c in CASES.values()) and any(c.sharded for c in CASES.values())
     assert any(c.arch in ("llama-tied", "gpt2", "gemma3") for c in CASES.values())
+
+
+# --- target_parameters: what the matrix cannot show as a PEFT case ------------------------------------
+
+
+def _moe_adapter(bases: Bases, arch: str, folder: Path, **lora: Any) -> tuple[Path, Path]:
+    """A PEFT target_parameters adapter on a tiny MoE base, every factor moved off its init."""
+    from d2merge.runtime import quiet_transformers
+
+    base = bases(arch)
+    with warnings.catch_warnings(), quiet_transformers():
+        warnings.simplefilter("ignore")
+        model = _model_class(arch).from_pretrained(base, dtype=torch.float32)
+        peft_model = peft.get_peft_model(model, peft.LoraConfig(
+            **(dict(r=2, lora_alpha=4, target_modules=[], target_parameters=EXPERTS) | lora)))
+        _randomize(peft_model, seed=3)
+        peft_model.save_pretrained(folder)
+    return base, folder
+
+
+def _refusal(cli_runner: Callable[..., Any], argv: list[Any], out: Path) -> str:
+    result = cli_runner(argv)
+    lines = result.err.strip().splitlines()
+    assert result.code == 2 and len(lines) == 1 and lines[0].startswith("d2merge: error:"), result.err
+    assert not out.exists()
+    return lines[0]
+
+
+def test_mixtral_expert_tensors_get_their_slice_of_the_fused_update(bases: Bases) -> None:
+    """gate_up_proj = [w1; w3] per expert (gate first, as the forward's chunk reads it), down_proj = w2."""
+    from d2merge.io.checkpoint_layout import CheckpointLayout
+    from d2merge.io.checkpoint import open_base
+    from d2merge.io.model_structure import meta_model
+    from d2merge.methods.target_parameters import resolve
+
+    checkpoint = open_base(bases("mixtral"))
+    model = meta_model(checkpoint.config)
+    targets = resolve(model, EXPERTS)
+    gate_up = targets["model.layers.1.mlp.experts.base_layer"]  # the first parameter is the inner wrapper
+    assert (gate_up.parameter, gate_up.shape, gate_up.in_out) == ("gate_up_proj", (3, 96, 32), False)
+    assert targets["model.layers.1.mlp.experts"].parameter == "down_proj"
+    layout = CheckpointLayout(model, {n: checkpoint.tensors.info(n) for n in checkpoint.tensors.keys()})
+    pieces = {stored: (p.expert, p.dim, p.start, p.stop) for stored, p in layout.pieces(gate_up)}
+    stored = "model.layers.1.block_sparse_moe.experts.{}.{}.weight"
+    assert pieces == {stored.format(e, w): (e, 0, start, start + 48)
+                      for e in range(3) for w, start in (("w1", 0), ("w3", 48))}
+    down = {stored: p.expert for stored, p in layout.pieces(targets["model.layers.1.mlp.experts"])}
+    assert down == {stored.format(e, "w2"): e for e in range(3)}
+    assert layout.stored_name("model.layers.1.mlp.gate.weight") == "model.layers.1.block_sparse_moe.gate.weight"
+    gpt_oss = resolve(meta_model(open_base(bases("gpt-oss")).config), ["mlp.experts.gate_up_proj"])
+    assert gpt_oss["model.layers.0.mlp.experts"].in_out  # gpt-oss stores (E, in, out)
+
+
+def test_a_conversion_d2merge_cannot_invert_is_refused(bases: Bases, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operation other than stack + concatenate (here an interleave) leaves the stored layout unknown."""
+    import transformers.conversion_mapping as conversion_mapping
+    from transformers.core_model_loading import Interleave, MergeModulelist, WeightConverter, WeightRenaming
+
+    from d2merge.io.checkpoint import open_base
+    from d2merge.io.checkpoint_layout import CheckpointLayout
+    from d2merge.io.model_structure import meta_model
+    from d2merge.methods.target_parameters import resolve
+
+    def interleaved(model: Any, **kwargs: Any) -> list[Any]:
+        return [WeightRenaming(".block_sparse_moe.", ".mlp."),
+                WeightConverter([".experts.*.w1.weight"], ".experts.gate_up_proj",
+                                operations=[MergeModulelist(dim=0), Interleave(dim=1)])]
+
+    monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping", interleaved)
+    checkpoint = open_base(bases("mixtral"))
+    model = meta_model(checkpoint.config)
+    layout = CheckpointLayout(model, {n: checkpoint.tensors.info(n) for n in checkpoint.tensors.keys()})
+    why = layout.pieces(resolve(model, EXPERTS)["model.layers.0.mlp.experts.base_layer"])
+    assert isinstance(why, str) and "MergeModulelist then Interleave" in why
+
+
+def test_gpt_oss_mxfp4_experts_are_refused(bases: Bases, tmp_path: Path, cli_runner: Any) -> None:
+    """Real gpt-oss checkpoints store the experts MXFP4-quantized (*_blocks, *_scales): nothing to add dW to."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = _moe_adapter(bases, "gpt-oss", tmp_path / "adapter")
+    quantized = tmp_path / "mxfp4"
+    shutil.copytree(base, quantized)
+    tensors = load_file(quantized / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("experts.gate_up_proj")]:
+        tensors.pop(name)
+        tensors[name + "_blocks"] = torch.zeros(3, 96, 1, 16, dtype=torch.uint8)
+        tensors[name + "_scales"] = torch.zeros(3, 96, 1, dtype=torch.uint8)
+    save_file(tensors, quantized / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "merged"
+    line = _refusal(cli_runner, ["merge", quantized, adapter, "-o", out, "--no-hash-sources"], out)
+    assert "target parameter 'model.layers.0.mlp.experts.gate_up_proj' [3, 32, 96]" in line
+    assert "the checkpoint holds no tensor transformers loads into it" in line
+
+
+@pytest.mark.parametrize("field, value, expect", [
+    ("use_dora", True, "PEFT's ParamWrapper does not support DoRA"),
+    ("init_lora_weights", "pissa", "init_lora_weights 'pissa'"),
+    ("target_parameters", ["mlp.experts.no_such_proj"], "match no parameter of the base model"),
+])
+def test_what_peft_param_wrapper_cannot_have_is_refused(field: str, value: Any, expect: str, bases: Bases,
+                                                        tmp_path: Path, cli_runner: Any) -> None:
+    base, adapter = _moe_adapter(bases, "mixtral", tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config[field] = value
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    assert expect in _refusal(cli_runner, ["merge", base, adapter, "-o", out, "--no-hash-sources"], out)
+
+
+def test_factors_that_do_not_fit_their_parameter_are_refused(bases: Bases, tmp_path: Path, cli_runner: Any) -> None:
+    """rank_pattern giving gate_up_proj another rank than its factors have: a shape refusal, not a wrong slice."""
+    base, adapter = _moe_adapter(bases, "mixtral", tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"gate_up_proj": 1}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    line = _refusal(cli_runner, ["merge", base, adapter, "-o", out, "--no-hash-sources"], out)
+    assert "does not fit the parameter 'model.layers.0.mlp.experts.gate_up_proj' [3, 96, 32] (3 expert(s), r=1)" \
+        in line
+
+
+def test_inspect_and_verify_on_expert_adapters(bases: Bases, tmp_path: Path, cli_runner: Any) -> None:
+    base, adapter = _moe_adapter(bases, "mixtral", tmp_path / "adapter", target_modules=["gate"])
+    plain = cli_runner(["inspect", adapter])
+    assert plain.code == 0 and "target_parameters=" in plain.out and "pass --base" in plain.out
+    result = cli_runner(["inspect", adapter, "--base", base, "--json"])
+    assert result.code == 0, result.err
+    modules = {m["module"]: m for m in json.loads(result.out)["modules"]}
+    inner = modules["model.layers.0.mlp.experts.base_layer"]
+    assert (inner["parameter"], inner["experts"], inner["rank"]) == ("gate_up_proj", 3, 2) and inner["update_norm"] > 0
+    assert modules["model.layers.0.mlp.gate"]["parameter"] == "weight"
+    out = tmp_path / "merged"
+    assert cli_runner(["merge", base, adapter, "-o", out, "--dtype", "fp32", "--no-hash-sources"]).code == 0
+    verified = cli_runner(["verify", base, adapter, out])
+    assert verified.code == 0 and "PASS" in verified.out, verified.out + verified.err
