@@ -95,7 +95,10 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
             setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
             if any(p is old for name, p in params.items() if name != target):
                 _untie_in_config(model)
+    targets = _attach_parameter_targets(model, adapter)
     for module_name in adapter.modules:
+        if module_name in targets:
+            continue
         try:
             layer = model.get_submodule(module_name)
         except AttributeError:
@@ -114,6 +117,39 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
         runtime = method.runtime_module(layer, adapter.factors(module_name), settings, dropout=dropout)
         _set_submodule(model, module_name, runtime)
     return model
+
+
+def _attach_parameter_targets(model: nn.Module, adapter: Adapter) -> dict[str, Any]:
+    """PEFT's ParamWrapper forward for each module whose parameters ``target_parameters`` adapts.
+
+    The targets are resolved on this model as PEFT resolves them (methods/target_parameters.py),
+    and every factor is checked against its parameter's shape, as the merge checks it.
+    """
+    from d2merge.methods.base import PARAMETER
+    from d2merge.methods.target_parameters import ParameterLoRA, check_supported, expected_shapes, resolve
+
+    names = adapter.config.raw.get("target_parameters") or []
+    if not names:
+        return {}
+    source = str(adapter.path / "adapter_config.json")
+    targets = {path: t for path, t in resolve(model, names).items() if path in adapter.modules}
+    grouped: dict[str, dict[str, Any]] = {}
+    for path, target in targets.items():
+        check_supported(adapter.config.raw, target, source)
+        method = adapter.method
+        settings = method.module_settings(adapter.config, target.key, PARAMETER, False)
+        factors = adapter.factors(path)
+        expected = expected_shapes(target, settings.r)
+        if set(factors) != set(method.tensor_names(PARAMETER)) or any(
+                tuple(factors[n].shape) != expected[n] for n in expected):
+            raise D2MergeError(f"the factors of target parameter '{target.key}' {list(target.shape)} have shapes "
+                               f"{ {n: list(t.shape) for n, t in factors.items()} }, expected "
+                               f"{ {n: list(v) for n, v in expected.items()} }", path=adapter.weights_file,
+                               hint="was the adapter trained on another base model?")
+        grouped.setdefault(target.module, {})[target.parameter] = (target, factors, settings.scale)
+    for module_name, adapted in grouped.items():
+        _set_submodule(model, module_name, ParameterLoRA(model.get_submodule(module_name), adapted))
+    return targets
 
 
 def _attach_trainable_tokens(model: nn.Module, module_name: str, layer: nn.Module,

@@ -1,4 +1,5 @@
-"""Which modules of a base model are GPT-2 style ``Conv1D`` layers, asked of transformers itself.
+"""The base model as transformers builds it (meta device): which layers are GPT-2 style ``Conv1D``, and the
+in-memory parameter names and shapes, asked of transformers itself.
 
 A Conv1D stores its weight (in, out), the transpose of ``nn.Linear``, and PEFT's
 ``fan_in_fan_out`` must say so. Guessing from module names (``c_attn``) misses other
@@ -21,26 +22,39 @@ def conv1d_modules(config: Mapping[str, Any] | None) -> frozenset[str] | None:
     None (an architecture transformers does not know, or a config it refuses) leaves the
     caller to its name rules. The result is cached per config.
     """
+    model = meta_model(config)
+    if model is None:
+        return None
+    from transformers.pytorch_utils import Conv1D
+
+    return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
+
+
+def meta_model(config: Mapping[str, Any] | None) -> Any:
+    """The model transformers builds from ``config``, on the meta device (no memory); None when it cannot.
+
+    Its parameter names and shapes are the ones transformers holds in memory, which PEFT's
+    names follow (fused MoE experts included). Cached per config.
+    """
     if not config or not isinstance(config.get("model_type"), str) or _ships_code(config):
         return None
     try:
         text = json.dumps(config, sort_keys=True)
     except (TypeError, ValueError):
         return None
-    return _conv1d_modules(text)
+    return _meta_model(text)
 
 
 def _ships_code(config: Mapping[str, Any]) -> bool:
     return "auto_map" in config or any(isinstance(v, dict) and "auto_map" in v for v in config.values())
 
 
-@functools.lru_cache(maxsize=16)
-def _conv1d_modules(config_json: str) -> frozenset[str] | None:
+@functools.lru_cache(maxsize=4)
+def _meta_model(config_json: str) -> Any:
     import torch
 
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-        from transformers.pytorch_utils import Conv1D
         from transformers.utils import logging as hf_logging
     except ImportError:
         return None
@@ -59,7 +73,7 @@ def _conv1d_modules(config_json: str) -> frozenset[str] | None:
         return None
     finally:
         hf_logging.set_verbosity(verbosity)
-    return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
+    return model
 
 
 def is_listed(module: str, names: frozenset[str]) -> bool:
