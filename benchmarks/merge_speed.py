@@ -173,10 +173,14 @@ model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 """
 
-# One in-process merge with the phase breakdown (d2merge/profile.py); import measured first.
+# One in-process merge with the phase breakdown (d2merge/profile.py); import measured first. Like the
+# CLI, it starts hashing a warm base before importing torch.
 PROFILE_SCRIPT = """
 import json, resource, sys, time
 wall0, cpu0 = time.perf_counter(), time.process_time()
+if sys.argv[4] == "1":
+    from d2merge.io.source_hashes import hash_ahead_of_merge
+    hash_ahead_of_merge(sys.argv[1], sys.argv[2])
 from d2merge.merge import merge
 from d2merge import profile
 figures = {"import": {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0}}

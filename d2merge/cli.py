@@ -182,9 +182,14 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
         "modelfile": ("--modelfile", output_format == "gguf", "it applies to --format gguf"),
         "genai_precision": ("--precision", output_format == "onnx-genai", "it applies to --format onnx-genai"),
     })
+    merge_options = MergeOptions(**options)
+    if out is not None and not dry_run and merge_options.hash_sources and output_format in ("hf", "safetensors"):
+        # Hash a warm base on the other core while torch imports (io/source_hashes.py; no torch needed).
+        from d2merge.io.source_hashes import hash_ahead_of_merge
+
+        hash_ahead_of_merge(base, adapter)
     from d2merge.publish import PushSettings, merge_verify_push
 
-    merge_options = MergeOptions(**options)
     format_options: dict[str, Any] = {"genai_precision": genai_precision}
     if output_format == "gguf":
         from d2merge.export.gguf import check_gguf_type

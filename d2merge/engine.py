@@ -206,19 +206,33 @@ def _raw_copy_source(merge_plan: MergePlan, item: TensorPlan) -> tuple[Path, int
     return byte_range(item.source) if byte_range is not None else None
 
 
-class _WriterThread:
-    """Writes on a second thread while the main thread computes the next tensor.
+class WriterThread:
+    """Runs write jobs on a second thread, strictly in order, while the caller computes the next tensor.
 
-    The queue is bounded, so at most ``depth`` computed tensors wait in memory.
-    Jobs run strictly in order; the first error stops the thread and is raised
-    in the main thread at the next submit or at :meth:`finish`.
+    One writer for the single merge and for ``d2merge.many``'s pass; what differs
+    between them is a parameter:
+
+    - ``depth``: how many jobs may wait (the single merge bounds it, so at most
+      ``depth`` computed tensors wait in memory; the pass bounds memory with its
+      own budget instead and passes ``None``);
+    - ``job_submitted`` / ``job_done``: called as each job is queued and after it
+      ran or was skipped (the pass's budget counts jobs in flight).
+
+    Error policy, the same for both: the first exception a job lets escape stops
+    the writer (later jobs are skipped) and is raised in the caller's thread at
+    the next :meth:`submit` or at :meth:`finish`. The single merge's jobs let
+    every error escape (one failure fails the merge); the pass's jobs record
+    their own target's failure and carry on, so only a bug escapes there.
     """
 
-    def __init__(self, depth: int = 2):
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+    def __init__(self, *, depth: int | None = 2, job_submitted: Callable[[], None] | None = None,
+                 job_done: Callable[[], None] | None = None, name: str = "d2merge-writer"):
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth or 0)
+        self._job_submitted = job_submitted
+        self._job_done = job_done
         self._error: BaseException | None = None
         self._abort = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="d2merge-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -226,15 +240,20 @@ class _WriterThread:
             job = self._queue.get()
             if job is None:
                 return
-            if self._error is None and not self._abort.is_set():
-                try:
+            try:
+                if self._error is None and not self._abort.is_set():
                     job()
-                except BaseException as exc:  # handed to the main thread, which reports it
-                    self._error = exc
+            except BaseException as exc:  # handed to the caller's thread, which reports it
+                self._error = exc
+            finally:
+                if self._job_done is not None:
+                    self._job_done()
 
     def submit(self, job: Callable[[], None]) -> None:
         self.raise_error()
-        with profile.phase("write (wait)"):  # the writer is behind: the main thread waits here
+        if self._job_submitted is not None:
+            self._job_submitted()
+        with profile.phase("write (wait)"):  # the writer is behind: the caller waits here
             self._queue.put(job)
 
     def raise_error(self) -> None:
@@ -247,13 +266,15 @@ class _WriterThread:
         self.raise_error()
 
     def abort(self) -> None:
-        """Stop after the job in hand (used when the main thread fails or is interrupted)."""
+        """Stop after the job in hand (the caller failed or was interrupted); queued jobs are skipped."""
         self._abort.set()
         while True:
             try:
-                self._queue.get_nowait()
+                job = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if job is not None and self._job_done is not None:
+                self._job_done()
         self._queue.put(None)
         self._thread.join()
 
@@ -339,7 +360,7 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
     device = resolve_device(device)
     ordered = [item for _, items in sorted(by_shard.items()) for item in items]
     buffers = ScratchBuffers(device, hasher, _direct_read_schedule(merge_plan, ordered))
-    writer = _WriterThread()
+    writer = WriterThread(depth=2)
     try:
         with one_intra_op_thread():
             for shard, items in sorted(by_shard.items()):

@@ -49,9 +49,9 @@ def test_output_identical_with_and_without_direct_io(tiny_bases, make_adapter, t
 
 def _force_direct_reads(monkeypatch: pytest.MonkeyPatch) -> list[TensorReader]:
     """Take the cold-base path (prefetch thread, O_DIRECT reads) whatever the page cache holds."""
-    from d2merge.io import tensor_reader
+    from d2merge.io import direct_io
 
-    monkeypatch.setattr(tensor_reader, "DIRECT_READ_BELOW_RESIDENT", 1.01)
+    monkeypatch.setattr(direct_io, "DIRECT_READ_BELOW_RESIDENT", 1.01)
     readers: list[TensorReader] = []
     real_init = TensorReader.__init__
 

@@ -35,3 +35,32 @@ def test_conv1d_without_fan_in_fan_out_is_refused(tiny_bases, make_adapter, cli_
     adapter = make_adapter(base, "lora", fan_in_fan_out=False, target_modules=("c_proj",))
     result = cli_runner(["merge", base, adapter, "-o", tmp_path / "m"])
     assert result.code == 2 and "Conv1D" in result.err and "fan_in_fan_out: false" in result.err
+
+
+def test_source_scan_answers_only_where_the_source_has_no_conv1d():
+    # The fast path (no model built) must never clear an architecture whose modeling code names Conv1D.
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from d2merge.io.model_structure import _source_builds_no_conv1d
+
+    models = Path(importlib.util.find_spec("transformers").origin).parent / "models"
+    with_conv1d = [d.name for d in models.iterdir()
+                   if any(re.search(r"\bConv1D\b", f.read_text(encoding="utf-8")) for f in d.glob("modeling_*.py"))]
+    assert "gpt2" in with_conv1d
+    assert not [name for name in with_conv1d if _source_builds_no_conv1d(name)]
+    assert _source_builds_no_conv1d("llama") and _source_builds_no_conv1d("xlm-roberta")
+    assert not _source_builds_no_conv1d("no-such-architecture")
+    # a composite model reaches other models' code (AutoModel.from_config): built, not scanned
+    assert not _source_builds_no_conv1d("llava")
+
+
+def test_source_scan_agrees_with_the_built_model():
+    from d2merge.io import model_structure
+
+    for model_type in ("llama", "bert"):
+        assert model_structure._source_builds_no_conv1d(model_type)
+        config = json.dumps({"model_type": model_type})
+        assert model_structure._built_conv1d_modules(config) == frozenset()
+    assert model_structure._built_conv1d_modules(json.dumps({"model_type": "gpt2"}))  # the build does see them

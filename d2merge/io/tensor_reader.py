@@ -30,21 +30,8 @@ import torch
 
 import d2merge.profile as profile
 from d2merge.io.checkpoint import TensorSource
-from d2merge.io.direct_io import ALIGNMENT, direct_io_enabled, resident_fraction, round_up
+from d2merge.io.direct_io import ALIGNMENT, cold_enough, round_up
 from d2merge.io.source_hashes import BackgroundHashes
-
-
-# Direct reads pay off when most of the base must come from disk anyway; page-cache hits are
-# cheaper than any disk read (the prototype lost 0.8 s prefetching a warm 1.1B base).
-DIRECT_READ_BELOW_RESIDENT = 0.5
-
-
-def cold_enough(paths: list[Path] | tuple[Path, ...]) -> bool:
-    """Whether reading ``paths`` with O_DIRECT should win: direct I/O on, and under half of them cached."""
-    if not direct_io_enabled():
-        return False
-    resident = resident_fraction(paths)
-    return resident is not None and resident < DIRECT_READ_BELOW_RESIDENT
 
 
 def _plain(nbytes: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ weight, a write error) is dropped from the pass; the others go on.
 from __future__ import annotations
 
 import math
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,7 @@ import torch
 
 from d2merge.io.output import disk_error
 from d2merge.io.safetensors_file import StreamingWriter, dtype_size
-from d2merge.engine import ScratchBuffers, compute_output, one_intra_op_thread
+from d2merge.engine import ScratchBuffers, WriterThread, compute_output, one_intra_op_thread
 from d2merge.plan import MergePlan, TensorPlan
 
 OnTensor = Callable[[str, TensorPlan], None]
@@ -187,48 +186,6 @@ def _reads_base(item: TensorPlan) -> bool:
     return item.action == "copy" or (item.action == "merge" and not item.base_from_adapter)
 
 
-class _PassWriter:
-    """The writer thread: runs write jobs in submission order; each job handles its own target's errors."""
-
-    def __init__(self, budget: InflightBudget):
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._budget = budget
-        self._abort = threading.Event()
-        self._fatal: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="d2merge-many-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            try:
-                if not self._abort.is_set() and self._fatal is None:
-                    job()
-            except BaseException as exc:  # jobs catch their own errors: this is a bug, raised in the main thread
-                self._fatal = exc
-            finally:
-                self._budget.done()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        if self._fatal is not None:
-            raise self._fatal
-        self._budget.submitted()
-        self._queue.put(job)
-
-    def finish(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self._fatal is not None:
-            raise self._fatal
-
-    def abort(self) -> None:
-        self._abort.set()
-        self._queue.put(None)
-        self._thread.join()
-
-
 def stream_many(targets: list[Target], *, device: torch.device = torch.device("cpu"),
                 max_inflight_bytes: int = 512 * 10**6, threads: int = 1, progress: bool = False,
                 on_tensor: OnTensor | None = None) -> InflightBudget:
@@ -278,7 +235,10 @@ def stream_many(targets: list[Target], *, device: torch.device = torch.device("c
             return None
         return byte_range(item.source)
 
-    writer = _PassWriter(budget)
+    # Unbounded (the budget bounds memory), counting jobs in flight so the budget knows when
+    # waiting for the writer can free anything; jobs record their own target's failure.
+    writer = WriterThread(depth=None, job_submitted=budget.submitted, job_done=budget.done,
+                          name="d2merge-many-writer")
     local = threading.local()
 
     def buffers() -> _PassBuffers:
