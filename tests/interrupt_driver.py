@@ -30,6 +30,9 @@ def main() -> None:
     split = rest.index("--")
     points, merge_args = rest[:split], rest[split + 1:]
     sig = {"KILL": signal.SIGKILL, "INT": signal.SIGINT}[signal_name]
+    # A test run started in the background (nohup, `&` in a script) inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: Ctrl-C in a terminal is what is emulated here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from d2merge.cli import main as cli_main
     from d2merge.io.output import TEMP_MARKER, AtomicFolder
