@@ -284,6 +284,9 @@ def attach(model: nn.Module, config: AdapterConfig | Mapping[str, Any], *, dropo
     from d2merge.methods import get_method
 
     method = get_method(config.method)
+    if config.raw.get("target_parameters"):
+        raise D2MergeError("target_parameters: d2merge trains adapters on target_modules only",
+                           hint="train target_parameters (MoE expert) adapters with PEFT; d2merge merges them")
     if seed is not None:
         torch.manual_seed(seed)
     for p in model.parameters():
