@@ -287,6 +287,12 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
                                    tensor=entry.keys[LORA_BIAS], hint="serve this adapter unmerged with PEFT")
             merges[bias_name] = (bias_name, replace(settings, part=BIAS, fan_in_fan_out=False))
 
+    if adapter.config.use_rslora and not targets and _renamed_on_load(config.get("model_type")):
+        fused = {key for found in layout().sources.values() for key, expert, _, _ in found if expert is not None}
+        if any(f"{m}.weight" in fused for m in adapter.modules):
+            notes.append("rsLoRA on per-expert tensors that transformers 5 fuses on load: merged with the scale the "
+                         "adapter was trained with (lora_alpha / sqrt(r)); PEFT 0.21 fuses w1 and w3 at rank 2r with "
+                         "alpha 2*lora_alpha when it loads such an adapter, which scales their update by sqrt(2)")
     if adapter.config.raw.get("trainable_token_indices") not in (None, [], {}) and not token_rows:
         raise D2MergeError("trainable_token_indices is set but the adapter holds no trained rows "
                            f"(*.{trainable_tokens.STORED_SUFFIX})", path=adapter.weights_file,

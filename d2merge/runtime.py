@@ -135,6 +135,10 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
             raise D2MergeError(f"module '{module_name}' is not in the model", path=adapter.weights_file,
                                hint="was the adapter trained on another base model?") from None
         kind = adapter.modules[module_name].layer_kind
+        if kind == LINEAR and _is_parameter_only(layer) and method.name == "lora" \
+                and set(adapter.modules[module_name].keys) == {"lora_A", "lora_B"}:
+            _attach_weight_parameter(model, module_name, layer, adapter)
+            continue
         if kind == LINEAR and not (isinstance(layer, nn.Linear) or _is_conv1d(layer)):
             raise D2MergeError(f"module '{module_name}' is a {type(layer).__name__}, not a linear layer, so its "
                                "unmerged forward is not base(x) + B(A(x))", path=adapter.weights_file,
@@ -149,24 +153,26 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
     return model
 
 
-def _attach_parameter_targets(model: nn.Module, adapter: Adapter) -> dict[str, Any]:
-    """PEFT's ParamWrapper forward for each module whose parameters ``target_parameters`` adapts.
+def _attach_parameter_targets(model: nn.Module, adapter: Adapter) -> set[str]:
+    """PEFT's ParamWrapper forward for each module whose parameters the adapter changes; the modules it handled.
 
-    The targets are resolved on this model as PEFT resolves them (methods/target_parameters.py),
-    and every factor is checked against its parameter's shape, as the merge checks it.
+    Two kinds of adapter module land here: ``target_parameters`` factors, resolved on this
+    model as PEFT resolves them (methods/target_parameters.py), and plain LoRA modules named
+    as the checkpoint stores them but renamed or fused by transformers on load (Mixtral's
+    ``block_sparse_moe.experts.N.w1``, from adapters trained with transformers 4), which
+    are pieces of a fused parameter (io/checkpoint_layout.py), as the merge maps them.
+    Every factor is checked against its parameter's shape, as the merge checks it.
     """
     from d2merge.methods.base import PARAMETER
-    from d2merge.methods.target_parameters import ParameterLoRA, check_supported, expected_shapes, resolve
+    from d2merge.methods.target_parameters import (Contribution, ParameterLoRA, Target, check_supported,
+                                                   expected_shapes, resolve)
 
+    method, source = adapter.method, str(adapter.path / "adapter_config.json")
     names = adapter.config.raw.get("target_parameters") or []
-    if not names:
-        return {}
-    source = str(adapter.path / "adapter_config.json")
-    targets = {path: t for path, t in resolve(model, names).items() if path in adapter.modules}
-    grouped: dict[str, dict[str, Any]] = {}
+    targets = {path: t for path, t in resolve(model, names).items() if path in adapter.modules} if names else {}
+    grouped: dict[str, list[Any]] = {}
     for path, target in targets.items():
         check_supported(adapter.config.raw, target, source)
-        method = adapter.method
         settings = method.module_settings(adapter.config, target.key, PARAMETER, False)
         factors = adapter.factors(path)
         expected = expected_shapes(target, settings.r)
@@ -176,10 +182,81 @@ def _attach_parameter_targets(model: nn.Module, adapter: Adapter) -> dict[str, A
                                f"{ {n: list(t.shape) for n, t in factors.items()} }, expected "
                                f"{ {n: list(v) for n, v in expected.items()} }", path=adapter.weights_file,
                                hint="was the adapter trained on another base model?")
-        grouped.setdefault(target.module, {})[target.parameter] = (target, factors, settings.scale)
+        grouped.setdefault(target.module, []).append((target.parameter, Contribution(target, settings.scale), factors))
+    handled = set(targets)
+    stored = [m for m in adapter.modules if m not in targets and not _has_submodule(model, m)]
+    if stored:
+        from d2merge.io.checkpoint_layout import CheckpointLayout, stored_tensors_of
+
+        layout = CheckpointLayout(model, stored_tensors_of(model))
+
+        def target_of(memory: str) -> Target:
+            module_name, _, parameter = memory.rpartition(".")
+            module = model.get_submodule(module_name)
+            return Target(module_name, parameter, tuple(getattr(module, parameter).shape),
+                          bool(getattr(module, "is_transposed", False)))
+
+        for module_name in stored:
+            entry = adapter.modules[module_name]
+            located = layout.locate(f"{module_name}.weight", target_of)
+            if located is None:
+                continue  # not a stored name transformers changes: the caller refuses it
+            key = next(iter(entry.keys.values()))
+            if isinstance(located, str):
+                raise D2MergeError(f"module '{module_name}': {located}", path=adapter.weights_file, tensor=key,
+                                   hint="merge with PEFT's merge_and_unload")
+            if method.name != "lora" or entry.layer_kind != LINEAR or set(entry.keys) != {"lora_A", "lora_B"}:
+                raise D2MergeError(f"module '{module_name}' is stored under this name but transformers holds it "
+                                   f"as part of '{located[0].key}'; only plain LoRA factors are run there",
+                                   path=adapter.weights_file, tensor=key, hint="merge with PEFT's merge_and_unload")
+            target, piece = located
+            settings = method.module_settings(adapter.config, module_name, LINEAR, False)
+            factors = adapter.factors(module_name)
+            if (factors["lora_B"].shape[0], factors["lora_A"].shape[1]) != piece.shape():
+                raise D2MergeError(f"the factors of '{module_name}' do not fit its stored shape {list(piece.shape())}",
+                                   path=adapter.weights_file, tensor=key,
+                                   hint="was the adapter trained on another base model?")
+            grouped.setdefault(target.module, []).append(
+                (target.parameter, Contribution(target, settings.scale, piece), factors))
+            handled.add(module_name)
     for module_name, adapted in grouped.items():
         _set_submodule(model, module_name, ParameterLoRA(model.get_submodule(module_name), adapted))
-    return targets
+    return handled
+
+
+def _is_parameter_only(layer: nn.Module) -> bool:
+    """A module PEFT has no LoRA layer for but whose 2-D ``weight`` it adapts as a parameter (a MoE router).
+
+    PEFT builds LoRA layers for linear, embedding, convolution and attention modules; LoRA
+    factors on any other module come from its ParamWrapper (PEFT 0.21 turns a router
+    target ``gate`` into ``gate.weight``), whose forward is the module run with W + dW.
+    """
+    weight = getattr(layer, "weight", None)
+    supported = (nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.modules.conv._ConvNd)
+    return (isinstance(weight, nn.Parameter) and weight.ndim == 2 and not isinstance(layer, supported)
+            and not _is_conv1d(layer))
+
+
+def _attach_weight_parameter(model: nn.Module, module_name: str, layer: nn.Module, adapter: Adapter) -> None:
+    from d2merge.methods.base import PARAMETER
+    from d2merge.methods.target_parameters import Contribution, ParameterLoRA, Target, expected_shapes
+
+    target = Target(module_name, "weight", tuple(layer.weight.shape))
+    settings = adapter.method.module_settings(adapter.config, module_name, PARAMETER, False)
+    factors = adapter.factors(module_name)
+    expected = expected_shapes(target, settings.r)
+    if any(tuple(factors[n].shape) != expected[n] for n in expected):
+        raise D2MergeError(f"the factors of '{module_name}' do not fit its weight {list(target.shape)}",
+                           path=adapter.weights_file, hint="was the adapter trained on another base model?")
+    _set_submodule(model, module_name, ParameterLoRA(layer, [("weight", Contribution(target, settings.scale), factors)]))
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _attach_trainable_tokens(model: nn.Module, module_name: str, layer: nn.Module,
@@ -237,6 +314,9 @@ def attach(model: nn.Module, config: AdapterConfig | Mapping[str, Any], *, dropo
     from d2merge.methods import get_method
 
     method = get_method(config.method)
+    if config.raw.get("target_parameters"):
+        raise D2MergeError("target_parameters: d2merge trains adapters on target_modules only",
+                           hint="train target_parameters (MoE expert) adapters with PEFT; d2merge merges them")
     if seed is not None:
         torch.manual_seed(seed)
     for p in model.parameters():

@@ -556,3 +556,82 @@ def test_inspect_and_verify_on_expert_adapters(bases: Bases, tmp_path: Path, cli
     assert cli_runner(["merge", base, adapter, "-o", out, "--dtype", "fp32", "--no-hash-sources"]).code == 0
     verified = cli_runner(["verify", base, adapter, out])
     assert verified.code == 0 and "PASS" in verified.out, verified.out + verified.err
+
+
+V4_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3-moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+
+
+@pytest.mark.parametrize("arch, rslora", [("mixtral", False), ("qwen3-moe", False), ("mixtral", True)])
+def test_adapters_keyed_by_the_checkpoints_names_equal_peft(arch: str, rslora: bool, bases: Bases, tmp_path: Path,
+                                                             cli_runner: Any, read_tensors: Any) -> None:
+    """An adapter trained with transformers 4 names each expert's w1/w3/w2 (and the router) as stored.
+
+    PEFT 0.21 converts such an adapter onto the fused parameters when it loads it; d2merge merges
+    each factor pair into its stored tensor, and its runtime adds it into the fused parameter's
+    slice. Both must equal PEFT's merge and PEFT's forward.
+
+    Except with rsLoRA, where PEFT's conversion is off (PEFT_MERGE_WRONG-like): it fuses w1 and
+    w3 into one rank-2r factor with alpha 2*alpha, so its scale 2a/sqrt(2r) is sqrt(2) times the
+    a/sqrt(r) the adapter was trained with, in its merge and in its forward alike. d2merge keeps
+    the trained scale; the test asserts PEFT's gate_up_proj update is exactly sqrt(2) times
+    d2merge's (so a PEFT fix shows up here) and that everything else equals PEFT.
+    """
+    from safetensors.torch import save_file
+
+    from d2merge.runtime import load_unmerged, quiet_transformers
+
+    base = bases(arch)
+    config = json.loads((base / "config.json").read_text())
+    block, gate, up, down = V4_NAMES[arch]
+    experts = config.get("num_local_experts") or config["num_experts"]
+    hidden, inter = config["hidden_size"], config.get("moe_intermediate_size") or config["intermediate_size"]
+    g = torch.Generator().manual_seed(11)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"base_model.model.model.layers.{layer}.{block}"
+        shapes = {f"experts.{e}.{p}": shape for e in range(experts)
+                  for p, shape in ((gate, (inter, hidden)), (up, (inter, hidden)), (down, (hidden, inter)))}
+        shapes["gate"] = (experts, hidden)
+        for module, (out_features, in_features) in shapes.items():
+            tensors[f"{prefix}.{module}.lora_A.weight"] = 0.2 * torch.randn(2, in_features, generator=g)
+            tensors[f"{prefix}.{module}.lora_B.weight"] = 0.2 * torch.randn(out_features, 2, generator=g)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    lora = peft.LoraConfig(r=2, lora_alpha=6, use_rslora=rslora, target_modules=[gate, up, down, "gate"]).to_dict()
+    lora.update(peft_type="LORA", task_type=None, target_modules=sorted({gate, up, down, "gate"}))
+    (adapter / "adapter_config.json").write_text(json.dumps(lora, default=str))
+
+    ids = torch.randint(4, VOCAB, (2, 9), generator=torch.Generator().manual_seed(7))
+    with warnings.catch_warnings(), quiet_transformers():
+        warnings.simplefilter("ignore")
+        model = _model_class(arch).from_pretrained(base, dtype=torch.float32)
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        peft_model = peft.PeftModel.from_pretrained(model, adapter).eval()
+        unmerged = _outputs(peft_model, ids, False)
+        theirs = peft_model.merge_and_unload().state_dict()
+    out = tmp_path / "merged"
+    result = cli_runner(["merge", base, adapter, "-o", out, "--dtype", "fp32", "--no-hash-sources"])
+    assert result.code == 0, result.err
+    with quiet_transformers():
+        merged = _model_class(arch).from_pretrained(out, dtype=torch.float32).eval()
+    ours = merged.state_dict()
+    assert any("experts" in n and not torch.equal(theirs[n], base_state[n]) for n in theirs)
+    if rslora:
+        for n in [n for n in theirs if n.endswith("gate_up_proj")]:
+            peft_update, our_update = theirs[n] - base_state[n], ours[n] - base_state[n]
+            assert float((peft_update - 2 ** 0.5 * our_update).abs().max()) <= 1e-5 * _scale(peft_update)
+            theirs[n] = ours[n]
+    worst = max(float((ours[n] - t).abs().max()) / _scale(t) for n, t in theirs.items())
+    assert worst <= 1e-6
+    if rslora:  # PEFT's forward carries its rescale too: nothing more to compare it with
+        print(f"\nmatrix {arch}-checkpoint-names-rslora: PEFT's conversion scales gate_up_proj by sqrt(2); "
+              f"the rest {worst:.3g} of scale")
+        return
+    logits = float((_outputs(merged, ids, False) - unmerged).abs().max())
+    assert logits <= 1e-4 * _scale(unmerged)
+    with quiet_transformers():
+        runtime = load_unmerged(base, adapter)
+    runtime_gap = float((_outputs(runtime, ids, False) - unmerged).abs().max())
+    assert runtime_gap <= 1e-5 * _scale(unmerged)
+    print(f"\nmatrix {arch}-checkpoint-names: weights {worst:.3g} of scale, logits {logits:.3g}, runtime {runtime_gap:.3g}")

@@ -153,3 +153,12 @@ def test_dora_runtime_computes_as_peft_does(probe_ids: torch.Tensor, tmp_path: P
     ours = logits(load_unmerged(tmp_path / "base", tmp_path / "adapter"), probe_ids)
     theirs = logits(peft_model, probe_ids)
     assert torch.equal(ours, theirs), (ours - theirs).abs().max()
+
+
+def test_attach_refuses_target_parameters() -> None:
+    """Training adapts target_modules only: a target_parameters config would silently train without them."""
+    from d2merge.errors import D2MergeError
+
+    with pytest.raises(D2MergeError, match="d2merge trains adapters on target_modules only"):
+        attach(build_tiny_model("llama"), adapter_config("lora", target_modules=("q_proj",),
+                                                         target_parameters=["self_attn.v_proj.weight"]))

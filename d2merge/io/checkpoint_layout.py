@@ -16,7 +16,7 @@ transpose, chunk, a quantizer's) makes the parameter unmappable, and the planner
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -78,6 +78,17 @@ class CheckpointLayout:
             return found[0][0]
         return None
 
+    def locate(self, stored: str, target_of: Callable[[str], Target]) -> tuple[Target, Piece] | str | None:
+        """The in-memory parameter a stored tensor is part of, and which part; None: not renamed or fused."""
+        for memory, found in self.sources.items():
+            if any(key == stored for key, _, _, _ in found):
+                target = target_of(memory)
+                pieces = self.pieces(target)
+                if isinstance(pieces, str):
+                    return pieces
+                return next((target, piece) for key, piece in pieces if key == stored)
+        return None
+
     def pieces(self, target: Target) -> list[tuple[str, Piece]] | str:
         """(stored tensor, its part of dW) for each stored tensor of a targeted parameter; or why there are none."""
         memory = target.key
@@ -120,6 +131,18 @@ class CheckpointLayout:
             if offset != matrix[dim]:
                 return f"expert {expert}'s stored parts add up to {offset} along dim {dim}, not {matrix[dim]}"
         return pieces
+
+
+def stored_tensors_of(model: nn.Module) -> dict[str, tuple[Any, tuple[int, ...]]]:
+    """The names and shapes ``save_pretrained`` would write for ``model`` (transformers' reverse conversion).
+
+    Run on meta copies of the tensors: only names and shapes are wanted.
+    """
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}
+    return {k: (v.dtype, tuple(v.shape)) for k, v in revert_weight_conversion(model, meta).items()}
 
 
 def _expert_index(key: str, pattern: str) -> int | None:

@@ -159,31 +159,62 @@ def piece_delta(factors: Mapping[str, torch.Tensor], piece: Piece, scale: float)
     return d.narrow(piece.dim, piece.start or 0, piece.shape()[piece.dim])
 
 
+@dataclass(frozen=True)
+class Contribution:
+    """One adapter module's share of a parameter's dW in the unmerged forward.
+
+    ``stored`` None: PEFT's ParamWrapper factors of the whole parameter. Otherwise the
+    factors are plain LoRA on one stored tensor (an adapter keyed by the checkpoint's
+    names, e.g. trained with transformers 4 on ``block_sparse_moe.experts.N.w1``), which
+    is that piece of the parameter.
+    """
+
+    target: Target
+    scale: float
+    stored: Piece | None = None
+
+
+def contribution_delta(factors: Mapping[str, torch.Tensor], c: Contribution) -> torch.Tensor:
+    """The contribution's dW in the parameter's in-memory shape."""
+    if c.stored is None:
+        return delta(factors, c.target, c.scale)
+    update = c.scale * (factors["lora_B"] @ factors["lora_A"])
+    if c.stored.expert is None:
+        return update
+    full = update.new_zeros(c.target.shape)
+    full[c.stored.expert].narrow(c.stored.dim, c.stored.start or 0, update.shape[c.stored.dim]).copy_(update)
+    return full
+
+
 class ParameterLoRA(nn.Module):
     """The unmerged forward of PEFT's ParamWrapper: the wrapped module run with each parameter W + dW.
 
-    One wrapper holds every targeted parameter of a module (PEFT nests one wrapper per
+    One wrapper holds every adapted parameter of a module (PEFT nests one wrapper per
     parameter; the sum is the same). The module's own forward runs unchanged through
     ``torch.func.functional_call``, so any experts implementation sees the adapted weights.
     """
 
-    def __init__(self, base_layer: nn.Module, adapted: Mapping[str, tuple[Target, Mapping[str, torch.Tensor], float]]):
+    def __init__(self, base_layer: nn.Module,
+                 adapted: Iterable[tuple[str, Contribution, Mapping[str, torch.Tensor]]]):
         super().__init__()
         self.base_layer = base_layer
-        self.targets = {name: target for name, (target, _, _) in adapted.items()}
-        self.scales = {name: scale for name, (_, _, scale) in adapted.items()}
         reference = next(iter(base_layer.parameters()))
-        self.factors = nn.ModuleDict({
-            name: nn.ParameterDict({k: nn.Parameter(t.detach().to(reference.device, reference.dtype).clone(),
-                                                    requires_grad=False) for k, t in factors.items()})
-            for name, (_, factors, _) in adapted.items()})
+        self.contributions: list[tuple[str, Contribution]] = []
+        self.factors = nn.ModuleList()
+        for parameter, contribution, factors in adapted:
+            self.contributions.append((parameter, contribution))
+            self.factors.append(nn.ParameterDict({
+                k: nn.Parameter(t.detach().to(reference.device, reference.dtype).clone(), requires_grad=False)
+                for k, t in factors.items()}))
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        weights = {name: getattr(self.base_layer, name) + delta(dict(self.factors[name].items()), target,
-                                                                 self.scales[name]).to(getattr(self.base_layer, name).dtype)
-                   for name, target in self.targets.items()}
+        weights: dict[str, torch.Tensor] = {}
+        for (parameter, contribution), factors in zip(self.contributions, self.factors):
+            current = weights.get(parameter, getattr(self.base_layer, parameter))
+            update = contribution_delta(dict(factors.items()), contribution)
+            weights[parameter] = current + update.to(current.dtype)
         return torch.func.functional_call(self.base_layer, weights, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -194,4 +225,4 @@ class ParameterLoRA(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{n}: {t.shape}" for n, t in self.targets.items())
+        return ", ".join(f"{p}: {c.target.shape}" for p, c in self.contributions)
