@@ -1,25 +1,41 @@
-"""Which modules of a base model are GPT-2 style ``Conv1D`` layers, asked of transformers itself.
+"""A base model's structure as transformers builds it: its Conv1D layers and its tied parameters.
 
 A Conv1D stores its weight (in, out), the transpose of ``nn.Linear``, and PEFT's
 ``fan_in_fan_out`` must say so. Guessing from module names (``c_attn``) misses other
 architectures and, for a square weight, a wrong orientation merges silently into a
 wrong model. transformers builds the architecture from ``config.json`` on the meta
 device (no memory, no weights, no code from the folder: a config with an
-``auto_map`` is never built) and the module types answer exactly.
+``auto_map`` is never built) and the module types answer exactly. The same model says which
+parameters transformers ties (one tensor under two names after ``tie_weights``, e.g. a
+``lm_head`` that reads the input embedding): config keys alone (``tie_word_embeddings``
+absent, in a ``text_config``, or overridden by the model class) are a guess.
+
+One build per distinct config per process (cached): a merge, its verify and its export ask
+the same base and share the answer.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 
-def conv1d_modules(config: Mapping[str, Any] | None) -> frozenset[str] | None:
-    """Names of the Conv1D modules of the model ``config`` describes; None when transformers cannot build it.
+@dataclass(frozen=True)
+class ModelStructure:
+    """What transformers' own model class says about a base, built on the meta device."""
+
+    conv1d: frozenset[str]  # module names of GPT-2 style Conv1D layers
+    tied: tuple[frozenset[str], ...]  # parameter names sharing one tensor after transformers ties them
+    output_embedding: str | None  # the parameter name of the output embedding (``lm_head.weight``), if any
+
+
+def model_structure(config: Mapping[str, Any] | None) -> ModelStructure | None:
+    """The structure of the model ``config`` describes; None when transformers cannot build it.
 
     None (an architecture transformers does not know, or a config it refuses) leaves the
-    caller to its name rules. The result is cached per config.
+    caller to its config rules.
     """
     if not config or not isinstance(config.get("model_type"), str) or _ships_code(config):
         return None
@@ -27,7 +43,17 @@ def conv1d_modules(config: Mapping[str, Any] | None) -> frozenset[str] | None:
         text = json.dumps(config, sort_keys=True)
     except (TypeError, ValueError):
         return None
-    return _conv1d_modules(text)
+    return _model_structure(text)
+
+
+def conv1d_modules(config: Mapping[str, Any] | None) -> frozenset[str] | None:
+    """Names of the Conv1D modules of the model ``config`` describes; None when transformers cannot build it.
+
+    None (an architecture transformers does not know, or a config it refuses) leaves the
+    caller to its name rules.
+    """
+    structure = model_structure(config)
+    return None if structure is None else structure.conv1d
 
 
 def _ships_code(config: Mapping[str, Any]) -> bool:
@@ -35,7 +61,7 @@ def _ships_code(config: Mapping[str, Any]) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _conv1d_modules(config_json: str) -> frozenset[str] | None:
+def _model_structure(config_json: str) -> ModelStructure | None:
     import torch
 
     try:
@@ -59,7 +85,14 @@ def _conv1d_modules(config_json: str) -> frozenset[str] | None:
         return None
     finally:
         hf_logging.set_verbosity(verbosity)
-    return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
+    conv1d = frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
+    sharing: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        sharing.setdefault(id(param), []).append(name)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_name = next((f"{name}.weight" for name, module in model.named_modules() if module is output), None)
+    return ModelStructure(conv1d, tuple(frozenset(names) for names in sharing.values() if len(names) > 1),
+                          output_name if output is not None else None)
 
 
 def is_listed(module: str, names: frozenset[str]) -> bool:
