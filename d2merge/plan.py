@@ -20,7 +20,7 @@ from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
 from d2merge.io.checkpoint_layout import CheckpointLayout
-from d2merge.io.model_structure import conv1d_modules, is_listed, meta_model
+from d2merge.io.model_structure import conv1d_modules, is_listed, meta_model, model_structure
 from d2merge.io.safetensors_file import DTYPE_NAMES, dtype_size
 from d2merge.methods import LINEAR, ModuleSettings, trainable_tokens
 from d2merge.methods import target_parameters
@@ -522,14 +522,38 @@ def _check_orientation(module: str, fan_in_fan_out: bool, conv1d: frozenset[str]
 
 
 def _tied_pair(infos: dict[str, tuple[torch.dtype, tuple[int, ...]]], config: dict[str, Any]) -> tuple[str, str] | None:
-    """(input embedding, lm_head) when the base ties them, else None."""
+    """(input embedding, lm_head) when the base ties them, else None.
+
+    transformers' own model class answers (the parameters it shares after tying, on the meta
+    device); config.json's ``tie_word_embeddings`` decides only for a base it cannot build
+    or whose output embedding is not an ``lm_head``.
+    """
+    sub_configs = [k for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
+    if config.get("tie_word_embeddings") is False and not sub_configs and OUTPUT_EMBEDDING in infos:
+        # transformers ties only when the (text) config says so: an explicit false with no sub-config
+        # and a stored lm_head needs no model build (importing its code is ~3 CPU-s of a 1.1B merge).
+        return None
+    structure = model_structure(config)
+    if structure is not None and structure.output_embedding == OUTPUT_EMBEDDING:
+        group = next((g for g in structure.tied if OUTPUT_EMBEDDING in g), None)
+        if group is None:
+            return None  # transformers keeps a separate lm_head
+        inputs = group - {OUTPUT_EMBEDDING}
+        candidates = [n for n in infos if n != OUTPUT_EMBEDDING
+                      and any(n == g or g.endswith("." + n) or n.endswith("." + g) for g in inputs)]
+        return _checked_pair(infos, candidates)
     tied = config.get("tie_word_embeddings")
     if tied is None:
         text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
         tied = text_config.get("tie_word_embeddings", OUTPUT_EMBEDDING not in infos and bool(config))
     if not tied:
         return None
-    candidates = [n for n in infos if n.endswith(INPUT_EMBEDDING_SUFFIXES)]
+    return _checked_pair(infos, [n for n in infos if n.endswith(INPUT_EMBEDDING_SUFFIXES)])
+
+
+def _checked_pair(infos: dict[str, tuple[torch.dtype, tuple[int, ...]]], candidates: list[str]
+                  ) -> tuple[str, str] | None:
+    """The one stored input embedding and ``lm_head``, if their shapes agree."""
     if len(candidates) != 1:
         return None
     emb, head = candidates[0], OUTPUT_EMBEDDING

@@ -310,22 +310,26 @@ def _scores_sharing_prompts(model: nn.Module, batch: ChoiceBatch, *, reduction: 
         cache = out.cache
         cache.batch_repeat_interleave(choices)
         rows = [first_row[e] + j for e in group for j in range(choices)]
+        # The choice's last token is scored by the position before it and predicts nothing: not run.
         longest = max(choice_lengths[r] for r in rows)
         ids = torch.zeros((len(rows), longest), dtype=torch.long)
-        mask = torch.zeros((len(rows), width + longest), dtype=torch.long)
+        mask = torch.zeros((len(rows), width + longest - 1), dtype=torch.long)
         mask[:, :width] = 1
         for i, r in enumerate(rows):
             ids[i, : choice_lengths[r]] = batch.input_ids[r, width: width + choice_lengths[r]]
-            mask[i, width: width + choice_lengths[r]] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits
+            mask[i, width: width + choice_lengths[r] - 1] = 1
+        logits = None
+        if longest > 1:
+            logits = model(input_ids=ids[:, :-1].to(device), attention_mask=mask.to(device), cache=cache,
+                           use_cache=True).logits
         del cache, out
         for i, r in enumerate(rows):
             n = choice_lengths[r]
             total = first_logprobs[i // choices, ids[i, 0]]
             if n > 1:
+                assert logits is not None
                 logprobs = torch.log_softmax(logits[i, : n - 1].float(), dim=-1)
-                total = total + logprobs.gather(-1, ids[i, 1:n, None]).sum()
+                total = total + logprobs.gather(-1, ids[i, 1:n, None].to(device)).sum()
             per_row[r] = float(total / n if reduction == "mean" else total)
     scores: list[list[float]] = []
     for e, n in enumerate(batch.num_choices):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from d2merge.io.model_structure import conv1d_modules, is_listed
 
 
@@ -64,3 +66,38 @@ def test_source_scan_agrees_with_the_built_model():
         config = json.dumps({"model_type": model_type})
         assert model_structure._built_conv1d_modules(config) == frozenset()
     assert model_structure._built_conv1d_modules(json.dumps({"model_type": "gpt2"}))  # the build does see them
+
+
+def test_transformers_names_the_tied_parameters():
+    from d2merge.io.model_structure import model_structure
+    from d2merge.plan import _tied_pair
+
+    small = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "vocab_size": 32}
+    tied = model_structure({"model_type": "llama", **small, "tie_word_embeddings": True})
+    assert tied is not None and tied.output_embedding == "lm_head.weight"
+    assert frozenset({"model.embed_tokens.weight", "lm_head.weight"}) in tied.tied
+    untied = model_structure({"model_type": "llama", **small, "tie_word_embeddings": False})
+    assert untied is not None and untied.tied == ()
+    # GPT-2 ties by its class default (no key in config.json); its checkpoints drop the "transformer." prefix.
+    gpt2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 32, "n_positions": 16}
+    shapes = {"wte.weight": (torch.float32, (32, 8)), "wpe.weight": (torch.float32, (16, 8))}
+    assert _tied_pair(shapes, gpt2) == ("wte.weight", "lm_head.weight")
+    llama_shapes = {"model.embed_tokens.weight": (torch.float32, (32, 8)),
+                    "lm_head.weight": (torch.float32, (32, 8))}
+    assert _tied_pair(llama_shapes, {"model_type": "llama", **small, "tie_word_embeddings": False}) is None
+    assert _tied_pair(llama_shapes, {"model_type": "llama", **small, "tie_word_embeddings": True}) == (
+        "model.embed_tokens.weight", "lm_head.weight")
+
+
+def test_one_meta_build_per_base_per_process(tiny_bases, make_adapter, tmp_path):
+    from d2merge.io.model_structure import _model_structure
+    from d2merge.merge import merge, plan
+
+    base = tiny_bases("gpt2")
+    adapter = make_adapter(base, "lora", fan_in_fan_out=True, target_modules=("c_attn",))
+    _model_structure.cache_clear()
+    plan(base, adapter)
+    merge(base, adapter, tmp_path / "m", hash_sources=False)
+    info = _model_structure.cache_info()
+    assert info.misses == 1 and info.hits >= 1

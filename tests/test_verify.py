@@ -447,3 +447,21 @@ def test_sentence_probes_are_real_text_and_never_printed(work: dict[str, Path],
     report = verify(work["base"], work["adapter"], work["merged"])
     assert report.probes["source"] == "sentences" and report.probes["count"] == len(PROBE_SENTENCES)
     assert verify(work["base"], work["adapter"], work["merged"], probe_source="random").probes["source"] == "random"
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_mc_scores_run_each_prompt_once_and_match_full_sequences(work: dict[str, Path], reduction: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import d2merge.tasks as tasks
+    from d2merge.runtime import attach_adapter, load_fp32_model
+
+    tokenizer = tasks.load_tokenizer(work["base"])
+    examples = [*eval_examples(9), MCExample("Dogs", ("bark", "meow loudly at night"), 0)]  # mixed prompt lengths
+    model = attach_adapter(load_fp32_model(work["base"]), work["adapter"]).eval()
+    assert tasks._shares_prompts(model)
+    shared = tasks.choice_scores(model, tokenizer, examples, reduction=reduction, batch_size=3)
+    monkeypatch.setattr(tasks, "_shares_prompts", lambda model: False)
+    full = tasks.choice_scores(model, tokenizer, examples, reduction=reduction, batch_size=3)
+    assert [len(s) for s in shared] == [len(e.choices) for e in examples]
+    assert torch.allclose(torch.tensor([x for s in shared for x in s]), torch.tensor([x for s in full for x in s]),
+                          atol=1e-4, rtol=0)

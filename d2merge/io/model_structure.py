@@ -1,19 +1,23 @@
-"""The base model as transformers builds it (meta device): which layers are GPT-2 style ``Conv1D``, and the
-in-memory parameter names and shapes, asked of transformers itself.
+"""The base model as transformers builds it (meta device): its GPT-2 style ``Conv1D`` layers, its tied
+parameters, and the in-memory parameter names and shapes, asked of transformers itself.
 
 A Conv1D stores its weight (in, out), the transpose of ``nn.Linear``, and PEFT's
 ``fan_in_fan_out`` must say so. Guessing from module names (``c_attn``) misses other
 architectures and, for a square weight, a wrong orientation merges silently into a
 wrong model. transformers builds the architecture from ``config.json`` on the meta
 device (no memory, no weights, no code from the folder: a config with an
-``auto_map`` is never built) and the module types answer exactly.
+``auto_map`` is never built) and the module types answer exactly. The same model says which
+parameters transformers ties (one tensor under two names after ``tie_weights``, e.g. a
+``lm_head`` that reads the input embedding): config keys alone (``tie_word_embeddings``
+absent, in a ``text_config``, or overridden by the model class) are a guess.
 
-Building it for the Conv1D question costs about 3 CPU-seconds (importing transformers' model code, most of
-a 1.1B merge's non-arithmetic time), so the common answer comes first from
-transformers' source instead: only a module that names ``Conv1D`` can build one, so
-an architecture whose modeling files neither name it nor reach any other model's
-code (``from ..other``, ``Auto*``, ``from_config``) has none. That reads ~50 ms of
-source text with ``ast``; anything less clear-cut is built as before.
+Importing transformers' model code costs about 3 CPU-seconds, most of a 1.1B merge's
+non-arithmetic time, so the common Conv1D answer comes first from transformers' source
+instead: only a module that names ``Conv1D`` can build one, so an architecture whose
+modeling files neither name it nor reach any other model's code (``from ..other``,
+``Auto*``, ``from_config``) has none. That reads ~50 ms of source text with ``ast``;
+anything less clear-cut is built. One build per distinct config per process (cached): a
+merge, its verify and its export ask the same base and share the answer.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 
@@ -45,12 +50,49 @@ def conv1d_modules(config: Mapping[str, Any] | None) -> frozenset[str] | None:
 
 def _built_conv1d_modules(config_json: str) -> frozenset[str] | None:
     """The Conv1D module names of the model transformers builds on the meta device (None if it cannot)."""
+    structure = _model_structure(config_json)
+    return None if structure is None else structure.conv1d
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What transformers' own model class says about a base, built on the meta device."""
+
+    conv1d: frozenset[str]  # module names of GPT-2 style Conv1D layers
+    tied: tuple[frozenset[str], ...]  # parameter names sharing one tensor after transformers ties them
+    output_embedding: str | None  # the parameter name of the output embedding (``lm_head.weight``), if any
+
+
+def model_structure(config: Mapping[str, Any] | None) -> ModelStructure | None:
+    """The structure of the model ``config`` describes; None when transformers cannot build it.
+
+    None (an architecture transformers does not know, or a config it refuses) leaves the
+    caller to its config rules.
+    """
+    if not config or not isinstance(config.get("model_type"), str) or _ships_code(config):
+        return None
+    try:
+        text = json.dumps(config, sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+    return _model_structure(text)
+
+
+@functools.lru_cache(maxsize=16)
+def _model_structure(config_json: str) -> ModelStructure | None:
     model = _meta_model(config_json)
     if model is None:
         return None
     from transformers.pytorch_utils import Conv1D
 
-    return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
+    conv1d = frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
+    sharing: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        sharing.setdefault(id(param), []).append(name)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_name = next((f"{name}.weight" for name, module in model.named_modules() if module is output), None)
+    return ModelStructure(conv1d, tuple(frozenset(names) for names in sharing.values() if len(names) > 1),
+                          output_name if output is not None else None)
 
 
 def meta_model(config: Mapping[str, Any] | None) -> Any:
@@ -72,7 +114,7 @@ def _ships_code(config: Mapping[str, Any]) -> bool:
     return "auto_map" in config or any(isinstance(v, dict) and "auto_map" in v for v in config.values())
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _meta_model(config_json: str) -> Any:
     import torch
 
