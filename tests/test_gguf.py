@@ -38,6 +38,43 @@ has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
 llama_cpp_only = pytest.mark.skipif(not has_llama_cpp, reason="llama-cpp-python is not installed (extra gguf-llama)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def parse_each_gguf_once():
+    """One gguf-py parse per GGUF file, whoever reads it.
+
+    gguf-py's reader walks the 49k tokenizer strings and merges in Python (10-17 s per parse on
+    the shared machine, ~160 MB of small arrays), and transformers parses a file twice per
+    ``from_pretrained`` (config, then weights); verify parses it once more for its table. The
+    parse of a file is the same whoever asks, so the last two are kept, keyed by the file's
+    identity (inode, size, mtime: a rewritten file is parsed again). What is read is unchanged:
+    every check still goes through transformers' and d2merge's own readers.
+    """
+    import os
+    from collections import OrderedDict
+
+    import gguf
+
+    original = gguf.GGUFReader
+    kept: OrderedDict[tuple, object] = OrderedDict()
+
+    def reader(path, mode="r"):
+        if mode != "r":
+            return original(path, mode)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in kept:
+            kept[key] = original(path)
+            while len(kept) > 2:
+                kept.popitem(last=False)
+        kept.move_to_end(key)
+        return kept[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", reader)
+        yield
+    kept.clear()
+
+
 def _with_smol_tokenizer(folder: Path, smollm2: Path) -> Path:
     for name in TOKENIZER_FILES:
         if (smollm2 / name).is_file():
@@ -71,6 +108,7 @@ class TinyMerges:
         self._adapters: dict[str, Path] = {}
         self._merged: dict[str, Path] = {}
         self._ggufs: dict[tuple[str, str], Path] = {}
+        self.results: dict[tuple[str, str], object] = {}  # the MergeResult of each GGUF merge
 
     def adapter(self, arch: str) -> Path:
         if arch not in self._adapters:
@@ -87,9 +125,10 @@ class TinyMerges:
 
     def gguf(self, arch: str, gguf_type: str) -> Path:
         if (arch, gguf_type) not in self._ggufs:
-            _, exported = merge_to_gguf(self.bases(arch), self.adapter(arch), self.root / f"{arch}-{gguf_type}.gguf",
-                                        gguf_type=gguf_type)
+            result, exported = merge_to_gguf(self.bases(arch), self.adapter(arch),
+                                             self.root / f"{arch}-{gguf_type}.gguf", gguf_type=gguf_type)
             self._ggufs[arch, gguf_type] = exported.output
+            self.results[arch, gguf_type] = result
         return self._ggufs[arch, gguf_type]
 
 
@@ -108,6 +147,18 @@ def _hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(ids).logits
+
+
+def test_transformers_tokenizer_from_gguf_gives_same_ids(bpe_bases, tiny_merges):
+    # first in the file: the llama f32 parse it makes is the one the reader test below reuses
+    from transformers import AutoTokenizer
+
+    out = tiny_merges.gguf("llama", "f32")
+    original = AutoTokenizer.from_pretrained(bpe_bases("llama"))
+    rebuilt = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    for text in PROBE_TEXTS:
+        assert rebuilt(text)["input_ids"] == original(text)["input_ids"], text
+    assert rebuilt.chat_template == original.chat_template
 
 
 # (arch, type) pairs read back with transformers. Reading a GGUF costs seconds (see TinyMerges), so
@@ -140,22 +191,24 @@ def test_transformers_reader_matches_merged_folder(arch, gguf_type, tiny_merges,
     assert meta["tokenizer.chat_template"] == (bpe_bases(arch) / "chat_template.jinja").read_text()
 
 
-def test_transformers_tokenizer_from_gguf_gives_same_ids(bpe_bases, tiny_merges):
-    from transformers import AutoTokenizer
+def test_streamed_merge_gives_the_bytes_of_the_two_step_export(tiny_merges, monkeypatch):
+    """``merge --format gguf`` streams from the engine; exporting the fp32 merged folder gives the same bytes.
 
-    out = tiny_merges.gguf("llama", "f32")
-    original = AutoTokenizer.from_pretrained(bpe_bases("llama"))
-    rebuilt = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
-    for text in PROBE_TEXTS:
-        assert rebuilt(text)["input_ids"] == original(text)["input_ids"], text
-    assert rebuilt.chat_template == original.chat_template
+    Two runs through two code paths, so this is also "same inputs, same bytes". The folder export
+    encodes in blocks of 64 values (a head of q/k rows, a few rows elsewhere) and the streamed one
+    in its default blocks: block boundaries do not change the bytes.
+    """
+    import d2merge.export.gguf as gguf_export
 
-
-def test_same_inputs_same_bytes(bpe_bases, tmp_path):
-    base = bpe_bases("qwen2")
-    a = export_gguf(base, tmp_path / "a.gguf", gguf_type="q4_0").output
-    b = export_gguf(base, tmp_path / "c.gguf", gguf_type="q4_0", name="a").output  # same general.name
-    assert hashlib.sha256(a.read_bytes()).hexdigest() == hashlib.sha256(b.read_bytes()).hexdigest()
+    streamed = tiny_merges.gguf("llama", "q4_0")  # permuted q/k and a block format
+    result = tiny_merges.results["llama", "q4_0"]
+    assert result.source_hashes and all(len(v) == 64 for v in result.source_hashes.values())
+    monkeypatch.setattr(gguf_export, "BLOCK_VALUES", 64)
+    two_step = export_gguf(tiny_merges.merged("llama"), streamed.parent / "two-step.gguf", gguf_type="q4_0",
+                           name=streamed.stem,
+                           provenance=gguf_export.merge_provenance(result.plan, result.source_hashes)).output
+    assert hashlib.sha256(two_step.read_bytes()).hexdigest() == hashlib.sha256(streamed.read_bytes()).hexdigest()
+    two_step.unlink()
 
 
 @pytest.mark.slow
@@ -437,6 +490,7 @@ def test_transformers_reader_on_merged_smollm2(smol_merged):
 # ----- verify and bench take a GGUF ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_verify_accepts_gguf_and_fails_a_wrong_one(tiny_merges, bpe_bases, cli_runner, tmp_path):
     import json
 
