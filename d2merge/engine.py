@@ -5,7 +5,9 @@ time, so peak memory depends on the largest tensor, not on the model size.
 The engine knows the plan (what each output tensor is) and the safetensors
 writer; it knows nothing of output formats: the HF-folder writer
 (``d2merge.export.hf_folder``) and the single-file exporter
-(``d2merge.export.single_file``) both hand it the shard paths to fill.
+(``d2merge.export.single_file``) both hand it the shard paths to fill, and an
+exporter with its own file layout (GGUF) takes the tensors one at a time from
+:func:`stream_tensors`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import math
 import queue
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -394,3 +397,50 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
             handle.abandon()
         bar.close()
     return [p.name for p in paths]
+
+
+@dataclass(frozen=True)
+class StreamedTensor:
+    """One planned tensor as :func:`stream_tensors` hands it out: computed, or a file range to read.
+
+    ``tensor`` (computed entries) is in ``item.out_dtype`` and lives in a reused buffer: valid
+    only until the next tensor is asked for. ``raw`` (unchanged entries of a file-backed base) is
+    ``(file, offset, bytes)`` of the tensor in ``item.in_dtype``, for the consumer to read in
+    pieces, so a copied embedding is never held whole, as in :func:`write_tensors`.
+    """
+
+    item: TensorPlan
+    tensor: torch.Tensor | None
+    raw: tuple[Path, int, int] | None
+
+
+def stream_tensors(merge_plan: MergePlan, items: list[TensorPlan] | None = None, *,
+                   device: str | torch.device | ComputeDevice = "cpu",
+                   hasher: BackgroundHashes | None = None) -> Iterator[StreamedTensor]:
+    """Every planned tensor (``items``: an order of the plan's entries), one at a time.
+
+    For exporters that lay the tensors out themselves (``d2merge.export.gguf``): the same
+    arithmetic as :func:`write_tensors` (one intra-op thread, the same blocks), so the same
+    values; memory holds one computed tensor. ``hasher`` sees the engine's reads as in
+    :func:`write_tensors` (it reads the ``raw`` ranges itself) and is abandoned if the stream fails.
+    """
+    device = resolve_device(device)
+    buffers = ScratchBuffers(device, hasher)
+    try:
+        with one_intra_op_thread():
+            for item in (merge_plan.tensors if items is None else items):
+                raw = _raw_copy_source(merge_plan, item)
+                if raw is not None:
+                    yield StreamedTensor(item, None, raw)
+                    continue
+                with profile.phase("compute"):
+                    storage, out, ready = _compute(merge_plan, item, device, torch.float32, buffers)
+                    ready()
+                yield StreamedTensor(item, out, None)
+                buffers.release(storage)
+    except BaseException:
+        if hasher is not None:
+            hasher.abandon()
+        raise
+    finally:
+        buffers.reader.close()

@@ -19,10 +19,12 @@ from d2merge.dtypes import ALIASES, FLOAT_DTYPES, by_torch
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
-from d2merge.io.model_structure import conv1d_modules, is_listed
+from d2merge.io.checkpoint_layout import CheckpointLayout
+from d2merge.io.model_structure import conv1d_modules, is_listed, meta_model
 from d2merge.io.safetensors_file import DTYPE_NAMES, dtype_size
 from d2merge.methods import LINEAR, ModuleSettings, trainable_tokens
-from d2merge.methods.base import BIAS, TOKENS
+from d2merge.methods import target_parameters
+from d2merge.methods.base import BIAS, PARAMETER, TOKENS
 from d2merge.methods.lora import LORA_BIAS
 from d2merge.options import TIED_POLICIES
 from d2merge.sizes import format_size, parse_size
@@ -181,31 +183,60 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
     notes: list[str] = []
     config_updates: dict[str, Any] = {}
 
+    layout_cache: list[CheckpointLayout] = []
+
+    def layout() -> CheckpointLayout:
+        """The checkpoint's names for what transformers holds in memory (built once, only when needed)."""
+        if not layout_cache:
+            layout_cache.append(CheckpointLayout(meta_model(config), infos))
+        return layout_cache[0]
+
+    def stored_as(weight_name: str) -> str | None:
+        """The name the checkpoint stores an in-memory tensor under, when transformers renames it on load."""
+        if weight_name in infos or _renamed_on_load(config.get("model_type")) is None:
+            return None
+        return layout().stored_name(weight_name)
+
     # Where each module's weight is in the base (lm_head of a tied model reads the embedding).
     def base_name_for(weight_name: str, what: str, tensor: str) -> str:
         if tied_pair and weight_name == tied_pair[1]:
             return tied_pair[0]  # transformers loads a tied lm_head from the embedding, whatever is stored
         if weight_name in infos:
             return weight_name
+        stored = stored_as(weight_name)
+        if stored is not None:
+            return stored
         renamed = _renamed_on_load(config.get("model_type"))
         if renamed:
             raise D2MergeError(f"{what} '{weight_name.rsplit('.', 1)[0]}' is named as transformers holds this "
-                               f"'{config.get('model_type')}' model in memory, but its checkpoint stores the tensors "
-                               f"under other names ({renamed}), which d2merge does not map",
+                               f"'{config.get('model_type')}' model in memory, but its checkpoint stores no tensor "
+                               f"that transformers loads into '{weight_name}' by a plain rename ({renamed})",
                                path=adapter.weights_file, tensor=tensor,
-                               hint="merge with PEFT's merge_and_unload, or target modules whose names the "
-                                    "checkpoint keeps (attention projections)")
+                               hint="was the adapter trained on another base model? Otherwise merge with PEFT's "
+                                    "merge_and_unload")
         raise D2MergeError(f"{what} '{weight_name.rsplit('.', 1)[0]}' is not in the base model",
                            path=adapter.weights_file, tensor=tensor,
                            hint="was the adapter trained on another base model?")
+
+    targets = _parameter_targets(adapter, config)
 
     merges: dict[str, tuple[str, ModuleSettings]] = {}
     token_rows: set[str] = set()  # tensors whose change is trainable token rows (PEFT keeps a tied head tied)
     for module, entry in adapter.modules.items():
         method = adapter.method
         first_key = next(iter(entry.keys.values()))
+        if module in targets:
+            for stored, settings in _parameter_merges(adapter, module, targets[module], layout, infos):
+                if stored in merges:
+                    raise D2MergeError(f"two adapted parameters both change the stored tensor '{stored}'",
+                                       path=adapter.weights_file, tensor=first_key,
+                                       hint="check target_parameters and target_modules")
+                merges[stored] = (stored, settings)
+            continue
         weight_name = f"{module}.weight"
         source = base_name_for(weight_name, "adapted module", first_key)
+        if source != weight_name and not (tied_pair and weight_name == tied_pair[1]):
+            weight_name = source  # renamed on load: the output keeps the checkpoint's name
         if entry.layer_kind == TOKENS:
             merges[weight_name] = (source, _token_settings(adapter, module, entry.keys, infos[source][1]))
             token_rows.add(weight_name)
@@ -249,7 +280,7 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
                                path=adapter.weights_file, tensor=first_key,
                                hint="the adapter file is incomplete, or lora_bias does not match these weights")
         if LORA_BIAS in entry.keys:
-            bias_name = f"{module}.bias"
+            bias_name = stored_as(f"{module}.bias") or f"{module}.bias"
             if bias_name not in infos:
                 raise D2MergeError(f"lora_bias: module '{module}' has no bias in the base, so lora_B.bias has nowhere "
                                    "to merge (PEFT refuses to merge it too)", path=adapter.weights_file,
@@ -267,6 +298,8 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
             raise D2MergeError(f"replacement shape {list(adapter.tensors.info(key)[1])} does not match the base's "
                                f"{list(infos[source][1])}", path=adapter.weights_file, tensor=key,
                                hint="was the adapter trained on another base model?")
+        if source != target and not (tied_pair and target == tied_pair[1]):
+            target = source  # renamed on load: the checkpoint's name
         replacements[target] = key
 
     # Output tensor list: the base's own tensors, plus an explicit lm_head when a tied pair is untied.
@@ -341,6 +374,69 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
     if target_dtype is not None:
         config_updates["dtype"] = by_torch(target_dtype).config_name
     return MergePlan(base, adapter, tuple(plans), tuple(shard_names), dtype_label, config_updates, tuple(notes))
+
+
+def _parameter_targets(adapter: Adapter, config: dict[str, Any]) -> dict[str, target_parameters.Target]:
+    """The adapter's ``target_parameters`` resolved on the base as transformers builds it (module path -> target)."""
+    names = adapter.config.raw.get("target_parameters") or []
+    if not names:
+        return {}
+    model = meta_model(config)
+    source = adapter.path / "adapter_config.json"
+    if model is None:
+        raise D2MergeError(f"target_parameters {names!r}: transformers cannot build this base from its config.json, "
+                           "so the parameters these names match are unknown", path=source,
+                           hint="merge with PEFT's merge_and_unload")
+    try:
+        targets = target_parameters.resolve(model, names)
+    except D2MergeError as exc:
+        raise D2MergeError(exc.reason, path=source, hint=exc.hint) from None
+    if not targets:
+        raise D2MergeError(f"target_parameters {names!r} match no parameter of the base model", path=source,
+                           hint="was the adapter trained on another base model?")
+    return targets
+
+
+def _parameter_merges(adapter: Adapter, module: str, target: target_parameters.Target,
+                      layout: Any, infos: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+                      ) -> list[tuple[str, ModuleSettings]]:
+    """(stored tensor, settings) for each tensor of the checkpoint that holds part of a targeted parameter."""
+    entry = adapter.modules[module]
+    method = adapter.method
+    first_key = next(iter(entry.keys.values()))
+    target_parameters.check_supported(adapter.config.raw, target, str(adapter.path / "adapter_config.json"))
+    names = method.tensor_names(PARAMETER)
+    extra = sorted(set(entry.keys) - set(names))
+    missing = [n for n in names if n not in entry.keys]
+    if extra or missing:
+        raise D2MergeError(f"target parameter '{target.key}' has the tensors {sorted(entry.keys)}, PEFT's "
+                           f"ParamWrapper saves exactly {list(names)}", path=adapter.weights_file, tensor=first_key,
+                           hint="the adapter file is incomplete, or not a PEFT target_parameters adapter")
+    settings = method.module_settings(adapter.config, target.key, PARAMETER, False)
+    expected = target_parameters.expected_shapes(target, settings.r)
+    for name, key in entry.keys.items():
+        dtype, shape = adapter.tensors.info(key)
+        if tuple(shape) != expected[name]:
+            raise D2MergeError(f"shape {list(shape)} does not fit the parameter '{target.key}' {list(target.shape)}"
+                               f" ({target.num_experts} expert(s), r={settings.r}): expected {list(expected[name])}",
+                               path=adapter.weights_file, tensor=key,
+                               hint="was the adapter trained on another base model, or with another r / rank_pattern?")
+        if not dtype.is_floating_point:
+            raise D2MergeError(f"adapter tensor has non-float dtype {dtype}", path=adapter.weights_file, tensor=key,
+                               hint="adapter factors are floating point; save the adapter again")
+    pieces = layout().pieces(target)
+    if isinstance(pieces, str):
+        raise D2MergeError(f"target parameter '{target.key}' {list(target.shape)}: {pieces}, so d2merge cannot tell "
+                           "which stored values its update changes", path=adapter.weights_file, tensor=first_key,
+                           hint="merge with PEFT's merge_and_unload")
+    merges = []
+    for stored, piece in pieces:
+        dtype, shape = infos[stored]
+        if tuple(shape) != piece.shape() or not dtype.is_floating_point:
+            raise D2MergeError(f"stored tensor has shape {list(shape)} ({dtype}); its part of '{target.key}' is "
+                               f"{list(piece.shape())} floats", tensor=stored, hint="is the base checkpoint complete?")
+        merges.append((stored, replace(settings, module=module, piece=piece)))
+    return merges
 
 
 def _renamed_on_load(model_type: Any) -> str | None:

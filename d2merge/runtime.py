@@ -57,6 +57,36 @@ def load_base_model(base: str | Path, *, dtype: torch.dtype = torch.float32, dev
     return model.to(device).eval()
 
 
+def load_fp32_model(location: str | Path, *, allow_pickle: bool = False) -> nn.Module:
+    """A transformers model from ``location`` with every weight upcast to fp32, at one model's memory.
+
+    Asking transformers for fp32 from a 16-bit file converts from a memory map that stays
+    mapped until the whole file is loaded: 1.5x the fp32 model at the peak. Loading in the
+    stored dtype instead maps the file without reading it; each weight is then read afresh
+    and upcast one at a time, so the mapped pages are never touched. verify runs every model
+    this way, so a column measures what storing in a dtype costs, not low-precision arithmetic.
+    """
+    from d2merge.dtypes import FLOAT_DTYPES
+    from d2merge.io.checkpoint import open_base
+
+    checkpoint = open_base(location, allow_pickle=allow_pickle)
+    names = checkpoint.tensors.keys()
+    floats = [checkpoint.tensors.info(n)[0] for n in names if checkpoint.tensors.info(n)[0].is_floating_point]
+    stored = max(set(floats), key=floats.count) if floats else torch.float32
+    if stored not in {d.torch_dtype for d in FLOAT_DTYPES.values()}:
+        stored = torch.float32
+    model = load_base_model(checkpoint.location, dtype=stored)
+    if stored != torch.float32:
+        known = set(names)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.is_floating_point() and param.dtype != torch.float32:
+                    source = checkpoint.tensors.read(name) if name in known else param.data
+                    param.data = source.to(torch.float32)
+        model.float()
+    return model
+
+
 def _layer_kind(layer: nn.Module) -> str:
     return EMBEDDING if isinstance(layer, nn.Embedding) else LINEAR
 
@@ -95,7 +125,10 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
             setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
             if any(p is old for name, p in params.items() if name != target):
                 _untie_in_config(model)
+    targets = _attach_parameter_targets(model, adapter)
     for module_name in adapter.modules:
+        if module_name in targets:
+            continue
         try:
             layer = model.get_submodule(module_name)
         except AttributeError:
@@ -114,6 +147,39 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
         runtime = method.runtime_module(layer, adapter.factors(module_name), settings, dropout=dropout)
         _set_submodule(model, module_name, runtime)
     return model
+
+
+def _attach_parameter_targets(model: nn.Module, adapter: Adapter) -> dict[str, Any]:
+    """PEFT's ParamWrapper forward for each module whose parameters ``target_parameters`` adapts.
+
+    The targets are resolved on this model as PEFT resolves them (methods/target_parameters.py),
+    and every factor is checked against its parameter's shape, as the merge checks it.
+    """
+    from d2merge.methods.base import PARAMETER
+    from d2merge.methods.target_parameters import ParameterLoRA, check_supported, expected_shapes, resolve
+
+    names = adapter.config.raw.get("target_parameters") or []
+    if not names:
+        return {}
+    source = str(adapter.path / "adapter_config.json")
+    targets = {path: t for path, t in resolve(model, names).items() if path in adapter.modules}
+    grouped: dict[str, dict[str, Any]] = {}
+    for path, target in targets.items():
+        check_supported(adapter.config.raw, target, source)
+        method = adapter.method
+        settings = method.module_settings(adapter.config, target.key, PARAMETER, False)
+        factors = adapter.factors(path)
+        expected = expected_shapes(target, settings.r)
+        if set(factors) != set(method.tensor_names(PARAMETER)) or any(
+                tuple(factors[n].shape) != expected[n] for n in expected):
+            raise D2MergeError(f"the factors of target parameter '{target.key}' {list(target.shape)} have shapes "
+                               f"{ {n: list(t.shape) for n, t in factors.items()} }, expected "
+                               f"{ {n: list(v) for n, v in expected.items()} }", path=adapter.weights_file,
+                               hint="was the adapter trained on another base model?")
+        grouped.setdefault(target.module, {})[target.parameter] = (target, factors, settings.scale)
+    for module_name, adapted in grouped.items():
+        _set_submodule(model, module_name, ParameterLoRA(model.get_submodule(module_name), adapted))
+    return targets
 
 
 def _attach_trainable_tokens(model: nn.Module, module_name: str, layer: nn.Module,

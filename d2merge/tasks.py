@@ -235,6 +235,8 @@ def choice_scores(model: nn.Module, tokenizer: Any, examples: Sequence[MCExample
     if reduction not in SCORE_REDUCTIONS:
         raise D2MergeError(f"unknown score reduction {reduction!r}; choose one of {', '.join(SCORE_REDUCTIONS)}")
     batch = encoded or encode_choices(tokenizer, examples)
+    if _shares_prompts(model):
+        return _scores_sharing_prompts(model, batch, reduction=reduction, batch_size=batch_size)
     device = next(model.parameters()).device
     totals = []
     for start in range(0, batch.input_ids.shape[0], batch_size):
@@ -252,6 +254,82 @@ def choice_scores(model: nn.Module, tokenizer: Any, examples: Sequence[MCExample
     for n in batch.num_choices:
         scores.append(flat[position: position + n])
         position += n
+    return scores
+
+
+def _shares_prompts(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers decoder that can continue from a KV cache of the prompt."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    import inspect
+
+    if not isinstance(model, PreTrainedModel) or not model.can_generate():
+        return False
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" in parameters and not getattr(model.config, "is_encoder_decoder", False)
+
+
+def _scores_sharing_prompts(model: nn.Module, batch: ChoiceBatch, *, reduction: str, batch_size: int
+                            ) -> list[list[float]]:
+    """``choice_scores`` with each prompt run once: its KV cache is repeated for the example's choices.
+
+    An example's choices share its prompt tokens (``encode_choices`` keeps them identical), so
+    running prompt + choice for every choice computes the prompt once per choice; with four
+    choices and short answers that was three quarters of the work. The prompt's last logits
+    score each choice's first token; the choice tokens, run on the cached prompt, score the
+    rest. Same causal attention, so the scores are those of the full sequences up to float
+    noise. Examples are grouped by prompt length and choice count: no padding inside a prompt.
+    """
+    import inspect
+
+    device = next(model.parameters()).device
+    lengths = batch.attention_mask.sum(-1).tolist()
+    choice_lengths = batch.choice_mask.sum(-1).tolist()
+    first_row, row = [], 0
+    for n in batch.num_choices:
+        first_row.append(row)
+        row += n
+    prompt_length = [lengths[r] - choice_lengths[r] for r in first_row]
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    order = sorted(range(len(first_row)), key=lambda e: (prompt_length[e], batch.num_choices[e]))
+    groups: list[list[int]] = []
+    for e in order:
+        if (groups and len(groups[-1]) < batch_size and prompt_length[groups[-1][0]] == prompt_length[e]
+                and batch.num_choices[groups[-1][0]] == batch.num_choices[e]):
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    per_row: dict[int, float] = {}
+    for group in groups:
+        width, choices = prompt_length[group[0]], batch.num_choices[group[0]]
+        prompt_ids = torch.stack([batch.input_ids[first_row[e], :width] for e in group]).to(device)
+        out = model(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), use_cache=True, **keep_last)
+        first_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        cache = out.cache
+        cache.batch_repeat_interleave(choices)
+        rows = [first_row[e] + j for e in group for j in range(choices)]
+        longest = max(choice_lengths[r] for r in rows)
+        ids = torch.zeros((len(rows), longest), dtype=torch.long)
+        mask = torch.zeros((len(rows), width + longest), dtype=torch.long)
+        mask[:, :width] = 1
+        for i, r in enumerate(rows):
+            ids[i, : choice_lengths[r]] = batch.input_ids[r, width: width + choice_lengths[r]]
+            mask[i, width: width + choice_lengths[r]] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits
+        del cache, out
+        for i, r in enumerate(rows):
+            n = choice_lengths[r]
+            total = first_logprobs[i // choices, ids[i, 0]]
+            if n > 1:
+                logprobs = torch.log_softmax(logits[i, : n - 1].float(), dim=-1)
+                total = total + logprobs.gather(-1, ids[i, 1:n, None]).sum()
+            per_row[r] = float(total / n if reduction == "mean" else total)
+    scores: list[list[float]] = []
+    for e, n in enumerate(batch.num_choices):
+        scores.append([per_row[first_row[e] + j] for j in range(n)])
     return scores
 
 

@@ -63,6 +63,7 @@ import fcntl
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, NamedTuple
 
 import pytest
@@ -79,6 +80,17 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     _hypothesis_settings.load_profile("ci")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first, so that two xdist workers end together instead of one waiting on a long tail.
+
+    With ``--maxschedchunk`` small (the Makefile's test targets), xdist hands out tests as workers
+    free up; the minute-long ones then start early and the many quick ones fill the gaps at the end.
+    The order within each group is pytest's own (files and fixtures kept together).
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 ARCHS = ("llama", "qwen2", "gpt2")
 METHOD_NAMES = ("lora", "dora", "d2lora", "dual_lora")
@@ -252,45 +264,75 @@ SMOLLM2_ADAPTER_TRAINING: dict[str, Any] = {
 SMOLLM2_EVAL_ITEMS = 100
 
 
+class SmolLM2Adapters(Mapping[str, Path]):
+    """The SmolLM2 adapters, each trained on first use, cached on disk under its own file lock.
+
+    Lazy and one lock per adapter so that two xdist workers never wait on each other's training:
+    a worker trains only the adapters its tests use, and two workers that need different adapters
+    train them at the same time.
+    """
+
+    NAMES = ("lora", "dora", "d2lora", "dual_lora", "other_task", "eval")
+
+    def __init__(self, base: Path, folder: Path):
+        self.base, self.folder = base, folder
+        self._made: dict[str, Path] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.NAMES)
+
+    def __len__(self) -> int:
+        return len(self.NAMES)
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self.NAMES:
+            raise KeyError(name)
+        if name not in self._made:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / f".{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._made[name] = self._eval_file() if name == "eval" else self._adapter(name)
+        return self._made[name]
+
+    def _eval_file(self) -> Path:
+        from d2merge.english_task import split
+        from d2merge.tasks import write_jsonl
+
+        eval_file = self.folder / "eval.jsonl"
+        if not eval_file.is_file():
+            _, held_out = split(held_out=200, seed=0)
+            write_jsonl(self.folder / ".eval.tmp", held_out[:SMOLLM2_EVAL_ITEMS])
+            os.replace(self.folder / ".eval.tmp", eval_file)
+        return eval_file
+
+    def _adapter(self, name: str) -> Path:
+        from d2merge.english_task import split
+        from d2merge.train import train_adapter
+
+        target = self.folder / name
+        if not (target / "adapter_config.json").is_file():
+            data = split("sums", held_out=20, seed=0)[0] if name == "other_task" else split(held_out=200, seed=0)[0]
+            temp = self.folder / f".{name}.tmp-{os.getpid()}"
+            shutil.rmtree(temp, ignore_errors=True)
+            method = "lora" if name == "other_task" else name
+            train_adapter(self.base, temp, method, data=data, eval_data=[], progress=False,
+                          **SMOLLM2_ADAPTER_TRAINING)
+            os.replace(temp, target)
+        return target
+
+
 @pytest.fixture(scope="session")
-def smollm2_adapters(smollm2: Path) -> dict[str, Path]:
+def smollm2_adapters(smollm2: Path) -> Mapping[str, Path]:
     """Adapters of all four methods trained briefly on SmolLM2 with d2merge.train on the English task.
 
     ``{"lora", "dora", "d2lora", "dual_lora"}``: trained on every family of
     :mod:`d2merge.english_task`; ``"other_task"``: a LoRA trained on the sums family alone (the
     adapter "trained on another task" of the fault tests); ``"eval"``: the first
-    :data:`SMOLLM2_EVAL_ITEMS` held-out items as JSONL. Cached beside the smollm2 folder (the
-    folder name carries the settings), under a file lock, each adapter written atomically.
+    :data:`SMOLLM2_EVAL_ITEMS` held-out items as JSONL. Each is made on first use and cached beside
+    the smollm2 folder (the folder name carries the settings), written atomically.
     """
     import hashlib
     import json
 
-    from d2merge.english_task import split
-    from d2merge.tasks import write_jsonl
-    from d2merge.train import train_adapter
-
     key = hashlib.sha256(json.dumps([SMOLLM2_ADAPTER_TRAINING, SMOLLM2_EVAL_ITEMS]).encode()).hexdigest()[:10]
-    folder = REAL_MODEL_CACHE / f"{smollm2.name}-adapters-{key}"
-    train, held_out = split(held_out=200, seed=0)
-    sums_train, _ = split("sums", held_out=20, seed=0)
-    jobs = {"lora": train, "dora": train, "d2lora": train, "dual_lora": train, "other_task": sums_train}
-    with open(REAL_MODEL_CACHE / "smollm2.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        folder.mkdir(parents=True, exist_ok=True)
-        made: dict[str, Path] = {}
-        for name, data in jobs.items():
-            target = folder / name
-            if not (target / "adapter_config.json").is_file():
-                temp = folder / f".{name}.tmp-{os.getpid()}"
-                shutil.rmtree(temp, ignore_errors=True)
-                method = "lora" if name == "other_task" else name
-                train_adapter(smollm2, temp, method, data=data, eval_data=[], progress=False,
-                              **SMOLLM2_ADAPTER_TRAINING)
-                os.replace(temp, target)
-            made[name] = target
-        eval_file = folder / "eval.jsonl"
-        if not eval_file.is_file():
-            write_jsonl(folder / ".eval.tmp", held_out[:SMOLLM2_EVAL_ITEMS])
-            os.replace(folder / ".eval.tmp", eval_file)
-        made["eval"] = eval_file
-    return made
+    return SmolLM2Adapters(smollm2, REAL_MODEL_CACHE / f"{smollm2.name}-adapters-{key}")

@@ -36,6 +36,22 @@ ALLOWED = {
     "d2merge.export.model_card": ("d2merge",),
     "d2merge.export.hf_folder": ("d2merge.errors", "d2merge.device", "d2merge.io", "d2merge.plan", "d2merge.engine",
                                  "d2merge.export.model_card"),
+    # verify: pure records and arithmetic at the bottom, the one column code path above them,
+    # the thin orchestration (the package itself) on top.
+    "d2merge.verify.stats": (),
+    "d2merge.verify.results": ("d2merge.verify_options",),
+    "d2merge.verify.probes": ("d2merge.errors", "d2merge.io", "d2merge.tasks"),
+    "d2merge.verify.limits": ("d2merge.errors", "d2merge.dtypes", "d2merge.verify_options", "d2merge.verify.probes",
+                              "d2merge.verify.results", "d2merge.verify.stats"),
+    "d2merge.verify.compare": ("d2merge.tasks", "d2merge.verify.probes", "d2merge.verify.results",
+                               "d2merge.verify.stats"),
+    "d2merge.verify.weights": ("d2merge.errors", "d2merge.io", "d2merge.plan", "d2merge.engine",
+                               "d2merge.verify.limits", "d2merge.verify.results"),
+    "d2merge.verify.report": ("d2merge", "d2merge.io.output", "d2merge.verify_options", "d2merge.verify.results"),
+    "d2merge.verify.columns": ("d2merge.io", "d2merge.plan", "d2merge.tasks", "d2merge.runtime",
+                               "d2merge.export.gguf", "d2merge.export.onnx_genai", "d2merge.verify_options",
+                               "d2merge.verify.compare", "d2merge.verify.limits", "d2merge.verify.probes",
+                               "d2merge.verify.results", "d2merge.verify.weights"),
 }
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub.constants
 import pytest
@@ -589,8 +590,14 @@ def test_a_token_with_stray_characters_is_refused_before_use(bad: str, model_dir
 
 
 def test_server_errors_print_no_retry_lines(model_dir: Path, hub_in_process: FakeHub,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+                                            capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A 500 at pre-upload: huggingface_hub retries (and logs each retry); the user sees one line."""
+    import huggingface_hub.utils._http as hub_http
+
+    # The client's back-off sleeps 1+2+4+8+8 s between its five retries: the retries and their log
+    # lines are what this test is about, not the waiting.
+    monkeypatch.setattr(hub_http, "time", SimpleNamespace(sleep=lambda seconds: None))
     hub_in_process.fail("preupload", 500, "internal error")
     code, out, err = run_main(["push", str(model_dir), "me/merged", "--token", TOKEN], capsys)
     assert code == 2

@@ -38,6 +38,8 @@ EQUAL = "equal"
 PEFT_MERGE_WRONG = "peft-merge-wrong"
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = ATTN + ["gate_proj", "up_proj", "down_proj"]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+MOE = {"mixtral", "qwen3-moe", "gpt-oss"}  # checkpoints whose names transformers changes on load
 
 
 def _config(arch: str) -> Any:
@@ -61,6 +63,13 @@ def _config(arch: str) -> Any:
         return tf.Phi3Config(**common, tie_word_embeddings=False)
     if arch == "mixtral":
         return tf.MixtralConfig(**common, num_local_experts=3, num_experts_per_tok=2, tie_word_embeddings=False)
+    if arch == "qwen3-moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=8, moe_intermediate_size=24, num_experts=3, num_experts_per_tok=2,
+                                 decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False)
+    if arch == "gpt-oss":
+        return tf.GptOssConfig(**common, head_dim=8, num_local_experts=3, num_experts_per_tok=2, sliding_window=16,
+                               layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=48,
                              pad_token_id=0, bos_token_id=2, eos_token_id=3)
@@ -214,18 +223,32 @@ CASES: dict[str, Case] = {
     "bert-dora": Case("bert", dict(target_modules=["query", "key"], use_dora=True)),
     "mixtral-attn": Case("mixtral", dict(target_modules=ATTN)),
     # PEFT turns the router target "gate" into target_parameters ["gate.weight"]; transformers 5 holds
-    # it as mlp.gate but the checkpoint says block_sparse_moe.gate.
-    "mixtral-router": Case("mixtral", dict(target_modules=["q_proj", "gate"]),
-                           expect="checkpoint stores the tensors under other names"),
-    "mixtral-experts": Case("mixtral", dict(target_modules=[], target_parameters=["mlp.experts.gate_up_proj",
-                                                                                  "mlp.experts.down_proj"]),
-                            expect="LoRA on a fused MoE expert parameter"),
+    # it as mlp.gate but the checkpoint says block_sparse_moe.gate (a rename d2merge reads from transformers).
+    "mixtral-router": Case("mixtral", dict(target_modules=["q_proj", "gate"])),
+    # Fused experts in memory (E, 2I, H) / (E, H, I); stored per expert as w1, w3 (gate, up) and w2.
+    "mixtral-experts": Case("mixtral", dict(target_modules=[], target_parameters=EXPERTS)),
+    "mixtral-experts-attn-patterns": Case("mixtral", dict(target_modules=["q_proj", "v_proj"], target_parameters=EXPERTS,
+                                                          use_rslora=True, rank_pattern={"down_proj": 2},
+                                                          alpha_pattern={"layers.1.mlp.experts.gate_up_proj": 3})),
+    "mixtral-experts-gate-up-only": Case("mixtral", dict(target_modules=[], target_parameters=["gate_up_proj"])),
+    # transformers 4 names: PEFT maps w1/w3/w2 onto the fused parameters (gate_up_proj at rank 2r).
+    "mixtral-experts-v4-names": Case("mixtral", dict(target_modules=["w1", "w2", "w3", "o_proj"])),
+    "mixtral-router-experts": Case("mixtral", dict(target_modules=["gate"], target_parameters=EXPERTS)),
+    "mixtral-experts-modules-to-save-router": Case("mixtral", dict(target_modules=[], target_parameters=EXPERTS,
+                                                                   modules_to_save=["gate"])),
+    "qwen3-moe-experts": Case("qwen3-moe", dict(target_modules=ATTN, target_parameters=EXPERTS)),
+    "qwen3-moe-router": Case("qwen3-moe", dict(target_modules=["gate", "o_proj"])),
+    # gpt-oss stores its experts fused, (E, in, out) (is_transposed), as it holds them.
+    "gpt-oss-experts": Case("gpt-oss", dict(target_modules=["q_proj"], target_parameters=EXPERTS)),
     # --- bf16 bases (output bf16) and sharded bases ------------------------------------------------------
     "llama-bf16": Case("llama", dict(target_modules=ALL_LINEAR), dtype=torch.bfloat16),
     "llama-bf16-dora": Case("llama", dict(target_modules=ALL_LINEAR, use_dora=True), dtype=torch.bfloat16),
     "llama-bf16-embedding": Case("llama", dict(target_modules=["embed_tokens", "lm_head"]), dtype=torch.bfloat16),
     "qwen2-bf16-lora-bias": Case("qwen2", dict(target_modules=["q_proj", "v_proj"], lora_bias=True),
                                  dtype=torch.bfloat16),
+    "mixtral-bf16-experts": Case("mixtral", dict(target_modules=["gate"], target_parameters=EXPERTS),
+                                 dtype=torch.bfloat16),
+    "qwen3-moe-sharded-experts": Case("qwen3-moe", dict(target_modules=[], target_parameters=EXPERTS), sharded=True),
     "qwen3-bf16-pissa": Case("qwen3", dict(target_modules=ATTN, init_lora_weights="pissa"), dtype=torch.bfloat16),
     "gpt2-bf16-conv1d": Case("gpt2", dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
                              dtype=torch.bfloat16),
@@ -333,7 +356,7 @@ def _run(name: str, bases: Bases, tmp_path: Path, cli_runner: Callable[..., Any]
         assert config.get("tie_word_embeddings", True) is True, f"{name}: the tie must be kept"
     worst = 0.0  # fp32: largest |d2merge - peft| / scale; bf16: largest ulp distance
     for tensor_name, tensor in ours.items():
-        if tensor_name not in expected and case.arch == "mixtral":
+        if tensor_name not in expected and case.arch in MOE:
             continue  # stored under the checkpoint's names; checked through the loaded model below
         reference = expected[tensor_name]
         assert tensor.shape == reference.shape, tensor_name
@@ -352,12 +375,16 @@ def _run(name: str, bases: Bases, tmp_path: Path, cli_runner: Callable[..., Any]
         loaded = cls.from_pretrained(out, dtype=case.dtype).state_dict()
     assert set(loaded) == set(expected)
     for tensor_name in set(expected) - set(ours):
-        assert tied or tensor_name not in base_state or case.arch == "mixtral", tensor_name
+        assert tied or tensor_name not in base_state or case.arch in MOE, tensor_name
         tensor, reference = loaded[tensor_name], expected[tensor_name]
         if case.dtype == torch.float32:
-            assert float((tensor - reference).abs().max()) <= 1e-6 * _scale(reference), tensor_name
+            error = float((tensor - reference).abs().max())
+            assert error <= 1e-6 * _scale(reference), f"{name} {tensor_name}: |d2merge - peft| = {error:.3g}"
+            worst = max(worst, error / _scale(reference))
         else:
-            assert _bf16_ulps(tensor, reference.to(torch.bfloat16)) <= 1, tensor_name
+            ulps = _bf16_ulps(tensor, reference.to(torch.bfloat16))
+            assert ulps <= 1, f"{name} {tensor_name}: {ulps} bf16 ulps from PEFT's fp32 merge"
+            worst = max(worst, ulps)
 
     # The merged folder loads and computes PEFT's unmerged outputs.
     with quiet_transformers():
@@ -391,3 +418,141 @@ def test_the_matrix_covers_the_issue() -> None:
     assert len(CASES) >= 50
     assert any(c.dtype == torch.bfloat16 for c in CASES.values()) and any(c.sharded for c in CASES.values())
     assert any(c.arch in ("llama-tied", "gpt2", "gemma3") for c in CASES.values())
+
+
+# --- target_parameters: what the matrix cannot show as a PEFT case ------------------------------------
+
+
+def _moe_adapter(bases: Bases, arch: str, folder: Path, **lora: Any) -> tuple[Path, Path]:
+    """A PEFT target_parameters adapter on a tiny MoE base, every factor moved off its init."""
+    from d2merge.runtime import quiet_transformers
+
+    base = bases(arch)
+    with warnings.catch_warnings(), quiet_transformers():
+        warnings.simplefilter("ignore")
+        model = _model_class(arch).from_pretrained(base, dtype=torch.float32)
+        peft_model = peft.get_peft_model(model, peft.LoraConfig(
+            **(dict(r=2, lora_alpha=4, target_modules=[], target_parameters=EXPERTS) | lora)))
+        _randomize(peft_model, seed=3)
+        peft_model.save_pretrained(folder)
+    return base, folder
+
+
+def _refusal(cli_runner: Callable[..., Any], argv: list[Any], out: Path) -> str:
+    result = cli_runner(argv)
+    lines = result.err.strip().splitlines()
+    assert result.code == 2 and len(lines) == 1 and lines[0].startswith("d2merge: error:"), result.err
+    assert not out.exists()
+    return lines[0]
+
+
+def test_mixtral_expert_tensors_get_their_slice_of_the_fused_update(bases: Bases) -> None:
+    """gate_up_proj = [w1; w3] per expert (gate first, as the forward's chunk reads it), down_proj = w2."""
+    from d2merge.io.checkpoint_layout import CheckpointLayout
+    from d2merge.io.checkpoint import open_base
+    from d2merge.io.model_structure import meta_model
+    from d2merge.methods.target_parameters import resolve
+
+    checkpoint = open_base(bases("mixtral"))
+    model = meta_model(checkpoint.config)
+    targets = resolve(model, EXPERTS)
+    gate_up = targets["model.layers.1.mlp.experts.base_layer"]  # the first parameter is the inner wrapper
+    assert (gate_up.parameter, gate_up.shape, gate_up.in_out) == ("gate_up_proj", (3, 96, 32), False)
+    assert targets["model.layers.1.mlp.experts"].parameter == "down_proj"
+    layout = CheckpointLayout(model, {n: checkpoint.tensors.info(n) for n in checkpoint.tensors.keys()})
+    pieces = {stored: (p.expert, p.dim, p.start, p.stop) for stored, p in layout.pieces(gate_up)}
+    stored = "model.layers.1.block_sparse_moe.experts.{}.{}.weight"
+    assert pieces == {stored.format(e, w): (e, 0, start, start + 48)
+                      for e in range(3) for w, start in (("w1", 0), ("w3", 48))}
+    down = {stored: p.expert for stored, p in layout.pieces(targets["model.layers.1.mlp.experts"])}
+    assert down == {stored.format(e, "w2"): e for e in range(3)}
+    assert layout.stored_name("model.layers.1.mlp.gate.weight") == "model.layers.1.block_sparse_moe.gate.weight"
+    gpt_oss = resolve(meta_model(open_base(bases("gpt-oss")).config), ["mlp.experts.gate_up_proj"])
+    assert gpt_oss["model.layers.0.mlp.experts"].in_out  # gpt-oss stores (E, in, out)
+
+
+def test_a_conversion_d2merge_cannot_invert_is_refused(bases: Bases, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operation other than stack + concatenate (here an interleave) leaves the stored layout unknown."""
+    import transformers.conversion_mapping as conversion_mapping
+    from transformers.core_model_loading import Interleave, MergeModulelist, WeightConverter, WeightRenaming
+
+    from d2merge.io.checkpoint import open_base
+    from d2merge.io.checkpoint_layout import CheckpointLayout
+    from d2merge.io.model_structure import meta_model
+    from d2merge.methods.target_parameters import resolve
+
+    def interleaved(model: Any, **kwargs: Any) -> list[Any]:
+        return [WeightRenaming(".block_sparse_moe.", ".mlp."),
+                WeightConverter([".experts.*.w1.weight"], ".experts.gate_up_proj",
+                                operations=[MergeModulelist(dim=0), Interleave(dim=1)])]
+
+    monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping", interleaved)
+    checkpoint = open_base(bases("mixtral"))
+    model = meta_model(checkpoint.config)
+    layout = CheckpointLayout(model, {n: checkpoint.tensors.info(n) for n in checkpoint.tensors.keys()})
+    why = layout.pieces(resolve(model, EXPERTS)["model.layers.0.mlp.experts.base_layer"])
+    assert isinstance(why, str) and "MergeModulelist then Interleave" in why
+
+
+def test_gpt_oss_mxfp4_experts_are_refused(bases: Bases, tmp_path: Path, cli_runner: Any) -> None:
+    """Real gpt-oss checkpoints store the experts MXFP4-quantized (*_blocks, *_scales): nothing to add dW to."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = _moe_adapter(bases, "gpt-oss", tmp_path / "adapter")
+    quantized = tmp_path / "mxfp4"
+    shutil.copytree(base, quantized)
+    tensors = load_file(quantized / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("experts.gate_up_proj")]:
+        tensors.pop(name)
+        tensors[name + "_blocks"] = torch.zeros(3, 96, 1, 16, dtype=torch.uint8)
+        tensors[name + "_scales"] = torch.zeros(3, 96, 1, dtype=torch.uint8)
+    save_file(tensors, quantized / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "merged"
+    line = _refusal(cli_runner, ["merge", quantized, adapter, "-o", out, "--no-hash-sources"], out)
+    assert "target parameter 'model.layers.0.mlp.experts.gate_up_proj' [3, 32, 96]" in line
+    assert "the checkpoint holds no tensor transformers loads into it" in line
+
+
+@pytest.mark.parametrize("field, value, expect", [
+    ("use_dora", True, "PEFT's ParamWrapper does not support DoRA"),
+    ("init_lora_weights", "pissa", "init_lora_weights 'pissa'"),
+    ("target_parameters", ["mlp.experts.no_such_proj"], "match no parameter of the base model"),
+])
+def test_what_peft_param_wrapper_cannot_have_is_refused(field: str, value: Any, expect: str, bases: Bases,
+                                                        tmp_path: Path, cli_runner: Any) -> None:
+    base, adapter = _moe_adapter(bases, "mixtral", tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config[field] = value
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    assert expect in _refusal(cli_runner, ["merge", base, adapter, "-o", out, "--no-hash-sources"], out)
+
+
+def test_factors_that_do_not_fit_their_parameter_are_refused(bases: Bases, tmp_path: Path, cli_runner: Any) -> None:
+    """rank_pattern giving gate_up_proj another rank than its factors have: a shape refusal, not a wrong slice."""
+    base, adapter = _moe_adapter(bases, "mixtral", tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"gate_up_proj": 1}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    line = _refusal(cli_runner, ["merge", base, adapter, "-o", out, "--no-hash-sources"], out)
+    assert "does not fit the parameter 'model.layers.0.mlp.experts.gate_up_proj' [3, 96, 32] (3 expert(s), r=1)" \
+        in line
+
+
+def test_inspect_and_verify_on_expert_adapters(bases: Bases, tmp_path: Path, cli_runner: Any) -> None:
+    base, adapter = _moe_adapter(bases, "mixtral", tmp_path / "adapter", target_modules=["gate"])
+    plain = cli_runner(["inspect", adapter])
+    assert plain.code == 0 and "target_parameters=" in plain.out and "pass --base" in plain.out
+    result = cli_runner(["inspect", adapter, "--base", base, "--json"])
+    assert result.code == 0, result.err
+    modules = {m["module"]: m for m in json.loads(result.out)["modules"]}
+    inner = modules["model.layers.0.mlp.experts.base_layer"]
+    assert (inner["parameter"], inner["experts"], inner["rank"]) == ("gate_up_proj", 3, 2) and inner["update_norm"] > 0
+    assert modules["model.layers.0.mlp.gate"]["parameter"] == "weight"
+    out = tmp_path / "merged"
+    assert cli_runner(["merge", base, adapter, "-o", out, "--dtype", "fp32", "--no-hash-sources"]).code == 0
+    verified = cli_runner(["verify", base, adapter, out])
+    assert verified.code == 0 and "PASS" in verified.out, verified.out + verified.err

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,6 +353,170 @@ def _encode(tensor: torch.Tensor, qtype: Any) -> np.ndarray:
 
 # ----- the export -----------------------------------------------------------------------------
 
+# Values per encoded block of rows: a block's temporaries (fp32 copy, quantization scratch) are
+# a few times this, whatever the model's size; rows are independent in every GGML type, so the
+# bytes are those of the whole tensor encoded at once.
+BLOCK_VALUES = 1 << 21
+SOURCES_KEY = PROVENANCE_PREFIX + "sources"
+HASH_PLACEHOLDER = "0" * 64  # a sha256 in hex has exactly this width
+
+
+@dataclass(frozen=True)
+class _TensorData:
+    """One tensor to encode: in memory, or a byte range of a file (read a block of rows at a time)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    tensor: torch.Tensor | None = None
+    raw: tuple[Path, int, int] | None = None  # (file, offset, bytes), in ``dtype``
+
+    def row_blocks(self, rows_per_block: int) -> Iterator[torch.Tensor]:
+        rows = self.shape[0] if self.shape else 1
+        if self.tensor is not None:
+            tensor = self.tensor.reshape(self.shape) if self.shape else self.tensor.reshape(1)
+            for start in range(0, rows, rows_per_block):
+                yield tensor[start:start + rows_per_block]
+            return
+        assert self.raw is not None
+        path, offset, nbytes = self.raw
+        row_bytes = nbytes // max(rows, 1)
+        buffer = torch.empty(min(rows, rows_per_block) * row_bytes, dtype=torch.uint8)
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                for start in range(0, rows, rows_per_block):
+                    count = min(rows_per_block, rows - start)
+                    view = buffer[: count * row_bytes]
+                    if fh.readinto(memoryview(view.numpy())) != count * row_bytes:
+                        raise D2MergeError("file ended inside the tensor (changed while exporting?)", path=path,
+                                           tensor=self.name)
+                    yield view.view(self.dtype).reshape(count, *self.shape[1:])
+        except OSError as exc:
+            raise D2MergeError(f"cannot read file: {exc.strerror or exc}", path=path, tensor=self.name) from None
+
+
+def _folder_tensors(checkpoint: Any, names: list[str]) -> Iterator[_TensorData]:
+    """A merged folder's tensors: safetensors as file ranges (never whole in memory), others as read."""
+    tensors = checkpoint.tensors
+    byte_range = getattr(tensors, "byte_range", None)
+    for name in names:
+        dtype, shape = tensors.info(name)
+        if byte_range is not None:
+            yield _TensorData(name, dtype, tuple(shape), raw=byte_range(name))
+        else:
+            yield _TensorData(name, dtype, tuple(shape), tensor=tensors.read(name))
+
+
+def _heads_to_permute(item: _Planned, config: Mapping[str, Any], permute: bool) -> int | None:
+    if not permute or item.source is None:
+        return None
+    if item.source.endswith(("q_proj.weight", "q_proj.bias")):
+        return int(config["num_attention_heads"])
+    if item.source.endswith(("k_proj.weight", "k_proj.bias")):
+        return int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    return None
+
+
+def _encoded_blocks(item: _Planned, data: _TensorData | None, config: Mapping[str, Any],
+                    permute: bool) -> Iterator[np.ndarray]:
+    """The tensor's GGUF bytes, a block of rows at a time (q/k: whole heads, permuted per head)."""
+    if data is None:  # rope_freqs
+        theta, rope = _rope(config)
+        yield llama3_rope_factors(rope, theta, _head_dim(config))
+        return
+    heads = _heads_to_permute(item, config, permute)
+    rows = item.shape[0] if item.shape else 1
+    row_values = math.prod(item.shape[1:]) if len(item.shape) > 1 else (math.prod(item.shape) if item.shape else 1)
+    unit = rows // heads if heads else 1  # the permutation moves rows within a head only
+    step = max(1, BLOCK_VALUES // max(row_values * unit, 1)) * unit
+    if len(item.shape) < 2:
+        step = rows  # 1-D: one block
+    for block in data.row_blocks(step):
+        if heads:
+            block = permute_for_llama_cpp(block, block.shape[0] // unit)
+        yield _encode(block, item.qtype)
+
+
+def _kv_entry(key: str, value: str) -> bytes:
+    """A string key/value as gguf-py packs it (little endian): for finding it in the written header."""
+    gguf = _gguf()
+    raw_key, raw_value = key.encode(), value.encode()
+    return (struct.pack("<Q", len(raw_key)) + raw_key + struct.pack("<I", gguf.GGUFValueType.STRING)
+            + struct.pack("<Q", len(raw_value)) + raw_value)
+
+
+def _write_gguf(target: Path, *, arch: str, permute: bool, config: Mapping[str, Any], tokenizer_folder: Path,
+                planned: list[_Planned], tensors: Iterator[_TensorData], gguf_type: str, name: str,
+                provenance: Mapping[str, str], final_sources: Callable[[], str] | None = None,
+                progress: bool = False) -> None:
+    """The GGUF at ``target``: header, metadata and tensor table from shapes, then the tensors as they come.
+
+    ``tensors`` yields the planned tensors (rope_freqs excepted) in plan order, one at a time.
+    ``final_sources``, called after the last tensor, gives the ``d2merge.sources`` value that
+    replaces the same-length placeholder in ``provenance`` (hashes computed while streaming).
+    """
+    gguf = _gguf()
+    writer = gguf.GGUFWriter(target, arch)
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        total = sum(math.prod(p.shape) for p in planned if p.source is not None)
+        writer.add_size_label(gguf.size_label(total, total, 0, 0))
+        add_hyperparameters(writer, config, arch)
+        writer.add_file_type(GGUF_TYPES[gguf_type][1])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_tokenizer(writer, tokenizer_folder, config["vocab_size"])
+        writer.add_string(PROVENANCE_PREFIX + "version", __version__)
+        writer.add_string(PROVENANCE_PREFIX + "gguf_type", gguf_type)
+        for key, value in sorted(provenance.items()):
+            writer.add_string(PROVENANCE_PREFIX + key, str(value))
+        for item in planned:
+            writer.add_tensor_info(item.name, item.shape, np.float32, item.nbytes, raw_dtype=item.qtype)
+        writer.write_header_to_file()
+        header_end = writer.fout[0].tell()
+        writer.write_kv_data_to_file()
+        kv_end = writer.fout[0].tell()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        for item in _progress(planned, progress):
+            data = next(tensors) if item.source is not None else None
+            if data is not None and data.name != item.source:
+                raise D2MergeError(f"tensor stream out of order: got {data.name}", tensor=item.source)
+            writer.write_padding(fout, fout.tell())
+            written = 0
+            for block in _encoded_blocks(item, data, config, permute):
+                block.tofile(fout)
+                written += block.nbytes
+            if written != item.nbytes:
+                raise D2MergeError(f"encoded {written} bytes, planned {item.nbytes}", tensor=item.source)
+            writer.write_padding(fout, item.nbytes)
+        if final_sources is not None:
+            _replace_in_header(fout, header_end, kv_end, SOURCES_KEY, str(provenance.get("sources", "")),
+                               final_sources())
+        writer.flush()
+    finally:
+        writer.close()
+
+
+def _replace_in_header(fout: Any, start: int, end: int, key: str, old: str, new: str) -> None:
+    """Overwrite a string value in the written metadata with one of the same length (the hashes)."""
+    if new == old:
+        return
+    if len(new.encode()) != len(old.encode()):
+        raise D2MergeError(f"{key} changed length while streaming ({len(old)} -> {len(new)} bytes)")
+    fout.flush()
+    with open(fout.name, "rb") as fh:  # gguf-py's handle is write-only
+        fh.seek(start)
+        region = fh.read(end - start)
+    entry = _kv_entry(key, old)
+    at = region.find(entry)
+    if at < 0 or region.find(entry, at + 1) >= 0:
+        raise D2MergeError(f"{key} not found once in the written metadata")
+    fout.seek(start + at + len(entry) - len(old.encode()))
+    fout.write(new.encode())
+    fout.seek(0, os.SEEK_END)
+
 
 def provenance_from_folder(folder: Path) -> dict[str, str]:
     """What an export from a merged folder can say about its source: the sha256 of its weights."""
@@ -361,6 +526,11 @@ def provenance_from_folder(folder: Path) -> dict[str, str]:
     return {"sources": json.dumps(hashes, sort_keys=True)}
 
 
+def _check_gguf_path(out_path: Path) -> None:
+    if out_path.suffix != ".gguf":
+        raise D2MergeError("a GGUF output must end in .gguf", path=out_path, hint="name it like model.gguf")
+
+
 def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type: str = "f16",
                 overwrite: bool = False, provenance: Mapping[str, str] | None = None, name: str | None = None,
                 modelfile: bool = False, progress: bool = False) -> GGUFExportResult:
@@ -368,18 +538,17 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
 
     ``provenance`` (method, settings, sources, ...) lands under ``d2merge.*`` keys beside
     ``d2merge.version``; without it the sha256 of the folder's weight files is recorded.
-    ``modelfile`` also writes an Ollama ``Modelfile`` next to the GGUF.
+    ``modelfile`` also writes an Ollama ``Modelfile`` next to the GGUF. The folder's shards are
+    read a block of rows at a time: memory does not grow with the model.
     """
     from d2merge.io.checkpoint import open_base
     from d2merge.io.output import AtomicFiles, check_output_location, disk_error
 
-    gguf = _gguf()
     check_gguf_type(gguf_type)
     started = time.perf_counter()
     folder = Path(merged)
     out_path = Path(out)
-    if out_path.suffix != ".gguf":
-        raise D2MergeError("a GGUF output must end in .gguf", path=out_path, hint="name it like model.gguf")
+    _check_gguf_path(out_path)
     checkpoint = open_base(folder)
     if checkpoint.folder is None or checkpoint.config is None:
         raise D2MergeError("GGUF export needs a Hugging Face folder with config.json", path=folder)
@@ -389,39 +558,19 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
     names = sorted(checkpoint.tensors.keys())
     planned = _plan_tensors([(n, tuple(checkpoint.tensors.info(n)[1])) for n in names], config, arch, gguf_type,
                             folder)
-
-    staging = AtomicFiles(out_path, overwrite=overwrite, sidecars=("Modelfile",) if modelfile else ()).__enter__()
-    temp = staging.staged
-    writer = gguf.GGUFWriter(temp, arch)
-    try:
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or out_path.stem)
-        total = sum(math.prod(p.shape) for p in planned if p.source is not None)
-        writer.add_size_label(gguf.size_label(total, total, 0, 0))
-        add_hyperparameters(writer, config, arch)
-        writer.add_file_type(GGUF_TYPES[gguf_type][1])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, checkpoint.folder, config["vocab_size"])
-        writer.add_string(PROVENANCE_PREFIX + "version", __version__)
-        writer.add_string(PROVENANCE_PREFIX + "gguf_type", gguf_type)
-        for key, value in sorted((provenance or provenance_from_folder(folder)).items()):
-            writer.add_string(PROVENANCE_PREFIX + key, str(value))
-        for item in planned:
-            writer.add_tensor_info(item.name, item.shape, np.float32, item.nbytes, raw_dtype=item.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for item in _progress(planned, progress):
-            writer.write_tensor_data(_tensor_bytes(item, checkpoint, config, permute))
-        writer.close()
-        if modelfile:
-            write_modelfile(temp, checkpoint.folder)
+    sources = [p.source for p in planned if p.source is not None]
+    with AtomicFiles(out_path, overwrite=overwrite, sidecars=("Modelfile",) if modelfile else ()) as staging:
+        try:
+            _write_gguf(staging.staged, arch=arch, permute=permute, config=config,
+                        tokenizer_folder=checkpoint.folder, planned=planned,
+                        tensors=_folder_tensors(checkpoint, sources), gguf_type=gguf_type,
+                        name=name or out_path.stem, provenance=provenance or provenance_from_folder(folder),
+                        progress=progress)
+            if modelfile:
+                write_modelfile(staging.staged, checkpoint.folder)
+        except OSError as exc:
+            raise disk_error(exc, out_path) from None
         staging.commit()
-    except OSError as exc:
-        raise disk_error(exc, out_path) from None
-    finally:
-        writer.close()
-        staging.__exit__(None, None, None)
     written_modelfile = out_path.with_name("Modelfile") if modelfile else None
     return GGUFExportResult(out_path, gguf_type, arch, len(planned), out_path.stat().st_size,
                             time.perf_counter() - started, written_modelfile)
@@ -431,22 +580,6 @@ def _progress(items: list[_Planned], enabled: bool) -> Iterator[_Planned]:
     from tqdm.auto import tqdm
 
     yield from tqdm(items, desc="writing GGUF", unit="tensor", disable=not enabled, leave=False)
-
-
-def _tensor_bytes(item: _Planned, checkpoint: Any, config: Mapping[str, Any], permute: bool) -> np.ndarray:
-    if item.source is None:  # rope_freqs
-        theta, rope = _rope(config)
-        return llama3_rope_factors(rope, theta, _head_dim(config))
-    tensor = checkpoint.tensors.read(item.source)
-    if permute and item.source.endswith(("q_proj.weight", "q_proj.bias")):
-        tensor = permute_for_llama_cpp(tensor, config["num_attention_heads"])
-    elif permute and item.source.endswith(("k_proj.weight", "k_proj.bias")):
-        tensor = permute_for_llama_cpp(tensor, int(config.get("num_key_value_heads")
-                                                   or config["num_attention_heads"]))
-    data = _encode(tensor, item.qtype)
-    if data.nbytes != item.nbytes:
-        raise D2MergeError(f"encoded {data.nbytes} bytes, planned {item.nbytes}", tensor=item.source)
-    return data
 
 
 def write_modelfile(gguf_path: Path, folder: Path) -> Path:
@@ -469,35 +602,108 @@ def write_modelfile(gguf_path: Path, folder: Path) -> Path:
     return target
 
 
+def merge_provenance(merge_plan: Any, hashes: Mapping[str, str]) -> dict[str, str]:
+    """The ``d2merge.*`` provenance of a merge, as the HF card says it (empty values left out)."""
+    from d2merge.export.hf_folder import card_info
+
+    info = card_info(merge_plan, dict(hashes))
+    provenance = {"method": info.method, "settings": json.dumps(dict(info.settings), sort_keys=True, default=str),
+                  "sources": json.dumps(dict(info.source_hashes), sort_keys=True),
+                  "base_model": info.base_model or ""}
+    return {k: v for k, v in provenance.items() if v}
+
+
 def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any = None, *,
                   gguf_type: str = "f16", progress: bool = False, modelfile: bool = False
                   ) -> tuple[Any, GGUFExportResult]:
-    """Merge in fp32 into a temp folder beside ``out``, then export it; the GGUF records the merge.
+    """Merge in fp32 straight into a GGUF: the engine hands each merged tensor to the writer.
 
-    The temp folder costs one fp32 copy of the model on disk, never in memory: both the merge
-    and the export stream one tensor at a time.
+    Nothing of the model is held or written twice: each tensor is merged (fp32, as
+    ``merge --dtype fp32`` writes it), permuted and quantized a block of rows at a time, and
+    unchanged tensors are read from the base in blocks. The sha256 of the sources, computed
+    from the engine's reads, is written at the end into space the metadata reserved. The bytes
+    are those of ``export_gguf`` on the fp32 merged folder with this provenance.
     """
-    from d2merge.export.hf_folder import card_info
-    from d2merge.io.output import check_output_location, scratch_beside
-    from d2merge.merge import MergeOptions, merge
+    from contextlib import closing
+
+    from d2merge.engine import resolve_device, stream_tensors
+    from d2merge.export.hf_folder import merged_config
+    from d2merge.io.output import (AtomicFiles, check_output_location, copy_support_files, disk_error,
+                                   scratch_beside, write_json)
+    from d2merge.io.source_hashes import BackgroundHashes
+    from d2merge.merge import MergeOptions, MergeResult, plan
 
     check_gguf_type(gguf_type)
+    started = time.perf_counter()
     options = options or MergeOptions()
     out_path = Path(out)
-    if out_path.suffix != ".gguf":
-        raise D2MergeError("a GGUF output must end in .gguf", path=out_path, hint="name it like model.gguf")
+    _check_gguf_path(out_path)
     check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite,
                           is_file=True)
-    with scratch_beside(out_path, "merge") as scratch:
-        fp32 = options.with_overrides(dtype="fp32", overwrite=False)
-        result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
-        info = card_info(result.plan, result.source_hashes)
-        provenance = {"method": info.method, "settings": json.dumps(dict(info.settings), sort_keys=True, default=str),
-                      "sources": json.dumps(dict(info.source_hashes), sort_keys=True),
-                      "base_model": info.base_model or ""}
-        exported = export_gguf(result.output, out_path, gguf_type=gguf_type, overwrite=options.overwrite,
-                               provenance={k: v for k, v in provenance.items() if v}, progress=progress,
-                               modelfile=modelfile)
+    merge_plan = plan(base, adapter, options.with_overrides(dtype="fp32", overwrite=False))
+    config = merged_config(merge_plan)
+    if merge_plan.base.folder is None or config is None:
+        raise D2MergeError("GGUF export needs a Hugging Face base folder with config.json",
+                           path=merge_plan.base.location)
+    arch, permute = check_config(config, merge_plan.base.folder / "config.json")
+    out_path = check_output_location(out_path, [merge_plan.base.location, merge_plan.adapter.path],
+                                     overwrite=options.overwrite, is_file=True)
+    by_name = {t.name: t for t in merge_plan.tensors}
+    names = sorted(by_name)
+    planned = _plan_tensors([(n, tuple(by_name[n].shape)) for n in names], config, arch, gguf_type,
+                            merge_plan.base.folder)
+    items = [by_name[p.source] for p in planned if p.source is not None]
+    labels = merge_plan.source_files()
+    hasher = BackgroundHashes(labels) if options.hash_sources else None
+    reserved = {label: HASH_PLACEHOLDER for label in labels} if hasher is not None else {}
+    provenance = merge_provenance(merge_plan, reserved)
+    hashes: dict[str, str] = {}
+
+    def final_sources() -> str:
+        nonlocal hashes
+        if hasher is not None:
+            hashes = hasher.result()
+        # a digest that is not 64 hex digits (an unreadable file) keeps its placeholder
+        final = {k: (v if len(v) == len(HASH_PLACEHOLDER) else HASH_PLACEHOLDER) for k, v in hashes.items()}
+        return merge_provenance(merge_plan, final).get("sources", "")
+
+    def streamed(stream: Iterator[Any]) -> Iterator[_TensorData]:
+        for part in stream:
+            item = part.item
+            if part.tensor is not None:
+                yield _TensorData(item.name, item.out_dtype, tuple(item.shape), tensor=part.tensor)
+            else:
+                yield _TensorData(item.name, item.in_dtype, tuple(item.shape), raw=part.raw)
+
+    try:
+        # The tokenizer and config as the merged folder would have them (the same files the
+        # two-step export read): a few small files, no weights.
+        with scratch_beside(out_path, "tokenizer") as support:
+            write_json(Path(support) / "config.json", config)
+            copy_support_files(merge_plan.base.folder, Path(support), merge_plan.base.weight_files)
+            with AtomicFiles(out_path, overwrite=options.overwrite,
+                             sidecars=("Modelfile",) if modelfile else ()) as staging:
+                stream = stream_tensors(merge_plan, items, device=resolve_device(options.device), hasher=hasher)
+                with closing(stream):
+                    try:
+                        _write_gguf(staging.staged, arch=arch, permute=permute, config=config,
+                                    tokenizer_folder=Path(support), planned=planned, tensors=streamed(stream),
+                                    gguf_type=gguf_type, name=out_path.stem, provenance=provenance,
+                                    final_sources=final_sources if hasher is not None else None,
+                                    progress=progress)
+                        if modelfile:
+                            write_modelfile(staging.staged, Path(support))
+                    except OSError as exc:
+                        raise disk_error(exc, out_path) from None
+                staging.commit()
+    finally:
+        if hasher is not None:
+            hasher.abandon()  # stops the hashing thread if the export failed; a no-op after result()
+    seconds = time.perf_counter() - started
+    result = MergeResult(out_path, merge_plan, (out_path.name,), seconds, hashes)
+    written_modelfile = out_path.with_name("Modelfile") if modelfile else None
+    exported = GGUFExportResult(out_path, gguf_type, arch, len(planned), out_path.stat().st_size, seconds,
+                                written_modelfile)
     return result, exported
 
 

@@ -50,18 +50,26 @@ def write_metadata(merge_plan: MergePlan, folder: Path, hashes: dict[str, str]) 
         write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": merge_plan.total_bytes},
                                                 "weight_map": dict(sorted(weight_map.items()))})
         written.append(SAFETENSORS_INDEX)
-    if merge_plan.base.config is not None:
-        config = dict(merge_plan.base.config)
-        for key, value in merge_plan.config_updates.items():
-            config[key] = value
-        if "dtype" in merge_plan.config_updates and "torch_dtype" in config:
-            config["torch_dtype"] = merge_plan.config_updates["dtype"]
+    config = merged_config(merge_plan)
+    if config is not None:
         write_json(folder / "config.json", config)
         written.append("config.json")
     written += copy_support_files(merge_plan.base.folder, folder, merge_plan.base.weight_files)
     write_text(folder / "README.md", render_model_card(card_info(merge_plan, hashes)))
     written.append("README.md")
     return written
+
+
+def merged_config(merge_plan: MergePlan) -> dict[str, Any] | None:
+    """The merged folder's config.json: the base's with the plan's updates (dtype, tied embeddings)."""
+    if merge_plan.base.config is None:
+        return None
+    config = dict(merge_plan.base.config)
+    for key, value in merge_plan.config_updates.items():
+        config[key] = value
+    if "dtype" in merge_plan.config_updates and "torch_dtype" in config:
+        config["torch_dtype"] = merge_plan.config_updates["dtype"]
+    return config
 
 
 def card_info(merge_plan: MergePlan, hashes: dict[str, str], verify_table: str | None = None) -> CardInfo:

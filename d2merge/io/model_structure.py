@@ -1,4 +1,5 @@
-"""Which modules of a base model are GPT-2 style ``Conv1D`` layers, asked of transformers itself.
+"""The base model as transformers builds it (meta device): which layers are GPT-2 style ``Conv1D``, and the
+in-memory parameter names and shapes, asked of transformers itself.
 
 A Conv1D stores its weight (in, out), the transpose of ``nn.Linear``, and PEFT's
 ``fan_in_fan_out`` must say so. Guessing from module names (``c_attn``) misses other
@@ -7,7 +8,7 @@ wrong model. transformers builds the architecture from ``config.json`` on the me
 device (no memory, no weights, no code from the folder: a config with an
 ``auto_map`` is never built) and the module types answer exactly.
 
-Building it costs about 3 CPU-seconds (importing transformers' model code, most of
+Building it for the Conv1D question costs about 3 CPU-seconds (importing transformers' model code, most of
 a 1.1B merge's non-arithmetic time), so the common answer comes first from
 transformers' source instead: only a module that names ``Conv1D`` can build one, so
 an architecture whose modeling files neither name it nor reach any other model's
@@ -34,31 +35,49 @@ def conv1d_modules(config: Mapping[str, Any] | None) -> frozenset[str] | None:
     """
     if not config or not isinstance(config.get("model_type"), str) or _ships_code(config):
         return None
+    if _source_builds_no_conv1d(config["model_type"]):
+        return frozenset()
+    try:
+        return _built_conv1d_modules(json.dumps(config, sort_keys=True))
+    except (TypeError, ValueError):
+        return None
+
+
+def _built_conv1d_modules(config_json: str) -> frozenset[str] | None:
+    """The Conv1D module names of the model transformers builds on the meta device (None if it cannot)."""
+    model = _meta_model(config_json)
+    if model is None:
+        return None
+    from transformers.pytorch_utils import Conv1D
+
+    return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
+
+
+def meta_model(config: Mapping[str, Any] | None) -> Any:
+    """The model transformers builds from ``config``, on the meta device (no memory); None when it cannot.
+
+    Its parameter names and shapes are the ones transformers holds in memory, which PEFT's
+    names follow (fused MoE experts included). Cached per config.
+    """
+    if not config or not isinstance(config.get("model_type"), str) or _ships_code(config):
+        return None
     try:
         text = json.dumps(config, sort_keys=True)
     except (TypeError, ValueError):
         return None
-    return _conv1d_modules(text)
+    return _meta_model(text)
 
 
 def _ships_code(config: Mapping[str, Any]) -> bool:
     return "auto_map" in config or any(isinstance(v, dict) and "auto_map" in v for v in config.values())
 
 
-@functools.lru_cache(maxsize=16)
-def _conv1d_modules(config_json: str) -> frozenset[str] | None:
-    if _source_builds_no_conv1d(json.loads(config_json)["model_type"]):
-        return frozenset()
-    return _built_conv1d_modules(config_json)
-
-
-def _built_conv1d_modules(config_json: str) -> frozenset[str] | None:
-    """The Conv1D module names of the model transformers builds on the meta device (None if it cannot)."""
+@functools.lru_cache(maxsize=4)
+def _meta_model(config_json: str) -> Any:
     import torch
 
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-        from transformers.pytorch_utils import Conv1D
         from transformers.utils import logging as hf_logging
     except ImportError:
         return None
@@ -77,9 +96,10 @@ def _built_conv1d_modules(config_json: str) -> frozenset[str] | None:
         return None
     finally:
         hf_logging.set_verbosity(verbosity)
-    return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
+    return model
 
 
+@functools.lru_cache(maxsize=16)
 def _source_builds_no_conv1d(model_type: str) -> bool:
     """True when transformers' own modeling source for ``model_type`` can build no Conv1D module.
 

@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 from d2merge.errors import D2MergeError
-from d2merge.methods import matching, residual_base, trainable_tokens
+from d2merge.methods import matching, residual_base, target_parameters, trainable_tokens
 
 LINEAR = "linear"
 EMBEDDING = "embedding"
 # PEFT's trainable_token_indices: whole rows of an embedding replaced (methods/trainable_tokens.py).
 TOKENS = "tokens"
+# PEFT's target_parameters: LoRA on a parameter (fused MoE experts, a router's weight); see methods/target_parameters.py.
+PARAMETER = "parameter"
 # Which tensor of a module a plan entry writes: its weight, or its bias (lora_bias: lora_B.bias).
 WEIGHT = "weight"
 BIAS = "bias"
@@ -69,6 +71,8 @@ class ModuleSettings:
     part: str = WEIGHT
     # "pissa" / "olora": the base PEFT rebuilt from W0 at load time (methods/residual_base.py).
     base_init: str | None = None
+    # PARAMETER only: which part of the targeted parameter's dW the stored tensor holds.
+    piece: target_parameters.Piece | None = None
 
     @property
     def transposed(self) -> bool:
@@ -230,6 +234,10 @@ class Method:
         """The tensors every module of this kind must have (optional ones are not listed)."""
         if layer_kind == TOKENS:
             return (trainable_tokens.DELTA,) if self.peft_type == "LORA" else ()
+        if layer_kind == PARAMETER:
+            if self.name != "lora":
+                raise D2MergeError(f"{self.name} does not support target_parameters (PEFT's ParamWrapper is plain LoRA)")
+            return ("lora_A", "lora_B")
         names = self.linear_tensors if layer_kind == LINEAR else self.embedding_tensors
         if not names:
             raise D2MergeError(f"{self.name} does not support {layer_kind} layers")
@@ -282,6 +290,10 @@ class Method:
                                                      settings.options["token_indices"])
         if settings.part == BIAS:
             return self.merged_bias(w0.to(compute_dtype, copy=True), factors, settings)
+        if settings.layer_kind == PARAMETER:
+            assert settings.piece is not None
+            return w0.to(compute_dtype, copy=True).add_(target_parameters.piece_delta(factors, settings.piece,
+                                                                                       settings.scale))
         transposed = settings.transposed
         w = w0.to(compute_dtype, copy=True)
         w = w.T if transposed else w
@@ -313,7 +325,7 @@ class Method:
 
     def row_separable(self, settings: ModuleSettings) -> bool:
         """Whether each merged row depends only on the same row of W0 (true unless norms span rows)."""
-        return settings.base_init is None and settings.part == WEIGHT and settings.layer_kind != TOKENS
+        return settings.base_init is None and settings.part == WEIGHT and settings.layer_kind not in (TOKENS, PARAMETER)
 
     def rows_of(self, factors: Mapping[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
         """The factors restricted to a block of output rows."""

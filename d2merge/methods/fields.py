@@ -109,16 +109,13 @@ def _token_indices(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None
 
 
 def _target_parameters(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
+    # Which parameters the names match, and where the checkpoint stores them, is settled against the base
+    # (methods/target_parameters.py, io/checkpoint_layout.py): a parameter d2merge cannot map is refused there.
     if value in (None, []):
         return None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         return f"target_parameters: {value!r} is not a list of parameter names", "write it as PEFT does"
-    fused = [v for v in value if not v.endswith(".weight")]
-    if not fused:
-        return None  # LoRA on a layer's 2-D weight: PEFT's delta is the plain s * B @ A
-    return (f"target_parameters {fused[0]!r}: LoRA on a fused MoE expert parameter; transformers 5 fuses experts "
-            "in memory but saves them per expert (w1/w2/w3), and PEFT's keys do not name the parameter, so d2merge "
-            "does not merge it", "merge with PEFT's merge_and_unload and save_pretrained")
+    return None
 
 
 def _bias(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -185,9 +182,14 @@ TABLE: tuple[Field, ...] = (
     Field("runtime_config", LORA, NEUTRAL, "any (runtime-only, PEFT does not save it)"),
     Field("lora_bias", LORA, HONOURED, "true (b + s * lora_B.bias; refused on a layer without bias, as PEFT "
                                        "does), false", _lora_bias),
-    Field("target_parameters", LORA, HONOURED, "null, or names of 2-D weights (\"self_attn.q_proj.weight\", "
-                                               "merged as LoRA on that layer); refused: fused MoE expert "
-                                               "parameters (\"mlp.experts.gate_up_proj\")", _target_parameters),
+    Field("target_parameters", LORA, HONOURED, "null, or parameter names matched as PEFT matches them: 2-D weights "
+                                               "(\"gate.weight\", a router) and fused 3-D MoE experts "
+                                               "(\"mlp.experts.gate_up_proj\", \"mlp.experts.down_proj\"), merged "
+                                               "into the tensors the checkpoint stores (per-expert w1/w3/w2 or "
+                                               "gate/up/down_proj, or the fused tensor itself) through transformers' "
+                                               "conversion table; refused: a stored layout that table does not map "
+                                               "by stacking and concatenation, with DoRA, lora_bias or a "
+                                               "base-rebuilding init", _target_parameters),
     Field("use_bdlora", LORA, REFUSED, "null", _off(None, {}, False, what="use_bdlora (block-diagonal LoRA)",
                                                    hint=NOT_IMPLEMENTED)),
     Field("arrow_config", LORA, REFUSED, "null", _off(None, {}, what="arrow_config (Arrow routing over several "

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from d2merge.methods import trainable_tokens
-from d2merge.methods.base import BIAS, EMBEDDING, TOKENS, Method, ModuleSettings
+from d2merge.methods import target_parameters, trainable_tokens
+from d2merge.methods.base import BIAS, EMBEDDING, PARAMETER, TOKENS, Method, ModuleSettings
 from d2merge.methods.runtime import AdapterLayer, embed_scale
 
 # lora_bias: PEFT gives lora_B a bias, scaled with the rest of the branch: b_merged = b0 + s * lora_B.bias.
@@ -56,6 +56,9 @@ class LoRA(Method):
             return factors[trainable_tokens.DELTA]  # the new rows themselves
         if settings.part == BIAS:
             return settings.scale * factors[LORA_BIAS]
+        if settings.layer_kind == PARAMETER:
+            assert settings.piece is not None
+            return target_parameters.piece_delta(factors, settings.piece, settings.scale)
         return self.low_rank(factors, settings)
 
     def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,

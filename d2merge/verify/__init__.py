@@ -1,0 +1,163 @@
+"""Prove a merge faithful: the merged model against the unmerged one (base + adapter at runtime).
+
+Three checks per output dtype, each able to fail on its own:
+
+- **logits** on probe inputs (seeded random tokens, built-in sentences or the user's prompts):
+  max/mean |logit difference|, KL(unmerged || merged), top-1 agreement (``compare``);
+- **merge gap** on a multiple-choice eval set: accuracy merged minus unmerged, in
+  percentage points (the metric the D2-LoRA paper reports), and the flipped answers (``compare``);
+- **weights**, tensor by tensor: each merged tensor on disk against an fp64
+  recomputation from base + adapter (max abs and ulp error), copied tensors
+  bit for bit, plus the method's own figures (``Method.report``) (``weights``).
+
+Each is judged against what one rounding to the output dtype costs with no merge at all
+(``limits``). Both models run in fp32 (the merged weights are upcast exactly from their
+stored dtype), so a column measures what storing the merge in that dtype costs, not the
+noise of low-precision arithmetic. :func:`verify` wires the pieces: probes (``probes``), the
+unmerged run once, then one column per MERGED through one code path (``columns``), and the
+report (``report``). The option model lives in the torch-free ``d2merge.verify_options``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from d2merge.errors import D2MergeError
+from d2merge.io.adapter import Adapter, load_adapter
+from d2merge.io.checkpoint import open_base
+from d2merge.plan import build_plan
+from d2merge.runtime import load_fp32_model
+from d2merge.tasks import encode_choices, load_tokenizer, read_jsonl
+from d2merge.verify.columns import ExportedModel, MergedFolder, Unmerged, judge_column, open_exported
+from d2merge.verify.compare import compare_logits, mc_result, probe_logits
+from d2merge.verify.limits import (ARITHMETIC_FLOOR_ABS, ARITHMETIC_FLOOR_REL, DTYPE_LABELS, VERIFY_DTYPES,
+                                   apply_rounding, judge, parse_dtypes, resolve_limits, rounding_floor,
+                                   thresholds_for, top1_flips_p, ulp)
+from d2merge.verify.probes import (PROBE_SENTENCES, Probes, check_eval_positions, check_probe_positions,
+                                   load_base_tokenizer, prompt_probes, random_probes, read_prompts, sentence_probes)
+from d2merge.verify.report import SCHEMA_VERSION, VerifyReport, format_gap_table, format_report
+from d2merge.verify.results import (DtypeResult, FlippedAnswer, LayerCheck, Limits, LogitStats, MCResult,
+                                    RoundingFloor, WeightCheck, method_summary)
+from d2merge.verify.stats import binomial_tail, flips_vs_rounding, mcnemar_exact, paired_gap_interval
+from d2merge.verify.weights import check_weights, reference_merge, stored_dtype, weight_error
+# The option model and thresholds live in a torch-free module (the CLI's flags come from there).
+from d2merge.verify_options import DEFAULT_THRESHOLDS, Thresholds, VerifyOptions, option_help, threshold_defaults
+
+__all__ = [
+    "ARITHMETIC_FLOOR_ABS", "ARITHMETIC_FLOOR_REL", "DEFAULT_THRESHOLDS", "DTYPE_LABELS", "PROBE_SENTENCES",
+    "SCHEMA_VERSION", "VERIFY_DTYPES", "DtypeResult", "FlippedAnswer", "LayerCheck", "Limits", "LogitStats",
+    "MCResult", "Probes", "RoundingFloor", "Thresholds", "VerifyOptions", "VerifyReport", "WeightCheck",
+    "apply_rounding", "binomial_tail", "check_eval_positions", "check_probe_positions", "check_weights",
+    "compare_logits", "flips_vs_rounding", "format_gap_table", "format_report", "judge", "load_base_tokenizer",
+    "load_fp32_model", "mc_result", "mcnemar_exact", "method_summary", "open_exported", "option_help",
+    "paired_gap_interval", "parse_dtypes", "probe_logits", "prompt_probes", "random_probes", "read_prompts",
+    "reference_merge", "resolve_limits", "rounding_floor", "sentence_probes", "stored_dtype", "threshold_defaults",
+    "thresholds_for", "top1_flips_p", "ulp", "verify", "weight_error",
+]
+
+
+def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = None, *,
+           dtypes: str | Sequence[str] | None = None, mc_eval: str | Path | None = None,
+           prompts: str | Path | None = None, thresholds: Mapping[str, float | None] | None = None,
+           options: VerifyOptions | None = None, echo: Callable[[str], None] | None = None,
+           report: str | Path | None = None, **overrides: Any) -> VerifyReport:
+    """Compare base + adapter (unmerged) with ``merged``, or with fresh merges in each of ``dtypes``.
+
+    Without ``merged``, each dtype (default fp32) is merged into a temp folder, checked and
+    deleted. ``thresholds`` overrides the per-dtype defaults (keys: Thresholds fields) for every
+    column. Keyword ``overrides`` are VerifyOptions fields: ``verify(base, adapter, num_probes=16)``.
+    ``echo`` receives one line per stage (the CLI sends them to stderr). ``report``: also write the
+    JSON report there; the location is checked before any work starts, so a verdict is never lost.
+    """
+    from d2merge.io.output import check_output_location
+    from d2merge.io.transformers_folder import refuse_custom_code
+    from d2merge.merge import merge
+
+    options = replace(options or VerifyOptions(), **overrides) if overrides else (options or VerifyOptions())
+    say = echo or (lambda message: None)
+    if merged is not None and dtypes is not None:
+        raise D2MergeError("--dtypes merges on the fly; it cannot be combined with a MERGED folder",
+                           hint="drop MERGED to compare fresh merges per dtype, or drop --dtypes")
+    report_path = check_output_location(Path(report), (), overwrite=True, is_file=True) if report else None
+    base_ckpt = open_base(base, allow_pickle=options.allow_pickle)
+    exported = open_exported(merged) if merged is not None else None  # a GGUF or genai build: no HF folder
+    merged_ckpt = open_base(merged, allow_pickle=options.allow_pickle) if merged is not None and not exported else None
+    for folder in (base_ckpt.folder, merged_ckpt.folder if merged_ckpt is not None else None):
+        if folder is not None:  # before any work: transformers loads both folders later
+            refuse_custom_code(folder)
+    adapter_obj: Adapter = load_adapter(adapter, allow_pickle=options.allow_pickle)
+    examples = read_jsonl(mc_eval) if mc_eval is not None else None
+    column_names = parse_dtypes(dtypes or ("fp32",)) if merged is None else ()
+    for dtype in column_names or ("fp32",):
+        thresholds_for(dtype, thresholds)  # an unknown threshold name is refused before any work
+    tokenizer = None
+    source = options.probe_source
+    if examples is not None or prompts is not None or source == "sentences":
+        why = "--mc-eval" if examples is not None else "--prompts" if prompts is not None else "sentence probes"
+        tokenizer = load_base_tokenizer(base_ckpt, why)
+    elif source == "auto" and base_ckpt.folder is not None:
+        tokenizer = load_tokenizer(base_ckpt.folder)
+    vocab_size = int((base_ckpt.config or {}).get("vocab_size") or 0)
+    if prompts is not None:
+        probes = prompt_probes(tokenizer, read_prompts(prompts), max_length=options.probe_length, source=str(prompts))
+    elif source != "random" and tokenizer is not None:
+        probes = sentence_probes(tokenizer, max_length=options.probe_length)
+    else:
+        if vocab_size < 1:
+            raise D2MergeError("the base's config.json has no vocab_size for random probes", path=base_ckpt.location,
+                               hint="pass --prompts FILE")
+        probes = random_probes(vocab_size, count=options.num_probes, length=options.probe_length, seed=options.seed)
+    check_probe_positions(base_ckpt.config, probes, location=base_ckpt.location)
+    encoded = None
+    if examples is not None:
+        encoded = encode_choices(tokenizer, examples)
+        check_eval_positions(base_ckpt.config, encoded, path=mc_eval)  # type: ignore[arg-type]
+
+    # One plan: which tensors the adapter changes does not depend on the output dtype, and the
+    # weight check recomputes merged tensors in fp64 and casts copies to the dtype stored.
+    merge_plan = build_plan(base_ckpt, adapter_obj, dtype="fp32", tied_embeddings=options.tied_embeddings)
+    if merged_ckpt is not None:
+        column_names = (stored_dtype(merge_plan, merged_ckpt),)
+    load = load_fp32_model  # looked up here, at call time: tests count the models verify loads
+    unmerged = Unmerged(base_ckpt, adapter_obj, probes, options, load, say, examples, tokenizer, encoded).run()
+
+    def folder_column(dtype: str, folder: Path, shown: str | None) -> MergedFolder:
+        checkpoint = open_base(folder, allow_pickle=options.allow_pickle)
+        return MergedFolder(checkpoint, dtype, shown,
+                            lambda: load(checkpoint.location, allow_pickle=options.allow_pickle), say)
+
+    results = []
+    if exported is not None:
+        # fp32 plan: each expected tensor is then cast once to the dtype the file stores it in (norms
+        # stay f32 in an f16 GGUF), as the exporter did. Limits: the exporter's, then the user's.
+        chosen = exported.thresholds(unmerged.max_abs_logit)
+        if thresholds:
+            thresholds_for("fp32", thresholds)  # the same refusal of unknown names
+            chosen = replace(chosen, **{k: float(v) for k, v in thresholds.items() if v is not None})
+        results.append(judge_column(ExportedModel(exported, say), merge_plan, chosen, unmerged))
+    elif merged_ckpt is not None:
+        dtype = column_names[0]
+        results.append(judge_column(folder_column(dtype, merged_ckpt.location, str(merged_ckpt.location)), merge_plan,
+                                    thresholds_for(dtype, thresholds), unmerged))
+    else:
+        temp_root = Path(tempfile.mkdtemp(prefix="d2merge-verify-"))
+        try:
+            for dtype in column_names:
+                say(f"merging into a temp folder ({dtype})")
+                folder = merge(base_ckpt, adapter_obj, temp_root / dtype, dtype=dtype, hash_sources=False,
+                               tied_embeddings=options.tied_embeddings).output
+                results.append(judge_column(folder_column(dtype, folder, None), merge_plan,
+                                            thresholds_for(dtype, thresholds), unmerged))
+                shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            shutil.rmtree(temp_root, ignore_errors=True)
+    result = VerifyReport(base=str(base_ckpt.location), adapter=str(adapter_obj.path), method=adapter_obj.method.name,
+                          probes=probes.description, mc_eval=None if mc_eval is None else str(mc_eval),
+                          options=options, results=results)
+    if report_path is not None:
+        result.save(report_path)
+    return result

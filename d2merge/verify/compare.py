@@ -1,0 +1,87 @@
+"""The merged model's outputs against the unmerged model's: logits on the probes, answers on the eval set.
+
+Statistics are taken on real tokens only (never padding), one sequence at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from d2merge.tasks import MCExample, accuracy, predictions
+from d2merge.verify.probes import Probes
+from d2merge.verify.results import FlippedAnswer, LogitStats, MCResult
+from d2merge.verify.stats import flips_vs_rounding, mcnemar_exact, paired_gap_interval
+
+
+def _batches(probes: Probes, batch_size: int) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal, nothing in a pipe or a CI log.
+    for start in tqdm(range(0, probes.input_ids.shape[0], batch_size), desc="probes", unit="batch",
+                      disable=None, leave=False):
+        rows = slice(start, start + batch_size)
+        yield rows, probes.input_ids[rows], probes.attention_mask[rows]
+
+
+@torch.no_grad()
+def probe_logits(model: nn.Module, probes: Probes, batch_size: int) -> torch.Tensor:
+    """fp32 logits of every probe (padded positions included; the mask says which are real)."""
+    out = []
+    for _, ids, mask in _batches(probes, batch_size):
+        out.append(model(input_ids=ids, attention_mask=mask).logits.float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def compare_logits(model: nn.Module, probes: Probes, reference: torch.Tensor, batch_size: int) -> LogitStats:
+    """Run ``model`` batch by batch and compare with the unmerged logits on real positions only.
+
+    Statistics are taken one sequence at a time: a whole batch of fp32 log-softmaxes over a
+    large vocabulary would cost more memory than the rest of verify besides the model.
+    """
+    max_abs, sum_abs, count, kl_sum, kl_max, agree = 0.0, 0.0, 0, 0.0, 0.0, 0
+    for rows, ids, mask in _batches(probes, batch_size):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for row in range(logits.shape[0]):
+            real = mask[row].bool()
+            merged = logits[row][real].float()
+            unmerged = reference[rows.start + row][real]
+            diff = (unmerged - merged).abs_()
+            max_abs = max(max_abs, float(diff.max()))
+            sum_abs += float(diff.sum(dtype=torch.float64))
+            count += diff.numel()
+            del diff
+            log_u, log_m = torch.log_softmax(unmerged, -1), torch.log_softmax(merged, -1)
+            kl = (log_u.exp() * (log_u - log_m)).sum(-1).clamp_min(0)
+            kl_sum += float(kl.sum(dtype=torch.float64))
+            kl_max = max(kl_max, float(kl.max()))
+            agree += int((unmerged.argmax(-1) == merged.argmax(-1)).sum())
+        del logits
+    positions = probes.description["positions"]
+    return LogitStats(positions=positions, max_abs_diff=max_abs, mean_abs_diff=sum_abs / max(count, 1),
+                      kl_mean=kl_sum / max(positions, 1), kl_max=kl_max, top1_agreement=agree / max(positions, 1),
+                      argmax_flips=positions - agree)
+
+
+def mc_result(examples: Sequence[MCExample], unmerged: Sequence[Sequence[float]],
+              merged: Sequence[Sequence[float]], rounded: Sequence[Sequence[float]] | None = None) -> MCResult:
+    """Accuracies, the merge gap with its interval and tests, and every example whose answer changed.
+
+    ``rounded``: the scores of the rounding-floor model; its flips against the unmerged model
+    are what rounding alone does to these answers.
+    """
+    pred_u, pred_m = predictions(unmerged), predictions(merged)
+    acc_u, acc_m = accuracy(examples, pred_u), accuracy(examples, pred_m)
+    flipped = [FlippedAnswer(i, e.answer, u, m) for i, (e, u, m) in enumerate(zip(examples, pred_u, pred_m)) if u != m]
+    right_to_wrong = sum(1 for f in flipped if f.unmerged == f.answer)
+    wrong_to_right = sum(1 for f in flipped if f.merged == f.answer)
+    rounding_flips = flips_p = None
+    if rounded is not None:
+        rounding_flips = sum(1 for u, r in zip(pred_u, predictions(rounded)) if u != r)
+        flips_p = flips_vs_rounding(len(flipped), rounding_flips)
+    return MCResult(len(examples), acc_u, acc_m, 100.0 * (acc_m - acc_u), flipped, right_to_wrong, wrong_to_right,
+                    paired_gap_interval(right_to_wrong, wrong_to_right, len(examples)),
+                    mcnemar_exact(right_to_wrong, wrong_to_right), rounding_flips, flips_p)

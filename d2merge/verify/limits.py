@@ -1,0 +1,171 @@
+"""What a verify column is judged against: the dtypes' ulps, the rounding floor, the thresholds, the verdict.
+
+The floor is what one rounding to the output dtype costs this model on these probes with no
+merge at all (``apply_rounding`` makes that model; ``rounding_floor`` turns its logits into the
+floor); ``resolve_limits`` turns a column's Thresholds and floor into numbers, ``judge`` names
+every check that fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from d2merge.dtypes import FLOAT_DTYPES
+from d2merge.errors import D2MergeError
+from d2merge.dtypes import ALIASES as DTYPE_ALIASES
+from d2merge.verify.probes import Probes
+from d2merge.verify.results import LayerCheck, Limits, LogitStats, MCResult, RoundingFloor
+from d2merge.verify.stats import flips_vs_rounding
+from d2merge.verify_options import DEFAULT_THRESHOLDS, Thresholds
+
+VERIFY_DTYPES: dict[str, torch.dtype] = {n: d.torch_dtype for n, d in FLOAT_DTYPES.items()}
+DTYPE_LABELS = {v: k for k, v in VERIFY_DTYPES.items()}
+# Explicit mantissa bits and smallest normal exponent: what "one ulp" means for each output dtype.
+MANTISSA_BITS = {d.torch_dtype: d.mantissa_bits for d in FLOAT_DTYPES.values()}
+MIN_NORMAL_EXPONENT = {d.torch_dtype: d.min_normal_exponent for d in FLOAT_DTYPES.values()}
+
+
+# fp32 arithmetic alone (the unmerged forward adds x.W0 + x.dW, the merged one computes x.(W0 + dW))
+# moves logits by about 1e-6 of their scale; PEFT's own unmerged DoRA forward is 8.8e-4 from its
+# merge on SmolLM2 (logits up to about 37, 2.4e-5 of the scale). The floor is never taken below
+# this, so fp32 columns allow floor_multiple x 1e-5 x max|logit| = 1e-4 of the scale, the
+# tolerance export-onnx uses.
+ARITHMETIC_FLOOR_REL = 1e-5
+ARITHMETIC_FLOOR_ABS = 1e-5
+
+
+def parse_dtypes(dtypes: str | Sequence[str]) -> tuple[str, ...]:
+    """``"fp32,bf16"`` or a sequence, normalised (``bfloat16`` -> ``bf16``), duplicates removed."""
+    items = dtypes.split(",") if isinstance(dtypes, str) else list(dtypes)
+    names: list[str] = []
+    for raw in items:
+        key = DTYPE_ALIASES.get(raw.strip().lower(), raw.strip().lower())
+        if key not in VERIFY_DTYPES:
+            raise D2MergeError(f"unknown dtype {raw!r} for --dtypes; choose from {', '.join(VERIFY_DTYPES)}")
+        if key not in names:
+            names.append(key)
+    if not names:
+        raise D2MergeError("--dtypes names no dtype")
+    return tuple(names)
+
+
+def ulp(reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s values at each entry's magnitude (subnormal spacing near zero)."""
+    if dtype not in MANTISSA_BITS:
+        raise D2MergeError(f"no ulp defined for {dtype}")
+    _, exponent = torch.frexp(reference.double())
+    # frexp gives |x| = m * 2**e with m in [0.5, 1): the binade's exponent is e - 1.
+    binade = torch.where(reference == 0, torch.full_like(exponent, MIN_NORMAL_EXPONENT[dtype]),
+                         (exponent - 1).clamp_min(MIN_NORMAL_EXPONENT[dtype]))
+    return torch.ldexp(torch.ones_like(reference, dtype=torch.float64), binade - MANTISSA_BITS[dtype])
+
+
+@torch.no_grad()
+def apply_rounding(model: nn.Module, rewritten: set[str], dtype: torch.dtype, *, seed: int) -> nn.Module:
+    """The base weights as a merge into ``dtype`` leaves them, had the adapter been zero.
+
+    Tensors the merge copies are cast to ``dtype`` (what the merged folder holds). Tensors it
+    rewrites get one rounding's error: a seeded draw uniform in +-1/2 ulp of ``dtype``, which is
+    what rounding to nearest leaves. Casting those instead would cost nothing on a base already
+    stored in ``dtype`` (SmolLM2 ships bf16), yet the merge rounds them afresh.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if not param.is_floating_point():
+            continue
+        if name in rewritten:
+            step = ulp(param.data, dtype).to(param.dtype)
+            param.add_((torch.rand(param.shape, generator=generator, dtype=param.dtype) - 0.5) * step)
+        elif dtype != param.dtype:
+            param.copy_(param.to(dtype).to(param.dtype))
+    return model
+
+
+def rounding_floor(logits: LogitStats, reference: torch.Tensor, probes: Probes, mc_flips: int | None
+                   ) -> RoundingFloor:
+    """The floor a column's logit difference is judged against: rounding's, or fp32 arithmetic's if larger."""
+    real = probes.attention_mask.bool()
+    scale = float(reference[real].abs().max()) if real.any() else 0.0
+    arithmetic = max(ARITHMETIC_FLOOR_ABS, ARITHMETIC_FLOOR_REL * scale)
+    return RoundingFloor(logits, arithmetic, max(logits.max_abs_diff, arithmetic), mc_flips)
+
+
+def thresholds_for(dtype: str, overrides: Mapping[str, float | None] | None = None) -> Thresholds:
+    """The dtype's default thresholds with the user's overrides (``None`` keeps a default)."""
+    chosen = DEFAULT_THRESHOLDS[dtype]
+    if overrides:
+        known = {f.name for f in fields(Thresholds)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise D2MergeError(f"unknown threshold(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        chosen = replace(chosen, **{k: float(v) for k, v in overrides.items() if v is not None})
+    return chosen
+
+
+def resolve_limits(thresholds: Thresholds, floor: RoundingFloor | None) -> Limits:
+    """The column's numeric limits: a fixed --max-abs-diff if given, else floor_multiple x the floor."""
+    if thresholds.max_abs_diff is not None:
+        max_abs, source = thresholds.max_abs_diff, "fixed"
+    elif floor is not None:
+        max_abs, source = thresholds.floor_multiple * floor.max_abs_diff, "floor"
+    else:
+        max_abs, source = 0.0, "not run"
+    return Limits(max_abs, source, thresholds.max_ulp, thresholds.alpha, thresholds.min_top1, thresholds.max_gap_pp)
+
+
+def top1_flips_p(logits: LogitStats | None, floor: RoundingFloor | None) -> float | None:
+    """One-sided p that the merged model's argmax flips exceed rounding's by chance."""
+    if logits is None or floor is None:
+        return None
+    return flips_vs_rounding(logits.argmax_flips, floor.logits.argmax_flips)
+
+
+def judge(limits: Limits, logits: LogitStats | None, mc: MCResult | None, layers: Sequence[LayerCheck],
+          copied_mismatched: Sequence[str], missing: Sequence[str], floor: RoundingFloor | None = None
+          ) -> list[str]:
+    """One message per failed check or structural defect, naming the flag that sets it; empty means pass."""
+    failures = []
+    if missing:
+        failures.append(f"{len(missing)} tensor(s) of the merge plan are missing from the merged folder "
+                        f"(first: {missing[0]})")
+    if copied_mismatched:
+        failures.append(f"{len(copied_mismatched)} tensor(s) the adapter does not touch differ from the base "
+                        f"(first: {copied_mismatched[0]})")
+    worst = max(layers, key=lambda layer: layer.max_ulp_error, default=None)
+    if worst is not None and not worst.max_ulp_error <= limits.max_ulp:
+        failures.append(f"weight check: error {worst.max_ulp_error:.3g} ulp in {worst.tensor} > {limits.max_ulp:g} "
+                        "(--max-ulp)")
+    if logits is not None and not logits.max_abs_diff <= limits.max_abs_diff:
+        if limits.max_abs_diff_from == "floor" and floor is not None:
+            failures.append(f"logit check: max |logit diff| {logits.max_abs_diff:.3g} > {limits.max_abs_diff:.3g} "
+                            f"= {limits.max_abs_diff / floor.max_abs_diff:g} x rounding floor "
+                            f"{floor.max_abs_diff:.3g} (--floor-multiple)")
+        else:
+            failures.append(f"logit check: max |logit diff| {logits.max_abs_diff:.3g} > {limits.max_abs_diff:g} "
+                            "(--max-abs-diff)")
+    p = top1_flips_p(logits, floor)
+    if logits is not None and floor is not None and p is not None and p < limits.alpha:
+        failures.append(f"top-1 check: {logits.argmax_flips} argmax flips on the probes against "
+                        f"{floor.logits.argmax_flips} from rounding alone (binomial p={p:.2g} < {limits.alpha:g}) "
+                        "(--alpha)")
+    if logits is not None and limits.min_top1 is not None and not logits.top1_agreement >= limits.min_top1:
+        failures.append(f"top-1 check: agreement {100 * logits.top1_agreement:.2f}% < "
+                        f"{100 * limits.min_top1:.2f}% (--min-top1)")
+    if mc is not None:
+        low, high = mc.gap_ci_pp
+        if mc.mcnemar_p < limits.alpha:
+            failures.append(f"merge gap check: {mc.merge_gap_pp:+.2f} pp (95% CI {low:+.2f} to {high:+.2f}), "
+                            f"{mc.right_to_wrong} right->wrong vs {mc.wrong_to_right} wrong->right, "
+                            f"McNemar exact p={mc.mcnemar_p:.2g} < {limits.alpha:g} (--alpha)")
+        if mc.flips_vs_rounding_p is not None and mc.flips_vs_rounding_p < limits.alpha:
+            failures.append(f"merge gap check: {len(mc.flipped)} answers flipped against {mc.rounding_flips} "
+                            f"from rounding alone (binomial p={mc.flips_vs_rounding_p:.2g} < {limits.alpha:g}) "
+                            "(--alpha)")
+        if limits.max_gap_pp is not None and not abs(mc.merge_gap_pp) <= limits.max_gap_pp + 1e-9:
+            failures.append(f"merge gap check: {mc.merge_gap_pp:+.2f} pp exceeds {limits.max_gap_pp:g} pp "
+                            f"({len(mc.flipped)} answer(s) flipped) (--max-gap-pp)")
+    return failures

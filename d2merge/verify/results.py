@@ -1,0 +1,149 @@
+"""What verify measured, column by column: plain frozen records, no torch, no I/O.
+
+``d2merge.verify.report`` turns them into the JSON report (docs/verify-report.md) and the tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from d2merge.verify_options import Thresholds
+
+
+@dataclass(frozen=True)
+class LogitStats:
+    positions: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    kl_mean: float
+    kl_max: float
+    top1_agreement: float
+    argmax_flips: int
+
+
+@dataclass(frozen=True)
+class FlippedAnswer:
+    index: int
+    answer: int
+    unmerged: int
+    merged: int
+
+
+@dataclass(frozen=True)
+class MCResult:
+    examples: int
+    accuracy_unmerged: float
+    accuracy_merged: float
+    merge_gap_pp: float  # signed: merged minus unmerged
+    flipped: list[FlippedAnswer]
+    right_to_wrong: int = 0
+    wrong_to_right: int = 0
+    gap_ci_pp: tuple[float, float] = (0.0, 0.0)  # 95% interval of the gap (Agresti-Min paired interval)
+    mcnemar_p: float = 1.0  # exact McNemar: two-sided binomial test of right_to_wrong vs wrong_to_right
+    rounding_flips: int | None = None  # answers that one rounding of the base alone flips
+    flips_vs_rounding_p: float | None = None  # one-sided: more flips than rounding's, by chance
+
+
+@dataclass(frozen=True)
+class RoundingFloor:
+    """What one rounding to the output dtype costs this model on these probes, with no merge at all.
+
+    ``logits`` compares the unmerged model with itself after one rounding of the output dtype
+    applied to its base weights; ``max_abs_diff`` is what ``floor_multiple`` multiplies: the
+    larger of that and the fp32 arithmetic floor (ARITHMETIC_FLOOR_*).
+    """
+
+    logits: LogitStats
+    arithmetic: float
+    max_abs_diff: float
+    mc_flips: int | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The numbers a column was judged against, resolved from its Thresholds and its floor."""
+
+    max_abs_diff: float
+    max_abs_diff_from: str  # "floor" (floor_multiple x floor) or "fixed" (--max-abs-diff)
+    max_ulp: float
+    alpha: float
+    min_top1: float | None
+    max_gap_pp: float | None
+
+@dataclass(frozen=True)
+class LayerCheck:
+    tensor: str
+    module: str
+    max_abs_error: float
+    max_ulp_error: float  # in ulps at max(|merged|, |W0|, |dW|): what --max-ulp limits
+    max_ulp_error_at_value: float  # in ulps at |merged| itself (informational; large where W0 + dW cancels)
+    method: dict[str, float]
+
+
+@dataclass(frozen=True)
+class WeightCheck:
+    """The tensor-by-tensor check of one merged model against the plan."""
+
+    layers: list[LayerCheck]
+    copied_checked: int
+    copied_mismatched: list[str]
+    missing: list[str]
+    # Tensors an exported MERGED does not store exactly in any dtype: judged by their logits only.
+    not_checked: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DtypeResult:
+    """One column of the report: a merged model in one output dtype against the unmerged model."""
+
+    dtype: str
+    merged: str | None  # the folder checked; None when merged on the fly into a temp folder
+    thresholds: Thresholds
+    logits: LogitStats | None  # None when tensors are missing and the merged model was not run
+    mc: MCResult | None
+    floor: RoundingFloor | None
+    limits: Limits | None
+    top1_flips_p: float | None  # one-sided: more argmax flips than rounding's, by chance
+    layers: list[LayerCheck]
+    copied_checked: int
+    copied_mismatched: list[str]
+    missing_tensors: list[str]
+    failures: list[str]
+    # Tensors of the plan an exported MERGED (GGUF, onnxruntime-genai) does not store exactly in any
+    # dtype (quantized blocks, fused graphs): judged by their logits only.
+    not_checked: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((layer.max_abs_error for layer in self.layers), default=0.0)
+
+    @property
+    def max_ulp_error(self) -> float:
+        return max((layer.max_ulp_error for layer in self.layers), default=0.0)
+
+    @property
+    def worst_layer(self) -> str | None:
+        if not self.layers:
+            return None
+        return max(self.layers, key=lambda layer: layer.max_ulp_error).tensor
+
+
+def method_summary(layers: Sequence[LayerCheck]) -> dict[str, float]:
+    """The method's figures over all layers: ``*_min`` by min, ``*_max`` and thresholds by max, counts summed."""
+    summary: dict[str, float] = {}
+    for layer in layers:
+        for key, value in layer.method.items():
+            if key not in summary:
+                summary[key] = value
+            elif key.endswith("_min"):
+                summary[key] = min(summary[key], value)
+            elif key.endswith("_max") or "threshold" in key:
+                summary[key] = max(summary[key], value)
+            else:
+                summary[key] += value
+    return summary
