@@ -123,9 +123,15 @@ print(json.dumps({"wall": time.perf_counter() - started, "rss": usage.ru_maxrss 
 """
 
 
-def run_measured(argv: list[str], *, env: dict[str, str] | None = None) -> dict[str, float]:
-    """wall/user/sys seconds and peak RSS bytes of one child process."""
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], env=env, capture_output=True, text=True, check=True)
+def run_measured(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, float]:
+    """wall/user/sys seconds and peak RSS bytes of one child process.
+
+    ``cwd`` matters: ``python -m``/``-c`` put the working directory first on sys.path, ahead of
+    PYTHONPATH, so a child started in a checkout imports that checkout's d2merge whatever
+    ``--compare`` asks for. The benchmark runs its children in its work folder.
+    """
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], env=env, capture_output=True, text=True, check=True,
+                          cwd=cwd)
     figures = json.loads(done.stdout)
     if figures["code"] != 0:
         raise RuntimeError(f"{argv[:4]} failed ({figures['code']}): {figures['stderr']}")
@@ -179,7 +185,10 @@ PROFILE_SCRIPT = """
 import json, resource, sys, time
 wall0, cpu0 = time.perf_counter(), time.process_time()
 if sys.argv[4] == "1":
-    from d2merge.io.source_hashes import hash_ahead_of_merge
+    try:
+        from d2merge.io.source_hashes import hash_ahead_of_merge
+    except ImportError:  # an older checkout
+        hash_ahead_of_merge = lambda base, adapter: None
     hash_ahead_of_merge(sys.argv[1], sys.argv[2])
 from d2merge.merge import merge
 from d2merge import profile
@@ -289,14 +298,15 @@ def measure(args: argparse.Namespace, root: Path, base: Path, adapter: Path) -> 
                 cached = resident_fraction(list(base.glob("*.safetensors")))
                 if cached is not None and (cached > 0.1 if mode == "cold" else cached < 0.9):
                     print(f"  warning: {100 * cached:.0f}% of the base is in page cache for a {mode} run", flush=True)
-                results.setdefault((mode, label), []).append(run_measured(argv_for(out), env=env))  # type: ignore[operator]
+                results.setdefault((mode, label), []).append(
+                    run_measured(argv_for(out), env=env, cwd=root))  # type: ignore[operator]
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"  {mode} {label}: {results[(mode, label)][-1]['wall']:.2f} s", flush=True)
         if args.profile:
             out = root / "out-profile"
             (evict if mode == "cold" else warm)([base, adapter])
             done = subprocess.run([sys.executable, "-c", PROFILE_SCRIPT, str(base), str(adapter), str(out), "1"],
-                                  env=env_for(here), capture_output=True, text=True, check=True)
+                                  env=env_for(here), capture_output=True, text=True, check=True, cwd=root)
             profiles[mode] = json.loads(done.stdout.strip().splitlines()[-1])
             shutil.rmtree(out, ignore_errors=True)
 

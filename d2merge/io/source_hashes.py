@@ -45,7 +45,7 @@ import d2merge.profile as profile
 _BLOB_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Large reads: each block costs the thread two GIL hand-overs, and while the main thread runs
 # Python (importing torch) each one can wait a switch interval (5 ms).
-_GAP_BLOCK = 16 * 1024 * 1024
+_GAP_BLOCK = 8 * 1024 * 1024
 _MAP_AT_LEAST = 4 * 1024 * 1024  # smaller gaps (headers, small tensors) are read
 UNREADABLE = "unreadable"
 

@@ -75,15 +75,19 @@ class TensorReader:
                  allocate: Callable[[int], torch.Tensor] = _plain,
                  schedule: list[tuple[TensorSource, str]] | None = None, direct: bool = False):
         self.hasher = hasher
-        self._slots = [_Slot() for _ in range(max(1, slots) + (1 if schedule else 0))]
+        # A prefetch thread fills one slot while the engine computes on another; a hasher fed from
+        # the slots (a cold base) holds a third until it has hashed it.
+        fed = hasher is not None and getattr(hasher, "read_ahead", False) is False
+        extra = (1 if schedule else 0) if fed else 0
+        self._slots = [_Slot() for _ in range(max(1, slots if fed or not schedule else 2) + extra)]
         self._next = 0
         self._allocate = allocate
         self._current: _Slot | None = None
         self.bytes_read = 0
         self.direct_bytes = 0
         self._prefetch: _Prefetcher | None = None
-        if schedule and direct:
-            self._prefetch = _Prefetcher(self, schedule)
+        if schedule:
+            self._prefetch = _Prefetcher(self, schedule, direct)
 
     def _take_slot(self, waiting_for: str = "hash") -> _Slot:
         slot = self._slots[self._next]
@@ -101,12 +105,12 @@ class TensorReader:
     def read(self, source: TensorSource, name: str) -> torch.Tensor:
         with profile.phase("read"):
             self._done_with_current()
-            if self._prefetch is not None:
-                slot, tensor, path, start = self._prefetch.take(source, name)
-            elif getattr(source, "byte_range", None) is None:
+            if getattr(source, "byte_range", None) is None:
                 # Not file-backed (pickles already in memory, d2merge.many's shared loads):
                 # the source has the tensor; a ring buffer would only add memory.
                 return source.read(name)
+            if self._prefetch is not None:
+                slot, tensor, path, start = self._prefetch.take(source, name)
             else:
                 slot, tensor, path, start = self.strict_read(source, name, self._take_slot())
             self.bytes_read += tensor.numel() * tensor.element_size()
@@ -149,10 +153,16 @@ class TensorReader:
 
 
 class _Prefetcher:
-    """Reads the scheduled tensors ahead, with O_DIRECT, into the reader's slots, strictly in order."""
+    """Reads the scheduled tensors ahead into the reader's slots, strictly in order.
 
-    def __init__(self, reader: TensorReader, schedule: list[tuple[TensorSource, str]]):
+    With ``direct`` (a cold base) by O_DIRECT; otherwise by the ordinary read,
+    which for a warm base is the page-cache copy: on this thread it runs on the
+    other core instead of delaying the next tensor's arithmetic.
+    """
+
+    def __init__(self, reader: TensorReader, schedule: list[tuple[TensorSource, str]], direct: bool = True):
         self._reader = reader
+        self._direct = direct
         self._schedule = schedule
         self._ready: queue.Queue[tuple[int, object]] = queue.Queue()
         self._position = 0  # next schedule index the engine will take
@@ -171,8 +181,10 @@ class _Prefetcher:
                 if self._stop.is_set():
                     return
                 try:
-                    result: object = (self._read_direct(source, name, slot, fds)
-                                      or self._reader.strict_read(source, name, slot))
+                    result: object = self._direct and self._read_direct(source, name, slot, fds)
+                    if not result:
+                        with profile.phase("read (prefetch)"):
+                            result = self._reader.strict_read(source, name, slot)
                 except BaseException as exc:  # raised in the engine's thread when it reaches this read
                     result = exc
                 self._ready.put((index, result))
