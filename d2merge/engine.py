@@ -29,7 +29,8 @@ from d2merge.io.checkpoint import SafetensorsFiles, TensorSource
 from d2merge.io.output import disk_error
 from d2merge.io.safetensors_file import StreamingWriter, dtype_size
 from d2merge.io.source_hashes import BackgroundHashes
-from d2merge.io.tensor_reader import TensorReader, cold_enough
+from d2merge.io.direct_io import cold_enough
+from d2merge.io.tensor_reader import TensorReader
 from d2merge.plan import MergePlan, TensorPlan
 
 

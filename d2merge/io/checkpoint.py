@@ -7,7 +7,6 @@ opts in, and even then are loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
-import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path

@@ -30,7 +30,7 @@ import torch
 
 import d2merge.profile as profile
 from d2merge.io.checkpoint import TensorSource
-from d2merge.io.direct_io import ALIGNMENT, cold_enough, round_up
+from d2merge.io.direct_io import ALIGNMENT, round_up
 from d2merge.io.source_hashes import BackgroundHashes
 
 
