@@ -27,8 +27,8 @@ import functools
 import importlib.util
 import json
 import re
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 
@@ -38,14 +38,12 @@ def conv1d_modules(config: Mapping[str, Any] | None) -> frozenset[str] | None:
     None (an architecture transformers does not know, or a config it refuses) leaves the
     caller to its name rules. The result is cached per config.
     """
-    if not config or not isinstance(config.get("model_type"), str) or _ships_code(config):
+    key = _buildable_key(config)
+    if config is None or key is None:
         return None
     if _source_builds_no_conv1d(config["model_type"]):
         return frozenset()
-    try:
-        return _built_conv1d_modules(json.dumps(config, sort_keys=True))
-    except (TypeError, ValueError):
-        return None
+    return _built_conv1d_modules(key)
 
 
 def _built_conv1d_modules(config_json: str) -> frozenset[str] | None:
@@ -69,13 +67,8 @@ def model_structure(config: Mapping[str, Any] | None) -> ModelStructure | None:
     None (an architecture transformers does not know, or a config it refuses) leaves the
     caller to its config rules.
     """
-    if not config or not isinstance(config.get("model_type"), str) or _ships_code(config):
-        return None
-    try:
-        text = json.dumps(config, sort_keys=True)
-    except (TypeError, ValueError):
-        return None
-    return _model_structure(text)
+    key = _buildable_key(config)
+    return None if key is None else _model_structure(key)
 
 
 @functools.lru_cache(maxsize=16)
@@ -101,13 +94,21 @@ def meta_model(config: Mapping[str, Any] | None) -> Any:
     Its parameter names and shapes are the ones transformers holds in memory, which PEFT's
     names follow (fused MoE experts included). Cached per config.
     """
+    key = _buildable_key(config)
+    return None if key is None else _meta_model(key)
+
+
+def _buildable_key(config: Mapping[str, Any] | None) -> str | None:
+    """The config as the caches' key (canonical JSON); None for one never handed to transformers.
+
+    No ``model_type``, a config that ships code (``auto_map``), or one JSON cannot write.
+    """
     if not config or not isinstance(config.get("model_type"), str) or _ships_code(config):
         return None
     try:
-        text = json.dumps(config, sort_keys=True)
+        return json.dumps(config, sort_keys=True)
     except (TypeError, ValueError):
         return None
-    return _meta_model(text)
 
 
 def _ships_code(config: Mapping[str, Any]) -> bool:

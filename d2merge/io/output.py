@@ -331,7 +331,7 @@ class AtomicFolder(_StagedOutput):
         """fsync and rename into place; an existing output is replaced only after the new one is whole."""
         try:
             write_output_marker(self.temp)
-            _fsync_dir(self.temp)
+            _fsync(self.temp)
             old = None
             if self.final.exists():
                 if not self.overwrite:
@@ -341,7 +341,7 @@ class AtomicFolder(_StagedOutput):
                 old = self.final.parent / f".{self.final.name}{OLD_MARKER}{os.getpid()}"
                 os.replace(self.final, old)
             os.replace(self.temp, self.final)
-            _fsync_dir(self.final.parent)
+            _fsync(self.final.parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
@@ -380,11 +380,11 @@ class AtomicFiles(_StagedOutput):
                 raise D2MergeError("output appeared while writing", path=parent / present[0],
                                    hint="pass --overwrite or choose another path")
             for name in names:
-                _fsync_file(self.temp / name)
+                _fsync(self.temp / name)
             old = parent / f".{self.final.name}{OLD_FILES_MARKER}{os.getpid()}"
             old.mkdir()
             write_json(old / MOVING_IN, incoming)
-            _fsync_dir(old)
+            _fsync(old)
             for name in present:  # the previous main file last: until then the old set is whole
                 if name != self.final.name:
                     os.replace(parent / name, old / name)
@@ -392,7 +392,7 @@ class AtomicFiles(_StagedOutput):
                 os.replace(self.final, old / self.final.name)
             for name in names:  # sidecars first, the main file last
                 os.replace(self.temp / name, parent / name)
-            _fsync_dir(parent)
+            _fsync(parent)
             shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             raise disk_error(exc, self.final) from None
@@ -420,20 +420,8 @@ def scratch_beside(final: Path, what: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _fsync_file(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (its entries) where the filesystem allows it; best effort, never raises."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
