@@ -84,7 +84,14 @@ def hub_in_process(hub: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     import time, so the constants are patched (CI exports HF_HUB_OFFLINE=1 for the whole run).
     Upload progress bars are switched off so that stderr holds only what d2merge prints.
     """
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    point_client_at(hub.url, monkeypatch, tmp_path)
+    with disable_progress_bars():
+        yield hub
+
+
+def point_client_at(url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The in-process huggingface_hub client talks to ``url``, online, with no token of its own."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-cached-token"))
@@ -95,9 +102,7 @@ def hub_in_process(hub: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setattr(huggingface_hub.constants, "AGENT_HARNESSES_PATH", str(registry))
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    with disable_progress_bars():
-        yield hub
+    monkeypatch.setenv("HF_ENDPOINT", url)
 
 
 def run_cli(args: list[str], endpoint: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -558,16 +563,7 @@ def test_a_leaky_hub_never_gets_the_token_shown(model_dir: Path, monkeypatch: py
     import warnings
 
     with LeakyHub(token=ODD_TOKEN, max_requests=200, lifetime_s=60) as server:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-cached-token"))
-        registry = tmp_path / "agent_harnesses.json"
-        registry.write_text(json.dumps({"standardEnvVars": [], "harnesses": {}}))
-        monkeypatch.setattr(huggingface_hub.constants, "AGENT_HARNESSES_PATH", str(registry))
-        for name in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        point_client_at(server.url, monkeypatch, tmp_path)
         caplog.set_level(logging.DEBUG)
         with disable_progress_bars(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
