@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -48,8 +47,8 @@ class ScratchBuffers:
 
     Fresh multi-megabyte allocations are page-faulted in on first touch, which
     costs more than the merge arithmetic itself; reusing buffers makes the
-    merge run at memory speed. Output buffers come back through
-    :meth:`release` once the writer thread has written them.
+    merge run at memory speed. Output buffers (whole tensors, for the paths
+    that need one) come back through :meth:`release` once written.
     """
 
     def __init__(self, device: ComputeDevice | None = None, hasher: BackgroundHashes | None = None,
@@ -118,8 +117,12 @@ def _no_wait() -> None:
 
 
 def _compute(merge_plan: MergePlan, item: TensorPlan, device: ComputeDevice, compute_dtype: torch.dtype,
-             buffers: ScratchBuffers) -> tuple[torch.Tensor, torch.Tensor, Callable[[], None]]:
-    """(storage to release, output tensor, wait until its bytes are on the host) for one plan entry."""
+             buffers: ScratchBuffers, merge: "_MergeInputs | None" = None
+             ) -> tuple[torch.Tensor, torch.Tensor, Callable[[], None]]:
+    """(storage to release, output tensor, wait until its bytes are on the host) for one plan entry.
+
+    ``merge``: a "merge" entry's inputs when the caller has already read them.
+    """
     if item.action == "copy":
         source = buffers.reader.read(*_base_read(merge_plan, item))
         storage, out = _output_tensor(buffers, item)
@@ -129,34 +132,59 @@ def _compute(merge_plan: MergePlan, item: TensorPlan, device: ComputeDevice, com
         check_finite(tensor, merge_plan.adapter.weights_file, item.source, "adapter tensor")
         storage, out = _output_tensor(buffers, item)
         return storage, out.copy_(tensor), _no_wait
+    merge = merge or _merge_inputs(merge_plan, item, device, compute_dtype, buffers)
+    storage, out = _output_tensor(buffers, item)
+    if not merge.blockwise:
+        # On a GPU the finiteness check below synchronises with the upload, so the host
+        # read buffer is no longer needed when this returns (the reader may reuse it).
+        merged = merge.method.merged_weight(device.upload(merge.w0),
+                                            {k: device.upload(v) for k, v in merge.factors.items()},
+                                            merge.settings, compute_dtype=compute_dtype)
+        ready = device.download(merged, out,
+                                lambda cast: check_finite(cast, merge.path, item.name, "merged weight"))
+        return storage, out, ready
+    for block, merged in _merged_blocks(merge, buffers):
+        out[block].copy_(merged)  # the one cast
+    check_finite(out, merge.path, item.name, "merged weight")
+    return storage, out, _no_wait
+
+
+@dataclass(frozen=True)
+class _MergeInputs:
+    """What one "merge" entry's arithmetic needs, read and checked (factors finite)."""
+
+    method: object
+    settings: object
+    factors: dict[str, torch.Tensor]
+    w0: torch.Tensor
+    path: Path  # the base file, for errors about the merged weight
+    blockwise: bool  # row blocks on the CPU in fp32 (else the whole tensor at once)
+
+
+def _merge_inputs(merge_plan: MergePlan, item: TensorPlan, device: ComputeDevice, compute_dtype: torch.dtype,
+                  buffers: ScratchBuffers) -> _MergeInputs:
     adapter = merge_plan.adapter
     method, settings = adapter.method, item.settings
     factors = adapter.factors(item.module)  # type: ignore[arg-type]
     for name, tensor in factors.items():
         check_finite(tensor, adapter.weights_file, adapter.modules[item.module].keys[name], "adapter tensor")
-    path = merge_plan.base_weight_file(item)
     w0 = buffers.reader.read(*_base_read(merge_plan, item))
-    storage, out = _output_tensor(buffers, item)
     blockwise = (device.blockwise and compute_dtype == torch.float32 and w0.ndim == 2
                  and not settings.transposed
                  and method.row_separable(settings))
-    if not blockwise:
-        # On a GPU the finiteness check below synchronises with the upload, so the host
-        # read buffer is no longer needed when this returns (the reader may reuse it).
-        merged = method.merged_weight(device.upload(w0), {k: device.upload(v) for k, v in factors.items()},
-                                      settings, compute_dtype=compute_dtype)
-        ready = device.download(merged, out, lambda cast: check_finite(cast, path, item.name, "merged weight"))
-        return storage, out, ready
-    factors = {k: v.to(compute_dtype) for k, v in factors.items()}
-    rows, cols = w0.shape
+    return _MergeInputs(method, settings, factors, w0, merge_plan.base_weight_file(item), blockwise)
+
+
+def _merged_blocks(merge: _MergeInputs, buffers: ScratchBuffers) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, fp32 merged rows) a cache-sized block at a time; each block valid until the next."""
+    factors = {k: v.to(torch.float32) for k, v in merge.factors.items()}
+    rows, cols = merge.w0.shape
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
     work = buffers.work(step * cols)
     for start in range(0, rows, step):
         block = slice(start, min(rows, start + step))
-        w = work[: (block.stop - start) * cols].view(block.stop - start, cols).copy_(w0[block])
-        out[block].copy_(method.merge_rows_(w, factors, settings, block))  # the one cast
-    check_finite(out, path, item.name, "merged weight")
-    return storage, out, _no_wait
+        w = work[: (block.stop - start) * cols].view(block.stop - start, cols).copy_(merge.w0[block])
+        yield block, merge.method.merge_rows_(w, factors, merge.settings, block)  # type: ignore[attr-defined]
 
 
 def _base_read(merge_plan: MergePlan, item: TensorPlan) -> tuple[TensorSource, str]:
@@ -186,23 +214,32 @@ def item_bytes(item: TensorPlan) -> int:
     return math.prod(item.shape) * dtype_size(item.in_dtype)
 
 
-def check_finite(tensor: torch.Tensor, path: Path, name: str, what: str) -> None:
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """How many NaN/Inf values ``tensor`` holds (0 for integer tensors)."""
     # A sum is a cheap screen (NaN/Inf propagate); only a non-finite sum, which a finite
     # tensor can also give by overflow, pays for the elementwise check.
     if not tensor.dtype.is_floating_point:
-        return
+        return 0
     if tensor.dtype.itemsize == 1:  # float8 has no sum kernel on the CPU; the upcast is exact
         tensor = tensor.float()
     if bool(torch.isfinite(tensor.sum())):
-        return
-    bad = int((~torch.isfinite(tensor)).sum())
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def check_finite(tensor: torch.Tensor, path: Path, name: str, what: str) -> None:
+    bad = count_nonfinite(tensor)
     if bad:
-        raise D2MergeError(f"{what} has {bad} NaN/Inf value(s)", path=path, tensor=name,
-                           hint="the adapter is corrupt or diverged in training; nothing was written")
+        raise _nonfinite_error(bad, path, name, what)
+
+
+def _nonfinite_error(bad: int, path: Path, name: str, what: str) -> D2MergeError:
+    return D2MergeError(f"{what} has {bad} NaN/Inf value(s)", path=path, tensor=name,
+                        hint="the adapter is corrupt or diverged in training; nothing was written")
 
 
 def _raw_copy_source(merge_plan: MergePlan, item: TensorPlan) -> tuple[Path, int, int] | None:
-    """Unchanged tensors go from file to file in the writer thread, never held whole in memory.
+    """Unchanged tensors go from file to file, never held whole in memory.
 
     In their own dtype they are copied byte for byte; cast between float dtypes
     (``--dtype fp32`` on a bf16 base) they are converted a chunk at a time.
@@ -213,79 +250,6 @@ def _raw_copy_source(merge_plan: MergePlan, item: TensorPlan) -> tuple[Path, int
         return None
     byte_range = getattr(merge_plan.base.tensors, "byte_range", None)
     return byte_range(item.source) if byte_range is not None else None
-
-
-class WriterThread:
-    """Runs write jobs on a second thread, strictly in order, while the caller computes the next tensor.
-
-    One writer for the single merge and for ``d2merge.many``'s pass; what differs
-    between them is a parameter:
-
-    - ``depth``: how many jobs may wait (the single merge bounds it, so at most
-      ``depth`` computed tensors wait in memory; the pass bounds memory with its
-      own budget instead and passes ``None``);
-    - ``job_submitted`` / ``job_done``: called as each job is queued and after it
-      ran or was skipped (the pass's budget counts jobs in flight).
-
-    Error policy, the same for both: the first exception a job lets escape stops
-    the writer (later jobs are skipped) and is raised in the caller's thread at
-    the next :meth:`submit` or at :meth:`finish`. The single merge's jobs let
-    every error escape (one failure fails the merge); the pass's jobs record
-    their own target's failure and carry on, so only a bug escapes there.
-    """
-
-    def __init__(self, *, depth: int | None = 2, job_submitted: Callable[[], None] | None = None,
-                 job_done: Callable[[], None] | None = None, name: str = "d2merge-writer"):
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth or 0)
-        self._job_submitted = job_submitted
-        self._job_done = job_done
-        self._error: BaseException | None = None
-        self._abort = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            try:
-                if self._error is None and not self._abort.is_set():
-                    job()
-            except BaseException as exc:  # handed to the caller's thread, which reports it
-                self._error = exc
-            finally:
-                if self._job_done is not None:
-                    self._job_done()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self.raise_error()
-        if self._job_submitted is not None:
-            self._job_submitted()
-        with profile.phase("write (wait)"):  # the writer is behind: the caller waits here
-            self._queue.put(job)
-
-    def raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def finish(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self.raise_error()
-
-    def abort(self) -> None:
-        """Stop after the job in hand (the caller failed or was interrupted); queued jobs are skipped."""
-        self._abort.set()
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None and self._job_done is not None:
-                self._job_done()
-        self._queue.put(None)
-        self._thread.join()
 
 
 @contextlib.contextmanager
@@ -312,10 +276,15 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
                   hasher: BackgroundHashes | None = None) -> list[str]:
     """Stream every planned tensor into its shard; returns the file names written.
 
-    Computing (main thread) and writing (a writer thread) overlap; both release
-    the GIL in their heavy parts. ``shard_paths`` overrides where each shard
-    goes (the single-file exporter names its one shard), ``metadata`` the
-    header metadata. ``on_tensor`` is called after each tensor is written.
+    Three stages overlap: a prefetch thread reads the base ahead
+    (:class:`~d2merge.io.tensor_reader.TensorReader`), this thread computes each
+    merged row block and casts it straight into the shard's staging buffers, and
+    the shard file's flusher thread writes full buffers to disk
+    (:class:`~d2merge.io.direct_io.OutputFile`). No merged tensor is held whole
+    (row-separable methods on the CPU; the others hold one), so peak memory is the
+    read buffers plus 64 MB of staging. ``shard_paths`` overrides where each shard
+    goes (the single-file exporter names its one shard), ``metadata`` the header
+    metadata. ``on_tensor`` is called after each tensor is handed to its file.
     ``hasher`` sees every base range the engine reads (io/source_hashes.py), so
     the sources are hashed without a second pass; it is abandoned if the merge fails.
     """
@@ -327,77 +296,81 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
     paths = shard_paths or [folder / name for name in merge_plan.shard_names]
     bar = tqdm(total=merge_plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress,
                dynamic_ncols=True, leave=False)
-    open_writer: dict[str, StreamingWriter] = {}
-
-    def opened(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> Callable[[], None]:
-        def job() -> None:
-            try:
-                open_writer["current"] = StreamingWriter(path, entries, metadata or {"format": "pt"})
-            except OSError as exc:
-                raise disk_error(exc, path) from None
-        return job
-
-    def wrote(path: Path, item: TensorPlan, computed: tuple[torch.Tensor, torch.Tensor, Callable[[], None]] | None,
-              raw: tuple[Path, int, int] | None) -> Callable[[], None]:
-        def job() -> None:
-            try:
-                with profile.phase("write"):
-                    if computed is not None:
-                        computed[2]()  # a GPU's copy back to the host has landed
-                        open_writer["current"].write(item.name, computed[1])
-                        buffers.release(computed[0])
-                    elif item.in_dtype == item.out_dtype:
-                        open_writer["current"].copy_from(item.name, *raw)  # type: ignore[misc]
-                    else:
-                        open_writer["current"].convert_from(item.name, raw[0], raw[1], item.in_dtype)  # type: ignore[index]
-            except OSError as exc:
-                raise disk_error(exc, path) from None
-            bar.update(item.out_bytes)
-            if on_tensor is not None:
-                on_tensor(item)
-        return job
-
-    def closed(path: Path) -> Callable[[], None]:
-        def job() -> None:
-            try:
-                with profile.phase("write"):
-                    open_writer.pop("current").close()
-            except OSError as exc:
-                raise disk_error(exc, path) from None
-        return job
-
     device = resolve_device(device)
     ordered = [item for _, items in sorted(by_shard.items()) for item in items]
     buffers = ScratchBuffers(device, hasher, *_read_schedule(merge_plan, ordered))
-    # One computed tensor waits while another is written: peak memory is three output tensors
-    # (computing, waiting, being written), 4 * 46 MB -> 3 * 46 MB for an fp32 1.1B output.
-    writer = WriterThread(depth=1)
+    shard: StreamingWriter | None = None
     try:
         with one_intra_op_thread():
-            for shard, items in sorted(by_shard.items()):
-                path = paths[shard]
-                writer.submit(opened(path, [(t.name, t.out_dtype, t.shape) for t in items]))
+            for index, items in sorted(by_shard.items()):
+                path = paths[index]
+                with _writing(path):
+                    shard = StreamingWriter(path, [(t.name, t.out_dtype, t.shape) for t in items],
+                                            metadata or {"format": "pt"})
                 for item in items:
                     bar.set_postfix_str(item.name[-40:], refresh=False)
-                    raw = _raw_copy_source(merge_plan, item)
-                    with profile.phase("compute"):
-                        computed = (None if raw is not None
-                                    else _compute(merge_plan, item, device, torch.float32, buffers))
-                    writer.submit(wrote(path, item, computed, raw))
-                    del computed
-                writer.submit(closed(path))
-        writer.finish()
+                    _write_entry(shard, path, merge_plan, item, device, buffers)
+                    bar.update(item.out_bytes)
+                    if on_tensor is not None:
+                        on_tensor(item)
+                with _writing(path), profile.phase("write"):
+                    shard.close()
+                shard = None
     except BaseException:
-        writer.abort()
         if hasher is not None:
             hasher.abandon()
         raise
     finally:
         buffers.reader.close()
-        for handle in open_writer.values():
-            handle.abandon()
+        if shard is not None:
+            shard.abandon()
         bar.close()
     return [p.name for p in paths]
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Write failures (disk full, permissions, I/O errors) as one line naming the output file."""
+    try:
+        yield
+    except OSError as exc:
+        raise disk_error(exc, path) from None
+
+
+def _write_entry(shard: StreamingWriter, path: Path, merge_plan: MergePlan, item: TensorPlan,
+                 device: ComputeDevice, buffers: ScratchBuffers) -> None:
+    """One plan entry into the open shard: copied file to file, merged row block by row block, or whole."""
+    raw = _raw_copy_source(merge_plan, item)
+    if raw is not None:
+        with _writing(path), profile.phase("write"):
+            if item.in_dtype == item.out_dtype:
+                shard.copy_from(item.name, *raw)
+            else:
+                shard.convert_from(item.name, raw[0], raw[1], item.in_dtype)
+        return
+    with profile.phase("compute"):
+        merge = (_merge_inputs(merge_plan, item, device, torch.float32, buffers) if item.action == "merge"
+                 else None)
+        if merge is None or not merge.blockwise:
+            storage, out, ready = _compute(merge_plan, item, device, torch.float32, buffers, merge)
+            ready()
+            with _writing(path):
+                shard.write(item.name, out)
+            buffers.release(storage)
+            return
+        # The same blocks and the same cast as _compute, landing in the shard's staging buffers.
+        bad = 0
+        with _writing(path):
+            shard.begin(item.name)
+        for _, merged in _merged_blocks(merge, buffers):
+            if bad:  # already refused: only finish the count for the message
+                bad += count_nonfinite(merged.to(item.out_dtype))
+                continue
+            with _writing(path):
+                bad = shard.append_cast(merged, count_nonfinite)
+        if bad:
+            raise _nonfinite_error(bad, merge.path, item.name, "merged weight")
+        shard.end()
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,8 @@ def main() -> None:
         report(point=state["point"], pid=os.getpid(), temp=temps[0].name if temps else None, listing=listing)
         os.kill(os.getpid(), sig)
 
-    original_write, original_copy, original_commit = StreamingWriter.write, StreamingWriter.copy_from, \
-        AtomicFolder.commit
+    original_write, original_copy, original_end, original_commit = (
+        StreamingWriter.write, StreamingWriter.copy_from, StreamingWriter.end, AtomicFolder.commit)
 
     def counted(original):  # type: ignore[no-untyped-def]
         def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -72,6 +72,7 @@ def main() -> None:
 
     StreamingWriter.write = counted(original_write)  # type: ignore[method-assign]
     StreamingWriter.copy_from = counted(original_copy)  # type: ignore[method-assign]
+    StreamingWriter.end = counted(original_end)  # type: ignore[method-assign]  # merged row by row, and casts
     AtomicFolder.commit = commit  # type: ignore[method-assign]
 
     for i, point in enumerate(points):

@@ -188,3 +188,74 @@ def test_resident_fraction_sees_eviction(tmp_path: Path) -> None:
         os.close(fd)
     assert direct_io.resident_fraction([path]) < 0.5  # the kernel may keep a page or two it is using
     assert direct_io.resident_fraction([tmp_path / "missing"]) is None
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_reserve_and_commit_fill_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    """In-place fills and copies interleave in order; a region is refused where it would straddle or misalign."""
+    monkeypatch.setattr(direct_io, "STAGING_BYTES", 2 * ALIGNMENT)
+    data = b"".join(_pieces(5))
+    path = tmp_path / "f"
+    expected = bytearray()
+    with OutputFile(path, direct=direct) as out:
+        out.write(b"abc")
+        expected += b"abc"
+        assert out.reserve(8, align=4) is None  # offset 3 is not 4-byte aligned
+        assert out.reserve(2 * ALIGNMENT) is None  # would straddle into the next buffer
+        region = out.reserve(5)
+        assert region is not None and region.nbytes == 5
+        region[:] = b"12345"
+        out.commit(5)
+        expected += b"12345"
+        for start in range(0, len(data), 3000):  # in-place where it fits, else through write()
+            piece = data[start:start + 3000]
+            region = out.reserve(len(piece))
+            if region is None:
+                out.write(piece)
+            else:
+                region[:] = piece
+                out.commit(len(piece))
+            expected += piece
+    assert path.read_bytes() == bytes(expected)
+
+
+def test_flusher_failure_is_raised_in_the_callers_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk error on the flusher thread reaches the caller at its next call; the thread does not outlive it."""
+    import threading
+
+    monkeypatch.setattr(direct_io, "STAGING_BYTES", ALIGNMENT)
+    real_write, calls = os.write, []
+
+    def full_after_one(fd, data):
+        calls.append(threading.current_thread().name)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_after_one)
+    out = OutputFile(tmp_path / "f", direct=False)
+    with pytest.raises(OSError) as caught:
+        for _ in range(64):  # 64 buffers: the flusher fails on the second; the caller hears of it
+            out.write(b"x" * ALIGNMENT)
+        out.close()
+    assert caught.value.errno == errno.ENOSPC
+    assert calls[0] == "d2merge-flush"
+    out.abandon()
+    assert out.closed and not [t for t in threading.enumerate() if t.name == "d2merge-flush"]
+
+
+def test_append_cast_screens_before_writing(tmp_path: Path) -> None:
+    """A piece the screen refuses is not written; the count comes back to the caller."""
+    entries = [("w", torch.float16, (4, 3))]
+    writer = StreamingWriter(tmp_path / "f.safetensors", entries)
+    writer.begin("w")
+    assert writer.append_cast(torch.ones(2, 3), lambda cast: int((~torch.isfinite(cast)).sum())) == 0
+    too_big = torch.full((2, 3), 1e6)  # finite in fp32, inf in fp16: the screen sees the cast values
+    assert writer.append_cast(too_big, lambda cast: int((~torch.isfinite(cast)).sum())) == 6
+    with pytest.raises(RuntimeError, match="ended early"):
+        writer.end()
+    writer.append_cast(torch.zeros(2, 3))
+    writer.end()
+    writer.close()
+    loaded = SafetensorsFile(tmp_path / "f.safetensors").read("w")
+    assert torch.equal(loaded, torch.cat([torch.ones(2, 3), torch.zeros(2, 3)]).half())

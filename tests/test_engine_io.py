@@ -100,3 +100,58 @@ def test_direct_reads_report_a_truncated_base_in_one_line(tiny_bases, make_adapt
         merge(opened, adapter, tmp_path / "out")
     assert "model.safetensors" in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp16"])
+@pytest.mark.parametrize("staging", [1, 3])  # staging buffers of 1 and 3 blocks: most row blocks straddle two
+def test_merged_rows_go_straight_to_staging_with_the_same_bytes(tiny_bases, make_adapter, read_tensors,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               dtype: str, staging: int) -> None:
+    """Row blocks cast into the file's staging buffers equal the whole-tensor computation, byte for byte.
+
+    And no merged tensor of a row-separable method is ever held whole (that is what
+    keeps a 7B fp32 output's memory at the read buffers).
+    """
+    import d2merge.engine as engine
+    from d2merge.io import direct_io
+
+    base = tiny_bases("llama", dtype=torch.bfloat16)
+    adapter = make_adapter(base, "lora")
+    merge_plan = plan(base, adapter, dtype=dtype)
+    expected = {item.name: engine.compute_tensor(merge_plan, item).clone() for item in merge_plan.tensors}
+    monkeypatch.setattr(direct_io, "STAGING_BYTES", staging * direct_io.ALIGNMENT)
+    whole: list[int] = []
+    real_output = engine.ScratchBuffers.output
+    monkeypatch.setattr(engine.ScratchBuffers, "output", lambda self, n: whole.append(n) or real_output(self, n))
+    out = read_tensors(merge(base, adapter, tmp_path / "out", dtype=dtype).output)
+    assert sorted(out) == sorted(expected)
+    for name, tensor in expected.items():
+        assert out[name].dtype == tensor.dtype and torch.equal(out[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    merged = [t for t in merge_plan.tensors if t.action == "merge"]
+    assert merged and not whole, "merged tensors must not be staged whole"
+
+
+def test_non_finite_merged_rows_are_refused_with_the_whole_count(tiny_bases, make_adapter, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN in the merged rows: one line with the tensor's whole NaN count, and no output."""
+    from d2merge.errors import D2MergeError
+    from d2merge.io import direct_io
+    from d2merge.methods.lora import LoRA
+
+    base = tiny_bases("llama")
+    adapter = make_adapter(base, "lora")
+    merge_plan = plan(base, adapter)
+    target = next(t for t in merge_plan.tensors if t.action == "merge")
+    real_rows = LoRA.merge_rows_
+    monkeypatch.setattr(direct_io, "STAGING_BYTES", direct_io.ALIGNMENT)
+
+    def poisoned(self, w, factors, settings, rows):  # type: ignore[no-untyped-def]
+        merged = real_rows(self, w, factors, settings, rows)
+        merged[:, 0] = float("nan")  # one NaN per row, in every block: the first merged tensor fails
+        return merged
+
+    monkeypatch.setattr(LoRA, "merge_rows_", poisoned)
+    with pytest.raises(D2MergeError, match=rf"merged weight has {target.shape[0]} NaN/Inf value\(s\)") as caught:
+        merge(base, adapter, tmp_path / "out")
+    assert target.name in str(caught.value)
+    assert not (tmp_path / "out").exists()

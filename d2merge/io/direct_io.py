@@ -25,15 +25,20 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import queue
+import threading
 from pathlib import Path
 
 import d2merge.profile as profile
 
 # 4 KiB covers the logical block size of every disk we know (512 or 4096); mmap gives page alignment.
 ALIGNMENT = 4096
-# Big enough that one write() per 32 MB keeps the disk busy, small enough to be noise beside the tensors
-# (was 64 MB; halved for the 0.5 GB peak-RSS goal of a 1.1B fp32 output, not timed separately).
-STAGING_BYTES = 32 * 1024 * 1024
+# A ring of staging buffers: the producer fills one while a flusher thread writes the others, so the
+# disk never waits for a memory copy (one synchronous 32 MB buffer left it idle during every fill).
+# 16 MB writes run the disk at the same rate as 8-64 MB ones (dd, O_DIRECT: 0.82-0.83 GB/s here);
+# four of them (64 MB) are the most a merge holds for output, whatever the tensor sizes.
+STAGING_BYTES = 16 * 1024 * 1024
+STAGING_BUFFERS = 4
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 
 
@@ -60,21 +65,26 @@ def round_up(n: int, alignment: int = ALIGNMENT) -> int:
 
 
 class OutputFile:
-    """A file written once, front to back: ``write``, ``copy_range``, then ``close`` (which fsyncs).
+    """A file written once, front to back: ``write`` / ``reserve`` + ``commit``, ``copy_range``, then ``close``.
 
-    ``size_hint`` (the final size, when known) keeps the staging buffer no larger
-    than the file. ``direct=False`` forces buffered writes; :attr:`direct` says
-    which mode the file ended up in.
+    Bytes are staged in a ring of page-aligned buffers (:data:`STAGING_BUFFERS` of
+    :data:`STAGING_BYTES`); each full buffer goes to a flusher thread that writes it
+    (O_DIRECT, or buffered where refused) while the caller fills the next, so a
+    merge's compute and the disk overlap without a writer thread of the engine's
+    own and without an output copy of each tensor. The caller waits only when all
+    buffers are queued for the disk. A flusher failure (disk full) is raised in
+    the caller's thread at its next call. ``close`` writes the rest and fsyncs.
+
+    ``size_hint`` (the final size, when known) keeps small files to one buffer no
+    larger than the file. ``direct=False`` forces buffered writes; :attr:`direct`
+    says which mode the file ended up in. Only the caller's thread may call methods.
     """
 
     def __init__(self, path: str | Path, *, size_hint: int | None = None, direct: bool | None = None):
         self.path = Path(path)
-        self.written = 0  # bytes handed to the kernel so far (the file offset of the staging buffer)
+        self.written = 0  # bytes handed to the kernel so far (the file offset of the next staged byte)
         want_direct = direct_io_enabled() if direct is None else direct
         self._fd = -1
-        self._staging: mmap.mmap | None = None
-        self._view: memoryview | None = None
-        self._fill = 0
         self.direct = False
         if want_direct:
             try:
@@ -85,51 +95,147 @@ class OutputFile:
                     raise
         if not self.direct:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC, 0o644)
-        if self.direct:
-            size = STAGING_BYTES if size_hint is None else max(ALIGNMENT, min(STAGING_BYTES, round_up(size_hint)))
-            self._staging = mmap.mmap(-1, size)
-            self._view = memoryview(self._staging)
+        self._size = STAGING_BYTES if size_hint is None else max(ALIGNMENT, min(STAGING_BYTES, round_up(size_hint)))
+        one_buffer = size_hint is not None and size_hint <= self._size
+        self._unallocated = 1 if one_buffer else max(1, STAGING_BUFFERS)
+        self._maps: list[mmap.mmap] = []
+        self._views: list[memoryview] = []
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        self._full: queue.Queue[tuple[memoryview, int] | None] = queue.Queue()
+        self._flusher: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._abort = False
+        self._view: memoryview | None = self._next_buffer()
+        self._fill = 0
 
     def fileno(self) -> int:
         return self._fd
 
+    # -- the caller's side ------------------------------------------------------------------
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-        if not self.direct:
-            self._drain_staging()
-            self._write_all(view)
-            return
-        assert self._view is not None
         while view.nbytes:
-            n = min(view.nbytes, len(self._view) - self._fill)
-            self._view[self._fill:self._fill + n] = view[:n]
-            self._fill += n
+            n = min(view.nbytes, self._size - self._fill)
+            self._staging()[self._fill:self._fill + n] = view[:n]
             view = view[n:]
-            if self._fill == len(self._view):
-                self._flush_staging()
+            self.commit(n)
+
+    def reserve(self, nbytes: int, align: int = 1) -> memoryview | None:
+        """The next ``nbytes`` of staging to fill in place (then :meth:`commit`), or None.
+
+        None when they would straddle two buffers or start off an ``align``-byte
+        boundary (a typed view needs its element alignment): write those with :meth:`write`.
+        """
+        if nbytes <= 0 or self._fill + nbytes > self._size or self._fill % align:
+            return None
+        return self._staging()[self._fill:self._fill + nbytes]
+
+    def commit(self, nbytes: int) -> None:
+        """``nbytes`` more of the current buffer are filled (by :meth:`reserve`'s view or :meth:`write`)."""
+        self._fill += nbytes
+        if self._fill == self._size:
+            self._hand_off()
 
     def copy_range(self, source: str | Path, offset: int, nbytes: int) -> int:
         """Append ``nbytes`` of ``source`` from ``offset``; returns the bytes copied (short only at its end).
 
-        Direct mode reads straight into the staging buffer (one copy, no
-        intermediate); buffered mode lets the kernel copy (``copy_file_range``).
+        Direct mode reads straight into staging (one copy, no intermediate);
+        buffered mode lets the kernel copy (``copy_file_range``) once the staged bytes are out.
         """
         with open(source, "rb", buffering=0) as src:
             if not self.direct:
-                self._drain_staging()
+                self._drain()
                 return self._kernel_copy(src, offset, nbytes)
-            assert self._view is not None
             done = 0
             while done < nbytes:
-                room = min(nbytes - done, len(self._view) - self._fill)
-                got = os.preadv(src.fileno(), [self._view[self._fill:self._fill + room]], offset + done)
+                room = min(nbytes - done, self._size - self._fill)
+                got = os.preadv(src.fileno(), [self._staging()[self._fill:self._fill + room]], offset + done)
                 if got <= 0:
                     break
-                self._fill += got
                 done += got
-                if self._fill == len(self._view):
-                    self._flush_staging()
+                self.commit(got)
             return done
+
+    def close(self) -> None:
+        """Write what is staged, fsync, close. Raises if the disk refuses (ENOSPC, EIO)."""
+        if self._fd < 0:
+            return
+        try:
+            self._wait_for_flusher()
+            if self._view is not None and self._fill:
+                staged, self._fill = self._view[: self._fill], 0
+                aligned = staged.nbytes - staged.nbytes % ALIGNMENT if self.direct else 0
+                if aligned:
+                    self._write_staged(staged[:aligned])
+                tail = staged[aligned:]
+                if tail.nbytes and self.direct:
+                    # The last partial block cannot go through O_DIRECT: an ordinary handle, same offset.
+                    fd = os.open(self.path, os.O_WRONLY | _CLOEXEC)
+                    try:
+                        while tail.nbytes:
+                            n = os.pwrite(fd, tail, self.written)
+                            self.written += n
+                            tail = tail[n:]
+                    finally:
+                        os.close(fd)
+                elif tail.nbytes:
+                    self._write_all(tail)
+                del tail, staged
+            with profile.phase("fsync"):
+                os.fsync(self._fd)
+        finally:
+            self._release()
+
+    def abandon(self) -> None:
+        """Close without flushing (the caller deletes the partial file); never raises."""
+        self._abort = True
+        self._release()
+
+    def _staging(self) -> memoryview:
+        if self._view is None:
+            raise ValueError(f"{self.path}: write to a closed output file")
+        return self._view
+
+    def _next_buffer(self) -> memoryview:
+        if self._unallocated:
+            self._unallocated -= 1
+            self._maps.append(mmap.mmap(-1, self._size))
+            self._views.append(memoryview(self._maps[-1]))
+            return self._views[-1]
+        with profile.phase("write (wait)"):  # every buffer is queued for the disk: the disk is the limit
+            view = self._free.get()
+        self._raise_flusher_error()
+        return view
+
+    def _hand_off(self) -> None:
+        """Queue the full current buffer for the flusher thread and carry on in the next one."""
+        self._raise_flusher_error()
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="d2merge-flush", daemon=True)
+            self._flusher.start()
+        self._full.put((self._staging(), self._fill))
+        self._view, self._fill = None, 0
+        self._view = self._next_buffer()
+
+    def _wait_for_flusher(self) -> None:
+        """Until every queued buffer is written; the flusher's error, if any, is raised here."""
+        if self._flusher is not None:
+            with profile.phase("write (wait)"):
+                self._full.join()
+        self._raise_flusher_error()
+
+    def _drain(self) -> None:
+        """Everything staged is handed to the kernel (buffered mode, before a kernel-side copy)."""
+        self._wait_for_flusher()
+        if self._view is not None and self._fill:
+            staged, self._fill = self._view[: self._fill], 0
+            self._write_all(staged)
+            staged.release()
+
+    def _raise_flusher_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def _kernel_copy(self, src, offset: int, nbytes: int) -> int:
         done = 0
@@ -153,17 +259,30 @@ class OutputFile:
             self.written += copied
         return done
 
-    def _write_all(self, view: memoryview) -> None:
-        while view.nbytes:
-            n = os.write(self._fd, view)
-            view = view[n:]
-            self.written += n
+    # -- the flusher's side (and the caller's, once the flusher is idle) ---------------------
 
-    def _flush_staging(self, nbytes: int | None = None) -> None:
-        """Write the first ``nbytes`` (aligned; default all) of the staging buffer with O_DIRECT."""
-        assert self._view is not None
-        nbytes = self._fill if nbytes is None else nbytes
-        view = self._view[:nbytes]
+    def _flush_loop(self) -> None:
+        while True:
+            item = self._full.get()
+            if item is None:
+                self._full.task_done()
+                return
+            view, nbytes = item
+            try:
+                if self._error is None and not self._abort:
+                    with profile.phase("write (disk)"):
+                        self._write_staged(view[:nbytes])
+            except BaseException as exc:  # raised in the caller's thread at its next call
+                self._error = exc
+            finally:
+                self._free.put(view)
+                self._full.task_done()
+
+    def _write_staged(self, view: memoryview) -> None:
+        """Write staged bytes: O_DIRECT in whole blocks, or buffered once direct writes were refused."""
+        if not self.direct:
+            self._write_all(view)
+            return
         try:
             while view.nbytes:
                 n = os.write(self._fd, view)
@@ -172,25 +291,19 @@ class OutputFile:
                 if n % ALIGNMENT and view.nbytes:  # a short, unaligned direct write: finish buffered
                     self._become_buffered()
                     self._write_all(view)
-                    break
+                    return
         except OSError as exc:
             if exc.errno not in _REFUSED:
                 raise
             # Opened fine but the write was refused (e.g. a block size above 4 KiB): carry on buffered.
             self._become_buffered()
             self._write_all(view)
-        rest = self._view[nbytes:self._fill]
-        self._view[: rest.nbytes] = rest
-        self._fill = rest.nbytes
-        rest.release()
-        view.release()
 
-    def _drain_staging(self) -> None:
-        """After a switch to buffered writes, the staged bytes go first."""
-        if self._view is not None and self._fill:
-            staged, self._fill = self._view[: self._fill], 0
-            self._write_all(staged)
-            staged.release()
+    def _write_all(self, view: memoryview) -> None:
+        while view.nbytes:
+            n = os.write(self._fd, view)
+            view = view[n:]
+            self.written += n
 
     def _become_buffered(self) -> None:
         os.close(self._fd)
@@ -198,55 +311,26 @@ class OutputFile:
         os.lseek(self._fd, self.written, os.SEEK_SET)
         self.direct = False
 
-    def close(self) -> None:
-        """Write what is staged, fsync, close. Raises if the disk refuses (ENOSPC, EIO)."""
-        if self._fd < 0:
-            return
-        try:
-            if self._view is not None and self._fill:
-                aligned = self._fill - self._fill % ALIGNMENT
-                if self.direct and aligned:
-                    self._flush_staging(aligned)
-                tail, self._fill = self._view[: self._fill], 0
-                if tail.nbytes:
-                    if self.direct:
-                        # The last partial block cannot go through O_DIRECT: an ordinary handle, same offset.
-                        fd = os.open(self.path, os.O_WRONLY | _CLOEXEC)
-                        try:
-                            while tail.nbytes:
-                                n = os.pwrite(fd, tail, self.written)
-                                self.written += n
-                                tail = tail[n:]
-                        finally:
-                            os.close(fd)
-                    else:
-                        self._write_all(tail)
-                del tail
-            with profile.phase("fsync"):
-                os.fsync(self._fd)
-        finally:
-            self._release()
-
-    def abandon(self) -> None:
-        """Close without flushing (the caller deletes the partial file)."""
-        self._release()
-
     def _release(self) -> None:
+        if self._flusher is not None:
+            self._full.put(None)
+            self._flusher.join()
+            self._flusher = None
         if self._fd >= 0:
             try:
                 os.close(self._fd)
             except OSError:
                 pass  # moot for a file being discarded; the first error is the one reported
             self._fd = -1
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        if self._staging is not None:
+        self._view = None
+        for view in self._views:
+            view.release()
+        for staging in self._maps:
             try:
-                self._staging.close()
+                staging.close()
             except BufferError:
                 pass  # a slice still exported (an exception unwinding): freed with its last reference
-            self._staging = None
+        self._views, self._maps = [], []
 
     @property
     def closed(self) -> bool:

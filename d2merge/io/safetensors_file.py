@@ -23,7 +23,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -222,6 +222,8 @@ class StreamingWriter:
         self.path = Path(path)
         self._entries = entries
         self._next = 0
+        self._open: tuple[torch.dtype, int] | None = None  # (dtype, bytes still to come) of a begun tensor
+        self._scratch = torch.empty(0, dtype=torch.uint8)
         header, spans = encode_header(entries, metadata)
         data_bytes = max((end for _, end in spans.values()), default=0)
         self._fh = OutputFile(self.path, size_hint=len(header) + data_bytes, direct=direct)
@@ -233,15 +235,71 @@ class StreamingWriter:
         return self._fh.direct
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected_name, dtype, shape = self._entries[self._next]
+        expected_name, dtype, shape = self._entry()
         if name != expected_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(f"writer expected {expected_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         self._fh.write(tensor_bytes(tensor.cpu()))
         self._next += 1
 
+    def begin(self, name: str) -> None:
+        """Open the next tensor for :meth:`append_cast`: the merge engine hands it over a row block at a time."""
+        expected_name, dtype, shape = self._entry()
+        if name != expected_name:
+            raise RuntimeError(f"writer expected {expected_name}, got {name}")
+        self._open = (dtype, math.prod(shape) * dtype_size(dtype))
+
+    def append_cast(self, block: torch.Tensor, screen: Callable[[torch.Tensor], int] | None = None) -> int:
+        """Append ``block`` cast to the open tensor's dtype (torch's cast, as ``Tensor.copy_``).
+
+        The cast lands straight in the output's staging buffer where the bytes fit
+        in one buffer, so a merged tensor is never held whole (peak memory stays
+        at the read buffers whatever the output dtype). ``screen`` sees the cast
+        values first and returns how many are bad (NaN/Inf); a piece with any is
+        not written, and the count is returned for the caller to report.
+        """
+        if self._open is None:
+            raise RuntimeError(f"{self.path}: append_cast without begin")
+        dtype, remaining = self._open
+        nbytes = block.numel() * dtype_size(dtype)
+        if nbytes > remaining:
+            raise RuntimeError(f"writer got {nbytes} bytes for {self._entries[self._next][0]}, {remaining} left")
+        if nbytes == 0:
+            return 0
+        region = self._fh.reserve(nbytes, align=dtype_size(dtype))
+        if region is not None:
+            cast = torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(block.shape)
+        else:  # straddles two staging buffers (once per buffer) or unaligned: cast, then copy the bytes
+            if self._scratch.numel() < nbytes:
+                self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+            cast = self._scratch[:nbytes].view(dtype).view(block.shape)
+        cast.copy_(block)
+        bad = screen(cast) if screen is not None else 0
+        if not bad:
+            if region is not None:
+                self._fh.commit(nbytes)
+            else:
+                self._fh.write(tensor_bytes(cast))
+            self._open = (dtype, remaining - nbytes)
+        return bad
+
+    def end(self) -> None:
+        """The open tensor is complete (every byte appended)."""
+        if self._open is None or self._open[1]:
+            left = "never opened" if self._open is None else f"{self._open[1]} bytes missing"
+            raise RuntimeError(f"{self.path}: {self._entries[self._next][0]} ended early ({left})")
+        self._open = None
+        self._next += 1
+
+    def _entry(self) -> tuple[str, torch.dtype, tuple[int, ...]]:
+        if self._open is not None:
+            raise RuntimeError(f"{self.path}: {self._entries[self._next][0]} is still open")
+        if self._next >= len(self._entries):
+            raise RuntimeError(f"{self.path}: every tensor of the header is already written")
+        return self._entries[self._next]
+
     def copy_from(self, name: str, source: Path, offset: int, nbytes: int) -> None:
         """Copy a tensor's bytes straight from another file (kernel-side, or into the direct-I/O staging buffer)."""
-        expected_name, dtype, shape = self._entries[self._next]
+        expected_name, dtype, shape = self._entry()
         if name != expected_name or nbytes != math.prod(shape) * dtype_size(dtype):
             raise RuntimeError(f"writer expected {expected_name} ({math.prod(shape) * dtype_size(dtype)} bytes), "
                                f"got {name} ({nbytes} bytes)")
@@ -257,14 +315,12 @@ class StreamingWriter:
         a bf16 embedding would otherwise hold the whole tensor twice); the cast is
         torch's, the one ``Tensor.copy_`` does, so the bytes are the same.
         """
-        expected_name, dtype, shape = self._entries[self._next]
-        if name != expected_name:
-            raise RuntimeError(f"writer expected {expected_name}, got {name}")
-        count = math.prod(shape)
+        self.begin(name)
+        dtype, nbytes = self._open  # type: ignore[misc]
+        count = nbytes // dtype_size(dtype)
         in_size = dtype_size(in_dtype)
         step = max(1, min(count, chunk_elements))
         raw = torch.empty(step * in_size, dtype=torch.uint8)
-        cast = torch.empty(step, dtype=dtype)
         with open(source, "rb", buffering=0) as src:
             done = 0
             while done < count:
@@ -272,13 +328,12 @@ class StreamingWriter:
                 got = os.preadv(src.fileno(), [memoryview(raw.numpy())[: n * in_size]], offset + done * in_size)
                 if got != n * in_size:
                     raise D2MergeError("file ended while copying", path=source, tensor=name)
-                cast[:n].copy_(raw[: n * in_size].view(in_dtype))
-                self._fh.write(memoryview(cast[:n].view(torch.uint8).numpy()))
+                self.append_cast(raw[: n * in_size].view(in_dtype))
                 done += n
-        self._next += 1
+        self.end()
 
     def close(self) -> None:
-        if self._next != len(self._entries):
+        if self._next != len(self._entries) or self._open is not None:
             self._fh.abandon()
             raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} tensors were never written")
         self._fh.close()

@@ -20,6 +20,7 @@ weight, a write error) is dropped from the pass; the others go on.
 from __future__ import annotations
 
 import math
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -28,12 +29,86 @@ from typing import Callable
 
 import torch
 
+import d2merge.profile as profile
 from d2merge.io.output import disk_error
 from d2merge.io.safetensors_file import StreamingWriter, dtype_size
-from d2merge.engine import ScratchBuffers, WriterThread, compute_output, one_intra_op_thread
+from d2merge.engine import ScratchBuffers, compute_output, one_intra_op_thread
 from d2merge.plan import MergePlan, TensorPlan
 
 OnTensor = Callable[[str, TensorPlan], None]
+
+
+class WriterThread:
+    """Runs write jobs on a second thread, strictly in order, while the pass computes the next step.
+
+    Why a thread of the pass's own (the single merge needs none: its file's
+    flusher overlaps the disk): here one step fans a base tensor out to many
+    jobs' shards, so the appends themselves (copies into each file's staging)
+    overlap the next step's arithmetic.
+
+    - ``depth``: how many jobs may wait (``None``: unbounded; the pass bounds
+      memory with its own budget);
+    - ``job_submitted`` / ``job_done``: called as each job is queued and after it
+      ran or was skipped (the pass's budget counts jobs in flight).
+
+    Error policy: the first exception a job lets escape stops the writer (later
+    jobs are skipped) and is raised in the caller's thread at the next
+    :meth:`submit` or at :meth:`finish`. The pass's jobs record their own
+    target's failure and carry on, so only a bug escapes.
+    """
+
+    def __init__(self, *, depth: int | None = 2, job_submitted: Callable[[], None] | None = None,
+                 job_done: Callable[[], None] | None = None, name: str = "d2merge-writer"):
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth or 0)
+        self._job_submitted = job_submitted
+        self._job_done = job_done
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                if self._error is None and not self._abort.is_set():
+                    job()
+            except BaseException as exc:  # handed to the caller's thread, which reports it
+                self._error = exc
+            finally:
+                if self._job_done is not None:
+                    self._job_done()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.raise_error()
+        if self._job_submitted is not None:
+            self._job_submitted()
+        with profile.phase("write (wait)"):  # the writer is behind: the caller waits here
+            self._queue.put(job)
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.raise_error()
+
+    def abort(self) -> None:
+        """Stop after the job in hand (the caller failed or was interrupted); queued jobs are skipped."""
+        self._abort.set()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and self._job_done is not None:
+                self._job_done()
+        self._queue.put(None)
+        self._thread.join()
 
 
 class InflightBudget:
