@@ -10,7 +10,6 @@ computed between figures measured in the same run.
 from __future__ import annotations
 
 import gc
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -120,6 +119,8 @@ class BenchReport:
 
 
 def _summarise(variant: str, mode: str, batch: int, seq: int, latencies: list[float], tokens: int) -> BenchRow:
+    import statistics  # here, not at the top: it costs every CLI command 0.1 s of import (fractions)
+
     ordered = sorted(latencies)
     median = statistics.median(ordered)
     p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
