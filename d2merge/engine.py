@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -178,13 +180,73 @@ def _merge_inputs(merge_plan: MergePlan, item: TensorPlan, device: ComputeDevice
 def _merged_blocks(merge: _MergeInputs, buffers: ScratchBuffers) -> Iterator[tuple[slice, torch.Tensor]]:
     """(rows, fp32 merged rows) a cache-sized block at a time; each block valid until the next."""
     factors = {k: v.to(torch.float32) for k, v in merge.factors.items()}
-    rows, cols = merge.w0.shape
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-    work = buffers.work(step * cols)
-    for start in range(0, rows, step):
-        block = slice(start, min(rows, start + step))
-        w = work[: (block.stop - start) * cols].view(block.stop - start, cols).copy_(merge.w0[block])
-        yield block, merge.method.merge_rows_(w, factors, merge.settings, block)  # type: ignore[attr-defined]
+    step = _block_rows(merge)
+    work = buffers.work(step * merge.w0.shape[1])
+    for start in range(0, merge.w0.shape[0], step):
+        block = slice(start, min(merge.w0.shape[0], start + step))
+        yield block, _merge_block(merge, factors, work, block)
+
+
+def _block_rows(merge: _MergeInputs) -> int:
+    return max(1, CHUNK_ELEMENTS // max(merge.w0.shape[1], 1))
+
+
+def _merge_block(merge: _MergeInputs, factors: dict[str, torch.Tensor], work: torch.Tensor,
+                 block: slice) -> torch.Tensor:
+    """One block of merged rows in fp32 (in ``work``): the only place the blockwise arithmetic is written."""
+    rows, cols = block.stop - block.start, merge.w0.shape[1]
+    w = work[: rows * cols].view(rows, cols).copy_(merge.w0[block])
+    return merge.method.merge_rows_(w, factors, merge.settings, block)  # type: ignore[attr-defined]
+
+
+class SecondCore:
+    """A thread that merges every other row block, so both cores compute.
+
+    Why: with the base in page cache the arithmetic is a merge's critical path,
+    and after torch's import the other threads (prefetch, flusher) leave the
+    second core mostly idle. The blocks are independent (row-separable methods),
+    and each is computed exactly as on the main thread (same rows, same kernel,
+    one intra-op thread), so the bytes do not change (tested). Jobs run one at a
+    time; an exception in one is raised in the caller's :meth:`wait`.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="d2merge-compute", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def useful() -> bool:
+        """Whether this process may run on two cores or more."""
+        try:
+            return len(os.sched_getaffinity(0)) >= 2
+        except (AttributeError, OSError):
+            return (os.cpu_count() or 1) >= 2
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                with profile.phase("compute (second core)"):
+                    job()
+                self._done.put(None)
+            except BaseException as exc:  # raised in the caller's thread by wait()
+                self._done.put(exc)
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def wait(self) -> None:
+        error = self._done.get()
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
 
 
 def _base_read(merge_plan: MergePlan, item: TensorPlan) -> tuple[TensorSource, str]:
@@ -300,6 +362,7 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
     ordered = [item for _, items in sorted(by_shard.items()) for item in items]
     buffers = ScratchBuffers(device, hasher, *_read_schedule(merge_plan, ordered))
     shard: StreamingWriter | None = None
+    second_core = SecondCore() if device.blockwise and SecondCore.useful() else None
     try:
         with one_intra_op_thread():
             for index, items in sorted(by_shard.items()):
@@ -309,7 +372,7 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
                                             metadata or {"format": "pt"})
                 for item in items:
                     bar.set_postfix_str(item.name[-40:], refresh=False)
-                    _write_entry(shard, path, merge_plan, item, device, buffers)
+                    _write_entry(shard, path, merge_plan, item, device, buffers, second_core)
                     bar.update(item.out_bytes)
                     if on_tensor is not None:
                         on_tensor(item)
@@ -321,6 +384,8 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
             hasher.abandon()
         raise
     finally:
+        if second_core is not None:
+            second_core.close()
         buffers.reader.close()
         if shard is not None:
             shard.abandon()
@@ -338,7 +403,7 @@ def _writing(path: Path) -> Iterator[None]:
 
 
 def _write_entry(shard: StreamingWriter, path: Path, merge_plan: MergePlan, item: TensorPlan,
-                 device: ComputeDevice, buffers: ScratchBuffers) -> None:
+                 device: ComputeDevice, buffers: ScratchBuffers, second_core: SecondCore | None) -> None:
     """One plan entry into the open shard: copied file to file, merged row block by row block, or whole."""
     raw = _raw_copy_source(merge_plan, item)
     if raw is not None:
@@ -358,18 +423,36 @@ def _write_entry(shard: StreamingWriter, path: Path, merge_plan: MergePlan, item
                 shard.write(item.name, out)
             buffers.release(storage)
             return
-        # The same blocks and the same cast as _compute, landing in the shard's staging buffers.
-        bad = 0
+        # The same blocks and the same cast as _compute, landing in the shard's staging buffers;
+        # with a second core, two blocks at a time: the other thread merges the second one.
         with _writing(path):
             shard.begin(item.name)
-        for _, merged in _merged_blocks(merge, buffers):
-            if bad:  # already refused: only finish the count for the message
-                bad += count_nonfinite(merged.to(item.out_dtype))
-                continue
+        factors = {k: v.to(torch.float32) for k, v in merge.factors.items()}
+        rows, cols = merge.w0.shape
+        step = _block_rows(merge)
+        starts = list(range(0, rows, step)) if rows * cols else []  # an empty tensor has no bytes to write
+        work = buffers.work(2 * step * cols)
+        pair = 2 if second_core is not None else 1
+        for i in range(0, len(starts), pair):
+            blocks = [slice(start, min(rows, start + step)) for start in starts[i:i + pair]]
+            sizes = [(b.stop - b.start) * cols for b in blocks]
             with _writing(path):
-                bad = shard.append_cast(merged, count_nonfinite)
-        if bad:
-            raise _nonfinite_error(bad, merge.path, item.name, "merged weight")
+                target = shard.cast_target(sum(sizes))
+            if len(blocks) == 2:
+                assert second_core is not None
+                second_core.submit(lambda b=blocks[1], t=target[sizes[0]:].view(-1, cols): t.copy_(
+                    _merge_block(merge, factors, work[step * cols:], b)))
+            target[: sizes[0]].view(-1, cols).copy_(_merge_block(merge, factors, work, blocks[0]))  # the one cast
+            if len(blocks) == 2:
+                second_core.wait()  # type: ignore[union-attr]
+            bad = count_nonfinite(target)
+            if bad:
+                for start in starts[i + pair:]:  # already refused: only finish the count for the message
+                    block = slice(start, min(rows, start + step))
+                    bad += count_nonfinite(_merge_block(merge, factors, work, block).to(item.out_dtype))
+                raise _nonfinite_error(bad, merge.path, item.name, "merged weight")
+            with _writing(path):
+                shard.commit(target)
         shard.end()
 
 

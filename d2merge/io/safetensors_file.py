@@ -224,6 +224,7 @@ class StreamingWriter:
         self._next = 0
         self._open: tuple[torch.dtype, int] | None = None  # (dtype, bytes still to come) of a begun tensor
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._in_place = False  # whether the last cast_target is a view of the staging buffer
         header, spans = encode_header(entries, metadata)
         data_bytes = max((end for _, end in spans.values()), default=0)
         self._fh = OutputFile(self.path, size_hint=len(header) + data_bytes, direct=direct)
@@ -242,44 +243,57 @@ class StreamingWriter:
         self._next += 1
 
     def begin(self, name: str) -> None:
-        """Open the next tensor for :meth:`append_cast`: the merge engine hands it over a row block at a time."""
+        """Open the next tensor for :meth:`cast_target` / :meth:`append_cast`: the merge engine hands it over a row block at a time."""
         expected_name, dtype, shape = self._entry()
         if name != expected_name:
             raise RuntimeError(f"writer expected {expected_name}, got {name}")
         self._open = (dtype, math.prod(shape) * dtype_size(dtype))
 
-    def append_cast(self, block: torch.Tensor, screen: Callable[[torch.Tensor], int] | None = None) -> int:
-        """Append ``block`` cast to the open tensor's dtype (torch's cast, as ``Tensor.copy_``).
+    def cast_target(self, numel: int) -> torch.Tensor:
+        """Where the next ``numel`` values of the begun tensor go, typed (1-D): fill it, then :meth:`commit`.
 
-        The cast lands straight in the output's staging buffer where the bytes fit
-        in one buffer, so a merged tensor is never held whole (peak memory stays
-        at the read buffers whatever the output dtype). ``screen`` sees the cast
-        values first and returns how many are bad (NaN/Inf); a piece with any is
-        not written, and the count is returned for the caller to report.
+        A view of the output's staging buffer where the bytes fit in one buffer, so
+        a merged tensor is never held whole (peak memory stays at the read buffers
+        whatever the output dtype); a scratch block where they would straddle two
+        buffers (once per buffer) or be misaligned, copied at :meth:`commit`.
         """
         if self._open is None:
-            raise RuntimeError(f"{self.path}: append_cast without begin")
+            raise RuntimeError(f"{self.path}: cast_target without begin")
         dtype, remaining = self._open
-        nbytes = block.numel() * dtype_size(dtype)
-        if nbytes > remaining:
-            raise RuntimeError(f"writer got {nbytes} bytes for {self._entries[self._next][0]}, {remaining} left")
-        if nbytes == 0:
-            return 0
-        region = self._fh.reserve(nbytes, align=dtype_size(dtype))
+        size = dtype_size(dtype)
+        if numel * size > remaining:
+            raise RuntimeError(f"writer got {numel * size} bytes for {self._entries[self._next][0]}, {remaining} left")
+        region = self._fh.reserve(numel * size, align=size) if numel else None
+        self._in_place = region is not None
         if region is not None:
-            cast = torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(block.shape)
-        else:  # straddles two staging buffers (once per buffer) or unaligned: cast, then copy the bytes
-            if self._scratch.numel() < nbytes:
-                self._scratch = torch.empty(nbytes, dtype=torch.uint8)
-            cast = self._scratch[:nbytes].view(dtype).view(block.shape)
-        cast.copy_(block)
-        bad = screen(cast) if screen is not None else 0
+            return torch.frombuffer(region, dtype=torch.uint8).view(dtype)
+        if self._scratch.numel() < numel * size:
+            self._scratch = torch.empty(numel * size, dtype=torch.uint8)
+        return self._scratch[: numel * size].view(dtype)
+
+    def commit(self, target: torch.Tensor) -> None:
+        """``target`` (the last :meth:`cast_target`, now filled) is the next part of the begun tensor."""
+        assert self._open is not None
+        dtype, remaining = self._open
+        nbytes = target.numel() * dtype_size(dtype)
+        if self._in_place:
+            self._fh.commit(nbytes)
+        elif nbytes:
+            self._fh.write(tensor_bytes(target))
+        self._open = (dtype, remaining - nbytes)
+
+    def append_cast(self, block: torch.Tensor, screen: Callable[[torch.Tensor], int] | None = None) -> int:
+        """Append ``block`` cast to the begun tensor's dtype (torch's cast, as ``Tensor.copy_``).
+
+        ``screen`` sees the cast values first and returns how many are bad
+        (NaN/Inf); a piece with any is not written, and the count is returned
+        for the caller to report.
+        """
+        target = self.cast_target(block.numel()).view(block.shape)
+        target.copy_(block)
+        bad = screen(target) if screen is not None else 0
         if not bad:
-            if region is not None:
-                self._fh.commit(nbytes)
-            else:
-                self._fh.write(tensor_bytes(cast))
-            self._open = (dtype, remaining - nbytes)
+            self.commit(target)
         return bad
 
     def end(self) -> None:
