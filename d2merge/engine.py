@@ -218,7 +218,9 @@ class SecondCore:
 
     @staticmethod
     def useful() -> bool:
-        """Whether this process may run on two cores or more."""
+        """Whether this process may run on two cores or more (``D2MERGE_COMPUTE_THREADS=1``: never)."""
+        if os.environ.get("D2MERGE_COMPUTE_THREADS", "").strip() == "1":
+            return False
         try:
             return len(os.sched_getaffinity(0)) >= 2
         except (AttributeError, OSError):
@@ -284,7 +286,7 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
         return 0
     if tensor.dtype.itemsize == 1:  # float8 has no sum kernel on the CPU; the upcast is exact
         tensor = tensor.float()
-    if bool(torch.isfinite(tensor.sum())):
+    if math.isfinite(tensor.sum().item()):  # one op: a torch.isfinite of the sum was a second (~25 us)
         return 0
     return int((~torch.isfinite(tensor)).sum())
 

@@ -168,3 +168,17 @@ def test_non_finite_merged_rows_are_refused_with_the_whole_count(tiny_bases, mak
         merge(base, adapter, tmp_path / "out")
     assert target.name in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_one_compute_thread_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """D2MERGE_COMPUTE_THREADS=1 keeps the arithmetic on the caller's thread (shared CI runners)."""
+    from d2merge.engine import SecondCore
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("D2MERGE_COMPUTE_THREADS", raising=False)
+    assert SecondCore.useful()
+    monkeypatch.setenv("D2MERGE_COMPUTE_THREADS", "1")
+    assert not SecondCore.useful()
+    monkeypatch.setenv("D2MERGE_COMPUTE_THREADS", "")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert not SecondCore.useful()

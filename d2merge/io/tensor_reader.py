@@ -121,7 +121,7 @@ class TensorReader:
                     ) -> tuple[_Slot, torch.Tensor, Path | None, int | None]:
         """The ordinary read (SafetensorsFile's checks and one-line errors) into ``slot``."""
         dtype, shape = source.info(name)
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         slot.ensure(nbytes, self._allocate)
         slot.hold(1)
         try:
@@ -200,7 +200,7 @@ class _Prefetcher:
         path, start, nbytes = byte_range(name)
         dtype, shape = source.info(name)
         lead = start % ALIGNMENT
-        element = torch.empty((), dtype=dtype).element_size()
+        element = dtype.itemsize
         if nbytes == 0 or lead % element or path in self._refused:
             return None
         fd = fds.get(path)
