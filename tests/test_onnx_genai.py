@@ -52,10 +52,13 @@ def _prompt_ids(folder: Path, prompts: list[str]) -> list[list[int]]:
     return [tokenizer.encode(text).ids for text in prompts]
 
 
-def _expected_greedy(folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
+def _expected_greedy(folder_or_model: Path | torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = folder_or_model
+    if isinstance(folder_or_model, Path):
+        model = AutoModelForCausalLM.from_pretrained(folder_or_model, dtype=torch.float32)
+    model.eval()
     eos = model.generation_config.eos_token_id
     settings = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos,
                                 pad_token_id=model.generation_config.pad_token_id or eos)
@@ -190,14 +193,20 @@ def test_smollm2_generic_onnx_with_past_generates_token_for_token(smollm2: Path,
 
     Also the case that needs the fp32 bound relative to the logits' scale (logits reach ~30 here).
     """
+    import onnxruntime as ort
+    from transformers import AutoModelForCausalLM
+
     from d2merge.export.onnx import export_onnx, greedy_generate_onnx
 
     torch.set_num_threads(1)
     result = export_onnx(smollm2, tmp_path / "smol.onnx", with_past=True, exporter="legacy")
     assert result.passed and result.max_abs_diff <= result.tolerance
+    # One model and one session for the three prompts: loading either is seconds on the real model.
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
     for prompt in _prompt_ids(smollm2, REAL_PROMPTS):
-        expected = _expected_greedy(smollm2, prompt, 12)
-        tokens = greedy_generate_onnx(result.onnx_path, [prompt], 12, eos_token_id=2, pad_token_id=2)
+        expected = _expected_greedy(model, prompt, 12)
+        tokens = greedy_generate_onnx(result.onnx_path, [prompt], 12, eos_token_id=2, pad_token_id=2, session=session)
         assert tokens[0].tolist() == expected
 
 

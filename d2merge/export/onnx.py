@@ -277,15 +277,17 @@ def validate_onnx(onnx_path: str | os.PathLike, model_dir: str | os.PathLike, *,
 
 def greedy_generate_onnx(onnx_path_with_past: str | os.PathLike, input_ids: Any, max_new_tokens: int, *,
                          attention_mask: Any = None, eos_token_id: int | Sequence[int] | None = None,
-                         pad_token_id: int | None = None) -> np.ndarray:
+                         pad_token_id: int | None = None, session: Any = None) -> np.ndarray:
     """Greedy decoding in ONNX Runtime: a prefill, then one token at a time with the cache fed back.
 
     Mirrors `model.generate(do_sample=False)`: rows that emitted `eos_token_id` continue with
     `pad_token_id` (or the first eos id), and decoding stops early once every row is finished.
-    Returns int64 ids of shape (batch, prompt + new tokens), prompt included.
+    Returns int64 ids of shape (batch, prompt + new tokens), prompt included. ``session``: an
+    ``onnxruntime.InferenceSession`` already open on that graph, for several calls in a row
+    (opening one costs seconds on a real model); by default one is opened for this call.
     """
     path = Path(onnx_path_with_past)
-    session = _open_session(path)
+    session = session if session is not None else _open_session(path)
     past_inputs = [arg for arg in session.get_inputs() if arg.name.startswith(_PAST_PREFIX)]
     if not past_inputs:
         raise D2MergeError("this graph has no past_key_values inputs, so it cannot generate incrementally",
