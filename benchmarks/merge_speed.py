@@ -9,7 +9,7 @@ measures in one run, round-robin, ``--repeat`` times (medians reported):
 - ``O_DIRECT floor``: reading and writing every byte with O_DIRECT through aligned buffers (what a
   merge that must produce new bytes costs at least, without the page cache)
 - ``d2merge``:        ``d2merge merge BASE ADAPTER -o OUT`` (sources hashed), ``--no-hash-sources``,
-  one compute thread (``D2MERGE_COMPUTE_THREADS=1``) and ``--dtype fp32`` (memory with fp32 output)
+  and ``--dtype fp32`` (memory with fp32 output)
 - ``d2merge (before)``: the same command with another checkout first on PYTHONPATH (``--compare``)
 - ``peft``:           transformers load + PeftModel.from_pretrained + merge_and_unload + save_pretrained
 
@@ -278,7 +278,6 @@ def measure(args: argparse.Namespace, root: Path, base: Path, adapter: Path) -> 
         ("O_DIRECT floor", lambda out: [sys.executable, "-c", ODIRECT_SCRIPT, str(base), str(out)], env_for(here)),
         ("d2merge", lambda out: d2merge + [str(out)], env_for(here)),
         ("d2merge no-hash", lambda out: d2merge + [str(out), "--no-hash-sources"], env_for(here)),
-        ("d2merge 1 thread", lambda out: d2merge + [str(out)], {**env_for(here), "D2MERGE_COMPUTE_THREADS": "1"}),
     ]
     if not args.skip_fp32:
         runs.append(("d2merge fp32 out", lambda out: d2merge + [str(out), "--dtype", "fp32"], env_for(here)))

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -199,58 +197,6 @@ def _merge_block(merge: _MergeInputs, factors: dict[str, torch.Tensor], work: to
     return merge.method.merge_rows_(w, factors, merge.settings, block)  # type: ignore[attr-defined]
 
 
-class SecondCore:
-    """A thread that merges every other row block, so both cores compute.
-
-    Why: with the base in page cache the arithmetic is a merge's critical path,
-    and after torch's import the other threads (prefetch, flusher) leave the
-    second core mostly idle. The blocks are independent (row-separable methods),
-    and each is computed exactly as on the main thread (same rows, same kernel,
-    one intra-op thread), so the bytes do not change (tested). Jobs run one at a
-    time; an exception in one is raised in the caller's :meth:`wait`.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="d2merge-compute", daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def useful() -> bool:
-        """Whether this process may run on two cores or more (``D2MERGE_COMPUTE_THREADS=1``: never)."""
-        if os.environ.get("D2MERGE_COMPUTE_THREADS", "").strip() == "1":
-            return False
-        try:
-            return len(os.sched_getaffinity(0)) >= 2
-        except (AttributeError, OSError):
-            return (os.cpu_count() or 1) >= 2
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                with profile.phase("compute (second core)"):
-                    job()
-                self._done.put(None)
-            except BaseException as exc:  # raised in the caller's thread by wait()
-                self._done.put(exc)
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
-
-    def wait(self) -> None:
-        error = self._done.get()
-        if error is not None:
-            raise error
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-
 def _base_read(merge_plan: MergePlan, item: TensorPlan) -> tuple[TensorSource, str]:
     """The (source, name) the engine reads for a "copy" or "merge" entry."""
     tensors = merge_plan.adapter.tensors if item.base_from_adapter else merge_plan.base.tensors
@@ -364,7 +310,6 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
     ordered = [item for _, items in sorted(by_shard.items()) for item in items]
     buffers = ScratchBuffers(device, hasher, *_read_schedule(merge_plan, ordered))
     shard: StreamingWriter | None = None
-    second_core = SecondCore() if device.blockwise and SecondCore.useful() else None
     try:
         with one_intra_op_thread():
             for index, items in sorted(by_shard.items()):
@@ -374,7 +319,7 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
                                             metadata or {"format": "pt"})
                 for item in items:
                     bar.set_postfix_str(item.name[-40:], refresh=False)
-                    _write_entry(shard, path, merge_plan, item, device, buffers, second_core)
+                    _write_entry(shard, path, merge_plan, item, device, buffers)
                     bar.update(item.out_bytes)
                     if on_tensor is not None:
                         on_tensor(item)
@@ -386,8 +331,6 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
             hasher.abandon()
         raise
     finally:
-        if second_core is not None:
-            second_core.close()
         buffers.reader.close()
         if shard is not None:
             shard.abandon()
@@ -405,7 +348,7 @@ def _writing(path: Path) -> Iterator[None]:
 
 
 def _write_entry(shard: StreamingWriter, path: Path, merge_plan: MergePlan, item: TensorPlan,
-                 device: ComputeDevice, buffers: ScratchBuffers, second_core: SecondCore | None) -> None:
+                 device: ComputeDevice, buffers: ScratchBuffers) -> None:
     """One plan entry into the open shard: copied file to file, merged row block by row block, or whole."""
     raw = _raw_copy_source(merge_plan, item)
     if raw is not None:
@@ -425,33 +368,24 @@ def _write_entry(shard: StreamingWriter, path: Path, merge_plan: MergePlan, item
                 shard.write(item.name, out)
             buffers.release(storage)
             return
-        # The same blocks and the same cast as _compute, landing in the shard's staging buffers;
-        # with a second core, two blocks at a time: the other thread merges the second one.
+        # The same blocks and the same cast as _compute, landing in the shard's staging buffers.
         with _writing(path):
             shard.begin(item.name)
         factors = {k: v.to(torch.float32) for k, v in merge.factors.items()}
         rows, cols = merge.w0.shape
         step = _block_rows(merge)
         starts = list(range(0, rows, step)) if rows * cols else []  # an empty tensor has no bytes to write
-        work = buffers.work(2 * step * cols)
-        pair = 2 if second_core is not None else 1
-        for i in range(0, len(starts), pair):
-            blocks = [slice(start, min(rows, start + step)) for start in starts[i:i + pair]]
-            sizes = [(b.stop - b.start) * cols for b in blocks]
+        work = buffers.work(step * cols)
+        for i, start in enumerate(starts):
+            block = slice(start, min(rows, start + step))
             with _writing(path):
-                target = shard.cast_target(sum(sizes))
-            if len(blocks) == 2:
-                assert second_core is not None
-                second_core.submit(lambda b=blocks[1], t=target[sizes[0]:].view(-1, cols): t.copy_(
-                    _merge_block(merge, factors, work[step * cols:], b)))
-            target[: sizes[0]].view(-1, cols).copy_(_merge_block(merge, factors, work, blocks[0]))  # the one cast
-            if len(blocks) == 2:
-                second_core.wait()  # type: ignore[union-attr]
+                target = shard.cast_target((block.stop - start) * cols)
+            target.view(-1, cols).copy_(_merge_block(merge, factors, work, block))  # the one cast
             bad = count_nonfinite(target)
             if bad:
-                for start in starts[i + pair:]:  # already refused: only finish the count for the message
-                    block = slice(start, min(rows, start + step))
-                    bad += count_nonfinite(_merge_block(merge, factors, work, block).to(item.out_dtype))
+                for later in starts[i + 1:]:  # already refused: only finish the count for the message
+                    rest = slice(later, min(rows, later + step))
+                    bad += count_nonfinite(_merge_block(merge, factors, work, rest).to(item.out_dtype))
                 raise _nonfinite_error(bad, merge.path, item.name, "merged weight")
             with _writing(path):
                 shard.commit(target)

@@ -104,14 +104,13 @@ def test_direct_reads_report_a_truncated_base_in_one_line(tiny_bases, make_adapt
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp16"])
 @pytest.mark.parametrize("staging", [1, 3])  # staging buffers of 1 and 3 blocks: most row blocks straddle two
-@pytest.mark.parametrize("second_core", [True, False])
 def test_merged_rows_go_straight_to_staging_with_the_same_bytes(tiny_bases, make_adapter, read_tensors,
                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               dtype: str, staging: int, second_core: bool) -> None:
+                                                               dtype: str, staging: int) -> None:
     """Row blocks cast into the file's staging buffers equal the whole-tensor computation, byte for byte.
 
-    With the second core merging every other block or without it. Blocks are made
-    small (3 rows) so every tensor is many blocks, and pairs straddle staging buffers.
+    Blocks are made small (3 rows) so every tensor is many blocks, many of them
+    straddling two staging buffers.
     And no merged tensor of a row-separable method is ever held whole (that is what
     keeps a 7B fp32 output's memory at the read buffers).
     """
@@ -123,10 +122,6 @@ def test_merged_rows_go_straight_to_staging_with_the_same_bytes(tiny_bases, make
     merge_plan = plan(base, adapter, dtype=dtype)
     cols = {t.shape[-1] for t in merge_plan.tensors if t.action == "merge"}
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 3 * max(cols))
-    monkeypatch.setattr(engine.SecondCore, "useful", staticmethod(lambda: second_core))
-    started: list[object] = []
-    real_init = engine.SecondCore.__init__
-    monkeypatch.setattr(engine.SecondCore, "__init__", lambda self: started.append(self) or real_init(self))
     expected = {item.name: engine.compute_tensor(merge_plan, item).clone() for item in merge_plan.tensors}
     monkeypatch.setattr(direct_io, "STAGING_BYTES", staging * direct_io.ALIGNMENT)
     whole: list[int] = []
@@ -138,7 +133,6 @@ def test_merged_rows_go_straight_to_staging_with_the_same_bytes(tiny_bases, make
         assert out[name].dtype == tensor.dtype and torch.equal(out[name].view(torch.uint8), tensor.view(torch.uint8)), name
     merged = [t for t in merge_plan.tensors if t.action == "merge"]
     assert merged and not whole, "merged tensors must not be staged whole"
-    assert len(started) == int(second_core)
 
 
 def test_non_finite_merged_rows_are_refused_with_the_whole_count(tiny_bases, make_adapter, tmp_path: Path,
@@ -156,7 +150,7 @@ def test_non_finite_merged_rows_are_refused_with_the_whole_count(tiny_bases, mak
     monkeypatch.setattr(direct_io, "STAGING_BYTES", direct_io.ALIGNMENT)
     import d2merge.engine as engine
 
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 5 * target.shape[1])  # many blocks, in pairs on two cores
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 5 * target.shape[1])  # many blocks
 
     def poisoned(self, w, factors, settings, rows):  # type: ignore[no-untyped-def]
         merged = real_rows(self, w, factors, settings, rows)
@@ -169,16 +163,3 @@ def test_non_finite_merged_rows_are_refused_with_the_whole_count(tiny_bases, mak
     assert target.name in str(caught.value)
     assert not (tmp_path / "out").exists()
 
-
-def test_one_compute_thread_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    """D2MERGE_COMPUTE_THREADS=1 keeps the arithmetic on the caller's thread (shared CI runners)."""
-    from d2merge.engine import SecondCore
-
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.delenv("D2MERGE_COMPUTE_THREADS", raising=False)
-    assert SecondCore.useful()
-    monkeypatch.setenv("D2MERGE_COMPUTE_THREADS", "1")
-    assert not SecondCore.useful()
-    monkeypatch.setenv("D2MERGE_COMPUTE_THREADS", "")
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
-    assert not SecondCore.useful()
