@@ -176,25 +176,19 @@ def _merge_inputs(merge_plan: MergePlan, item: TensorPlan, device: ComputeDevice
 
 
 def _merged_blocks(merge: _MergeInputs, buffers: ScratchBuffers) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(rows, fp32 merged rows) a cache-sized block at a time; each block valid until the next."""
+    """(rows, fp32 merged rows) a cache-sized block at a time; each block valid until the next.
+
+    The only place the blockwise arithmetic is written: the whole-tensor path and
+    the path into the output's staging take the same blocks, so the same bytes.
+    """
     factors = {k: v.to(torch.float32) for k, v in merge.factors.items()}
-    step = _block_rows(merge)
-    work = buffers.work(step * merge.w0.shape[1])
-    for start in range(0, merge.w0.shape[0], step):
-        block = slice(start, min(merge.w0.shape[0], start + step))
-        yield block, _merge_block(merge, factors, work, block)
-
-
-def _block_rows(merge: _MergeInputs) -> int:
-    return max(1, CHUNK_ELEMENTS // max(merge.w0.shape[1], 1))
-
-
-def _merge_block(merge: _MergeInputs, factors: dict[str, torch.Tensor], work: torch.Tensor,
-                 block: slice) -> torch.Tensor:
-    """One block of merged rows in fp32 (in ``work``): the only place the blockwise arithmetic is written."""
-    rows, cols = block.stop - block.start, merge.w0.shape[1]
-    w = work[: rows * cols].view(rows, cols).copy_(merge.w0[block])
-    return merge.method.merge_rows_(w, factors, merge.settings, block)  # type: ignore[attr-defined]
+    rows, cols = merge.w0.shape
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    work = buffers.work(step * cols)
+    for start in range(0, rows, step):
+        block = slice(start, min(rows, start + step))
+        w = work[: (block.stop - start) * cols].view(block.stop - start, cols).copy_(merge.w0[block])
+        yield block, merge.method.merge_rows_(w, factors, merge.settings, block)  # type: ignore[attr-defined]
 
 
 def _base_read(merge_plan: MergePlan, item: TensorPlan) -> tuple[TensorSource, str]:
@@ -311,7 +305,7 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
     buffers = ScratchBuffers(device, hasher, *_read_schedule(merge_plan, ordered))
     shard: StreamingWriter | None = None
     try:
-        with one_intra_op_thread():
+        with _reading(buffers, hasher), one_intra_op_thread():
             for index, items in sorted(by_shard.items()):
                 path = paths[index]
                 with _writing(path):
@@ -326,16 +320,24 @@ def write_tensors(merge_plan: MergePlan, folder: Path, *, device: str | torch.de
                 with _writing(path), profile.phase("write"):
                     shard.close()
                 shard = None
+    finally:
+        if shard is not None:
+            shard.abandon()
+        bar.close()
+    return [p.name for p in paths]
+
+
+@contextlib.contextmanager
+def _reading(buffers: ScratchBuffers, hasher: BackgroundHashes | None) -> Iterator[None]:
+    """One stream's base reads: the hasher is abandoned if the stream fails; the prefetch thread always stops."""
+    try:
+        yield
     except BaseException:
         if hasher is not None:
             hasher.abandon()
         raise
     finally:
         buffers.reader.close()
-        if shard is not None:
-            shard.abandon()
-        bar.close()
-    return [p.name for p in paths]
 
 
 @contextlib.contextmanager
@@ -371,24 +373,20 @@ def _write_entry(shard: StreamingWriter, path: Path, merge_plan: MergePlan, item
         # The same blocks and the same cast as _compute, landing in the shard's staging buffers.
         with _writing(path):
             shard.begin(item.name)
-        factors = {k: v.to(torch.float32) for k, v in merge.factors.items()}
-        rows, cols = merge.w0.shape
-        step = _block_rows(merge)
-        starts = list(range(0, rows, step)) if rows * cols else []  # an empty tensor has no bytes to write
-        work = buffers.work(step * cols)
-        for i, start in enumerate(starts):
-            block = slice(start, min(rows, start + step))
+        bad = 0
+        for _, merged in _merged_blocks(merge, buffers):
+            if bad:  # already refused: only finish the count for the message
+                bad += count_nonfinite(merged.to(item.out_dtype))
+                continue
             with _writing(path):
-                target = shard.cast_target((block.stop - start) * cols)
-            target.view(-1, cols).copy_(_merge_block(merge, factors, work, block))  # the one cast
+                target = shard.cast_target(merged.numel()).view(merged.shape)
+            target.copy_(merged)  # the one cast
             bad = count_nonfinite(target)
-            if bad:
-                for later in starts[i + 1:]:  # already refused: only finish the count for the message
-                    rest = slice(later, min(rows, later + step))
-                    bad += count_nonfinite(_merge_block(merge, factors, work, rest).to(item.out_dtype))
-                raise _nonfinite_error(bad, merge.path, item.name, "merged weight")
-            with _writing(path):
-                shard.commit(target)
+            if not bad:
+                with _writing(path):
+                    shard.commit(target)
+        if bad:
+            raise _nonfinite_error(bad, merge.path, item.name, "merged weight")
         shard.end()
 
 
@@ -419,21 +417,14 @@ def stream_tensors(merge_plan: MergePlan, items: list[TensorPlan] | None = None,
     """
     device = resolve_device(device)
     buffers = ScratchBuffers(device, hasher)
-    try:
-        with one_intra_op_thread():
-            for item in (merge_plan.tensors if items is None else items):
-                raw = _raw_copy_source(merge_plan, item)
-                if raw is not None:
-                    yield StreamedTensor(item, None, raw)
-                    continue
-                with profile.phase("compute"):
-                    storage, out, ready = _compute(merge_plan, item, device, torch.float32, buffers)
-                    ready()
-                yield StreamedTensor(item, out, None)
-                buffers.release(storage)
-    except BaseException:
-        if hasher is not None:
-            hasher.abandon()
-        raise
-    finally:
-        buffers.reader.close()
+    with _reading(buffers, hasher), one_intra_op_thread():
+        for item in (merge_plan.tensors if items is None else items):
+            raw = _raw_copy_source(merge_plan, item)
+            if raw is not None:
+                yield StreamedTensor(item, None, raw)
+                continue
+            with profile.phase("compute"):
+                storage, out, ready = _compute(merge_plan, item, device, torch.float32, buffers)
+                ready()
+            yield StreamedTensor(item, out, None)
+            buffers.release(storage)
