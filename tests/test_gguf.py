@@ -44,8 +44,8 @@ def parse_each_gguf_once():
 
     gguf-py's reader walks the 49k tokenizer strings and merges in Python (10-17 s per parse on
     the shared machine, ~160 MB of small arrays), and transformers parses a file twice per
-    ``from_pretrained`` (config, then weights); verify parses it once more for its table. The
-    parse of a file is the same whoever asks, so the last two are kept, keyed by the file's
+    ``from_pretrained`` (config, then weights), and again to rebuild the tokenizer (d2merge's own
+    ``read_gguf`` reads only the header, with d2merge.io.gguf_file). The parse of a file is the same whoever asks, so the last two are kept, keyed by the file's
     identity (inode, size, mtime: a rewritten file is parsed again). What is read is unchanged:
     every check still goes through transformers' and d2merge's own readers.
     """

@@ -722,22 +722,16 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], str]]]:
-    """(every key/value, {tensor name: (ggml shape, type name)}) from one parse of the file.
+    """(every key/value, {tensor name: (ggml shape, type name)}) from the file's header alone.
 
-    One parse, because gguf-py's reader walks every tokenizer string in Python: seconds per
-    file for a 49k-token vocabulary.
+    Read by d2merge.io.gguf_file (gguf-py's reader walks every tokenizer string in Python:
+    seconds per file for a 49k-token vocabulary); a malformed file is refused in one line.
     """
-    gguf = _gguf()
-    path = Path(path)
-    if not path.is_file():
-        raise D2MergeError("GGUF file not found", path=path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise D2MergeError(f"not a readable GGUF file: {exc}", path=path) from None
-    metadata = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
-    tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors}
-    return metadata, tensors
+    from d2merge.io.gguf_file import read_gguf_header
+
+    _gguf()  # the GGML type tables come from gguf-py: the extra's one-line hint if it is missing
+    header = read_gguf_header(path)
+    return header.metadata, {name: (t.shape, t.type_name) for name, t in header.tensors.items()}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
