@@ -333,7 +333,7 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
     import torch
 
     from d2merge.merge import merge
-    from d2merge.runtime import load_base_model, load_unmerged
+    from d2merge.runtime import collecting_new_objects_only, load_base_model, load_unmerged
 
     settings = settings or BenchSettings()
     by_default = variants is None
@@ -378,12 +378,13 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
             if variant not in variants:
                 continue
             say(f"measuring {variant} ...")
-            model = loaders[variant]()
-            vocab = model.config.vocab_size
-            report.meta.setdefault("parameters", sum(p.numel() for p in model.parameters()))
-            report.rows += bench_torch(model, variant, settings)
-            del model
-            gc.collect()
+            with collecting_new_objects_only():  # the collection below walks this model's objects only
+                model = loaders[variant]()
+                vocab = model.config.vocab_size
+                report.meta.setdefault("parameters", sum(p.numel() for p in model.parameters()))
+                report.rows += bench_torch(model, variant, settings)
+                del model
+                gc.collect()
         if "onnx" in variants:
             if onnx is None:
                 from d2merge.export.onnx import export_onnx

@@ -162,3 +162,42 @@ def test_attach_refuses_target_parameters() -> None:
     with pytest.raises(D2MergeError, match="d2merge trains adapters on target_modules only"):
         attach(build_tiny_model("llama"), adapter_config("lora", target_modules=("q_proj",),
                                                          target_parameters=["self_attn.v_proj.weight"]))
+
+
+def test_collecting_new_objects_only_frees_young_cycles_and_thaws_at_the_outermost_exit() -> None:
+    import gc
+    import weakref
+
+    from d2merge.runtime import collecting_new_objects_only
+
+    class Node:
+        pass
+
+    def cycle() -> weakref.ref:
+        node = Node()
+        node.self = node  # type: ignore[attr-defined]
+        return weakref.ref(node)
+
+    enabled = gc.isenabled()
+    gc.disable()  # no automatic collection may take the old cycle before the freeze
+    try:
+        old = cycle()  # garbage made before: frozen inside, so left for the outermost exit
+        assert gc.get_freeze_count() == 0
+        with collecting_new_objects_only():
+            frozen = gc.get_freeze_count()
+            assert frozen > 0
+            with collecting_new_objects_only():  # nested (verify inside merge --verify): no second freeze
+                young = cycle()
+                gc.collect()
+                assert young() is None and old() is not None
+            assert gc.get_freeze_count() == frozen  # the inner exit did not thaw the outer's objects
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert old() is None
+        with pytest.raises(RuntimeError):  # an error inside still thaws
+            with collecting_new_objects_only():
+                raise RuntimeError("boom")
+        assert gc.get_freeze_count() == 0
+    finally:
+        if enabled:
+            gc.enable()
