@@ -184,13 +184,12 @@ def test_collecting_new_objects_only_frees_young_cycles_and_thaws_at_the_outermo
         old = cycle()  # garbage made before: frozen inside, so left for the outermost exit
         assert gc.get_freeze_count() == 0
         with collecting_new_objects_only():
-            frozen = gc.get_freeze_count()
-            assert frozen > 0
+            assert gc.get_freeze_count() > 0
             with collecting_new_objects_only():  # nested (verify inside merge --verify): no second freeze
                 young = cycle()
                 gc.collect()
                 assert young() is None and old() is not None
-            assert gc.get_freeze_count() == frozen  # the inner exit did not thaw the outer's objects
+            assert gc.get_freeze_count() > 0  # the inner exit did not thaw (objects freed since leave the count)
         assert gc.get_freeze_count() == 0
         gc.collect()
         assert old() is None
