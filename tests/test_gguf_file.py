@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -147,7 +147,9 @@ MALFORMED = {
     "data past the end": (build([ARCH], [tensor("w", (8, 2))], data=b"\0" * 32), "runs past the end"),
     "offset past the end": (build([ARCH], [tensor("w", (8,), offset=2**50)], data=b"\0" * 32), "runs past the end"),
     "alignment 3": (build([kv("general.alignment", 4, struct.pack("<I", 3))], []), "power of two"),
-    "alignment as a string": (build([kv("general.alignment", 8, s("32"))], []), "power of two"),
+    "alignment 0": (build([kv("general.alignment", 4, struct.pack("<I", 0))], []), "power of two"),
+    "alignment as a string": (build([kv("general.alignment", 8, s("32"))], []), "uint32, expected"),
+    "alignment as a uint64": (build([kv("general.alignment", 10, struct.pack("<Q", 32))], []), "uint32, expected"),
     "empty file": (b"", "empty"),
 }
 
@@ -181,3 +183,13 @@ def test_a_missing_file_and_a_folder_are_refused(tmp_path: Path) -> None:
 def _write(path: Path, content: bytes) -> Path:
     path.write_bytes(content)
     return path
+
+
+def test_verify_refuses_a_truncated_gguf_in_one_line(tiny_bases: Callable[..., Path],
+                                                     make_adapter: Callable[..., Path], tmp_path: Path,
+                                                     cli_runner: Callable[[list[str]], Any]) -> None:
+    base = tiny_bases("llama")
+    cut = _write(tmp_path / "cut.gguf", GOOD[:40])
+    code, out, err = cli_runner(["verify", base, make_adapter(base, "lora"), cut])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "not a readable GGUF file" in err and str(cut) in err and "Traceback" not in err

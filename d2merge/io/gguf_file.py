@@ -157,7 +157,10 @@ def _parse(path: Path, cursor: _Cursor) -> GGUFHeader:
         key = cursor.string(f"key {index}")
         if key in metadata:
             raise _Malformed(f"key {key!r} appears twice")
-        metadata[key] = cursor.value(cursor.unpack("I", f"the type of {key!r}"), f"value of {key!r}")
+        kind = cursor.unpack("I", f"the type of {key!r}")
+        if key == "general.alignment" and kind != 4:  # llama.cpp and gguf-py read it as a uint32 only
+            raise _Malformed(f"general.alignment has value type {kind} (4, uint32, expected)")
+        metadata[key] = cursor.value(kind, f"value of {key!r}")
 
     entries = []
     for index in range(tensor_count):
@@ -171,7 +174,7 @@ def _parse(path: Path, cursor: _Cursor) -> GGUFHeader:
         entries.append((name, shape, raw_type, offset))
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+    if alignment <= 0 or alignment & (alignment - 1):
         raise _Malformed(f"general.alignment is {alignment!r} (a power of two expected)")
     data_offset = -(-cursor.pos // alignment) * alignment
 
