@@ -210,6 +210,7 @@ REAL_MODEL_CACHE = Path(os.environ.get("D2MERGE_TEST_CACHE")
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     from d2merge.io.gguf_source import hf_folder_from_gguf, smollm2_gguf
+    from gguf_parse import gguf_parsed_once
 
     gguf = smollm2_gguf()
     if gguf is None:
@@ -219,7 +220,8 @@ def smollm2() -> Path:
     with open(REAL_MODEL_CACHE / "smollm2.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "config.json").is_file():
-            hf_folder_from_gguf(gguf, folder)
+            with gguf_parsed_once():  # transformers reads the file three times (config, tokenizer, weights)
+                hf_folder_from_gguf(gguf, folder)
     return folder
 
 

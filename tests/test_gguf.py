@@ -24,6 +24,7 @@ import torch
 from d2merge.export.gguf import GGUF_TYPES, export_gguf, load_gguf_model, merge_to_gguf, read_gguf
 from d2merge.errors import D2MergeError
 from d2merge.synthetic import save_random_adapter, save_tiny_base
+from gguf_parse import gguf_parsed_once
 
 SMOL_VOCAB = 49152
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -40,39 +41,9 @@ llama_cpp_only = pytest.mark.skipif(not has_llama_cpp, reason="llama-cpp-python 
 
 @pytest.fixture(scope="module", autouse=True)
 def parse_each_gguf_once():
-    """One gguf-py parse per GGUF file, whoever reads it.
-
-    gguf-py's reader walks the 49k tokenizer strings and merges in Python (10-17 s per parse on
-    the shared machine, ~160 MB of small arrays), and transformers parses a file twice per
-    ``from_pretrained`` (config, then weights), and again to rebuild the tokenizer (d2merge's own
-    ``read_gguf`` reads only the header, with d2merge.io.gguf_file). The parse of a file is the same whoever asks, so the last two are kept, keyed by the file's
-    identity (inode, size, mtime: a rewritten file is parsed again). What is read is unchanged:
-    every check still goes through transformers' and d2merge's own readers.
-    """
-    import os
-    from collections import OrderedDict
-
-    import gguf
-
-    original = gguf.GGUFReader
-    kept: OrderedDict[tuple, object] = OrderedDict()
-
-    def reader(path, mode="r"):
-        if mode != "r":
-            return original(path, mode)
-        st = os.stat(path)
-        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
-        if key not in kept:
-            kept[key] = original(path)
-            while len(kept) > 2:
-                kept.popitem(last=False)
-        kept.move_to_end(key)
-        return kept[key]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", reader)
+    """One gguf-py parse per GGUF file for the module, whoever reads it (tests/gguf_parse.py)."""
+    with gguf_parsed_once():
         yield
-    kept.clear()
 
 
 def _with_smol_tokenizer(folder: Path, smollm2: Path) -> Path:
