@@ -379,12 +379,7 @@ def _write_entry(shard: StreamingWriter, path: Path, merge_plan: MergePlan, item
                 bad += count_nonfinite(merged.to(item.out_dtype))
                 continue
             with _writing(path):
-                target = shard.cast_target(merged.numel()).view(merged.shape)
-            target.copy_(merged)  # the one cast
-            bad = count_nonfinite(target)
-            if not bad:
-                with _writing(path):
-                    shard.commit(target)
+                bad = shard.append_cast(merged, count_nonfinite)  # the one cast, screened before it is written
         if bad:
             raise _nonfinite_error(bad, merge.path, item.name, "merged weight")
         shard.end()
