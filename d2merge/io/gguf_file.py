@@ -13,6 +13,7 @@ Tensor data is never read here (verify loads the model through transformers' own
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -74,6 +75,14 @@ class _Cursor:
         self.pos += size
         return value[0] if len(value) == 1 else value
 
+    def many(self, fmt: str, count: int, what: str) -> tuple[Any, ...]:
+        """``count`` values of the one-letter struct format ``fmt``, in one unpack."""
+        width = struct.calcsize("<" + fmt)
+        self.need(count * width, what)
+        values = struct.unpack_from(f"<{count}{fmt}", self.data, self.pos)
+        self.pos += count * width
+        return values
+
     def string(self, what: str) -> str:
         length = self.unpack("Q", what)
         self.need(length, what)
@@ -106,12 +115,8 @@ class _Cursor:
         if kind == _ARRAY:
             raise _Malformed(f"{what} is an array of arrays, which d2merge does not read")
         if kind in _SCALAR_FORMATS or kind == _BOOL:
-            fmt = _SCALAR_FORMATS.get(kind, "B")
-            width = struct.calcsize("<" + fmt)
-            self.need(count * width, what)
-            values = list(struct.unpack_from(f"<{count}{fmt}", self.data, self.pos))
-            self.pos += count * width
-            return [self.boolean(v, what) for v in values] if kind == _BOOL else values
+            values = self.many(_SCALAR_FORMATS.get(kind, "B"), count, what)
+            return [self.boolean(v, what) for v in values] if kind == _BOOL else list(values)
         if kind == _STRING:
             self.need(count * 8, what)  # every string has at least its 8-byte length
             return [self.string(what) for _ in range(count)]
@@ -168,8 +173,7 @@ def _parse(path: Path, cursor: _Cursor) -> GGUFHeader:
         n_dims = cursor.unpack("I", f"the dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise _Malformed(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} expected)")
-        shape = cursor.unpack(f"{n_dims}Q", f"the shape of tensor {name!r}")
-        shape = (shape,) if n_dims == 1 else tuple(shape)
+        shape = cursor.many("Q", n_dims, f"the shape of tensor {name!r}")
         raw_type, offset = cursor.unpack("IQ", f"the type and offset of tensor {name!r}")
         entries.append((name, shape, raw_type, offset))
 
@@ -187,13 +191,10 @@ def _parse(path: Path, cursor: _Cursor) -> GGUFHeader:
             block, block_bytes = GGML_QUANT_SIZES[ggml_type]
         except (ValueError, KeyError):
             raise _Malformed(f"tensor {name!r} has GGML type {raw_type}, which gguf-py does not know") from None
-        elements = 1
-        for n in shape:
-            elements *= n
         if shape[0] % block:
             raise _Malformed(f"tensor {name!r}: rows of {shape[0]} values do not fill {ggml_type.name} "
                              f"blocks of {block}")
-        nbytes = elements // block * block_bytes
+        nbytes = math.prod(shape) // block * block_bytes
         start = data_offset + offset
         if start + nbytes > cursor.size:
             raise _Malformed(f"tensor {name!r} ({nbytes} bytes at {start}) runs past the end of the file "
