@@ -465,3 +465,34 @@ def test_mc_scores_run_each_prompt_once_and_match_full_sequences(work: dict[str,
     assert [len(s) for s in shared] == [len(e.choices) for e in examples]
     assert torch.allclose(torch.tensor([x for s in shared for x in s]), torch.tensor([x for s in full for x in s]),
                           atol=1e-4, rtol=0)
+
+
+def test_probe_batches_run_by_length_without_unneeded_padding() -> None:
+    from types import SimpleNamespace
+
+    from d2merge.verify import Probes, compare_logits, probe_logits
+
+    class Counting(torch.nn.Module):
+        """Logits that depend on each token and its position only; records every batch's shape."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: list[tuple[int, int]] = []
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+            self.shapes.append(tuple(input_ids.shape))
+            positions = torch.arange(input_ids.shape[1], dtype=torch.float32)
+            return SimpleNamespace(logits=torch.stack([input_ids.float() + positions, positions - input_ids], -1))
+
+    lengths = [5, 1, 4, 2]  # right-padded to 5; batches of 2 by length: (1, 2) then (4, 5)
+    ids = torch.arange(1, 21).view(4, 5)
+    mask = (torch.arange(5) < torch.tensor(lengths)[:, None]).long()
+    probes = Probes(ids, mask, {"positions": int(mask.sum())})
+    model = Counting()
+    logits = probe_logits(model, probes, batch_size=2)
+    assert model.shapes == [(2, 2), (2, 5)] and logits.shape == (4, 5, 2)
+    expected = model(ids, mask).logits
+    real = mask.bool()
+    assert torch.equal(logits[real], expected[real])
+    stats = compare_logits(model, probes, logits, batch_size=2)
+    assert stats.max_abs_diff == 0.0 and stats.top1_agreement == 1.0 and stats.positions == sum(lengths)
