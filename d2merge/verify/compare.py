@@ -38,7 +38,7 @@ def _batches(probes: Probes, batch_size: int) -> Iterator[tuple[list[int], torch
 
 @torch.no_grad()
 def probe_logits(model: nn.Module, probes: Probes, batch_size: int) -> torch.Tensor:
-    """fp32 logits of every probe at the probes' full width; the mask says which positions are real (padding: 0)."""
+    """fp32 logits of every probe at the probes' full width; only positions the mask marks real are meaningful."""
     out: torch.Tensor | None = None
     for rows, ids, mask in _batches(probes, batch_size):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
