@@ -2,6 +2,6 @@
 
 import sys
 
-from d2merge.cli import main
+from d2merge.cli import run
 
-sys.exit(main())
+sys.exit(run())
