@@ -225,3 +225,20 @@ def test_cli_hashes_ahead_of_the_merge(tiny_bases, make_adapter, tmp_path: Path)
     expected.update({f"adapter/{p.name}": _digest(Path(adapter) / p.name)
                      for p in (Path("adapter_model.safetensors"), Path("adapter_config.json"))})
     assert result.source_hashes == expected
+
+
+def test_the_early_hash_starts_before_torch_is_imported(tiny_bases, make_adapter) -> None:
+    """What the CLI runs before importing torch imports no torch itself, or the hash would wait for the import."""
+    import subprocess
+    import sys
+
+    base = tiny_bases("llama")
+    adapter = make_adapter(base, "lora")
+    code = ("import sys\nfrom d2merge.io.source_hashes import _EARLY, hash_ahead_of_merge\n"
+            f"hash_ahead_of_merge({str(base)!r}, {str(adapter)!r})\n"
+            "print(len(_EARLY), sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules))")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3", "[]"]
