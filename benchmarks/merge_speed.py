@@ -15,7 +15,8 @@ measures in one run, round-robin, ``--repeat`` times (medians reported):
 
 ``--cache warm`` reads the base into page cache first; ``--cache cold`` evicts our
 own files (``posix_fadvise(DONTNEED)``, nothing else on the machine) before each
-run. Wall, user and system seconds and peak RSS are each child's own
+run; each measured run follows an unmeasured one of the same command (``--no-prime``: not;
+see PRIME below). Wall, user and system seconds and peak RSS are each child's own
 (``os.wait4``). ``--profile`` adds one in-process merge per cache mode with the
 phase breakdown (import, plan, read, compute, write, fsync, hash; wall and CPU).
 Timings on shared machines vary by about 15%: compare ratios from the same run.
@@ -203,6 +204,13 @@ print(json.dumps(figures))
 """
 
 
+# PRIME: each measured run follows an unmeasured run of the same command, whose output is deleted
+# just before it. On a VM whose host takes freed guest memory back (this project's machines), a
+# process that fills 2 GB of fresh page cache otherwise pays about 3 s/GB while the host backs the
+# pages, and which command pays depends on what ran before it: `cp` ranged 1.3-9.6 s. Memory freed
+# just before a run is reused at once, as on an ordinary machine.
+
+
 def evict(paths: list[Path]) -> None:
     """Drop our own files from the page cache (never anyone else's: no drop_caches)."""
     for path in paths:
@@ -232,6 +240,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported")
     parser.add_argument("--cache", choices=("warm", "cold", "both"), default="both")
+    parser.add_argument("--no-prime", dest="prime", action="store_false",
+                        help="do not run each command once, unmeasured, right before each measured run (see PRIME)")
     parser.add_argument("--skip-peft", action="store_true", help="skip the (slow, memory-hungry) PEFT path")
     parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32-output merge")
     parser.add_argument("--compare", type=Path, default=None,
@@ -293,6 +303,9 @@ def measure(args: argparse.Namespace, root: Path, base: Path, adapter: Path) -> 
         for _ in range(args.repeat):
             for label, argv_for, env in runs:
                 out = root / f"out-{label.replace(' ', '-')}"
+                if args.prime:
+                    (evict if mode == "cold" else warm)([base, adapter])
+                    run_measured(argv_for(out), env=env, cwd=root)  # type: ignore[operator]
                 shutil.rmtree(out, ignore_errors=True)
                 (evict if mode == "cold" else warm)([base, adapter])
                 cached = resident_fraction(list(base.glob("*.safetensors")))
