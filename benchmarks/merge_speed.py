@@ -10,6 +10,7 @@ measures in one run, round-robin, ``--repeat`` times (medians reported):
   merge that must produce new bytes costs at least, without the page cache)
 - ``d2merge``:        ``d2merge merge BASE ADAPTER -o OUT`` (sources hashed), ``--no-hash-sources``,
   and ``--dtype fp32`` (memory with fp32 output)
+- ``d2merge cuda``:   with ``--cuda``, ``--device cuda`` (bf16 and fp32 output; on a machine with a GPU)
 - ``d2merge (before)``: the same command with another checkout first on PYTHONPATH (``--compare``)
 - ``peft``:           transformers load + PeftModel.from_pretrained + merge_and_unload + save_pretrained
 
@@ -244,6 +245,8 @@ def main() -> None:
                         help="do not run each command once, unmeasured, right before each measured run (see PRIME)")
     parser.add_argument("--skip-peft", action="store_true", help="skip the (slow, memory-hungry) PEFT path")
     parser.add_argument("--skip-fp32", action="store_true", help="skip the fp32-output merge")
+    parser.add_argument("--cuda", action="store_true",
+                        help="also measure `--device cuda` (the arithmetic on a GPU; bf16 and fp32 output)")
     parser.add_argument("--compare", type=Path, default=None,
                         help="another d2merge checkout (e.g. main) measured alongside as 'd2merge (before)'")
     parser.add_argument("--profile", action="store_true", help="print the phase breakdown of one merge per cache mode")
@@ -291,6 +294,10 @@ def measure(args: argparse.Namespace, root: Path, base: Path, adapter: Path) -> 
     ]
     if not args.skip_fp32:
         runs.append(("d2merge fp32 out", lambda out: d2merge + [str(out), "--dtype", "fp32"], env_for(here)))
+    if args.cuda:
+        runs.append(("d2merge cuda", lambda out: d2merge + [str(out), "--device", "cuda"], env_for(here)))
+        runs.append(("d2merge cuda fp32", lambda out: d2merge + [str(out), "--device", "cuda", "--dtype", "fp32"],
+                     env_for(here)))
     if args.compare:
         runs.append(("d2merge (before)", lambda out: d2merge + [str(out)], env_for(str(args.compare.resolve()))))
     if not args.skip_peft:
