@@ -57,13 +57,16 @@ def test_export_onnx_refuses_dynamo_opset_17_before_loading_the_model(tiny_bases
 
 
 def test_offline_push_fails_before_merging(tiny_bases, make_adapter, cli_runner, tmp_path, monkeypatch):
+    # Both imported before patching: d2merge.publish binds formats.merge_as when it is first imported,
+    # and would keep the stand-in after this test if that import happened while it was patched.
     import d2merge.export.formats
+    import d2merge.publish
 
     def must_not_merge(*_args, **_kwargs):
         raise AssertionError("merged although the push could never happen")
 
     monkeypatch.setattr(d2merge.export.formats, "merge_as", must_not_merge)
-    monkeypatch.setattr("d2merge.publish.merge_as", must_not_merge)
+    monkeypatch.setattr(d2merge.publish, "merge_as", must_not_merge)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base = tiny_bases("llama")
     result = cli_runner(["merge", base, make_adapter(base, "lora"), "-o", tmp_path / "m", "--push-to", "me/m"])
