@@ -13,7 +13,6 @@ The names below are imported on first use (PEP 562): ``import d2merge`` and
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from d2merge.errors import D2MergeError, VerificationFailed  # noqa: E402
+from d2merge.lazy_names import lazy_attributes  # noqa: E402
 
 # name -> module that defines it
 _LAZY = {"load_adapter": "d2merge.io", "open_base": "d2merge.io", "MergeOptions": "d2merge.options",
@@ -34,18 +34,7 @@ if TYPE_CHECKING:
     from d2merge.merge import MergeResult, merge, plan
     from d2merge.options import MergeOptions
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'd2merge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 class _Package(types.ModuleType):

@@ -9,8 +9,9 @@ import instead of after it (tests/test_source_hashes.py checks that it does).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from d2merge.lazy_names import lazy_attributes
 
 # name -> module that defines it
 _LAZY = {"Adapter": "d2merge.io.adapter", "AdapterModule": "d2merge.io.adapter", "load_adapter": "d2merge.io.adapter",
@@ -26,15 +27,4 @@ if TYPE_CHECKING:
     from d2merge.io.checkpoint import BaseCheckpoint, open_base
     from d2merge.io.safetensors_file import SafetensorsFile, StreamingWriter, save_tensors
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'd2merge.io' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
