@@ -307,14 +307,15 @@ def measure(args: argparse.Namespace, root: Path, base: Path, adapter: Path) -> 
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     profiles: dict[str, dict] = {}
     for mode in modes:
+        set_cache = evict if mode == "cold" else warm
         for _ in range(args.repeat):
             for label, argv_for, env in runs:
                 out = root / f"out-{label.replace(' ', '-')}"
                 if args.prime:
-                    (evict if mode == "cold" else warm)([base, adapter])
+                    set_cache([base, adapter])
                     run_measured(argv_for(out), env=env, cwd=root)  # type: ignore[operator]
                 shutil.rmtree(out, ignore_errors=True)
-                (evict if mode == "cold" else warm)([base, adapter])
+                set_cache([base, adapter])
                 cached = resident_fraction(list(base.glob("*.safetensors")))
                 if cached is not None and (cached > 0.1 if mode == "cold" else cached < 0.9):
                     print(f"  warning: {100 * cached:.0f}% of the base is in page cache for a {mode} run", flush=True)
@@ -324,7 +325,7 @@ def measure(args: argparse.Namespace, root: Path, base: Path, adapter: Path) -> 
                 print(f"  {mode} {label}: {results[(mode, label)][-1]['wall']:.2f} s", flush=True)
         if args.profile:
             out = root / "out-profile"
-            (evict if mode == "cold" else warm)([base, adapter])
+            set_cache([base, adapter])
             done = subprocess.run([sys.executable, "-c", PROFILE_SCRIPT, str(base), str(adapter), str(out), "1"],
                                   env=env_for(here), capture_output=True, text=True, check=True, cwd=root)
             profiles[mode] = json.loads(done.stdout.strip().splitlines()[-1])

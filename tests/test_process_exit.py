@@ -44,8 +44,13 @@ cli.run()
 """
 
 
+def checkout_env() -> dict[str, str]:
+    """This environment with the checkout first on PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def run_driver(mode: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = checkout_env()
     env.pop("PYTHONUNBUFFERED", None)  # buffered stdout, as in a user's pipe: the flush at exit is what is tested
     return subprocess.run([sys.executable, "-c", DRIVER, mode], capture_output=True, text=True, env=env, timeout=60)
 
@@ -69,7 +74,7 @@ def test_handler_registered_before_run_keeps_the_ordinary_exit() -> None:
 
 @pytest.mark.parametrize("argv, code", [(["--version"], 0), (["merge", "no-such-base", "no-such-adapter", "-o", "x"], 2)])
 def test_python_dash_m_d2merge_exit_codes(argv: list[str], code: int, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = checkout_env()
     env.pop("D2MERGE_DEBUG", None)
     proc = subprocess.run([sys.executable, "-m", "d2merge", *argv], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=120)
