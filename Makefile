@@ -9,7 +9,7 @@ GGUF_LLAMA ?= 1
 # A portable CPU build (AVX2/FMA/F16C, no native tuning, no curl, no examples/tools).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean browser
 
 $(BIN)/d2merge: pyproject.toml constraints/dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,15 +32,25 @@ $(VENV)/.llama-cpp: $(BIN)/d2merge
 	if [ "$(GGUF_LLAMA)" != "0" ]; then CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(PIP) install -q -c constraints/dev.txt 'llama-cpp-python==0.3.36' && touch $@; fi
 
+# Debian's chromium for tests/test_html_reports.py (the HTML pages in a real headless browser).
+# Installed only where it can be (root and apt-get: the CI image); elsewhere those tests skip and
+# say why. Never fails the build: a missing browser is a skipped test, not a broken set-up.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+			|| echo "chromium could not be installed: the HTML report browser tests will skip"; \
+		else echo "chromium not installed (needs root and apt-get): the HTML report browser tests will skip"; fi; }
+
 setup: $(BIN)/d2merge
 
 demo: setup
 	$(BIN)/d2merge demo
 
-test: setup $(VENV)/.llama-cpp
+test: setup $(VENV)/.llama-cpp browser
 	$(BIN)/python -m pytest -n 2 --maxschedchunk 2 -q --durations=15
 
-test-fast: setup $(VENV)/.llama-cpp
+test-fast: setup $(VENV)/.llama-cpp browser
 	$(BIN)/python -m pytest -n 2 --maxschedchunk 2 -q -m "not slow"
 
 bench: setup

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -442,11 +443,13 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the throughput chart to a PNG (needs the 'plot' extra: matplotlib).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report as one self-contained HTML page (charts, spread, ratios).")
 def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | None, variants: str | None,
                   gguf_path: str | None, gguf_type: str, genai_path: str | None, genai_precision: str,
                   batch_sizes: str, seq_lens: str, decode_tokens: int, decode_prompt_len: int, warmup: int,
                   repeats: int,
-                  json_path: str | None, plot_path: str | None) -> None:
+                  json_path: str | None, plot_path: str | None, html_path: str | None) -> None:
     """Measure throughput and latency: base vs unmerged vs merged vs ONNX Runtime (and llama.cpp, onnxruntime-genai).
 
     Each variant is loaded, measured and freed in turn. Every cell gets warm-up
@@ -457,13 +460,16 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
     Examples:
       d2merge bench ./base ./adapter                         # everything, small grid
       d2merge bench ./base ./adapter --merged ./merged --variants merged,unmerged
-      d2merge bench ./base ./adapter --batch-sizes 8 --seq-lens 128 --json bench.json --plot bench.png
+      d2merge bench ./base ./adapter --batch-sizes 8 --seq-lens 128 --json bench.json --html bench.html
       d2merge bench ./base ./adapter --variants merged,onnx,llama_cpp,genai --genai-precision int4
     """
     from d2merge.bench import bench as run_bench
     from d2merge.bench import plot_report as plot_bench_report
     from d2merge.bench import save_report as save_bench_report
+    from d2merge.io.output import check_output_location
 
+    if html_path:  # before the measurements: a page is never lost to a bad path at the end
+        html_path = str(check_output_location(Path(html_path), (), overwrite=True, is_file=True))
     settings = BenchSettings(batch_sizes=_int_list(batch_sizes), seq_lens=_int_list(seq_lens),
                              decode_batch_sizes=(1,) if decode_tokens else (), decode_tokens=decode_tokens,
                              decode_prompt_len=decode_prompt_len, warmup=warmup, repeats=repeats)
@@ -476,6 +482,10 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
         save_bench_report(report, json_path)
     if plot_path:
         plot_bench_report(report, plot_path)
+    if html_path:
+        from d2merge.reports.bench_page import write_bench_page
+
+        write_bench_page(report, html_path)
 
 
 
@@ -511,11 +521,15 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
                    f"[default: {threshold_defaults('max_ulp')}]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the report as JSON (schema: docs/verify-report.md).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report as one self-contained HTML page (verdict, floors, per-layer weight error, "
+                   "logit distributions, flips, provenance; docs/html-reports.md).")
 @_options_from(VerifyOptions)
 def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | None, prompts: str | None,
                    mc_eval: str | None, floor_multiple: float | None, alpha: float | None,
                    max_abs_diff: float | None, max_gap_pp: float | None, min_top1: float | None,
-                   max_ulp: float | None, report_path: str | None, **option_values: Any) -> None:
+                   max_ulp: float | None, report_path: str | None, html_path: str | None,
+                   **option_values: Any) -> None:
     """Prove a merge faithful: MERGED against BASE + ADAPTER run unmerged.
 
     Compares logits on probe inputs (max/mean |diff|, KL, top-1 agreement), the
@@ -531,7 +545,7 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
       d2merge verify ./base ./adapter ./merged
       d2merge verify ./base ./adapter model-q8_0.gguf
       d2merge verify ./base ./adapter --dtypes fp32,bf16 --mc-eval eval.jsonl
-      d2merge verify ./base ./adapter ./merged --prompts prompts.txt --report verify.json
+      d2merge verify ./base ./adapter ./merged --prompts prompts.txt --report verify.json --html verify.html
     """
     from d2merge.verify import verify
 
@@ -539,7 +553,8 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
     thresholds = {"floor_multiple": floor_multiple, "alpha": alpha, "max_abs_diff": max_abs_diff,
                   "max_gap_pp": max_gap_pp, "min_top1": min_top1, "max_ulp": max_ulp}
     report = verify(base, adapter, merged, dtypes=dtypes, mc_eval=mc_eval, prompts=prompts, thresholds=thresholds,
-                    options=options, echo=lambda message: click.echo(message, err=True), report=report_path)
+                    options=options, echo=lambda message: click.echo(message, err=True), report=report_path,
+                    html=html_path)
     click.echo(report.table())
     if not report.passed:
         raise VerificationFailed("; ".join(report.failures()))

@@ -52,6 +52,11 @@ ALLOWED = {
                                "d2merge.export.gguf", "d2merge.export.onnx_genai", "d2merge.verify_options",
                                "d2merge.verify.compare", "d2merge.verify.limits", "d2merge.verify.probes",
                                "d2merge.verify.results", "d2merge.verify.weights"),
+    # the HTML pages: the machinery writes through io.output; a page reads its report's records
+    # (verify.report, bench, many.run for type checking only: nothing there imports a page back).
+    "d2merge.reports.html": ("d2merge.io.output",),
+    "d2merge.reports": ("d2merge.reports.html", "d2merge.verify.results", "d2merge.verify.report", "d2merge.bench",
+                        "d2merge.many.run"),
 }
 
 
@@ -106,3 +111,14 @@ def test_every_module_is_in_the_architecture_table():
         folder = path.parent.relative_to(ROOT).as_posix() + "/"
         assert f"`{rel}`" in table or path.name in table or (folder in table and path.parent.name == "methods"), (
             f"docs/architecture.md does not say what {rel} owns")
+
+
+def test_the_html_pages_load_no_torch():
+    """`d2merge.reports` renders pages from report records; importing it must not import torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, d2merge.reports.html, d2merge.reports.bench_page, d2merge.reports.many_page, "
+            "d2merge.reports.verify_page; assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -286,14 +286,16 @@ def test_ulp_matches_the_formats() -> None:
 
 NUMBER = (int, float)
 TOP_LEVEL = {"schema_version": int, "d2merge_version": str, "passed": bool, "base": str, "adapter": str,
-             "method": str, "probes": dict, "mc_eval": (str, type(None)), "options": dict, "results": list}
+             "method": str, "probes": dict, "mc_eval": (str, type(None)), "options": dict, "results": list,
+             "provenance": dict}
 RESULT = {"dtype": str, "merged": (str, type(None)), "passed": bool, "failures": list, "thresholds": dict,
           "logits": (dict, type(None)), "mc": (dict, type(None)), "layers": list, "copied_checked": int,
           "copied_mismatched": list, "missing_tensors": list, "max_abs_error": NUMBER, "max_ulp_error": NUMBER,
           "worst_layer": (str, type(None)), "method_summary": dict, "floor": dict, "limits": dict,
           "top1_flips_p": NUMBER, "not_checked": list}
 LOGITS = {"positions": int, "max_abs_diff": NUMBER, "mean_abs_diff": NUMBER, "kl_mean": NUMBER, "kl_max": NUMBER,
-          "top1_agreement": NUMBER, "argmax_flips": int}
+          "top1_agreement": NUMBER, "argmax_flips": int, "probe_max_abs_diff": list, "probe_kl_mean": list,
+          "probe_top1_agreement": list, "abs_diff_counts": list}
 MC = {"examples": int, "accuracy_unmerged": NUMBER, "accuracy_merged": NUMBER, "merge_gap_pp": NUMBER,
       "flipped": list, "right_to_wrong": int, "wrong_to_right": int, "gap_ci_pp": list, "mcnemar_p": NUMBER,
       "rounding_flips": int, "flips_vs_rounding_p": NUMBER}

@@ -449,6 +449,26 @@ def write_text(path: Path, text: str) -> None:
         raise disk_error(exc, path) from None
 
 
+def replace_file(path: Path, text: str) -> Path:
+    """Write ``text`` to a temp name beside ``path``, fsync it, then rename it over ``path``.
+
+    For one-file reports (the HTML pages): a reader, a browser or a CI artifact upload never sees
+    half a page, and an interrupted run leaves the previous page whole.
+    """
+    path = Path(path).expanduser().absolute()
+    temp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+    try:
+        try:
+            temp.write_text(text, encoding="utf-8")
+            _fsync(temp)
+            os.replace(temp, path)
+        except OSError as exc:
+            raise disk_error(exc, path) from None
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 

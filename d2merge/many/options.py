@@ -59,6 +59,9 @@ class ManyOptions:
                 "2GiB (one step may exceed it when a single tensor is larger)."})
     device: str = field(default="cpu", metadata={
         "help": "Where the fp32 math runs (cpu or cuda).", "choices": ("cpu", "cuda")})
+    html: str | None = field(default=None, metadata={
+        "help": "Also write the run as one self-contained HTML page there; each verified job's verify page "
+                "goes beside it, in <page name>-verify/<job>.html, linked from its row."})
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -335,12 +335,22 @@ def _verify(entry: CheckedJob, outcome: JobOutcome, base: BaseCheckpoint, option
         plan = entry.plan
         assert plan is not None
         add_verify_table_to_card(entry.output, plan, hashes.for_plan(plan), report.table())
+        page = None
+        if options.html:
+            from d2merge.reports.many_page import job_page_path
+            from d2merge.reports.verify_page import write_verify_page
+
+            page = job_page_path(options.html, job.name)
+            page.parent.mkdir(parents=True, exist_ok=True)
+            write_verify_page(report, page)
     except Exception as exc:
         outcome.status, outcome.error = FAILED, _error_line(job, exc)
         return
     finally:
         outcome.seconds += time.perf_counter() - started
     outcome.verify = {"passed": report.passed, "failures": report.failures()}
+    if page is not None:
+        outcome.verify["html"] = str(page)
     if not report.passed:
         outcome.status = VERIFY_FAILED
 
@@ -432,6 +442,9 @@ def merge_many(base: str | Path, manifest: str | Path | Sequence[Job | str | Pat
         from d2merge.many.ray_jobs import import_ray
 
         import_ray()  # a missing extra is one line before anything is planned or created
+    if options.html:  # before any work: a run's page is never lost to a bad path at the end
+        html = check_output_location(Path(options.html), (), overwrite=True, is_file=True)
+        options = replace(options, html=str(html))  # absolute: workers and Ray tasks write the job pages
     base_ckpt = open_base(base, allow_pickle=options.allow_pickle)
     if not dry_run:
         _make_outdir(out)
@@ -449,7 +462,8 @@ def merge_many(base: str | Path, manifest: str | Path | Sequence[Job | str | Pat
                                              "not run: another job cannot run (fix it, or pass --keep-going)")
             outcomes.append(JobOutcome(c.job.name, str(c.job.adapter), str(c.output), status, error=error,
                                        method=c.plan.adapter.method.name if c.plan else None, plan=c.plan))
-        return ManyReport(str(base_ckpt.location), str(out), outcomes, time.perf_counter() - started, runner)
+        return _with_page(ManyReport(str(base_ckpt.location), str(out), outcomes, time.perf_counter() - started,
+                                     runner), options)
 
     peak = 0
     if ray is not None:
@@ -464,7 +478,16 @@ def merge_many(base: str | Path, manifest: str | Path | Sequence[Job | str | Pat
         outcomes, peak = _run_processes(base_ckpt, checked, out, options, on_tensor)
     else:
         outcomes, peak = _run_checked(base_ckpt, checked, options, hashes, progress=progress, on_tensor=on_tensor)
-    return ManyReport(str(base_ckpt.location), str(out), outcomes, time.perf_counter() - started, runner, peak)
+    return _with_page(ManyReport(str(base_ckpt.location), str(out), outcomes, time.perf_counter() - started, runner,
+                                 peak), options)
+
+
+def _with_page(report: ManyReport, options: ManyOptions) -> ManyReport:
+    if options.html:
+        from d2merge.reports.many_page import write_many_page
+
+        write_many_page(report, options.html)
+    return report
 
 
 def _make_outdir(out: Path) -> None:

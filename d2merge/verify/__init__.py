@@ -39,7 +39,7 @@ from d2merge.verify.limits import (ARITHMETIC_FLOOR_ABS, ARITHMETIC_FLOOR_REL, D
                                    thresholds_for, top1_flips_p, ulp)
 from d2merge.verify.probes import (PROBE_SENTENCES, Probes, check_eval_positions, check_probe_positions,
                                    load_base_tokenizer, prompt_probes, random_probes, read_prompts, sentence_probes)
-from d2merge.verify.report import SCHEMA_VERSION, VerifyReport, format_gap_table, format_report
+from d2merge.verify.report import SCHEMA_VERSION, VerifyReport, collect_provenance, format_gap_table, format_report
 from d2merge.verify.results import (DtypeResult, FlippedAnswer, LayerCheck, Limits, LogitStats, MCResult,
                                     RoundingFloor, WeightCheck, method_summary)
 from d2merge.verify.stats import binomial_tail, flips_vs_rounding, mcnemar_exact, paired_gap_interval
@@ -65,14 +65,15 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
            dtypes: str | Sequence[str] | None = None, mc_eval: str | Path | None = None,
            prompts: str | Path | None = None, thresholds: Mapping[str, float | None] | None = None,
            options: VerifyOptions | None = None, echo: Callable[[str], None] | None = None,
-           report: str | Path | None = None, **overrides: Any) -> VerifyReport:
+           report: str | Path | None = None, html: str | Path | None = None, **overrides: Any) -> VerifyReport:
     """Compare base + adapter (unmerged) with ``merged``, or with fresh merges in each of ``dtypes``.
 
     Without ``merged``, each dtype (default fp32) is merged into a temp folder, checked and
     deleted. ``thresholds`` overrides the per-dtype defaults (keys: Thresholds fields) for every
     column. Keyword ``overrides`` are VerifyOptions fields: ``verify(base, adapter, num_probes=16)``.
     ``echo`` receives one line per stage (the CLI sends them to stderr). ``report``: also write the
-    JSON report there; the location is checked before any work starts, so a verdict is never lost.
+    JSON report there; ``html``: also write the HTML page there (d2merge/reports/verify_page.py). Both
+    locations are checked before any work starts, so a verdict is never lost.
     """
     from d2merge.io.output import check_output_location
     from d2merge.io.transformers_folder import refuse_custom_code
@@ -84,6 +85,7 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
         raise D2MergeError("--dtypes merges on the fly; it cannot be combined with a MERGED folder",
                            hint="drop MERGED to compare fresh merges per dtype, or drop --dtypes")
     report_path = check_output_location(Path(report), (), overwrite=True, is_file=True) if report else None
+    html_path = check_output_location(Path(html), (), overwrite=True, is_file=True) if html else None
     base_ckpt = open_base(base, allow_pickle=options.allow_pickle)
     exported = open_exported(merged) if merged is not None else None  # a GGUF or genai build: no HF folder
     merged_ckpt = open_base(merged, allow_pickle=options.allow_pickle) if merged is not None and not exported else None
@@ -158,7 +160,14 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
             shutil.rmtree(temp_root, ignore_errors=True)
     result = VerifyReport(base=str(base_ckpt.location), adapter=str(adapter_obj.path), method=adapter_obj.method.name,
                           probes=probes.description, mc_eval=None if mc_eval is None else str(mc_eval),
-                          options=options, results=results)
+                          options=options, results=results,
+                          provenance=collect_provenance(base_ckpt.weight_files,
+                                                        [adapter_obj.path / "adapter_config.json",
+                                                         adapter_obj.weights_file]))
     if report_path is not None:
         result.save(report_path)
+    if html_path is not None:
+        from d2merge.reports.verify_page import write_verify_page
+
+        write_verify_page(result, html_path)
     return result

@@ -12,7 +12,7 @@ from torch import nn
 
 from d2merge.tasks import MCExample, accuracy, predictions
 from d2merge.verify.probes import Probes
-from d2merge.verify.results import FlippedAnswer, LogitStats, MCResult
+from d2merge.verify.results import ABS_DIFF_EDGES, FlippedAnswer, LogitStats, MCResult
 from d2merge.verify.stats import flips_vs_rounding, mcnemar_exact, paired_gap_interval
 
 
@@ -57,6 +57,9 @@ def compare_logits(model: nn.Module, probes: Probes, reference: torch.Tensor, ba
     large vocabulary would cost more memory than the rest of verify besides the model.
     """
     max_abs, sum_abs, count, kl_sum, kl_max, agree = 0.0, 0.0, 0, 0.0, 0.0, 0
+    per_probe: dict[int, tuple[float, float, float]] = {}
+    edges = torch.tensor(ABS_DIFF_EDGES, dtype=torch.float32)
+    counts = torch.zeros(len(ABS_DIFF_EDGES) + 1, dtype=torch.int64)
     for rows, ids, mask in _batches(probes, batch_size):
         logits = model(input_ids=ids, attention_mask=mask).logits
         for row in range(logits.shape[0]):
@@ -64,20 +67,28 @@ def compare_logits(model: nn.Module, probes: Probes, reference: torch.Tensor, ba
             merged = logits[row][real].float()
             unmerged = reference[rows[row], : ids.shape[1]][real]
             diff = (unmerged - merged).abs_()
-            max_abs = max(max_abs, float(diff.max()))
+            row_max = float(diff.max())
+            max_abs = max(max_abs, row_max)
             sum_abs += float(diff.sum(dtype=torch.float64))
             count += diff.numel()
+            counts += torch.bincount(torch.bucketize(diff.view(-1), edges, right=True), minlength=counts.numel())
             del diff
             log_u, log_m = torch.log_softmax(unmerged, -1), torch.log_softmax(merged, -1)
             kl = (log_u.exp() * (log_u - log_m)).sum(-1).clamp_min(0)
             kl_sum += float(kl.sum(dtype=torch.float64))
             kl_max = max(kl_max, float(kl.max()))
-            agree += int((unmerged.argmax(-1) == merged.argmax(-1)).sum())
+            row_agree = int((unmerged.argmax(-1) == merged.argmax(-1)).sum())
+            agree += row_agree
+            per_probe[rows[row]] = (row_max, float(kl.mean(dtype=torch.float64)), row_agree / max(kl.numel(), 1))
         del logits
     positions = probes.description["positions"]
     return LogitStats(positions=positions, max_abs_diff=max_abs, mean_abs_diff=sum_abs / max(count, 1),
                       kl_mean=kl_sum / max(positions, 1), kl_max=kl_max, top1_agreement=agree / max(positions, 1),
-                      argmax_flips=positions - agree)
+                      argmax_flips=positions - agree,
+                      probe_max_abs_diff=[per_probe[i][0] for i in sorted(per_probe)],
+                      probe_kl_mean=[per_probe[i][1] for i in sorted(per_probe)],
+                      probe_top1_agreement=[per_probe[i][2] for i in sorted(per_probe)],
+                      abs_diff_counts=[int(c) for c in counts])
 
 
 def mc_result(examples: Sequence[MCExample], unmerged: Sequence[Sequence[float]],

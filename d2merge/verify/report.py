@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,6 +25,8 @@ class VerifyReport:
     mc_eval: str | None
     options: VerifyOptions
     results: list[DtypeResult]
+    # {"versions": {package: version}, "sha256": {source file: digest}}: see collect_provenance
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -48,7 +50,8 @@ class VerifyReport:
             results.append(item)
         return {"schema_version": SCHEMA_VERSION, "d2merge_version": __version__, "passed": self.passed,
                 "base": self.base, "adapter": self.adapter, "method": self.method, "probes": dict(self.probes),
-                "mc_eval": self.mc_eval, "options": asdict(self.options), "results": results}
+                "mc_eval": self.mc_eval, "options": asdict(self.options), "results": results,
+                "provenance": self.provenance}
 
     def table(self) -> str:
         return format_report(self)
@@ -65,6 +68,33 @@ class VerifyReport:
         finally:
             temp.unlink(missing_ok=True)
         return path
+
+
+def collect_provenance(base_files: Sequence[Path], adapter_files: Sequence[Path]) -> dict[str, Any]:
+    """Versions of what computed the figures and the sha256 of the sources whose digest is cheap.
+
+    Adapter files are small and hashed here. A base file is named by its sha256 when it sits in
+    the Hugging Face cache (its blob name); a local base is not read a second time only to hash it
+    (the merged folder's model card records the digests its merge read), so it is listed as such.
+    """
+    import platform
+    import sys
+
+    from d2merge.io.output import sha256_file
+    from d2merge.io.source_hashes import hub_blob_sha256
+
+    versions = {"d2merge": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "safetensors", "peft"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__version__", None):
+            versions[name] = str(module.__version__)
+    digests: dict[str, str] = {}
+    for path in adapter_files:
+        if Path(path).is_file():
+            digests[str(path)] = hub_blob_sha256(Path(path)) or sha256_file(Path(path))
+    for path in base_files:
+        digests[str(path)] = hub_blob_sha256(Path(path)) or "not hashed (local file; see the merged model card)"
+    return {"versions": versions, "sha256": digests}
 
 
 def _fmt_sci(value: float) -> str:

@@ -10,6 +10,12 @@ from typing import Sequence
 
 from d2merge.verify_options import Thresholds
 
+# Edges of the |logit difference| histogram (``LogitStats.abs_diff_counts``): one bin per decade,
+# fixed so that a column and its rounding floor (and two runs) count into the same bins.
+# Bin 0 holds values below 1e-8 (exact zeros included), bin i values in [edge[i-1], edge[i]),
+# the last bin values of 100 and above.
+ABS_DIFF_EDGES: tuple[float, ...] = tuple(10.0 ** e for e in range(-8, 3))
+
 
 @dataclass(frozen=True)
 class LogitStats:
@@ -20,6 +26,12 @@ class LogitStats:
     kl_max: float
     top1_agreement: float
     argmax_flips: int
+    # Per probe, in probe order: where on the probes the difference sits (the HTML page draws them).
+    probe_max_abs_diff: list[float] = field(default_factory=list)
+    probe_kl_mean: list[float] = field(default_factory=list)
+    probe_top1_agreement: list[float] = field(default_factory=list)
+    # How many |logit differences| (every real position x vocabulary entry) fall in each bin of ABS_DIFF_EDGES.
+    abs_diff_counts: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
