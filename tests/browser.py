@@ -120,6 +120,7 @@ class PageLoad:
     exceptions: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)  # every URL requested besides the page itself
+    banner_style: str = ""  # "text colour|background" of the verdict banner: both must differ to be read
 
     def problems(self) -> list[str]:
         return ([f"exception: {e}" for e in self.exceptions] + [f"console error: {e}" for e in self.console_errors]
@@ -189,6 +190,11 @@ class Browser:
             text = self._call(ws, "Runtime.evaluate", {"expression": "document.body ? document.body.innerText : ''",
                                                        "returnByValue": True}, events)
             result.text = str(text.get("result", {}).get("value", ""))
+            style = self._call(ws, "Runtime.evaluate", {"expression": (
+                "(() => { const b = document.querySelector('[role=status]'); if (!b) return '';"
+                " const s = getComputedStyle(b); return s.color + '|' + s.backgroundColor; })()"),
+                "returnByValue": True}, events)
+            result.banner_style = str(style.get("result", {}).get("value", ""))
         finally:
             ws.close()
         for event in events:
@@ -207,8 +213,9 @@ class Browser:
                     result.requests.append(requested)
         return result
 
-    def screenshot(self, path: str | Path, out: str | Path, width: int = 1100, height: int = 1400) -> None:
-        """A PNG of the top of the page (what docs/ shows), through the same browser."""
+    def screenshot(self, path: str | Path, out: str | Path, width: int = 1100, height: int = 1400,
+                   from_heading: str | None = None) -> None:
+        """A PNG of the page (what docs/ shows): its top, or ``height`` pixels from the heading that starts so."""
         ws = self._page_socket()
         events: list[dict[str, Any]] = []
         try:
@@ -218,7 +225,14 @@ class Browser:
             self._call(ws, "Page.navigate", {"url": Path(path).absolute().as_uri()}, events)
             while not any(e.get("method") == "Page.loadEventFired" for e in events):
                 events.append(json.loads(ws.recv()))
-            shot = self._call(ws, "Page.captureScreenshot", {"format": "png"}, events)
+            params: dict[str, Any] = {"format": "png"}
+            if from_heading is not None:
+                find = ("[...document.querySelectorAll('h2,h3')].find(h => h.textContent.startsWith("
+                        f"{json.dumps(from_heading)})).getBoundingClientRect().top + window.scrollY")
+                top = self._call(ws, "Runtime.evaluate", {"expression": find, "returnByValue": True}, events)
+                params.update(captureBeyondViewport=True, clip={"x": 0, "y": top["result"]["value"] - 8,
+                                                                "width": width, "height": height, "scale": 1})
+            shot = self._call(ws, "Page.captureScreenshot", params, events)
             Path(out).write_bytes(base64.b64decode(shot["data"]))
         finally:
             ws.close()

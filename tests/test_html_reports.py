@@ -39,6 +39,8 @@ def browser() -> Iterator[Browser]:
 
 def assert_clean(load: Any) -> None:
     assert load.problems() == [], load.problems()
+    colour, background = load.banner_style.split("|")
+    assert colour != background, f"the verdict banner is unreadable: {load.banner_style}"
 
 
 # ----- a synthetic report the size of a 7B verify ---------------------------------------------

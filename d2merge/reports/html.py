@@ -40,7 +40,7 @@ h3{font-size:15px;margin:18px 0 6px}.sub{color:#59636e;margin:0 0 12px}
 table{border-collapse:collapse;margin:6px 0 10px;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #d0d7de;padding:3px 8px;text-align:right;vertical-align:top}
 th{background:#f6f8fa}td:first-child,th:first-child{text-align:left}
-td.pass{color:#1a7f37;font-weight:600}td.fail{color:#cf222e;font-weight:600}
+td.pass,span.pass{color:#1a7f37;font-weight:600}td.fail,span.fail{color:#cf222e;font-weight:600}td.name{white-space:nowrap}
 td.sub{color:#59636e;padding-left:22px}td.text,th.text{text-align:left}
 .note{color:#59636e;font-size:13px;max-width:900px}svg{display:block;margin:6px 0 12px;max-width:100%;height:auto}
 details{margin:8px 0}summary{cursor:pointer;color:#0969da}pre{background:#f6f8fa;padding:10px;overflow:auto;
@@ -170,7 +170,7 @@ def _nice_ticks(top: float, count: int = 5) -> list[float]:
     raw = top / count
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    return [i * step for i in range(int(top / step + 1e-9) + 2) if i * step <= top * 1.0001 + step]
+    return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]  # up to the first tick at or above top
 
 
 @dataclass

@@ -39,21 +39,21 @@ def many_page(report: ManyReport, html: str | Path | None = None) -> str:
         verdict: object = "-"
         if o.verify is not None:
             text = "PASS" if o.verify["passed"] else "FAIL: " + "; ".join(o.verify["failures"])
-            verdict = Cell(text, "pass" if o.verify["passed"] else "fail")
+            verdict = Cell(text, "text " + ("pass" if o.verify["passed"] else "fail"))
             page_file = o.verify.get("html")
             if page_file:
                 href = os.path.relpath(page_file, folder) if folder is not None else Path(page_file).as_uri()
-                verdict = Raw(f'<span class="{"pass" if o.verify["passed"] else "fail"}">{esc(text)}</span> '
-                              f"({link(href, 'verify page')})")
+                verdict = Cell(Raw(f'<span class="{"pass" if o.verify["passed"] else "fail"}">{esc(text)}</span> '
+                                   f"({link(href, 'verify page')})"), "text")
         status = Cell(o.status, "" if o.status in _GOOD else "fail")
-        rows.append([Cell(o.name, "text"), status, f"{o.seconds:.2f}", o.method or "-", verdict,
+        rows.append([Cell(o.name, "text name"), status, f"{o.seconds:.2f}", o.method or "-", verdict,
                      Cell(o.error or o.output, "text")])
     counts = report.counts()
     code = report.exit_code
     failed = [o.name for o in report.outcomes if o.status not in _GOOD]
     summary = ", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(report.outcomes)} jobs"
     planned_only = all(o.status == "planned" for o in report.outcomes)  # a dry run: no verdict yet
-    verdict = Verdict(summary + (f"; not done: {', '.join(failed)}" if failed else ""),
+    verdict = Verdict(summary + (f"; needs a look: {', '.join(failed)}" if failed else ""),
                       None if planned_only else code == 0,
                       [f"{o.name}: {o.error or 'verification failed: ' + '; '.join((o.verify or {}).get('failures', []))}"
                        for o in report.outcomes if o.status not in _GOOD])
