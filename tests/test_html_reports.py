@@ -152,6 +152,7 @@ def tiny(tiny_bases: Any, make_adapter: Callable[..., Path], tmp_path_factory: p
             "eval": write_jsonl(root / "eval.jsonl", eval_examples(40))}
 
 
+@pytest.mark.slow
 def test_verify_html_from_a_real_run_renders_clean(browser: Browser, tiny: dict[str, Path], tmp_path: Path,
                                                    cli_runner: Callable[[list[str]], Any]) -> None:
     page, report = tmp_path / "verify.html", tmp_path / "verify.json"
@@ -202,6 +203,7 @@ def test_bench_html_from_a_real_run_renders_clean(browser: Browser, tiny: dict[s
     assert "the unmerged model's throughput" in load.text and "prefill: tokens/s" in page.read_text()
 
 
+@pytest.mark.slow
 def test_merge_many_html_links_each_jobs_verify_page(browser: Browser, tiny: dict[str, Path], tmp_path: Path,
                                                      cli_runner: Callable[[list[str]], Any]) -> None:
     manifest = tmp_path / "jobs.json"
@@ -236,3 +238,20 @@ def test_a_merge_many_page_with_failures_names_the_jobs_and_why(tmp_path: Path) 
     assert "FAIL" in banner and "drifted" in banner and "broken" in banner and "no adapter_config.json" in banner
     assert "weight check: error 3 ulp" in banner
     assert 'href="run-verify/drifted.html"' in text
+
+
+def test_a_huge_run_stays_small_and_says_what_it_left_out() -> None:
+    """A MoE base checks tens of thousands of tensors, --prompts may hold thousands of lines."""
+    import dataclasses
+
+    report = seven_b_report()
+    many_probes = logit_stats(0.02, probes=3000)
+    # A Qwen3-MoE-like base: 48 layers, LoRA on the attention and on 64 experts' three projections each.
+    experts = [LayerCheck(f"model.layers.{i}.mlp.experts.{e}.{m}.weight", f"model.layers.{i}.mlp.experts.{e}.{m}",
+                          1e-3, 0.5, 0.5, {}) for i in range(48) for e in range(64) for m in MODULES[4:]]
+    results = [dataclasses.replace(column(d, layers=48), logits=many_probes, layers=column(d, layers=48).layers + experts)
+               for d in ("fp32", "bf16", "fp16")]
+    text = verify_page(dataclasses.replace(report, results=results))
+    assert len(text.encode()) < 2_000_000, len(text.encode())
+    assert "the 500 largest errors of 9552 merged tensors" in text and "too large to carry in this page" in text
+    assert "on the 64 of 3000 probes that moved most" in text

@@ -27,6 +27,12 @@ if TYPE_CHECKING:  # the page needs no torch: d2merge.verify's package imports i
 _LAYER = re.compile(r"\.(\d+)\.")
 # How many of the worst tensors the page lists before the full table (kept in a <details>).
 WORST_SHOWN = 20
+# Caps that keep a page small whatever the run's size (a MoE base checks tens of thousands of
+# tensors; --prompts may hold thousands of lines): past them the page says what it left out and
+# where the whole is (the JSON report, --report).
+ALL_TENSORS_SHOWN = 500
+PROBES_SHOWN = 64
+JSON_EMBEDDED_BYTES = 600_000
 
 
 def check_name(failure: str) -> str:
@@ -154,8 +160,11 @@ def weights_section(report: VerifyReport) -> Raw:
         parts.append(f"<h3>{esc(r.dtype)}: the {min(WORST_SHOWN, len(worst))} tensors with the largest error</h3>")
         parts.append(table(header, [cells(x) for x in worst[:WORST_SHOWN]]))
         if len(worst) > WORST_SHOWN:
-            parts.append(details(f"{r.dtype}: all {len(worst)} merged tensors",
-                                 table(header, [cells(x) for x in sorted(r.layers, key=lambda x: x.tensor)])))
+            shown = sorted(worst[:ALL_TENSORS_SHOWN], key=lambda x: x.tensor)
+            title = (f"{r.dtype}: all {len(worst)} merged tensors" if len(worst) <= ALL_TENSORS_SHOWN else
+                     f"{r.dtype}: the {ALL_TENSORS_SHOWN} largest errors of {len(worst)} merged tensors "
+                     "(all of them: the JSON report, --report)")
+            parts.append(details(title, table(header, [cells(x) for x in shown])))
         if r.copied_mismatched or r.missing_tensors:
             listed = [f"differs from the base: {t}" for t in r.copied_mismatched]
             listed += [f"missing: {t}" for t in r.missing_tensors]
@@ -194,25 +203,29 @@ def logits_section(report: VerifyReport) -> Raw:
             charts.append(BarChart(f"{r.dtype}: |logit difference| over every position and token (share per decade)",
                                    _bin_labels(ABS_DIFF_EDGES), series, y_label="share of entries", log=True,
                                    x_marker=marker).svg())
-        probes = list(range(len(r.logits.probe_max_abs_diff)))
-        if probes:
+        count = len(r.logits.probe_max_abs_diff)
+        if count:
+            # Past PROBES_SHOWN, the probes where the merged model moved most (max |diff|), in probe order.
+            probes = sorted(sorted(range(count), key=lambda i: -r.logits.probe_max_abs_diff[i])[:PROBES_SHOWN])
+            which = "per probe" if count <= PROBES_SHOWN else f"on the {PROBES_SHOWN} of {count} probes that moved most"
             labels = [f"#{i}" for i in probes]
-            series = {f"merged {r.dtype}": r.logits.probe_max_abs_diff}
-            if floor is not None and len(floor.probe_max_abs_diff) == len(probes):
-                series["rounding floor"] = floor.probe_max_abs_diff
+
+            def per_probe(field_name: str) -> dict[str, Sequence[float | None]]:
+                out: dict[str, Sequence[float | None]] = {
+                    f"merged {r.dtype}": [getattr(r.logits, field_name)[i] for i in probes]}
+                values = getattr(floor, field_name) if floor is not None else []
+                if len(values) == count:
+                    out["rounding floor"] = [values[i] for i in probes]
+                return out
+
             limit_line = (r.limits.max_abs_diff, f"limit {fmt(r.limits.max_abs_diff)}") if r.limits else None
-            charts.append(BarChart(f"{r.dtype}: max |logit difference| per probe", labels, series, y_label="max |diff|",
-                                   log=True, limit=limit_line).svg())
-            series = {f"merged {r.dtype}": r.logits.probe_kl_mean}
-            if floor is not None and len(floor.probe_kl_mean) == len(probes):
-                series["rounding floor"] = floor.probe_kl_mean
-            charts.append(BarChart(f"{r.dtype}: mean KL(unmerged || merged) per probe", labels,
-                                   {k: [v if v > 0 else None for v in s] for k, s in series.items()},
+            charts.append(BarChart(f"{r.dtype}: max |logit difference| {which}", labels,
+                                   per_probe("probe_max_abs_diff"), y_label="max |diff|", log=True,
+                                   limit=limit_line).svg())
+            charts.append(BarChart(f"{r.dtype}: mean KL(unmerged || merged) {which}", labels,
+                                   {k: [v if v else None for v in s] for k, s in per_probe("probe_kl_mean").items()},
                                    y_label="KL (nats)", log=True).svg())
-            series = {f"merged {r.dtype}": r.logits.probe_top1_agreement}
-            if floor is not None and len(floor.probe_top1_agreement) == len(probes):
-                series["rounding floor"] = floor.probe_top1_agreement
-            charts.append(BarChart(f"{r.dtype}: top-1 agreement per probe", labels, series,
+            charts.append(BarChart(f"{r.dtype}: top-1 agreement {which}", labels, per_probe("probe_top1_agreement"),
                                    y_label="share of positions", y_max=1.0).svg())
         parts.append(f"<h3>{esc(r.dtype)}</h3><div class=\"grid\">" + "".join(f"<div>{c}</div>" for c in charts)
                      + "</div>")
@@ -265,8 +278,15 @@ def provenance_section(report: VerifyReport, data: dict[str, Any]) -> Raw:
                    "<h3>Options</h3>", table(["option", "value"], options),
                    "<h3>Thresholds</h3>", table(["dtype", "floor multiple", "alpha", "max ulp", "max |diff|",
                                                  "min top-1", "max |gap| pp"], thresholds),
-                   details("The JSON report (docs/verify-report.md)",
-                           f"<pre>{esc(json.dumps(data, indent=1, sort_keys=True))}</pre>"))
+                   _json_part(data))
+
+
+def _json_part(data: dict[str, Any]) -> str:
+    text = json.dumps(data, indent=1, sort_keys=True)
+    if len(text) > JSON_EMBEDDED_BYTES:
+        return (f'<p class="note">The JSON report ({len(text) / 1e6:.1f} MB) is too large to carry in this page: '
+                "write it beside the page with --report (docs/verify-report.md).</p>")
+    return details("The JSON report (docs/verify-report.md)", f"<pre>{esc(text)}</pre>")
 
 
 def write_verify_page(report: VerifyReport, path: str | Path) -> Path:
