@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
@@ -56,7 +56,7 @@ def logit_stats(scale: float, probes: int = 16) -> LogitStats:
                       probe_top1_agreement=[1.0 - (i % 3) / 32 for i in range(probes)], abs_diff_counts=counts)
 
 
-def column(dtype: str, failures: list[str] = (), layers: int = 32, ulp: float = 0.5) -> DtypeResult:  # type: ignore[assignment]
+def column(dtype: str, failures: Sequence[str] = (), layers: int = 32, ulp: float = 0.5) -> DtypeResult:
     def module(i: int, name: str) -> str:
         return f"model.layers.{i}.{'self_attn' if name in MODULES[:4] else 'mlp'}.{name}"
 
@@ -77,7 +77,8 @@ def seven_b_report(failures: dict[str, list[str]] | None = None) -> VerifyReport
                         probes={"source": "sentences", "count": 16, "positions": 512},
                         mc_eval="eval.jsonl", options=VerifyOptions(),
                         results=[column(d, failures.get(d, [])) for d in ("fp32", "bf16", "fp16")],
-                        provenance={"versions": {"d2merge": "0.1.0"}, "sha256": {"adapter_model.safetensors": "ab" * 32}})
+                        provenance={"versions": {"d2merge": "0.1.0"},
+                                    "sha256": {"adapter_model.safetensors": "ab" * 32}})
 
 
 def test_a_7b_verify_page_stays_under_2_mb_and_escapes_user_text(tmp_path: Path) -> None:
@@ -232,7 +233,8 @@ def test_a_merge_many_page_with_failures_names_the_jobs_and_why(tmp_path: Path) 
                 JobOutcome("drifted", "/a/drifted", "/out/drifted", "verify_failed", 2.0,
                            verify={"passed": False, "failures": ["bf16: weight check: error 3 ulp > 0.75"],
                                    "html": str(tmp_path / "run-verify" / "drifted.html")}),
-                JobOutcome("broken", "/a/broken", "/out/broken", "failed", error="job 'broken': no adapter_config.json")]
+                JobOutcome("broken", "/a/broken", "/out/broken", "failed",
+                           error="job 'broken': no adapter_config.json")]
     text = many_page(ManyReport("/base", "/out", outcomes, 4.0), tmp_path / "run.html")
     banner = text.split('<div class="banner', 1)[1].split("</div>", 1)[0]
     assert "FAIL" in banner and "drifted" in banner and "broken" in banner and "no adapter_config.json" in banner
@@ -249,8 +251,10 @@ def test_a_huge_run_stays_small_and_says_what_it_left_out() -> None:
     # A Qwen3-MoE-like base: 48 layers, LoRA on the attention and on 64 experts' three projections each.
     experts = [LayerCheck(f"model.layers.{i}.mlp.experts.{e}.{m}.weight", f"model.layers.{i}.mlp.experts.{e}.{m}",
                           1e-3, 0.5, 0.5, {}) for i in range(48) for e in range(64) for m in MODULES[4:]]
-    results = [dataclasses.replace(column(d, layers=48), logits=many_probes, layers=column(d, layers=48).layers + experts)
-               for d in ("fp32", "bf16", "fp16")]
+    results = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        dense = column(dtype, layers=48)
+        results.append(dataclasses.replace(dense, logits=many_probes, layers=dense.layers + experts))
     text = verify_page(dataclasses.replace(report, results=results))
     assert len(text.encode()) < 2_000_000, len(text.encode())
     assert "the 500 largest errors of 9552 merged tensors" in text and "too large to carry in this page" in text

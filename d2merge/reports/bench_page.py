@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from d2merge.reports.html import BarChart, Cell, Verdict, details, esc, page, section, table, write_page
+from d2merge.reports.html import BarChart, Cell, Verdict, json_details, page, section, table, write_page
 
 if TYPE_CHECKING:
     from d2merge.bench import BenchReport, BenchRow
@@ -73,7 +73,7 @@ def bench_page(report: BenchReport) -> str:
     meta = [[k, Cell(json.dumps(v) if not isinstance(v, str) else v, "text")] for k, v in sorted(report.meta.items())]
     sections.append(section("Settings and machine", table(["setting", "value"], settings),
                             table(["recorded", "value"], meta),
-                            details("The JSON report", f"<pre>{esc(json.dumps(data, indent=1, sort_keys=True))}</pre>")))
+                            json_details(data, flag="--json")))
     merged_vs = [e["merged_over_unmerged"] for e in ratios if e.get("merged_over_unmerged")]
     headline = (f"merged runs {min(merged_vs):.2f}x to {max(merged_vs):.2f}x the unmerged model's throughput"
                 if merged_vs else f"{len(report.rows)} cells measured")

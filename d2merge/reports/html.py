@@ -40,7 +40,8 @@ h3{font-size:15px;margin:18px 0 6px}.sub{color:#59636e;margin:0 0 12px}
 table{border-collapse:collapse;margin:6px 0 10px;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #d0d7de;padding:3px 8px;text-align:right;vertical-align:top}
 th{background:#f6f8fa}td:first-child,th:first-child{text-align:left}
-td.pass,span.pass{color:#1a7f37;font-weight:600}td.fail,span.fail{color:#cf222e;font-weight:600}td.name{white-space:nowrap}
+td.pass,span.pass{color:#1a7f37;font-weight:600}td.fail,span.fail{color:#cf222e;font-weight:600}
+td.name{white-space:nowrap}
 td.sub{color:#59636e;padding-left:22px}td.text,th.text{text-align:left}
 .note{color:#59636e;font-size:13px;max-width:900px}svg{display:block;margin:6px 0 12px;max-width:100%;height:auto}
 details{margin:8px 0}summary{cursor:pointer;color:#0969da}pre{background:#f6f8fa;padding:10px;overflow:auto;
@@ -108,6 +109,21 @@ def section(title: str, *parts: str, note: str = "") -> Raw:
 
 def details(summary: str, body: str) -> Raw:
     return Raw(f"<details><summary>{esc(summary)}</summary>{body}</details>")
+
+
+# The JSON report rides in the page (folded) up to this size; past it the page points at the file.
+JSON_EMBEDDED_BYTES = 600_000
+
+
+def json_details(data: object, what: str = "The JSON report", flag: str = "--report") -> Raw:
+    """The report's JSON, folded: the numbers a reviewer sees are those a script reads."""
+    import json
+
+    text = json.dumps(data, indent=1, sort_keys=True)
+    if len(text) > JSON_EMBEDDED_BYTES:
+        return Raw(f'<p class="note">{esc(what)} ({len(text) / 1e6:.1f} MB) is too large to carry in this page: '
+                   f"write it beside the page with {esc(flag)}.</p>")
+    return details(what, f"<pre>{esc(text)}</pre>")
 
 
 def page(title: str, *, subtitle: str = "", verdict: Verdict | None = None, sections: Sequence[str] = ()) -> str:

@@ -7,17 +7,20 @@ the job's own verify page when the job was verified (written beside this page by
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from d2merge.reports.html import BarChart, Cell, Raw, Verdict, details, esc, link, page, section, table, write_page
+from d2merge.reports.html import BarChart, Cell, Raw, Verdict, esc, json_details, link, page, section, table, write_page
 
 if TYPE_CHECKING:
-    from d2merge.many.run import ManyReport
+    from d2merge.many.run import JobOutcome, ManyReport
 
 _GOOD = {"merged", "skipped", "planned"}
+
+
+def failures_of(outcome: JobOutcome) -> list[str]:
+    return list((outcome.verify or {}).get("failures", []))
 
 
 def job_page_path(html: str | Path, job_name: str) -> Path:
@@ -55,7 +58,7 @@ def many_page(report: ManyReport, html: str | Path | None = None) -> str:
     planned_only = all(o.status == "planned" for o in report.outcomes)  # a dry run: no verdict yet
     verdict = Verdict(summary + (f"; needs a look: {', '.join(failed)}" if failed else ""),
                       None if planned_only else code == 0,
-                      [f"{o.name}: {o.error or 'verification failed: ' + '; '.join((o.verify or {}).get('failures', []))}"
+                      [f"{o.name}: {o.error or 'verification failed: ' + '; '.join(failures_of(o))}"
                        for o in report.outcomes if o.status not in _GOOD])
     times = BarChart("seconds per job (merge, then verify)", [o.name for o in report.outcomes],
                      {"seconds": [o.seconds for o in report.outcomes]}, y_label="s", height=260)
@@ -66,6 +69,6 @@ def many_page(report: ManyReport, html: str | Path | None = None) -> str:
     sections = [section("Jobs", table(["job", "status", "seconds", "method", "verify", "output / error"], rows)),
                 section("Time", times.svg()),
                 section("Run", table(["", ""], facts),
-                        details("The JSON report", f"<pre>{esc(json.dumps(data, indent=1, sort_keys=True))}</pre>"))]
+                        json_details(data))]
     return page("d2merge merge-many", subtitle=f"{len(report.outcomes)} adapters over {report.base}", verdict=verdict,
                 sections=sections)

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from pathlib import Path
 
-from d2merge.reports.html import (BarChart, Cell, Raw, Verdict, details, esc, fmt, heatmap, page, section, table,
-                                  write_page)
+from d2merge.reports.html import (BarChart, Cell, Raw, Verdict, details, esc, fmt, heatmap, json_details, page,
+                                  section, table, write_page)
 
 if TYPE_CHECKING:  # the page needs no torch: d2merge.verify's package imports it
     from d2merge.verify.report import VerifyReport
@@ -32,7 +32,7 @@ WORST_SHOWN = 20
 # where the whole is (the JSON report, --report).
 ALL_TENSORS_SHOWN = 500
 PROBES_SHOWN = 64
-JSON_EMBEDDED_BYTES = 600_000
+THRESHOLD_NAMES = ("floor_multiple", "alpha", "max_ulp", "max_abs_diff", "min_top1", "max_gap_pp")
 
 
 def check_name(failure: str) -> str:
@@ -272,21 +272,13 @@ def provenance_section(report: VerifyReport, data: dict[str, Any]) -> Raw:
              sorted((prov.get("sha256") or {}).items())]
     options = [[name, Cell(json.dumps(value), "text")] for name, value in sorted(data["options"].items())]
     thresholds = [[r.dtype, *[Cell("-" if getattr(r.thresholds, k) is None else f"{getattr(r.thresholds, k):g}")
-                              for k in ("floor_multiple", "alpha", "max_ulp", "max_abs_diff", "min_top1", "max_gap_pp")]]
+                              for k in THRESHOLD_NAMES]]
                   for r in report.results]
     return section("Provenance", table(["", ""], rows),
                    "<h3>Options</h3>", table(["option", "value"], options),
                    "<h3>Thresholds</h3>", table(["dtype", "floor multiple", "alpha", "max ulp", "max |diff|",
                                                  "min top-1", "max |gap| pp"], thresholds),
-                   _json_part(data))
-
-
-def _json_part(data: dict[str, Any]) -> str:
-    text = json.dumps(data, indent=1, sort_keys=True)
-    if len(text) > JSON_EMBEDDED_BYTES:
-        return (f'<p class="note">The JSON report ({len(text) / 1e6:.1f} MB) is too large to carry in this page: '
-                "write it beside the page with --report (docs/verify-report.md).</p>")
-    return details("The JSON report (docs/verify-report.md)", f"<pre>{esc(text)}</pre>")
+                   json_details(data, "The JSON report (docs/verify-report.md)"))
 
 
 def write_verify_page(report: VerifyReport, path: str | Path) -> Path:
