@@ -259,3 +259,17 @@ def test_a_huge_run_stays_small_and_says_what_it_left_out() -> None:
     assert len(text.encode()) < 2_000_000, len(text.encode())
     assert "the 500 largest errors of 9552 merged tensors" in text and "too large to carry in this page" in text
     assert "on the 64 of 3000 probes that moved most" in text
+
+
+def test_a_column_that_was_not_run_still_renders_and_says_why() -> None:
+    """Tensors missing from MERGED: no logits, no floor, no limits; the page names the weight check."""
+    import dataclasses
+
+    missing = dataclasses.replace(column("bf16", ["2 tensor(s) of the merge plan are missing from the merged folder "
+                                                  "(first: model.layers.0.mlp.up_proj.weight)"]),
+                                  logits=None, floor=None, limits=None, mc=None, top1_flips_p=None,
+                                  missing_tensors=["model.layers.0.mlp.up_proj.weight", "lm_head.weight"])
+    text = verify_page(dataclasses.replace(seven_b_report(), results=[missing], mc_eval=None))
+    banner = text.split('<div class="banner', 1)[1].split("</div>", 1)[0]
+    assert "FAIL" in banner and "bf16 weight check" in banner
+    assert "the merged model was not run" in text and "missing: lm_head.weight" in text

@@ -24,7 +24,7 @@ def _cell_label(mode: str, batch: int, seq: int) -> str:
 def _throughput_range(row: BenchRow) -> tuple[float, float]:
     """tokens/s at the slowest and the fastest timed run (tokens = tokens/s x median latency)."""
     tokens = row.tokens_per_s * row.latency_ms_p50 / 1e3
-    return tokens / (row.latency_ms_max / 1e3), tokens / (row.latency_ms_min / 1e3)
+    return tokens / max(row.latency_ms_max / 1e3, 1e-9), tokens / max(row.latency_ms_min / 1e3, 1e-9)
 
 
 def write_bench_page(report: BenchReport, path: str | Path) -> Path:
