@@ -8,6 +8,8 @@ Browser tests skip, with the reason, only where Chromium is not installed (`make
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -223,6 +225,8 @@ def test_merge_many_html_links_each_jobs_verify_page(browser: Browser, tiny: dic
         job = browser.load(page.parent / "run-verify" / f"{name}.html")
         assert_clean(job)
         assert job.text.startswith("PASS")
+        # The merged folder's card recorded the adapter's sha256; verify checked it against the adapter it ran.
+        assert "adapter verified = adapter merged\tyes (same sha256)" in job.text
 
 
 def test_a_merge_many_page_with_failures_names_the_jobs_and_why(tmp_path: Path) -> None:
@@ -244,8 +248,6 @@ def test_a_merge_many_page_with_failures_names_the_jobs_and_why(tmp_path: Path) 
 
 def test_a_huge_run_stays_small_and_says_what_it_left_out() -> None:
     """A MoE base checks tens of thousands of tensors, --prompts may hold thousands of lines."""
-    import dataclasses
-
     report = seven_b_report()
     many_probes = logit_stats(0.02, probes=3000)
     # A Qwen3-MoE-like base: 48 layers, LoRA on the attention and on 64 experts' three projections each.
@@ -263,8 +265,6 @@ def test_a_huge_run_stays_small_and_says_what_it_left_out() -> None:
 
 def test_a_column_that_was_not_run_still_renders_and_says_why() -> None:
     """Tensors missing from MERGED: no logits, no floor, no limits; the page names the weight check."""
-    import dataclasses
-
     missing = dataclasses.replace(column("bf16", ["2 tensor(s) of the merge plan are missing from the merged folder "
                                                   "(first: model.layers.0.mlp.up_proj.weight)"]),
                                   logits=None, floor=None, limits=None, mc=None, top1_flips_p=None,
@@ -273,3 +273,23 @@ def test_a_column_that_was_not_run_still_renders_and_says_why() -> None:
     banner = text.split('<div class="banner', 1)[1].split("</div>", 1)[0]
     assert "FAIL" in banner and "bf16 weight check" in banner
     assert "the merged model was not run" in text and "missing: lm_head.weight" in text
+
+
+def test_provenance_says_when_the_adapter_verified_is_not_the_one_merged(tmp_path: Path) -> None:
+    from d2merge.verify.report import collect_provenance
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    card = "# card\n\n## Sources (sha256)\n\n| file | sha256 |\n| --- | --- |\n| `adapter/adapter_config.json` | `{}` |\n"
+    same = hashlib.sha256(b"{}").hexdigest()
+    for recorded, expected in ((same, True), ("0" * 64, False)):
+        (merged / "README.md").write_text(card.format(recorded))
+        found = collect_provenance([tmp_path / "base.safetensors"], [adapter / "adapter_config.json"], merged)
+        assert found["adapter_matches_merge"] is expected
+        assert found["recorded_by_merge"] == {"adapter/adapter_config.json": recorded}
+        assert found["sha256"][str(tmp_path / "base.safetensors")] == "not hashed (a local file)"
+        page = verify_page(dataclasses.replace(seven_b_report(), provenance=found))
+        assert ("yes (same sha256)" in page) is expected and ("NO: the adapter" in page) is not expected

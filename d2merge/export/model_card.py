@@ -94,3 +94,22 @@ def render_model_card(info: CardInfo) -> str:
              'model = AutoModelForCausalLM.from_pretrained("<this folder or repo id>")',
              'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo id>")', "```", ""]
     return "\n".join(front + body)
+
+
+_SOURCE_ROW = re.compile(r"^\| `([^`]+)` \| `([0-9a-f]{64})` \|$")
+
+
+def recorded_source_hashes(card: str) -> dict[str, str]:
+    """The "Sources (sha256)" table :func:`render_model_card` wrote, read back: {``base/...`` or
+    ``adapter/...`` label: sha256}; empty when the card has none (a merge run with --no-hash-sources)."""
+    found: dict[str, str] = {}
+    lines = card.splitlines()
+    if "## Sources (sha256)" not in lines:
+        return found
+    for line in lines[lines.index("## Sources (sha256)") + 1:]:
+        if line.startswith("## "):
+            break
+        match = _SOURCE_ROW.match(line.strip())
+        if match:
+            found[match.group(1)] = match.group(2)
+    return found

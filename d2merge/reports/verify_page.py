@@ -270,6 +270,13 @@ def provenance_section(report: VerifyReport, data: dict[str, Any]) -> Raw:
     rows += [[f"{name} version", Cell(value, "text")] for name, value in sorted((prov.get("versions") or {}).items())]
     rows += [[Cell(f"sha256 {name}", "text"), Cell(value, "text")] for name, value in
              sorted((prov.get("sha256") or {}).items())]
+    rows += [[Cell(f"sha256 {name}, as the merge recorded it", "text"), Cell(value, "text")] for name, value in
+             sorted((prov.get("recorded_by_merge") or {}).items())]
+    if "adapter_matches_merge" in prov:
+        same = prov["adapter_matches_merge"]
+        rows.append(["adapter verified = adapter merged",
+                     Cell("yes (same sha256)" if same else "NO: the adapter's sha256 differs from the merge's record",
+                          "text pass" if same else "text fail")])
     options = [[name, Cell(json.dumps(value), "text")] for name, value in sorted(data["options"].items())]
     thresholds = [[r.dtype, *[Cell("-" if getattr(r.thresholds, k) is None else f"{getattr(r.thresholds, k):g}")
                               for k in THRESHOLD_NAMES]]

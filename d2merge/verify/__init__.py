@@ -163,7 +163,8 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
                           options=options, results=results,
                           provenance=collect_provenance(base_ckpt.weight_files,
                                                         [adapter_obj.path / "adapter_config.json",
-                                                         adapter_obj.weights_file]))
+                                                         adapter_obj.weights_file],
+                                                        merged_ckpt.folder if merged_ckpt is not None else None))
     if report_path is not None:
         result.save(report_path)
     if html_path is not None:

@@ -70,12 +70,15 @@ class VerifyReport:
         return path
 
 
-def collect_provenance(base_files: Sequence[Path], adapter_files: Sequence[Path]) -> dict[str, Any]:
+def collect_provenance(base_files: Sequence[Path], adapter_files: Sequence[Path],
+                       merged_folder: Path | None = None) -> dict[str, Any]:
     """Versions of what computed the figures and the sha256 of the sources whose digest is cheap.
 
     Adapter files are small and hashed here. A base file is named by its sha256 when it sits in
-    the Hugging Face cache (its blob name); a local base is not read a second time only to hash it
-    (the merged folder's model card records the digests its merge read), so it is listed as such.
+    the Hugging Face cache (its blob name); a local base is not read a second time only to hash it,
+    so it is listed as such. A MERGED folder d2merge wrote records the sha256 of the sources its
+    merge read (its model card): they are kept as ``recorded_by_merge``, and
+    ``adapter_matches_merge`` says whether the adapter verified is the one that was merged.
     """
     import platform
     import sys
@@ -93,8 +96,23 @@ def collect_provenance(base_files: Sequence[Path], adapter_files: Sequence[Path]
         if Path(path).is_file():
             digests[str(path)] = hub_blob_sha256(Path(path)) or sha256_file(Path(path))
     for path in base_files:
-        digests[str(path)] = hub_blob_sha256(Path(path)) or "not hashed (local file; see the merged model card)"
-    return {"versions": versions, "sha256": digests}
+        digests[str(path)] = hub_blob_sha256(Path(path)) or "not hashed (a local file)"
+    provenance: dict[str, Any] = {"versions": versions, "sha256": digests}
+    card = Path(merged_folder) / "README.md" if merged_folder is not None else None
+    if card is not None and card.is_file():
+        from d2merge.export.model_card import recorded_source_hashes
+
+        try:
+            recorded = recorded_source_hashes(card.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            recorded = {}
+        if recorded:
+            provenance["recorded_by_merge"] = recorded
+            ours = {f"adapter/{Path(p).name}": digests[str(p)] for p in adapter_files if str(p) in digests}
+            common = [label for label in ours if label in recorded]
+            if common:
+                provenance["adapter_matches_merge"] = all(recorded[label] == ours[label] for label in common)
+    return provenance
 
 
 def _fmt_sci(value: float) -> str:
