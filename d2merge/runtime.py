@@ -18,27 +18,10 @@ from torch import nn
 
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter, write_adapter
+from d2merge.io.transformers_folder import quiet_transformers  # noqa: F401  (its home is io; callers import it here too)
 from d2merge.methods import EMBEDDING, LINEAR, AdapterConfig, parse_adapter_config
 from d2merge.methods.base import TOKENS
 from d2merge.methods.runtime import AdapterLayer
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No "Loading weights" / "Writing model shards" bars from transformers inside the block.
-
-    d2merge prints its own progress; transformers' bars would interleave with it
-    and with one-line errors on stderr.
-    """
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 _FROZEN = {"depth": 0}

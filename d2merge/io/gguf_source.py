@@ -39,7 +39,7 @@ def hf_folder_from_gguf(gguf_path: str | Path, out: str | Path, *, dtype: torch.
 
     from d2merge.io import transformers_folder
     from d2merge.io.output import AtomicFolder
-    from d2merge.runtime import quiet_transformers
+    from d2merge.io.transformers_folder import quiet_transformers
 
     gguf_path = Path(gguf_path)
     if importlib.util.find_spec("gguf") is None:

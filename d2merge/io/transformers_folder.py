@@ -10,8 +10,9 @@ Nothing else in d2merge calls ``from_pretrained`` (tests/test_security.py checks
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -38,6 +39,25 @@ def refuse_custom_code(folder: Path) -> None:
             raise D2MergeError(f"{name} has an auto_map: the folder ships its own code", path=path, hint=CODE_HINT)
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" / "Writing model shards" bars from transformers inside the block.
+
+    d2merge prints its own progress; transformers' bars would interleave with it
+    and with one-line errors on stderr. It lives here, beside the calls into transformers,
+    so that io never imports the runtime (``d2merge.runtime`` re-exports it).
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _folder_of(location: str | Path) -> Path:
     location = Path(location)
     return location if location.is_dir() else location.parent
@@ -46,8 +66,6 @@ def _folder_of(location: str | Path) -> Path:
 def load_model(location: str | Path, *, dtype: torch.dtype = torch.float32, gguf_file: str | None = None) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` without remote code, safetensors (or GGUF) only."""
     from transformers import AutoModelForCausalLM
-
-    from d2merge.runtime import quiet_transformers
 
     folder = _folder_of(location)
     refuse_custom_code(folder)
@@ -59,8 +77,6 @@ def load_model(location: str | Path, *, dtype: torch.dtype = torch.float32, gguf
 def load_tokenizer(location: str | Path, *, fast_generic: bool = False, gguf_file: str | None = None) -> Any:
     """The folder's tokenizer without remote code; ``fast_generic`` skips AutoTokenizer's class lookup."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from d2merge.runtime import quiet_transformers
 
     folder = _folder_of(location)
     refuse_custom_code(folder)
