@@ -17,10 +17,9 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
-from d2merge.errors import D2MergeError, VerificationFailed  # noqa: E402
-from d2merge.lazy_names import lazy_attributes  # noqa: E402
+from d2merge.errors import D2MergeError, VerificationFailed
+from d2merge.lazy_names import lazy_attributes
+from d2merge.version import __version__
 
 # name -> module that defines it
 _LAZY = {"load_adapter": "d2merge.io", "open_base": "d2merge.io", "MergeOptions": "d2merge.options",

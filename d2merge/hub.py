@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from d2merge import __version__
+from d2merge.version import __version__
 from d2merge.errors import D2MergeError
 from d2merge.io.output import WORK_MARKERS
 from d2merge.sizes import format_size

@@ -26,7 +26,7 @@ from d2merge.methods import LINEAR, ModuleSettings, trainable_tokens
 from d2merge.methods import target_parameters
 from d2merge.methods.base import BIAS, PARAMETER, TOKENS
 from d2merge.methods.lora import LORA_BIAS
-from d2merge.options import TIED_POLICIES
+from d2merge.options import TIED_POLICIES, MergeOptions
 from d2merge.sizes import format_size, parse_size
 
 # "auto" keeps each base tensor's dtype; the others are d2merge.dtypes' table.
@@ -578,3 +578,19 @@ def _assign_shards(plans: list[TensorPlan], limit: int) -> tuple[list[TensorPlan
     names = list(split.filename_to_tensors)
     shard_of = {name: i for i, name in enumerate(names)}
     return [replace(t, shard=shard_of[split.tensor_to_filename[t.name]]) for t in plans], names
+
+
+def plan_for(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter,
+             options: MergeOptions | None = None, **overrides: Any) -> MergePlan:
+    """The merge plan of ``base`` and ``adapter`` (paths or opened sources), writing nothing.
+
+    ``d2merge.merge.plan`` is this function; it lives here, below every writer, so that the
+    format modules in ``d2merge.export`` plan a merge without importing ``d2merge.merge``.
+    """
+    options = MergeOptions.resolve(options, overrides)
+    if not isinstance(base, BaseCheckpoint):
+        base = open_base(base, allow_pickle=options.allow_pickle)
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter, allow_pickle=options.allow_pickle)
+    return build_plan(base, adapter, dtype=options.dtype, max_shard_size=options.max_shard_size,
+                      tied_embeddings=options.tied_embeddings)

@@ -1,28 +1,44 @@
-"""The house rules of docs/architecture.md: imports go downwards only, and every module is in the table."""
+"""The house rules of docs/architecture.md: no import cycle, imports go downwards only, every module in the table.
+
+Every ``import`` statement of every module under ``d2merge/`` counts: module-level, inside a
+function (a lazy import is still an arrow between two modules) and under ``if TYPE_CHECKING:``
+(a reader sees that arrow too). ``from package import name`` counts as an import of the submodule
+``package.name`` when there is one, else of the package itself (its ``__init__.py``).
+"""
 
 from __future__ import annotations
 
 import ast
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO_ROOT, run_python
+
+ROOT = REPO_ROOT
 PACKAGE = ROOT / "d2merge"
 
-# What each layer may import from d2merge (function-level imports count too: a lazy import
-# upwards is still an upward import).
+# What each layer may import from d2merge. The rule of a module is that of the longest key it is or
+# lies under; a module under no key (the CLI, publish, bench, demo, ...) sits on top and may import
+# anything that does not import it back (test_no_import_cycle). "d2merge" alone means the package's
+# face (d2merge/__init__.py), whose lazy names reach up to d2merge.merge: no layer below imports it.
 ALLOWED = {
+    "d2merge.version": (),
     "d2merge.errors": (),
+    "d2merge.lazy_names": (),
     "d2merge.dtypes": (),
     "d2merge.sizes": ("d2merge.errors",),
     "d2merge.profile": (),
     "d2merge.device": ("d2merge.errors",),
-    "d2merge.io.direct_io": ("d2merge.profile",),
-    "d2merge.io.tensor_reader": ("d2merge.errors", "d2merge.io", "d2merge.profile"),
     "d2merge.methods": ("d2merge.errors", "d2merge.methods"),
     "d2merge.options": ("d2merge.errors", "d2merge.dtypes"),
     "d2merge.verify_options": ("d2merge.errors",),
+    # io reads and writes files: it knows the methods' adapter configs, and nothing of the runtime,
+    # the plan, the engine, the formats or verify.
+    "d2merge.io": ("d2merge.errors", "d2merge.lazy_names", "d2merge.profile", "d2merge.methods", "d2merge.io"),
+    "d2merge.io.direct_io": ("d2merge.profile",),
+    "d2merge.io.tensor_reader": ("d2merge.errors", "d2merge.io", "d2merge.profile"),
     "d2merge.io.json_file": ("d2merge.errors",),
     "d2merge.io.safetensors_file": ("d2merge.errors", "d2merge.io.direct_io", "d2merge.io.json_file"),
     "d2merge.io.checkpoint": ("d2merge.errors", "d2merge.io"),
@@ -33,9 +49,16 @@ ALLOWED = {
                      "d2merge.methods"),
     "d2merge.engine": ("d2merge.errors", "d2merge.device", "d2merge.profile", "d2merge.io", "d2merge.methods",
                        "d2merge.plan"),
-    "d2merge.export.model_card": ("d2merge",),
-    "d2merge.export.hf_folder": ("d2merge.errors", "d2merge.device", "d2merge.io", "d2merge.plan", "d2merge.engine",
-                                 "d2merge.export.model_card"),
+    # the runtime (unmerged adapters inside transformers models) stands beside the plan: io and methods only.
+    "d2merge.runtime": ("d2merge.errors", "d2merge.dtypes", "d2merge.io", "d2merge.methods"),
+    # the formats: below d2merge.merge (which imports export.hf_folder), so none imports it back.
+    "d2merge.export": ("d2merge.version", "d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.profile",
+                       "d2merge.device", "d2merge.options", "d2merge.verify_options", "d2merge.io", "d2merge.plan",
+                       "d2merge.engine", "d2merge.runtime", "d2merge.export"),
+    "d2merge.export.model_card": ("d2merge.version",),
+    "d2merge.export.hf_folder": ("d2merge.errors", "d2merge.device", "d2merge.profile", "d2merge.options",
+                                 "d2merge.io", "d2merge.plan", "d2merge.engine", "d2merge.export.model_card"),
+    "d2merge.merge": ("d2merge.engine", "d2merge.export.hf_folder", "d2merge.io", "d2merge.options", "d2merge.plan"),
     # verify: pure records and arithmetic at the bottom, the one column code path above them,
     # the thin orchestration (the package itself) on top.
     "d2merge.verify.stats": (),
@@ -47,13 +70,19 @@ ALLOWED = {
                                "d2merge.verify.stats"),
     "d2merge.verify.weights": ("d2merge.errors", "d2merge.io", "d2merge.plan", "d2merge.engine",
                                "d2merge.verify.limits", "d2merge.verify.results"),
-    "d2merge.verify.report": ("d2merge", "d2merge.io.output", "d2merge.verify_options", "d2merge.verify.results"),
+    "d2merge.verify.report": ("d2merge.version", "d2merge.io", "d2merge.export.model_card", "d2merge.verify_options",
+                              "d2merge.verify.results"),
     "d2merge.verify.columns": ("d2merge.io", "d2merge.plan", "d2merge.tasks", "d2merge.runtime",
                                "d2merge.export.gguf", "d2merge.export.onnx_genai", "d2merge.verify_options",
                                "d2merge.verify.compare", "d2merge.verify.limits", "d2merge.verify.probes",
                                "d2merge.verify.results", "d2merge.verify.weights"),
+    # merge-many: its options stay torch-free (the CLI's flags); the run never imports the CLI or publish.
+    "d2merge.many": ("d2merge.errors", "d2merge.sizes", "d2merge.profile", "d2merge.options", "d2merge.io",
+                     "d2merge.plan", "d2merge.engine", "d2merge.export", "d2merge.verify", "d2merge.verify_options",
+                     "d2merge.reports", "d2merge.many"),
+    "d2merge.many.options": ("d2merge.errors", "d2merge.sizes"),
     # the HTML pages: the machinery writes through io.output; a page reads its report's records
-    # (verify.report, bench, many.run for type checking only: nothing there imports a page back).
+    # (verify.report, bench, many.run for type checking only: none of them imports a page back).
     "d2merge.reports.html": ("d2merge.io.output",),
     "d2merge.reports": ("d2merge.reports.html", "d2merge.verify.results", "d2merge.verify.report", "d2merge.bench",
                         "d2merge.many.run"),
@@ -65,14 +94,153 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def d2merge_imports(path: Path) -> set[str]:
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "d2merge":
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "d2merge")
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _type_checking_blocks(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under ``if TYPE_CHECKING:`` (they name a type; they never run)."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        test = node.test if isinstance(node, ast.If) else None
+        if test is not None and ((isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+                                 or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")):
+            inside.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return inside
+
+
+def imports_of(name: str, *, type_checking: bool = True) -> dict[str, int]:
+    """The d2merge modules ``name`` imports, each with the line of its first import (any depth, any branch;
+    those under ``if TYPE_CHECKING:`` only with ``type_checking``)."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    skip = set() if type_checking else _type_checking_blocks(tree)
+    found: dict[str, int] = {}
+    for node in ast.walk(tree):
+        targets: list[str] = []
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from .x import y
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        for target in targets:
+            if target.split(".")[0] == "d2merge" and target != name:
+                found.setdefault(target, node.lineno)
     return found
+
+
+@lru_cache(maxsize=1)
+def import_graph() -> dict[str, dict[str, int]]:
+    return {name: imports_of(name) for name in MODULES}
+
+
+def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
+    """One cycle of ``graph`` as [a, b, ..., a], or None (depth-first search, nodes in sorted order)."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)) is not None:
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)) is not None:
+            return found
+    return None
+
+
+def every_cycle(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """One cycle in each strongly connected part of ``graph`` that has any (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    parts: list[set[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                connect(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            part = set()
+            while not part or node not in part:
+                part.add(stack.pop())
+            if len(part) > 1:
+                parts.append(part)
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    found = [find_cycle({a: {b: n for b, n in graph[a].items() if b in part} for a in part}) for part in parts]
+    return sorted(c for c in found if c is not None)
+
+
+def describe(cycles: list[list[str]], where: dict[str, dict[str, tuple[str, int]]]) -> str:
+    text = []
+    for cycle in cycles:
+        steps = [f"{a} -> {b} ({where[a][b][0]}:{where[a][b][1]})" for a, b in zip(cycle, cycle[1:])]
+        text.append("import cycle: " + " -> ".join(cycle) + "\n    " + "\n    ".join(steps))
+    return f"{len(cycles)} import cycle(s):\n  " + "\n  ".join(text)
+
+
+def test_no_import_cycle_between_modules():
+    graph = import_graph()
+    where = {a: {b: (a, line) for b, line in targets.items()} for a, targets in graph.items()}
+    cycles = every_cycle(graph)
+    assert not cycles, describe(cycles, where)
+
+
+def area(name: str) -> str:
+    """A package's modules count as the package; its face (``__init__.py``) and top-level modules as themselves.
+
+    Why the face apart: a package's ``__init__`` may orchestrate its modules from above (``d2merge.verify``
+    writes its page through ``d2merge.reports``, which reads ``d2merge.verify.report``) without a cycle.
+    """
+    if MODULES[name].name == "__init__.py":
+        return name + ".__init__"
+    parts = name.split(".")
+    return ".".join(parts[:2])
+
+
+def test_no_import_cycle_between_packages():
+    """merge imports export.hf_folder, so no module of export may import merge (and so on for every package).
+
+    Imports that run count here, not those under ``if TYPE_CHECKING:``: the pages of ``d2merge.reports``
+    name their report's type (``bench_page`` names ``bench.BenchReport``) while ``verify`` writes its own
+    page; the module graph above already holds those type-only arrows to no cycle.
+    """
+    graph: dict[str, dict[str, int]] = {}
+    where: dict[str, dict[str, tuple[str, int]]] = {}
+    for a in MODULES:
+        for b, line in imports_of(a, type_checking=False).items():
+            if area(a) != area(b):
+                graph.setdefault(area(a), {})[area(b)] = line
+                where.setdefault(area(a), {}).setdefault(area(b), (a, line))
+    cycles = every_cycle(graph)
+    assert not cycles, describe(cycles, where)
+
+
+def test_the_cycle_finder_names_every_cycle():
+    graph = {"a": {"b": 1}, "b": {"c": 2}, "c": {"a": 3}, "d": {"a": 4, "e": 5}, "e": {"d": 6}, "f": {"a": 7}}
+    assert every_cycle(graph) == [["a", "b", "c", "a"], ["d", "e", "d"]]
+    assert every_cycle({"a": {"b": 1}, "b": {}}) == []
 
 
 def rule_for(name: str) -> tuple[str, ...] | None:
@@ -85,21 +253,34 @@ def within(name: str, allowed: tuple[str, ...]) -> bool:
     return any(name == a or name.startswith(a + ".") for a in allowed)
 
 
-LAYERED = [p for p in sorted(PACKAGE.rglob("*.py")) if rule_for(module_name(p)) is not None]
+LAYERED = [name for name in MODULES if rule_for(name) is not None]
 
 
-@pytest.mark.parametrize("path", LAYERED, ids=module_name)
-def test_imports_go_downwards_only(path: Path):
-    name = module_name(path)
+@pytest.mark.parametrize("name", LAYERED)
+def test_imports_go_downwards_only(name: str):
     allowed = rule_for(name)
     assert allowed is not None
-    upward = sorted(m for m in d2merge_imports(path) if not within(m, allowed + (name,)))
+    imports = imports_of(name)
+    upward = sorted(f"{m} (line {imports[m]})" for m in imports if not within(m, allowed + (name,)))
     assert not upward, f"{name} imports upwards: {', '.join(upward)}"
 
 
+def test_io_never_imports_the_runtime_or_anything_above_it():
+    above = ("d2merge.runtime", "d2merge.plan", "d2merge.engine", "d2merge.export", "d2merge.verify",
+             "d2merge.merge", "d2merge.many")
+    found = sorted(f"{name} -> {m}" for name in MODULES if name.startswith("d2merge.io")
+                   for m in imports_of(name) if within(m, above))
+    assert not found, "io imports upwards: " + ", ".join(found)
+
+
 def test_the_engine_knows_nothing_of_exporters():
-    imports = d2merge_imports(PACKAGE / "engine.py")
+    imports = imports_of("d2merge.engine")
     assert not any(m.startswith("d2merge.export") or m == "d2merge.merge" for m in imports)
+
+
+def test_nothing_imports_the_cli():
+    found = sorted(name for name in MODULES if name != "d2merge.__main__" and "d2merge.cli" in imports_of(name))
+    assert not found, f"the CLI is the top layer; imported by {', '.join(found)}"
 
 
 def test_every_module_is_in_the_architecture_table():
@@ -115,10 +296,7 @@ def test_every_module_is_in_the_architecture_table():
 
 def test_the_html_pages_load_no_torch():
     """`d2merge.reports` renders pages from report records; importing it must not import torch."""
-    import subprocess
-    import sys
-
     code = ("import sys, d2merge.reports.html, d2merge.reports.bench_page, d2merge.reports.many_page, "
             "d2merge.reports.verify_page; assert 'torch' not in sys.modules, 'torch imported'")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = run_python(["-c", code], timeout=120)
     assert done.returncode == 0, done.stderr

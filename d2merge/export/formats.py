@@ -17,7 +17,7 @@ from d2merge.errors import D2MergeError
 from d2merge.options import MergeOptions
 
 if TYPE_CHECKING:
-    from d2merge.merge import MergeResult
+    from d2merge.export.hf_folder import MergeResult
 
 FORMATS = ("hf", "safetensors", "onnx", "onnx-genai", "gguf")
 
@@ -45,7 +45,7 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
              progress: bool = False, genai_precision: str = "fp32", gguf_type: str = "f16", gguf_modelfile: bool = False) -> ExportOutcome:
     """Merge and write ``out`` in the chosen format (``genai_precision``: fp32, fp16 or int4 for onnx-genai;
     ``gguf_type`` and ``gguf_modelfile`` for gguf)."""
-    from d2merge.merge import merge
+    from d2merge.export.hf_folder import merge_to_hf_folder as merge
 
     options = options or MergeOptions()
     if genai_precision != "fp32" and format != "onnx-genai":

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from d2merge import __version__
+from d2merge.version import __version__
 from d2merge.errors import D2MergeError
 from d2merge.sizes import format_size
 
@@ -627,11 +627,12 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     from contextlib import closing
 
     from d2merge.engine import resolve_device, stream_tensors
-    from d2merge.export.hf_folder import merged_config
+    from d2merge.export.hf_folder import MergeResult, merged_config
     from d2merge.io.output import (AtomicFiles, check_output_location, copy_support_files, disk_error,
                                    scratch_beside, write_json)
     from d2merge.io.source_hashes import BackgroundHashes
-    from d2merge.merge import MergeOptions, MergeResult, plan
+    from d2merge.options import MergeOptions
+    from d2merge.plan import plan_for as plan
 
     check_gguf_type(gguf_type)
     started = time.perf_counter()

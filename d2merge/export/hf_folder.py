@@ -10,18 +10,59 @@ leaves no folder that looks complete.
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+import d2merge.profile as profile
 from d2merge.device import ComputeDevice
-from d2merge.engine import write_tensors
+from d2merge.engine import resolve_device, write_tensors
 from d2merge.export.model_card import CardInfo, render_model_card
 from d2merge.io.checkpoint import SAFETENSORS_INDEX
-from d2merge.io.output import TEMP_MARKER, AtomicFolder, copy_support_files, disk_error, write_json, write_text
+from d2merge.io.output import (TEMP_MARKER, AtomicFolder, check_output_location, copy_support_files, disk_error,
+                               write_json, write_text)
 from d2merge.io.source_hashes import BackgroundHashes
-from d2merge.plan import MergePlan, TensorPlan
+from d2merge.options import MergeOptions
+from d2merge.plan import MergePlan, TensorPlan, plan_for
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge wrote: the output, the plan it followed, its files, its time and the source hashes."""
+
+    output: Path
+    plan: MergePlan
+    files: tuple[str, ...]
+    seconds: float
+    source_hashes: dict[str, str]
+
+
+def merge_to_hf_folder(base: Any, adapter: Any, out: str | Path, options: MergeOptions | None = None, *,
+                       progress: bool = False, on_tensor: Callable[[TensorPlan], None] | None = None,
+                       **overrides: Any) -> MergeResult:
+    """Merge ``adapter`` into ``base`` and write a Hugging Face folder at ``out`` (``d2merge.merge.merge``).
+
+    It lives beside the folder's writer, as ``merge_to_safetensors`` and ``merge_to_gguf`` do beside
+    theirs, so that no format module imports ``d2merge.merge`` (which imports this one).
+    """
+    options = MergeOptions.resolve(options, overrides)
+    started = time.perf_counter()
+    with profile.phase("plan"):
+        merge_plan = plan_for(base, adapter, options)
+    inputs = [merge_plan.base.location, merge_plan.adapter.path]
+    out_path = check_output_location(Path(out), inputs, overwrite=options.overwrite)
+    device = resolve_device(options.device)
+    hashes = BackgroundHashes(merge_plan.source_files()) if options.hash_sources else None
+    try:
+        written, digests = write_hf_folder(merge_plan, out_path, overwrite=options.overwrite, device=device,
+                                           progress=progress, on_tensor=on_tensor, hashes=hashes)
+    finally:
+        if hashes is not None:
+            hashes.abandon()  # stops the hashing thread if the merge failed; a no-op after result()
+    return MergeResult(out_path, merge_plan, tuple(written), time.perf_counter() - started, digests)
 
 
 def write_hf_folder(merge_plan: MergePlan, out: Path, *, overwrite: bool = False,

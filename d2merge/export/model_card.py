@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Mapping
 
-from d2merge import __version__
+from d2merge.version import __version__
 
 METHOD_TITLES = {"d2lora": "D2-LoRA", "dual_lora": "Dual LoRA", "lora": "LoRA", "dora": "DoRA"}
 

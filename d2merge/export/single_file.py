@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from d2merge import __version__
+from d2merge.version import __version__
 from d2merge.errors import D2MergeError
 from d2merge.io.output import AtomicFiles, check_output_location
 from d2merge.io.safetensors_file import rewrite_metadata
 from d2merge.engine import resolve_device, write_tensors
-from d2merge.export.hf_folder import card_info
+from d2merge.export.hf_folder import MergeResult, card_info
 from d2merge.io.source_hashes import BackgroundHashes
-from d2merge.merge import MergeOptions, MergeResult, plan
-from d2merge.plan import MergePlan
+from d2merge.options import MergeOptions
+from d2merge.plan import MergePlan, plan_for as plan
 
 PLACEHOLDER = "0" * 64  # a sha256 in hex has exactly this width
 

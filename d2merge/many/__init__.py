@@ -12,7 +12,7 @@ from typing import Any
 
 _WHERE = {"Job": "d2merge.many.manifest", "load_manifest": "d2merge.many.manifest",
           "ManyOptions": "d2merge.many.options", "JobOutcome": "d2merge.many.run",
-          "ManyReport": "d2merge.many.run", "merge_many": "d2merge.many.run"}
+          "ManyReport": "d2merge.many.run", "merge_many": "d2merge.many.driver"}
 __all__ = sorted(_WHERE)
 
 

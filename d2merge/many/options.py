@@ -7,6 +7,7 @@ command line can build its flags without importing the library.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from d2merge.errors import D2MergeError
@@ -76,3 +77,13 @@ class ManyOptions:
     def job_defaults(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "format": self.format, "max_shard_size": self.max_shard_size,
                 "tied_embeddings": self.tied_embeddings, "verify": self.verify or None}
+
+
+def job_page_path(html: str | Path, job_name: str) -> Path:
+    """Where the verify page of ``job_name`` goes: ``<page stem>-verify/<job>.html`` beside the run's page.
+
+    The ``html`` option's rule lives here, beside the option, so that the run (which writes the job
+    pages) and the run's page (which links to them) share it without importing each other.
+    """
+    html = Path(html).expanduser().absolute()
+    return html.with_name(f"{html.stem}-verify") / f"{job_name}.html"

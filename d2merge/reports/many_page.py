@@ -2,7 +2,7 @@
 
 One row per job: status, seconds, verify verdict (and what failed), the output, and a link to
 the job's own verify page when the job was verified (written beside this page by
-:func:`job_page_path`, one file per job, so that the pages of a hundred jobs stay small).
+:func:`d2merge.many.options.job_page_path`, one file per job, so that the pages of a hundred jobs stay small).
 """
 
 from __future__ import annotations
@@ -21,12 +21,6 @@ _GOOD = {"merged", "skipped", "planned"}
 
 def failures_of(outcome: JobOutcome) -> list[str]:
     return list((outcome.verify or {}).get("failures", []))
-
-
-def job_page_path(html: str | Path, job_name: str) -> Path:
-    """Where the verify page of ``job_name`` goes: ``<page stem>-verify/<job>.html`` beside the run's page."""
-    html = Path(html).expanduser().absolute()
-    return html.with_name(f"{html.stem}-verify") / f"{job_name}.html"
 
 
 def write_many_page(report: ManyReport, path: str | Path) -> Path:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from d2merge import __version__
+from d2merge.version import __version__
 from d2merge.verify.results import DtypeResult, RoundingFloor, method_summary
 from d2merge.verify_options import VerifyOptions
 
