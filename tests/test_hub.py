@@ -28,11 +28,12 @@ from d2merge.errors import D2MergeError
 from d2merge.hub import check_folder_complete, folder_files, push_folder, scrub
 from d2merge.synthetic import save_tiny_base
 from fake_hub import FakeHub
+from helpers import REPO_ROOT, checkout_env
+from helpers import assert_one_line_error as assert_refusal
 
 # huggingface_hub streams LFS uploads with httpx2's deprecated `data=<file>`; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_FAKEsecretTOKEN1234567890"
 WRONG_TOKEN = "hf_FAKEwrongTOKEN0987654321"
 MODEL_CARD = """---
@@ -107,11 +108,11 @@ def point_client_at(url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 def run_cli(args: list[str], endpoint: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """`d2merge ARGS` in a fresh interpreter, with no token or offline mode inherited from this one."""
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                          "HF_OIDC_RESOURCE", "D2MERGE_DEBUG")}
-    clean.update({"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home),
-                  "NO_PROXY": "127.0.0.1,localhost", "PYTHONPATH": str(REPO_ROOT)}, **env)
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                              "HF_OIDC_RESOURCE")}
+    clean = checkout_env(inherited, HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1", HF_HOME=str(home),
+                         NO_PROXY="127.0.0.1,localhost", **env)
     return subprocess.run([sys.executable, "-m", "d2merge.cli", *args], cwd=REPO_ROOT, env=clean,
                           capture_output=True, text=True, timeout=120)
 
@@ -125,13 +126,8 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 
 def assert_one_line_error(code: int, out: str, err: str, *needles: str) -> None:
-    assert code == 2, (out, err)
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("d2merge: error: ")
-    assert "Traceback" not in out + err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    """A one-line refusal (tests/helpers.py) that prints no token."""
+    assert_refusal(code, out, err, *needles)
     assert TOKEN not in out + err and WRONG_TOKEN not in out + err
 
 

@@ -25,9 +25,8 @@ import pytest
 
 import d2merge.cli
 from d2merge.io.output import OUTPUT_MARKER, TEMP_MARKER
+from helpers import checkout_env
 from malformed import write_templates
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("interrupt_driver.py")
 SHARD_SIZE = "8KB"  # the tiny base in 4 output shards
 TENSORS = 21
@@ -87,8 +86,7 @@ class DriverRun:
 
 def start_driver(workdir: Path, signal_name: str, points: tuple[str, ...], inputs: Path) -> DriverRun:
     workdir.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if k != "D2MERGE_DEBUG"}
-    env.update(PYTHONPATH=str(REPO_ROOT), PYTHONDONTWRITEBYTECODE="1")
+    env = checkout_env(PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.Popen([sys.executable, str(DRIVER), str(workdir / "report.jsonl"), signal_name, *points, "--",
                              *merge_args(inputs)], cwd=workdir, env=env, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -8,14 +8,12 @@ take the fast path (a handler registered before it would be skipped).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from helpers import checkout_env
 
 # A stand-in main(): registers a handler mid-command, writes more than any pipe buffer holds
 # without a final flush, and exits 7. The module-level object says whether Python tore the
@@ -42,11 +40,6 @@ if sys.argv[1] == "registered-before":
 cli.main = stand_in_main
 cli.run()
 """
-
-
-def checkout_env() -> dict[str, str]:
-    """This environment with the checkout first on PYTHONPATH."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def run_driver(mode: str) -> subprocess.CompletedProcess[str]:
