@@ -149,13 +149,13 @@ def _inputs(vocab: int, batch: int, seq: int, seed: int) -> torch.Tensor:
 def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -> list[BenchRow]:
     """Prefill grid and KV-cache decode for a PyTorch causal LM."""
     import torch
-    from tqdm.auto import tqdm
+
+    from d2merge.console import Progress
 
     vocab = model.config.vocab_size
     rows = []
     cells = len(settings.batch_sizes) * len(settings.seq_lens) + len(settings.decode_batch_sizes)
-    # disable=None: a bar on a terminal, nothing in a pipe or a CI log.
-    bar = tqdm(total=cells, desc=f"bench {variant}", unit="cell", disable=None, leave=False)
+    bar = Progress(f"bench {variant}", cells, "cell")  # elapsed and time left, on a terminal or in a log
     with bar, torch.inference_mode():
         for batch in settings.batch_sizes:
             for seq in settings.seq_lens:
@@ -164,7 +164,7 @@ def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -
                 timings = _time(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False),
                                 settings.warmup, settings.repeats)
                 rows.append(_summarise(variant, "prefill", batch, seq, timings, batch * seq))
-                bar.update()
+                bar.advance()
         for batch in settings.decode_batch_sizes:
             ids = _inputs(vocab, batch, settings.decode_prompt_len, settings.seed)
             step_timings: list[float] = []
@@ -183,7 +183,7 @@ def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -
                     if run >= settings.warmup:
                         step_timings.append(time.perf_counter() - started)
             rows.append(_summarise(variant, "decode", batch, settings.decode_prompt_len, step_timings, batch))
-            bar.update()
+            bar.advance()
     return rows
 
 
@@ -238,13 +238,17 @@ def bench_onnx(onnx_path: Path, vocab: int, settings: BenchSettings) -> list[Ben
     if any(n.startswith("past_key_values") for n in names):
         raise D2MergeError("bench needs an ONNX graph without past for the prefill grid", path=onnx_path,
                            hint="export one with `d2merge export-onnx` (no --with-past)")
+    from d2merge.console import Progress
+
     rows = []
-    for batch in settings.batch_sizes:
-        for seq in settings.seq_lens:
-            ids = _inputs(vocab, batch, seq, settings.seed).numpy().astype(np.int64)
-            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-            timings = _time(lambda: session.run(["logits"], feed), settings.warmup, settings.repeats)
-            rows.append(_summarise("onnx", "prefill", batch, seq, timings, batch * seq))
+    with Progress("bench onnx", len(settings.batch_sizes) * len(settings.seq_lens), "cell") as bar:
+        for batch in settings.batch_sizes:
+            for seq in settings.seq_lens:
+                ids = _inputs(vocab, batch, seq, settings.seed).numpy().astype(np.int64)
+                feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+                timings = _time(lambda: session.run(["logits"], feed), settings.warmup, settings.repeats)
+                rows.append(_summarise("onnx", "prefill", batch, seq, timings, batch * seq))
+                bar.advance()
     return rows
 
 

@@ -35,7 +35,33 @@ _DEBUG = {"on": bool(os.environ.get("D2MERGE_DEBUG"))}
 INTERNAL_ERROR_EXIT = 3  # not 2: a CI job must tell a d2merge bug from a bad input
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Command(click.Command):
+    """Every command: ``-q/--quiet`` (added where the command has none) and a first line on the
+    terminal before any heavy import (d2merge.console), so a loaded machine never shows a blank screen."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not any(p.name == "quiet" for p in self.params):
+            self.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False,
+                                            callback=lambda ctx, _param, value: ctx.meta.update(quiet=value),
+                                            help="No first line and no progress (for CI logs); results and "
+                                                 "errors still print."))
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from d2merge import console
+
+        # the command's own --quiet, or the one added above (kept in ctx.meta, not passed to the command)
+        console.set_quiet(bool(ctx.params.get("quiet", ctx.meta.get("quiet"))))
+        console.first_line(f"d2merge {ctx.info_name}: starting (torch loads first: a few seconds, "
+                           "longer on a busy machine) ...")
+        return super().invoke(ctx)
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.version_option(__version__, prog_name="d2merge")
 def cli(debug: bool) -> None:
@@ -56,6 +82,14 @@ def cli(debug: bool) -> None:
 
 # Commands are defined below this line, one function each, thin over the library.
 # (helpers: add new commands directly above the "# end of commands" marker)
+
+
+def say(message: str) -> None:
+    """A stage line on stderr ("measuring base ..."), unless --quiet: stdout keeps the results."""
+    from d2merge import console
+
+    if not console.quiet():
+        click.echo(message, err=True)
 
 
 def _options_from(dataclass_type: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -125,9 +159,11 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("base", metavar="BASE")
 @click.argument("adapter", metavar="ADAPTER")
 @click.option("-o", "--out", "out", type=click.Path(), default=None,
-              help="Output folder, or file for --format safetensors/onnx. Required unless --dry-run.")
-@click.option("--format", "output_format", type=click.Choice(EXPORT_FORMATS), default="hf", show_default=True,
-              help="hf: Hugging Face folder; safetensors: one file with provenance metadata; "
+              help="Output folder, or a .safetensors, .onnx or .gguf file (the suffix picks --format). "
+                   "Required unless --dry-run.")
+@click.option("--format", "output_format", type=click.Choice(EXPORT_FORMATS), default=None,
+              help="[default: from OUT's suffix (.gguf, .safetensors, .onnx), else hf] "
+                   "hf: Hugging Face folder; safetensors: one file with provenance metadata; "
                    "onnx: exported and validated with ONNX Runtime (fp32, or fp16 with --dtype fp16); "
                    "onnx-genai: onnxruntime-genai build, validated with its Generator (see --precision); "
                    "gguf: one .gguf file for llama.cpp, Ollama, LM Studio (see --gguf-type).")
@@ -135,7 +171,8 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               show_default=True, help="With --format onnx-genai: precision of the onnxruntime-genai build.")
 @click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
               help="With --format gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (2-D weights; norms stay f32).")
-@click.option("--modelfile", is_flag=True, help="With --format gguf: also write an Ollama Modelfile beside it.")
+@click.option("--modelfile", is_flag=True,
+              help="With --format gguf: also write an Ollama Modelfile beside it, named <stem>.Modelfile.")
 @_options_from(MergeOptions)
 @click.option("--verify", "run_verify", is_flag=True,
               help="After merging, run `d2merge verify` (default thresholds) and put its table in the model card; "
@@ -149,7 +186,8 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
 @click.pass_context
-def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, output_format: str, genai_precision: str,
+def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, output_format: str | None,
+                  genai_precision: str,
                   gguf_type: str, modelfile: bool,
                   run_verify: bool,
                   push_to: str | None, require_verify: bool, private: bool, revision: str | None, create_pr: bool,
@@ -171,9 +209,13 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
       d2merge merge ./llama-3b ./my-adapter --dry-run
       d2merge merge ./llama-3b ./my-adapter -o ./merged --dtype bf16
       d2merge merge meta-llama/Llama-3.2-3B ./my-adapter -o ./merged --max-shard-size 2GB
-      d2merge merge ./llama-3b ./my-adapter -o merged.safetensors --format safetensors
+      d2merge merge ./llama-3b ./my-adapter -o merged.safetensors        # one file (from the suffix)
+      d2merge merge ./llama-3b ./my-adapter -o model.gguf --gguf-type q8_0
       d2merge merge ./llama-3b ./my-adapter -o ./merged-onnx --format onnx --dtype fp16
     """
+    from d2merge.output_names import format_for_output
+
+    output_format = format_for_output(out, output_format)
     _refuse_flags_out_of_context(ctx, {
         "as_json": ("--json", dry_run, "it prints the --dry-run plan as JSON; add --dry-run"),
         **{name: (flag, push_to is not None, "it applies to the push; add --push-to REPO_ID")
@@ -209,12 +251,12 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
     push = None if push_to is None else PushSettings(push_to, private, revision, create_pr, commit_message, token)
     result = merge_verify_push(base, adapter, out, options=merge_options, output_format=output_format,
                                verify=run_verify, push=push, require_verify=require_verify, progress=progress,
-                               echo=lambda msg: click.echo(msg, err=True), **format_options)
+                               echo=say, **format_options)
     click.echo(result.outcome.describe())
     for note in result.outcome.merge.plan.notes:
         click.echo(f"note: {note}")
     if result.verify is not None:
-        click.echo(result.verify.table())
+        click.echo(result.verify.table(failures=False))  # the failures are the final line's, printed once
         if not result.verify.passed:
             raise VerificationFailed("; ".join(result.verify.failures())
                                      + (" (nothing was pushed)" if push is not None else ""))
@@ -460,6 +502,10 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
       d2merge bench ./base ./adapter --batch-sizes 8 --seq-lens 128 --json bench.json --plot bench.png
       d2merge bench ./base ./adapter --variants merged,onnx,llama_cpp,genai --genai-precision int4
     """
+    from d2merge.output_names import check_report_file
+
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        check_report_file(path, option)  # before minutes of measuring, not after
     from d2merge.bench import bench as run_bench
     from d2merge.bench import plot_report as plot_bench_report
     from d2merge.bench import save_report as save_bench_report
@@ -469,7 +515,7 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
                              decode_prompt_len=decode_prompt_len, warmup=warmup, repeats=repeats)
     chosen = None if variants is None else tuple(v.strip() for v in variants.split(",") if v.strip())
     report = run_bench(base, adapter, merged=merged, onnx=onnx_path, variants=chosen, settings=settings,
-                       echo=lambda msg: click.echo(msg, err=True), gguf=gguf_path, gguf_type=gguf_type,
+                       echo=say, gguf=gguf_path, gguf_type=gguf_type,
                        genai=genai_path, genai_precision=genai_precision)
     click.echo(report.table())
     if json_path:
@@ -539,10 +585,11 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
     thresholds = {"floor_multiple": floor_multiple, "alpha": alpha, "max_abs_diff": max_abs_diff,
                   "max_gap_pp": max_gap_pp, "min_top1": min_top1, "max_ulp": max_ulp}
     report = verify(base, adapter, merged, dtypes=dtypes, mc_eval=mc_eval, prompts=prompts, thresholds=thresholds,
-                    options=options, echo=lambda message: click.echo(message, err=True), report=report_path)
-    click.echo(report.table())
+                    options=options, echo=say, report=report_path)
+    click.echo(report.table(failures=False))  # the failures are the final line's, printed once
     if not report.passed:
         raise VerificationFailed("; ".join(report.failures()))
+
 
 @cli.command("merge-many")
 @click.argument("base", metavar="BASE")
@@ -576,12 +623,15 @@ def merge_many_command(base: str, manifest: str, outdir: str | None, ray_address
       d2merge merge-many ./llama-3b adapters.json -o ./merged --dtype bf16 --report report.json
       d2merge merge-many ./llama-3b adapters.yaml -o /shared/merged --ray auto
     """
+    from d2merge.output_names import check_report_file
+
+    check_report_file(report_path, "--report")  # before the merges, not after them
     from d2merge.many import merge_many
 
     if outdir is None and not dry_run:
         raise click.UsageError("missing -o/--out OUTDIR (or use --dry-run to see the plans)")
     report = merge_many(base, manifest, outdir or ".", ManyOptions(**options), dry_run=dry_run, ray=ray_address,
-                        progress=not quiet and sys.stderr.isatty(), echo=lambda msg: click.echo(msg, err=True))
+                        progress=not quiet and sys.stderr.isatty(), echo=say)
     if dry_run:
         if as_json:
             click.echo(json.dumps([{**o.to_json(), "plan": o.plan.summary() if o.plan else None}

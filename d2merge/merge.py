@@ -8,6 +8,7 @@ read headers and configs, ``d2merge.plan`` decides what every output tensor is,
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,11 @@ def plan(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter,
         base = open_base(base, allow_pickle=options.allow_pickle)
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=options.allow_pickle)
-    return build_plan(base, adapter, dtype=options.dtype, max_shard_size=options.max_shard_size,
-                      tied_embeddings=options.tied_embeddings)
+    merge_plan = build_plan(base, adapter, dtype=options.dtype, max_shard_size=options.max_shard_size,
+                            tied_embeddings=options.tied_embeddings)
+    if options.base_model_id is not None:
+        merge_plan = dataclasses.replace(merge_plan, base_model_id=options.base_model_id)
+    return merge_plan
 
 
 def merge(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter, out: str | Path,
