@@ -55,6 +55,33 @@ class BenchSettings:
     seed: int = 0
 
 
+# A cell whose timed runs spread wider than this (max - min, % of the median) cannot carry a ratio:
+# on a loaded machine one run waits for a core and the "ratio" is the scheduler's, not the model's.
+NOISY_SPREAD_PCT = 50.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A throughput ratio and whether the runs say anything: ``clear`` (the ranges of runs do not
+    overlap), ``same`` (they overlap: no measurable difference) or ``noisy`` (a cell spread too wide)."""
+
+    ratio: float
+    verdict: str
+    spread_pct: float
+
+    def short(self) -> str:
+        return {"clear": f"{self.ratio:.2f}x", "same": f"~{self.ratio:.2f}x"}.get(self.verdict, "too noisy")
+
+    def sentence(self) -> str:
+        """For a reader who has not read the bench docs (the demo's summary)."""
+        if self.verdict == "clear":
+            return f"{self.ratio:.2f}x the throughput"
+        if self.verdict == "same":
+            return f"no measurable difference ({self.ratio:.2f}x, within the spread of the runs)"
+        return (f"too noisy to compare on this machine (its runs varied by up to {self.spread_pct:.0f}% of the "
+                "median; rerun when it is idle)")
+
+
 @dataclass(frozen=True)
 class BenchRow:
     variant: str
@@ -99,6 +126,19 @@ class BenchReport:
         return {"schema_version": SCHEMA_VERSION, "settings": asdict(self.settings), "meta": self.meta,
                 "results": [asdict(r) for r in self.rows], "ratios": self.ratios()}
 
+    def compare(self, name: str, mode: str, batch: int, seq: int) -> Comparison | None:
+        """What one ratio of :data:`RATIOS` says in this cell, judged against the runs' spread."""
+        top, bottom = RATIOS[name]
+        a, b = self.find(top, mode, batch, seq), self.find(bottom, mode, batch, seq)
+        if a is None or b is None:
+            return None
+        ratio = a.tokens_per_s / b.tokens_per_s
+        spread = max(a.spread_pct, b.spread_pct)
+        if spread > NOISY_SPREAD_PCT:
+            return Comparison(ratio, "noisy", spread)
+        separate = a.latency_ms_max < b.latency_ms_min or b.latency_ms_max < a.latency_ms_min
+        return Comparison(ratio, "clear" if separate else "same", spread)
+
     def table(self) -> str:
         lines = [f"{'variant':<9} {'mode':<8} {'batch':>5} {'seq':>5} {'tok/s':>11} {'p50 ms':>9} {'p95 ms':>9} "
                  f"{'spread':>7}"]
@@ -107,14 +147,18 @@ class BenchReport:
                          f"{r.latency_ms_p50:>9.2f} {r.latency_ms_p95:>9.2f} {r.spread_pct:>6.1f}%")
         ratio_lines = []
         for entry in self.ratios():
-            parts = [f"{k.replace('_over_', '/')} {entry[k]:.3f}x" for k in RATIOS if k in entry]
+            parts = []
+            for name in RATIOS:
+                verdict = self.compare(name, entry["mode"], entry["batch"], entry["seq"])
+                if verdict is not None:
+                    parts.append(f"{name.replace('_over_', '/')} {verdict.short()}")
             if parts:
                 ratio_lines.append(f"{entry['mode']:<8} batch {entry['batch']:>3} seq {entry['seq']:>4}: " + ", ".join(parts))
         if ratio_lines:
-            lines += ["", "throughput ratios (same run):"] + ["  " + line for line in ratio_lines]
-        spread = max((r.spread_pct for r in self.rows), default=0.0)
-        lines.append(f"\nnoise: the widest min-max spread of a cell was {spread:.1f}% of its median; "
-                     "ratios closer to 1 than that are within noise")
+            lines += ["", "throughput ratios (same run; a ratio is shown only where the runs were steady enough):"]
+            lines += ["  " + line for line in ratio_lines]
+            lines.append(f"  (too noisy: a cell's runs varied by more than {NOISY_SPREAD_PCT:.0f}% of its median, as on "
+                         "a busy machine; ~ : the two ranges of runs overlap)")
         return "\n".join(lines)
 
 

@@ -19,3 +19,9 @@ def test_demo_quick_runs_and_passes_verification(tmp_path, capsys):
     assert "merge gap (pp)" in out and "PASS" in out
     assert (tmp_path / "merged" / "config.json").is_file()
     assert (tmp_path / "eval.jsonl").is_file()
+    # it ends with what it showed, in sentences, then what to do with one's own base and adapter
+    from d2merge.demo_figures import THREE_COMMANDS
+
+    assert "summary:" in out and "  verify  PASS in fp32 and bf16; merge gap" in out
+    assert out.rstrip().splitlines()[-3:] == ["  " + line for line in THREE_COMMANDS]
+    assert "demo finished in " in out

@@ -171,13 +171,13 @@ def test_progress_reports_elapsed_and_time_left():
 
 def test_bench_in_a_log_shows_progress_lines_and_quiet_drops_them(tiny_bases, make_adapter):
     base = tiny_bases("llama")
-    args = ["bench", base, make_adapter(base, "lora"), "--variants", "base,merged", "--batch-sizes", "1,2",
+    args = ["bench", base, make_adapter(base, "lora"), "--variants", "base", "--batch-sizes", "1,2",
             "--seq-lens", "4", "--decode-tokens", "2", "--warmup", "0", "--repeats", "1"]
     done = d2merge(*args, D2MERGE_PROGRESS_EVERY="0")
     assert done.returncode == 0, done.stderr
     cells = [line for line in done.stderr.splitlines() if line.startswith("bench base: ")]
     assert cells and re.fullmatch(r"bench base: 1/3 cells, \d+ s, about \d+ s left", cells[0]), done.stderr
-    assert any(line.startswith("bench merged: 3/3 cells") for line in done.stderr.splitlines()), done.stderr
+    assert any(line.startswith("bench base: 3/3 cells") for line in done.stderr.splitlines()), done.stderr
     quiet = d2merge(*args, "--quiet", D2MERGE_PROGRESS_EVERY="0")
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
     assert "tok/s" in quiet.stdout
@@ -237,3 +237,66 @@ def test_int4_genai_refusal_names_the_options_that_help_not_atol(tiny_bases, tmp
     from d2merge.export.onnx_genai import validation_hint
 
     assert "--atol" not in validation_hint("int4") and "--atol" in validation_hint("fp16")
+
+
+# ---- the demo: sized to the machine, a summary read right, the three commands ----------------------------
+
+
+def test_training_under_a_time_budget_runs_the_steps_that_fit(tmp_path):
+    from d2merge.train import PACE_STEPS, steps_within, train_adapter
+
+    assert steps_within(12.0, 0.05, most=400, fewest=60) == 240
+    assert steps_within(12.0, 1.0, most=400, fewest=60) == 60  # a crawling machine still learns something
+    assert steps_within(12.0, 0.001, most=400, fewest=60) == 400
+    from d2merge.train import save_task_base
+
+    base = save_task_base(tmp_path / "base")
+    result = train_adapter(base, tmp_path / "ad", "d2lora", steps=400, seconds=0.0, min_steps=PACE_STEPS + 2,
+                           eval_size=8, batch_size=4)
+    assert result.steps == len(result.losses) == PACE_STEPS + 2
+
+
+def test_bench_ratios_are_shown_only_where_the_runs_allow():
+    from d2merge.bench import BenchReport, BenchRow, BenchSettings
+
+    def row(variant, median, low, high):
+        return BenchRow(variant, "prefill", 8, 32, 5, median, high, low, high, 256 / (median / 1e3),
+                        100 * (high - low) / median)
+
+    steady = BenchReport(BenchSettings(), [row("merged", 10.0, 9.8, 10.3), row("unmerged", 17.0, 16.5, 17.6),
+                                           row("base", 10.1, 9.7, 10.4)])
+    assert steady.compare("merged_over_unmerged", "prefill", 8, 32).sentence() == "1.70x the throughput"
+    assert steady.compare("merged_over_base", "prefill", 8, 32).sentence().startswith("no measurable difference")
+    assert steady.compare("onnx_over_pytorch", "prefill", 8, 32) is None
+    busy = BenchReport(BenchSettings(), [row("merged", 10.0, 6.0, 70.0), row("unmerged", 17.0, 16.5, 17.6)])
+    assert busy.compare("merged_over_unmerged", "prefill", 8, 32).sentence().startswith(
+        "too noisy to compare on this machine")
+    assert "merged/unmerged too noisy" in busy.table() and "1.70" not in busy.table().split("throughput ratios")[1]
+
+
+@pytest.mark.slow
+def test_readme_first_screen_commands_run_as_written(smollm2, tmp_path):
+    """README's three commands, copied from its first screen, on a tiny base with a real BPE tokenizer
+    (GGUF needs one) and a LoRA adapter laid out as ./base and ./my-adapter."""
+    import shlex
+    import shutil
+
+    from d2merge.synthetic import save_random_adapter, save_tiny_base
+
+    readme = (ROOT / "README.md").read_text()
+    own = readme.split("## Your own model in three commands", 1)[1]
+    start = own.index("```bash\n") + len("```bash\n")
+    commands = own[start: own.index("\n```", start)].splitlines()
+    base = save_tiny_base(tmp_path / "base", "llama", vocab_size=49152, tokenizer=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (smollm2 / name).is_file():
+            shutil.copyfile(smollm2 / name, base / name)
+    save_random_adapter(base, tmp_path / "my-adapter", "lora")
+    for command in commands:
+        words = shlex.split(command, comments=True)
+        assert words[0] == "d2merge", command
+        done = d2merge(*words[1:], cwd=tmp_path)
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert (tmp_path / "model.gguf").read_bytes()[:4] == b"GGUF"
+    assert (tmp_path / "model.Modelfile").read_text().startswith("FROM ./model.gguf")

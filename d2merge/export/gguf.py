@@ -580,9 +580,15 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
 
 
 def _progress(items: list[_Planned], enabled: bool) -> Iterator[_Planned]:
-    from tqdm.auto import tqdm
+    """The tensors, with elapsed time and time left (``d2merge.console``: on a terminal, or now and then
+    in a log)."""
+    from d2merge.console import Progress
 
-    yield from tqdm(items, desc="writing GGUF", unit="tensor", disable=not enabled, leave=False)
+    with Progress("writing GGUF", len(items), "tensor") as bar:
+        bar.enabled = bar.enabled and enabled
+        for item in items:
+            yield item
+            bar.advance()
 
 
 def write_modelfile(gguf_path: Path, folder: Path) -> Path:

@@ -1,0 +1,15 @@
+"""What the demo promises a newcomer, in one torch-free place: its measured times and the three commands
+it ends with. ``d2merge demo --help`` and README.md state the same (tests/test_docs.py checks both), and
+README's figure note says when they were measured and at which commit.
+"""
+
+from __future__ import annotations
+
+# `d2merge demo` on the 2-core development machine, from the CLI's start to its last line.
+MEASURED = {"idle": "IDLE", "busy": "BUSY"}
+# What to do next, with one's own base and adapter: README's first screen shows the same three.
+THREE_COMMANDS = (
+    "d2merge merge ./base ./my-adapter -o ./merged             # exact streaming merge (--dry-run: the plan first)",
+    "d2merge verify ./base ./my-adapter ./merged               # merged vs unmerged: exit 0 pass, 1 drift",
+    "d2merge export-gguf ./merged -o model.gguf --modelfile    # llama.cpp / Ollama: model.gguf + model.Modelfile",
+)
