@@ -63,7 +63,8 @@ NOISY_SPREAD_PCT = 50.0
 @dataclass(frozen=True)
 class Comparison:
     """A throughput ratio and whether the runs say anything: ``clear`` (the ranges of runs do not
-    overlap), ``same`` (they overlap: no measurable difference) or ``noisy`` (a cell spread too wide)."""
+    overlap, however noisy), ``same`` (they overlap, each cell steady: no measurable difference) or
+    ``noisy`` (they overlap and a cell spread too wide to tell)."""
 
     ratio: float
     verdict: str
@@ -134,10 +135,10 @@ class BenchReport:
             return None
         ratio = a.tokens_per_s / b.tokens_per_s
         spread = max(a.spread_pct, b.spread_pct)
-        if spread > NOISY_SPREAD_PCT:
-            return Comparison(ratio, "noisy", spread)
-        separate = a.latency_ms_max < b.latency_ms_min or b.latency_ms_max < a.latency_ms_min
-        return Comparison(ratio, "clear" if separate else "same", spread)
+        # every run of one faster than every run of the other: a difference larger than the noise
+        if a.latency_ms_max < b.latency_ms_min or b.latency_ms_max < a.latency_ms_min:
+            return Comparison(ratio, "clear", spread)
+        return Comparison(ratio, "noisy" if spread > NOISY_SPREAD_PCT else "same", spread)
 
     def table(self) -> str:
         lines = [f"{'variant':<9} {'mode':<8} {'batch':>5} {'seq':>5} {'tok/s':>11} {'p50 ms':>9} {'p95 ms':>9} "
@@ -157,8 +158,9 @@ class BenchReport:
         if ratio_lines:
             lines += ["", "throughput ratios (same run; a ratio is shown only where the runs were steady enough):"]
             lines += ["  " + line for line in ratio_lines]
-            lines.append(f"  (too noisy: a cell's runs varied by more than {NOISY_SPREAD_PCT:.0f}% of its median, as on "
-                         "a busy machine; ~ : the two ranges of runs overlap)")
+            lines.append(f"  (a plain ratio: every run of one was faster than every run of the other; ~ : the ranges "
+                         f"overlap; too noisy: they overlap and a cell's runs varied by more than "
+                         f"{NOISY_SPREAD_PCT:.0f}% of its median, as on a busy machine)")
         return "\n".join(lines)
 
 

@@ -23,8 +23,10 @@ import click
 # Only light modules at import time: `d2merge --help` and flag errors must not wait for torch.
 # Each command imports the library it calls (tests/test_cli_startup.py checks this).
 from d2merge import __version__
+from d2merge.console import QUIET_HELP, ConsoleGroup, say
 from d2merge.bench import ALL_VARIANTS as BENCH_VARIANTS
 from d2merge.bench import BenchSettings
+from d2merge.demo_figures import DEMO_SECONDS
 from d2merge.demo_figures import MEASURED as DEMO_MEASURED
 from d2merge.demo_figures import THREE_COMMANDS
 from d2merge.errors import D2MergeError, VerificationFailed
@@ -39,35 +41,7 @@ _STARTED = {"at": time.monotonic()}  # main() resets it: the demo says how long 
 INTERNAL_ERROR_EXIT = 3  # not 2: a CI job must tell a d2merge bug from a bad input
 
 
-QUIET_HELP = "No first line and no progress (for CI logs); results and errors still print."
-
-
-class _Command(click.Command):
-    """Every command: ``-q/--quiet`` (added where the command has none) and a first line on the
-    terminal before any heavy import (d2merge.console), so a loaded machine never shows a blank screen."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not any(p.name == "quiet" for p in self.params):
-            self.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False,
-                                            callback=lambda ctx, _param, value: ctx.meta.update(quiet=value),
-                                            help=QUIET_HELP))
-
-    def invoke(self, ctx: click.Context) -> Any:
-        from d2merge import console
-
-        # the command's own --quiet, or the one added above (kept in ctx.meta, not passed to the command)
-        console.set_quiet(bool(ctx.params.get("quiet", ctx.meta.get("quiet"))))
-        console.first_line(f"d2merge {ctx.info_name}: starting (torch loads first: a few seconds, "
-                           "longer on a busy machine) ...")
-        return super().invoke(ctx)
-
-
-class _Group(click.Group):
-    command_class = _Command
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=ConsoleGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.version_option(__version__, prog_name="d2merge")
 def cli(debug: bool) -> None:
@@ -88,14 +62,6 @@ def cli(debug: bool) -> None:
 
 # Commands are defined below this line, one function each, thin over the library.
 # (helpers: add new commands directly above the "# end of commands" marker)
-
-
-def say(message: str) -> None:
-    """A stage line on stderr ("measuring base ..."), unless --quiet: stdout keeps the results."""
-    from d2merge import console
-
-    if not console.quiet():
-        click.echo(message, err=True)
 
 
 def _options_from(dataclass_type: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -315,11 +281,14 @@ DEMO_HELP = f"""Run the whole job on a built-in tiny model: no downloads, sized 
               help="Training steps for the demo adapter. [default: as many of 60-400 as fit 12 s at the pace the "
                    "first steps measure]")
 @click.option("--quick", is_flag=True, help="Skip the ONNX export and the bench.")
-def demo_command(workdir: str | None, train_steps: int | None, quick: bool) -> None:
+@click.option("--seconds", type=click.FloatRange(0), default=DEMO_SECONDS, show_default=True,
+              help="The demo's target time: the ONNX exporter and the timing grid are chosen to fit what is left "
+                   "of it at the measured speed, and past twice the target both are skipped.")
+def demo_command(workdir: str | None, train_steps: int | None, quick: bool, seconds: float) -> None:
     # the help is DEMO_HELP: its figures come from d2merge.demo_figures, as README's do
     from d2merge.demo import run_demo
 
-    report = run_demo(workdir, echo=click.echo, train_steps=train_steps, quick=quick)
+    report = run_demo(workdir, echo=click.echo, train_steps=train_steps, quick=quick, seconds=seconds)
     click.echo(f"\ndemo finished in {time.monotonic() - _STARTED['at']:.0f} s: files in {report.workdir}")
     click.echo("\nYour own base and adapter, in three commands:")
     for line in THREE_COMMANDS:

@@ -10,7 +10,7 @@ in place and erased when the step ends; in a log (stderr not a terminal) it is a
 every ``D2MERGE_PROGRESS_EVERY`` seconds (15 by default), so a CI log shows life without
 drowning. ``--quiet`` (or ``D2MERGE_QUIET=1``) turns all of it off; results and errors still print.
 
-Torch-free: the CLI imports this before anything heavy.
+Torch-free: the CLI imports this before anything heavy; its commands are :class:`ConsoleCommand`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
+
+import click
 
 _STATE = {"quiet": False}
 # A step shorter than this shows nothing: progress is for the steps a user would wonder about.
@@ -182,3 +184,37 @@ def still_working(what: str, *, expected_seconds: float | None = None, stream: T
         if drawn and terminal:
             stream.write("\r\x1b[K")
             stream.flush()
+
+
+QUIET_HELP = "No first line and no progress (for CI logs); results and errors still print."
+
+
+def say(message: str) -> None:
+    """A stage line on stderr ("measuring base ..."), unless --quiet: stdout keeps the results."""
+    if not quiet():
+        click.echo(message, err=True)
+
+
+class ConsoleCommand(click.Command):
+    """Every ``d2merge`` command: ``-q/--quiet`` (added where the command has none) and a first line on
+    the terminal before any heavy import, so that a loaded machine never shows a blank screen."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not any(p.name == "quiet" for p in self.params):
+            self.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False,
+                                            callback=lambda ctx, _param, value: ctx.meta.update(quiet=value),
+                                            help=QUIET_HELP))
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # the command's own --quiet, or the one added above (kept in ctx.meta, not passed to the command)
+        set_quiet(bool(ctx.params.get("quiet", ctx.meta.get("quiet"))))
+        first_line(f"d2merge {ctx.info_name}: starting (torch loads first: a few seconds, longer on a busy "
+                   "machine) ...")
+        return super().invoke(ctx)
+
+
+class ConsoleGroup(click.Group):
+    """The ``d2merge`` group: its commands are :class:`ConsoleCommand`."""
+
+    command_class = ConsoleCommand

@@ -268,10 +268,14 @@ def test_bench_ratios_are_shown_only_where_the_runs_allow():
     assert steady.compare("merged_over_unmerged", "prefill", 8, 32).sentence() == "1.70x the throughput"
     assert steady.compare("merged_over_base", "prefill", 8, 32).sentence().startswith("no measurable difference")
     assert steady.compare("onnx_over_pytorch", "prefill", 8, 32) is None
-    busy = BenchReport(BenchSettings(), [row("merged", 10.0, 6.0, 70.0), row("unmerged", 17.0, 16.5, 17.6)])
+    busy = BenchReport(BenchSettings(), [row("merged", 10.0, 6.0, 70.0), row("unmerged", 17.0, 16.5, 17.6),
+                                         row("base", 30.0, 10.0, 31.0)])
     assert busy.compare("merged_over_unmerged", "prefill", 8, 32).sentence().startswith(
         "too noisy to compare on this machine")
     assert "merged/unmerged too noisy" in busy.table() and "1.70" not in busy.table().split("throughput ratios")[1]
+    # however noisy, a difference larger than the noise is a ratio: every run of one beat every run of the other
+    clear = BenchReport(BenchSettings(), [row("merged", 20.0, 15.0, 34.0), row("unmerged", 55.0, 50.0, 80.0)])
+    assert clear.compare("merged_over_unmerged", "prefill", 8, 32).sentence() == "2.75x the throughput"
 
 
 @pytest.mark.slow
