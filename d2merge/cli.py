@@ -268,9 +268,12 @@ DEMO_HELP = f"""Run the whole job on a built-in tiny model: no downloads, sized 
     and a summary, then the three commands for your own base and adapter.
     Exits 1 if verification fails.
 
-    On the 2-core development machine: {DEMO_MEASURED['idle']} idle, {DEMO_MEASURED['busy']} with both cores
-    busy with other work. A busy machine gets fewer training steps, a faster exporter and a
-    smaller timing grid (chosen from the speed the demo measures), not a ten times slower demo.
+    Measured on the shared 2-core development machine while other jobs ran (load
+    average 17-19): {DEMO_MEASURED['idle']} with no extra load, {DEMO_MEASURED['busy']} with both cores busy with two
+    more processes; about 13 CPU-seconds either way, the rest is waiting for a core.
+    A busy machine gets fewer training steps, a faster exporter and a smaller timing
+    grid (chosen from the speed the demo measures), past twice its target no ONNX
+    export and bench, not a ten times slower demo.
     """
 
 
