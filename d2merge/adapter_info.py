@@ -15,6 +15,7 @@ from d2merge.io.checkpoint import open_base
 from d2merge.io.model_structure import meta_model
 from d2merge.methods import get_method, target_parameters
 from d2merge.methods.base import PARAMETER
+from d2merge.natural_sort import natural_key
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def inspect_adapter(adapter: Adapter | str | Path, *, allow_pickle: bool = False
                                "target_parameters names are unknown", path=base)
         targets = target_parameters.resolve(model, names)
     modules = []
-    for name, entry in sorted(adapter.modules.items()):
+    for name, entry in sorted(adapter.modules.items(), key=lambda item: natural_key(item[0])):
         factors = {k: v.to(torch.float64) for k, v in adapter.factors(name).items()}
         if name in targets:
             target = targets[name]

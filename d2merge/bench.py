@@ -55,6 +55,34 @@ class BenchSettings:
     seed: int = 0
 
 
+# A cell whose timed runs spread wider than this (max - min, % of the median) cannot carry a ratio:
+# on a loaded machine one run waits for a core and the "ratio" is the scheduler's, not the model's.
+NOISY_SPREAD_PCT = 50.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A throughput ratio and whether the runs say anything: ``clear`` (the ranges of runs do not
+    overlap, however noisy), ``same`` (they overlap, each cell steady: no measurable difference) or
+    ``noisy`` (they overlap and a cell spread too wide to tell)."""
+
+    ratio: float
+    verdict: str
+    spread_pct: float
+
+    def short(self) -> str:
+        return {"clear": f"{self.ratio:.2f}x", "same": f"~{self.ratio:.2f}x"}.get(self.verdict, "too noisy")
+
+    def sentence(self) -> str:
+        """For a reader who has not read the bench docs (the demo's summary)."""
+        if self.verdict == "clear":
+            return f"{self.ratio:.2f}x the throughput"
+        if self.verdict == "same":
+            return f"no measurable difference ({self.ratio:.2f}x, within the spread of the runs)"
+        return (f"too noisy to compare on this machine (its runs varied by up to {self.spread_pct:.0f}% of the "
+                "median; rerun when it is idle)")
+
+
 @dataclass(frozen=True)
 class BenchRow:
     variant: str
@@ -99,6 +127,19 @@ class BenchReport:
         return {"schema_version": SCHEMA_VERSION, "settings": asdict(self.settings), "meta": self.meta,
                 "results": [asdict(r) for r in self.rows], "ratios": self.ratios()}
 
+    def compare(self, name: str, mode: str, batch: int, seq: int) -> Comparison | None:
+        """What one ratio of :data:`RATIOS` says in this cell, judged against the runs' spread."""
+        top, bottom = RATIOS[name]
+        a, b = self.find(top, mode, batch, seq), self.find(bottom, mode, batch, seq)
+        if a is None or b is None:
+            return None
+        ratio = a.tokens_per_s / b.tokens_per_s
+        spread = max(a.spread_pct, b.spread_pct)
+        # every run of one faster than every run of the other: a difference larger than the noise
+        if a.latency_ms_max < b.latency_ms_min or b.latency_ms_max < a.latency_ms_min:
+            return Comparison(ratio, "clear", spread)
+        return Comparison(ratio, "noisy" if spread > NOISY_SPREAD_PCT else "same", spread)
+
     def table(self) -> str:
         lines = [f"{'variant':<9} {'mode':<8} {'batch':>5} {'seq':>5} {'tok/s':>11} {'p50 ms':>9} {'p95 ms':>9} "
                  f"{'spread':>7}"]
@@ -107,14 +148,19 @@ class BenchReport:
                          f"{r.latency_ms_p50:>9.2f} {r.latency_ms_p95:>9.2f} {r.spread_pct:>6.1f}%")
         ratio_lines = []
         for entry in self.ratios():
-            parts = [f"{k.replace('_over_', '/')} {entry[k]:.3f}x" for k in RATIOS if k in entry]
+            parts = []
+            for name in RATIOS:
+                verdict = self.compare(name, entry["mode"], entry["batch"], entry["seq"])
+                if verdict is not None:
+                    parts.append(f"{name.replace('_over_', '/')} {verdict.short()}")
             if parts:
                 ratio_lines.append(f"{entry['mode']:<8} batch {entry['batch']:>3} seq {entry['seq']:>4}: " + ", ".join(parts))
         if ratio_lines:
-            lines += ["", "throughput ratios (same run):"] + ["  " + line for line in ratio_lines]
-        spread = max((r.spread_pct for r in self.rows), default=0.0)
-        lines.append(f"\nnoise: the widest min-max spread of a cell was {spread:.1f}% of its median; "
-                     "ratios closer to 1 than that are within noise")
+            lines += ["", "throughput ratios (same run; a ratio is shown only where the runs were steady enough):"]
+            lines += ["  " + line for line in ratio_lines]
+            lines.append(f"  (a plain ratio: every run of one was faster than every run of the other; ~ : the ranges "
+                         f"overlap; too noisy: they overlap and a cell's runs varied by more than "
+                         f"{NOISY_SPREAD_PCT:.0f}% of its median, as on a busy machine)")
         return "\n".join(lines)
 
 
@@ -149,13 +195,13 @@ def _inputs(vocab: int, batch: int, seq: int, seed: int) -> torch.Tensor:
 def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -> list[BenchRow]:
     """Prefill grid and KV-cache decode for a PyTorch causal LM."""
     import torch
-    from tqdm.auto import tqdm
+
+    from d2merge.console import Progress
 
     vocab = model.config.vocab_size
     rows = []
     cells = len(settings.batch_sizes) * len(settings.seq_lens) + len(settings.decode_batch_sizes)
-    # disable=None: a bar on a terminal, nothing in a pipe or a CI log.
-    bar = tqdm(total=cells, desc=f"bench {variant}", unit="cell", disable=None, leave=False)
+    bar = Progress(f"bench {variant}", cells, "cell")  # elapsed and time left, on a terminal or in a log
     with bar, torch.inference_mode():
         for batch in settings.batch_sizes:
             for seq in settings.seq_lens:
@@ -164,7 +210,7 @@ def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -
                 timings = _time(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False),
                                 settings.warmup, settings.repeats)
                 rows.append(_summarise(variant, "prefill", batch, seq, timings, batch * seq))
-                bar.update()
+                bar.advance()
         for batch in settings.decode_batch_sizes:
             ids = _inputs(vocab, batch, settings.decode_prompt_len, settings.seed)
             step_timings: list[float] = []
@@ -183,7 +229,7 @@ def bench_torch(model: torch.nn.Module, variant: str, settings: BenchSettings) -
                     if run >= settings.warmup:
                         step_timings.append(time.perf_counter() - started)
             rows.append(_summarise(variant, "decode", batch, settings.decode_prompt_len, step_timings, batch))
-            bar.update()
+            bar.advance()
     return rows
 
 
@@ -238,13 +284,17 @@ def bench_onnx(onnx_path: Path, vocab: int, settings: BenchSettings) -> list[Ben
     if any(n.startswith("past_key_values") for n in names):
         raise D2MergeError("bench needs an ONNX graph without past for the prefill grid", path=onnx_path,
                            hint="export one with `d2merge export-onnx` (no --with-past)")
+    from d2merge.console import Progress
+
     rows = []
-    for batch in settings.batch_sizes:
-        for seq in settings.seq_lens:
-            ids = _inputs(vocab, batch, seq, settings.seed).numpy().astype(np.int64)
-            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-            timings = _time(lambda: session.run(["logits"], feed), settings.warmup, settings.repeats)
-            rows.append(_summarise("onnx", "prefill", batch, seq, timings, batch * seq))
+    with Progress("bench onnx", len(settings.batch_sizes) * len(settings.seq_lens), "cell") as bar:
+        for batch in settings.batch_sizes:
+            for seq in settings.seq_lens:
+                ids = _inputs(vocab, batch, seq, settings.seed).numpy().astype(np.int64)
+                feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+                timings = _time(lambda: session.run(["logits"], feed), settings.warmup, settings.repeats)
+                rows.append(_summarise("onnx", "prefill", batch, seq, timings, batch * seq))
+                bar.advance()
     return rows
 
 

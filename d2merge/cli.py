@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -23,8 +24,12 @@ import click
 # Only light modules at import time: `d2merge --help` and flag errors must not wait for torch.
 # Each command imports the library it calls (tests/test_cli_startup.py checks this).
 from d2merge import __version__
+from d2merge.console import QUIET_HELP, ConsoleGroup, say
 from d2merge.bench import ALL_VARIANTS as BENCH_VARIANTS
 from d2merge.bench import BenchSettings
+from d2merge.demo_figures import DEMO_SECONDS
+from d2merge.demo_figures import MEASURED as DEMO_MEASURED
+from d2merge.demo_figures import THREE_COMMANDS
 from d2merge.errors import D2MergeError, VerificationFailed
 from d2merge.many.options import ManyOptions
 from d2merge.export.formats import FORMATS as EXPORT_FORMATS
@@ -33,10 +38,11 @@ from d2merge.options import option_help as model_help
 from d2merge.verify_options import VerifyOptions, threshold_defaults
 
 _DEBUG = {"on": bool(os.environ.get("D2MERGE_DEBUG"))}
+_STARTED = {"at": time.monotonic()}  # main() resets it: the demo says how long its user waited
 INTERNAL_ERROR_EXIT = 3  # not 2: a CI job must tell a d2merge bug from a bad input
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=ConsoleGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.version_option(__version__, prog_name="d2merge")
 def cli(debug: bool) -> None:
@@ -126,9 +132,11 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("base", metavar="BASE")
 @click.argument("adapter", metavar="ADAPTER")
 @click.option("-o", "--out", "out", type=click.Path(), default=None,
-              help="Output folder, or file for --format safetensors/onnx. Required unless --dry-run.")
-@click.option("--format", "output_format", type=click.Choice(EXPORT_FORMATS), default="hf", show_default=True,
-              help="hf: Hugging Face folder; safetensors: one file with provenance metadata; "
+              help="Output folder, or a .safetensors, .onnx or .gguf file (the suffix picks --format). "
+                   "Required unless --dry-run.")
+@click.option("--format", "output_format", type=click.Choice(EXPORT_FORMATS), default=None,
+              help="[default: from OUT's suffix (.gguf, .safetensors, .onnx), else hf] "
+                   "hf: Hugging Face folder; safetensors: one file with provenance metadata; "
                    "onnx: exported and validated with ONNX Runtime (fp32, or fp16 with --dtype fp16); "
                    "onnx-genai: onnxruntime-genai build, validated with its Generator (see --precision); "
                    "gguf: one .gguf file for llama.cpp, Ollama, LM Studio (see --gguf-type).")
@@ -136,7 +144,8 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               show_default=True, help="With --format onnx-genai: precision of the onnxruntime-genai build.")
 @click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
               help="With --format gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (2-D weights; norms stay f32).")
-@click.option("--modelfile", is_flag=True, help="With --format gguf: also write an Ollama Modelfile beside it.")
+@click.option("--modelfile", is_flag=True,
+              help="With --format gguf: also write an Ollama Modelfile beside it, named <stem>.Modelfile.")
 @_options_from(MergeOptions)
 @click.option("--verify", "run_verify", is_flag=True,
               help="After merging, run `d2merge verify` (default thresholds) and put its table in the model card; "
@@ -148,9 +157,10 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_push_options
 @click.option("--dry-run", is_flag=True, help="Print the plan (every changed tensor, rank, scale, shard) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @click.pass_context
-def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, output_format: str, genai_precision: str,
+def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, output_format: str | None,
+                  genai_precision: str,
                   gguf_type: str, modelfile: bool,
                   run_verify: bool,
                   push_to: str | None, require_verify: bool, private: bool, revision: str | None, create_pr: bool,
@@ -172,9 +182,13 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
       d2merge merge ./llama-3b ./my-adapter --dry-run
       d2merge merge ./llama-3b ./my-adapter -o ./merged --dtype bf16
       d2merge merge meta-llama/Llama-3.2-3B ./my-adapter -o ./merged --max-shard-size 2GB
-      d2merge merge ./llama-3b ./my-adapter -o merged.safetensors --format safetensors
+      d2merge merge ./llama-3b ./my-adapter -o merged.safetensors        # one file (from the suffix)
+      d2merge merge ./llama-3b ./my-adapter -o model.gguf --gguf-type q8_0
       d2merge merge ./llama-3b ./my-adapter -o ./merged-onnx --format onnx --dtype fp16
     """
+    from d2merge.output_names import format_for_output
+
+    output_format = format_for_output(out, output_format)
     _refuse_flags_out_of_context(ctx, {
         "as_json": ("--json", dry_run, "it prints the --dry-run plan as JSON; add --dry-run"),
         **{name: (flag, push_to is not None, "it applies to the push; add --push-to REPO_ID")
@@ -210,12 +224,12 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
     push = None if push_to is None else PushSettings(push_to, private, revision, create_pr, commit_message, token)
     result = merge_verify_push(base, adapter, out, options=merge_options, output_format=output_format,
                                verify=run_verify, push=push, require_verify=require_verify, progress=progress,
-                               echo=lambda msg: click.echo(msg, err=True), **format_options)
+                               echo=say, **format_options)
     click.echo(result.outcome.describe())
     for note in result.outcome.merge.plan.notes:
         click.echo(f"note: {note}")
     if result.verify is not None:
-        click.echo(result.verify.table())
+        click.echo(result.verify.table(failures=False))  # the failures are the final line's, printed once
         if not result.verify.passed:
             raise VerificationFailed("; ".join(result.verify.failures())
                                      + (" (nothing was pushed)" if push is not None else ""))
@@ -246,25 +260,43 @@ def inspect_command(adapter: str, as_json: bool, allow_pickle: bool, base: str |
     click.echo(json.dumps(info.to_json(), indent=2) if as_json else info.table())
 
 
-@cli.command("demo")
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where to write the demo's models (default: a new temp folder).")
-@click.option("--train-steps", type=click.IntRange(1), default=400, show_default=True,
-              help="Training steps for the demo adapter.")
-@click.option("--quick", is_flag=True, help="Skip the ONNX export and the bench.")
-def demo_command(workdir: str | None, train_steps: int, quick: bool) -> None:
-    """Run the whole job on a built-in tiny model: no downloads, about a minute on 2 cores.
+DEMO_HELP = f"""Run the whole job on a built-in tiny model: no downloads, sized to the machine's speed.
 
     Builds a random-init Llama-style base, trains a D2-LoRA adapter on a built-in
     multiple-choice task, merges it, proves the merge against an fp64
     recomputation, verifies merged vs unmerged in fp32 and bf16 (the merge gap
-    in percentage points), exports and validates ONNX, and prints a bench table.
+    in percentage points), exports and validates ONNX, and prints a bench table
+    and a summary, then the three commands for your own base and adapter.
     Exits 1 if verification fails.
+
+    Measured on the shared 2-core development machine while other jobs ran (load
+    average 17-19): {DEMO_MEASURED['idle']} with no extra load, {DEMO_MEASURED['busy']} with both cores busy with two
+    more processes; about 13 CPU-seconds either way, the rest is waiting for a core.
+    A busy machine gets fewer training steps, a faster exporter and a smaller timing
+    grid (chosen from the speed the demo measures), past twice its target no ONNX
+    export and bench, not a ten times slower demo.
     """
+
+
+@cli.command("demo", help=DEMO_HELP)
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the demo's models (default: a new temp folder).")
+@click.option("--train-steps", type=click.IntRange(1), default=None,
+              help="Training steps for the demo adapter. [default: as many of 60-400 as fit 12 s at the pace the "
+                   "first steps measure]")
+@click.option("--quick", is_flag=True, help="Skip the ONNX export and the bench.")
+@click.option("--seconds", type=click.FloatRange(0), default=DEMO_SECONDS, show_default=True,
+              help="The demo's target time: the ONNX exporter and the timing grid are chosen to fit what is left "
+                   "of it at the measured speed, and past twice the target both are skipped.")
+def demo_command(workdir: str | None, train_steps: int | None, quick: bool, seconds: float) -> None:
+    # the help is DEMO_HELP: its figures come from d2merge.demo_figures, as README's do
     from d2merge.demo import run_demo
 
-    report = run_demo(workdir, echo=click.echo, train_steps=train_steps, quick=quick)
-    click.echo(f"\ndemo finished: files in {report.workdir}")
+    report = run_demo(workdir, echo=click.echo, train_steps=train_steps, quick=quick, seconds=seconds)
+    click.echo(f"\ndemo finished in {time.monotonic() - _STARTED['at']:.0f} s: files in {report.workdir}")
+    click.echo("\nYour own base and adapter, in three commands:")
+    for line in THREE_COMMANDS:
+        click.echo("  " + line)
     verdict = report.figures.get("verify")
     if verdict is not None and not verdict.passed:
         raise VerificationFailed("; ".join(verdict.failures()))
@@ -388,7 +420,7 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
 @click.option("--name", default=None, help="general.name in the GGUF. [default: the output file's stem]")
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 def export_gguf_command(merged: str, out: str, gguf_type: str, name: str | None, modelfile: bool, overwrite: bool,
                         quiet: bool) -> None:
     """Export a merged MERGED folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp, Ollama, LM Studio.
@@ -401,7 +433,7 @@ def export_gguf_command(merged: str, out: str, gguf_type: str, name: str | None,
     from d2merge.export.gguf import check_gguf_type, export_gguf
 
     result = export_gguf(merged, out, gguf_type=check_gguf_type(gguf_type), overwrite=overwrite, name=name,
-                         modelfile=modelfile, progress=not quiet and sys.stderr.isatty())
+                         modelfile=modelfile, progress=not quiet)
     click.echo(result.describe())
 
 
@@ -463,6 +495,10 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
       d2merge bench ./base ./adapter --batch-sizes 8 --seq-lens 128 --json bench.json --html bench.html
       d2merge bench ./base ./adapter --variants merged,onnx,llama_cpp,genai --genai-precision int4
     """
+    from d2merge.output_names import check_report_file
+
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        check_report_file(path, option)  # before minutes of measuring, not after
     from d2merge.bench import bench as run_bench
     from d2merge.bench import plot_report as plot_bench_report
     from d2merge.bench import save_report as save_bench_report
@@ -475,7 +511,7 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
                              decode_prompt_len=decode_prompt_len, warmup=warmup, repeats=repeats)
     chosen = None if variants is None else tuple(v.strip() for v in variants.split(",") if v.strip())
     report = run_bench(base, adapter, merged=merged, onnx=onnx_path, variants=chosen, settings=settings,
-                       echo=lambda msg: click.echo(msg, err=True), gguf=gguf_path, gguf_type=gguf_type,
+                       echo=say, gguf=gguf_path, gguf_type=gguf_type,
                        genai=genai_path, genai_precision=genai_precision)
     click.echo(report.table())
     if json_path:
@@ -553,11 +589,11 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
     thresholds = {"floor_multiple": floor_multiple, "alpha": alpha, "max_abs_diff": max_abs_diff,
                   "max_gap_pp": max_gap_pp, "min_top1": min_top1, "max_ulp": max_ulp}
     report = verify(base, adapter, merged, dtypes=dtypes, mc_eval=mc_eval, prompts=prompts, thresholds=thresholds,
-                    options=options, echo=lambda message: click.echo(message, err=True), report=report_path,
-                    html=html_path)
-    click.echo(report.table())
+                    options=options, echo=say, report=report_path, html=html_path)
+    click.echo(report.table(failures=False))  # the failures are the final line's, printed once
     if not report.passed:
         raise VerificationFailed("; ".join(report.failures()))
+
 
 @cli.command("merge-many")
 @click.argument("base", metavar="BASE")
@@ -572,7 +608,7 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plans as JSON.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the summary as JSON: per job the output, status, seconds, verify verdict, error.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 def merge_many_command(base: str, manifest: str, outdir: str | None, ray_address: str | None, dry_run: bool,
                        as_json: bool, report_path: str | None, quiet: bool, **options: Any) -> None:
     """Merge every adapter of MANIFEST into BASE, reading the base once: one output per job under OUTDIR.
@@ -591,12 +627,15 @@ def merge_many_command(base: str, manifest: str, outdir: str | None, ray_address
       d2merge merge-many ./llama-3b adapters.json -o ./merged --dtype bf16 --report report.json
       d2merge merge-many ./llama-3b adapters.yaml -o /shared/merged --ray auto
     """
+    from d2merge.output_names import check_report_file
+
+    check_report_file(report_path, "--report")  # before the merges, not after them
     from d2merge.many import merge_many
 
     if outdir is None and not dry_run:
         raise click.UsageError("missing -o/--out OUTDIR (or use --dry-run to see the plans)")
     report = merge_many(base, manifest, outdir or ".", ManyOptions(**options), dry_run=dry_run, ray=ray_address,
-                        progress=not quiet and sys.stderr.isatty(), echo=lambda msg: click.echo(msg, err=True))
+                        progress=not quiet and sys.stderr.isatty(), echo=say)
     if dry_run:
         if as_json:
             click.echo(json.dumps([{**o.to_json(), "plan": o.plan.summary() if o.plan else None}
@@ -629,6 +668,7 @@ def merge_many_command(base: str, manifest: str, outdir: str | None, ray_address
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps d2merge's errors to one line and an exit code."""
+    _STARTED["at"] = time.monotonic()
     if argv is None:
         argv = sys.argv[1:]
     # Decided per call: an earlier in-process call with --debug must not leak into this one.

@@ -6,6 +6,7 @@ errors answer at once, before any heavy import.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -15,6 +16,8 @@ from d2merge.errors import D2MergeError
 # "auto" keeps each base tensor's dtype; the others are d2merge.dtypes' rows.
 OUT_DTYPE_NAMES: tuple[str, ...] = ("auto", *FLOAT_DTYPES)
 TIED_POLICIES = ("untie", "tie", "error")
+# A Hub repo id as the Hub accepts it: ORG/NAME, letters, digits, "-", "_", "." (no "--" or ".." runs).
+HUB_REPO_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,19 @@ class MergeOptions:
     hash_sources: bool = field(default=True, metadata={
         "help": "Record the sha256 of the base and adapter files in the model card (hashed from the "
                 "bytes the merge reads, in a background thread; a Hub-cache file's name is its sha256)."})
+    base_model_id: str | None = field(default=None, metadata={
+        "help": "The base's Hub id (ORG/NAME) for the model card's base_model, which puts the merge in the "
+                "base's model tree on the Hub. [default: the Hub id when BASE comes from the Hub cache; a local "
+                "folder has none]"})
 
     def __post_init__(self) -> None:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise D2MergeError(f"invalid {f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
+        if self.base_model_id is not None and not HUB_REPO_ID.fullmatch(self.base_model_id):
+            raise D2MergeError(f"--base-model-id {self.base_model_id!r} is not a Hub model id",
+                               hint="give it as ORG/NAME, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
 
     def with_overrides(self, **overrides: Any) -> MergeOptions:
         """These options with some fields changed; an unknown name is a TypeError, as for a function."""

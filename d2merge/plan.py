@@ -26,6 +26,7 @@ from d2merge.methods import LINEAR, ModuleSettings, trainable_tokens
 from d2merge.methods import target_parameters
 from d2merge.methods.base import BIAS, PARAMETER, TOKENS
 from d2merge.methods.lora import LORA_BIAS
+from d2merge.natural_sort import natural_key
 from d2merge.options import TIED_POLICIES, MergeOptions
 from d2merge.sizes import format_size, parse_size
 
@@ -69,6 +70,7 @@ class MergePlan:
     out_dtype: str
     config_updates: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    base_model_id: str | None = None  # the Hub id the model card names as base_model (--base-model-id)
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -113,8 +115,12 @@ class MergePlan:
             "config_updates": self.config_updates,
             "notes": list(self.notes),
             # The rows of describe()'s table: every tensor that is not a plain copy.
-            "changed": [self._change(t) for t in self.tensors if t.action != "copy"],
+            "changed": [self._change(t) for t in self.changed_in_reading_order()],
         }
+
+    def changed_in_reading_order(self) -> list[TensorPlan]:
+        """Every tensor that is not a plain copy, layers.2 before layers.10 (the order of listings)."""
+        return sorted((t for t in self.tensors if t.action != "copy"), key=lambda t: natural_key(t.name))
 
     def _change(self, t: TensorPlan) -> dict[str, Any]:
         method = self.adapter.method
@@ -134,9 +140,7 @@ class MergePlan:
                  f"output   dtype {s['out_dtype']}, {len(self.shard_names)} shard(s), {format_size(self.total_bytes)}", ""]
         width = max((len(t.name) for t in self.tensors if t.action != "copy"), default=10)
         lines.append(f"{'tensor':<{width}}  action   rank  scale      dtype  shard")
-        for t in self.tensors:
-            if t.action == "copy":
-                continue
+        for t in self.changed_in_reading_order():
             rank = method.rank_text(method.configured_rank(t.settings)) if t.settings else "-"
             scale = f"{t.settings.scale:<9.4g}" if t.settings else "-        "
             lines.append(f"{t.name:<{width}}  {t.action:<7}  {str(rank):<4}  {scale}  {DTYPE_NAMES[t.out_dtype]:<5}  "
@@ -592,5 +596,8 @@ def plan_for(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter,
         base = open_base(base, allow_pickle=options.allow_pickle)
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=options.allow_pickle)
-    return build_plan(base, adapter, dtype=options.dtype, max_shard_size=options.max_shard_size,
-                      tied_embeddings=options.tied_embeddings)
+    merge_plan = build_plan(base, adapter, dtype=options.dtype, max_shard_size=options.max_shard_size,
+                            tied_embeddings=options.tied_embeddings)
+    if options.base_model_id is not None:
+        merge_plan = replace(merge_plan, base_model_id=options.base_model_id)
+    return merge_plan

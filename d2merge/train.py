@@ -240,28 +240,48 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
+# Steps timed before a time budget decides how many more fit (see train_model's ``seconds``).
+PACE_STEPS = 10
+
+
+def steps_within(seconds: float, pace: float, *, most: int, fewest: int) -> int:
+    """How many steps of ``pace`` seconds fit in ``seconds``, between ``fewest`` and ``most``."""
+    fitting = int(seconds / pace) if pace > 0 else most
+    return max(min(fewest, most), min(most, fitting))
+
+
 def train_model(model: nn.Module, tokenizer: Any, data: Iterator[MCExample] | Iterator[torch.Tensor], *,
                 steps: int, batch_size: int, lr: float, progress: bool | None = None,
                 log: Callable[[int, float], None] | None = None, log_every: int = 50,
-                before_step: Callable[[int], None] | None = None, description: str = "training") -> list[float]:
+                before_step: Callable[[int], None] | None = None, description: str = "training",
+                seconds: float | None = None, min_steps: int = 1) -> list[float]:
     """AdamW on the model's trainable parameters; any model (a PEFT model too): returns the losses.
 
     ``data`` yields MC items (loss on the right answer's tokens) or token windows (next-token
-    loss). ``progress`` shows a tqdm bar (default: only when stderr is a terminal).
+    loss). ``progress``: steps done, elapsed and time left (``d2merge.console.Progress``: on a
+    terminal, or a line now and then in a log; False: none). ``seconds``: a time budget; the
+    pace of the first PACE_STEPS steps decides how many of ``steps`` fit (never fewer than
+    ``min_steps``), so a busy machine trains less instead of taking ten times longer.
     """
-    import sys
-
-    from tqdm.auto import tqdm
+    from d2merge.console import Progress
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise D2MergeError("the model has no trainable parameters (attach an adapter first)")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    show = sys.stderr.isatty() if progress is None else progress
     losses: list[float] = []
     model.train()
-    with tqdm(total=steps, desc=description, disable=not show, leave=False) as bar:
+    started = time.perf_counter()
+    bar = Progress(description, steps, "step")
+    bar.enabled = bar.enabled and progress is not False
+    with bar:
         for step in range(steps):
+            if seconds is not None and step == PACE_STEPS and step < steps:
+                pace = (time.perf_counter() - started) / step
+                steps = steps_within(seconds, pace, most=steps, fewest=max(min_steps, step))
+                bar.total = steps
+            if step >= steps:
+                break
             if before_step is not None:
                 before_step(step)
             batch = list(itertools.islice(data, batch_size))
@@ -276,8 +296,7 @@ def train_model(model: nn.Module, tokenizer: Any, data: Iterator[MCExample] | It
             loss.backward()
             optimizer.step()
             losses.append(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+            bar.advance()
             if log is not None and (step % log_every == 0 or step == steps - 1):
                 log(step, value)
     return losses
@@ -290,7 +309,8 @@ def train_adapter(base_folder: str | Path, out_adapter_folder: str | Path, metho
                   batch_size: int = 32, target_modules: Sequence[str] | str = ALL_LINEAR, eval_size: int = 200,
                   eval_out: str | Path | None = None, warmup_steps: int | None = None, max_length: int = 128,
                   progress: bool | None = None, log: Callable[[int, float], None] | None = None,
-                  log_every: int = 50, **config_fields: Any) -> TrainResult:
+                  log_every: int = 50, seconds: float | None = None, min_steps: int = 1,
+                  **config_fields: Any) -> TrainResult:
     """Train a fresh ``method`` adapter on ``base_folder`` and save it to ``out_adapter_folder`` (PEFT layout).
 
     ``base_folder`` is any transformers causal LM folder. ``data`` is the user's dataset (see
@@ -301,6 +321,8 @@ def train_adapter(base_folder: str | Path, out_adapter_folder: str | Path, metho
     next-token loss over ``max_length``-token windows and measures accuracy only with ``eval_data``.
     ``tokenizer`` defaults to the base folder's own. ``eval_out`` writes the held-out set as JSONL
     for ``d2merge verify --mc-eval``. ``config_fields`` go into adapter_config.json (``tau=1.0``...).
+    ``seconds`` caps the training time (fewer steps, never fewer than ``min_steps``: see
+    :func:`train_model`); ``TrainResult.steps`` is the number run.
     """
     from d2merge.runtime import attach, load_base_model, save_adapter
 
@@ -346,12 +368,12 @@ def train_adapter(base_folder: str | Path, out_adapter_folder: str | Path, metho
     accuracy_before = evaluate(model, tokenizer, held_out) if held_out else None
     losses = train_model(model, tokenizer, stream, steps=steps, batch_size=batch_size, lr=lr or DEFAULT_LR,
                          progress=progress, log=log, log_every=log_every, before_step=before_step,
-                         description=f"training {method}")
+                         description=f"training {method}", seconds=seconds, min_steps=min_steps)
     fold_warmup(model)
     model.eval()
     accuracy_after = evaluate(model, tokenizer, held_out) if held_out else None
     adapter = save_adapter(model, out_adapter_folder)
     eval_set = write_jsonl(eval_out, held_out) if eval_out is not None and held_out else None
-    return TrainResult(adapter=adapter, method=method, steps=steps, losses=losses, accuracy_before=accuracy_before,
+    return TrainResult(adapter=adapter, method=method, steps=len(losses), losses=losses, accuracy_before=accuracy_before,
                        accuracy_after=accuracy_after, eval_examples=len(held_out or ()),
                        seconds=time.perf_counter() - started, eval_set=eval_set, config=config)

@@ -264,7 +264,7 @@ def test_existing_output_refused_and_kept(bpe_bases, cli_runner, tmp_path):
     assert target.read_bytes() == b"previous"
     res = cli_runner(["export-gguf", base, "-o", target, "--overwrite", "--gguf-type", "q8_0", "--modelfile"])
     assert res.code == 0, res.err
-    assert target.read_bytes()[:4] == b"GGUF" and (tmp_path / "Modelfile").read_text().startswith("FROM ./m.gguf")
+    assert target.read_bytes()[:4] == b"GGUF" and (tmp_path / "m.Modelfile").read_text().startswith("FROM ./m.gguf")
 
 
 def test_merge_format_gguf_cli(bpe_bases, cli_runner, tmp_path):

@@ -38,6 +38,7 @@ import torch
 
 from d2merge.version import __version__
 from d2merge.errors import D2MergeError
+from d2merge.output_names import modelfile_for
 from d2merge.sizes import format_size
 
 # --gguf-type -> (GGML type of 2-D weights, llama.cpp's general.file_type). Only the types
@@ -538,7 +539,7 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
 
     ``provenance`` (method, settings, sources, ...) lands under ``d2merge.*`` keys beside
     ``d2merge.version``; without it the sha256 of the folder's weight files is recorded.
-    ``modelfile`` also writes an Ollama ``Modelfile`` next to the GGUF. The folder's shards are
+    ``modelfile`` also writes an Ollama ``<stem>.Modelfile`` next to the GGUF. The folder's shards are
     read a block of rows at a time: memory does not grow with the model.
     """
     from d2merge.io.checkpoint import open_base
@@ -554,12 +555,14 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
         raise D2MergeError("GGUF export needs a Hugging Face folder with config.json", path=folder)
     config = checkpoint.config
     arch, permute = check_config(config, folder / "config.json")
-    out_path = check_output_location(out_path, [folder], overwrite=overwrite, is_file=True)
+    out_path = check_output_location(out_path, [folder], overwrite=overwrite, is_file=True,
+                                     sidecars=(modelfile_for(out_path).name,) if modelfile else ())
     names = sorted(checkpoint.tensors.keys())
     planned = _plan_tensors([(n, tuple(checkpoint.tensors.info(n)[1])) for n in names], config, arch, gguf_type,
                             folder)
     sources = [p.source for p in planned if p.source is not None]
-    with AtomicFiles(out_path, overwrite=overwrite, sidecars=("Modelfile",) if modelfile else ()) as staging:
+    sidecars = (modelfile_for(out_path).name,) if modelfile else ()
+    with AtomicFiles(out_path, overwrite=overwrite, sidecars=sidecars) as staging:
         try:
             _write_gguf(staging.staged, arch=arch, permute=permute, config=config,
                         tokenizer_folder=checkpoint.folder, planned=planned,
@@ -571,22 +574,29 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
         except OSError as exc:
             raise disk_error(exc, out_path) from None
         staging.commit()
-    written_modelfile = out_path.with_name("Modelfile") if modelfile else None
+    written_modelfile = modelfile_for(out_path) if modelfile else None
     return GGUFExportResult(out_path, gguf_type, arch, len(planned), out_path.stat().st_size,
                             time.perf_counter() - started, written_modelfile)
 
 
 def _progress(items: list[_Planned], enabled: bool) -> Iterator[_Planned]:
-    from tqdm.auto import tqdm
+    """The tensors, with elapsed time and time left (``d2merge.console``: on a terminal, or now and then
+    in a log)."""
+    from d2merge.console import Progress
 
-    yield from tqdm(items, desc="writing GGUF", unit="tensor", disable=not enabled, leave=False)
+    with Progress("writing GGUF", len(items), "tensor") as bar:
+        bar.enabled = bar.enabled and enabled
+        for item in items:
+            yield item
+            bar.advance()
 
 
 def write_modelfile(gguf_path: Path, folder: Path) -> Path:
-    """An Ollama Modelfile beside the GGUF: FROM it; Ollama reads the chat template from the GGUF."""
+    """An Ollama Modelfile beside the GGUF (``<stem>.Modelfile``): FROM it; Ollama reads the chat template
+    from the GGUF."""
     from d2merge.io.output import write_text
 
-    target = gguf_path.with_name("Modelfile")
+    target = modelfile_for(gguf_path)
     lines = [f"FROM ./{gguf_path.name}"]
     generation = folder / "generation_config.json"
     if generation.is_file():
@@ -640,7 +650,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     out_path = Path(out)
     _check_gguf_path(out_path)
     check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite,
-                          is_file=True)
+                          is_file=True, sidecars=(modelfile_for(out_path).name,) if modelfile else ())
     merge_plan = plan(base, adapter, options.with_overrides(dtype="fp32", overwrite=False))
     config = merged_config(merge_plan)
     if merge_plan.base.folder is None or config is None:
@@ -683,7 +693,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
             write_json(Path(support) / "config.json", config)
             copy_support_files(merge_plan.base.folder, Path(support), merge_plan.base.weight_files)
             with AtomicFiles(out_path, overwrite=options.overwrite,
-                             sidecars=("Modelfile",) if modelfile else ()) as staging:
+                             sidecars=(modelfile_for(out_path).name,) if modelfile else ()) as staging:
                 stream = stream_tensors(merge_plan, items, device=resolve_device(options.device), hasher=hasher)
                 with closing(stream):
                     try:
@@ -702,7 +712,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
             hasher.abandon()  # stops the hashing thread if the export failed; a no-op after result()
     seconds = time.perf_counter() - started
     result = MergeResult(out_path, merge_plan, (out_path.name,), seconds, hashes)
-    written_modelfile = out_path.with_name("Modelfile") if modelfile else None
+    written_modelfile = modelfile_for(out_path) if modelfile else None
     exported = GGUFExportResult(out_path, gguf_type, arch, len(planned), out_path.stat().st_size, seconds,
                                 written_modelfile)
     return result, exported

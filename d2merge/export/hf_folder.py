@@ -128,8 +128,9 @@ def card_info(merge_plan: MergePlan, hashes: dict[str, str], verify_table: str |
         settings["alpha_pattern"] = dict(cfg.alpha_pattern)
     # Only what is true of the base actually used: the adapter's base_model_name_or_path is a claim
     # about the base it was trained on (meta-llama/Llama-3.1-8B for a tiny local base, say), and a
-    # local folder has no Hub id. The base is named only when it came from the Hub cache.
-    base_name = _hub_id_from_cache(merge_plan.base.location)
+    # local folder has no Hub id. The base is named when the user says which it is (--base-model-id)
+    # or when it came from the Hub cache.
+    base_name = merge_plan.base_model_id or _hub_id_from_cache(merge_plan.base.location)
     return CardInfo(base_model=base_name, method=merge_plan.adapter.method.name, settings=settings,
                     source_hashes=dict(sorted(hashes.items())), out_dtype=merge_plan.out_dtype,
                     notes=merge_plan.notes, verify_table=verify_table)

@@ -348,26 +348,33 @@ def default_tolerance(dtype: str, reference_max_abs: float) -> float:
 
 
 class _Stages:
-    """A tqdm bar over the export's stages: the export itself is one long call with no finer progress.
-
-    Shown on a terminal only (tqdm's disable=None), so pipes and CI logs stay clean.
-    """
+    """The export's stages, each shown with its elapsed time while it runs (``console.still_working``,
+    on a terminal or, every D2MERGE_PROGRESS_EVERY seconds, in a log): the export itself is one long
+    call with no finer progress to count."""
 
     def __init__(self, names: list[str]) -> None:
-        from tqdm.auto import tqdm
-
         self._names = names
-        self._bar = tqdm(total=len(names), desc="export-onnx", unit="stage", disable=None, leave=False,
-                         bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]")
-        self._bar.set_postfix_str(names[0])
+        self._index = 0
+        self._current: Any = None
+        self._start()
+
+    def _start(self) -> None:
+        from d2merge.console import still_working
+
+        if self._index < len(self._names):
+            stage = f"export-onnx: {self._names[self._index]} (stage {self._index + 1}/{len(self._names)})"
+            self._current = still_working(stage)
+            self._current.__enter__()
 
     def next(self) -> None:
-        self._bar.update()
-        if self._bar.n < len(self._names):
-            self._bar.set_postfix_str(self._names[self._bar.n])
+        self.close()
+        self._index += 1
+        self._start()
 
     def close(self) -> None:
-        self._bar.close()
+        if self._current is not None:
+            self._current.__exit__(None, None, None)
+            self._current = None
 
 
 def _check_request(dtype: str, exporter: str, opset: int) -> None:

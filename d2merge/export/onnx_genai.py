@@ -185,6 +185,15 @@ def build_genai(model_dir: Path, out_dir: Path, precision: str, cache_dir: Path)
                            path=model_dir, hint="rerun with --debug for the traceback") from exc
 
 
+def validation_hint(precision: str) -> str:
+    """The options that change a failed validation's outcome, for this precision."""
+    if precision == "int4":
+        return ("int4's gate is top-1 agreement with fp32 on seeded random-token probes: --precision fp16 keeps "
+                "the logits close, or --no-validate writes the build unproven; then measure it on your prompts with "
+                "`d2merge verify BASE ADAPTER OUT --prompts FILE`")
+    return f"--atol sets the {precision} logit bound explicitly; --no-validate writes the build unproven"
+
+
 def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, precision: str = "fp32",
                  validate: bool = True, atol: float | None = None,
                  greedy_prompts: Sequence[Sequence[int]] | None = None, overwrite: bool = False) -> GenaiExportResult:
@@ -199,6 +208,9 @@ def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pr
 
     if precision not in PRECISIONS:
         raise D2MergeError(f"unknown genai precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+    if precision == "int4" and atol is not None:  # before any work: it would change nothing
+        raise D2MergeError("--atol bounds the fp32/fp16 logit difference; an int4 build is gated by its top-1 "
+                           "agreement with fp32, which --atol does not change", hint=validation_hint("int4"))
     model_dir = Path(model_dir)
     import_genai()
     check_merged_folder(model_dir)
@@ -208,7 +220,10 @@ def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pr
                            path=final, hint="pass a folder name to -o")
     with AtomicFolder(final, overwrite=overwrite) as staging:
         started = time.perf_counter()
-        build_genai(model_dir, staging.temp, precision, staging.temp / ".builder-cache")
+        from d2merge.console import still_working
+
+        with still_working(f"onnxruntime-genai build ({precision})"):
+            build_genai(model_dir, staging.temp, precision, staging.temp / ".builder-cache")
         with contextlib.suppress(OSError):
             import shutil
 
@@ -216,12 +231,12 @@ def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pr
         build_seconds = time.perf_counter() - started
         validation = None
         if validate:
-            validation = validate_genai(staging.temp, model_dir, precision=precision, atol=atol,
-                                        greedy_prompts=greedy_prompts)
+            with still_working(f"validating the genai build ({precision}) against transformers"):
+                validation = validate_genai(staging.temp, model_dir, precision=precision, atol=atol,
+                                            greedy_prompts=greedy_prompts)
             if not validation.passed:
                 raise D2MergeError(f"onnxruntime-genai build ({precision}) fails validation: "
-                                   + "; ".join(validation.failures), path=final,
-                                   hint="--atol sets the fp32/fp16 logit bound explicitly")
+                                   + "; ".join(validation.failures), path=final, hint=validation_hint(precision))
         files = tuple(sorted(p.name for p in staging.temp.iterdir()))
         staging.commit()
     return GenaiExportResult(output=final, precision=precision, files=files, build_seconds=build_seconds,

@@ -63,11 +63,13 @@ def disk_error(exc: OSError, path: Path) -> D2MergeError:
 
 
 def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool, is_file: bool = False,
-                          missing_parents: bool = False) -> Path:
+                          missing_parents: bool = False, sidecars: Iterable[str] = ()) -> Path:
     """Refuse outputs that would clobber inputs or an existing result; return the absolute path.
 
     ``is_file`` is for single-file outputs (a .safetensors or .onnx file) rather than folders;
-    ``missing_parents`` for writers that create the parent folders (export-onnx -o NEW_DIR).
+    ``missing_parents`` for writers that create the parent folders (export-onnx -o NEW_DIR);
+    ``sidecars`` the names of files written beside ``out`` (a GGUF's Modelfile), checked now
+    rather than found in the way when the finished output is moved into place.
     """
     out = Path(out).expanduser().absolute()
     recover_output(out)  # before any work: a killed run's previous output is back, its temps gone
@@ -87,6 +89,11 @@ def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool,
                                hint="remove it or choose another path")
         if not is_file:
             check_replaceable(out)
+    for name in sidecars:
+        beside = out.parent / name
+        if (beside.exists() or beside.is_symlink()) and not overwrite:
+            raise D2MergeError("a file this output writes beside it already exists", path=beside,
+                               hint="pass --overwrite or choose another output name")
     parent = out.parent
     if missing_parents:
         while not parent.exists() and not parent.is_symlink() and parent != parent.parent:

@@ -23,17 +23,20 @@ def _batches(probes: Probes, batch_size: int) -> Iterator[tuple[list[int], torch
     padding columns no row of the batch needs leaves less padding to run (any order gives the
     same statistics: they are taken per sequence on real tokens).
     """
-    from tqdm.auto import tqdm
+    from d2merge.console import Progress
 
     lengths = probes.attention_mask.sum(-1).tolist()
     order = sorted(range(len(lengths)), key=lambda row: lengths[row])
-    # disable=None: a bar on a terminal, nothing in a pipe or a CI log.
-    for start in tqdm(range(0, len(order), batch_size), desc="probes", unit="batch", disable=None, leave=False):
-        rows = order[start: start + batch_size]
-        mask = probes.attention_mask[rows]
-        real_columns = mask.any(0).nonzero()
-        width = int(real_columns.max()) + 1 if real_columns.numel() else 1
-        yield rows, probes.input_ids[rows, :width], mask[:, :width]
+    starts = range(0, len(order), batch_size)
+    # elapsed and time left for a verify pass (on a terminal; in a log every D2MERGE_PROGRESS_EVERY s)
+    with Progress("verify: probes", len(starts), "batch") as bar:
+        for start in starts:
+            rows = order[start: start + batch_size]
+            mask = probes.attention_mask[rows]
+            real_columns = mask.any(0).nonzero()
+            width = int(real_columns.max()) + 1 if real_columns.numel() else 1
+            yield rows, probes.input_ids[rows, :width], mask[:, :width]
+            bar.advance()
 
 
 @torch.no_grad()

@@ -53,8 +53,10 @@ class VerifyReport:
                 "mc_eval": self.mc_eval, "options": asdict(self.options), "results": results,
                 "provenance": self.provenance}
 
-    def table(self) -> str:
-        return format_report(self)
+    def table(self, *, failures: bool = True) -> str:
+        """The readable report; ``failures=False`` leaves out the failures list, for a caller that
+        prints them itself (the CLI's final line), so that each failure is printed once."""
+        return format_report(self, failures=failures)
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_json` (sorted keys) to ``path``."""
@@ -130,8 +132,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def format_report(report: VerifyReport) -> str:
-    """The full readable report: one column per output dtype, then any failures."""
+def format_report(report: VerifyReport, *, failures: bool = True) -> str:
+    """The full readable report: one column per output dtype, then any failures (unless ``failures`` is False)."""
     results = report.results
     probes = report.probes
     if probes["source"] == "random":
@@ -208,9 +210,9 @@ def format_report(report: VerifyReport) -> str:
             shown = ", ".join(f"#{f.index} {f.unmerged}->{f.merged} ({f.answer})" for f in flipped[:8])
             more = f" and {len(flipped) - 8} more" if len(flipped) > 8 else ""
             text += f"\n  {dtype}: {shown}{more}"
-    failures = report.failures()
-    if failures:
-        text += "\n\nfailures:\n" + "\n".join(f"  {f}" for f in failures)
+    failed = report.failures() if failures else []
+    if failed:
+        text += "\n\nfailures:\n" + "\n".join(f"  {f}" for f in failed)
     return text
 
 
