@@ -54,6 +54,7 @@ ALLOWED = {
     "d2merge.runtime": ("d2merge.errors", "d2merge.dtypes", "d2merge.io", "d2merge.methods"),
     # the formats: below d2merge.merge (which imports export.hf_folder), so none imports it back.
     "d2merge.export": ("d2merge.version", "d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.profile",
+                       "d2merge.console", "d2merge.output_names",
                        "d2merge.device", "d2merge.options", "d2merge.verify_options", "d2merge.io", "d2merge.plan",
                        "d2merge.engine", "d2merge.runtime", "d2merge.export"),
     "d2merge.export.model_card": ("d2merge.version",),
