@@ -31,8 +31,9 @@ replaces; another adapter or seed). ``output`` is the output's name in its run f
 name, or a file name with its suffix). ``overwrite`` is what makes the command replace an existing
 output (``()`` for a report that is always replaced). Inputs the command needs beyond
 :class:`Inputs`' defaults go in ``needs`` (``"bpe"``: the tiny base with SmolLM2's byte-level
-tokenizer that GGUF needs). ``cost="slow"`` marks a command of seconds (ONNX): CI runs fewer of
-its points; ``cost="full"`` runs it only in the full sweep.
+tokenizer that GGUF needs). ``cost="slow"`` marks a command of a second or more (GGUF, ONNX,
+verify): CI runs only its ``--overwrite`` case, one point per fault; ``cost="full"`` runs it only
+in the full sweep.
 
 ``D2MERGE_FAULTS_FULL=1`` runs the full sweep: every rename point for a fresh output and for an
 ``--overwrite``, ``D2MERGE_FAULTS_RANDOM`` (default 10) random kill and Ctrl-C points for each,
@@ -41,6 +42,7 @@ and every tmpfs size from the previous output's pages to the new output's pages 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -90,7 +92,9 @@ class OutputKind:
     command: Command
     overwrite: tuple[str, ...] = ("--overwrite",)
     needs: tuple[str, ...] = ()
-    cost: str = "fast"  # "fast", "slow" (seconds a run: fewer points in CI) or "full" (full sweep only)
+    # "fast"; "slow" (a second or more a run: CI runs only an --overwrite, one point per fault);
+    # "full" (the full sweep only)
+    cost: str = "fast"
     # independent outputs inside the output, each whole on its own (merge-many's jobs); () for one
     parts: tuple[str, ...] = ()
 
@@ -112,8 +116,8 @@ def _gguf(gguf_type: str) -> Command:
 KINDS = [
     OutputKind("hf-folder", "out", lambda i, out, p: _merge(i, out, p, "--max-shard-size", "20KB")),
     OutputKind("safetensors", "out.safetensors", lambda i, out, p: _merge(i, out, p, "--format", "safetensors")),
-    OutputKind("gguf-f16", "out.gguf", _gguf("f16"), needs=("bpe",)),
-    OutputKind("gguf-q8_0", "out.gguf", _gguf("q8_0"), needs=("bpe",)),
+    OutputKind("gguf-f16", "out.gguf", _gguf("f16"), needs=("bpe",), cost="slow"),
+    OutputKind("gguf-q8_0", "out.gguf", _gguf("q8_0"), needs=("bpe",), cost="slow"),
     # the graph's validation (ONNX Runtime against PyTorch) runs before the commit like any other step;
     # skipped here to keep a run at a second
     OutputKind("onnx", "model.onnx", lambda i, out, p: [
@@ -125,7 +129,7 @@ KINDS = [
         "merge-many", i.base, i.jobs2 if p else i.jobs, "-o", out, "-q"], parts=("job1", "job2")),
     OutputKind("verify-report", "report.json", lambda i, out, p: [
         "verify", i.base, i.adapter, i.merged, "--report", out, "--probe-source", "random", "--num-probes", "2",
-        "--probe-length", "8", "--seed", "1" if p else "0"], overwrite=()),
+        "--probe-length", "8", "--seed", "1" if p else "0"], overwrite=(), cost="slow"),
 ]
 
 
@@ -201,7 +205,7 @@ class Ran:
     code: int  # exit code, or -N when killed by signal N
     err: str
     seconds: float
-    renames: int  # work-path renames the run made (when it was not killed)
+    renames: list[str]  # where each work-path rename of the run went (when it was not killed)
 
 
 def run(argv: list[str], cwd: Path, fault: Fault = Fault()) -> Ran:
@@ -233,7 +237,7 @@ def run(argv: list[str], cwd: Path, fault: Fault = Fault()) -> Ran:
     seconds = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
     err = err_path.read_text(errors="replace") if err_path.exists() else ""
-    renames = int(count_path.read_text()) if count_path.exists() else -1
+    renames = json.loads(count_path.read_text()) if count_path.exists() else []
     return Ran(code, err, seconds, renames)
 
 
@@ -253,14 +257,14 @@ def _child(argv: list[str], cwd: Path, fault: Fault, err_path: Path, count_path:
     d2merge.cli._DEBUG["on"] = False
     torch.set_num_threads(1)
     os.chdir(cwd)
-    renames = [0]
+    renames: list[str] = []
     original = os.replace
 
     def replace(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
         original(src, dst, *args, **kwargs)
         if WORK in os.fspath(src) + os.fspath(dst):
-            renames[0] += 1
-            if renames[0] == fault.after_rename:
+            renames.append(os.fspath(dst))
+            if len(renames) == fault.after_rename:
                 os.kill(os.getpid(), getattr(signal, "SIG" + fault.signal))
 
     os.replace = replace  # type: ignore[assignment]
@@ -277,7 +281,7 @@ def _child(argv: list[str], cwd: Path, fault: Fault, err_path: Path, count_path:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.stdout.flush()
     sys.stderr.flush()
-    count_path.write_text(str(renames[0]))
+    count_path.write_text(json.dumps(renames))
     return code
 
 
@@ -330,6 +334,7 @@ class Reference:
     seconds: float  # the command's duration (what random fault delays are drawn from)
     renames_fresh: int
     renames_overwrite: int
+    first_aside: int  # the --overwrite's rename that sets the previous output aside (1-based)
     previous_dir: Path = field(repr=False)
 
 
@@ -348,7 +353,11 @@ def make_reference(kind: OutputKind, inputs: Inputs, root: Path) -> Reference:
     assert new is not None and old is not None and new != old, "the previous output must differ from the new"
     assert visible(replaced) == new, "an --overwrite run wrote other bytes than a fresh run"
     assert leftovers(root) == [], leftovers(root)
-    return Reference(new, old, max(ran.seconds, ran_over.seconds), ran.renames, ran_over.renames, previous)
+    aside = [n for n, target in enumerate(ran_over.renames, 1) if ".d2merge-old" in Path(target).parent.name
+             or ".d2merge-old" in Path(target).name]
+    assert aside, f"the --overwrite set nothing aside: {ran_over.renames}"
+    return Reference(new, old, max(ran.seconds, ran_over.seconds), len(ran.renames), len(ran_over.renames),
+                     aside[0], previous)
 
 
 def said(ran: Ran) -> list[str]:
@@ -392,8 +401,8 @@ def signal_points(kind: OutputKind, ref: Reference, sig: str, overwrite: bool) -
     renames = ref.renames_overwrite if overwrite else ref.renames_fresh
     if FULL or (overwrite and kind.cost == "fast"):
         points = [Fault(sig, after_rename=n) for n in range(1, renames + 1)]
-    elif overwrite or kind.cost != "fast":
-        points = [Fault(sig, after_rename=1)]  # an --overwrite: the previous output set aside, the new not in
+    elif overwrite:
+        points = [Fault(sig, after_rename=ref.first_aside)]  # the previous output aside, the new one not in
     else:
         points = []
     if kind.cost == "fast" or FULL:

@@ -27,8 +27,8 @@ def _params() -> list:
     for kind in KINDS:
         if kind.cost == "full" and not FULL:
             continue
-        marks = [pytest.mark.slow] if kind.cost != "fast" or kind.needs else []
-        for overwrite in (False, True):
+        marks = [pytest.mark.slow] if kind.cost != "fast" else []
+        for overwrite in (False, True) if FULL or kind.cost == "fast" else (True,):
             params.append(pytest.param(kind, overwrite, id=f"{kind.id}-{'overwrite' if overwrite else 'fresh'}",
                                        marks=marks))
     return params
