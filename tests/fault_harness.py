@@ -37,7 +37,7 @@ in the full sweep.
 
 ``D2MERGE_FAULTS_FULL=1`` runs the full sweep: every rename point for a fresh output and for an
 ``--overwrite``, ``D2MERGE_FAULTS_RANDOM`` (default 10) random kill and Ctrl-C points for each,
-and every tmpfs size from the previous output's pages to the new output's pages plus three.
+and every tmpfs size from the previous output's pages plus one to the new output's pages plus three.
 """
 
 from __future__ import annotations
@@ -416,9 +416,9 @@ def disk_sizes(kind: OutputKind, ref: Reference, overwrite: bool) -> list[int]:
     held = pages(ref.previous) if overwrite else 0
     need = pages(ref.new)
     if FULL:
-        extra = range(0, need + 4)
+        extra = range(1, need + 4)  # (size=0 is an unlimited tmpfs)
     elif kind.cost == "fast":
         extra = range(need // 2, need + 1, max(1, need - need // 2))  # half, and all of the output's pages
     else:
         extra = range(need, need + 1)
-    return [(held + k) * PAGE for k in extra]
+    return [(held + k) * PAGE for k in extra if held + k > 0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -44,10 +45,10 @@ def base_inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
 
     root = tmp_path_factory.mktemp("fault-inputs")
     base = save_tiny_base(root / "base", "llama", vocab_size=128)
-    adapters = [save_random_adapter(base, root / f"adapter{i}", "d2lora", seed=i) or root / f"adapter{i}"
-                for i in (1, 2)]
-    for i, adapter in enumerate(adapters, 1):
-        merge(base, adapter, root / f"merged{i}", hash_sources=False)
+    adapters = [root / "adapter1", root / "adapter2"]
+    for seed, adapter in enumerate(adapters, 1):
+        save_random_adapter(base, adapter, "d2lora", seed=seed)
+        merge(base, adapter, root / f"merged{seed}", hash_sources=False)
     jobs = {name: root / f"{name}.json" for name in ("jobs", "jobs2")}
     for name, order in (("jobs", adapters), ("jobs2", adapters[::-1])):
         jobs[name].write_text(json.dumps({"jobs": [{"adapter": str(a), "name": f"job{n}"}
@@ -76,8 +77,6 @@ def inputs_for(base_inputs: Inputs, request: pytest.FixtureRequest,
             adapters = [root / "adapter1", root / "adapter2"]
             for seed, adapter in enumerate(adapters, 1):
                 save_random_adapter(base, adapter, "d2lora", seed=seed)
-            from dataclasses import replace
-
             made["bpe"] = replace(base_inputs, bpe_base=base, bpe_adapter=adapters[0], bpe_adapter2=adapters[1])
         return made["bpe"]
 
