@@ -481,9 +481,9 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
 
 
 def save_report(report: BenchReport, path: str | Path) -> None:
-    from d2merge.io.output import write_json
+    from d2merge.io.output import save_json
 
-    write_json(Path(path), report.to_json())
+    save_json(Path(path), report.to_json())
 
 
 def plot_report(report: BenchReport, path: str | Path) -> None:

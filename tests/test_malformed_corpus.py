@@ -23,6 +23,7 @@ import torch
 
 import d2merge.cli
 from d2merge.errors import D2MergeError
+from d2merge.io.output import WORK_MARKERS
 from malformed import CASES, MARKER, WORKING, Case, Snapshot, Workspace, build_case, write_templates
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ def assert_clean_error(case: Case, code: int, out: str, err: str, errors: list[D
 def assert_nothing_left(ws: Workspace, before: Snapshot) -> None:
     after = Snapshot.of(ws.root)
     assert before.diff(after) == [], "the failed run changed the case folder"
-    leftovers = [p for p in ws.root.rglob("*") if ".d2merge-tmp-" in p.name or ".d2merge-old-" in p.name]
+    leftovers = [p for p in ws.root.rglob("*") if any(marker in p.name for marker in WORK_MARKERS)]
     assert leftovers == []
     assert not ws.marker.exists(), "a pickle payload ran"
 

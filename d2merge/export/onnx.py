@@ -236,12 +236,14 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
                                           with_past=with_past, atol=atol, display_path=onnx_path)
         stages.next()
         paths = files.commit()
-    except BaseException:
+    except BaseException as exc:
         stages.close()
-        files.__exit__(None, None, None)
-        for folder in new_folders:  # a failed export leaves no trace, not even the folders it created
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        try:
+            files.__exit__(type(exc), exc, exc.__traceback__)  # a full disk becomes its one line there
+        finally:
+            for folder in new_folders:  # a failed export leaves no trace, not even the folders it created
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         raise
     stages.close()
     files.__exit__(None, None, None)

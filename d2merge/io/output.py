@@ -52,14 +52,44 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _short_write(exc: OSError) -> bool:
+    """numpy's ``tofile`` (gguf-py writes tensors with it) reports a full disk as a short write, no errno."""
+    return exc.errno is None and " requested and " in str(exc) and str(exc).rstrip().endswith("written")
+
+
 def disk_error(exc: OSError, path: Path) -> D2MergeError:
     """One line for the usual write failures, with what to do about them."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if exc.errno in _NO_SPACE or _short_write(exc):
         return D2MergeError("no space left (or file size limit reached) while writing", path=path,
                             hint="free disk space or write the output elsewhere")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno in _NOT_ALLOWED:
         return D2MergeError("permission denied while writing", path=path, hint="choose a writable output location")
     return D2MergeError(f"cannot write: {exc.strerror or exc}", path=path)
+
+
+def _disk_fault(exc: BaseException | None, final: Path, temp: Path) -> OSError | None:
+    """The full disk or refused write behind an exception that left a writer unexplained: a bare
+    OSError from a library's save (onnx, numpy), or one that a library wrapped in its own error.
+    Only a failure on the output's own paths (or on no named path: a write) counts, never an input's."""
+    if not isinstance(exc, Exception):
+        return None  # Ctrl-C stays Ctrl-C
+    cause: BaseException | None = exc.__cause__ if isinstance(exc, D2MergeError) else exc
+    for _ in range(4):  # a library's wrapper, torch.onnx's, ours: a short chain
+        if isinstance(cause, OSError) and (cause.errno in _NO_SPACE + _NOT_ALLOWED or _short_write(cause)):
+            filename = cause.filename
+            named = Path(os.fsdecode(filename)).absolute() if isinstance(filename, (str, bytes)) else None
+            if named is None or _inside(named, temp.absolute()) or (
+                    named.parent == final.parent and final.name in named.name):
+                return cause
+            return None
+        if cause is None:
+            return None
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool, is_file: bool = False,
@@ -193,9 +223,8 @@ def recover_output(final: Path) -> None:
 
     A run killed between the renames of a commit left the previous output aside: a folder
     output as ``.<name>.d2merge-old-<pid>``, file outputs inside ``.<name>.d2merge-oldfiles-<pid>/``
-    with the list of new files it had started to move in. When the new main file (or folder)
-    never arrived, the previous one is put back; otherwise the commit had finished and the
-    old copy is garbage.
+    with the journal of its commit (:func:`_settle_files_commit` decides from it whether the
+    commit had finished; if not, the previous files come back).
     """
     final = Path(final)
     if not final.parent.is_dir():
@@ -207,23 +236,57 @@ def recover_output(final: Path) -> None:
             pid = _marked_pid(candidate.name, prefix)
             if pid is None or not _gone(pid, candidate):
                 continue
-            arrived = final.exists() or final.is_symlink()
-            if marker == OLD_MARKER:
-                if arrived:
-                    _remove(candidate)
-                else:
-                    os.replace(candidate, final)
-                continue
-            if not arrived:
-                journal = candidate / MOVING_IN
-                moved_in = json.loads(journal.read_text()) if journal.is_file() else []
-                for name in moved_in:  # new sidecars that arrived without their main file
-                    if isinstance(name, str) and Path(name).name == name:
-                        _remove(final.parent / name)
-                for old in candidate.iterdir():
-                    if old.name != MOVING_IN:
-                        os.replace(old, final.parent / old.name)
-            _remove(candidate)
+            if marker == OLD_FILES_MARKER:
+                _settle_files_commit(candidate, final)
+            elif final.exists() or final.is_symlink():
+                _remove(candidate)
+            else:
+                os.replace(candidate, final)
+
+
+def _read_journal(folder: Path) -> tuple[list[str], list[str]] | None:
+    """(new names moving in, previous names set aside) from a commit's journal; None when it was
+    never completely written (killed, or a full disk, while writing it: no file had moved yet)."""
+    try:
+        data = json.loads((folder / MOVING_IN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, list):  # written by an earlier d2merge: the new names only
+        data = {"incoming": data, "set_aside": [p.name for p in folder.iterdir() if p.name != MOVING_IN]}
+    if not isinstance(data, dict):
+        return None
+    names = [[n for n in data.get(key, []) if isinstance(n, str) and n and Path(n).name == n and n != MOVING_IN]
+             for key in ("incoming", "set_aside")]
+    return names[0], names[1]
+
+
+def _settle_files_commit(old: Path, final: Path) -> None:
+    """Finish a files commit that stopped (a kill, a full disk, Ctrl-C): keep the new set if it
+    was complete, else put the previous one back; either way the folder ``old`` goes.
+
+    The commit's order makes this decidable: the journal is complete before any rename; the
+    previous main file is set aside first (so a main file at ``final`` is the new one once
+    it left), then the previous sidecars, then the new sidecars and the new main file last;
+    a finished commit renames ``old`` away before deleting it.
+    """
+    parent, main = final.parent, final.name
+    journal = _read_journal(old)
+    if journal is None:  # no rename had happened
+        _remove(old)
+        return
+    incoming, set_aside = journal
+    previous_main_aside = (old / main).exists() or main not in set_aside
+    if previous_main_aside and (final.exists() or final.is_symlink()):
+        _remove(old)  # the new main file arrived: the commit was complete
+        return
+    for name in [*incoming, main]:
+        # a new file that moved in; a name still holding its previous file (not yet set aside) stays
+        if name not in set_aside or (old / name).exists():
+            _remove(parent / name)
+    for previous in old.iterdir():
+        if previous.name != MOVING_IN:
+            os.replace(previous, parent / previous.name)
+    _remove(old)
 
 
 class OutputLock:
@@ -326,6 +389,9 @@ class _StagedOutput:
         finally:
             _IN_USE.discard(str(self.temp.absolute()))
             self.lock.release()
+        fault = _disk_fault(exc, self.final.absolute(), self.temp)
+        if fault is not None:  # every writer's full disk reads the same, whichever library hit it
+            raise disk_error(fault, self.final) from exc
 
 
 class AtomicFolder(_StagedOutput):
@@ -336,23 +402,33 @@ class AtomicFolder(_StagedOutput):
 
     def commit(self) -> Path:
         """fsync and rename into place; an existing output is replaced only after the new one is whole."""
+        old = self.final.parent / f".{self.final.name}{OLD_MARKER}{os.getpid()}"
         try:
             write_output_marker(self.temp)
             _fsync(self.temp)
-            old = None
             if self.final.exists():
                 if not self.overwrite:
                     raise D2MergeError("output appeared while merging", path=self.final,
                                        hint="pass --overwrite or choose another path")
                 check_replaceable(self.final)
-                old = self.final.parent / f".{self.final.name}{OLD_MARKER}{os.getpid()}"
                 os.replace(self.final, old)
             os.replace(self.temp, self.final)
             _fsync(self.final.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError as exc:
-            raise disk_error(exc, self.final) from None
+        except BaseException as exc:
+            # Ctrl-C or a failed rename between the two renames: the previous output goes back now
+            # (or, when the new one had arrived, the previous one goes)
+            try:
+                if old.exists():
+                    if self.final.exists():
+                        shutil.rmtree(old, ignore_errors=True)
+                    else:
+                        os.replace(old, self.final)
+            except OSError:
+                pass  # left for the next run's recover_output
+            if isinstance(exc, OSError):
+                raise disk_error(exc, self.final) from None
+            raise
+        shutil.rmtree(old, ignore_errors=True)
         self.committed = True
         return self.final
 
@@ -376,33 +452,50 @@ class AtomicFiles(_StagedOutput):
         return self.temp / self.final.name
 
     def commit(self) -> tuple[Path, ...]:
+        """Move the set into place; a failure or an interrupt part way puts the previous set back.
+
+        A full disk can strike after the files are written (the journal needs a block, a
+        rename may need a directory block), and Ctrl-C can land between two renames: both are
+        undone here, at once, by the same code that recovers a killed run's commit.
+        """
         parent = self.final.parent
         incoming = [p.name for p in sorted(self.temp.iterdir()) if p.name != self.final.name]
         if not self.staged.exists():
             raise D2MergeError("nothing was written", path=self.final)
         names = [*incoming, self.final.name]
+        present = [n for n in dict.fromkeys([self.final.name, *names, *self.sidecars])
+                   if (parent / n).exists() or (parent / n).is_symlink()]
+        if present and not self.overwrite:
+            raise D2MergeError("output appeared while writing", path=parent / present[0],
+                               hint="pass --overwrite or choose another path")
+        old = parent / f".{self.final.name}{OLD_FILES_MARKER}{os.getpid()}"
         try:
-            present = [n for n in dict.fromkeys([*names, *self.sidecars]) if (parent / n).exists()]
-            if present and not self.overwrite:
-                raise D2MergeError("output appeared while writing", path=parent / present[0],
-                                   hint="pass --overwrite or choose another path")
             for name in names:
                 _fsync(self.temp / name)
-            old = parent / f".{self.final.name}{OLD_FILES_MARKER}{os.getpid()}"
             old.mkdir()
-            write_json(old / MOVING_IN, incoming)
+            _write_synced(old / MOVING_IN, {"incoming": incoming, "set_aside": present})
             _fsync(old)
-            for name in present:  # the previous main file last: until then the old set is whole
-                if name != self.final.name:
-                    os.replace(parent / name, old / name)
-            if self.final.name in present:
-                os.replace(self.final, old / self.final.name)
+            for name in present:  # the previous main file first (see _settle_files_commit)
+                os.replace(parent / name, old / name)
             for name in names:  # sidecars first, the main file last
                 os.replace(self.temp / name, parent / name)
             _fsync(parent)
-            shutil.rmtree(old, ignore_errors=True)
-        except OSError as exc:
-            raise disk_error(exc, self.final) from None
+        except BaseException as exc:
+            try:
+                if old.exists():
+                    _settle_files_commit(old, self.final)
+            except OSError:
+                pass  # left for the next run's recover_output, which finishes the same way
+            if isinstance(exc, OSError):
+                raise disk_error(exc, self.final) from None
+            raise
+        done = self.temp.parent / f"{self.temp.name}-done"  # one rename: the commit is finished
+        try:
+            os.replace(old, done)
+        except OSError:
+            pass  # recover_output sees the new main file in place and removes the folder
+        finally:  # Ctrl-C right after the rename included
+            _remove(done)
         self.committed = True
         return tuple(parent / n for n in [self.final.name, *incoming])
 
@@ -441,12 +534,31 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _write_synced(path: Path, data: Any) -> None:
+    """JSON written and fsynced before the caller goes on (a commit's journal); OSError as it comes."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_json(path: Path, data: Any) -> None:
     """Deterministic JSON (sorted keys, trailing newline)."""
     try:
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     except OSError as exc:
         raise disk_error(exc, path) from None
+
+
+def save_json(path: Path, data: Any) -> Path:
+    """A report file (verify's, merge-many's, bench's) written whole through :class:`AtomicFiles`:
+    a reader, a kill or a full disk never leaves half a report; an existing report is replaced
+    (a folder or a link at that path is refused, never set aside)."""
+    path = check_output_location(Path(path), (), overwrite=True, is_file=True)
+    with AtomicFiles(path, overwrite=True) as staging:
+        write_json(staging.staged, data)
+        staging.commit()
+    return path
 
 
 def write_text(path: Path, text: str) -> None:

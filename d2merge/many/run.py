@@ -20,7 +20,6 @@ is self-contained, so worker processes and Ray tasks run the same code.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -36,8 +35,7 @@ from d2merge.export.model_card import render_model_card
 from d2merge.export.single_file import PLACEHOLDER, single_file_metadata
 from d2merge.io.adapter import load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
-from d2merge.io.output import (TEMP_MARKER, AtomicFolder, check_output_location, disk_error, remove_stale_temps,
-                               sha256_file)
+from d2merge.io.output import AtomicFiles, AtomicFolder, check_output_location, disk_error, sha256_file
 from d2merge.io.safetensors_file import SafetensorsFile, rewrite_metadata
 from d2merge.many.manifest import Job
 from d2merge.many.options import ManyOptions, job_page_path
@@ -120,11 +118,9 @@ class ManyReport:
                 "jobs": [o.to_json() for o in self.outcomes]}
 
     def save(self, path: str | Path) -> Path:
-        from d2merge.io.output import write_json
+        from d2merge.io.output import save_json
 
-        path = Path(path)
-        write_json(path, self.to_json())
-        return path
+        return save_json(Path(path), self.to_json())
 
 
 # ----- planning and checking -----------------------------------------------------------------
@@ -263,18 +259,17 @@ def run_pass(base: BaseCheckpoint, entries: list[CheckedJob], options: ManyOptio
     outcomes: dict[str, JobOutcome] = {}
     targets: list[Target] = []
     with ExitStack() as stack:
-        folders: dict[str, AtomicFolder | Path] = {}
+        folders: dict[str, AtomicFolder | AtomicFiles] = {}
         for entry in entries:
             assert entry.plan is not None
             job = entry.job
             try:
                 if job.format == "safetensors":
-                    remove_stale_temps(entry.output)
-                    temp = entry.output.parent / f".{entry.output.name}{TEMP_MARKER}{os.getpid()}"
-                    stack.callback(temp.unlink, missing_ok=True)
-                    folders[job.name] = temp
+                    files = stack.enter_context(AtomicFiles(entry.output, overwrite=entry.output.exists()))
+                    folders[job.name] = files
                     reserved = {label: PLACEHOLDER for label in entry.plan.source_files()}
-                    targets.append(Target(job.name, entry.plan, [temp], single_file_metadata(entry.plan, reserved)))
+                    targets.append(Target(job.name, entry.plan, [files.staged],
+                                          single_file_metadata(entry.plan, reserved)))
                 else:
                     folder = stack.enter_context(AtomicFolder(entry.output, overwrite=entry.output.exists()))
                     folders[job.name] = folder
@@ -306,7 +301,7 @@ def run_pass(base: BaseCheckpoint, entries: list[CheckedJob], options: ManyOptio
     return [outcomes[e.job.name] for e in entries], budget.peak
 
 
-def _commit(entry: CheckedJob, where: AtomicFolder | Path, hashes: dict[str, str]) -> None:
+def _commit(entry: CheckedJob, where: AtomicFolder | AtomicFiles, hashes: dict[str, str]) -> None:
     """The files written after the tensors, then the rename: as ``d2merge merge`` does for one job."""
     plan = entry.plan
     assert plan is not None
@@ -317,11 +312,8 @@ def _commit(entry: CheckedJob, where: AtomicFolder | Path, hashes: dict[str, str
     entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
     reserved = {label: PLACEHOLDER for label in plan.source_files()}
     final = {k: (v if len(v) == 64 else PLACEHOLDER) for k, v in hashes.items()}
-    rewrite_metadata(where, entries, single_file_metadata(plan, {**reserved, **final}))
-    try:
-        os.replace(where, entry.output)
-    except OSError as exc:
-        raise disk_error(exc, entry.output) from None
+    rewrite_metadata(where.staged, entries, single_file_metadata(plan, {**reserved, **final}))
+    where.commit()
 
 
 def _verify(entry: CheckedJob, outcome: JobOutcome, base: BaseCheckpoint, options: ManyOptions,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -60,16 +59,9 @@ class VerifyReport:
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_json` (sorted keys) to ``path``."""
-        from d2merge.io.output import write_json
+        from d2merge.io.output import save_json
 
-        path = Path(path)
-        temp = path.with_name(f".{path.name}.d2merge-tmp-{os.getpid()}")
-        try:
-            write_json(temp, self.to_json())
-            os.replace(temp, path)  # atomic: a reader never sees half a report
-        finally:
-            temp.unlink(missing_ok=True)
-        return path
+        return save_json(Path(path), self.to_json())  # atomic: a reader never sees half a report
 
 
 def collect_provenance(base_files: Sequence[Path], adapter_files: Sequence[Path],
