@@ -578,3 +578,8 @@ def _assign_shards(plans: list[TensorPlan], limit: int) -> tuple[list[TensorPlan
     names = list(split.filename_to_tensors)
     shard_of = {name: i for i, name in enumerate(names)}
     return [replace(t, shard=shard_of[split.tensor_to_filename[t.name]]) for t in plans], names
+
+
+def tied_pair(infos: dict[str, tuple[torch.dtype, tuple[int, ...]]], config: dict[str, Any]) -> tuple[str, str] | None:
+    """(input embedding, lm_head) when the base ties them (the plan's rule, for extract), else None."""
+    return _tied_pair(infos, config)
