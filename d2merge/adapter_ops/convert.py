@@ -68,14 +68,10 @@ def check_rank_fits(plan: MergePlan, rank: int | None, flag: str) -> None:
                                tensor=item.name, hint=f"choose {flag} {min(rows, cols)} or less, or use --energy")
 
 
-def convert_to_lora(adapter: str | Path | Adapter, base: str | Path, out: str | Path,
-                    options: ConvertOptions | None = None, *, allow_pickle: bool = False,
-                    report: str | Path | None = None) -> ConvertResult:
-    """Write ``adapter`` (on ``base``) as a plain LoRA folder ``out``; nothing is written on a refusal."""
-    options = options or ConvertOptions()
-    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
-    out_path = check_adapter_output(out, [loaded.path, Path(base)], overwrite=options.overwrite)
-    plan = plan_updates(base, loaded, "convert")
+def lora_modules(adapter: Adapter, base: str | Path, options: ConvertOptions
+                 ) -> tuple[MergePlan, list[LoraModule], list[FactorReport]]:
+    """Every module of ``adapter`` as plain LoRA factors (A, B with scale 1), one module in memory at a time."""
+    plan = plan_updates(base, adapter, "convert")
     check_rank_fits(plan, options.rank, "--rank")
     modules: list[LoraModule] = []
     rows: list[FactorReport] = []
@@ -84,6 +80,17 @@ def convert_to_lora(adapter: str | Path | Adapter, base: str | Path, out: str | 
         a, b, row = factor_update(update.update, update.module, rank=options.rank, energy=options.energy)
         modules.append(LoraModule(update.module, update.layer_kind, a, b))
         rows.append(row)
+    return plan, modules, rows
+
+
+def convert_to_lora(adapter: str | Path | Adapter, base: str | Path, out: str | Path,
+                    options: ConvertOptions | None = None, *, allow_pickle: bool = False,
+                    report: str | Path | None = None) -> ConvertResult:
+    """Write ``adapter`` (on ``base``) as a plain LoRA folder ``out``; nothing is written on a refusal."""
+    options = options or ConvertOptions()
+    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
+    out_path = check_adapter_output(out, [loaded.path, Path(base)], overwrite=options.overwrite)
+    plan, modules, rows = lora_modules(loaded, base, options)
     config = plain_lora_config(modules, base_model_name_or_path=loaded.config.base_model_name_or_path,
                                task_type=loaded.config.raw.get("task_type"),
                                fan_in_fan_out=loaded.config.fan_in_fan_out
