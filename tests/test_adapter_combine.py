@@ -172,3 +172,41 @@ def test_peft_rules_are_one_line_refusals(names: list[str], weights: list[float]
 def test_option_refusals(options: dict[str, Any], message: str) -> None:
     with pytest.raises(D2MergeError, match=message):
         CombineOptions(**options)
+
+
+def test_dora_and_d2lora_combine_through_their_full_updates(tiny_bases: Any, make_adapter: Any, read_tensors: Any,
+                                                            tmp_path: Path) -> None:
+    from d2merge import merge
+
+    base = tiny_bases("llama")
+    targets = ("k_proj", "v_proj")  # both 16x32 (GQA): rank 16 is their full rank
+    dora = make_adapter(base, "dora", target_modules=targets, seed=1)
+    d2lora = make_adapter(base, "d2lora", target_modules=targets, seed=2, tau=0.5)
+    weights = [0.7, 0.3]
+    result = combine([dora, d2lora], tmp_path / "both", weights, CombineOptions(combination="svd", svd_rank=16),
+                     base=base)
+    assert all(m.energy is not None and m.energy > 1 - 1e-9 for m in result.modules)  # full rank: exact
+    base_t = read_tensors(base)
+    updates = []
+    for i, adapter in enumerate((dora, d2lora)):
+        merge(base, adapter, tmp_path / f"m{i}", dtype="fp32", hash_sources=False)
+        merged = read_tensors(tmp_path / f"m{i}")
+        updates.append({k: merged[k].double() - base_t[k].double() for k in merged})
+    ours = read_tensors(tmp_path / "both")
+    for m in result.modules:
+        a = ours[f"base_model.model.{m.module}.lora_A.weight"].double()
+        b = ours[f"base_model.model.{m.module}.lora_B.weight"].double()
+        name = f"{m.module}.weight"
+        expected = weights[0] * updates[0][name] + weights[1] * updates[1][name]
+        assert float((b @ a - expected).abs().max()) <= 2e-5, name
+
+
+def test_combine_cli(peft_inputs: dict[str, Path], cli_runner: Any, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    result = cli_runner(["combine", peft_inputs["a"], peft_inputs["c"], "--weights", "0.5,1.5", "--combination", "cat",
+                         "-o", out, "--report", tmp_path / "report.json"])
+    assert result.code == 0, result.err
+    assert "q_proj" in result.out and (out / "adapter_model.safetensors").is_file()
+    assert max(m["rank"] for m in json.loads((tmp_path / "report.json").read_text())["modules"]) == 4 + 6
+    again = cli_runner(["combine", peft_inputs["a"], peft_inputs["c"], "--weights", "0.5", "-o", out])
+    assert again.code == 2 and len(again.err.splitlines()) == 1

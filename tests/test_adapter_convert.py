@@ -166,3 +166,20 @@ def test_extract_energy_and_refusals(tiny_bases: Any, tmp_path: Path) -> None:
     with pytest.raises(D2MergeError, match="qwen2"):
         extract(base, tiny_bases("qwen2"), tmp_path / "arch", ExtractOptions(rank=2))
     assert not (tmp_path / "big").exists() and not (tmp_path / "arch").exists()
+
+
+def test_convert_and_extract_cli(tiny_bases: Any, make_adapter: Any, cli_runner: Any, tmp_path: Path) -> None:
+    base = tiny_bases("llama")
+    adapter = make_adapter(base, "dual_lora", target_modules=TARGETS)
+    result = cli_runner(["convert", adapter, "--base", base, "--rank", "8", "-o", tmp_path / "c",
+                         "--report", tmp_path / "c.json"])
+    assert result.code == 0, result.err
+    assert "least energy kept" in result.out
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert all(m["rank"] == 8 and m["retained_energy"] < 1 for m in report["modules"])
+    tuned = _tuned_copy(base, tmp_path / "tuned", 5)
+    result = cli_runner(["extract", base, tuned, "--energy", "0.99", "-o", tmp_path / "e"])
+    assert result.code == 0, result.err
+    assert (tmp_path / "e" / "adapter_config.json").is_file()
+    result = cli_runner(["extract", base, tuned, "-o", tmp_path / "none"])
+    assert result.code == 2 and "give exactly one of --rank and --energy" in result.err

@@ -75,11 +75,12 @@ def check_inputs(adapters: Sequence[Adapter], weights: Sequence[float], combinat
     if not adapters:
         raise D2MergeError("combine needs at least one adapter")
     if len(weights) != len(adapters):
-        raise D2MergeError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s)",
+        raise D2MergeError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s)", path=adapters[-1].path,
                            hint="give one --weights value per adapter, in order, e.g. --weights 0.5,0.5")
     for w in weights:
         if w != w or w in (float("inf"), float("-inf")):
-            raise D2MergeError(f"weight {w} is not a finite number", hint="--weights takes finite numbers")
+            raise D2MergeError(f"weight {w} is not a finite number", path=adapters[-1].path,
+                               hint="--weights takes finite numbers")
     names = {}
     for adapter in adapters:
         base = adapter.config.base_model_name_or_path
@@ -94,7 +95,8 @@ def check_inputs(adapters: Sequence[Adapter], weights: Sequence[float], combinat
     fifo = {a.config.fan_in_fan_out for a in adapters}
     if len(fifo) > 1:
         raise D2MergeError("the adapters disagree on fan_in_fan_out, so their factors do not combine",
-                           path=adapters[-1].path / "adapter_config.json")
+                           path=adapters[-1].path / "adapter_config.json",
+                           hint="were the adapters trained on different base models?")
     kinds = {type(a.config.target_modules) for a in adapters}
     if len(kinds) > 1:
         raise D2MergeError("target_modules is a list in some adapters and a regex string in others (PEFT refuses "
@@ -162,7 +164,8 @@ def _check_shapes(module: str, adapters: Sequence[Adapter], present: Sequence[in
     for i, (a, b) in zip(present, factors):
         if kinds[present.index(i)] != kinds[0]:
             raise D2MergeError(f"module '{module}' is an {kinds[present.index(i)]} layer here and an {kinds[0]} "
-                               f"layer in {adapters[first].path}", path=adapters[i].weights_file)
+                               f"layer in {adapters[first].path}", path=adapters[i].weights_file,
+                               hint="were the adapters trained on different base models?")
         if (b.shape[0], a.shape[1]) != (factors[0][1].shape[0], factors[0][0].shape[1]):
             key = next(iter(adapters[i].modules[module].keys.values()))
             raise D2MergeError(f"module '{module}' is {b.shape[0]}x{a.shape[1]} here but "
@@ -195,7 +198,8 @@ def _combine_factors(adapters: Sequence[Adapter], weights: Sequence[float], comb
             a, b = (adapter.tensors.read(entry.keys[n]).float() for n in (a_name, b_name))
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
                 raise D2MergeError(f"factors {list(a.shape)} and {list(b.shape)} of module '{module}' do not form a "
-                                   "LoRA", path=adapter.weights_file, tensor=entry.keys[a_name])
+                                   "LoRA", path=adapter.weights_file, tensor=entry.keys[a_name],
+                                   hint="the adapter file is damaged; save it again")
             fifo = adapter.config.fan_in_fan_out if entry.layer_kind == LINEAR else False
             settings = adapter.method.module_settings(adapter.config, module, entry.layer_kind, fifo)
             if settings.r != a.shape[0]:
@@ -260,7 +264,8 @@ def _combine_updates(adapters: Sequence[Adapter], weights: Sequence[float], comb
         shapes = {tuple(u.update.shape) for u in updates}
         if len(kinds) > 1 or len(shapes) > 1:
             raise D2MergeError(f"module '{module}' has updates of shapes {sorted(shapes)}: they do not combine",
-                               path=adapters[entries[-1][0]].weights_file)
+                               path=adapters[entries[-1][0]].weights_file,
+                               hint="were the adapters trained on different base models?")
         a, b, energy = _svd_step(module, [u.update for u in updates], [weights[i] for i, _ in entries], combination,
                                  options, generator, rank, adapters[entries[0][0]])
         modules.append(LoraModule(module, updates[0].layer_kind, a, b))

@@ -170,7 +170,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
             rows.append(row)
     if not modules:
         raise D2MergeError("BASE and TUNED have the same weights: there is nothing to extract",
-                           path=tuned_ckpt.location)
+                           path=tuned_ckpt.location, hint="is TUNED the fine-tuned model?")
     adapter_config = plain_lora_config(modules, base_model_name_or_path=str(base), fan_in_fan_out=any_conv1d)
     result = ExtractResult(out_path, tuple(rows), unchanged, tuple(left_out))
     write_lora_adapter(out_path, adapter_config, lora_tensors(modules), overwrite=options.overwrite)

@@ -25,7 +25,7 @@ def _check_energy(energy: float | None) -> None:
 
 def _check_rank(rank: int | None, flag: str) -> None:
     if rank is not None and rank < 1:
-        raise D2MergeError(f"{flag} {rank} must be at least 1")
+        raise D2MergeError(f"{flag} {rank} must be at least 1", hint=f"e.g. {flag} 16")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class CombineOptions:
             raise D2MergeError(f"unknown combination {self.combination!r}", hint=f"choose one of {', '.join(COMBINATIONS)}")
         if self.combination in WITH_DENSITY:
             if self.density is None:
-                raise D2MergeError(f"--combination {self.combination} needs --density (fraction kept, in [0, 1])")
+                raise D2MergeError(f"--combination {self.combination} needs --density (fraction kept, in [0, 1])",
+                                   hint="e.g. --density 0.5, as PEFT's examples use")
             if not (0.0 <= self.density <= 1.0) or math.isnan(self.density):
                 raise D2MergeError(f"--density {self.density:g} is outside [0, 1]",
                                    hint="0 prunes every value, 1 keeps every value")
@@ -68,7 +69,8 @@ class CombineOptions:
                                hint="they apply to the *svd types")
         _check_rank(self.svd_rank, "--svd-rank")
         if self.svd_clamp is not None and not (0.0 <= self.svd_clamp <= 1.0):
-            raise D2MergeError(f"--svd-clamp {self.svd_clamp:g} is outside [0, 1] (a quantile)")
+            raise D2MergeError(f"--svd-clamp {self.svd_clamp:g} is outside [0, 1] (a quantile)",
+                               hint="e.g. --svd-clamp 0.99 clamps the factors at their 99th percentile")
         if self.majority_sign_method not in SIGN_METHODS:
             raise D2MergeError(f"unknown majority sign method {self.majority_sign_method!r}",
                                hint=f"choose one of {', '.join(SIGN_METHODS)}")
@@ -92,7 +94,8 @@ class ConvertOptions:
         if self.to not in CONVERT_TARGETS:
             raise D2MergeError(f"unknown target {self.to!r}", hint=f"choose one of {', '.join(CONVERT_TARGETS)}")
         if self.rank is not None and self.energy is not None:
-            raise D2MergeError("--rank and --energy both choose the rank; give one")
+            raise D2MergeError("--rank and --energy both choose the rank; give one",
+                               hint="--rank R for one rank everywhere, --energy E for the least rank keeping E")
         _check_rank(self.rank, "--rank")
         _check_energy(self.energy)
 
