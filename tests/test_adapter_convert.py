@@ -183,3 +183,23 @@ def test_convert_and_extract_cli(tiny_bases: Any, make_adapter: Any, cli_runner:
     assert (tmp_path / "e" / "adapter_config.json").is_file()
     result = cli_runner(["extract", base, tuned, "-o", tmp_path / "none"])
     assert result.code == 2 and "give exactly one of --rank and --energy" in result.err
+
+
+def test_randomized_svd_reports_its_exact_error(tiny_bases: Any, read_tensors: Any, tmp_path: Path) -> None:
+    base = tiny_bases("llama")
+    tuned = _tuned_copy(base, tmp_path / "tuned", 6)
+    full = extract(base, tuned, tmp_path / "full", ExtractOptions(rank=3))
+    fast = extract(base, tuned, tmp_path / "fast", ExtractOptions(rank=3, svd="randomized"))
+    base_t, tuned_t, ours = read_tensors(base), read_tensors(tuned), read_tensors(tmp_path / "fast")
+    for row_full, row in zip(full.modules, fast.modules):
+        name = row.module
+        key = "lora_embedding" if name.endswith("embed_tokens") else "lora"
+        a = ours[f"base_model.model.{name}.{key}_A" + ("" if key != "lora" else ".weight")].double()
+        b = ours[f"base_model.model.{name}.{key}_B" + ("" if key != "lora" else ".weight")].double()
+        update = tuned_t[f"{name}.weight"].double() - base_t[f"{name}.weight"].double()
+        update = update.T if key != "lora" else update
+        measured = float((update - b @ a).norm() / update.norm())
+        assert measured == pytest.approx(row.relative_error, rel=1e-3, abs=1e-6)
+        assert row.relative_error <= row_full.relative_error * 1.01 + 1e-6  # near-optimal on rank-3 + noise
+    with pytest.raises(D2MergeError, match="needs --rank"):
+        ExtractOptions(energy=0.9, svd="randomized")

@@ -21,6 +21,7 @@ from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.adapter_writer import LoraModule, check_adapter_output, lora_tensors, plain_lora_config, write_lora_adapter
 from d2merge.methods.base import EMBEDDING
+from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.plan import MergePlan
 
 REPORT_NAME = "d2merge_report.json"
@@ -68,7 +69,7 @@ def check_rank_fits(plan: MergePlan, rank: int | None, flag: str) -> None:
                                tensor=item.name, hint=f"choose {flag} {min(rows, cols)} or less, or use --energy")
 
 
-def lora_modules(adapter: Adapter, base: str | Path, options: ConvertOptions
+def lora_modules(adapter: Adapter, base: str | Path | BaseCheckpoint, options: ConvertOptions
                  ) -> tuple[MergePlan, list[LoraModule], list[FactorReport]]:
     """Every module of ``adapter`` as plain LoRA factors (A, B with scale 1), one module in memory at a time."""
     plan = plan_updates(base, adapter, "convert")
@@ -77,7 +78,8 @@ def lora_modules(adapter: Adapter, base: str | Path, options: ConvertOptions
     rows: list[FactorReport] = []
     for item in plan.merged:
         update = update_of(plan, item)
-        a, b, row = factor_update(update.update, update.module, rank=options.rank, energy=options.energy)
+        a, b, row = factor_update(update.update, update.module, rank=options.rank, energy=options.energy,
+                                       randomized=options.svd == "randomized")
         modules.append(LoraModule(update.module, update.layer_kind, a, b))
         rows.append(row)
     return plan, modules, rows

@@ -16,6 +16,17 @@ WITH_SIGN = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
 RANDOM = ("dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd")
 SIGN_METHODS = ("total", "frequency")
 CONVERT_TARGETS = ("lora", "gguf-lora")
+SVD_KINDS = ("full", "randomized")
+SVD_HELP = ("full: the exact truncated SVD. randomized (with --rank): a randomized range finder, much faster on "
+            "large modules; the error it reports is still exact (its factors are a projection of dW).")
+
+
+def _check_svd(svd: str, rank: int | None) -> None:
+    if svd not in SVD_KINDS:
+        raise D2MergeError(f"unknown --svd {svd!r}", hint=f"choose one of {', '.join(SVD_KINDS)}")
+    if svd == "randomized" and rank is None:
+        raise D2MergeError("--svd randomized needs --rank (--energy and the exact default need every singular "
+                           "value)", hint="give --rank R, or use --svd full")
 
 
 def _check_energy(energy: float | None) -> None:
@@ -87,6 +98,8 @@ class ConvertOptions:
         "help": "Largest rank per module [default: the update's own numerical rank: exact to fp32 rounding]."})
     energy: float | None = field(default=None, metadata={
         "help": "Instead of --rank: per module the least rank keeping this fraction of ||dW||_F^2, in (0, 1]."})
+    svd: str = field(default="full", metadata={
+        "help": SVD_HELP, "choices": SVD_KINDS})
     overwrite: bool = field(default=False, metadata={
         "help": "Replace an existing output (only once the new one is complete)."})
 
@@ -98,6 +111,7 @@ class ConvertOptions:
                                hint="--rank R for one rank everywhere, --energy E for the least rank keeping E")
         _check_rank(self.rank, "--rank")
         _check_energy(self.energy)
+        _check_svd(self.svd, self.rank)
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,8 @@ class ExtractOptions:
         "help": "Rank of every module's truncated SVD (capped by the module's own update rank)."})
     energy: float | None = field(default=None, metadata={
         "help": "Instead of --rank: per module the least rank keeping this fraction of ||dW||_F^2, in (0, 1]."})
+    svd: str = field(default="full", metadata={
+        "help": SVD_HELP, "choices": SVD_KINDS})
     device: str = field(default="cpu", metadata={
         "help": "Where the SVDs run (cpu or cuda); files are read and written on the CPU.",
         "choices": ("cpu", "cuda")})
@@ -122,5 +138,6 @@ class ExtractOptions:
                                hint="e.g. --rank 16, or --energy 0.9 for 90% of each update's ||dW||^2")
         _check_rank(self.rank, "--rank")
         _check_energy(self.energy)
+        _check_svd(self.svd, self.rank)
         if self.device not in ("cpu", "cuda"):
             raise D2MergeError(f"unknown device {self.device!r}", hint="choose cpu or cuda")

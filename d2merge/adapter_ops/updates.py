@@ -16,6 +16,7 @@ import torch
 
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter
+from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.methods.base import EMBEDDING, LINEAR, WEIGHT, ModuleSettings
 from d2merge.plan import MergePlan, TensorPlan, build_plan
 
@@ -60,7 +61,7 @@ def refuse_extras(adapter: Adapter, what: str) -> None:
                            hint="merge this adapter into the base with `d2merge merge` instead")
 
 
-def plan_updates(base: str | Path, adapter: Adapter, what: str) -> MergePlan:
+def plan_updates(base: str | Path | BaseCheckpoint, adapter: Adapter, what: str) -> MergePlan:
     """The merge plan of ``adapter`` on ``base`` (every shape and name checked), extras refused."""
     refuse_extras(adapter, what)
     return build_plan(base, adapter, dtype="fp32")

@@ -28,6 +28,7 @@ from d2merge.adapter_ops.options import ConvertOptions
 from d2merge.errors import D2MergeError
 from d2merge.export.gguf import check_config, permute_for_llama_cpp
 from d2merge.io.adapter import load_adapter
+from d2merge.io.checkpoint import open_base
 from d2merge.io.output import AtomicFiles, check_output_location, disk_error, write_json
 from d2merge.methods.base import EMBEDDING
 
@@ -69,10 +70,11 @@ def convert_to_gguf_lora(adapter: str | Path, base: str | Path, out: str | Path,
         raise D2MergeError("a GGUF output must end in .gguf", path=out_path, hint="name it like adapter.gguf")
     loaded = load_adapter(adapter, allow_pickle=allow_pickle)
     out_path = check_output_location(out_path, [loaded.path, Path(base)], overwrite=options.overwrite, is_file=True)
-    plan, modules, rows = lora_modules(loaded, base, options)
-    config = plan.base.config or {}
-    config_path = (plan.base.folder or Path(base)) / "config.json"
-    arch, permute = check_config(config, config_path)
+    checkpoint = open_base(base, allow_pickle=allow_pickle)
+    config = checkpoint.config or {}
+    # the architecture is refused before any SVD is computed
+    arch, permute = check_config(config, (checkpoint.folder or Path(base)) / "config.json")
+    _, modules, rows = lora_modules(loaded, checkpoint, options)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     mapping = gguf.get_tensor_name_map(arch_id, int(config["num_hidden_layers"]))
     alpha = float(max(m.rank for m in modules))
