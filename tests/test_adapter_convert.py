@@ -203,3 +203,20 @@ def test_randomized_svd_reports_its_exact_error(tiny_bases: Any, read_tensors: A
         assert row.relative_error <= row_full.relative_error * 1.01 + 1e-6  # near-optimal on rank-3 + noise
     with pytest.raises(D2MergeError, match="needs --rank"):
         ExtractOptions(energy=0.9, svd="randomized")
+
+
+def test_verify_compares_the_converted_adapter_with_the_original(tiny_bases: Any, make_adapter: Any,
+                                                                 tmp_path: Path) -> None:
+    """The converted LoRA, merged, goes through verify against the original adapter: same report, same gates."""
+    from d2merge.verify import verify
+
+    base = tiny_bases("llama")
+    adapter = make_adapter(base, "dora", target_modules=TARGETS)
+    verdicts = {}
+    for rank in (None, 4):
+        out = tmp_path / f"r{rank}"
+        convert_to_lora(adapter, base, out, ConvertOptions(rank=rank))
+        merge(base, out, tmp_path / f"m{rank}", dtype="fp32", hash_sources=False)
+        verdicts[rank] = verify(base, adapter, tmp_path / f"m{rank}")
+    assert verdicts[None].passed, verdicts[None].failures()
+    assert not verdicts[4].passed and any("weight check" in f for f in verdicts[4].failures())
