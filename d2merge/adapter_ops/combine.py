@@ -130,6 +130,9 @@ def combine(adapters: Sequence[str | Path], out: str | Path, weights: Sequence[f
     generator = torch.Generator().manual_seed(options.seed)
     plain = all(is_plain_lora(a) for a in loaded)
     if plain:
+        if base is not None:
+            for adapter in loaded:  # each adapter checked against the base (names, shapes), headers only
+                plan_updates(base, adapter, "combine")
         modules, rows = _combine_factors(loaded, weights, combination, options, generator)
     else:
         if base is None:
