@@ -46,6 +46,7 @@ ADAPTERS = {
     "d2lora-in": dict(method="d2lora", tau=1.0, norm_axis="in", residual=False),
     "dual_lora": dict(method="dual_lora"),
     "pissa-lora": dict(method="lora", init_lora_weights="pissa"),
+    "olora-lora": dict(method="lora", init_lora_weights="olora"),
 }
 
 
