@@ -24,6 +24,7 @@ import click
 # Only light modules at import time: `d2merge --help` and flag errors must not wait for torch.
 # Each command imports the library it calls (tests/test_cli_startup.py checks this).
 from d2merge import __version__
+from d2merge.adapter_ops.options import CombineOptions, ConvertOptions, ExtractOptions
 from d2merge.console import QUIET_HELP, ConsoleGroup, say
 from d2merge.bench import ALL_VARIANTS as BENCH_VARIANTS
 from d2merge.bench import BenchSettings
@@ -81,7 +82,7 @@ def _options_from(dataclass_type: Any) -> Callable[[Callable[..., Any]], Callabl
             else:
                 # int and float fields keep their type (VerifyOptions has counts); range checks stay in the model
                 kind = (click.Choice(f.metadata["choices"]) if "choices" in f.metadata
-                        else {"int": int, "float": float}.get(str(f.type), str))
+                        else {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str))
                 fn = click.option(flag, f.name, default=f.default, show_default=True, type=kind, help=help_text)(fn)
         return fn
 
@@ -661,6 +662,105 @@ def merge_many_command(base: str, manifest: str, outdir: str | None, ray_address
     if report.exit_code == 1:
         raise VerificationFailed(", ".join(o.name for o in report.outcomes if o.status == "verify_failed")
                                  + " failed verification")
+
+
+@cli.command("combine")
+@click.argument("adapters", metavar="ADAPTER...", nargs=-1, required=True)
+@click.option("-o", "--out", "out", type=click.Path(), required=True, help="Output adapter folder (plain PEFT LoRA).")
+@click.option("--weights", "weights", required=True, metavar="W1,W2,...",
+              help="One weight per adapter, in order (negative subtracts an adapter's effect).")
+@click.option("--base", "base", default=None, metavar="BASE",
+              help="The base model: needed for DoRA, D2-LoRA, Dual LoRA and PiSSA/OLoRA inputs, whose updates "
+                   "depend on it.")
+@_options_from(CombineOptions)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the per-module report (rank, retained energy) as JSON.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin (pickle) adapter weights (weights_only=True).")
+def combine_command(adapters: tuple[str, ...], out: str, weights: str, base: str | None, report_path: str | None,
+                    allow_pickle: bool, **options: Any) -> None:
+    """Combine ADAPTERs into one plain LoRA adapter, as PEFT's add_weighted_adapter does.
+
+    \b
+    Examples:
+      d2merge combine ./math ./code --weights 0.6,0.4 --combination linear -o ./both
+      d2merge combine ./math ./code --weights 1,1 --combination ties_svd --density 0.5 --svd-rank 16 -o ./both
+      d2merge combine ./dora-a ./d2lora-b --base ./llama --weights 1,1 --combination svd --svd-rank 32 -o ./both
+    """
+    from d2merge.adapter_ops.combine import combine
+
+    parsed = _float_list(weights, "--weights")
+    result = combine(list(adapters), out, parsed, CombineOptions(**options), base=base, allow_pickle=allow_pickle)
+    click.echo(result.describe())
+    if report_path:
+        from pathlib import Path
+
+        from d2merge.io.output import write_json
+
+        write_json(Path(report_path), {"out": str(result.out), "combination": result.combination,
+                                       "weights": list(result.weights),
+                                       "modules": [m.to_json() for m in result.modules]})
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=flag) from None
+
+
+@cli.command("convert")
+@click.argument("adapter", metavar="ADAPTER")
+@click.option("--base", "base", required=True, metavar="BASE", help="The base model the adapter was trained on.")
+@click.option("-o", "--out", "out", type=click.Path(), required=True,
+              help="Output: an adapter folder (--to lora) or a .gguf file (--to gguf-lora).")
+@_options_from(ConvertOptions)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the per-module report (rank, update rank, retained energy, error) as JSON.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin (pickle) adapter weights (weights_only=True).")
+def convert_command(adapter: str, base: str, out: str, report_path: str | None, allow_pickle: bool,
+                    **options: Any) -> None:
+    """Turn ADAPTER (DoRA, D2-LoRA, Dual LoRA, PiSSA/OLoRA, LoRA) into a plain LoRA servers load.
+
+    \b
+    Exact to fp32 rounding at the update's own rank (the default); --rank or --energy
+    truncate its SVD and the table says what each module keeps.
+    Examples:
+      d2merge convert ./dora-adapter --base ./llama -o ./as-lora
+      d2merge convert ./d2lora-adapter --base ./llama --rank 64 -o ./as-lora --report cost.json
+    """
+    opts = ConvertOptions(**options)
+    if opts.to == "gguf-lora":
+        from d2merge.export.gguf_lora import convert_to_gguf_lora
+
+        result = convert_to_gguf_lora(adapter, base, out, opts, allow_pickle=allow_pickle, report=report_path)
+    else:
+        from d2merge.adapter_ops.convert import convert_to_lora
+
+        result = convert_to_lora(adapter, base, out, opts, allow_pickle=allow_pickle, report=report_path)
+    click.echo(result.describe())
+
+
+@cli.command("extract")
+@click.argument("base", metavar="BASE")
+@click.argument("tuned", metavar="TUNED")
+@click.option("-o", "--out", "out", type=click.Path(), required=True, help="Output adapter folder (plain PEFT LoRA).")
+@_options_from(ExtractOptions)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the per-module report (rank, update rank, retained energy, error) as JSON.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin (pickle) weights (weights_only=True).")
+def extract_command(base: str, tuned: str, out: str, report_path: str | None, allow_pickle: bool,
+                    **options: Any) -> None:
+    """Extract a LoRA adapter from TUNED - BASE by a truncated SVD per module, one module at a time.
+
+    \b
+    Examples:
+      d2merge extract ./llama ./llama-finetuned --rank 32 -o ./extracted
+      d2merge extract ./llama ./llama-finetuned --energy 0.9 -o ./extracted --report cost.json
+    """
+    from d2merge.adapter_ops.extract import extract
+
+    result = extract(base, tuned, out, ExtractOptions(**options), allow_pickle=allow_pickle, report=report_path)
+    click.echo(result.describe())
 
 
 # end of commands

@@ -601,3 +601,8 @@ def plan_for(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter,
     if options.base_model_id is not None:
         merge_plan = replace(merge_plan, base_model_id=options.base_model_id)
     return merge_plan
+
+
+def tied_pair(infos: dict[str, tuple[torch.dtype, tuple[int, ...]]], config: dict[str, Any]) -> tuple[str, str] | None:
+    """(input embedding, lm_head) when the base ties them (the plan's rule, for extract), else None."""
+    return _tied_pair(infos, config)

@@ -1284,3 +1284,126 @@ class Snapshot:
         removed = sorted(set(self.entries) - set(other.entries))
         changed = sorted(k for k in set(self.entries) & set(other.entries) if self.entries[k] != other.entries[k])
         return [f"+{k}" for k in added] + [f"-{k}" for k in removed] + [f"~{k}" for k in changed]
+
+
+# -- adapter operations: combine, convert, extract (issue 26) ------------------------------------
+
+
+def lora_adapter(folder: Path, *, seed: int = 5, hidden: int = HIDDEN, rank: int = RANK,
+                 **fields: Any) -> Path:
+    """A plain LoRA on q_proj/v_proj of every layer of the template base (or of a ``hidden``-wide one)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {"q_proj": hidden, "v_proj": hidden // 2}
+    tensors = {}
+    for i in range(LAYERS):
+        for target in TARGETS:
+            module = f"{PREFIX}model.layers.{i}.self_attn.{target}"
+            tensors[f"{module}.lora_A.weight"] = 0.2 * torch.randn(rank, hidden, generator=g)
+            tensors[f"{module}.lora_B.weight"] = 0.2 * torch.randn(out[target], rank, generator=g)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2.0 * rank, "target_modules": list(TARGETS),
+              "base_model_name_or_path": None, **fields}
+    return write_adapter(folder, tensors=tensors, config=config)
+
+
+def _two_loras(ws: Workspace, **second: Any) -> tuple[Path, Path]:
+    return lora_adapter(ws.root / "lora-a"), lora_adapter(ws.root / "lora-b", seed=6, **second)
+
+
+def _combine(ws: Workspace, *adapters: Path, weights: str = "0.5,0.5", extra: tuple[str, ...] = ()) -> list[str]:
+    return ["combine", *map(str, adapters), "--weights", weights, "-o", str(ws.out), *extra]
+
+
+@case("combine-adapters-over-different-bases", r"trained on different bases", "lora-b/adapter_config.json")
+def _(ws: Workspace) -> list[str]:
+    a = lora_adapter(ws.root / "lora-a", base_model_name_or_path="org/llama-a")
+    b = lora_adapter(ws.root / "lora-b", seed=6, base_model_name_or_path="org/llama-b")
+    return _combine(ws, a, b)
+
+
+@case("combine-shapes-do-not-combine", r"the shapes do not combine", "lora-b/adapter_model.safetensors",
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+def _(ws: Workspace) -> list[str]:
+    return _combine(ws, *_two_loras(ws, hidden=24))
+
+
+@case("combine-weight-count-mismatch", r"3 weight\(s\) for 2 adapter\(s\)", "lora-b")
+def _(ws: Workspace) -> list[str]:
+    return _combine(ws, *_two_loras(ws), weights="1,1,1")
+
+
+@case("combine-density-outside-0-1", r"--density 1\.5 is outside \[0, 1\]", "--density")
+def _(ws: Workspace) -> list[str]:
+    return _combine(ws, *_two_loras(ws), extra=("--combination", "ties", "--density", "1.5"))
+
+
+@case("combine-linear-unequal-ranks", r"needs equal ranks \(PEFT's rule\)", "lora-b/adapter_config.json")
+def _(ws: Workspace) -> list[str]:
+    return _combine(ws, *_two_loras(ws, rank=4), extra=("--combination", "linear"))
+
+
+@case("combine-svd-rank-above-module", r"--svd-rank 40 is above module", "lora-a/adapter_model.safetensors",
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+def _(ws: Workspace) -> list[str]:
+    return _combine(ws, *_two_loras(ws), extra=("--combination", "svd", "--svd-rank", "40"))
+
+
+@case("combine-d2lora-without-base", r"d2lora adapter's update depends on the base model", "adapter")
+def _(ws: Workspace) -> list[str]:
+    return _combine(ws, lora_adapter(ws.root / "lora-a"), ws.adapter)
+
+
+@case("combine-d2lora-factorwise-type", r"--combination ties combines LoRA factors", "adapter")
+def _(ws: Workspace) -> list[str]:
+    return _combine(ws, lora_adapter(ws.root / "lora-a"), ws.adapter,
+                    extra=("--base", str(ws.base), "--combination", "ties", "--density", "0.5"))
+
+
+@case("convert-rank-above-module", r"--rank 17 is above the size of module", "adapter/adapter_model.safetensors",
+      "model.layers.0.self_attn.q_proj.weight")
+def _(ws: Workspace) -> list[str]:
+    return ["convert", str(ws.adapter), "--base", str(ws.base), "--rank", "17", "-o", str(ws.out)]
+
+
+@case("convert-modules-to-save", r"a plain LoRA cannot hold", "adapter_model.safetensors",
+      "base_model.model.lm_head.modules_to_save.default.weight")
+@own_inputs
+def _(ws: Workspace) -> list[str]:
+    ws.copy("base")
+    tensors = adapter_tensors()
+    tensors[f"{PREFIX}lm_head.modules_to_save.default.weight"] = torch.zeros(VOCAB, HIDDEN)
+    write_adapter(ws.adapter, tensors=tensors, config=adapter_config_dict(modules_to_save=["lm_head"]))
+    return ["convert", str(ws.adapter), "--base", str(ws.base), "-o", str(ws.out)]
+
+
+@case("convert-gguf-lora-adapter-for-another-base", r"does not fit base", "lora-a/adapter_model.safetensors",
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+def _(ws: Workspace) -> list[str]:
+    adapter = lora_adapter(ws.root / "lora-a", hidden=24)
+    return ["convert", str(adapter), "--base", str(ws.base), "--to", "gguf-lora", "-o", str(ws.root / "a.gguf")]
+
+
+@case("extract-tuned-of-another-architecture", r"the models differ in architecture", "other",
+      "model.layers.0.mlp.experts.weight")
+def _(ws: Workspace) -> list[str]:
+    tensors = base_tensors()
+    tensors["model.layers.0.mlp.experts.weight"] = torch.zeros(2, 2)
+    (ws.root / "other").mkdir()
+    (ws.root / "other" / "config.json").write_text(json.dumps(base_config()))
+    save_tensors(ws.root / "other" / "model.safetensors", tensors, {"format": "pt"})
+    return ["extract", str(ws.base), str(ws.root / "other"), "--rank", "2", "-o", str(ws.out)]
+
+
+@case("extract-tuned-with-resized-vocabulary", r"shape \[40, 16\] in TUNED", "resized",
+      "model.embed_tokens.weight")
+def _(ws: Workspace) -> list[str]:
+    tensors = base_tensors()
+    tensors["model.embed_tokens.weight"] = torch.zeros(40, HIDDEN)
+    (ws.root / "resized").mkdir()
+    (ws.root / "resized" / "config.json").write_text(json.dumps(base_config()))
+    save_tensors(ws.root / "resized" / "model.safetensors", tensors, {"format": "pt"})
+    return ["extract", str(ws.base), str(ws.root / "resized"), "--rank", "2", "-o", str(ws.out)]
+
+
+@case("extract-rank-above-module", r"--rank 17 is above the size", "base", "model.embed_tokens.weight")
+def _(ws: Workspace) -> list[str]:
+    return ["extract", str(ws.base), str(ws.base), "--rank", "17", "-o", str(ws.out)]

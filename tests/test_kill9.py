@@ -63,6 +63,10 @@ SCENARIOS = [
     # here the kill between the renames is enough, and each point costs two dynamo exports.
     Scenario("merge-format-onnx", lambda i, o: _merge(i, o, "--format", "onnx", "--overwrite"), "model.onnx", True,
              True, (2,), 0),
+    # adapter outputs (issue 26; combine and extract write through the same io/adapter_writer.py): the
+    # AtomicFolder commit, renames 1 (previous aside) and 2 (new in)
+    Scenario("convert-overwrite", lambda i, o: ["convert", str(i / "adapter"), "--base", str(i / "base"), "-o",
+                                                str(o), "--overwrite"], "out", False, True, (1, 2), 1),
     Scenario("export-onnx", lambda i, o: ["export-onnx", str(i / "merged"), "-o", str(o), "--exporter", "legacy",
                                           "--opset", "17", "--overwrite"], "model.onnx", True, True, (1, 2), 1),
 ]

@@ -1,0 +1,121 @@
+"""llama.cpp's LoRA adapter GGUF (``--lora`` of llama-cli / llama-server, ``Llama(lora_path=...)``).
+
+The layout llama.cpp's ``convert_lora_to_gguf.py`` writes and ``llama_adapter_lora_init``
+checks: ``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``; per
+adapted weight two tensors named after the base GGUF's tensor, ``<name>.lora_a`` holding A
+(r, in) and ``<name>.lora_b`` holding B (out, r) in PEFT's orientation (llama.cpp checks
+``a.ne[0] == w.ne[0]``, ``b.ne[1] == w.ne[1]``, ``a.ne[1] == b.ne[0]``). llama.cpp scales
+each by ``alpha / r`` with r read from the tensor, and there is one alpha per file, so B
+carries ``r / alpha`` to keep every module's update exactly ``B @ A``. q/k rows are
+permuted as the base export permutes them (llama's interleaved rope), so B's rows are.
+
+The factors are the plain LoRA ``convert --to lora`` computes (DoRA, D2-LoRA, Dual LoRA
+through their full update); tensor names come from export/gguf.py's HF->GGUF mapping, so
+the adapter fits the GGUF ``d2merge export-gguf`` / ``merge --format gguf`` writes of the base.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from d2merge.adapter_ops.convert import ConvertResult, factor_table, lora_modules
+from d2merge.adapter_ops.options import ConvertOptions
+from d2merge.errors import D2MergeError
+from d2merge.export.gguf import check_config, permute_for_llama_cpp
+from d2merge.io.adapter import load_adapter
+from d2merge.io.checkpoint import open_base
+from d2merge.io.output import AtomicFiles, check_output_location, disk_error, write_json
+from d2merge.methods.base import EMBEDDING
+
+
+@dataclass(frozen=True)
+class GGUFLoraResult(ConvertResult):
+    alpha: float = 1.0
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        return factor_table(f"wrote llama.cpp's LoRA adapter GGUF {self.out} (alpha {self.alpha:g})", self.modules)
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise D2MergeError("GGUF output needs the 'gguf' package", hint="pip install 'd2merge[gguf]'") from None
+    return gguf
+
+
+def _heads(module: str, config: dict[str, Any]) -> int | None:
+    """How many heads llama.cpp's rope permutation groups a q/k weight's rows into (None: not permuted)."""
+    if module.endswith("q_proj"):
+        return int(config["num_attention_heads"])
+    if module.endswith("k_proj"):
+        return int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    return None
+
+
+def convert_to_gguf_lora(adapter: str | Path, base: str | Path, out: str | Path, options: ConvertOptions | None = None,
+                         *, allow_pickle: bool = False, report: str | Path | None = None) -> GGUFLoraResult:
+    """Write ``adapter`` (on ``base``) as one llama.cpp LoRA GGUF file ``out``; nothing written on a refusal."""
+    started = time.perf_counter()
+    options = options or ConvertOptions(to="gguf-lora")
+    gguf = _gguf()
+    out_path = Path(out)
+    if out_path.suffix != ".gguf":
+        raise D2MergeError("a GGUF output must end in .gguf", path=out_path, hint="name it like adapter.gguf")
+    loaded = load_adapter(adapter, allow_pickle=allow_pickle)
+    out_path = check_output_location(out_path, [loaded.path, Path(base)], overwrite=options.overwrite, is_file=True)
+    checkpoint = open_base(base, allow_pickle=allow_pickle)
+    config = checkpoint.config or {}
+    # the architecture is refused before any SVD is computed
+    arch, permute = check_config(config, (checkpoint.folder or Path(base)) / "config.json")
+    _, modules, rows = lora_modules(loaded, checkpoint, options)
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    mapping = gguf.get_tensor_name_map(arch_id, int(config["num_hidden_layers"]))
+    alpha = float(max(m.rank for m in modules))
+    named: list[tuple[str, np.ndarray, np.ndarray]] = []
+    for m in modules:
+        if m.layer_kind == EMBEDDING:
+            raise D2MergeError(f"module '{m.module}' is an embedding: d2merge writes llama.cpp LoRA tensors for "
+                               "matrix multiplications only", path=loaded.weights_file,
+                               hint="serve this adapter with --to lora, or merge it (d2merge merge --format gguf)")
+        name = mapping.get_name(f"{m.module}.weight", try_suffixes=(".weight",))
+        if name is None:
+            raise D2MergeError(f"no GGUF name for module '{m.module}' in llama.cpp's {arch} layout",
+                               path=loaded.weights_file, tensor=m.module)
+        a, b = m.lora_a.float(), m.lora_b.float() * (m.rank / alpha)
+        heads = _heads(m.module, config) if permute else None
+        if heads is not None:
+            b = permute_for_llama_cpp(b, heads)
+        named.append((name, a.numpy(), b.contiguous().numpy()))
+    with AtomicFiles(out_path, overwrite=options.overwrite) as staging:
+        try:
+            writer = gguf.GGUFWriter(staging.staged, arch)
+            try:
+                writer.add_type(gguf.GGUFType.ADAPTER)
+                writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+                writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+                writer.add_string("d2merge.source_method", loaded.method.name)
+                for name, a_np, b_np in named:
+                    writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a_np, dtype=np.float32))
+                    writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b_np, dtype=np.float32))
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+        except OSError as exc:
+            raise disk_error(exc, out_path) from None
+        staging.commit()
+    result = GGUFLoraResult(out_path, loaded.method.name, tuple(rows), alpha, time.perf_counter() - started)
+    if report is not None:
+        write_json(Path(report), result.to_json())
+    return result
+
+
+__all__ = ["convert_to_gguf_lora", "GGUFLoraResult"]

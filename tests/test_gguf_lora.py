@@ -1,0 +1,121 @@
+"""``d2merge convert --to gguf-lora``: llama.cpp's LoRA adapter GGUF.
+
+Always: the file's metadata and tensor names are llama.cpp's, A/B have the orientation
+llama.cpp's loader checks, and ``alpha / r * B @ A`` is the merge's update in the layout of the
+base GGUF (q/k rows permuted as the base export permutes them). With llama-cpp-python
+installed: llama.cpp runs base GGUF + adapter GGUF and its logits match the merged GGUF's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from d2merge import merge
+from d2merge.adapter_ops.options import ConvertOptions
+from d2merge.errors import D2MergeError
+from d2merge.export.gguf import permute_for_llama_cpp
+from d2merge.export.gguf_lora import convert_to_gguf_lora
+
+gguf = pytest.importorskip("gguf")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+
+
+def _tensors(path: Path) -> tuple[Any, dict[str, np.ndarray]]:
+    reader = gguf.GGUFReader(path)
+    return reader, {t.name: np.array(t.data) for t in reader.tensors}
+
+
+@pytest.mark.parametrize("method", ["dora", "d2lora"])
+def test_gguf_lora_layout_is_the_merge_update(method: str, tiny_bases: Any, make_adapter: Any, read_tensors: Any,
+                                              tmp_path: Path) -> None:
+    base = tiny_bases("llama")
+    extra = {"tau": 0.5} if method == "d2lora" else {}
+    adapter = make_adapter(base, method, target_modules=TARGETS, **extra)
+    result = convert_to_gguf_lora(adapter, base, tmp_path / "adapter.gguf", ConvertOptions(to="gguf-lora"))
+    reader, tensors = _tensors(result.out)
+    fields = {f.name: f for f in reader.fields.values()}
+    assert bytes(fields["general.type"].parts[-1]).decode() == "adapter"
+    assert bytes(fields["adapter.type"].parts[-1]).decode() == "lora"
+    alpha = float(fields["adapter.lora.alpha"].parts[-1][0])
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+
+    merge(base, adapter, tmp_path / "merged", dtype="fp32", hash_sources=False)
+    merged, base_t = read_tensors(tmp_path / "merged"), read_tensors(base)
+    config = json.loads((base / "config.json").read_text())
+    mapping = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    checked = 0
+    for name in merged:
+        if not name.endswith(tuple(f"{t}.weight" for t in TARGETS)):
+            continue
+        gguf_name = mapping.get_name(name, try_suffixes=(".weight",))
+        a, b = tensors[f"{gguf_name}.lora_a"], tensors[f"{gguf_name}.lora_b"]
+        rows, cols = merged[name].shape
+        # PEFT's orientation: A (r, in), B (out, r); llama.cpp checks a.ne[0] == in, b.ne[1] == out
+        assert a.shape[1] == cols and b.shape[0] == rows and a.shape[0] == b.shape[1]
+        update = merged[name].double() - base_t[name].double()
+        if name.endswith("q_proj.weight"):
+            update = permute_for_llama_cpp(update, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            update = permute_for_llama_cpp(update, config["num_key_value_heads"])
+        got = alpha / a.shape[0] * (b.astype(np.float64) @ a.astype(np.float64))
+        assert np.abs(got - update.numpy()).max() <= 2e-5, name
+        checked += 1
+    assert checked == len(TARGETS) * config["num_hidden_layers"]
+
+
+def test_gguf_lora_refusals(tiny_bases: Any, make_adapter: Any, tmp_path: Path) -> None:
+    base = tiny_bases("llama")
+    adapter = make_adapter(base, "lora", target_modules=("q_proj",))
+    with pytest.raises(D2MergeError, match="must end in .gguf"):
+        convert_to_gguf_lora(adapter, base, tmp_path / "adapter.bin", ConvertOptions(to="gguf-lora"))
+    gpt2 = tiny_bases("gpt2")
+    with pytest.raises(D2MergeError, match="does not support architecture"):
+        convert_to_gguf_lora(make_adapter(gpt2, "lora"), gpt2, tmp_path / "gpt2.gguf", ConvertOptions(to="gguf-lora"))
+    assert not list(tmp_path.iterdir())
+
+
+llama_cpp_only = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                    reason="llama-cpp-python is not installed (extra gguf-llama)")
+
+
+@pytest.mark.slow
+@pytest.mark.llama_cpp
+@llama_cpp_only
+def test_llama_cpp_base_plus_adapter_matches_the_merged_gguf(smollm2: Path, tmp_path: Path) -> None:
+    import llama_cpp
+
+    from d2merge.export.gguf import export_gguf, merge_to_gguf
+    from d2merge.synthetic import save_random_adapter, save_tiny_base
+
+    base = save_tiny_base(tmp_path / "base", "llama", vocab_size=49152, tokenizer=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (smollm2 / name).is_file():
+            shutil.copyfile(smollm2 / name, base / name)
+    adapter = save_random_adapter(base, tmp_path / "adapter", "dora", r=4, target_modules=TARGETS)
+    base_gguf = export_gguf(base, tmp_path / "base.gguf", gguf_type="f32").output
+    _, merged = merge_to_gguf(base, adapter, tmp_path / "merged.gguf", gguf_type="f32")
+    lora = convert_to_gguf_lora(adapter, base, tmp_path / "adapter.gguf", ConvertOptions(to="gguf-lora")).out
+    ids = [int(i) for i in torch.randint(0, 49152, (12,), generator=torch.Generator().manual_seed(3))]
+    f32 = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
+    logits = {}
+    for key, kwargs in (("merged", {"model_path": str(merged.output)}),
+                        ("lora", {"model_path": str(base_gguf), "lora_path": str(lora)}),
+                        ("base", {"model_path": str(base_gguf)})):
+        llm = llama_cpp.Llama(n_ctx=64, n_threads=1, verbose=False, logits_all=True, **f32, **kwargs)
+        llm.eval(ids)
+        logits[key] = np.array(llm.scores[: len(ids)])
+        llm.close()
+    scale = float(np.abs(logits["merged"]).max())
+    gap = float(np.abs(logits["lora"] - logits["merged"]).max())
+    change = float(np.abs(logits["base"] - logits["merged"]).max())
+    print(f"llama.cpp base+adapter vs merged: max |logit diff| {gap:.3g}; the adapter moves logits by {change:.3g}")
+    assert gap <= 1e-4 * max(1.0, scale)
+    assert change > 100 * gap  # the adapter is applied, not ignored
