@@ -57,6 +57,9 @@ ALLOWED = {
                        "d2merge.console", "d2merge.output_names",
                        "d2merge.device", "d2merge.options", "d2merge.verify_options", "d2merge.io", "d2merge.plan",
                        "d2merge.engine", "d2merge.runtime", "d2merge.export"),
+    # llama.cpp's LoRA GGUF is a format fed by an adapter conversion (adapter_ops), not by the engine.
+    "d2merge.export.gguf_lora": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.adapter_ops",
+                                 "d2merge.export.gguf", "d2merge.console"),
     "d2merge.export.model_card": ("d2merge.version",),
     "d2merge.export.hf_folder": ("d2merge.errors", "d2merge.device", "d2merge.profile", "d2merge.options",
                                  "d2merge.io", "d2merge.plan", "d2merge.engine", "d2merge.export.model_card"),
