@@ -130,6 +130,18 @@ KINDS = [
     OutputKind("verify-report", "report.json", lambda i, out, p: [
         "verify", i.base, i.adapter, i.merged, "--report", out, "--probe-source", "random", "--num-probes", "2",
         "--probe-length", "8", "--seed", "1" if p else "0"], overwrite=(), cost="slow"),
+    OutputKind("verify-html", "verify.html", lambda i, out, p: [
+        "verify", i.base, i.adapter, i.merged, "--html", out, "--probe-source", "random", "--num-probes", "2",
+        "--probe-length", "8", "--seed", "1" if p else "0"], overwrite=(), cost="slow"),
+    # this turn's adapter outputs (issue 26): plain PEFT LoRA folders and llama.cpp's LoRA GGUF
+    OutputKind("convert-lora", "out", lambda i, out, p: [
+        "convert", i.adapter2 if p else i.adapter, "--base", i.base, "-o", out, "-q"]),
+    OutputKind("combine", "out", lambda i, out, p: [
+        "combine", i.adapter, i.adapter2, "--base", i.base, "--weights", "0.3,0.7" if p else "0.5,0.5",
+        "--combination", "svd", "-o", out, "-q"]),
+    OutputKind("convert-gguf-lora", "adapter.gguf", lambda i, out, p: [
+        "convert", i.bpe_adapter2 if p else i.bpe_adapter, "--base", i.bpe_base, "--to", "gguf-lora", "-o", out,
+        "-q"], needs=("bpe",), cost="slow"),
 ]
 
 

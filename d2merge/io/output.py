@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from d2merge.errors import D2MergeError
 
@@ -551,12 +551,22 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_json(path: Path, data: Any) -> Path:
-    """A report file (verify's, merge-many's, bench's) written whole through :class:`AtomicFiles`:
-    a reader, a kill or a full disk never leaves half a report; an existing report is replaced
-    (a folder or a link at that path is refused, never set aside)."""
+    """A report file (verify's, merge-many's, bench's) written whole: see :func:`save_text`."""
+    return _save_report(path, lambda staged: write_json(staged, data))
+
+
+def save_text(path: Path, text: str) -> Path:
+    """A one-file text report (the HTML pages) written whole: see :func:`_save_report`."""
+    return _save_report(path, lambda staged: write_text(staged, text))
+
+
+def _save_report(path: Path, write: Callable[[Path], None]) -> Path:
+    """Every one-file report goes through :class:`AtomicFiles`, the path the merge outputs take:
+    a reader, a browser, a CI artifact upload, a kill or a full disk never sees half a report;
+    an existing report is replaced (a folder or a link at that path is refused, never set aside)."""
     path = check_output_location(Path(path), (), overwrite=True, is_file=True)
     with AtomicFiles(path, overwrite=True) as staging:
-        write_json(staging.staged, data)
+        write(staging.staged)
         staging.commit()
     return path
 
@@ -566,26 +576,6 @@ def write_text(path: Path, text: str) -> None:
         path.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise disk_error(exc, path) from None
-
-
-def replace_file(path: Path, text: str) -> Path:
-    """Write ``text`` to a temp name beside ``path``, fsync it, then rename it over ``path``.
-
-    For one-file reports (the HTML pages): a reader, a browser or a CI artifact upload never sees
-    half a page, and an interrupted run leaves the previous page whole.
-    """
-    path = Path(path).expanduser().absolute()
-    temp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
-    try:
-        try:
-            temp.write_text(text, encoding="utf-8")
-            _fsync(temp)
-            os.replace(temp, path)
-        except OSError as exc:
-            raise disk_error(exc, path) from None
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -139,9 +139,9 @@ def page(title: str, *, subtitle: str = "", verdict: Verdict | None = None, sect
 
 def write_page(path: str | Path, text: str) -> Path:
     """Write a page atomically (temp file beside it, renamed into place)."""
-    from d2merge.io.output import replace_file
+    from d2merge.io.output import save_text
 
-    return replace_file(Path(path), text)
+    return save_text(Path(path), text)
 
 
 def render_table_page(title: str, header: Sequence[object], rows: Sequence[Sequence[object]], *,
