@@ -497,6 +497,61 @@ def test_verify_gates_a_quantized_gguf_by_logits(tiny_merges, bpe_bases):
     assert not strict.passed and "max |logit diff|" in strict.failures()[0]
 
 
+def test_file_type_comes_from_the_tensors_not_from_our_metadata():
+    """llama.cpp's quantizer copies every key: its Q4_K_M of our f32 file still says d2merge.gguf_type=f32."""
+    from d2merge.export.gguf import file_type_from_tensors
+
+    norm = ((256,), "F32")
+    q4_k_m = {"token_embd.weight": ((256, 100), "Q6_K"), "blk.0.attn_q.weight": ((256, 256), "Q4_K"),
+              "blk.0.ffn_down.weight": ((512, 256), "Q6_K"), "blk.0.ffn_up.weight": ((256, 512), "Q4_K"),
+              "blk.0.ffn_gate.weight": ((256, 512), "Q4_K"), "output_norm.weight": norm}
+    assert file_type_from_tensors(q4_k_m, 15) == ("q4_k_m", None)
+    assert file_type_from_tensors(q4_k_m, 0) == ("q4_k", None)  # general.file_type says f32: named by the tensors
+    # SmolLM2's 576-wide rows are not whole 256-blocks: llama.cpp's Q4_K fallback (Q5_0) dominates
+    fallback = {"blk.0.attn_q.weight": ((576, 576), "Q5_0"), "blk.0.ffn_down.weight": ((1536, 576), "Q6_K")}
+    assert file_type_from_tensors(fallback, 15) == ("q4_k_m", None)
+    assert file_type_from_tensors(fallback, 2) == ("q6_k", None)  # no Q4_0 in it: not believed
+    exact = {"blk.0.attn_q.weight": ((256, 256), "F32"), "output_norm.weight": norm}
+    assert file_type_from_tensors(exact, 15) == ("f32", "fp32")  # metadata claims Q4_K_M, tensors are f32
+    mixed = {**exact, "token_embd.weight": ((256, 1000), "F16")}
+    assert file_type_from_tensors(mixed, 0) == ("f16", "fp16")  # the least precise exact type sets the floor
+    with pytest.raises(D2MergeError, match="no 2-D weight tensors"):
+        file_type_from_tensors({"output_norm.weight": norm})
+
+
+def _export_with_lying_metadata(monkeypatch, folder: Path, out: Path, gguf_type: str, claimed: str) -> Path:
+    """``gguf_type``'s tensors under metadata that names ``claimed`` (d2merge.gguf_type and general.file_type)."""
+    import gguf
+
+    from d2merge.export.gguf import LLAMA_FILE_TYPES, PROVENANCE_PREFIX
+
+    real_add_string = gguf.GGUFWriter.add_string
+
+    def add_string(self, key, value):
+        return real_add_string(self, key, claimed if key == PROVENANCE_PREFIX + "gguf_type" else value)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf.GGUFWriter, "add_string", add_string)
+        patch.setattr(gguf.GGUFWriter, "add_file_type", lambda self, _: self.add_uint32(
+            gguf.Keys.General.FILE_TYPE, LLAMA_FILE_TYPES[claimed][0]))
+        return export_gguf(folder, out, gguf_type=gguf_type).output
+
+
+@pytest.mark.slow
+def test_verify_judges_a_gguf_by_its_tensors_when_its_metadata_lies(tiny_merges, bpe_bases, monkeypatch, tmp_path):
+    from d2merge.verify import verify
+
+    lying = _export_with_lying_metadata(monkeypatch, tiny_merges.merged("llama"), tmp_path / "lying.gguf", "f32",
+                                        claimed="q4_0")
+    meta, _ = read_gguf(lying)
+    assert meta["d2merge.gguf_type"] == "q4_0" and meta["general.file_type"] == 2
+    report = verify(bpe_bases("llama"), tiny_merges.adapter("llama"), lying, num_probes=2, probe_length=8)
+    column = report.results[0]
+    # judged as the f32 file it is: every merged tensor checked in fp32 ulps, the fp32 floor's limits
+    assert column.dtype == "gguf-f32" and report.passed, report.table()
+    assert len(column.layers) == 2 * 7 and column.not_checked == [] and column.floor is not None
+
+
 @pytest.mark.llama_cpp
 @llama_cpp_only
 def test_bench_measures_llama_cpp_beside_pytorch(tiny_merges, bpe_bases):

@@ -750,18 +750,62 @@ def tensor_table(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], st
 # tensors in ulps of that dtype. Quantized tensors have no such dtype and are gated by logits only.
 EXACT_TENSOR_TYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # verify's column defaults for a file whose 2-D weights are stored exactly in that dtype.
-EXACT_FILE_TYPES = {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}
-# Logit gates of quantized files: (min top-1 agreement, max |logit diff| / largest |logit| of the
-# unmerged model). Sanity floors that catch a broken file (wrong weights agree on ~1/vocab of the
-# positions and differ by more than the logits' own size), not a quality promise; the same kind
-# of floor as the genai int4 gate. Measured on correct files (docs/gguf.md): tiny random models
-# q8_0 top-1 89-100% at 7-12% of the largest logit; SmolLM2-135M q8_0 92% at 6.1%, q4_0 20% at
-# 44% (real prompts and random probes). 4-bit rounding of tiny random weights (std 0.02) is
-# destructive (q4_0 top-1 28-50%, diff ~ the largest logit), so the q4/q5 floors are meant for
-# real models; q5 is not measured and sits between.
+EXACT_FILE_TYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+# llama.cpp's file types (enum llama_ftype, written as general.file_type) -> the GGML type most of
+# their 2-D weights get (llama_ftype_get_default_type in llama.cpp's src/llama-quant.cpp).
+LLAMA_FILE_TYPES: dict[str, tuple[int, str]] = {
+    "f32": (0, "F32"), "f16": (1, "F16"), "bf16": (32, "BF16"), "q8_0": (7, "Q8_0"),
+    "q4_0": (2, "Q4_0"), "q4_1": (3, "Q4_1"), "q5_0": (8, "Q5_0"), "q5_1": (9, "Q5_1"),
+    "q2_k": (10, "Q2_K"), "q3_k_s": (11, "Q3_K"), "q3_k_m": (12, "Q3_K"), "q3_k_l": (13, "Q3_K"),
+    "q4_k_s": (14, "Q4_K"), "q4_k_m": (15, "Q4_K"), "q5_k_s": (16, "Q5_K"), "q5_k_m": (17, "Q5_K"),
+    "q6_k": (18, "Q6_K"), "iq4_nl": (25, "IQ4_NL"), "iq4_xs": (30, "IQ4_XS"),
+}
+# What llama.cpp writes instead for rows that are not whole 256-value blocks (tensor_type_fallback).
+LLAMA_FALLBACKS = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+                   "IQ4_XS": "IQ4_NL"}
+# Logit gates of quantized files, by file type: (min top-1 agreement, max |logit diff| / largest
+# |logit| of the unmerged model). Sanity floors that catch a broken file (wrong weights agree on
+# ~1/vocab of the positions and differ by more than the logits' own size), not a quality promise.
+# Measured on correct files (docs/gguf.md): tiny random models q8_0 top-1 89-100% at 7-12% of the
+# largest logit; SmolLM2-135M q8_0 92% at 6.1%, q4_0 20% at 44% (real prompts and random probes).
 QUANTIZED_GATES: dict[str, tuple[float, float]] = {
     "q8_0": (0.5, 0.5), "q5_0": (0.1, 0.75), "q5_1": (0.1, 0.75), "q4_0": (0.1, 0.75), "q4_1": (0.1, 0.75),
 }
+
+
+def file_type_from_tensors(table: Mapping[str, tuple[tuple[int, ...], str]], file_type: Any = None,
+                           path: Path | None = None) -> tuple[str, str | None]:
+    """(the file's type name, its exact dtype or None) from the GGML types of its 2-D tensors.
+
+    Never from ``d2merge.gguf_type``: llama.cpp's quantizer copies every key of its input, so
+    a Q4_K_M made from our f32 file still says f32 there. A file whose 2-D weights are all
+    F32/F16/BF16 is exact (judged by the least precise of them); otherwise it is quantized and
+    named by ``file_type`` (llama.cpp's ``general.file_type``) only if that type's GGML type, or
+    llama.cpp's fallback for it, is among its weights' types, else by the GGML type that holds
+    most of its quantized weights.
+    """
+    elements: dict[str, int] = {}
+    for shape, kind in table.values():
+        if len(shape) >= 2:
+            elements[kind] = elements.get(kind, 0) + math.prod(shape)
+    if not elements:
+        raise D2MergeError("the GGUF file has no 2-D weight tensors", path=path)
+    if set(elements) <= set(EXACT_FILE_TYPES):
+        kind = next(k for k in ("BF16", "F16", "F32") if k in elements)
+        return kind.lower(), EXACT_FILE_TYPES[kind]
+    quantized = {k: v for k, v in elements.items() if k not in EXACT_FILE_TYPES}
+    dominant = max(sorted(quantized), key=lambda k: quantized[k])
+    named = next((name for name, (code, kind) in LLAMA_FILE_TYPES.items() if code == file_type), None)
+    if named is not None and {LLAMA_FILE_TYPES[named][1], LLAMA_FALLBACKS.get(LLAMA_FILE_TYPES[named][1])} & set(quantized):
+        return named, None
+    return dominant.lower(), None
+
+
+def quantized_gate(gguf_type: str) -> tuple[float, float]:
+    """(min top-1, max relative |logit diff|) of a quantized file type; the loosest gate for an unnamed mix."""
+    if gguf_type in QUANTIZED_GATES:
+        return QUANTIZED_GATES[gguf_type]
+    return min(gate[0] for gate in QUANTIZED_GATES.values()), max(gate[1] for gate in QUANTIZED_GATES.values())
 
 
 class GGUFWeights:
@@ -801,6 +845,7 @@ class GGUFForVerify:
     architecture: str  # the GGUF's (llama, qwen2, qwen3)
     blocks: int
     tensor_types: dict[str, str]  # GGUF tensor name -> GGML type name
+    exact_dtype: str | None = None  # fp32/fp16/bf16 when every 2-D weight is stored exactly (from the tensors)
 
     @property
     def label(self) -> str:
@@ -834,7 +879,7 @@ class GGUFForVerify:
     @property
     def floor_dtype(self) -> str | None:
         """The dtype whose rounding floor verify judges this file by; None for quantized files."""
-        return EXACT_FILE_TYPES.get(self.gguf_type)
+        return self.exact_dtype
 
     def thresholds(self, reference_max_abs: float) -> Any:
         """verify's limits for this file (``reference_max_abs``: the largest |logit| of the unmerged model)."""
@@ -842,7 +887,7 @@ class GGUFForVerify:
 
         if self.floor_dtype is not None:
             return DEFAULT_THRESHOLDS[self.floor_dtype]
-        min_top1, max_rel = QUANTIZED_GATES[self.gguf_type]
+        min_top1, max_rel = quantized_gate(self.gguf_type)
         # No rounding floor for block formats: fixed limits. F16 fallbacks in a quantized file are
         # checked like an fp16 merge; answers flipped on --mc-eval are judged by McNemar's test.
         fp16 = DEFAULT_THRESHOLDS["fp16"]
@@ -851,20 +896,16 @@ class GGUFForVerify:
 
 
 def gguf_for_verify(path: str | os.PathLike) -> GGUFForVerify:
-    """A GGUF's type and per-tensor storage, read once for verify; one-line refusal otherwise."""
+    """A GGUF's type (from its tensors' GGML types) and per-tensor storage, read once for verify."""
     path = Path(path)
     metadata, table = read_gguf(path)
     arch = metadata.get("general.architecture")
     if arch not in {a for a, _ in ARCHITECTURES.values()}:
         raise D2MergeError(f"verify reads GGUF files of the llama, qwen2 and qwen3 architectures, not {arch!r}",
                            path=path)
-    by_file_type = {code: name for name, (_, code) in GGUF_TYPES.items()}
-    gguf_type = metadata.get(PROVENANCE_PREFIX + "gguf_type") or by_file_type.get(metadata.get("general.file_type"))
-    if gguf_type not in GGUF_TYPES:
-        raise D2MergeError(f"GGUF file type {metadata.get('general.file_type')!r} is not one d2merge writes",
-                           path=path, hint=f"verify checks {', '.join(GGUF_TYPES)}")
+    gguf_type, exact = file_type_from_tensors(table, metadata.get("general.file_type"), path)
     return GGUFForVerify(path, gguf_type, arch, int(metadata.get(f"{arch}.block_count") or 0),
-                         {name: kind for name, (_, kind) in table.items()})
+                         {name: kind for name, (_, kind) in table.items()}, exact)
 
 
 ProgressHook = Callable[[str], None]
