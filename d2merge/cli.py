@@ -121,6 +121,14 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+GGUF_TYPE_HELP = ("f32, f16, bf16, q8_0, q4_0_pure, q4_1_pure, q5_0_pure, q5_1_pure (gguf-py); with the gguf-llama "
+                  "extra, llama.cpp's own quantizer: q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, "
+                  "iq4_nl, iq4_xs, q4_0, q4_1, q5_0, q5_1 (llama.cpp's per-tensor mix; an f32 temp beside the output). "
+                  "Norms stay f32.")
+IMATRIX_HELP = ("llama.cpp's importance matrix (llama-imatrix's GGUF or legacy .dat) for the types llama.cpp's "
+                "quantizer writes; checked against the model.")
+
+
 @cli.command("merge")
 @click.argument("base", metavar="BASE")
 @click.argument("adapter", metavar="ADAPTER")
@@ -133,8 +141,9 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                    "gguf: one .gguf file for llama.cpp, Ollama, LM Studio (see --gguf-type).")
 @click.option("--precision", "genai_precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32",
               show_default=True, help="With --format onnx-genai: precision of the onnxruntime-genai build.")
-@click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
-              help="With --format gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (2-D weights; norms stay f32).")
+@click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE", help="With --format gguf: " + GGUF_TYPE_HELP)
+@click.option("--imatrix", "imatrix", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="With --format gguf: " + IMATRIX_HELP)
 @click.option("--modelfile", is_flag=True, help="With --format gguf: also write an Ollama Modelfile beside it.")
 @_options_from(MergeOptions)
 @click.option("--verify", "run_verify", is_flag=True,
@@ -150,7 +159,7 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
 @click.pass_context
 def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, output_format: str, genai_precision: str,
-                  gguf_type: str, modelfile: bool,
+                  gguf_type: str, imatrix: str | None, modelfile: bool,
                   run_verify: bool,
                   push_to: str | None, require_verify: bool, private: bool, revision: str | None, create_pr: bool,
                   commit_message: str | None, token: str | None, dry_run: bool, as_json: bool, quiet: bool,
@@ -181,6 +190,7 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
                               ("commit_message", "--commit-message"), ("token", "--token"))},
         "gguf_type": ("--gguf-type", output_format == "gguf", "it applies to --format gguf"),
         "modelfile": ("--modelfile", output_format == "gguf", "it applies to --format gguf"),
+        "imatrix": ("--imatrix", output_format == "gguf", "it applies to --format gguf"),
         "genai_precision": ("--precision", output_format == "onnx-genai", "it applies to --format onnx-genai"),
     })
     merge_options = MergeOptions(**options)
@@ -195,7 +205,7 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
     if output_format == "gguf":
         from d2merge.export.gguf import check_gguf_type
 
-        format_options.update(gguf_type=check_gguf_type(gguf_type), gguf_modelfile=modelfile)
+        format_options.update(gguf_type=check_gguf_type(gguf_type), gguf_modelfile=modelfile, gguf_imatrix=imatrix)
     if dry_run:
         merge_plan = plan_merge(base, adapter, merge_options)
         click.echo(json.dumps(merge_plan.summary(), indent=2, default=str) if as_json else merge_plan.describe())
@@ -382,25 +392,26 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
 @click.argument("merged", metavar="MERGED", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
               help="The .gguf file to write (atomically: nothing appears there until it is complete).")
-@click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
-              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 for 2-D weights; norms and biases stay f32.")
+@click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE", help=GGUF_TYPE_HELP)
+@click.option("--imatrix", "imatrix", type=click.Path(dir_okay=False), default=None, metavar="FILE", help=IMATRIX_HELP)
 @click.option("--name", default=None, help="general.name in the GGUF. [default: the output file's stem]")
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def export_gguf_command(merged: str, out: str, gguf_type: str, name: str | None, modelfile: bool, overwrite: bool,
-                        quiet: bool) -> None:
+def export_gguf_command(merged: str, out: str, gguf_type: str, imatrix: str | None, name: str | None,
+                        modelfile: bool, overwrite: bool, quiet: bool) -> None:
     """Export a merged MERGED folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp, Ollama, LM Studio.
 
     \b
     Examples:
       d2merge export-gguf ./merged -o model.gguf                   # f16
       d2merge export-gguf ./merged -o model-q8.gguf --gguf-type q8_0 --modelfile
+      d2merge export-gguf ./merged -o model-q4km.gguf --gguf-type q4_k_m     # llama.cpp's quantizer
     """
     from d2merge.export.gguf import check_gguf_type, export_gguf
 
     result = export_gguf(merged, out, gguf_type=check_gguf_type(gguf_type), overwrite=overwrite, name=name,
-                         modelfile=modelfile, progress=not quiet and sys.stderr.isatty())
+                         modelfile=modelfile, progress=not quiet and sys.stderr.isatty(), imatrix=imatrix)
     click.echo(result.describe())
 
 

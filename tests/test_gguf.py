@@ -34,7 +34,7 @@ PROBE_TEXTS = ("The capital of France is", "def fib(n):\n    return n if n < 2 e
 # Measured on these tiny models merged with a random D2-LoRA adapter (hidden 32, 2 layers, random
 # near-tied logits): f16 0.9e-3 to 2.1e-3, bf16 6.7e-3 to 8.8e-3, q8_0 2.0e-2 to 6.6e-2 (top-1 89-100%),
 # q4_0 0.33 to 0.55 (top-1 28-50%: 4-bit rounding of random weights). Bounds about 2-3x measured.
-LOGIT_BOUNDS = {"f32": 1e-4, "f16": 0.1, "bf16": 0.5, "q8_0": 0.2, "q4_0": 1.0}
+LOGIT_BOUNDS = {"f32": 1e-4, "f16": 0.1, "bf16": 0.5, "q8_0": 0.2, "q4_0_pure": 1.0}
 has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
 llama_cpp_only = pytest.mark.skipif(not has_llama_cpp, reason="llama-cpp-python is not installed (extra gguf-llama)")
 
@@ -136,7 +136,7 @@ def test_transformers_tokenizer_from_gguf_gives_same_ids(bpe_bases, tiny_merges)
 # each architecture gets one or two types and each type at least one architecture: the q/k
 # permutation and tensor names are per architecture, the block formats gguf-py's own.
 READER_CASES = [("llama", "f32")] + [pytest.param(*case, marks=pytest.mark.slow) for case in (
-    ("llama", "q4_0"), ("qwen2", "f32"), ("qwen2", "q8_0"), ("qwen3", "f16"), ("mistral", "bf16"))]
+    ("llama", "q4_0_pure"), ("qwen2", "f32"), ("qwen2", "q8_0"), ("qwen3", "f16"), ("mistral", "bf16"))]
 
 
 @pytest.mark.parametrize("arch,gguf_type", READER_CASES)
@@ -171,11 +171,11 @@ def test_streamed_merge_gives_the_bytes_of_the_two_step_export(tiny_merges, monk
     """
     import d2merge.export.gguf as gguf_export
 
-    streamed = tiny_merges.gguf("llama", "q4_0")  # permuted q/k and a block format
-    result = tiny_merges.results["llama", "q4_0"]
+    streamed = tiny_merges.gguf("llama", "q4_0_pure")  # permuted q/k and a block format
+    result = tiny_merges.results["llama", "q4_0_pure"]
     assert result.source_hashes and all(len(v) == 64 for v in result.source_hashes.values())
     monkeypatch.setattr(gguf_export, "BLOCK_VALUES", 64)
-    two_step = export_gguf(tiny_merges.merged("llama"), streamed.parent / "two-step.gguf", gguf_type="q4_0",
+    two_step = export_gguf(tiny_merges.merged("llama"), streamed.parent / "two-step.gguf", gguf_type="q4_0_pure",
                            name=streamed.stem,
                            provenance=gguf_export.merge_provenance(result.plan, result.source_hashes)).output
     assert hashlib.sha256(two_step.read_bytes()).hexdigest() == hashlib.sha256(streamed.read_bytes()).hexdigest()

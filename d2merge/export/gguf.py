@@ -29,6 +29,7 @@ import math
 import os
 import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -40,11 +41,14 @@ from d2merge import __version__
 from d2merge.errors import D2MergeError
 from d2merge.sizes import format_size
 
-# --gguf-type -> (GGML type of 2-D weights, llama.cpp's general.file_type). Only the types
-# gguf-py can produce in numpy; 1-D tensors (norms, biases) always stay F32, as in llama.cpp.
+# --gguf-type written by gguf-py in numpy -> (GGML type of 2-D weights, llama.cpp's general.file_type);
+# 1-D tensors (norms, biases) always stay F32, as in llama.cpp. Each is llama.cpp's file byte for
+# byte (tests/test_gguf_quant.py): q8_0 is llama.cpp's Q8_0 (whose mix is Q8_0 everywhere); the
+# ``_pure`` types are ``llama-quantize --pure`` (every 2-D weight in that type), not llama.cpp's
+# Q4_0..Q5_1 mix, which keeps the output/embedding at Q6_K: those are the llama.cpp types below.
 GGUF_TYPES: dict[str, tuple[str, int]] = {
     "f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
-    "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9),
+    "q4_0_pure": ("Q4_0", 2), "q4_1_pure": ("Q4_1", 3), "q5_0_pure": ("Q5_0", 8), "q5_1_pure": ("Q5_1", 9),
 }
 # HF architectures -> (gguf arch name, q/k permuted for llama.cpp's interleaved rope)
 ARCHITECTURES: dict[str, tuple[str, bool]] = {
@@ -82,11 +86,14 @@ class GGUFExportResult:
     bytes: int
     seconds: float
     modelfile: Path | None = None
+    f32_temp_bytes: int = 0  # the f32 GGUF llama.cpp's quantizer read (removed); 0: written directly
 
     def describe(self) -> str:
         extra = f" + {self.modelfile.name}" if self.modelfile else ""
+        via = (f", by llama.cpp's quantizer from a {format_size(self.f32_temp_bytes)} f32 temp"
+               if self.f32_temp_bytes else "")
         return (f"wrote {self.output}{extra} ({self.architecture}, {self.gguf_type}, {self.tensors} tensors, "
-                f"{format_size(self.bytes)}) in {self.seconds:.1f}s")
+                f"{format_size(self.bytes)}{via}) in {self.seconds:.1f}s")
 
 
 def _gguf() -> Any:
@@ -97,10 +104,55 @@ def _gguf() -> Any:
     return gguf
 
 
+def all_gguf_types() -> tuple[str, ...]:
+    """Every --gguf-type: gguf-py's, then those llama.cpp's quantizer writes (the gguf-llama extra)."""
+    from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
+
+    return (*GGUF_TYPES, *LLAMA_CPP_TYPES)
+
+
 def check_gguf_type(gguf_type: str) -> str:
-    if gguf_type not in GGUF_TYPES:
-        raise D2MergeError(f"unknown --gguf-type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    """``gguf_type`` if known and writable here; one line otherwise (a llama.cpp type names the package)."""
+    from d2merge.export.gguf_quant import LLAMA_CPP_TYPES, llama_cpp_module
+
+    if gguf_type not in GGUF_TYPES and gguf_type not in LLAMA_CPP_TYPES:
+        raise D2MergeError(f"unknown --gguf-type {gguf_type!r}; choose one of {', '.join(all_gguf_types())}")
+    if gguf_type in LLAMA_CPP_TYPES:
+        llama_cpp_module(gguf_type)
     return gguf_type
+
+
+def _file_type_code(gguf_type: str) -> int:
+    from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
+
+    return GGUF_TYPES[gguf_type][1] if gguf_type in GGUF_TYPES else LLAMA_CPP_TYPES[gguf_type]
+
+
+def _by_llama_cpp(gguf_type: str, imatrix: str | os.PathLike | None) -> bool:
+    """Whether llama.cpp's quantizer writes ``gguf_type`` (from an f32 temp); --imatrix only applies there."""
+    from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
+
+    if imatrix is not None and gguf_type not in LLAMA_CPP_TYPES:
+        raise D2MergeError(f"--imatrix applies to the types llama.cpp's quantizer writes, not {gguf_type}",
+                           hint=f"use one of {', '.join(LLAMA_CPP_TYPES)}, or drop --imatrix")
+    return gguf_type in LLAMA_CPP_TYPES
+
+
+def _prepare_llama_cpp(planned: list[_Planned], out_path: Path, imatrix: str | os.PathLike | None
+                       ) -> tuple[dict[str, np.ndarray] | None, int]:
+    """Before any work: the checked importance matrix, and the f32 temp's size checked against the free space."""
+    from d2merge.export.gguf_quant import check_free_space, check_imatrix, needed_bytes
+
+    shapes = {p.name: tuple(reversed(p.shape)) for p in planned}  # ggml order: row length first
+    entries = None
+    if imatrix is not None:
+        from d2merge.io.imatrix_file import read_imatrix
+
+        entries = read_imatrix(imatrix)
+        check_imatrix(entries, shapes, Path(imatrix))
+    temp, output = needed_bytes(shapes.values())
+    check_free_space(out_path.absolute().parent, temp, output, out_path)
+    return entries, temp
 
 
 # ----- hyperparameters ------------------------------------------------------------------------
@@ -464,7 +516,7 @@ def _write_gguf(target: Path, *, arch: str, permute: bool, config: Mapping[str, 
         total = sum(math.prod(p.shape) for p in planned if p.source is not None)
         writer.add_size_label(gguf.size_label(total, total, 0, 0))
         add_hyperparameters(writer, config, arch)
-        writer.add_file_type(GGUF_TYPES[gguf_type][1])
+        writer.add_file_type(_file_type_code(gguf_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, tokenizer_folder, config["vocab_size"])
         writer.add_string(PROVENANCE_PREFIX + "version", __version__)
@@ -533,18 +585,22 @@ def _check_gguf_path(out_path: Path) -> None:
 
 def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type: str = "f16",
                 overwrite: bool = False, provenance: Mapping[str, str] | None = None, name: str | None = None,
-                modelfile: bool = False, progress: bool = False) -> GGUFExportResult:
+                modelfile: bool = False, progress: bool = False, imatrix: str | os.PathLike | None = None
+                ) -> GGUFExportResult:
     """Write the causal LM in the HF folder ``merged`` as one GGUF file at ``out``.
 
     ``provenance`` (method, settings, sources, ...) lands under ``d2merge.*`` keys beside
     ``d2merge.version``; without it the sha256 of the folder's weight files is recorded.
     ``modelfile`` also writes an Ollama ``Modelfile`` next to the GGUF. The folder's shards are
-    read a block of rows at a time: memory does not grow with the model.
+    read a block of rows at a time: memory does not grow with the model. A type llama.cpp's
+    quantizer writes (K-quants, q4_0..q5_1) goes through an f32 temp beside ``out``; ``imatrix``
+    is its importance matrix (llama.cpp's format, checked against this model).
     """
     from d2merge.io.checkpoint import open_base
     from d2merge.io.output import AtomicFiles, check_output_location, disk_error
 
     check_gguf_type(gguf_type)
+    by_llama_cpp = _by_llama_cpp(gguf_type, imatrix)
     started = time.perf_counter()
     folder = Path(merged)
     out_path = Path(out)
@@ -556,16 +612,18 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
     arch, permute = check_config(config, folder / "config.json")
     out_path = check_output_location(out_path, [folder], overwrite=overwrite, is_file=True)
     names = sorted(checkpoint.tensors.keys())
-    planned = _plan_tensors([(n, tuple(checkpoint.tensors.info(n)[1])) for n in names], config, arch, gguf_type,
-                            folder)
+    planned = _plan_tensors([(n, tuple(checkpoint.tensors.info(n)[1])) for n in names], config, arch,
+                            "f32" if by_llama_cpp else gguf_type, folder)
+    entries, temp_bytes = _prepare_llama_cpp(planned, out_path, imatrix) if by_llama_cpp else (None, 0)
     sources = [p.source for p in planned if p.source is not None]
     with AtomicFiles(out_path, overwrite=overwrite, sidecars=("Modelfile",) if modelfile else ()) as staging:
         try:
-            _write_gguf(staging.staged, arch=arch, permute=permute, config=config,
-                        tokenizer_folder=checkpoint.folder, planned=planned,
-                        tensors=_folder_tensors(checkpoint, sources), gguf_type=gguf_type,
-                        name=name or out_path.stem, provenance=provenance or provenance_from_folder(folder),
-                        progress=progress)
+            with _written_by(staging.staged, out_path, gguf_type if by_llama_cpp else None, entries) as target:
+                _write_gguf(target, arch=arch, permute=permute, config=config,
+                            tokenizer_folder=checkpoint.folder, planned=planned,
+                            tensors=_folder_tensors(checkpoint, sources), gguf_type=gguf_type,
+                            name=name or out_path.stem, provenance=provenance or provenance_from_folder(folder),
+                            progress=progress)
             if modelfile:
                 write_modelfile(staging.staged, checkpoint.folder)
         except OSError as exc:
@@ -573,7 +631,27 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
         staging.commit()
     written_modelfile = out_path.with_name("Modelfile") if modelfile else None
     return GGUFExportResult(out_path, gguf_type, arch, len(planned), out_path.stat().st_size,
-                            time.perf_counter() - started, written_modelfile)
+                            time.perf_counter() - started, written_modelfile, temp_bytes)
+
+
+@contextmanager
+def _written_by(staged: Path, out_path: Path, llama_cpp_type: str | None, imatrix: dict[str, np.ndarray] | None
+                ) -> Iterator[Path]:
+    """Where the GGUF writer writes: the staged output, or an f32 temp that llama.cpp then quantizes into it.
+
+    The temp lives in a ``.d2merge-tmp-`` folder beside the output: removed when this block
+    ends, however it ends, and by the next run after a kill.
+    """
+    if llama_cpp_type is None:
+        yield staged
+        return
+    from d2merge.export.gguf_quant import quantize
+    from d2merge.io.output import scratch_beside
+
+    with scratch_beside(out_path, "f32") as scratch:
+        f32 = Path(scratch) / out_path.name
+        yield f32
+        quantize(f32, staged, llama_cpp_type, imatrix=imatrix)
 
 
 def _progress(items: list[_Planned], enabled: bool) -> Iterator[_Planned]:
@@ -614,15 +692,17 @@ def merge_provenance(merge_plan: Any, hashes: Mapping[str, str]) -> dict[str, st
 
 
 def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any = None, *,
-                  gguf_type: str = "f16", progress: bool = False, modelfile: bool = False
-                  ) -> tuple[Any, GGUFExportResult]:
+                  gguf_type: str = "f16", progress: bool = False, modelfile: bool = False,
+                  imatrix: str | os.PathLike | None = None) -> tuple[Any, GGUFExportResult]:
     """Merge in fp32 straight into a GGUF: the engine hands each merged tensor to the writer.
 
     Nothing of the model is held or written twice: each tensor is merged (fp32, as
     ``merge --dtype fp32`` writes it), permuted and quantized a block of rows at a time, and
     unchanged tensors are read from the base in blocks. The sha256 of the sources, computed
     from the engine's reads, is written at the end into space the metadata reserved. The bytes
-    are those of ``export_gguf`` on the fp32 merged folder with this provenance.
+    are those of ``export_gguf`` on the fp32 merged folder with this provenance. A type
+    llama.cpp's quantizer writes is streamed into an f32 temp beside ``out`` first (``imatrix``:
+    its importance matrix).
     """
     from contextlib import closing
 
@@ -634,6 +714,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     from d2merge.merge import MergeOptions, MergeResult, plan
 
     check_gguf_type(gguf_type)
+    by_llama_cpp = _by_llama_cpp(gguf_type, imatrix)
     started = time.perf_counter()
     options = options or MergeOptions()
     out_path = Path(out)
@@ -650,8 +731,9 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
                                      overwrite=options.overwrite, is_file=True)
     by_name = {t.name: t for t in merge_plan.tensors}
     names = sorted(by_name)
-    planned = _plan_tensors([(n, tuple(by_name[n].shape)) for n in names], config, arch, gguf_type,
-                            merge_plan.base.folder)
+    planned = _plan_tensors([(n, tuple(by_name[n].shape)) for n in names], config, arch,
+                            "f32" if by_llama_cpp else gguf_type, merge_plan.base.folder)
+    entries, temp_bytes = _prepare_llama_cpp(planned, out_path, imatrix) if by_llama_cpp else (None, 0)
     items = [by_name[p.source] for p in planned if p.source is not None]
     labels = merge_plan.source_files()
     hasher = BackgroundHashes(labels) if options.hash_sources else None
@@ -686,11 +768,13 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
                 stream = stream_tensors(merge_plan, items, device=resolve_device(options.device), hasher=hasher)
                 with closing(stream):
                     try:
-                        _write_gguf(staging.staged, arch=arch, permute=permute, config=config,
-                                    tokenizer_folder=Path(support), planned=planned, tensors=streamed(stream),
-                                    gguf_type=gguf_type, name=out_path.stem, provenance=provenance,
-                                    final_sources=final_sources if hasher is not None else None,
-                                    progress=progress)
+                        with _written_by(staging.staged, out_path, gguf_type if by_llama_cpp else None,
+                                         entries) as target:
+                            _write_gguf(target, arch=arch, permute=permute, config=config,
+                                        tokenizer_folder=Path(support), planned=planned, tensors=streamed(stream),
+                                        gguf_type=gguf_type, name=out_path.stem, provenance=provenance,
+                                        final_sources=final_sources if hasher is not None else None,
+                                        progress=progress)
                         if modelfile:
                             write_modelfile(staging.staged, Path(support))
                     except OSError as exc:
@@ -703,7 +787,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     result = MergeResult(out_path, merge_plan, (out_path.name,), seconds, hashes)
     written_modelfile = out_path.with_name("Modelfile") if modelfile else None
     exported = GGUFExportResult(out_path, gguf_type, arch, len(planned), out_path.stat().st_size, seconds,
-                                written_modelfile)
+                                written_modelfile, temp_bytes)
     return result, exported
 
 
