@@ -517,6 +517,12 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
                    f"[default: {threshold_defaults('max_gap_pp')}]")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
               help=f"Also fail below this top-1 agreement (0-1). [default: {threshold_defaults('min_top1')}]")
+@click.option("--max-kl", type=click.FloatRange(0), default=None,
+              help="Also fail above this mean KL(unmerged || merged) per position. [default: per quantized type, "
+                   "docs/gguf.md; none for fp32/bf16/fp16]")
+@click.option("--max-ppl-ratio", type=click.FloatRange(0), default=None,
+              help="Also fail above this perplexity ratio merged / unmerged on real text. [default: per quantized "
+                   "type, docs/gguf.md; none for fp32/bf16/fp16]")
 @click.option("--max-ulp", type=click.FloatRange(0), default=None,
               help="Largest allowed weight error, in ulps of the output dtype. "
                    f"[default: {threshold_defaults('max_ulp')}]")
@@ -526,6 +532,7 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
 def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | None, prompts: str | None,
                    mc_eval: str | None, floor_multiple: float | None, alpha: float | None,
                    max_abs_diff: float | None, max_gap_pp: float | None, min_top1: float | None,
+                   max_kl: float | None, max_ppl_ratio: float | None,
                    max_ulp: float | None, report_path: str | None, **option_values: Any) -> None:
     """Prove a merge faithful: MERGED against BASE + ADAPTER run unmerged.
 
@@ -548,7 +555,8 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
 
     options = VerifyOptions(**option_values)
     thresholds = {"floor_multiple": floor_multiple, "alpha": alpha, "max_abs_diff": max_abs_diff,
-                  "max_gap_pp": max_gap_pp, "min_top1": min_top1, "max_ulp": max_ulp}
+                  "max_gap_pp": max_gap_pp, "min_top1": min_top1, "max_ulp": max_ulp, "max_kl": max_kl,
+                  "max_ppl_ratio": max_ppl_ratio}
     report = verify(base, adapter, merged, dtypes=dtypes, mc_eval=mc_eval, prompts=prompts, thresholds=thresholds,
                     options=options, echo=lambda message: click.echo(message, err=True), report=report_path)
     click.echo(report.table())

@@ -454,8 +454,8 @@ def test_transformers_reader_on_merged_smollm2(smol_merged):
             for text in PROBE_TEXTS:
                 assert rebuilt(text)["input_ids"] == tokenizer(text)["input_ids"], text
         else:
-            min_top1, max_rel = QUANTIZED_GATES[gguf_type]
-            assert top1 >= min_top1 and diff <= max_rel * largest, (gguf_type, diff, top1)
+            gate = QUANTIZED_GATES[gguf_type]
+            assert top1 >= gate.min_top1 and diff <= gate.max_rel_diff * largest, (gguf_type, diff, top1)
 
 
 # ----- verify and bench take a GGUF ---------------------------------------------------------------
@@ -482,6 +482,7 @@ def test_verify_accepts_gguf_and_fails_a_wrong_one(tiny_merges, bpe_bases, cli_r
 
 @pytest.mark.slow
 def test_verify_gates_a_quantized_gguf_by_logits(tiny_merges, bpe_bases):
+    from d2merge.export.gguf import QUANTIZED_GATES
     from d2merge.verify import verify
 
     path = tiny_merges.gguf("qwen2", "q8_0")
@@ -492,9 +493,14 @@ def test_verify_gates_a_quantized_gguf_by_logits(tiny_merges, bpe_bases):
     assert column.layers == [] and len(column.not_checked) == 2 * 7 + 2
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(column.not_checked)
     assert "tensors by logits only" in report.table()
+    # judged on real text (the built-in sentences): KL, top-1 and the perplexity ratio, gated per type
+    assert report.probes["source"] == "sentences" and column.logits.ppl_ratio is not None
+    assert column.thresholds.max_kl == QUANTIZED_GATES["q8_0"].max_kl and "perplexity merged / unmerged" in report.table()
     strict = verify(bpe_bases("qwen2"), tiny_merges.adapter("qwen2"), path, num_probes=2, probe_length=8,
-                    thresholds={"max_abs_diff": 1e-6})
-    assert not strict.passed and "max |logit diff|" in strict.failures()[0]
+                    thresholds={"max_abs_diff": 1e-6, "max_kl": 1e-9})
+    assert not strict.passed and "max |logit diff|" in strict.failures()[0] and "--max-kl" in strict.failures()[1]
+    with pytest.raises(D2MergeError, match="quantized and judged on real text, not random tokens"):
+        verify(bpe_bases("qwen2"), tiny_merges.adapter("qwen2"), path, probe_source="random")
 
 
 def test_file_type_comes_from_the_tensors_not_from_our_metadata():

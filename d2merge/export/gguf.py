@@ -112,13 +112,13 @@ def all_gguf_types() -> tuple[str, ...]:
 
 
 def check_gguf_type(gguf_type: str) -> str:
-    """``gguf_type`` if known and writable here; one line otherwise (a llama.cpp type names the package)."""
-    from d2merge.export.gguf_quant import LLAMA_CPP_TYPES, llama_cpp_module
+    """``gguf_type`` if it is a type d2merge writes; one line otherwise. (Whether llama.cpp's quantizer
+    is installed for a llama.cpp type is checked with the other inputs, before any work.)"""
+    from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
 
     if gguf_type not in GGUF_TYPES and gguf_type not in LLAMA_CPP_TYPES:
-        raise D2MergeError(f"unknown --gguf-type {gguf_type!r}; choose one of {', '.join(all_gguf_types())}")
-    if gguf_type in LLAMA_CPP_TYPES:
-        llama_cpp_module(gguf_type)
+        raise D2MergeError(f"unknown --gguf-type {gguf_type!r}; choose one of {', '.join(all_gguf_types())}",
+                           hint="docs/gguf.md says what each type is")
     return gguf_type
 
 
@@ -138,10 +138,10 @@ def _by_llama_cpp(gguf_type: str, imatrix: str | os.PathLike | None) -> bool:
     return gguf_type in LLAMA_CPP_TYPES
 
 
-def _prepare_llama_cpp(planned: list[_Planned], out_path: Path, imatrix: str | os.PathLike | None
+def _prepare_llama_cpp(planned: list[_Planned], out_path: Path, gguf_type: str, imatrix: str | os.PathLike | None
                        ) -> tuple[dict[str, np.ndarray] | None, int]:
-    """Before any work: the checked importance matrix, and the f32 temp's size checked against the free space."""
-    from d2merge.export.gguf_quant import check_free_space, check_imatrix, needed_bytes
+    """Before any work: the checked importance matrix, the f32 temp's size against the free space, llama.cpp."""
+    from d2merge.export.gguf_quant import check_free_space, check_imatrix, llama_cpp_module, needed_bytes
 
     shapes = {p.name: tuple(reversed(p.shape)) for p in planned}  # ggml order: row length first
     entries = None
@@ -152,6 +152,7 @@ def _prepare_llama_cpp(planned: list[_Planned], out_path: Path, imatrix: str | o
         check_imatrix(entries, shapes, Path(imatrix))
     temp, output = needed_bytes(shapes.values())
     check_free_space(out_path.absolute().parent, temp, output, out_path)
+    llama_cpp_module(gguf_type)
     return entries, temp
 
 
@@ -614,7 +615,7 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
     names = sorted(checkpoint.tensors.keys())
     planned = _plan_tensors([(n, tuple(checkpoint.tensors.info(n)[1])) for n in names], config, arch,
                             "f32" if by_llama_cpp else gguf_type, folder)
-    entries, temp_bytes = _prepare_llama_cpp(planned, out_path, imatrix) if by_llama_cpp else (None, 0)
+    entries, temp_bytes = _prepare_llama_cpp(planned, out_path, gguf_type, imatrix) if by_llama_cpp else (None, 0)
     sources = [p.source for p in planned if p.source is not None]
     with AtomicFiles(out_path, overwrite=overwrite, sidecars=("Modelfile",) if modelfile else ()) as staging:
         try:
@@ -733,7 +734,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     names = sorted(by_name)
     planned = _plan_tensors([(n, tuple(by_name[n].shape)) for n in names], config, arch,
                             "f32" if by_llama_cpp else gguf_type, merge_plan.base.folder)
-    entries, temp_bytes = _prepare_llama_cpp(planned, out_path, imatrix) if by_llama_cpp else (None, 0)
+    entries, temp_bytes = _prepare_llama_cpp(planned, out_path, gguf_type, imatrix) if by_llama_cpp else (None, 0)
     items = [by_name[p.source] for p in planned if p.source is not None]
     labels = merge_plan.source_files()
     hasher = BackgroundHashes(labels) if options.hash_sources else None
@@ -847,14 +848,42 @@ LLAMA_FILE_TYPES: dict[str, tuple[int, str]] = {
 # What llama.cpp writes instead for rows that are not whole 256-value blocks (tensor_type_fallback).
 LLAMA_FALLBACKS = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
                    "IQ4_XS": "IQ4_NL"}
-# Logit gates of quantized files, by file type: (min top-1 agreement, max |logit diff| / largest
-# |logit| of the unmerged model). Sanity floors that catch a broken file (wrong weights agree on
-# ~1/vocab of the positions and differ by more than the logits' own size), not a quality promise.
-# Measured on correct files (docs/gguf.md): tiny random models q8_0 top-1 89-100% at 7-12% of the
-# largest logit; SmolLM2-135M q8_0 92% at 6.1%, q4_0 20% at 44% (real prompts and random probes).
-QUANTIZED_GATES: dict[str, tuple[float, float]] = {
-    "q8_0": (0.5, 0.5), "q5_0": (0.1, 0.75), "q5_1": (0.1, 0.75), "q4_0": (0.1, 0.75), "q4_1": (0.1, 0.75),
+
+
+@dataclass(frozen=True)
+class QuantizedGate:
+    """How verify judges a quantized file of one type, on real text (never random tokens)."""
+
+    max_kl: float  # mean KL(unmerged fp32 || file) per position
+    min_top1: float  # top-1 agreement with the unmerged fp32 model
+    max_ppl_ratio: float  # perplexity file / unmerged on the text's own next tokens
+    max_rel_diff: float  # max |logit diff| / largest |logit| of the unmerged model
+
+
+# Quantized gates by file type, set from the figures measured on SmolLM2-135M + a D2-LoRA merge on
+# the built-in sentences (docs/gguf.md, benchmarks/gguf_quality.py): about 3x the measured mean KL,
+# the measured top-1 less 15 points, the perplexity ratio's excess x3. They catch a broken file
+# (wrong weights: KL of several nats, top-1 near 0), not a model that quantizes worse than SmolLM2;
+# --max-kl / --min-top1 / --max-ppl-ratio / --max-abs-diff set your own.
+QUANTIZED_GATES: dict[str, QuantizedGate] = {
+    "q8_0": QuantizedGate(0.02, 0.85, 1.03, 0.5),
+    "q6_k": QuantizedGate(0.05, 0.8, 1.06, 0.6),
+    "q5_0": QuantizedGate(0.3, 0.6, 1.3, 0.8), "q5_1": QuantizedGate(0.3, 0.6, 1.3, 0.8),
+    "q5_0_pure": QuantizedGate(0.5, 0.5, 1.5, 0.9), "q5_1_pure": QuantizedGate(0.5, 0.5, 1.5, 0.9),
+    "q5_k_s": QuantizedGate(0.3, 0.6, 1.3, 0.8), "q5_k_m": QuantizedGate(0.3, 0.6, 1.3, 0.8),
+    "q4_0": QuantizedGate(1.0, 0.5, 2.0, 1.0), "q4_1": QuantizedGate(1.0, 0.5, 2.0, 1.0),
+    "q4_0_pure": QuantizedGate(1.5, 0.4, 3.0, 1.0), "q4_1_pure": QuantizedGate(1.5, 0.4, 3.0, 1.0),
+    "q4_k_s": QuantizedGate(0.3, 0.6, 1.3, 0.8), "q4_k_m": QuantizedGate(0.3, 0.6, 1.3, 0.8),
+    "iq4_nl": QuantizedGate(0.5, 0.5, 1.5, 0.9), "iq4_xs": QuantizedGate(0.5, 0.5, 1.5, 0.9),
+    "q3_k_s": QuantizedGate(1.0, 0.4, 2.0, 1.0), "q3_k_m": QuantizedGate(0.6, 0.5, 1.6, 1.0),
+    "q3_k_l": QuantizedGate(0.6, 0.5, 1.6, 1.0),
+    "q2_k": QuantizedGate(1.6, 0.3, 3.0, 1.5),
 }
+# The loosest of them: a mix no file type names (the GGML type that dominates it decides nothing).
+LOOSEST_GATE = QuantizedGate(max(g.max_kl for g in QUANTIZED_GATES.values()),
+                             min(g.min_top1 for g in QUANTIZED_GATES.values()),
+                             max(g.max_ppl_ratio for g in QUANTIZED_GATES.values()),
+                             max(g.max_rel_diff for g in QUANTIZED_GATES.values()))
 
 
 def file_type_from_tensors(table: Mapping[str, tuple[tuple[int, ...], str]], file_type: Any = None,
@@ -885,11 +914,9 @@ def file_type_from_tensors(table: Mapping[str, tuple[tuple[int, ...], str]], fil
     return dominant.lower(), None
 
 
-def quantized_gate(gguf_type: str) -> tuple[float, float]:
-    """(min top-1, max relative |logit diff|) of a quantized file type; the loosest gate for an unnamed mix."""
-    if gguf_type in QUANTIZED_GATES:
-        return QUANTIZED_GATES[gguf_type]
-    return min(gate[0] for gate in QUANTIZED_GATES.values()), max(gate[1] for gate in QUANTIZED_GATES.values())
+def quantized_gate(gguf_type: str) -> QuantizedGate:
+    """The gate of a quantized file type; the loosest one for a mix no file type names."""
+    return QUANTIZED_GATES.get(gguf_type, LOOSEST_GATE)
 
 
 class GGUFWeights:
@@ -971,12 +998,13 @@ class GGUFForVerify:
 
         if self.floor_dtype is not None:
             return DEFAULT_THRESHOLDS[self.floor_dtype]
-        min_top1, max_rel = quantized_gate(self.gguf_type)
-        # No rounding floor for block formats: fixed limits. F16 fallbacks in a quantized file are
-        # checked like an fp16 merge; answers flipped on --mc-eval are judged by McNemar's test.
+        gate = quantized_gate(self.gguf_type)
+        # No rounding floor for block formats: fixed limits on real text. F16 fallbacks in a quantized
+        # file are checked like an fp16 merge; answers flipped on --mc-eval are judged by McNemar's test.
         fp16 = DEFAULT_THRESHOLDS["fp16"]
         return Thresholds(floor_multiple=fp16.floor_multiple, alpha=fp16.alpha, max_ulp=fp16.max_ulp,
-                          max_abs_diff=max_rel * reference_max_abs, min_top1=min_top1)
+                          max_abs_diff=gate.max_rel_diff * reference_max_abs, min_top1=gate.min_top1,
+                          max_kl=gate.max_kl, max_ppl_ratio=gate.max_ppl_ratio)
 
 
 def gguf_for_verify(path: str | os.PathLike) -> GGUFForVerify:

@@ -85,10 +85,12 @@ def check_imatrix(entries: dict[str, np.ndarray], shapes: dict[str, tuple[int, .
     for name, values in entries.items():
         if name not in sizes:
             raise D2MergeError("the importance matrix names a tensor this model does not have (another model's "
-                               "imatrix?)", path=path, tensor=name)
+                               "imatrix?)", path=path, tensor=name, hint="--imatrix takes the file llama-imatrix "
+                                                                         "wrote for this model")
         if values.size != sizes[name]:
             raise D2MergeError(f"the importance matrix has {values.size} values for a tensor with rows of "
-                               f"{sizes[name]} (another model's imatrix?)", path=path, tensor=name)
+                               f"{sizes[name]} (another model's imatrix?)", path=path, tensor=name,
+                               hint="--imatrix takes the file llama-imatrix wrote for this model")
 
 
 def quantize(f32_path: Path, out_path: Path, gguf_type: str, *, imatrix: dict[str, np.ndarray] | None = None,

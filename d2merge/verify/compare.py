@@ -5,6 +5,7 @@ Statistics are taken on real tokens only (never padding), one sequence at a time
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Sequence
 
 import torch
@@ -57,6 +58,8 @@ def compare_logits(model: nn.Module, probes: Probes, reference: torch.Tensor, ba
     large vocabulary would cost more memory than the rest of verify besides the model.
     """
     max_abs, sum_abs, count, kl_sum, kl_max, agree = 0.0, 0.0, 0, 0.0, 0.0, 0
+    nll_unmerged, nll_merged, predicted = 0.0, 0.0, 0
+    text = probes.description.get("source") != "random"
     for rows, ids, mask in _batches(probes, batch_size):
         logits = model(input_ids=ids, attention_mask=mask).logits
         for row in range(logits.shape[0]):
@@ -73,11 +76,20 @@ def compare_logits(model: nn.Module, probes: Probes, reference: torch.Tensor, ba
             kl_sum += float(kl.sum(dtype=torch.float64))
             kl_max = max(kl_max, float(kl.max()))
             agree += int((unmerged.argmax(-1) == merged.argmax(-1)).sum())
+            if text:  # each real position predicts the next real token (right padding: a prefix)
+                targets = ids[row][real][1:]
+                nll_unmerged -= float(log_u[:-1].gather(-1, targets[:, None]).sum(dtype=torch.float64))
+                nll_merged -= float(log_m[:-1].gather(-1, targets[:, None]).sum(dtype=torch.float64))
+                predicted += targets.numel()
         del logits
     positions = probes.description["positions"]
+    ppl = {}
+    if predicted:
+        ppl = {"ppl_unmerged": math.exp(nll_unmerged / predicted), "ppl_merged": math.exp(nll_merged / predicted),
+               "ppl_ratio": math.exp((nll_merged - nll_unmerged) / predicted)}
     return LogitStats(positions=positions, max_abs_diff=max_abs, mean_abs_diff=sum_abs / max(count, 1),
                       kl_mean=kl_sum / max(positions, 1), kl_max=kl_max, top1_agreement=agree / max(positions, 1),
-                      argmax_flips=positions - agree)
+                      argmax_flips=positions - agree, **ppl)
 
 
 def mc_result(examples: Sequence[MCExample], unmerged: Sequence[Sequence[float]],

@@ -20,6 +20,11 @@ class LogitStats:
     kl_max: float
     top1_agreement: float
     argmax_flips: int
+    # Perplexity of each model on the probes' own next tokens, and merged / unmerged: only for real
+    # text (sentences, --prompts), where the next token is what a user's text would have.
+    ppl_unmerged: float | None = None
+    ppl_merged: float | None = None
+    ppl_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,8 @@ class Limits:
     alpha: float
     min_top1: float | None
     max_gap_pp: float | None
+    max_kl: float | None = None
+    max_ppl_ratio: float | None = None
 
 @dataclass(frozen=True)
 class LayerCheck:
