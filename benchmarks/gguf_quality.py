@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -76,6 +75,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-decode", action="store_true", help="skip llama.cpp's decode speed")
     args = parser.parse_args()
 
     import torch
@@ -106,18 +106,15 @@ def main() -> None:
         report = verify(base, adapter, out, prompts=args.prompts, thresholds={"max_abs_diff": 1e9})
         column = report.results[0]
         logits = column.logits
-        speed = decode_tok_s(out, args.threads, args.tokens, args.runs)
+        speed = float("nan") if args.no_decode else decode_tok_s(out, args.threads, args.tokens, args.runs)
         row = {"type": gguf_type, "column": column.dtype, "bytes": out.stat().st_size, "kl_mean": logits.kl_mean,
                "kl_max": logits.kl_max, "top1": logits.top1_agreement, "ppl_ratio": logits.ppl_ratio,
                "ppl_unmerged": logits.ppl_unmerged, "decode_tok_s": speed, "positions": logits.positions}
         rows.append(row)
         print(f"| {gguf_type} | {row['bytes'] / 1e6:.1f} MB | {row['kl_mean']:.4f} | {row['kl_max']:.3f} | "
               f"{100 * row['top1']:.1f}% | {row['ppl_ratio']:.4f} | {speed:.1f} |", flush=True)
-        if gguf_type not in ("f32",):
-            out.unlink()
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "probes": report.probes}, indent=2) + "\n")
-    shutil.rmtree(root / "merged", ignore_errors=True)
+        if args.json:  # after each type: a long run's figures survive an interruption
+            args.json.write_text(json.dumps({"rows": rows, "probes": report.probes}, indent=2) + "\n")
     print(f"files in {root} (delete when done)")
 
 

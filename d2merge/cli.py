@@ -344,10 +344,20 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32", show_default=True,
               help="With --runtime genai: fp32 (checked token for token against transformers), fp16, or int4 "
                    "weights (top-1 agreement and logit diff vs fp32 reported and gated).")
+@click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="With --precision int4: values per quantization block. [default: 32]")
+@click.option("--int4-accuracy-level", type=click.IntRange(1, 4), default=None,
+              help="With --precision int4: activations in the int4 MatMul (4 int8, 3 bf16, 2 fp16, 1 fp32). [default: 4]")
+@click.option("--int4-algorithm", type=click.Choice(["default", "rtn", "k_quant", "rtn_last", "k_quant_last",
+                                                     "k_quant_mixed"]), default=None,
+              help="With --precision int4: the builder's algo_config (k_quant: per-block scale search; _last: "
+                   "lm_head at int8; _mixed: also llama.cpp's sensitive layers at int8). [default: default (RTN)]")
+@click.option("--int4-asymmetric", is_flag=True, help="With --precision int4: uint4 with a zero point per block.")
 @click.pass_context
 def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str, with_past: bool, opset: int,
                         exporter: str, external_data: bool | None, no_validate: bool, atol: float | None,
-                        overwrite: bool, runtime: str, precision: str) -> None:
+                        overwrite: bool, runtime: str, precision: str, int4_block_size: str | None,
+                        int4_accuracy_level: int | None, int4_algorithm: str | None, int4_asymmetric: bool) -> None:
     """Export a merged MODEL_DIR (config.json + safetensors) to ONNX, proven against PyTorch.
 
     The graph takes input_ids and attention_mask (int64, dynamic batch and
@@ -364,18 +374,27 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
       d2merge export-onnx ./merged -o model.onnx --exporter legacy --opset 17
       d2merge export-onnx ./merged -o ./merged-genai --runtime genai --precision int4
     """
-    given = [name for name in ("dtype", "with_past", "opset", "exporter", "external_data", "precision")
+    int4_flags = ("int4_block_size", "int4_accuracy_level", "int4_algorithm", "int4_asymmetric")
+    given = [name for name in ("dtype", "with_past", "opset", "exporter", "external_data", "precision", *int4_flags)
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
     if runtime == "genai":
-        from d2merge.export.onnx_genai import export_genai
+        from d2merge.export.onnx_genai import Int4Options, export_genai
 
-        generic_only = [name for name in given if name != "precision"]
+        generic_only = [name for name in given if name != "precision" and name not in int4_flags]
         if generic_only:
             raise click.UsageError(f"--{generic_only[0].replace('_', '-')} applies to the generic export; with "
                                    "--runtime genai choose --precision fp32|fp16|int4")
+        int4 = None
+        if any(name in given for name in int4_flags):
+            defaults = Int4Options()
+            int4 = Int4Options(int(int4_block_size or defaults.block_size),
+                               int4_accuracy_level or defaults.accuracy_level, int4_algorithm or defaults.algorithm,
+                               not int4_asymmetric)
         click.echo(export_genai(model_dir, out, precision=precision, validate=not no_validate, atol=atol,
-                                overwrite=overwrite).describe())
+                                overwrite=overwrite, int4=int4).describe())
         return
+    if any(name in given for name in int4_flags):
+        raise click.UsageError("--int4-* options are for --runtime genai --precision int4")
     if "precision" in given:
         raise click.UsageError("--precision is for --runtime genai; the generic export takes --dtype fp32|fp16")
     # Every rule known up front is checked here, before torch loads and the export runs.

@@ -48,6 +48,42 @@ GENAI_CONFIG = "genai_config.json"
 # weights agrees on ~1/vocab of the positions and differs by more than the logits' own size.
 INT4_MIN_TOP1 = 0.2
 INT4_MAX_REL_DIFF = 0.75
+INT4_ALGORITHMS = ("default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed")
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Int4Options:
+    """The model builder's int4 (MatMulNBits) settings d2merge exposes (its ``--extra_options``).
+
+    ``algorithm``: the builder's ``algo_config``: ``default``/``rtn`` round to nearest per block;
+    ``k_quant`` searches each block's scale (llama.cpp's K-quant search); ``*_last`` keeps the last
+    MatMul (lm_head) at int8; ``k_quant_mixed`` also keeps llama.cpp's sensitive layers (first and last
+    eighth, every third qkv/v/down) at int8. ``accuracy_level``: the activations' type in the int4
+    MatMul on CPU (4 int8, 3 bf16, 2 fp16, 1 fp32). ``symmetric``: int4 (True) or uint4 with a zero
+    point per block. Defaults: the builder's own; docs/onnx-genai.md has each one's KL on SmolLM2.
+    """
+
+    block_size: int = 32
+    accuracy_level: int = 4
+    algorithm: str = "default"
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size not in INT4_BLOCK_SIZES:
+            raise D2MergeError(f"int4 block size {self.block_size} is not one the builder takes",
+                               hint=f"choose one of {', '.join(map(str, INT4_BLOCK_SIZES))}")
+        if self.accuracy_level not in (1, 2, 3, 4):
+            raise D2MergeError(f"int4 accuracy level {self.accuracy_level} is not 1, 2, 3 or 4",
+                               hint="4: int8 activations (the CPU default), 1: fp32")
+        if self.algorithm not in INT4_ALGORITHMS:
+            raise D2MergeError(f"unknown int4 algorithm {self.algorithm!r}", hint=f"choose one of {', '.join(INT4_ALGORITHMS)}")
+
+    def extra_options(self) -> list[str]:
+        return [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}",
+                f"algo_config={self.algorithm}", f"is_symmetric={str(self.symmetric).lower()}"]
+
+
 _PROBES = 3
 _PROBE_PREFILL = 6
 _PROBE_DECODE = 6
@@ -165,12 +201,15 @@ def _quiet() -> Any:
             logging.getLogger(name).setLevel(level)
 
 
-def build_genai(model_dir: Path, out_dir: Path, precision: str, cache_dir: Path) -> None:
+def build_genai(model_dir: Path, out_dir: Path, precision: str, cache_dir: Path, int4: Int4Options | None = None
+                ) -> None:
     """Run the model builder (CPU execution provider) from ``model_dir`` into ``out_dir``."""
     builder = _import_builder()
     architecture = check_merged_folder(model_dir)["architectures"][0]
     # hf_token=false: a local folder needs no Hub token; trust_remote_code stays off (the default).
     options = ["hf_token=false"]
+    if precision == "int4":
+        options += (int4 or Int4Options()).extra_options()
     try:
         with _quiet():
             extra = builder.parse_extra_options(None, str(model_dir), str(out_dir), precision, "cpu", str(cache_dir),
@@ -187,18 +226,22 @@ def build_genai(model_dir: Path, out_dir: Path, precision: str, cache_dir: Path)
 
 def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, precision: str = "fp32",
                  validate: bool = True, atol: float | None = None,
-                 greedy_prompts: Sequence[Sequence[int]] | None = None, overwrite: bool = False) -> GenaiExportResult:
+                 greedy_prompts: Sequence[Sequence[int]] | None = None, overwrite: bool = False,
+                 int4: Int4Options | None = None) -> GenaiExportResult:
     """Build an onnxruntime-genai folder at ``out_dir`` from a merged folder, validated before it appears.
 
     Raises D2MergeError (and leaves nothing at ``out_dir``) when the extra is missing, the folder is
     not a merged model, the builder refuses the architecture, or validation fails. ``overwrite``
     follows merge's rule: an existing output is replaced only if d2merge wrote it (or it is empty),
-    and only once the new build has passed validation.
+    and only once the new build has passed validation. ``int4``: the builder's int4 settings
+    (precision int4 only).
     """
     from d2merge.io.output import AtomicFolder, check_output_location
 
     if precision not in PRECISIONS:
         raise D2MergeError(f"unknown genai precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+    if int4 is not None and precision != "int4":
+        raise D2MergeError(f"int4 settings apply to precision int4, not {precision}", hint="add --precision int4")
     model_dir = Path(model_dir)
     import_genai()
     check_merged_folder(model_dir)
@@ -208,7 +251,7 @@ def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pr
                            path=final, hint="pass a folder name to -o")
     with AtomicFolder(final, overwrite=overwrite) as staging:
         started = time.perf_counter()
-        build_genai(model_dir, staging.temp, precision, staging.temp / ".builder-cache")
+        build_genai(model_dir, staging.temp, precision, staging.temp / ".builder-cache", int4)
         with contextlib.suppress(OSError):
             import shutil
 
