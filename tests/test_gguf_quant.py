@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d2merge.export.gguf import GGUF_TYPES, LLAMA_FILE_TYPES, export_gguf, read_gguf
+from d2merge.export.gguf import GGUF_TYPES, LLAMA_FILE_TYPES, export_gguf, gguf_for_verify, read_gguf
 from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
 from d2merge.io.gguf_file import read_gguf_header
 from d2merge.synthetic import save_random_adapter, save_tiny_base
@@ -78,8 +78,8 @@ def _with_smol_tokenizer(folder: Path, smollm2: Path) -> Path:
 class Model:
     """A merged fp32 folder, its d2merge f32 GGUF (the oracle's input) and its exports by type (made once)."""
 
-    def __init__(self, root: Path, merged: Path):
-        self.root, self.merged = root, merged
+    def __init__(self, root: Path, merged: Path, base: Path, adapter: Path):
+        self.root, self.merged, self.base, self.adapter = root, merged, base, adapter
         self._made: dict[str, Path] = {}
 
     def gguf(self, gguf_type: str) -> Path:
@@ -99,7 +99,8 @@ def tiny256(tmp_path_factory, smollm2) -> Model:
                           intermediate_size=512, num_heads=4, num_kv_heads=1, num_layers=4)
     _with_smol_tokenizer(base, smollm2)
     adapter = save_random_adapter(base, root / "adapter", "d2lora", r=4)
-    return Model(root, merge(base, adapter, root / "merged", dtype="fp32", hash_sources=False).output)
+    return Model(root, merge(base, adapter, root / "merged", dtype="fp32", hash_sources=False).output, base,
+                 adapter)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,8 @@ def smol(tmp_path_factory, smollm2) -> Model:
     root = tmp_path_factory.mktemp("kquant-smol")
     adapter = save_random_adapter(smollm2, root / "adapter", "d2lora", r=8, magnitude=0.02,
                                   target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-    return Model(root, merge(smollm2, adapter, root / "merged", dtype="fp32", hash_sources=False).output)
+    return Model(root, merge(smollm2, adapter, root / "merged", dtype="fp32", hash_sources=False).output, smollm2,
+                 adapter)
 
 
 # ----- byte equality with llama.cpp's quantizer --------------------------------------------------
@@ -127,6 +129,9 @@ def test_llama_cpp_types_are_llama_cpps_files(gguf_type, tiny256):
     meta, _ = read_gguf(ours)
     assert meta["general.file_type"] == LLAMA_FILE_TYPES[gguf_type][0] and meta["d2merge.gguf_type"] == gguf_type
     assert LLAMA_FILE_TYPES[gguf_type][1] in kinds  # the type's own blocks, not only fallbacks
+    # llama.cpp's file of our f32 export still says d2merge.gguf_type=f32: verify goes by the tensors
+    assert read_gguf(theirs)[0]["d2merge.gguf_type"] == "f32"
+    assert gguf_for_verify(theirs).label == f"gguf-{gguf_type}" and gguf_for_verify(theirs).floor_dtype is None
     theirs.unlink()
 
 
@@ -140,6 +145,19 @@ def test_gguf_py_types_are_llama_cpps_files(gguf_type, tiny256):
                                 GGUF_TYPES[gguf_type][1], pure=gguf_type.endswith("_pure"))
     assert assert_same_tensors(ours, theirs).keys() == {"F32", GGUF_TYPES[gguf_type][0]}
     theirs.unlink()
+
+
+@pytest.mark.llama_cpp
+@llama_cpp_only
+def test_merge_format_gguf_streams_into_llama_cpps_quantizer(tiny256, cli_runner, tmp_path):
+    """merge --format gguf --gguf-type q5_k_m: the merge streamed into the f32 temp, the tensors of the export's."""
+    out = tmp_path / "m.gguf"
+    res = cli_runner(["merge", tiny256.base, tiny256.adapter, "-o", out, "--format", "gguf", "--gguf-type", "q5_k_m"])
+    assert res.code == 0, res.err
+    assert "by llama.cpp's quantizer from a" in res.out
+    assert tensors_of(out) == tensors_of(tiny256.gguf("q5_k_m"))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # the temp and its folder are gone
+    assert "adapter/adapter_model.safetensors" in read_gguf(out)[0]["d2merge.sources"]  # hashes written in the temp
 
 
 # SmolLM2's rows are 576 values (1536 for ffn_down): not whole 256-blocks, so llama.cpp falls back

@@ -116,7 +116,7 @@ def quantize(f32_path: Path, out_path: Path, gguf_type: str, *, imatrix: dict[st
             table[row].size = data.size
         table[len(imatrix)].name = None  # the list ends at a null name
         keep.append(table)
-        params.imatrix = table
+        params.imatrix = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     errors: list[str] = []
 
     @llama_cpp.llama_log_callback
