@@ -117,9 +117,11 @@ def smol(tmp_path_factory, smollm2) -> Model:
 # ----- byte equality with llama.cpp's quantizer --------------------------------------------------
 
 
+# Each type is an export (a 105 MB f32 temp) and a quantization: q4_k_m in the quick run, the rest slow.
 @pytest.mark.llama_cpp
 @llama_cpp_only
-@pytest.mark.parametrize("gguf_type", list(LLAMA_CPP_TYPES))
+@pytest.mark.parametrize("gguf_type", [t if t == "q4_k_m" else pytest.param(t, marks=pytest.mark.slow)
+                                       for t in LLAMA_CPP_TYPES])
 def test_llama_cpp_types_are_llama_cpps_files(gguf_type, tiny256):
     ours = tiny256.gguf(gguf_type)
     theirs = llama_cpp_quantize(tiny256.gguf("f32"), ours.with_name(f"llama-{gguf_type}.gguf"),
@@ -135,6 +137,7 @@ def test_llama_cpp_types_are_llama_cpps_files(gguf_type, tiny256):
     theirs.unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.llama_cpp
 @llama_cpp_only
 @pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0_pure", "q4_1_pure", "q5_0_pure", "q5_1_pure"])
@@ -147,6 +150,7 @@ def test_gguf_py_types_are_llama_cpps_files(gguf_type, tiny256):
     theirs.unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.llama_cpp
 @llama_cpp_only
 def test_merge_format_gguf_streams_into_llama_cpps_quantizer(tiny256, cli_runner, tmp_path):
@@ -290,6 +294,7 @@ def importance(model: Model) -> dict[str, np.ndarray]:
             if len(shape) == 2 and name != "token_embd.weight"}
 
 
+@pytest.mark.slow
 @pytest.mark.llama_cpp
 @llama_cpp_only
 def test_imatrix_in_both_layouts_steers_the_quantizer(tiny256, tmp_path):
