@@ -45,6 +45,32 @@ def smollm2_folder(root: Path) -> Path:
     return hf_folder_from_gguf(gguf, root / "smollm2")
 
 
+class LlamaCppLM:
+    """A GGUF run by llama.cpp behind ``model(input_ids, attention_mask).logits`` (real tokens only), for
+    ``compare_logits``: each row's real tokens are evaluated from an empty KV cache, every position's logits kept."""
+
+    def __init__(self, path: Path, threads: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=threads, verbose=False, logits_all=True)
+
+    def __call__(self, input_ids, attention_mask=None, **_):  # type: ignore[no-untyped-def]
+        import numpy as np
+        import torch
+        from types import SimpleNamespace
+
+        out = torch.zeros(*input_ids.shape, self.llm.n_vocab())
+        for row in range(input_ids.shape[0]):
+            n = int(attention_mask[row].sum()) if attention_mask is not None else input_ids.shape[1]
+            self.llm.reset()
+            self.llm.eval(input_ids[row, :n].tolist())
+            out[row, :n] = torch.from_numpy(np.array(self.llm.scores[:n], dtype=np.float32))
+        return SimpleNamespace(logits=out)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
 def decode_tok_s(path: Path, threads: int, tokens: int, runs: int) -> float:
     import llama_cpp
 
@@ -78,6 +104,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-decode", action="store_true", help="skip llama.cpp's decode speed")
+    parser.add_argument("--logits-from", choices=("transformers", "llama_cpp"), default="transformers",
+                        help="read the file back with transformers' GGUF reader (what verify does) or run it in "
+                             "llama.cpp (what users run; faster: no 49k-token tokenizer parse per file)")
     args = parser.parse_args()
 
     import torch
@@ -121,15 +150,20 @@ def main() -> None:
         out = root / f"smollm2-{gguf_type}.gguf"
         if not out.exists():
             export_gguf(merged, out, gguf_type=gguf_type)
-        with gguf_parsed_once(keep=1):
-            model = load_gguf_model(out)
-            logits = compare_logits(model, probes, unmerged.logits, options.batch_size)
-        del model
+        if args.logits_from == "llama_cpp":
+            runner = LlamaCppLM(out, args.threads)
+            logits = compare_logits(runner, probes, unmerged.logits, options.batch_size)
+            runner.close()
+        else:
+            with gguf_parsed_once(keep=1):
+                model = load_gguf_model(out)
+                logits = compare_logits(model, probes, unmerged.logits, options.batch_size)
+            del model
         speed = float("nan") if args.no_decode else decode_tok_s(out, args.threads, args.tokens, args.runs)
         row = {"type": gguf_type, "bytes": out.stat().st_size, "kl_mean": logits.kl_mean,
                "kl_max": logits.kl_max, "top1": logits.top1_agreement, "ppl_ratio": logits.ppl_ratio,
                "ppl_unmerged": logits.ppl_unmerged, "decode_tok_s": speed, "positions": logits.positions,
-               "max_rel_diff": logits.max_abs_diff / unmerged.max_abs_logit}
+               "max_rel_diff": logits.max_abs_diff / unmerged.max_abs_logit, "logits_from": args.logits_from}
         rows.append(row)
         print(f"| {gguf_type} | {row['bytes'] / 1e6:.1f} MB | {row['kl_mean']:.4f} | {row['kl_max']:.3f} | "
               f"{100 * row['top1']:.1f}% | {row['ppl_ratio']:.4f} | {speed:.1f} |", flush=True)
