@@ -351,7 +351,8 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
 @click.option("--int4-algorithm", type=click.Choice(["default", "rtn", "k_quant", "rtn_last", "k_quant_last",
                                                      "k_quant_mixed"]), default=None,
               help="With --precision int4: the builder's algo_config (k_quant: per-block scale search; _last: "
-                   "lm_head at int8; _mixed: also llama.cpp's sensitive layers at int8). [default: default (RTN)]")
+                   "lm_head at int8; _mixed: also llama.cpp's sensitive layers at int8). [default: k_quant_mixed, "
+                   "the lowest KL on SmolLM2; docs/onnx-genai.md]")
 @click.option("--int4-asymmetric", is_flag=True, help="With --precision int4: uint4 with a zero point per block.")
 @click.pass_context
 def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str, with_past: bool, opset: int,
