@@ -59,7 +59,7 @@ def compare_logits(model: nn.Module, probes: Probes, reference: torch.Tensor, ba
     """
     max_abs, sum_abs, count, kl_sum, kl_max, agree = 0.0, 0.0, 0, 0.0, 0.0, 0
     nll_unmerged, nll_merged, predicted = 0.0, 0.0, 0
-    text = probes.description.get("source") != "random"
+    text = probes.description.get("source") in ("sentences", "prompts")  # real text: its next tokens
     for rows, ids, mask in _batches(probes, batch_size):
         logits = model(input_ids=ids, attention_mask=mask).logits
         for row in range(logits.shape[0]):
