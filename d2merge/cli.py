@@ -129,6 +129,14 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+GGUF_TYPE_HELP = ("f32, f16, bf16, q8_0, q4_0_pure, q4_1_pure, q5_0_pure, q5_1_pure (gguf-py); with the gguf-llama "
+                  "extra, llama.cpp's own quantizer: q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, "
+                  "iq4_nl, iq4_xs, q4_0, q4_1, q5_0, q5_1 (llama.cpp's per-tensor mix; an f32 temp beside the output). "
+                  "Norms stay f32.")
+IMATRIX_HELP = ("llama.cpp's importance matrix (llama-imatrix's GGUF or legacy .dat) for the types llama.cpp's "
+                "quantizer writes; checked against the model.")
+
+
 @cli.command("merge")
 @click.argument("base", metavar="BASE")
 @click.argument("adapter", metavar="ADAPTER")
@@ -143,8 +151,9 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                    "gguf: one .gguf file for llama.cpp, Ollama, LM Studio (see --gguf-type).")
 @click.option("--precision", "genai_precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32",
               show_default=True, help="With --format onnx-genai: precision of the onnxruntime-genai build.")
-@click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
-              help="With --format gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (2-D weights; norms stay f32).")
+@click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE", help="With --format gguf: " + GGUF_TYPE_HELP)
+@click.option("--imatrix", "imatrix", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="With --format gguf: " + IMATRIX_HELP)
 @click.option("--modelfile", is_flag=True,
               help="With --format gguf: also write an Ollama Modelfile beside it, named <stem>.Modelfile.")
 @_options_from(MergeOptions)
@@ -162,7 +171,7 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.pass_context
 def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, output_format: str | None,
                   genai_precision: str,
-                  gguf_type: str, modelfile: bool,
+                  gguf_type: str, imatrix: str | None, modelfile: bool,
                   run_verify: bool,
                   push_to: str | None, require_verify: bool, private: bool, revision: str | None, create_pr: bool,
                   commit_message: str | None, token: str | None, dry_run: bool, as_json: bool, quiet: bool,
@@ -197,6 +206,7 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
                               ("commit_message", "--commit-message"), ("token", "--token"))},
         "gguf_type": ("--gguf-type", output_format == "gguf", "it applies to --format gguf"),
         "modelfile": ("--modelfile", output_format == "gguf", "it applies to --format gguf"),
+        "imatrix": ("--imatrix", output_format == "gguf", "it applies to --format gguf"),
         "genai_precision": ("--precision", output_format == "onnx-genai", "it applies to --format onnx-genai"),
     })
     merge_options = MergeOptions(**options)
@@ -211,7 +221,7 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
     if output_format == "gguf":
         from d2merge.export.gguf import check_gguf_type
 
-        format_options.update(gguf_type=check_gguf_type(gguf_type), gguf_modelfile=modelfile)
+        format_options.update(gguf_type=check_gguf_type(gguf_type), gguf_modelfile=modelfile, gguf_imatrix=imatrix)
     if dry_run:
         merge_plan = plan_merge(base, adapter, merge_options)
         click.echo(json.dumps(merge_plan.summary(), indent=2, default=str) if as_json else merge_plan.describe())
@@ -368,10 +378,21 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32", show_default=True,
               help="With --runtime genai: fp32 (checked token for token against transformers), fp16, or int4 "
                    "weights (top-1 agreement and logit diff vs fp32 reported and gated).")
+@click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="With --precision int4: values per quantization block. [default: 32]")
+@click.option("--int4-accuracy-level", type=click.IntRange(1, 4), default=None,
+              help="With --precision int4: activations in the int4 MatMul (4 int8, 3 bf16, 2 fp16, 1 fp32). [default: 4]")
+@click.option("--int4-algorithm", type=click.Choice(["default", "rtn", "k_quant", "rtn_last", "k_quant_last",
+                                                     "k_quant_mixed"]), default=None,
+              help="With --precision int4: the builder's algo_config (k_quant: per-block scale search; _last: "
+                   "lm_head at int8; _mixed: also llama.cpp's sensitive layers at int8). [default: k_quant_mixed, "
+                   "the lowest KL on SmolLM2; docs/onnx-genai.md]")
+@click.option("--int4-asymmetric", is_flag=True, help="With --precision int4: uint4 with a zero point per block.")
 @click.pass_context
 def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str, with_past: bool, opset: int,
                         exporter: str, external_data: bool | None, no_validate: bool, atol: float | None,
-                        overwrite: bool, runtime: str, precision: str) -> None:
+                        overwrite: bool, runtime: str, precision: str, int4_block_size: str | None,
+                        int4_accuracy_level: int | None, int4_algorithm: str | None, int4_asymmetric: bool) -> None:
     """Export a merged MODEL_DIR (config.json + safetensors) to ONNX, proven against PyTorch.
 
     The graph takes input_ids and attention_mask (int64, dynamic batch and
@@ -388,18 +409,27 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
       d2merge export-onnx ./merged -o model.onnx --exporter legacy --opset 17
       d2merge export-onnx ./merged -o ./merged-genai --runtime genai --precision int4
     """
-    given = [name for name in ("dtype", "with_past", "opset", "exporter", "external_data", "precision")
+    int4_flags = ("int4_block_size", "int4_accuracy_level", "int4_algorithm", "int4_asymmetric")
+    given = [name for name in ("dtype", "with_past", "opset", "exporter", "external_data", "precision", *int4_flags)
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
     if runtime == "genai":
-        from d2merge.export.onnx_genai import export_genai
+        from d2merge.export.onnx_genai import Int4Options, export_genai
 
-        generic_only = [name for name in given if name != "precision"]
+        generic_only = [name for name in given if name != "precision" and name not in int4_flags]
         if generic_only:
             raise click.UsageError(f"--{generic_only[0].replace('_', '-')} applies to the generic export; with "
                                    "--runtime genai choose --precision fp32|fp16|int4")
+        int4 = None
+        if any(name in given for name in int4_flags):
+            defaults = Int4Options()
+            int4 = Int4Options(int(int4_block_size or defaults.block_size),
+                               int4_accuracy_level or defaults.accuracy_level, int4_algorithm or defaults.algorithm,
+                               not int4_asymmetric)
         click.echo(export_genai(model_dir, out, precision=precision, validate=not no_validate, atol=atol,
-                                overwrite=overwrite).describe())
+                                overwrite=overwrite, int4=int4).describe())
         return
+    if any(name in given for name in int4_flags):
+        raise click.UsageError("--int4-* options are for --runtime genai --precision int4")
     if "precision" in given:
         raise click.UsageError("--precision is for --runtime genai; the generic export takes --dtype fp32|fp16")
     # Every rule known up front is checked here, before torch loads and the export runs.
@@ -416,25 +446,26 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
 @click.argument("merged", metavar="MERGED", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
               help="The .gguf file to write (atomically: nothing appears there until it is complete).")
-@click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE",
-              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 for 2-D weights; norms and biases stay f32.")
+@click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE", help=GGUF_TYPE_HELP)
+@click.option("--imatrix", "imatrix", type=click.Path(dir_okay=False), default=None, metavar="FILE", help=IMATRIX_HELP)
 @click.option("--name", default=None, help="general.name in the GGUF. [default: the output file's stem]")
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
-def export_gguf_command(merged: str, out: str, gguf_type: str, name: str | None, modelfile: bool, overwrite: bool,
-                        quiet: bool) -> None:
+def export_gguf_command(merged: str, out: str, gguf_type: str, imatrix: str | None, name: str | None,
+                        modelfile: bool, overwrite: bool, quiet: bool) -> None:
     """Export a merged MERGED folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp, Ollama, LM Studio.
 
     \b
     Examples:
       d2merge export-gguf ./merged -o model.gguf                   # f16
       d2merge export-gguf ./merged -o model-q8.gguf --gguf-type q8_0 --modelfile
+      d2merge export-gguf ./merged -o model-q4km.gguf --gguf-type q4_k_m     # llama.cpp's quantizer
     """
     from d2merge.export.gguf import check_gguf_type, export_gguf
 
     result = export_gguf(merged, out, gguf_type=check_gguf_type(gguf_type), overwrite=overwrite, name=name,
-                         modelfile=modelfile, progress=not quiet)
+                         modelfile=modelfile, progress=not quiet, imatrix=imatrix)
     click.echo(result.describe())
 
 
@@ -553,6 +584,12 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
                    f"[default: {threshold_defaults('max_gap_pp')}]")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
               help=f"Also fail below this top-1 agreement (0-1). [default: {threshold_defaults('min_top1')}]")
+@click.option("--max-kl", type=click.FloatRange(0), default=None,
+              help="Also fail above this mean KL(unmerged || merged) per position. [default: per quantized type, "
+                   "docs/gguf.md; none for fp32/bf16/fp16]")
+@click.option("--max-ppl-ratio", type=click.FloatRange(0), default=None,
+              help="Also fail above this perplexity ratio merged / unmerged on real text. [default: per quantized "
+                   "type, docs/gguf.md; none for fp32/bf16/fp16]")
 @click.option("--max-ulp", type=click.FloatRange(0), default=None,
               help="Largest allowed weight error, in ulps of the output dtype. "
                    f"[default: {threshold_defaults('max_ulp')}]")
@@ -565,6 +602,7 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
 def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | None, prompts: str | None,
                    mc_eval: str | None, floor_multiple: float | None, alpha: float | None,
                    max_abs_diff: float | None, max_gap_pp: float | None, min_top1: float | None,
+                   max_kl: float | None, max_ppl_ratio: float | None,
                    max_ulp: float | None, report_path: str | None, html_path: str | None,
                    **option_values: Any) -> None:
     """Prove a merge faithful: MERGED against BASE + ADAPTER run unmerged.
@@ -588,7 +626,8 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
 
     options = VerifyOptions(**option_values)
     thresholds = {"floor_multiple": floor_multiple, "alpha": alpha, "max_abs_diff": max_abs_diff,
-                  "max_gap_pp": max_gap_pp, "min_top1": min_top1, "max_ulp": max_ulp}
+                  "max_gap_pp": max_gap_pp, "min_top1": min_top1, "max_ulp": max_ulp, "max_kl": max_kl,
+                  "max_ppl_ratio": max_ppl_ratio}
     report = verify(base, adapter, merged, dtypes=dtypes, mc_eval=mc_eval, prompts=prompts, thresholds=thresholds,
                     options=options, echo=say, report=report_path, html=html_path)
     click.echo(report.table(failures=False))  # the failures are the final line's, printed once

@@ -29,6 +29,8 @@ class Thresholds:
     max_abs_diff: float | None = None  # a fixed logit limit instead of floor_multiple x floor
     min_top1: float | None = None  # a fixed top-1 agreement limit (fraction) on top of the flip test
     max_gap_pp: float | None = None  # a fixed |merge gap| limit in percentage points on top of the tests
+    max_kl: float | None = None  # a limit on the mean KL(unmerged || merged) per position (quantized outputs)
+    max_ppl_ratio: float | None = None  # a limit on perplexity merged / unmerged on real text (quantized outputs)
 
 
 # Defaults per output dtype (measurements in docs/verify-report.md):

@@ -4,6 +4,7 @@ Used by tests/test_kill9.py in a subprocess:
 
     python kill_driver.py replace:N -- CLI ARGS    # killed right after the N-th rename of a d2merge work path
     python kill_driver.py delay:SECONDS -- CLI ARGS  # killed SECONDS after the command starts, wherever it is
+    python kill_driver.py call:MODULE:NAME -- CLI ARGS  # killed when MODULE's function NAME is called
 
 "replace:N" reaches the states between the renames of a commit (previous output set aside,
 new one not yet in place); "delay" lands anywhere: reading, merging, exporting, validating,
@@ -40,6 +41,12 @@ def main() -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
 
         os.replace = replace  # type: ignore[assignment]
+    elif kind == "call":
+        import importlib
+
+        module_name, _, name = value.partition(":")
+        module = importlib.import_module(module_name)
+        setattr(module, name, lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
     elif kind == "delay":
         timer = threading.Timer(float(value), lambda: os.kill(os.getpid(), signal.SIGKILL))
         timer.daemon = True

@@ -1174,6 +1174,70 @@ def _(ws: Workspace) -> list[str]:
     return ws.merge_args("--format", "onnx", out=ws.root / "onnx-out")
 
 
+# ---- GGUF export: types and llama.cpp's importance matrix (issue 32) -----------------------------
+# Refused before llama.cpp is needed (or imported), before any byte is written.
+
+IMATRIX_Q0 = "blk.0.attn_q.weight"
+
+
+def _export_gguf(ws: Workspace, *extra: str) -> list[str]:
+    return ["export-gguf", str(ws.base), "-o", str(ws.root / "model.gguf"), *extra]
+
+
+def write_gguf_imatrix(path: Path, values: dict[str, Any], count: int = 4) -> Path:
+    """llama-imatrix's GGUF layout: NAME.in_sum2 (sums) and NAME.counts, with its three keys."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, arch="")
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", ["test"])
+    writer.add_uint32("imatrix.chunk_count", 1)
+    writer.add_uint32("imatrix.chunk_size", 512)
+    for name, v in sorted(values.items()):
+        writer.add_tensor(name + ".in_sum2", (np.asarray(v) * count).astype(np.float32).reshape(1, -1))
+        writer.add_tensor(name + ".counts", np.array([[count]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@case("export-gguf-unknown-type", r"unknown --gguf-type 'q3_k'; choose one of", "'q3_k'")
+def _(ws: Workspace) -> list[str]:
+    return _export_gguf(ws, "--gguf-type", "q3_k")
+
+
+@case("export-gguf-imatrix-not-llama-cpp-format", r"not an importance matrix in llama.cpp's format", "m.imatrix")
+def _(ws: Workspace) -> list[str]:
+    (ws.root / "m.imatrix").write_bytes(b"\x00\x01\x02\x03" * 64)
+    return _export_gguf(ws, "--gguf-type", "q4_k_m", "--imatrix", str(ws.root / "m.imatrix"))
+
+
+@case("export-gguf-imatrix-legacy-truncated", r"the file ends inside entry 1 of 1 \(truncated\?\)", "m.dat")
+def _(ws: Workspace) -> list[str]:
+    name = IMATRIX_Q0.encode()
+    full = struct.pack("<ii", 1, len(name)) + name + struct.pack("<ii", 1, HIDDEN) + b"\x00\x00\x80\x3f" * HIDDEN
+    (ws.root / "m.dat").write_bytes(full[:-10])
+    return _export_gguf(ws, "--gguf-type", "q4_k_m", "--imatrix", str(ws.root / "m.dat"))
+
+
+@case("export-gguf-imatrix-gguf-truncated", r"runs past the end of the file", "m.imatrix")
+def _(ws: Workspace) -> list[str]:
+    full = write_gguf_imatrix(ws.root / "full.imatrix", {IMATRIX_Q0: [1.0] * HIDDEN}).read_bytes()
+    (ws.root / "full.imatrix").unlink()
+    (ws.root / "m.imatrix").write_bytes(full[:-40])
+    return _export_gguf(ws, "--gguf-type", "q4_k_m", "--imatrix", str(ws.root / "m.imatrix"))
+
+
+@case("export-gguf-imatrix-of-another-model", rf"has 576 values for a tensor with rows of {HIDDEN}", "m.imatrix",
+      IMATRIX_Q0)
+def _(ws: Workspace) -> list[str]:
+    write_gguf_imatrix(ws.root / "m.imatrix", {IMATRIX_Q0: [1.0] * 576})  # SmolLM2's 576-wide rows
+    return _export_gguf(ws, "--gguf-type", "q4_k_m", "--imatrix", str(ws.root / "m.imatrix"))
+
+
 # -- paths that must work -------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ PROBE_TEXTS = ("The capital of France is", "def fib(n):\n    return n if n < 2 e
 # Measured on these tiny models merged with a random D2-LoRA adapter (hidden 32, 2 layers, random
 # near-tied logits): f16 0.9e-3 to 2.1e-3, bf16 6.7e-3 to 8.8e-3, q8_0 2.0e-2 to 6.6e-2 (top-1 89-100%),
 # q4_0 0.33 to 0.55 (top-1 28-50%: 4-bit rounding of random weights). Bounds about 2-3x measured.
-LOGIT_BOUNDS = {"f32": 1e-4, "f16": 0.1, "bf16": 0.5, "q8_0": 0.2, "q4_0": 1.0}
+LOGIT_BOUNDS = {"f32": 1e-4, "f16": 0.1, "bf16": 0.5, "q8_0": 0.2, "q4_0_pure": 1.0}
 has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
 llama_cpp_only = pytest.mark.skipif(not has_llama_cpp, reason="llama-cpp-python is not installed (extra gguf-llama)")
 
@@ -136,7 +136,7 @@ def test_transformers_tokenizer_from_gguf_gives_same_ids(bpe_bases, tiny_merges)
 # each architecture gets one or two types and each type at least one architecture: the q/k
 # permutation and tensor names are per architecture, the block formats gguf-py's own.
 READER_CASES = [("llama", "f32")] + [pytest.param(*case, marks=pytest.mark.slow) for case in (
-    ("llama", "q4_0"), ("qwen2", "f32"), ("qwen2", "q8_0"), ("qwen3", "f16"), ("mistral", "bf16"))]
+    ("llama", "q4_0_pure"), ("qwen2", "f32"), ("qwen2", "q8_0"), ("qwen3", "f16"), ("mistral", "bf16"))]
 
 
 @pytest.mark.parametrize("arch,gguf_type", READER_CASES)
@@ -171,11 +171,11 @@ def test_streamed_merge_gives_the_bytes_of_the_two_step_export(tiny_merges, monk
     """
     import d2merge.export.gguf as gguf_export
 
-    streamed = tiny_merges.gguf("llama", "q4_0")  # permuted q/k and a block format
-    result = tiny_merges.results["llama", "q4_0"]
+    streamed = tiny_merges.gguf("llama", "q4_0_pure")  # permuted q/k and a block format
+    result = tiny_merges.results["llama", "q4_0_pure"]
     assert result.source_hashes and all(len(v) == 64 for v in result.source_hashes.values())
     monkeypatch.setattr(gguf_export, "BLOCK_VALUES", 64)
-    two_step = export_gguf(tiny_merges.merged("llama"), streamed.parent / "two-step.gguf", gguf_type="q4_0",
+    two_step = export_gguf(tiny_merges.merged("llama"), streamed.parent / "two-step.gguf", gguf_type="q4_0_pure",
                            name=streamed.stem,
                            provenance=gguf_export.merge_provenance(result.plan, result.source_hashes)).output
     assert hashlib.sha256(two_step.read_bytes()).hexdigest() == hashlib.sha256(streamed.read_bytes()).hexdigest()
@@ -454,8 +454,8 @@ def test_transformers_reader_on_merged_smollm2(smol_merged):
             for text in PROBE_TEXTS:
                 assert rebuilt(text)["input_ids"] == tokenizer(text)["input_ids"], text
         else:
-            min_top1, max_rel = QUANTIZED_GATES[gguf_type]
-            assert top1 >= min_top1 and diff <= max_rel * largest, (gguf_type, diff, top1)
+            gate = QUANTIZED_GATES[gguf_type]
+            assert top1 >= gate.min_top1 and diff <= gate.max_rel_diff * largest, (gguf_type, diff, top1)
 
 
 # ----- verify and bench take a GGUF ---------------------------------------------------------------
@@ -482,6 +482,7 @@ def test_verify_accepts_gguf_and_fails_a_wrong_one(tiny_merges, bpe_bases, cli_r
 
 @pytest.mark.slow
 def test_verify_gates_a_quantized_gguf_by_logits(tiny_merges, bpe_bases):
+    from d2merge.export.gguf import QUANTIZED_GATES
     from d2merge.verify import verify
 
     path = tiny_merges.gguf("qwen2", "q8_0")
@@ -492,9 +493,69 @@ def test_verify_gates_a_quantized_gguf_by_logits(tiny_merges, bpe_bases):
     assert column.layers == [] and len(column.not_checked) == 2 * 7 + 2
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(column.not_checked)
     assert "tensors by logits only" in report.table()
+    # judged on real text (the built-in sentences): KL, top-1 and the perplexity ratio, gated per type
+    assert report.probes["source"] == "sentences" and column.logits.ppl_ratio is not None
+    assert column.thresholds.max_kl == QUANTIZED_GATES["q8_0"].max_kl and "perplexity merged / unmerged" in report.table()
     strict = verify(bpe_bases("qwen2"), tiny_merges.adapter("qwen2"), path, num_probes=2, probe_length=8,
-                    thresholds={"max_abs_diff": 1e-6})
-    assert not strict.passed and "max |logit diff|" in strict.failures()[0]
+                    thresholds={"max_abs_diff": 1e-6, "max_kl": 1e-9})
+    assert not strict.passed and "max |logit diff|" in strict.failures()[0] and "--max-kl" in strict.failures()[1]
+    with pytest.raises(D2MergeError, match="quantized and judged on real text, not random tokens"):
+        verify(bpe_bases("qwen2"), tiny_merges.adapter("qwen2"), path, probe_source="random")
+
+
+def test_file_type_comes_from_the_tensors_not_from_our_metadata():
+    """llama.cpp's quantizer copies every key: its Q4_K_M of our f32 file still says d2merge.gguf_type=f32."""
+    from d2merge.export.gguf import file_type_from_tensors
+
+    norm = ((256,), "F32")
+    q4_k_m = {"token_embd.weight": ((256, 100), "Q6_K"), "blk.0.attn_q.weight": ((256, 256), "Q4_K"),
+              "blk.0.ffn_down.weight": ((512, 256), "Q6_K"), "blk.0.ffn_up.weight": ((256, 512), "Q4_K"),
+              "blk.0.ffn_gate.weight": ((256, 512), "Q4_K"), "output_norm.weight": norm}
+    assert file_type_from_tensors(q4_k_m, 15) == ("q4_k_m", None)
+    assert file_type_from_tensors(q4_k_m, 0) == ("q4_k", None)  # general.file_type says f32: named by the tensors
+    # SmolLM2's 576-wide rows are not whole 256-blocks: llama.cpp's Q4_K fallback (Q5_0) dominates
+    fallback = {"blk.0.attn_q.weight": ((576, 576), "Q5_0"), "blk.0.ffn_down.weight": ((1536, 576), "Q6_K")}
+    assert file_type_from_tensors(fallback, 15) == ("q4_k_m", None)
+    assert file_type_from_tensors(fallback, 2) == ("q6_k", None)  # no Q4_0 in it: not believed
+    exact = {"blk.0.attn_q.weight": ((256, 256), "F32"), "output_norm.weight": norm}
+    assert file_type_from_tensors(exact, 15) == ("f32", "fp32")  # metadata claims Q4_K_M, tensors are f32
+    mixed = {**exact, "token_embd.weight": ((256, 1000), "F16")}
+    assert file_type_from_tensors(mixed, 0) == ("f16", "fp16")  # the least precise exact type sets the floor
+    with pytest.raises(D2MergeError, match="no 2-D weight tensors"):
+        file_type_from_tensors({"output_norm.weight": norm})
+
+
+def _export_with_lying_metadata(monkeypatch, folder: Path, out: Path, gguf_type: str, claimed: str) -> Path:
+    """``gguf_type``'s tensors under metadata that names ``claimed`` (d2merge.gguf_type and general.file_type)."""
+    import gguf
+
+    from d2merge.export.gguf import LLAMA_FILE_TYPES, PROVENANCE_PREFIX
+
+    real_add_string = gguf.GGUFWriter.add_string
+
+    def add_string(self, key, value):
+        return real_add_string(self, key, claimed if key == PROVENANCE_PREFIX + "gguf_type" else value)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf.GGUFWriter, "add_string", add_string)
+        patch.setattr(gguf.GGUFWriter, "add_file_type", lambda self, _: self.add_uint32(
+            gguf.Keys.General.FILE_TYPE, LLAMA_FILE_TYPES[claimed][0]))
+        return export_gguf(folder, out, gguf_type=gguf_type).output
+
+
+@pytest.mark.slow
+def test_verify_judges_a_gguf_by_its_tensors_when_its_metadata_lies(tiny_merges, bpe_bases, monkeypatch, tmp_path):
+    from d2merge.verify import verify
+
+    lying = _export_with_lying_metadata(monkeypatch, tiny_merges.merged("llama"), tmp_path / "lying.gguf", "f32",
+                                        claimed="q4_0")
+    meta, _ = read_gguf(lying)
+    assert meta["d2merge.gguf_type"] == "q4_0" and meta["general.file_type"] == 2
+    report = verify(bpe_bases("llama"), tiny_merges.adapter("llama"), lying, num_probes=2, probe_length=8)
+    column = report.results[0]
+    # judged as the f32 file it is: every merged tensor checked in fp32 ulps, the fp32 floor's limits
+    assert column.dtype == "gguf-f32" and report.passed, report.table()
+    assert len(column.layers) == 2 * 7 and column.not_checked == [] and column.floor is not None
 
 
 @pytest.mark.llama_cpp

@@ -22,8 +22,10 @@ from d2merge.export.onnx_genai import (  # noqa: E402
     GENAI_CONFIG,
     INT4_MIN_TOP1,
     GenaiCausalLM,
+    Int4Options,
     export_genai,
 )
+from d2merge.errors import D2MergeError  # noqa: E402
 from d2merge.synthetic import save_tiny_base  # noqa: E402
 
 TINY_PROMPTS = ["the cat is red and the dog is", "which one is big", "yes no true false one two three"]
@@ -90,6 +92,29 @@ def test_int4_build_reports_agreement_against_fp32(wide_base, tmp_path: Path) ->
     assert INT4_MIN_TOP1 <= validation.top1_agreement < 1.0  # int4 rounding is visible, and bounded
     assert 0 < validation.max_abs_diff < validation.reference_max_abs
     assert "top-1 agreement" in result.describe()
+
+
+def test_int4_options_reach_the_graph(wide_base, tmp_path: Path, cli_runner) -> None:
+    """Block size, symmetry and the algorithm's int8 lm_head are what the built MatMulNBits nodes say."""
+    import onnx
+
+    res = cli_runner(["export-onnx", wide_base("llama"), "-o", tmp_path / "g", "--runtime", "genai", "--precision",
+                      "int4", "--int4-block-size", "16", "--int4-algorithm", "rtn_last", "--int4-asymmetric",
+                      "--no-validate"])
+    assert res.code == 0, res.err
+    graph = onnx.load(str(tmp_path / "g" / "model.onnx"), load_external_data=False).graph
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert nodes and {a["block_size"] for a in attrs} == {16}
+    assert all(len(n.input) >= 4 and n.input[3] for n in nodes)  # a zero point per block: uint4
+    bits = {n.name: a["bits"] for n, a in zip(nodes, attrs)}
+    assert [name for name, b in bits.items() if b == 8] == [n for n in bits if "lm_head" in n]  # rtn_last
+    refused = cli_runner(["export-onnx", wide_base("llama"), "-o", tmp_path / "x", "--int4-block-size", "64"])
+    assert refused.code == 2 and "--int4-* options are for --runtime genai" in refused.err
+    with pytest.raises(D2MergeError, match="int4 settings apply to precision int4"):
+        export_genai(wide_base("llama"), tmp_path / "y", precision="fp16", int4=Int4Options())
+    with pytest.raises(D2MergeError, match="block size 48"):
+        Int4Options(block_size=48)
 
 
 def test_genai_adapter_gives_transformers_logits_at_real_tokens(wide_base, tmp_path: Path) -> None:

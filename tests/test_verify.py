@@ -7,6 +7,7 @@ folder that is wrong in the way that check exists to catch.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import weakref
 from dataclasses import replace
@@ -188,7 +189,8 @@ def test_only_one_model_is_alive_at_a_time(work: dict[str, Path], monkeypatch: p
 
 def stats(max_abs: float = 0.0, flips: int = 0) -> LogitStats:
     return LogitStats(positions=100, max_abs_diff=max_abs, mean_abs_diff=max_abs / 10, kl_mean=0.0, kl_max=0.0,
-                      top1_agreement=(100 - flips) / 100, argmax_flips=flips)
+                      top1_agreement=(100 - flips) / 100, argmax_flips=flips, ppl_unmerged=10.0, ppl_merged=10.0,
+                      ppl_ratio=1.0)
 
 
 def layer(ulps: float) -> LayerCheck:
@@ -214,6 +216,9 @@ def answers(unmerged_right: list[bool], merged_right: list[bool], rounded_right:
     ({"logits": stats(max_abs=2e-3)}, {"max_abs_diff": 1e-3}, "--max-abs-diff"),
     ({"logits": stats(flips=10)}, {}, "top-1 check"),  # 10 flips against 1 from rounding: p = 12/2048
     ({"logits": stats(flips=3)}, {"min_top1": 0.98}, "--min-top1"),
+    ({"logits": replace(stats(max_abs=5e-4, flips=2), kl_mean=0.5)}, {"max_kl": 0.1}, "--max-kl"),
+    ({"logits": replace(stats(max_abs=5e-4, flips=2), ppl_ratio=1.5)}, {"max_ppl_ratio": 1.2}, "--max-ppl-ratio"),
+    ({"logits": replace(stats(max_abs=5e-4, flips=2), ppl_ratio=None)}, {"max_ppl_ratio": 1.2}, "no real text"),
     ({"layers": [layer(300.0)]}, {}, "--max-ulp"),
     ({"mc": answers([True] * 40, [False] * 8 + [True] * 32, [True] * 32 + [False] * 8)}, {}, "McNemar"),
     ({"mc": answers([True] * 20 + [False] * 20, [False] * 20 + [True] * 20, [True] * 20 + [False] * 20)}, {},
@@ -229,6 +234,33 @@ def test_each_threshold_fails_on_its_own(kwargs: dict[str, Any], overrides: dict
     assert judge(limits, **args, floor=FLOOR) == []
     failures = judge(limits, **{**args, **kwargs}, floor=FLOOR)
     assert len(failures) == 1 and flag in failures[0], failures
+
+
+def test_perplexity_ratio_on_the_texts_own_next_tokens() -> None:
+    """ppl = exp(mean NLL of each real position's next real token); padding predicts nothing."""
+    from d2merge.verify import Probes, compare_logits
+
+    reference = torch.log_softmax(torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0)), -1)
+    merged = reference.clone()
+    merged[..., 0] += 1.0  # the merged model prefers token 0 everywhere
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
+            width = input_ids.shape[1]  # batches come shortest first: find each row by its ids
+            rows = [next(i for i in range(len(ids)) if torch.equal(ids[i, :width], x)) for x in input_ids]
+            return type("Out", (), {"logits": merged[rows, :width]})()
+
+    ids = torch.tensor([[1, 0, 2, 3], [4, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    probes = Probes(ids, mask, {"source": "sentences", "positions": 6})
+    stats_ = compare_logits(Fixed(), probes, reference, batch_size=2)
+    targets = [(0, 0, 0), (0, 1, 2), (0, 2, 3), (1, 0, 1)]  # (row, position, next token): 4 predictions
+    for logits, ppl in ((reference, stats_.ppl_unmerged), (merged, stats_.ppl_merged)):
+        nll = -sum(float(torch.log_softmax(logits[r, p], -1)[t]) for r, p, t in targets) / 4
+        assert ppl == pytest.approx(math.exp(nll), rel=1e-6)
+    assert stats_.ppl_ratio == pytest.approx(stats_.ppl_merged / stats_.ppl_unmerged, rel=1e-9)
+    random = compare_logits(Fixed(), Probes(ids, mask, {"source": "random", "positions": 6}), reference, 2)
+    assert random.ppl_ratio is None and random.kl_mean == pytest.approx(stats_.kl_mean)
 
 
 def test_statistics_match_known_values() -> None:
@@ -262,7 +294,7 @@ def test_thresholds_overrides() -> None:
         thresholds_for("bf16"), max_gap_pp=0.25)
     assert thresholds_for("bf16").max_abs_diff is None  # the logit limit comes from the floor by default
     with pytest.raises(D2MergeError, match="unknown threshold"):
-        thresholds_for("fp32", {"max_kl": 1.0})
+        thresholds_for("fp32", {"max_kl_divergence": 1.0})
     floor = replace(FLOOR, max_abs_diff=0.2)
     assert resolve_limits(thresholds_for("bf16"), floor).max_abs_diff == pytest.approx(
         thresholds_for("bf16").floor_multiple * 0.2)
@@ -295,17 +327,21 @@ RESULT = {"dtype": str, "merged": (str, type(None)), "passed": bool, "failures":
           "top1_flips_p": NUMBER, "not_checked": list}
 LOGITS = {"positions": int, "max_abs_diff": NUMBER, "mean_abs_diff": NUMBER, "kl_mean": NUMBER, "kl_max": NUMBER,
           "top1_agreement": NUMBER, "argmax_flips": int, "probe_max_abs_diff": list, "probe_kl_mean": list,
-          "probe_top1_agreement": list, "abs_diff_counts": list}
+          "probe_top1_agreement": list, "abs_diff_counts": list,
+          "ppl_ratio": (NUMBER, type(None)),
+          "ppl_unmerged": (NUMBER, type(None)), "ppl_merged": (NUMBER, type(None))}
 MC = {"examples": int, "accuracy_unmerged": NUMBER, "accuracy_merged": NUMBER, "merge_gap_pp": NUMBER,
       "flipped": list, "right_to_wrong": int, "wrong_to_right": int, "gap_ci_pp": list, "mcnemar_p": NUMBER,
       "rounding_flips": int, "flips_vs_rounding_p": NUMBER}
 FLOOR_KEYS = {"logits": dict, "arithmetic": NUMBER, "max_abs_diff": NUMBER, "mc_flips": int}
 LIMITS = {"max_abs_diff": NUMBER, "max_abs_diff_from": str, "max_ulp": NUMBER, "alpha": NUMBER,
-          "min_top1": (NUMBER, type(None)), "max_gap_pp": (NUMBER, type(None))}
+          "min_top1": (NUMBER, type(None)), "max_gap_pp": (NUMBER, type(None)), "max_kl": (NUMBER, type(None)),
+          "max_ppl_ratio": (NUMBER, type(None))}
 LAYER = {"tensor": str, "module": str, "max_abs_error": NUMBER, "max_ulp_error": NUMBER,
          "max_ulp_error_at_value": NUMBER, "method": dict}
 THRESHOLDS = {"floor_multiple": NUMBER, "alpha": NUMBER, "max_ulp": NUMBER, "max_abs_diff": (NUMBER, type(None)),
-              "max_gap_pp": (NUMBER, type(None)), "min_top1": (NUMBER, type(None))}
+              "max_gap_pp": (NUMBER, type(None)), "min_top1": (NUMBER, type(None)), "max_kl": (NUMBER, type(None)),
+              "max_ppl_ratio": (NUMBER, type(None))}
 PROBES = {"source": str, "count": int, "length": int, "positions": int, "seed": (int, type(None)),
           "file": (str, type(None))}
 

@@ -42,9 +42,10 @@ class ExportOutcome:
 
 
 def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", options: MergeOptions | None = None,
-             progress: bool = False, genai_precision: str = "fp32", gguf_type: str = "f16", gguf_modelfile: bool = False) -> ExportOutcome:
+             progress: bool = False, genai_precision: str = "fp32", gguf_type: str = "f16", gguf_modelfile: bool = False,
+             gguf_imatrix: str | Path | None = None) -> ExportOutcome:
     """Merge and write ``out`` in the chosen format (``genai_precision``: fp32, fp16 or int4 for onnx-genai;
-    ``gguf_type`` and ``gguf_modelfile`` for gguf)."""
+    ``gguf_type``, ``gguf_modelfile`` and ``gguf_imatrix`` for gguf)."""
     from d2merge.export.hf_folder import merge_to_hf_folder as merge
 
     options = options or MergeOptions()
@@ -105,6 +106,6 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
         from d2merge.export.gguf import merge_to_gguf
 
         result, exported = merge_to_gguf(base, adapter, out, options, gguf_type=gguf_type, progress=progress,
-                                         modelfile=gguf_modelfile)
+                                         modelfile=gguf_modelfile, imatrix=gguf_imatrix)
         return ExportOutcome(format, exported.output, result, gguf=exported)
     raise D2MergeError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")

@@ -29,6 +29,7 @@ import math
 import os
 import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -41,11 +42,14 @@ from d2merge.errors import D2MergeError
 from d2merge.output_names import modelfile_for
 from d2merge.sizes import format_size
 
-# --gguf-type -> (GGML type of 2-D weights, llama.cpp's general.file_type). Only the types
-# gguf-py can produce in numpy; 1-D tensors (norms, biases) always stay F32, as in llama.cpp.
+# --gguf-type written by gguf-py in numpy -> (GGML type of 2-D weights, llama.cpp's general.file_type);
+# 1-D tensors (norms, biases) always stay F32, as in llama.cpp. Each is llama.cpp's file byte for
+# byte (tests/test_gguf_quant.py): q8_0 is llama.cpp's Q8_0 (whose mix is Q8_0 everywhere); the
+# ``_pure`` types are ``llama-quantize --pure`` (every 2-D weight in that type), not llama.cpp's
+# Q4_0..Q5_1 mix, which keeps the output/embedding at Q6_K: those are the llama.cpp types below.
 GGUF_TYPES: dict[str, tuple[str, int]] = {
     "f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
-    "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9),
+    "q4_0_pure": ("Q4_0", 2), "q4_1_pure": ("Q4_1", 3), "q5_0_pure": ("Q5_0", 8), "q5_1_pure": ("Q5_1", 9),
 }
 # HF architectures -> (gguf arch name, q/k permuted for llama.cpp's interleaved rope)
 ARCHITECTURES: dict[str, tuple[str, bool]] = {
@@ -83,11 +87,14 @@ class GGUFExportResult:
     bytes: int
     seconds: float
     modelfile: Path | None = None
+    f32_temp_bytes: int = 0  # the f32 GGUF llama.cpp's quantizer read (removed); 0: written directly
 
     def describe(self) -> str:
         extra = f" + {self.modelfile.name}" if self.modelfile else ""
+        via = (f", by llama.cpp's quantizer from a {format_size(self.f32_temp_bytes)} f32 temp"
+               if self.f32_temp_bytes else "")
         return (f"wrote {self.output}{extra} ({self.architecture}, {self.gguf_type}, {self.tensors} tensors, "
-                f"{format_size(self.bytes)}) in {self.seconds:.1f}s")
+                f"{format_size(self.bytes)}{via}) in {self.seconds:.1f}s")
 
 
 def _gguf() -> Any:
@@ -98,10 +105,56 @@ def _gguf() -> Any:
     return gguf
 
 
+def all_gguf_types() -> tuple[str, ...]:
+    """Every --gguf-type: gguf-py's, then those llama.cpp's quantizer writes (the gguf-llama extra)."""
+    from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
+
+    return (*GGUF_TYPES, *LLAMA_CPP_TYPES)
+
+
 def check_gguf_type(gguf_type: str) -> str:
-    if gguf_type not in GGUF_TYPES:
-        raise D2MergeError(f"unknown --gguf-type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    """``gguf_type`` if it is a type d2merge writes; one line otherwise. (Whether llama.cpp's quantizer
+    is installed for a llama.cpp type is checked with the other inputs, before any work.)"""
+    from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
+
+    if gguf_type not in GGUF_TYPES and gguf_type not in LLAMA_CPP_TYPES:
+        raise D2MergeError(f"unknown --gguf-type {gguf_type!r}; choose one of {', '.join(all_gguf_types())}",
+                           hint="docs/gguf.md says what each type is")
     return gguf_type
+
+
+def _file_type_code(gguf_type: str) -> int:
+    from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
+
+    return GGUF_TYPES[gguf_type][1] if gguf_type in GGUF_TYPES else LLAMA_CPP_TYPES[gguf_type]
+
+
+def _by_llama_cpp(gguf_type: str, imatrix: str | os.PathLike | None) -> bool:
+    """Whether llama.cpp's quantizer writes ``gguf_type`` (from an f32 temp); --imatrix only applies there."""
+    from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
+
+    if imatrix is not None and gguf_type not in LLAMA_CPP_TYPES:
+        raise D2MergeError(f"--imatrix applies to the types llama.cpp's quantizer writes, not {gguf_type}",
+                           hint=f"use one of {', '.join(LLAMA_CPP_TYPES)}, or drop --imatrix")
+    return gguf_type in LLAMA_CPP_TYPES
+
+
+def _prepare_llama_cpp(planned: list[_Planned], out_path: Path, gguf_type: str, imatrix: str | os.PathLike | None
+                       ) -> tuple[dict[str, np.ndarray] | None, int]:
+    """Before any work: the checked importance matrix, the f32 temp's size against the free space, llama.cpp."""
+    from d2merge.export.gguf_quant import check_free_space, check_imatrix, llama_cpp_module, needed_bytes
+
+    shapes = {p.name: tuple(reversed(p.shape)) for p in planned}  # ggml order: row length first
+    entries = None
+    if imatrix is not None:
+        from d2merge.io.imatrix_file import read_imatrix
+
+        entries = read_imatrix(imatrix)
+        check_imatrix(entries, shapes, Path(imatrix))
+    temp, output = needed_bytes(shapes.values())
+    check_free_space(out_path.absolute().parent, temp, output, out_path)
+    llama_cpp_module(gguf_type)
+    return entries, temp
 
 
 # ----- hyperparameters ------------------------------------------------------------------------
@@ -465,7 +518,7 @@ def _write_gguf(target: Path, *, arch: str, permute: bool, config: Mapping[str, 
         total = sum(math.prod(p.shape) for p in planned if p.source is not None)
         writer.add_size_label(gguf.size_label(total, total, 0, 0))
         add_hyperparameters(writer, config, arch)
-        writer.add_file_type(GGUF_TYPES[gguf_type][1])
+        writer.add_file_type(_file_type_code(gguf_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, tokenizer_folder, config["vocab_size"])
         writer.add_string(PROVENANCE_PREFIX + "version", __version__)
@@ -534,18 +587,22 @@ def _check_gguf_path(out_path: Path) -> None:
 
 def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type: str = "f16",
                 overwrite: bool = False, provenance: Mapping[str, str] | None = None, name: str | None = None,
-                modelfile: bool = False, progress: bool = False) -> GGUFExportResult:
+                modelfile: bool = False, progress: bool = False, imatrix: str | os.PathLike | None = None
+                ) -> GGUFExportResult:
     """Write the causal LM in the HF folder ``merged`` as one GGUF file at ``out``.
 
     ``provenance`` (method, settings, sources, ...) lands under ``d2merge.*`` keys beside
     ``d2merge.version``; without it the sha256 of the folder's weight files is recorded.
     ``modelfile`` also writes an Ollama ``<stem>.Modelfile`` next to the GGUF. The folder's shards are
-    read a block of rows at a time: memory does not grow with the model.
+    read a block of rows at a time: memory does not grow with the model. A type llama.cpp's
+    quantizer writes (K-quants, q4_0..q5_1) goes through an f32 temp beside ``out``; ``imatrix``
+    is its importance matrix (llama.cpp's format, checked against this model).
     """
     from d2merge.io.checkpoint import open_base
     from d2merge.io.output import AtomicFiles, check_output_location, disk_error
 
     check_gguf_type(gguf_type)
+    by_llama_cpp = _by_llama_cpp(gguf_type, imatrix)
     started = time.perf_counter()
     folder = Path(merged)
     out_path = Path(out)
@@ -558,17 +615,19 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
     out_path = check_output_location(out_path, [folder], overwrite=overwrite, is_file=True,
                                      sidecars=(modelfile_for(out_path).name,) if modelfile else ())
     names = sorted(checkpoint.tensors.keys())
-    planned = _plan_tensors([(n, tuple(checkpoint.tensors.info(n)[1])) for n in names], config, arch, gguf_type,
-                            folder)
+    planned = _plan_tensors([(n, tuple(checkpoint.tensors.info(n)[1])) for n in names], config, arch,
+                            "f32" if by_llama_cpp else gguf_type, folder)
+    entries, temp_bytes = _prepare_llama_cpp(planned, out_path, gguf_type, imatrix) if by_llama_cpp else (None, 0)
     sources = [p.source for p in planned if p.source is not None]
     sidecars = (modelfile_for(out_path).name,) if modelfile else ()
     with AtomicFiles(out_path, overwrite=overwrite, sidecars=sidecars) as staging:
         try:
-            _write_gguf(staging.staged, arch=arch, permute=permute, config=config,
-                        tokenizer_folder=checkpoint.folder, planned=planned,
-                        tensors=_folder_tensors(checkpoint, sources), gguf_type=gguf_type,
-                        name=name or out_path.stem, provenance=provenance or provenance_from_folder(folder),
-                        progress=progress)
+            with _written_by(staging.staged, out_path, gguf_type if by_llama_cpp else None, entries) as target:
+                _write_gguf(target, arch=arch, permute=permute, config=config,
+                            tokenizer_folder=checkpoint.folder, planned=planned,
+                            tensors=_folder_tensors(checkpoint, sources), gguf_type=gguf_type,
+                            name=name or out_path.stem, provenance=provenance or provenance_from_folder(folder),
+                            progress=progress)
             if modelfile:
                 write_modelfile(staging.staged, checkpoint.folder)
         except OSError as exc:
@@ -576,7 +635,27 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
         staging.commit()
     written_modelfile = modelfile_for(out_path) if modelfile else None
     return GGUFExportResult(out_path, gguf_type, arch, len(planned), out_path.stat().st_size,
-                            time.perf_counter() - started, written_modelfile)
+                            time.perf_counter() - started, written_modelfile, temp_bytes)
+
+
+@contextmanager
+def _written_by(staged: Path, out_path: Path, llama_cpp_type: str | None, imatrix: dict[str, np.ndarray] | None
+                ) -> Iterator[Path]:
+    """Where the GGUF writer writes: the staged output, or an f32 temp that llama.cpp then quantizes into it.
+
+    The temp lives in a ``.d2merge-tmp-`` folder beside the output: removed when this block
+    ends, however it ends, and by the next run after a kill.
+    """
+    if llama_cpp_type is None:
+        yield staged
+        return
+    from d2merge.export.gguf_quant import quantize
+    from d2merge.io.output import scratch_beside
+
+    with scratch_beside(out_path, "f32") as scratch:
+        f32 = Path(scratch) / out_path.name
+        yield f32
+        quantize(f32, staged, llama_cpp_type, imatrix=imatrix)
 
 
 def _progress(items: list[_Planned], enabled: bool) -> Iterator[_Planned]:
@@ -624,15 +703,17 @@ def merge_provenance(merge_plan: Any, hashes: Mapping[str, str]) -> dict[str, st
 
 
 def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any = None, *,
-                  gguf_type: str = "f16", progress: bool = False, modelfile: bool = False
-                  ) -> tuple[Any, GGUFExportResult]:
+                  gguf_type: str = "f16", progress: bool = False, modelfile: bool = False,
+                  imatrix: str | os.PathLike | None = None) -> tuple[Any, GGUFExportResult]:
     """Merge in fp32 straight into a GGUF: the engine hands each merged tensor to the writer.
 
     Nothing of the model is held or written twice: each tensor is merged (fp32, as
     ``merge --dtype fp32`` writes it), permuted and quantized a block of rows at a time, and
     unchanged tensors are read from the base in blocks. The sha256 of the sources, computed
     from the engine's reads, is written at the end into space the metadata reserved. The bytes
-    are those of ``export_gguf`` on the fp32 merged folder with this provenance.
+    are those of ``export_gguf`` on the fp32 merged folder with this provenance. A type
+    llama.cpp's quantizer writes is streamed into an f32 temp beside ``out`` first (``imatrix``:
+    its importance matrix).
     """
     from contextlib import closing
 
@@ -645,6 +726,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     from d2merge.plan import plan_for as plan
 
     check_gguf_type(gguf_type)
+    by_llama_cpp = _by_llama_cpp(gguf_type, imatrix)
     started = time.perf_counter()
     options = options or MergeOptions()
     out_path = Path(out)
@@ -661,8 +743,9 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
                                      overwrite=options.overwrite, is_file=True)
     by_name = {t.name: t for t in merge_plan.tensors}
     names = sorted(by_name)
-    planned = _plan_tensors([(n, tuple(by_name[n].shape)) for n in names], config, arch, gguf_type,
-                            merge_plan.base.folder)
+    planned = _plan_tensors([(n, tuple(by_name[n].shape)) for n in names], config, arch,
+                            "f32" if by_llama_cpp else gguf_type, merge_plan.base.folder)
+    entries, temp_bytes = _prepare_llama_cpp(planned, out_path, gguf_type, imatrix) if by_llama_cpp else (None, 0)
     items = [by_name[p.source] for p in planned if p.source is not None]
     labels = merge_plan.source_files()
     hasher = BackgroundHashes(labels) if options.hash_sources else None
@@ -697,11 +780,13 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
                 stream = stream_tensors(merge_plan, items, device=resolve_device(options.device), hasher=hasher)
                 with closing(stream):
                     try:
-                        _write_gguf(staging.staged, arch=arch, permute=permute, config=config,
-                                    tokenizer_folder=Path(support), planned=planned, tensors=streamed(stream),
-                                    gguf_type=gguf_type, name=out_path.stem, provenance=provenance,
-                                    final_sources=final_sources if hasher is not None else None,
-                                    progress=progress)
+                        with _written_by(staging.staged, out_path, gguf_type if by_llama_cpp else None,
+                                         entries) as target:
+                            _write_gguf(target, arch=arch, permute=permute, config=config,
+                                        tokenizer_folder=Path(support), planned=planned, tensors=streamed(stream),
+                                        gguf_type=gguf_type, name=out_path.stem, provenance=provenance,
+                                        final_sources=final_sources if hasher is not None else None,
+                                        progress=progress)
                         if modelfile:
                             write_modelfile(staging.staged, Path(support))
                     except OSError as exc:
@@ -714,7 +799,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     result = MergeResult(out_path, merge_plan, (out_path.name,), seconds, hashes)
     written_modelfile = modelfile_for(out_path) if modelfile else None
     exported = GGUFExportResult(out_path, gguf_type, arch, len(planned), out_path.stat().st_size, seconds,
-                                written_modelfile)
+                                written_modelfile, temp_bytes)
     return result, exported
 
 
@@ -761,18 +846,98 @@ def tensor_table(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], st
 # tensors in ulps of that dtype. Quantized tensors have no such dtype and are gated by logits only.
 EXACT_TENSOR_TYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # verify's column defaults for a file whose 2-D weights are stored exactly in that dtype.
-EXACT_FILE_TYPES = {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}
-# Logit gates of quantized files: (min top-1 agreement, max |logit diff| / largest |logit| of the
-# unmerged model). Sanity floors that catch a broken file (wrong weights agree on ~1/vocab of the
-# positions and differ by more than the logits' own size), not a quality promise; the same kind
-# of floor as the genai int4 gate. Measured on correct files (docs/gguf.md): tiny random models
-# q8_0 top-1 89-100% at 7-12% of the largest logit; SmolLM2-135M q8_0 92% at 6.1%, q4_0 20% at
-# 44% (real prompts and random probes). 4-bit rounding of tiny random weights (std 0.02) is
-# destructive (q4_0 top-1 28-50%, diff ~ the largest logit), so the q4/q5 floors are meant for
-# real models; q5 is not measured and sits between.
-QUANTIZED_GATES: dict[str, tuple[float, float]] = {
-    "q8_0": (0.5, 0.5), "q5_0": (0.1, 0.75), "q5_1": (0.1, 0.75), "q4_0": (0.1, 0.75), "q4_1": (0.1, 0.75),
+EXACT_FILE_TYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+# llama.cpp's file types (enum llama_ftype, written as general.file_type) -> the GGML type most of
+# their 2-D weights get (llama_ftype_get_default_type in llama.cpp's src/llama-quant.cpp).
+LLAMA_FILE_TYPES: dict[str, tuple[int, str]] = {
+    "f32": (0, "F32"), "f16": (1, "F16"), "bf16": (32, "BF16"), "q8_0": (7, "Q8_0"),
+    "q4_0": (2, "Q4_0"), "q4_1": (3, "Q4_1"), "q5_0": (8, "Q5_0"), "q5_1": (9, "Q5_1"),
+    "q2_k": (10, "Q2_K"), "q3_k_s": (11, "Q3_K"), "q3_k_m": (12, "Q3_K"), "q3_k_l": (13, "Q3_K"),
+    "q4_k_s": (14, "Q4_K"), "q4_k_m": (15, "Q4_K"), "q5_k_s": (16, "Q5_K"), "q5_k_m": (17, "Q5_K"),
+    "q6_k": (18, "Q6_K"), "iq4_nl": (25, "IQ4_NL"), "iq4_xs": (30, "IQ4_XS"),
 }
+# What llama.cpp writes instead for rows that are not whole 256-value blocks (tensor_type_fallback).
+LLAMA_FALLBACKS = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+                   "IQ4_XS": "IQ4_NL"}
+
+
+@dataclass(frozen=True)
+class QuantizedGate:
+    """How verify judges a quantized file of one type, on real text (never random tokens)."""
+
+    max_kl: float  # mean KL(unmerged fp32 || file) per position
+    min_top1: float  # top-1 agreement with the unmerged fp32 model
+    max_ppl_ratio: float  # perplexity file / unmerged on the text's own next tokens
+    max_rel_diff: float  # max |logit diff| / largest |logit| of the unmerged model
+
+
+# Quantized gates by file type, from the figures measured on SmolLM2-135M + a D2-LoRA merge on the
+# built-in sentences (docs/gguf.md, benchmarks/gguf_quality.py): max mean KL 3x the measured (at
+# least 0.02), min top-1 the measured less 15 points, max perplexity ratio 1 + 3x the measured
+# excess (at least 1.03). They catch a broken file (wrong weights: KL of several nats, top-1 near
+# 0), not a model that quantizes worse than SmolLM2; --max-kl / --min-top1 / --max-ppl-ratio /
+# --max-abs-diff set your own. Measured through transformers' reader (what verify runs): q8_0 KL
+# 0.0021 / top-1 96.8% / ppl 1.0068; q4_0_pure 0.620 / 50.5% / 1.387; q4_1_pure 0.081 / 80.0% /
+# 1.078; q5_0_pure 0.128 / 82.3% / 1.157; q5_1_pure 0.220 / 70.9% / 1.341. Measured in llama.cpp
+# (whose f16 cache and rounded activations add to the error, so these gates are looser than
+# verify's own view needs; max |logit diff| at 2-3x the measured): q2_k 0.598 / 63.6% / 1.443;
+# q3_k_m 0.163 / 75.0% / 1.162; q4_0 0.489 / 65.5% / 1.332; q4_k_s 0.072 / 83.6% / 1.069; q4_k_m
+# 0.071 / 85.5% / 1.051; q5_0 0.106 / 87.3% / 1.181; q5_k_s 0.087 / 80.9% / 1.139; q5_k_m 0.075 /
+# 83.6% / 1.080; q6_k 0.027 / 88.6% / 0.967; q3_k_s as q2_k (the same tensors on SmolLM2); q3_k_l
+# 0.192 / 71.8% / 1.225 (docs/gguf.md has the table). Types without a figure
+# this session get the gate of the nearest measured type with fewer bits, loosened.
+QUANTIZED_GATES: dict[str, QuantizedGate] = {
+    "q8_0": QuantizedGate(0.02, 0.8, 1.03, 0.5),
+    "q4_0_pure": QuantizedGate(1.9, 0.35, 2.2, 1.5), "q4_1_pure": QuantizedGate(0.25, 0.65, 1.25, 1.5),
+    "q5_0_pure": QuantizedGate(0.4, 0.67, 1.5, 1.5), "q5_1_pure": QuantizedGate(0.7, 0.55, 2.1, 1.5),
+    "q2_k": QuantizedGate(1.8, 0.48, 2.35, 1.5), "q3_k_s": QuantizedGate(1.8, 0.48, 2.35, 1.5),
+    "q3_k_m": QuantizedGate(0.49, 0.6, 1.49, 1.0), "q3_k_l": QuantizedGate(0.58, 0.56, 1.68, 1.0),
+    "q4_0": QuantizedGate(1.5, 0.5, 2.0, 1.5), "q5_0": QuantizedGate(0.32, 0.72, 1.55, 0.8),
+    "q4_k_s": QuantizedGate(0.22, 0.68, 1.21, 0.6), "q4_k_m": QuantizedGate(0.22, 0.7, 1.16, 0.6),
+    "q5_k_s": QuantizedGate(0.26, 0.65, 1.42, 0.8), "q5_k_m": QuantizedGate(0.23, 0.68, 1.25, 0.8),
+    "q6_k": QuantizedGate(0.09, 0.73, 1.06, 0.5),
+    # not measured this session: from the nearest measured type with fewer bits, loosened
+    "q4_1": QuantizedGate(1.5, 0.5, 2.0, 1.5), "q5_1": QuantizedGate(0.7, 0.55, 2.1, 1.5),
+    "iq4_nl": QuantizedGate(1.5, 0.5, 2.0, 1.5), "iq4_xs": QuantizedGate(1.5, 0.5, 2.0, 1.5),
+}
+# The loosest of them: a mix no file type names (the GGML type that dominates it decides nothing).
+LOOSEST_GATE = QuantizedGate(max(g.max_kl for g in QUANTIZED_GATES.values()),
+                             min(g.min_top1 for g in QUANTIZED_GATES.values()),
+                             max(g.max_ppl_ratio for g in QUANTIZED_GATES.values()),
+                             max(g.max_rel_diff for g in QUANTIZED_GATES.values()))
+
+
+def file_type_from_tensors(table: Mapping[str, tuple[tuple[int, ...], str]], file_type: Any = None,
+                           path: Path | None = None) -> tuple[str, str | None]:
+    """(the file's type name, its exact dtype or None) from the GGML types of its 2-D tensors.
+
+    Never from ``d2merge.gguf_type``: llama.cpp's quantizer copies every key of its input, so
+    a Q4_K_M made from our f32 file still says f32 there. A file whose 2-D weights are all
+    F32/F16/BF16 is exact (judged by the least precise of them); otherwise it is quantized and
+    named by ``file_type`` (llama.cpp's ``general.file_type``) only if that type's GGML type, or
+    llama.cpp's fallback for it, is among its weights' types, else by the GGML type that holds
+    most of its quantized weights.
+    """
+    elements: dict[str, int] = {}
+    for shape, kind in table.values():
+        if len(shape) >= 2:
+            elements[kind] = elements.get(kind, 0) + math.prod(shape)
+    if not elements:
+        raise D2MergeError("the GGUF file has no 2-D weight tensors", path=path)
+    if set(elements) <= set(EXACT_FILE_TYPES):
+        kind = next(k for k in ("BF16", "F16", "F32") if k in elements)
+        return kind.lower(), EXACT_FILE_TYPES[kind]
+    quantized = {k: v for k, v in elements.items() if k not in EXACT_FILE_TYPES}
+    dominant = max(sorted(quantized), key=lambda k: quantized[k])
+    named = next((name for name, (code, kind) in LLAMA_FILE_TYPES.items() if code == file_type), None)
+    if named is not None and {LLAMA_FILE_TYPES[named][1], LLAMA_FALLBACKS.get(LLAMA_FILE_TYPES[named][1])} & set(quantized):
+        return named, None
+    return dominant.lower(), None
+
+
+def quantized_gate(gguf_type: str) -> QuantizedGate:
+    """The gate of a quantized file type; the loosest one for a mix no file type names."""
+    return QUANTIZED_GATES.get(gguf_type, LOOSEST_GATE)
 
 
 class GGUFWeights:
@@ -812,6 +977,7 @@ class GGUFForVerify:
     architecture: str  # the GGUF's (llama, qwen2, qwen3)
     blocks: int
     tensor_types: dict[str, str]  # GGUF tensor name -> GGML type name
+    exact_dtype: str | None = None  # fp32/fp16/bf16 when every 2-D weight is stored exactly (from the tensors)
 
     @property
     def label(self) -> str:
@@ -845,7 +1011,7 @@ class GGUFForVerify:
     @property
     def floor_dtype(self) -> str | None:
         """The dtype whose rounding floor verify judges this file by; None for quantized files."""
-        return EXACT_FILE_TYPES.get(self.gguf_type)
+        return self.exact_dtype
 
     def thresholds(self, reference_max_abs: float) -> Any:
         """verify's limits for this file (``reference_max_abs``: the largest |logit| of the unmerged model)."""
@@ -853,29 +1019,26 @@ class GGUFForVerify:
 
         if self.floor_dtype is not None:
             return DEFAULT_THRESHOLDS[self.floor_dtype]
-        min_top1, max_rel = QUANTIZED_GATES[self.gguf_type]
-        # No rounding floor for block formats: fixed limits. F16 fallbacks in a quantized file are
-        # checked like an fp16 merge; answers flipped on --mc-eval are judged by McNemar's test.
+        gate = quantized_gate(self.gguf_type)
+        # No rounding floor for block formats: fixed limits on real text. F16 fallbacks in a quantized
+        # file are checked like an fp16 merge; answers flipped on --mc-eval are judged by McNemar's test.
         fp16 = DEFAULT_THRESHOLDS["fp16"]
         return Thresholds(floor_multiple=fp16.floor_multiple, alpha=fp16.alpha, max_ulp=fp16.max_ulp,
-                          max_abs_diff=max_rel * reference_max_abs, min_top1=min_top1)
+                          max_abs_diff=gate.max_rel_diff * reference_max_abs, min_top1=gate.min_top1,
+                          max_kl=gate.max_kl, max_ppl_ratio=gate.max_ppl_ratio)
 
 
 def gguf_for_verify(path: str | os.PathLike) -> GGUFForVerify:
-    """A GGUF's type and per-tensor storage, read once for verify; one-line refusal otherwise."""
+    """A GGUF's type (from its tensors' GGML types) and per-tensor storage, read once for verify."""
     path = Path(path)
     metadata, table = read_gguf(path)
     arch = metadata.get("general.architecture")
     if arch not in {a for a, _ in ARCHITECTURES.values()}:
         raise D2MergeError(f"verify reads GGUF files of the llama, qwen2 and qwen3 architectures, not {arch!r}",
                            path=path)
-    by_file_type = {code: name for name, (_, code) in GGUF_TYPES.items()}
-    gguf_type = metadata.get(PROVENANCE_PREFIX + "gguf_type") or by_file_type.get(metadata.get("general.file_type"))
-    if gguf_type not in GGUF_TYPES:
-        raise D2MergeError(f"GGUF file type {metadata.get('general.file_type')!r} is not one d2merge writes",
-                           path=path, hint=f"verify checks {', '.join(GGUF_TYPES)}")
+    gguf_type, exact = file_type_from_tensors(table, metadata.get("general.file_type"), path)
     return GGUFForVerify(path, gguf_type, arch, int(metadata.get(f"{arch}.block_count") or 0),
-                         {name: kind for name, (_, kind) in table.items()})
+                         {name: kind for name, (_, kind) in table.items()}, exact)
 
 
 ProgressHook = Callable[[str], None]

@@ -115,6 +115,12 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
                                hint="pass --prompts FILE")
         probes = random_probes(vocab_size, count=options.num_probes, length=options.probe_length, seed=options.seed)
     check_probe_positions(base_ckpt.config, probes, location=base_ckpt.location)
+    if exported is not None and exported.floor_dtype is None and probes.description["source"] == "random":
+        # On random tokens a model's predictions are flat and near-tied: what a quantized file does to
+        # them says little about what users see, so its gates are set and judged on real text.
+        raise D2MergeError(f"{exported.label} is quantized and judged on real text, not random tokens",
+                           path=merged, hint="pass --prompts FILE, or use a base with a tokenizer and "
+                                             "--probe-source auto/sentences")
     encoded = None
     if examples is not None:
         encoded = encode_choices(tokenizer, examples)

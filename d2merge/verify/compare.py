@@ -5,6 +5,7 @@ Statistics are taken on real tokens only (never padding), one sequence at a time
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Sequence
 
 import torch
@@ -63,6 +64,8 @@ def compare_logits(model: nn.Module, probes: Probes, reference: torch.Tensor, ba
     per_probe: dict[int, tuple[float, float, float]] = {}
     edges = torch.tensor(ABS_DIFF_EDGES, dtype=torch.float32)
     counts = torch.zeros(len(ABS_DIFF_EDGES) + 1, dtype=torch.int64)
+    nll_unmerged, nll_merged, predicted = 0.0, 0.0, 0
+    text = probes.description.get("source") in ("sentences", "prompts")  # real text: its next tokens
     for rows, ids, mask in _batches(probes, batch_size):
         logits = model(input_ids=ids, attention_mask=mask).logits
         for row in range(logits.shape[0]):
@@ -83,15 +86,24 @@ def compare_logits(model: nn.Module, probes: Probes, reference: torch.Tensor, ba
             row_agree = int((unmerged.argmax(-1) == merged.argmax(-1)).sum())
             agree += row_agree
             per_probe[rows[row]] = (row_max, float(kl.mean(dtype=torch.float64)), row_agree / max(kl.numel(), 1))
+            if text:  # each real position predicts the next real token (right padding: a prefix)
+                targets = ids[row][real][1:]
+                nll_unmerged -= float(log_u[:-1].gather(-1, targets[:, None]).sum(dtype=torch.float64))
+                nll_merged -= float(log_m[:-1].gather(-1, targets[:, None]).sum(dtype=torch.float64))
+                predicted += targets.numel()
         del logits
     positions = probes.description["positions"]
+    ppl = {}
+    if predicted:
+        ppl = {"ppl_unmerged": math.exp(nll_unmerged / predicted), "ppl_merged": math.exp(nll_merged / predicted),
+               "ppl_ratio": math.exp((nll_merged - nll_unmerged) / predicted)}
     return LogitStats(positions=positions, max_abs_diff=max_abs, mean_abs_diff=sum_abs / max(count, 1),
                       kl_mean=kl_sum / max(positions, 1), kl_max=kl_max, top1_agreement=agree / max(positions, 1),
                       argmax_flips=positions - agree,
                       probe_max_abs_diff=[per_probe[i][0] for i in sorted(per_probe)],
                       probe_kl_mean=[per_probe[i][1] for i in sorted(per_probe)],
                       probe_top1_agreement=[per_probe[i][2] for i in sorted(per_probe)],
-                      abs_diff_counts=[int(c) for c in counts])
+                      abs_diff_counts=[int(c) for c in counts], **ppl)
 
 
 def mc_result(examples: Sequence[MCExample], unmerged: Sequence[Sequence[float]],

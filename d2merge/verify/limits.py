@@ -114,7 +114,8 @@ def resolve_limits(thresholds: Thresholds, floor: RoundingFloor | None) -> Limit
         max_abs, source = thresholds.floor_multiple * floor.max_abs_diff, "floor"
     else:
         max_abs, source = 0.0, "not run"
-    return Limits(max_abs, source, thresholds.max_ulp, thresholds.alpha, thresholds.min_top1, thresholds.max_gap_pp)
+    return Limits(max_abs, source, thresholds.max_ulp, thresholds.alpha, thresholds.min_top1, thresholds.max_gap_pp,
+                  thresholds.max_kl, thresholds.max_ppl_ratio)
 
 
 def top1_flips_p(logits: LogitStats | None, floor: RoundingFloor | None) -> float | None:
@@ -155,6 +156,15 @@ def judge(limits: Limits, logits: LogitStats | None, mc: MCResult | None, layers
     if logits is not None and limits.min_top1 is not None and not logits.top1_agreement >= limits.min_top1:
         failures.append(f"top-1 check: agreement {100 * logits.top1_agreement:.2f}% < "
                         f"{100 * limits.min_top1:.2f}% (--min-top1)")
+    if logits is not None and limits.max_kl is not None and not logits.kl_mean <= limits.max_kl:
+        failures.append(f"KL check: mean KL(unmerged || merged) {logits.kl_mean:.3g} > {limits.max_kl:g} (--max-kl)")
+    if logits is not None and limits.max_ppl_ratio is not None:
+        if logits.ppl_ratio is None:
+            failures.append("perplexity check: no real text to measure it on (--prompts FILE, or the built-in "
+                            "sentences; not --probe-source random) (--max-ppl-ratio)")
+        elif not logits.ppl_ratio <= limits.max_ppl_ratio:
+            failures.append(f"perplexity check: merged / unmerged {logits.ppl_ratio:.4g} > {limits.max_ppl_ratio:g} "
+                            "(--max-ppl-ratio)")
     if mc is not None:
         low, high = mc.gap_ci_pp
         if mc.mcnemar_p < limits.alpha:

@@ -157,6 +157,11 @@ def format_report(report: VerifyReport, *, failures: bool = True) -> str:
     row("  rounding floor", [floor_cell(r, lambda f: _fmt_sci(f.logits.kl_mean)) for r in results])
     row("KL max", [_fmt_sci(r.logits.kl_max) if r.logits else "-" for r in results])
     row("top-1 agreement", [_fmt_pct(r.logits.top1_agreement) if r.logits else "-" for r in results])
+    if any(r.logits is not None and r.logits.ppl_ratio is not None for r in results):
+        row("perplexity merged / unmerged", [f"{r.logits.ppl_ratio:.4f}" if r.logits and r.logits.ppl_ratio
+                                             is not None else "-" for r in results])
+        row("  perplexity unmerged", [f"{r.logits.ppl_unmerged:.3f}" if r.logits and r.logits.ppl_unmerged
+                                      is not None else "-" for r in results])
     row("argmax flips", [str(r.logits.argmax_flips) if r.logits else "-" for r in results])
     row("  rounding floor", [floor_cell(r, lambda f: str(f.logits.argmax_flips)) for r in results])
     row("  p (more than rounding)", [f"{r.top1_flips_p:.3g}" if r.top1_flips_p is not None else "-"
@@ -190,6 +195,12 @@ def format_report(report: VerifyReport, *, failures: bool = True) -> str:
     if any(r.thresholds.min_top1 is not None for r in results):
         row("limits: min top-1", [_fmt_pct(r.thresholds.min_top1) if r.thresholds.min_top1 is not None else "-"
                                   for r in results])
+    if any(r.thresholds.max_kl is not None for r in results):
+        row("limits: max KL mean", [f"{r.thresholds.max_kl:g}" if r.thresholds.max_kl is not None else "-"
+                                    for r in results])
+    if any(r.thresholds.max_ppl_ratio is not None for r in results):
+        row("limits: max perplexity ratio", [f"{r.thresholds.max_ppl_ratio:g}" if r.thresholds.max_ppl_ratio
+                                             is not None else "-" for r in results])
     if any(r.thresholds.max_gap_pp is not None for r in results):
         row("limits: max |gap| (pp)", [f"{r.thresholds.max_gap_pp:g}" if r.thresholds.max_gap_pp is not None
                                        else "-" for r in results])

@@ -32,6 +32,11 @@ class LogitStats:
     probe_top1_agreement: list[float] = field(default_factory=list)
     # How many |logit differences| (every real position x vocabulary entry) fall in each bin of ABS_DIFF_EDGES.
     abs_diff_counts: list[int] = field(default_factory=list)
+    # Perplexity of each model on the probes' own next tokens, and merged / unmerged: only for real
+    # text (sentences, --prompts), where the next token is what a user's text would have.
+    ppl_unmerged: float | None = None
+    ppl_merged: float | None = None
+    ppl_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,8 @@ class Limits:
     alpha: float
     min_top1: float | None
     max_gap_pp: float | None
+    max_kl: float | None = None
+    max_ppl_ratio: float | None = None
 
 @dataclass(frozen=True)
 class LayerCheck:
