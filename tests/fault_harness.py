@@ -31,7 +31,7 @@ replaces; another adapter or seed). ``output`` is the output's name in its run f
 name, or a file name with its suffix). ``overwrite`` is what makes the command replace an existing
 output (``()`` for a report that is always replaced). Inputs the command needs beyond
 :class:`Inputs`' defaults go in ``needs`` (``"bpe"``: the tiny base with SmolLM2's byte-level
-tokenizer that GGUF needs). ``cost="slow"`` marks a command of a second or more (GGUF, ONNX,
+tokenizer that GGUF needs; ``"llama_cpp"``: skipped without llama-cpp-python). ``cost="slow"`` marks a command of a second or more (GGUF, ONNX,
 verify): CI runs only its ``--overwrite`` case, one point per fault; ``cost="full"`` runs it only
 in the full sweep.
 
@@ -97,6 +97,9 @@ class OutputKind:
     cost: str = "fast"
     # independent outputs inside the output, each whole on its own (merge-many's jobs); () for one
     parts: tuple[str, ...] = ()
+    # what its one-line error on a full disk may say: the write's ENOSPC, or a refusal before any
+    # write where the command checks free space first (the K-quant temp)
+    disk_full: tuple[str, ...] = (NO_SPACE,)
 
     def argv(self, inputs: Inputs, out: Path, *, previous: bool = False, overwrite: bool = False) -> list[str]:
         return [str(a) for a in self.command(inputs, out, previous)] + (list(self.overwrite) if overwrite else [])
@@ -118,6 +121,9 @@ KINDS = [
     OutputKind("safetensors", "out.safetensors", lambda i, out, p: _merge(i, out, p, "--format", "safetensors")),
     OutputKind("gguf-f16", "out.gguf", _gguf("f16"), needs=("bpe",), cost="slow"),
     OutputKind("gguf-q8_0", "out.gguf", _gguf("q8_0"), needs=("bpe",), cost="slow"),
+    # llama.cpp's quantizer on an f32 temp beside the output (issue 32); skipped without llama-cpp-python
+    OutputKind("gguf-q4_k_m", "out.gguf", _gguf("q4_k_m"), needs=("bpe", "llama_cpp"), cost="slow",
+               disk_full=(NO_SPACE, "free beside the output")),
     # the graph's validation (ONNX Runtime against PyTorch) runs before the commit like any other step;
     # skipped here to keep a run at a second
     OutputKind("onnx", "model.onnx", lambda i, out, p: [

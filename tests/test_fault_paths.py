@@ -62,6 +62,8 @@ def inputs_for(base_inputs: Inputs, request: pytest.FixtureRequest,
     made: dict[str, Inputs] = {}
 
     def inputs(kind: OutputKind) -> Inputs:
+        if "llama_cpp" in kind.needs:
+            pytest.importorskip("llama_cpp", reason="llama-cpp-python (the gguf-llama extra) is not installed")
         if "bpe" not in kind.needs:
             return base_inputs
         if "bpe" not in made:
@@ -200,7 +202,7 @@ def test_full_disk_gives_one_line_and_leaves_nothing(kind: OutputKind, overwrite
                 assert visible(run_dir) == ref.new, f"{what}: exit 0 with an output that is not the clean run's"
             else:
                 failed += 1
-                one_line_error(ran, NO_SPACE, kind=kind)
+                one_line_error(ran, *kind.disk_full, kind=kind)
                 assert visible(run_dir) == (ref.previous if overwrite else None), f"{what}: the output changed"
                 assert leftovers(run_dir) == [], f"{what}: left {leftovers(run_dir)}"
             mount.remount(f"size={BIG}")
