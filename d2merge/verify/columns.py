@@ -7,8 +7,10 @@ their :class:`MergedModel` says: its label, how it loads, which tensors it store
 (for exports) its limits.
 
 Memory: the unmerged model runs first, its logits and scores are kept, and it is freed before
-any other model loads; each column then loads one model at a time (the floor's, then the
-merged one), so at most one model is resident (``benchmarks/verify_memory.py`` measures it).
+any other model opens; each column then opens one model at a time (the floor's, then the
+merged one). Each runs one decoder block at a time (``verify.streamed``), so at most one block
+is resident; an architecture that cannot be split runs whole (``benchmarks/verify_memory.py``
+measures both).
 """
 
 from __future__ import annotations
@@ -19,34 +21,34 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
-from torch import nn
 
 from d2merge.io.adapter import Adapter
 from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.plan import MergePlan
 from d2merge.tasks import MCExample, choice_scores, predictions
 from d2merge.verify.compare import compare_logits, mc_result, probe_logits
-from d2merge.verify.limits import VERIFY_DTYPES, apply_rounding, judge, resolve_limits, rounding_floor, top1_flips_p
+from d2merge.verify.limits import VERIFY_DTYPES, judge, resolve_limits, rounding_floor, top1_flips_p
 from d2merge.verify.probes import Probes
 from d2merge.verify.results import DtypeResult, RoundingFloor, WeightCheck
 from d2merge.verify.weights import check_weights
 from d2merge.verify_options import Thresholds, VerifyOptions
 
-LoadModel = Callable[..., nn.Module]  # (location, *, allow_pickle) -> an fp32 transformers model
+OpenModel = Callable[..., Any]  # (checkpoint, adapter=None, rounding=None) -> a d2merge.forward.Forward
 
 
 @dataclass
 class Unmerged:
     """The unmerged model's side of every column: its logits and scores, and its rounded twin for the floor.
 
-    ``load_model`` is how every transformers model of the run loads (``d2merge.runtime.load_fp32_model``).
+    ``open_model`` is how every transformers model of the run opens: block by block where the
+    architecture allows (``verify.streamed.open_forward``), else whole.
     """
 
     base: BaseCheckpoint
     adapter: Adapter
     probes: Probes
     options: VerifyOptions
-    load_model: LoadModel
+    open_model: OpenModel
     say: Callable[[str], None]
     examples: Sequence[MCExample] | None = None
     tokenizer: Any = None
@@ -54,15 +56,14 @@ class Unmerged:
     logits: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     scores: list[list[float]] | None = None
 
-    def model(self, rounded_to: torch.dtype | None = None, rewritten: set[str] | None = None) -> nn.Module:
-        from d2merge.runtime import attach_adapter
+    def model(self, rounded_to: torch.dtype | None = None, rewritten: set[str] | None = None) -> Any:
+        from d2merge.verify.streamed import Rounding
 
-        model = self.load_model(self.base.location, allow_pickle=self.options.allow_pickle)
-        if rounded_to is not None:
-            apply_rounding(model, rewritten or set(), rounded_to, seed=self.options.seed)
-        return attach_adapter(model, self.adapter).eval()
+        rounding = (Rounding(rounded_to, frozenset(rewritten or ()), self.options.seed)
+                    if rounded_to is not None else None)
+        return self.open_model(self.base, adapter=self.adapter, rounding=rounding)
 
-    def scores_of(self, model: nn.Module) -> list[list[float]] | None:
+    def scores_of(self, model: Any) -> list[list[float]] | None:
         if self.examples is None:
             return None
         return choice_scores(model, self.tokenizer, self.examples, reduction=self.options.mc_score,
@@ -120,7 +121,7 @@ class MergedFolder:
     checkpoint: BaseCheckpoint
     dtype: str
     shown: str | None
-    load: Callable[[], nn.Module]
+    load: Callable[[], Any]  # the merged model, block-streamed or whole (a d2merge.forward.Forward)
     say: Callable[[str], None]
     weights_first: bool = True
 
@@ -136,7 +137,7 @@ class MergedFolder:
         self.say(f"checking the merged weights against fp64 ({self.dtype})")
         return WeightCheck(*check_weights(merge_plan, self.checkpoint))
 
-    def load_model(self) -> nn.Module:
+    def load_model(self) -> Any:
         self.say(f"running the merged model ({self.dtype})")
         return self.load()
 

@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from d2merge.forward import Call, Forward, as_forward
 from d2merge.tasks import MCExample, accuracy, predictions
 from d2merge.verify.probes import Probes
 from d2merge.verify.results import FlippedAnswer, LogitStats, MCResult
@@ -36,48 +37,66 @@ def _batches(probes: Probes, batch_size: int) -> Iterator[tuple[list[int], torch
         yield rows, probes.input_ids[rows, :width], mask[:, :width]
 
 
-@torch.no_grad()
-def probe_logits(model: nn.Module, probes: Probes, batch_size: int) -> torch.Tensor:
-    """fp32 logits of every probe at the probes' full width; only positions the mask marks real are meaningful."""
-    out: torch.Tensor | None = None
+def probe_calls(probes: Probes, batch_size: int) -> tuple[list[list[int]], list[Call]]:
+    """The probe rows of each forward pass and the calls that run them (see ``_batches``)."""
+    rows_of, calls = [], []
     for rows, ids, mask in _batches(probes, batch_size):
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        if out is None:  # padding columns a batch did not run stay zero (never compared)
-            out = logits.new_zeros((*probes.input_ids.shape, logits.shape[-1]))
-        out[rows, : ids.shape[1]] = logits
-    assert out is not None
-    return out
+        rows_of.append(rows)
+        calls.append(Call(ids, mask))
+    return rows_of, calls
 
 
 @torch.no_grad()
-def compare_logits(model: nn.Module, probes: Probes, reference: torch.Tensor, batch_size: int) -> LogitStats:
+def probe_logits(model: nn.Module | Forward, probes: Probes, batch_size: int) -> torch.Tensor:
+    """fp32 logits of every probe at the probes' full width; only positions the mask marks real are meaningful."""
+    rows_of, calls = probe_calls(probes, batch_size)
+    found: dict[str, torch.Tensor] = {}
+
+    def keep(index: int, logits: torch.Tensor) -> None:
+        logits = logits.float().cpu()
+        if "out" not in found:  # padding columns a batch did not run stay zero (never compared)
+            found["out"] = logits.new_zeros((*probes.input_ids.shape, logits.shape[-1]))
+        found["out"][rows_of[index], : calls[index].input_ids.shape[1]] = logits
+
+    as_forward(model).run(calls, keep)
+    return found["out"]
+
+
+@torch.no_grad()
+def compare_logits(model: nn.Module | Forward, probes: Probes, reference: torch.Tensor, batch_size: int
+                   ) -> LogitStats:
     """Run ``model`` batch by batch and compare with the unmerged logits on real positions only.
 
     Statistics are taken one sequence at a time: a whole batch of fp32 log-softmaxes over a
     large vocabulary would cost more memory than the rest of verify besides the model.
     """
-    max_abs, sum_abs, count, kl_sum, kl_max, agree = 0.0, 0.0, 0, 0.0, 0.0, 0
-    for rows, ids, mask in _batches(probes, batch_size):
-        logits = model(input_ids=ids, attention_mask=mask).logits
+    rows_of, calls = probe_calls(probes, batch_size)
+    totals = {"max_abs": 0.0, "sum_abs": 0.0, "count": 0, "kl_sum": 0.0, "kl_max": 0.0, "agree": 0}
+
+    def compare(index: int, logits: torch.Tensor) -> None:
+        rows, mask, width = rows_of[index], calls[index].attention_mask, calls[index].input_ids.shape[1]
+        logits = logits.cpu()
         for row in range(logits.shape[0]):
             real = mask[row].bool()
             merged = logits[row][real].float()
-            unmerged = reference[rows[row], : ids.shape[1]][real]
+            unmerged = reference[rows[row], :width][real]
             diff = (unmerged - merged).abs_()
-            max_abs = max(max_abs, float(diff.max()))
-            sum_abs += float(diff.sum(dtype=torch.float64))
-            count += diff.numel()
+            totals["max_abs"] = max(totals["max_abs"], float(diff.max()))
+            totals["sum_abs"] += float(diff.sum(dtype=torch.float64))
+            totals["count"] += diff.numel()
             del diff
             log_u, log_m = torch.log_softmax(unmerged, -1), torch.log_softmax(merged, -1)
             kl = (log_u.exp() * (log_u - log_m)).sum(-1).clamp_min(0)
-            kl_sum += float(kl.sum(dtype=torch.float64))
-            kl_max = max(kl_max, float(kl.max()))
-            agree += int((unmerged.argmax(-1) == merged.argmax(-1)).sum())
-        del logits
-    positions = probes.description["positions"]
-    return LogitStats(positions=positions, max_abs_diff=max_abs, mean_abs_diff=sum_abs / max(count, 1),
-                      kl_mean=kl_sum / max(positions, 1), kl_max=kl_max, top1_agreement=agree / max(positions, 1),
-                      argmax_flips=positions - agree)
+            totals["kl_sum"] += float(kl.sum(dtype=torch.float64))
+            totals["kl_max"] = max(totals["kl_max"], float(kl.max()))
+            totals["agree"] += int((unmerged.argmax(-1) == merged.argmax(-1)).sum())
+
+    as_forward(model).run(calls, compare)
+    positions, agree = probes.description["positions"], int(totals["agree"])
+    return LogitStats(positions=positions, max_abs_diff=float(totals["max_abs"]),
+                      mean_abs_diff=float(totals["sum_abs"]) / max(int(totals["count"]), 1),
+                      kl_mean=float(totals["kl_sum"]) / max(positions, 1), kl_max=float(totals["kl_max"]),
+                      top1_agreement=agree / max(positions, 1), argmax_flips=positions - agree)
 
 
 def mc_result(examples: Sequence[MCExample], unmerged: Sequence[Sequence[float]],

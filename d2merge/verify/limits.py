@@ -8,6 +8,7 @@ every check that fails.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import fields, replace
 from typing import Mapping, Sequence
 
@@ -73,16 +74,28 @@ def apply_rounding(model: nn.Module, rewritten: set[str], dtype: torch.dtype, *,
     what rounding to nearest leaves. Casting those instead would cost nothing on a base already
     stored in ``dtype`` (SmolLM2 ships bf16), yet the merge rounds them afresh.
     """
-    generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
-        if not param.is_floating_point():
-            continue
-        if name in rewritten:
-            step = ulp(param.data, dtype).to(param.dtype)
-            param.add_((torch.rand(param.shape, generator=generator, dtype=param.dtype) - 0.5) * step)
-        elif dtype != param.dtype:
-            param.copy_(param.to(dtype).to(param.dtype))
+        round_parameter(name, param, rewritten, dtype, seed=seed)
     return model
+
+
+@torch.no_grad()
+def round_parameter(name: str, param: torch.Tensor, rewritten: set[str], dtype: torch.dtype, *, seed: int) -> None:
+    """``apply_rounding`` for one parameter, in place.
+
+    Each rewritten tensor's draw is seeded by (seed, its name), not by its place in one
+    sequence of draws: the block-streamed models (``verify.streamed``) round each block when it
+    loads, and must draw what the whole model draws.
+    """
+    if not param.is_floating_point() or param.is_meta:
+        return
+    if name in rewritten:
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        step = ulp(param.data, dtype).to(param.dtype)
+        noise = torch.rand(param.shape, generator=generator, dtype=param.dtype).to(param.device)
+        param.add_((noise - 0.5) * step.to(param.device))
+    elif dtype != param.dtype:
+        param.copy_(param.to(dtype).to(param.dtype))
 
 
 def rounding_floor(logits: LogitStats, reference: torch.Tensor, probes: Probes, mc_flips: int | None
