@@ -30,6 +30,13 @@ Then the negative case: one q_proj of the merged file scaled by 1.01 in place mu
 
     python benchmarks/verify_memory.py --shape 1.1b --workdir /tmp/vm11 --json vm11.json
     nice -n 10 python benchmarks/verify_memory.py --shape 7b --workdir /tmp/vm7 > vm7.txt 2>&1
+
+``--mc-base FOLDER`` (a real model with a tokenizer, e.g. SmolLM2-135M) measures
+``d2merge verify BASE ADAPTER --mc-eval`` on 200 English-task items (a random LoRA r=8 on all
+linear layers, merged on the fly) with this checkout and with ``--before CHECKOUT`` (whole
+models, before streaming), each in its own process: time and peak RSS.
+
+    python benchmarks/verify_memory.py --mc-base ~/.cache/d2merge/paper-table/smollm2-135m-instruct --before /work/main
 """
 
 from __future__ import annotations
@@ -128,7 +135,13 @@ def main() -> None:
     parser.add_argument("--no-negative", dest="negative", action="store_false",
                         help="--shape: skip the q_proj x 1.01 run that must fail")
     parser.add_argument("--keep", action="store_true", help="--shape: keep --workdir's models")
+    parser.add_argument("--mc-base", type=Path, default=None,
+                        help="measure verify --mc-eval (200 items) on this real base instead (see above)")
+    parser.add_argument("--before", type=Path, default=None, help="--mc-base: the checkout measured as 'before'")
     args = parser.parse_args()
+    if args.mc_base:
+        mc_before_after(args)
+        return
     if args.shape:
         at_scale(args)
         return
@@ -296,6 +309,45 @@ def at_scale(args: argparse.Namespace) -> None:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
     finally:
         if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def mc_before_after(args: argparse.Namespace) -> None:
+    from d2merge.english_task import split
+    from d2merge.synthetic import save_random_adapter
+    from d2merge.tasks import write_jsonl
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="d2merge-verify-mc-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        adapter, eval_file = root / "adapter", root / "eval.jsonl"
+        if not adapter.exists():
+            save_random_adapter(args.mc_base, adapter, "lora", r=8, lora_alpha=16.0, magnitude=0.01,
+                                target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"))
+        write_jsonl(eval_file, split(held_out=200, seed=0)[1][:200])
+        command = ["-m", "d2merge.cli", "verify", str(args.mc_base), str(adapter), "--mc-eval", str(eval_file)]
+        figures = {}
+        here = Path(__file__).resolve().parent.parent
+        for label, checkout in (("before", args.before), ("after", here)):
+            if checkout is None:
+                continue
+            import os
+
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(checkout)}
+            done = subprocess.run([sys.executable, "-c", STAMPED, sys.executable, *command], capture_output=True,
+                                  text=True, check=True, env=env, cwd=root)
+            run = json.loads(done.stdout)
+            figures[label] = {"checkout": str(checkout), "exit": run["code"], "wall_s": round(run["wall"], 1),
+                              "peak_rss_bytes": run["rss"], "phases": run["lines"]}
+            print(f"{label:<6} ({checkout}): exit {run['code']}, {run['wall']:.1f} s, peak RSS "
+                  f"{run['rss'] / 1e9:.2f} GB", flush=True)
+            for stamp, line in run["lines"]:
+                print(f"  {stamp:8.1f} s  {line}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    finally:
+        if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
 
 

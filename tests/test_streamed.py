@@ -171,3 +171,21 @@ def test_blocks_go_to_the_device_through_the_device_abstraction(tiny_bases: Call
     assert torch.equal(probe_logits(model, probes, 2), probe_logits(whole(base), probes, 2))
     stored = {tuple(checkpoint.tensors.info(name)[1]) for name in checkpoint.tensors.keys()}
     assert uploads and set(uploads) <= stored
+
+
+def test_a_forward_that_changes_hidden_states_between_blocks_runs_whole(tiny_bases: Callable[..., Path],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streaming replays block i on block i-1's output; a model that does more in between runs whole."""
+    base = tiny_bases("llama")
+    real = streamed._Recorder.forward
+
+    def changing(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return real(self, hidden_states, *args, **kwargs) * 1.0  # a new tensor, as a scaling model makes
+
+    monkeypatch.setattr(streamed._Recorder, "forward", changing)
+    lines: list[str] = []
+    model = streamed.open_forward(open_base(base), say=lines.append)
+    assert isinstance(model, StreamedModel)
+    probes = random_probes(128, count=2, length=5, seed=0)
+    assert torch.equal(probe_logits(model, probes, 2), probe_logits(whole(base), probes, 2))
+    assert any("whole, not block by block (its forward does more between decoder blocks" in line for line in lines)

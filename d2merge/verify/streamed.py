@@ -66,10 +66,14 @@ class _Recorder(nn.Module):
         self.index, self.last, self.sink = index, last, sink
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        self.sink.append((hidden_states, args, kwargs))
+        self.sink.append((self.index, hidden_states, args, kwargs))
         if self.last:
             raise _Stop
         return hidden_states
+
+
+class NotSplittable(Exception):
+    """The model's forward does more between its blocks than hand one block's output to the next."""
 
 
 class _Replay(nn.Module):
@@ -201,8 +205,9 @@ class StreamedModel:
     def __init__(self, checkpoint: BaseCheckpoint, parts: tuple[nn.Module, str, dict[str, str]], *,
                  adapter: Adapter | None = None, rounding: Rounding | None = None,
                  device: ComputeDevice | None = None, budget: int = 1 << 30,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None, fallback: Callable[[str], Any] | None = None):
         self.checkpoint = checkpoint
+        self.fallback = fallback  # (why) -> the whole model, for a forward found unsplittable at its first call
         self.model, self.blocks_name, self.stored = parts
         self.adapter, self.rounding = adapter, rounding
         self.device = device or ComputeDevice("cpu")
@@ -338,8 +343,15 @@ class StreamedModel:
         chunks = self.chunks(calls)
         self.say(f"  {len(calls)} forward batch(es): {total / 2**20:.1f} MiB of hidden states between blocks, "
                  f"{len(chunks)} pass(es) over the weights (--max-activation-memory {self.budget / 2**20:.0f} MiB)")
-        for chunk in chunks:
-            self._run_chunk(calls, chunk, consume)
+        for number, chunk in enumerate(chunks):
+            try:
+                self._run_chunk(calls, chunk, consume)
+            except NotSplittable as exc:
+                if number or self.fallback is None:  # pragma: no cover - the first head stage finds it
+                    raise
+                # Found at the first head stage, before any block ran or any logits were handed on.
+                self.fallback(str(exc)).run(calls, consume)
+                return
 
     def _run_chunk(self, calls: Sequence[Call], chunk: list[int], consume: Consume) -> None:
         count = len(self.blocks)
@@ -352,8 +364,14 @@ class StreamedModel:
                 model(**self._kwargs(calls[index], states, index, head=True))
             except _Stop:
                 pass
-            states[index].hidden = sink[0][0]
-            states[index].inputs = [(args, kwargs) for _, args, kwargs in sink]
+            # Streaming replays block i on block i-1's output: the model must call each block once, in
+            # order, on the previous block's output as returned (a model that changes the hidden
+            # states between blocks, or shares a block, runs whole instead).
+            if [entry[0] for entry in sink] != list(range(count)) or any(
+                    sink[i][1] is not sink[i - 1][1] for i in range(1, count)):
+                raise NotSplittable("its forward does more between decoder blocks than pass the hidden states on")
+            states[index].hidden = sink[0][1]
+            states[index].inputs = [(args, kwargs) for _, _, args, kwargs in sink]
         sink.clear()
         del model
         returns_tuple = False
@@ -400,9 +418,20 @@ def open_forward(checkpoint: BaseCheckpoint, *, adapter: Adapter | None = None, 
     say = say or (lambda message: None)
     device = device or ComputeDevice("cpu")
     parts = streamable(checkpoint)
-    if not isinstance(parts, str):
-        return StreamedModel(checkpoint, parts, adapter=adapter, rounding=rounding, device=device, budget=budget,
-                             say=say)
+
+    def whole(why: str) -> Any:
+        return _whole(checkpoint, why, adapter=adapter, rounding=rounding, device=device, say=say, load=load,
+                      allow_pickle=allow_pickle)
+
+    if isinstance(parts, str):
+        return whole(parts)
+    return StreamedModel(checkpoint, parts, adapter=adapter, rounding=rounding, device=device, budget=budget,
+                         say=say, fallback=whole)
+
+
+def _whole(checkpoint: BaseCheckpoint, parts: str, *, adapter: Adapter | None, rounding: Rounding | None,
+           device: ComputeDevice, say: Callable[[str], None], load: Callable[..., nn.Module] | None,
+           allow_pickle: bool) -> Any:
     from d2merge.forward import WholeModel
     from d2merge.runtime import attach_adapter, load_fp32_model
     from d2merge.verify.limits import apply_rounding
