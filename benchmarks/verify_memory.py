@@ -198,6 +198,7 @@ for line in proc.stderr:
 out = proc.stdout.read()
 _, status, usage = os.wait4(proc.pid, 0)
 print(json.dumps({"wall": time.perf_counter() - started, "rss": usage.ru_maxrss * 1024,
+                  "cpu": usage.ru_utime + usage.ru_stime,
                   "code": os.waitstatus_to_exitcode(status), "lines": lines, "stdout": out[-4000:]}))
 """
 
@@ -287,10 +288,10 @@ def at_scale(args: argparse.Namespace) -> None:
         command = ["-m", "d2merge.cli", "verify", str(base), str(adapter), str(merged), "--probe-source", "random",
                    "--num-probes", str(args.probes), "--probe-length", str(args.probe_length)]
         run = stamped([sys.executable, *command], root)
-        figures["verify"] = {"exit": run["code"], "wall_s": round(run["wall"], 1), "peak_rss_bytes": run["rss"],
-                             "phases": run["lines"]}
+        figures["verify"] = {"exit": run["code"], "wall_s": round(run["wall"], 1), "cpu_s": round(run["cpu"], 1),
+                             "peak_rss_bytes": run["rss"], "phases": run["lines"]}
         figures["verify_over_floor"] = round(run["wall"] / figures["floor_s"], 2)
-        print(f"verify: exit {run['code']}, {run['wall']:.1f} s (floor {figures['floor_s']} s = read "
+        print(f"verify: exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU (floor {figures['floor_s']} s = read "
               f"{figures['read_both_once_s']} s + arithmetic {figures['forward_arithmetic_s']} s at "
               f"{figures['matmul_rate_gflops']} GFLOP/s: {figures['verify_over_floor']}x), peak RSS "
               f"{run['rss'] / 1e9:.2f} GB", flush=True)
@@ -339,8 +340,9 @@ def mc_before_after(args: argparse.Namespace) -> None:
                                   text=True, check=True, env=env, cwd=root)
             run = json.loads(done.stdout)
             figures[label] = {"checkout": str(checkout), "exit": run["code"], "wall_s": round(run["wall"], 1),
+                              "cpu_s": round(run["cpu"], 1),
                               "peak_rss_bytes": run["rss"], "phases": run["lines"]}
-            print(f"{label:<6} ({checkout}): exit {run['code']}, {run['wall']:.1f} s, peak RSS "
+            print(f"{label:<6} ({checkout}): exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU, peak RSS "
                   f"{run['rss'] / 1e9:.2f} GB", flush=True)
             for stamp, line in run["lines"]:
                 print(f"  {stamp:8.1f} s  {line}", flush=True)
