@@ -189,3 +189,24 @@ def test_a_forward_that_changes_hidden_states_between_blocks_runs_whole(tiny_bas
     probes = random_probes(128, count=2, length=5, seed=0)
     assert torch.equal(probe_logits(model, probes, 2), probe_logits(whole(base), probes, 2))
     assert any("whole, not block by block (its forward does more between decoder blocks" in line for line in lines)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--device", "cuda"], "--device cuda was asked for but no CUDA device is available"),
+    (["--max-activation-memory", "0"], "max-activation-memory must be at least 1, got 0"),
+])
+def test_cli_refuses_bad_streaming_options_in_one_line(flags: list[str], message: str, tiny_bases: Callable[..., Path],
+                                                      make_adapter: Callable[..., Path], cli_runner: Any) -> None:
+    if flags[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+    base = tiny_bases("llama")
+    code, out, err = cli_runner(["verify", base, make_adapter(base, "lora"), "--dtypes", "fp32", *flags])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_prints_the_hidden_state_budget(tiny_bases: Callable[..., Path], make_adapter: Callable[..., Path],
+                                           cli_runner: Any) -> None:
+    base = tiny_bases("gpt2")
+    code, out, err = cli_runner(["verify", base, make_adapter(base, "lora"), "--max-activation-memory", "3"])
+    assert code == 0, out + err
+    assert "MiB of hidden states between blocks, 1 pass(es) over the weights (--max-activation-memory 3 MiB)" in err

@@ -88,6 +88,29 @@ class _Replay(nn.Module):
         return (out,) if self.source["tuple"] else out
 
 
+def _buffers_to(module: nn.Module, device: torch.device) -> nn.Module:
+    """The module's buffers (rotary tables...) on ``device``; parameters are uploaded as they are read.
+
+    ``module.to`` would try to copy the parameters a stage leaves on meta.
+    """
+    for sub in module.modules():
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None and not buffer.is_meta and buffer.device != device:
+                sub._buffers[name] = buffer.to(device)
+    return module
+
+
+class _Zeros(nn.Module):
+    """The input embeddings in the tail stage, whose blocks are replays: zeros of the right shape."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((*input_ids.shape, self.width), device=input_ids.device)
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Inside, every parameter a module registers goes to the meta device; buffers stay real.
@@ -254,16 +277,39 @@ class StreamedModel:
             if part.modules or part.replacements:
                 attach_adapter(model, part)
 
+    def _unused_embedding(self, model: nn.Module, head: bool) -> str | None:
+        """The embedding a stage never needs: the untied head before the blocks, the input embeddings after.
+
+        The head stage stops at the first block; the tail stage's blocks are replays that ignore
+        their input. Left out (on meta, or zeros of the right shape), each halves what the outer
+        stages hold: a 7B Llama's embeddings and head are 0.5 GB each in fp32. Kept when tied or
+        when the adapter changes them.
+        """
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+        if inputs is None or outputs is None or getattr(outputs, "weight", None) is getattr(inputs, "weight", 1):
+            return None
+        module = outputs if head else inputs
+        name = next((n for n, m in model.named_modules() if m is module), None)
+        adapted = [*(self.adapter.modules if self.adapter else ()), *(self.adapter.replacements if self.adapter else ())]
+        if name is None or any(k == name or k.startswith(name + ".") for k in adapted):
+            return None
+        return name
+
     def _outer(self, stand_ins: list[nn.Module]) -> nn.Module:
         """The model with every parameter outside the blocks materialized and the blocks replaced."""
         model = copy.deepcopy(self.model)
         blocks: nn.ModuleList = model.get_submodule(self.blocks_name)  # type: ignore[assignment]
         for i, stand_in in enumerate(stand_ins):
             blocks[i] = stand_in
-        self._materialize(model, "")
+        head = isinstance(stand_ins[0], _Recorder)
+        unused = self._unused_embedding(model, head)
+        if unused is not None and not head:
+            parent, _, child = unused.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, _Zeros(self.hidden_size))
+        self._materialize(model, "", skip=unused)
         prefix = self.blocks_name + "."
         self._finish(model, model, "", lambda name: not name.startswith(prefix))
-        return model.to(self.device.torch_device).eval()
+        return _buffers_to(model, self.device.torch_device).eval()
 
     def _block(self, index: int) -> nn.Module:
         """Block ``index`` materialized, rounded and with its adapter modules, in place in the skeleton."""
@@ -274,7 +320,7 @@ class StreamedModel:
         self.blocks[index] = block
         try:
             self._finish(self.model, block, name, lambda module: module.startswith(name + "."))
-            return self.blocks[index].to(self.device.torch_device).eval()
+            return _buffers_to(self.blocks[index], self.device.torch_device).eval()
         finally:
             self.blocks[index] = original
 
