@@ -271,7 +271,8 @@ def at_scale(args: argparse.Namespace) -> None:
             print(f"built a {params / 1e9:.2f}B-parameter bf16 base in {base}", flush=True)
         if not adapter.exists():
             build_lora(base, adapter, rank=args.rank, hidden=shape["hidden"], layers=shape["layers"],
-                       intermediate=shape["intermediate"], kv_dim=shape["kv_heads"] * (shape["hidden"] // shape["heads"]))
+                       intermediate=shape["intermediate"],
+                       kv_dim=shape["kv_heads"] * (shape["hidden"] // shape["heads"]))
         if not merged.exists():
             subprocess.run([sys.executable, "-m", "d2merge.cli", "merge", str(base), str(adapter), "-q", "-o",
                             str(merged), "--no-hash-sources"], check=True, cwd=root,
@@ -291,7 +292,8 @@ def at_scale(args: argparse.Namespace) -> None:
         figures["verify"] = {"exit": run["code"], "wall_s": round(run["wall"], 1), "cpu_s": round(run["cpu"], 1),
                              "peak_rss_bytes": run["rss"], "phases": run["lines"]}
         figures["verify_over_floor"] = round(run["wall"] / figures["floor_s"], 2)
-        print(f"verify: exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU (floor {figures['floor_s']} s = read "
+        print(f"verify: exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU "
+              f"(floor {figures['floor_s']} s = read "
               f"{figures['read_both_once_s']} s + arithmetic {figures['forward_arithmetic_s']} s at "
               f"{figures['matmul_rate_gflops']} GFLOP/s: {figures['verify_over_floor']}x), peak RSS "
               f"{run['rss'] / 1e9:.2f} GB", flush=True)
@@ -342,8 +344,8 @@ def mc_before_after(args: argparse.Namespace) -> None:
             figures[label] = {"checkout": str(checkout), "exit": run["code"], "wall_s": round(run["wall"], 1),
                               "cpu_s": round(run["cpu"], 1),
                               "peak_rss_bytes": run["rss"], "phases": run["lines"]}
-            print(f"{label:<6} ({checkout}): exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU, peak RSS "
-                  f"{run['rss'] / 1e9:.2f} GB", flush=True)
+            print(f"{label:<6} ({checkout}): exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU, "
+                  f"peak RSS {run['rss'] / 1e9:.2f} GB", flush=True)
             for stamp, line in run["lines"]:
                 print(f"  {stamp:8.1f} s  {line}", flush=True)
         if args.json:

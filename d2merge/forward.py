@@ -107,4 +107,6 @@ class WholeModel:
 
 def as_forward(model: nn.Module | Forward) -> Forward:
     """``model`` itself when it already runs calls, else the whole-model runner around it."""
-    return model if hasattr(model, "run") and not isinstance(model, nn.Module) else WholeModel(model)  # type: ignore[return-value]
+    if hasattr(model, "run") and not isinstance(model, nn.Module):
+        return model  # type: ignore[return-value]
+    return WholeModel(model)

@@ -100,8 +100,9 @@ def test_chunked_passes_give_the_same_logits(tiny_bases: Callable[..., Path]) ->
     assert torch.equal(probe_logits(one_pass, probes, 2), probe_logits(many, probes, 2))
 
 
-def test_verify_report_is_identical_streamed_or_whole(tiny_bases: Callable[..., Path], make_adapter: Callable[..., Path],
-                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verify_report_is_identical_streamed_or_whole(tiny_bases: Callable[..., Path],
+                                                      make_adapter: Callable[..., Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     base = tiny_bases("llama")
     adapter = make_adapter(base, "d2lora", seed=1, magnitude=0.05)
     eval_set = write_jsonl(tmp_path / "eval.jsonl", eval_examples(40))
@@ -152,7 +153,8 @@ def test_unsplittable_models_run_whole_with_one_line(tiny_bases: Callable[..., P
     lines: list[str] = []
     opened = streamed.open_forward(open_base(folder), say=lines.append, load=lambda location, **_: load_fp32_model(
         tiny_bases("llama")))
-    assert isinstance(opened, WholeModel) and len(lines) == 1 and reason in lines[0] and "GiB of fp32 weights" in lines[0]
+    assert isinstance(opened, WholeModel) and len(lines) == 1
+    assert reason in lines[0] and "GiB of fp32 weights" in lines[0]
 
 
 def test_blocks_go_to_the_device_through_the_device_abstraction(tiny_bases: Callable[..., Path],

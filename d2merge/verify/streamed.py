@@ -290,7 +290,7 @@ class StreamedModel:
             return None
         module = outputs if head else inputs
         name = next((n for n, m in model.named_modules() if m is module), None)
-        adapted = [*(self.adapter.modules if self.adapter else ()), *(self.adapter.replacements if self.adapter else ())]
+        adapted = [*self.adapter.modules, *self.adapter.replacements] if self.adapter is not None else []
         if name is None or any(k == name or k.startswith(name + ".") for k in adapted):
             return None
         return name
