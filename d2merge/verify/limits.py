@@ -91,9 +91,18 @@ def round_parameter(name: str, param: torch.Tensor, rewritten: set[str], dtype: 
         return
     if name in rewritten:
         generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-        step = ulp(param.data, dtype).to(param.dtype)
         noise = torch.rand(param.shape, generator=generator, dtype=param.dtype).to(param.device)
-        param.add_((noise - 0.5) * step.to(param.device))
+        # In row blocks of about 4M entries: ulp() works in fp64, and its temporaries for a whole
+        # 7B MLP matrix (360 MB each) would outweigh the block being rounded.
+        data = param.data if param.data.is_contiguous() else param.data.contiguous()
+        rows = data.view(-1, max(data.shape[-1], 1) if data.ndim else 1)
+        noise_rows = noise.reshape(rows.shape)
+        step_rows = max(1, (1 << 22) // max(rows.shape[1], 1))
+        for start in range(0, rows.shape[0], step_rows):
+            block = rows[start: start + step_rows]
+            block.add_((noise_rows[start: start + step_rows] - 0.5) * ulp(block, dtype).to(param.dtype))
+        if data is not param.data:
+            param.data.copy_(data)
     elif dtype != param.dtype:
         param.copy_(param.to(dtype).to(param.dtype))
 
