@@ -105,6 +105,38 @@ class WholeModel:
             consume(index, logits)
 
 
+@dataclass(frozen=True)
+class Job:
+    """Calls and what to do with each one's logits (``consume(index within the job, logits)``)."""
+
+    calls: list[Call]
+    consume: Consume
+
+
+def run_jobs(forward: Forward, jobs: Sequence[Job]) -> None:
+    """Every job's calls in one run: a block-streamed model then reads its weights once for all of them.
+
+    verify's probes and its multiple-choice items are two jobs on the same model; run apart, a
+    streamed model would read every block twice. Calls keep their order, so each job's logits
+    are what it would get alone.
+    """
+    from dataclasses import replace
+
+    calls: list[Call] = []
+    owners: list[tuple[Job, int]] = []
+    for job in jobs:
+        offset = len(calls)
+        for index, call in enumerate(job.calls):
+            calls.append(call if call.cache_from is None else replace(call, cache_from=call.cache_from + offset))
+            owners.append((job, index))
+
+    def consume(index: int, logits: torch.Tensor) -> None:
+        job, within = owners[index]
+        job.consume(within, logits)
+
+    forward.run(calls, consume)
+
+
 def as_forward(model: nn.Module | Forward) -> Forward:
     """``model`` itself when it already runs calls, else the whole-model runner around it."""
     if hasattr(model, "run") and not isinstance(model, nn.Module):

@@ -26,13 +26,13 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from d2merge.errors import D2MergeError
-from d2merge.forward import Call, Forward, as_forward, shares_prompts
+from d2merge.forward import Call, Forward, Job, as_forward, run_jobs, shares_prompts
 
 # Categories whose words are all single tokens of the tiny tokenizer.
 CATEGORIES: tuple[tuple[str, ...], ...] = (
@@ -238,14 +238,26 @@ def choice_scores(model: nn.Module | Forward, tokenizer: Any, examples: Sequence
     ``model`` is a loaded model or a runner of calls (``d2merge.forward``: verify's block-streamed
     models); either way the same calls run, so both give the same scores.
     """
+    job, result = choice_job(model, tokenizer, examples, reduction=reduction, batch_size=batch_size,
+                             encoded=encoded)
+    run_jobs(as_forward(model), [job])
+    return result()
+
+
+def choice_job(model: nn.Module | Forward, tokenizer: Any, examples: Sequence[MCExample], *, reduction: str = "sum",
+               batch_size: int = 64, encoded: ChoiceBatch | None = None
+               ) -> tuple[Job, Callable[[], list[list[float]]]]:
+    """The calls ``choice_scores`` runs on ``model`` and, once they ran, the scores.
+
+    verify runs them in the same run as its probes (``d2merge.forward.run_jobs``).
+    """
     if reduction not in SCORE_REDUCTIONS:
         raise D2MergeError(f"unknown score reduction {reduction!r}; choose one of {', '.join(SCORE_REDUCTIONS)}")
     batch = encoded or encode_choices(tokenizer, examples)
     forward = as_forward(model)
     if _shares_prompts(model) if isinstance(model, nn.Module) else forward.shares_prompts:
         keep_last = forward.keeps_last_logits if hasattr(forward, "keeps_last_logits") else False
-        return _scores_sharing_prompts(forward, batch, reduction=reduction, batch_size=batch_size,
-                                       keep_last=keep_last)
+        return _job_sharing_prompts(batch, reduction=reduction, batch_size=batch_size, keep_last=keep_last)
     calls = [Call(batch.input_ids[start: start + batch_size], batch.attention_mask[start: start + batch_size])
              for start in range(0, batch.input_ids.shape[0], batch_size)]
     totals: list[torch.Tensor] = [torch.empty(0)] * len(calls)
@@ -259,14 +271,16 @@ def choice_scores(model: nn.Module | Forward, tokenizer: Any, examples: Sequence
             summed = summed / batch.choice_mask[start: start + batch_size].sum(-1).to(logits.device)
         totals[index] = summed.double().cpu()
 
-    forward.run(calls, score)
-    flat = torch.cat(totals).tolist()
-    scores: list[list[float]] = []
-    position = 0
-    for n in batch.num_choices:
-        scores.append(flat[position: position + n])
-        position += n
-    return scores
+    def result() -> list[list[float]]:
+        flat = torch.cat(totals).tolist()
+        scores: list[list[float]] = []
+        position = 0
+        for n in batch.num_choices:
+            scores.append(flat[position: position + n])
+            position += n
+        return scores
+
+    return Job(calls, score), result
 
 
 def _shares_prompts(model: nn.Module) -> bool:
@@ -274,9 +288,9 @@ def _shares_prompts(model: nn.Module) -> bool:
     return shares_prompts(model)
 
 
-def _scores_sharing_prompts(forward: Forward, batch: ChoiceBatch, *, reduction: str, batch_size: int,
-                            keep_last: bool) -> list[list[float]]:
-    """``choice_scores`` with each prompt run once: its KV cache is repeated for the example's choices.
+def _job_sharing_prompts(batch: ChoiceBatch, *, reduction: str, batch_size: int, keep_last: bool
+                         ) -> tuple[Job, Callable[[], list[list[float]]]]:
+    """``choice_job`` with each prompt run once: its KV cache is repeated for the example's choices.
 
     An example's choices share its prompt tokens (``encode_choices`` keeps them identical), so
     running prompt + choice for every choice computes the prompt once per choice; with four
@@ -350,11 +364,10 @@ def _scores_sharing_prompts(forward: Forward, batch: ChoiceBatch, *, reduction: 
         else:
             finish(plan_of_choice_call[index], logits)
 
-    forward.run(calls, score)
-    scores: list[list[float]] = []
-    for e, n in enumerate(batch.num_choices):
-        scores.append([per_row[first_row[e] + j] for j in range(n)])
-    return scores
+    def result() -> list[list[float]]:
+        return [[per_row[first_row[e] + j] for j in range(n)] for e, n in enumerate(batch.num_choices)]
+
+    return Job(calls, score), result
 
 
 def predictions(scores: Sequence[Sequence[float]]) -> list[int]:

@@ -51,7 +51,7 @@ ALLOWED = {
     "d2merge.verify.weights": ("d2merge.errors", "d2merge.io", "d2merge.plan", "d2merge.engine",
                                "d2merge.verify.limits", "d2merge.verify.results"),
     "d2merge.verify.report": ("d2merge", "d2merge.io.output", "d2merge.verify_options", "d2merge.verify.results"),
-    "d2merge.verify.columns": ("d2merge.io", "d2merge.plan", "d2merge.tasks", "d2merge.runtime",
+    "d2merge.verify.columns": ("d2merge.forward", "d2merge.io", "d2merge.plan", "d2merge.tasks", "d2merge.runtime",
                                "d2merge.export.gguf", "d2merge.export.onnx_genai", "d2merge.verify_options",
                                "d2merge.verify.compare", "d2merge.verify.limits", "d2merge.verify.probes",
                                "d2merge.verify.results", "d2merge.verify.streamed", "d2merge.verify.weights"),

@@ -119,7 +119,8 @@ def test_verify_report_is_identical_streamed_or_whole(tiny_bases: Callable[..., 
 
 
 def test_at_most_one_block_is_alive_at_a_time(tiny_bases: Callable[..., Path], make_adapter: Callable[..., Path],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One block at a time, and one pass over each model's weights for the probes and the MC items together."""
     base = tiny_bases("qwen2")
     adapter = make_adapter(base, "dora", seed=1)
     alive: list[weakref.ref] = []
@@ -131,9 +132,9 @@ def test_at_most_one_block_is_alive_at_a_time(tiny_bases: Callable[..., Path], m
         alive.append(weakref.ref(module))
 
     monkeypatch.setattr(StreamedModel, "_materialize", tracking)
-    report = verify(base, adapter, dtypes="fp32,bf16")
-    # unmerged, then per dtype the floor and the merged model: 5 models x (head + 2 blocks + tail)
-    assert report.passed and len(alive) == 5 * 4
+    report = verify(base, adapter, dtypes="fp32,bf16", mc_eval=write_jsonl(tmp_path / "eval.jsonl", eval_examples(12)))
+    # unmerged, then per dtype the floor and the merged model: 5 models x (head + 2 blocks + tail), one pass each
+    assert report.passed and report.results[0].mc is not None and len(alive) == 5 * 4
 
 
 def test_unsplittable_models_run_whole_with_one_line(tiny_bases: Callable[..., Path], tmp_path: Path) -> None:

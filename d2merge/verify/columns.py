@@ -25,8 +25,9 @@ import torch
 from d2merge.io.adapter import Adapter
 from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.plan import MergePlan
-from d2merge.tasks import MCExample, choice_scores, predictions
-from d2merge.verify.compare import compare_logits, mc_result, probe_logits
+from d2merge.forward import as_forward, run_jobs
+from d2merge.tasks import MCExample, choice_job, predictions
+from d2merge.verify.compare import compare_job, mc_result, probe_job
 from d2merge.verify.limits import VERIFY_DTYPES, judge, resolve_limits, rounding_floor, top1_flips_p
 from d2merge.verify.probes import Probes
 from d2merge.verify.results import DtypeResult, RoundingFloor, WeightCheck
@@ -63,18 +64,29 @@ class Unmerged:
                     if rounded_to is not None else None)
         return self.open_model(self.base, adapter=self.adapter, rounding=rounding)
 
-    def scores_of(self, model: Any) -> list[list[float]] | None:
-        if self.examples is None:
-            return None
-        return choice_scores(model, self.tokenizer, self.examples, reduction=self.options.mc_score,
-                             batch_size=self.options.batch_size, encoded=self.encoded)
+    def evaluate(self, model: Any, reference: torch.Tensor | None = None
+                 ) -> tuple[Any, list[list[float]] | None]:
+        """One run of ``model`` over the probes and the MC items: (its probe logits, or their statistics
+        against ``reference``; its choice scores). One run, so a block-streamed model reads its weights once."""
+        forward = as_forward(model)
+        if reference is None:
+            probe, probe_result = probe_job(self.probes, self.options.batch_size)
+        else:
+            probe, probe_result = compare_job(self.probes, reference, self.options.batch_size)
+        jobs, scores_result = [probe], None
+        if self.examples is not None:
+            choices, scores_result = choice_job(forward, self.tokenizer, self.examples,
+                                                reduction=self.options.mc_score,
+                                                batch_size=self.options.batch_size, encoded=self.encoded)
+            jobs.append(choices)
+        run_jobs(forward, jobs)
+        return probe_result(), None if scores_result is None else scores_result()
 
     def run(self) -> Unmerged:
         """The unmerged model first, alone; its logits and scores are all that is kept."""
         self.say("running the unmerged model (base + adapter)")
         model = self.model()
-        self.logits = probe_logits(model, self.probes, self.options.batch_size)
-        self.scores = self.scores_of(model)
+        self.logits, self.scores = self.evaluate(model)
         del model  # freed before any merged model is loaded: at most one model is resident
         gc.collect()  # whatever a reference cycle kept goes now, before the next model loads
         return self
@@ -87,8 +99,7 @@ class Unmerged:
     def measure_floor(self, dtype: str, merge_plan: MergePlan) -> tuple[RoundingFloor, list[list[float]] | None]:
         self.say(f"measuring the rounding floor ({dtype})")
         model = self.model(VERIFY_DTYPES[dtype], {item.name for item in merge_plan.merged})
-        floor_logits = compare_logits(model, self.probes, self.logits, self.options.batch_size)
-        rounded_scores = self.scores_of(model)
+        floor_logits, rounded_scores = self.evaluate(model, self.logits)
         del model
         gc.collect()
         floor_flips = None
@@ -196,8 +207,7 @@ def judge_column(merged: MergedModel, merge_plan: MergePlan, chosen: Thresholds,
         model = merged.load_model()
         if check is None:
             check = merged.weight_check(merge_plan, model)
-        logits = compare_logits(model, unmerged.probes, unmerged.logits, unmerged.options.batch_size)
-        merged_scores = unmerged.scores_of(model)
+        logits, merged_scores = unmerged.evaluate(model, unmerged.logits)
         if merged_scores is not None:
             mc = mc_result(unmerged.examples, unmerged.scores, merged_scores, rounded_scores)  # type: ignore[arg-type]
         del model

@@ -5,12 +5,12 @@ Statistics are taken on real tokens only (never padding), one sequence at a time
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from d2merge.forward import Call, Forward, as_forward
+from d2merge.forward import Call, Forward, Job, as_forward, run_jobs
 from d2merge.tasks import MCExample, accuracy, predictions
 from d2merge.verify.probes import Probes
 from d2merge.verify.results import FlippedAnswer, LogitStats, MCResult
@@ -46,9 +46,8 @@ def probe_calls(probes: Probes, batch_size: int) -> tuple[list[list[int]], list[
     return rows_of, calls
 
 
-@torch.no_grad()
-def probe_logits(model: nn.Module | Forward, probes: Probes, batch_size: int) -> torch.Tensor:
-    """fp32 logits of every probe at the probes' full width; only positions the mask marks real are meaningful."""
+def probe_job(probes: Probes, batch_size: int) -> tuple[Job, Callable[[], torch.Tensor]]:
+    """The probe calls and, once they ran, the fp32 logits of every probe at the probes' full width."""
     rows_of, calls = probe_calls(probes, batch_size)
     found: dict[str, torch.Tensor] = {}
 
@@ -58,14 +57,19 @@ def probe_logits(model: nn.Module | Forward, probes: Probes, batch_size: int) ->
             found["out"] = logits.new_zeros((*probes.input_ids.shape, logits.shape[-1]))
         found["out"][rows_of[index], : calls[index].input_ids.shape[1]] = logits
 
-    as_forward(model).run(calls, keep)
-    return found["out"]
+    return Job(calls, keep), lambda: found["out"]
 
 
 @torch.no_grad()
-def compare_logits(model: nn.Module | Forward, probes: Probes, reference: torch.Tensor, batch_size: int
-                   ) -> LogitStats:
-    """Run ``model`` batch by batch and compare with the unmerged logits on real positions only.
+def probe_logits(model: nn.Module | Forward, probes: Probes, batch_size: int) -> torch.Tensor:
+    """fp32 logits of every probe at the probes' full width; only positions the mask marks real are meaningful."""
+    job, result = probe_job(probes, batch_size)
+    run_jobs(as_forward(model), [job])
+    return result()
+
+
+def compare_job(probes: Probes, reference: torch.Tensor, batch_size: int) -> tuple[Job, Callable[[], LogitStats]]:
+    """The probe calls and, once they ran, their logits' statistics against the unmerged ``reference``.
 
     Statistics are taken one sequence at a time: a whole batch of fp32 log-softmaxes over a
     large vocabulary would cost more memory than the rest of verify besides the model.
@@ -91,12 +95,23 @@ def compare_logits(model: nn.Module | Forward, probes: Probes, reference: torch.
             totals["kl_max"] = max(totals["kl_max"], float(kl.max()))
             totals["agree"] += int((unmerged.argmax(-1) == merged.argmax(-1)).sum())
 
-    as_forward(model).run(calls, compare)
-    positions, agree = probes.description["positions"], int(totals["agree"])
-    return LogitStats(positions=positions, max_abs_diff=float(totals["max_abs"]),
-                      mean_abs_diff=float(totals["sum_abs"]) / max(int(totals["count"]), 1),
-                      kl_mean=float(totals["kl_sum"]) / max(positions, 1), kl_max=float(totals["kl_max"]),
-                      top1_agreement=agree / max(positions, 1), argmax_flips=positions - agree)
+    def result() -> LogitStats:
+        positions, agree = probes.description["positions"], int(totals["agree"])
+        return LogitStats(positions=positions, max_abs_diff=float(totals["max_abs"]),
+                          mean_abs_diff=float(totals["sum_abs"]) / max(int(totals["count"]), 1),
+                          kl_mean=float(totals["kl_sum"]) / max(positions, 1), kl_max=float(totals["kl_max"]),
+                          top1_agreement=agree / max(positions, 1), argmax_flips=positions - agree)
+
+    return Job(calls, compare), result
+
+
+@torch.no_grad()
+def compare_logits(model: nn.Module | Forward, probes: Probes, reference: torch.Tensor, batch_size: int
+                   ) -> LogitStats:
+    """Run ``model`` batch by batch and compare with the unmerged logits on real positions only."""
+    job, result = compare_job(probes, reference, batch_size)
+    run_jobs(as_forward(model), [job])
+    return result()
 
 
 def mc_result(examples: Sequence[MCExample], unmerged: Sequence[Sequence[float]],
