@@ -100,6 +100,7 @@ def test_chunked_passes_give_the_same_logits(tiny_bases: Callable[..., Path]) ->
     assert torch.equal(probe_logits(one_pass, probes, 2), probe_logits(many, probes, 2))
 
 
+@pytest.mark.slow
 def test_verify_report_is_identical_streamed_or_whole(tiny_bases: Callable[..., Path],
                                                       make_adapter: Callable[..., Path], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
