@@ -63,7 +63,10 @@ def reference_merge(merge_plan: MergePlan, item: TensorPlan
     # Entries of a low-rank product are sums of r products about rms(dW) in size; where they
     # cancel, the fp32 result keeps an absolute error of eps * rms(dW), so that is the floor.
     floor = torch.sqrt(torch.mean(update.square())) if update.numel() else torch.zeros((), dtype=update.dtype)
-    terms = torch.maximum(w0.abs(), update)
+    if update.shape == w0.shape and update.is_contiguous():  # into |dW| itself: one fp64 matrix fewer
+        terms = torch.maximum(update, w0.abs(), out=update)
+    else:
+        terms = torch.maximum(w0.abs(), update)
     del update
     terms = torch.maximum(terms, floor, out=terms) if terms.numel() else terms
     figures = method.report(w0.T if transposed else w0, factors, settings)
