@@ -17,6 +17,26 @@ subtracted for the "x the model" figures. The target is verify <= 1.3x one model
 
     python benchmarks/verify_memory.py                     # 134M parameters, fp32 + bf16 columns
     python benchmarks/verify_memory.py --layers 4 --hidden 512 --dtypes fp32   # a quick smaller run
+
+``--shape 1.1b`` / ``--shape 7b`` measure the block-streamed verify at the scale users fine-tune
+instead: a random Llama-shaped bf16 base (benchmarks/merge_speed.py's builder, 2.2 GB / 13.5 GB)
+with a LoRA r=16 on every linear layer, merged by ``d2merge merge``, then
+``d2merge verify BASE ADAPTER MERGED`` in its own process: peak RSS of the whole process
+(``os.wait4``), wall time, the phases (each stage line verify prints, time-stamped), and the
+floor it is judged against: reading the base and the merged file once (timed here, page
+cache warm) plus the forward passes' arithmetic (2 x parameters x probe tokens per model run,
+three runs: unmerged, rounding floor, merged) at the machine's measured fp32 matmul rate.
+Then the negative case: one q_proj of the merged file scaled by 1.01 in place must exit 1.
+
+    python benchmarks/verify_memory.py --shape 1.1b --workdir /tmp/vm11 --json vm11.json
+    nice -n 10 python benchmarks/verify_memory.py --shape 7b --workdir /tmp/vm7 > vm7.txt 2>&1
+
+``--mc-base FOLDER`` (a real model with a tokenizer, e.g. SmolLM2-135M) measures
+``d2merge verify BASE ADAPTER --mc-eval`` on 200 English-task items (a random LoRA r=8 on all
+linear layers, merged on the fly) with this checkout and with ``--before CHECKOUT`` (whole
+models, before streaming), each in its own process: time and peak RSS.
+
+    python benchmarks/verify_memory.py --mc-base ~/.cache/d2merge/paper-table/smollm2-135m-instruct --before /work/main
 """
 
 from __future__ import annotations
@@ -108,7 +128,23 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="verify's --dtypes (one merged model per entry)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the model here (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    parser.add_argument("--shape", choices=("1.1b", "7b"), default=None,
+                        help="measure the block-streamed verify of a merge at this scale instead (see above)")
+    parser.add_argument("--probes", type=int, default=8, help="--shape: random probes")
+    parser.add_argument("--probe-length", type=int, default=32, help="--shape: tokens per probe")
+    parser.add_argument("--no-negative", dest="negative", action="store_false",
+                        help="--shape: skip the q_proj x 1.01 run that must fail")
+    parser.add_argument("--keep", action="store_true", help="--shape: keep --workdir's models")
+    parser.add_argument("--mc-base", type=Path, default=None,
+                        help="measure verify --mc-eval (200 items) on this real base instead (see above)")
+    parser.add_argument("--before", type=Path, default=None, help="--mc-base: the checkout measured as 'before'")
     args = parser.parse_args()
+    if args.mc_base:
+        mc_before_after(args)
+        return
+    if args.shape:
+        at_scale(args)
+        return
 
     folder = args.workdir or Path(tempfile.mkdtemp(prefix="d2merge-verify-mem-"))
     try:
@@ -149,6 +185,181 @@ def main() -> None:
           f"{full['passed']})")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+# The block-streamed verify at scale (--shape): one process per command, stderr lines time-stamped.
+STAMPED = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+lines = []
+for line in proc.stderr:
+    lines.append([round(time.perf_counter() - started, 2), line.rstrip()])
+out = proc.stdout.read()
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"wall": time.perf_counter() - started, "rss": usage.ru_maxrss * 1024,
+                  "cpu": usage.ru_utime + usage.ru_stime,
+                  "code": os.waitstatus_to_exitcode(status), "lines": lines, "stdout": out[-4000:]}))
+"""
+
+
+def stamped(argv: list[str], cwd: Path) -> dict:
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    done = subprocess.run([sys.executable, "-c", STAMPED, *argv], capture_output=True, text=True, check=True,
+                          env=env, cwd=cwd)
+    return json.loads(done.stdout)
+
+
+def matmul_rate() -> float:
+    """fp32 multiply-adds per second of a (256 x 2048) @ (2048 x 2048) product, as verify's blocks run."""
+    import torch
+
+    a, b = torch.randn(256, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    started, runs = time.perf_counter(), 20
+    for _ in range(runs):
+        a @ b
+    return runs * 2 * 256 * 2048 * 2048 / (time.perf_counter() - started)
+
+
+def read_seconds(paths: list[Path]) -> float:
+    started = time.perf_counter()
+    for path in paths:
+        with open(path, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    return time.perf_counter() - started
+
+
+def scale_tensor(folder: Path, name: str, factor: float) -> None:
+    """Multiply one tensor of a safetensors folder by ``factor``, in place (a wrong merge, for the negative case)."""
+    import torch
+
+    from d2merge.io.checkpoint import open_base
+
+    checkpoint = open_base(folder)
+    path = checkpoint.tensors.file_of(name)
+    tensor = (checkpoint.tensors.read(name).float() * factor).to(checkpoint.tensors.info(name)[0])
+    from d2merge.io.safetensors_file import SafetensorsFile
+
+    info = SafetensorsFile(path).tensors[name]
+    with open(path, "r+b") as fh:
+        fh.seek(info.start)
+        fh.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def at_scale(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from merge_speed import SHAPES, build_checkpoint, build_lora
+
+    shape = dict(SHAPES[args.shape])
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="d2merge-verify-scale-"))
+    root.mkdir(parents=True, exist_ok=True)
+    base, adapter, merged = root / "base", root / "adapter", root / "merged"
+    figures: dict = {"shape": args.shape, **shape}
+    try:
+        if not base.exists():
+            params = build_checkpoint(base, dtype=torch.bfloat16, **shape)
+            print(f"built a {params / 1e9:.2f}B-parameter bf16 base in {base}", flush=True)
+        if not adapter.exists():
+            build_lora(base, adapter, rank=args.rank, hidden=shape["hidden"], layers=shape["layers"],
+                       intermediate=shape["intermediate"],
+                       kv_dim=shape["kv_heads"] * (shape["hidden"] // shape["heads"]))
+        if not merged.exists():
+            subprocess.run([sys.executable, "-m", "d2merge.cli", "merge", str(base), str(adapter), "-q", "-o",
+                            str(merged), "--no-hash-sources"], check=True, cwd=root,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        params = sum(torch.Size(s).numel() for s in _shapes_of(base))
+        files = sorted(base.glob("*.safetensors")) + sorted(merged.glob("*.safetensors"))
+        figures["parameters"] = params
+        figures["read_both_once_s"] = round(read_seconds(files), 1)
+        rate = matmul_rate()
+        tokens = args.probes * args.probe_length
+        figures["matmul_rate_gflops"] = round(rate / 1e9, 1)
+        figures["forward_arithmetic_s"] = round(3 * 2 * params * tokens / rate, 1)
+        figures["floor_s"] = round(figures["read_both_once_s"] + figures["forward_arithmetic_s"], 1)
+        command = ["-m", "d2merge.cli", "verify", str(base), str(adapter), str(merged), "--probe-source", "random",
+                   "--num-probes", str(args.probes), "--probe-length", str(args.probe_length)]
+        run = stamped([sys.executable, *command], root)
+        figures["verify"] = {"exit": run["code"], "wall_s": round(run["wall"], 1), "cpu_s": round(run["cpu"], 1),
+                             "peak_rss_bytes": run["rss"], "phases": run["lines"]}
+        figures["verify_over_floor"] = round(run["wall"] / figures["floor_s"], 2)
+        print(f"verify: exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU "
+              f"(floor {figures['floor_s']} s = read "
+              f"{figures['read_both_once_s']} s + arithmetic {figures['forward_arithmetic_s']} s at "
+              f"{figures['matmul_rate_gflops']} GFLOP/s: {figures['verify_over_floor']}x), peak RSS "
+              f"{run['rss'] / 1e9:.2f} GB", flush=True)
+        for stamp, line in run["lines"]:
+            print(f"  {stamp:8.1f} s  {line}", flush=True)
+        if args.negative:
+            scale_tensor(merged, "model.layers.0.self_attn.q_proj.weight", 1.01)
+            bad = stamped([sys.executable, *command], root)
+            figures["negative"] = {"exit": bad["code"], "wall_s": round(bad["wall"], 1), "peak_rss_bytes": bad["rss"],
+                                   "failures": [line for _, line in bad["lines"] if "check" in line][-3:]}
+            print(f"q_proj x 1.01: exit {bad['code']} ({bad['wall']:.1f} s, peak RSS {bad['rss'] / 1e9:.2f} GB)",
+                  flush=True)
+            for _, line in bad["lines"][-3:]:
+                print(f"  {line}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def mc_before_after(args: argparse.Namespace) -> None:
+    from d2merge.english_task import split
+    from d2merge.synthetic import save_random_adapter
+    from d2merge.tasks import write_jsonl
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="d2merge-verify-mc-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        adapter, eval_file = root / "adapter", root / "eval.jsonl"
+        if not adapter.exists():
+            save_random_adapter(args.mc_base, adapter, "lora", r=8, lora_alpha=16.0, magnitude=0.01,
+                                target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"))
+        write_jsonl(eval_file, split(held_out=200, seed=0)[1][:200])
+        command = ["-m", "d2merge.cli", "verify", str(args.mc_base), str(adapter), "--mc-eval", str(eval_file)]
+        figures = {}
+        here = Path(__file__).resolve().parent.parent
+        for label, checkout in (("before", args.before), ("after", here)):
+            if checkout is None:
+                continue
+            import os
+
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(checkout)}
+            done = subprocess.run([sys.executable, "-c", STAMPED, sys.executable, *command], capture_output=True,
+                                  text=True, check=True, env=env, cwd=root)
+            run = json.loads(done.stdout)
+            figures[label] = {"checkout": str(checkout), "exit": run["code"], "wall_s": round(run["wall"], 1),
+                              "cpu_s": round(run["cpu"], 1),
+                              "peak_rss_bytes": run["rss"], "phases": run["lines"]}
+            print(f"{label:<6} ({checkout}): exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU, "
+                  f"peak RSS {run['rss'] / 1e9:.2f} GB", flush=True)
+            for stamp, line in run["lines"]:
+                print(f"  {stamp:8.1f} s  {line}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _shapes_of(folder: Path) -> list[tuple[int, ...]]:
+    from d2merge.io.checkpoint import open_base
+
+    tensors = open_base(folder).tensors
+    return [tuple(tensors.info(name)[1]) for name in tensors.keys()]
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ computed between figures measured in the same run.
 from __future__ import annotations
 
 import gc
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -368,6 +369,37 @@ def bench_genai(folder: Path, vocab: int, settings: BenchSettings) -> list[Bench
     return rows
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can take without swapping (MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_memory(base: Any, adapter: Any) -> None:
+    """Refuse, before loading anything, a model whose fp32 weights will not fit the memory available.
+
+    bench keeps whole models (it measures their throughput): one fp32 model plus the adapter's
+    factors at a time; a model that does not fit would be killed mid-run or swap for hours.
+    """
+    count = 0
+    for name in base.tensors.keys():
+        dtype, shape = base.tensors.info(name)
+        if dtype.is_floating_point:
+            count += math.prod(shape)
+    needed = 4 * (count + adapter.num_parameters())
+    available = available_memory()
+    if available is not None and needed > available:
+        raise D2MergeError(f"bench loads whole fp32 models: this one needs about {needed / 2**30:.1f} GiB and "
+                           f"{available / 2**30:.1f} GiB is available", path=base.location,
+                           hint="bench a smaller model or on a larger machine; `d2merge verify` runs block by block")
+
+
 def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = None,
           onnx: str | Path | None = None, variants: Iterable[str] | None = None,
           settings: BenchSettings | None = None, echo: Callable[[str], None] | None = None,
@@ -406,6 +438,7 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
 
     base_ckpt, adapter_obj = open_base(base), load_adapter(adapter)
     build_plan(base_ckpt, adapter_obj)
+    check_fits_memory(base_ckpt, adapter_obj)
     if merged is not None:
         check_merged_pairing(base_ckpt, adapter_obj, merged)
     if onnx is not None:

@@ -89,14 +89,18 @@ def load_fp32_model(location: str | Path, *, allow_pickle: bool = False) -> nn.M
     if stored not in {d.torch_dtype for d in FLOAT_DTYPES.values()}:
         stored = torch.float32
     model = load_base_model(checkpoint.location, dtype=stored)
-    if stored != torch.float32:
-        known = set(names)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if param.is_floating_point() and param.dtype != torch.float32:
-                    source = checkpoint.tensors.read(name) if name in known else param.data
-                    param.data = source.to(torch.float32)
-        model.float()
+    known = set(names)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # fp32 weights are read afresh too: transformers leaves them as views of its memory
+            # map, at the file's offsets, and a matrix-vector product (the last position's
+            # logits) sums in another order on memory not aligned to 64 bytes; fresh memory
+            # is aligned, as the block-streamed models' (verify.streamed), which then agree bit for bit.
+            if param.is_floating_point() and name in known:
+                param.data = checkpoint.tensors.read(name).to(torch.float32)
+            elif param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.to(torch.float32)
+    model.float()
     return model
 
 

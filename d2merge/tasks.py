@@ -26,12 +26,13 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from d2merge.errors import D2MergeError
+from d2merge.forward import Call, Forward, Job, as_forward, run_jobs, shares_prompts
 
 # Categories whose words are all single tokens of the tiny tokenizer.
 CATEGORIES: tuple[tuple[str, ...], ...] = (
@@ -229,51 +230,67 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def choice_scores(model: nn.Module, tokenizer: Any, examples: Sequence[MCExample], *, reduction: str = "sum",
-                  batch_size: int = 64, encoded: ChoiceBatch | None = None) -> list[list[float]]:
-    """Each example's per-choice log-likelihood scores (``sum`` over the choice tokens, or ``mean``)."""
+def choice_scores(model: nn.Module | Forward, tokenizer: Any, examples: Sequence[MCExample], *,
+                  reduction: str = "sum", batch_size: int = 64, encoded: ChoiceBatch | None = None
+                  ) -> list[list[float]]:
+    """Each example's per-choice log-likelihood scores (``sum`` over the choice tokens, or ``mean``).
+
+    ``model`` is a loaded model or a runner of calls (``d2merge.forward``: verify's block-streamed
+    models); either way the same calls run, so both give the same scores.
+    """
+    job, result = choice_job(model, tokenizer, examples, reduction=reduction, batch_size=batch_size,
+                             encoded=encoded)
+    run_jobs(as_forward(model), [job])
+    return result()
+
+
+def choice_job(model: nn.Module | Forward, tokenizer: Any, examples: Sequence[MCExample], *, reduction: str = "sum",
+               batch_size: int = 64, encoded: ChoiceBatch | None = None
+               ) -> tuple[Job, Callable[[], list[list[float]]]]:
+    """The calls ``choice_scores`` runs on ``model`` and, once they ran, the scores.
+
+    verify runs them in the same run as its probes (``d2merge.forward.run_jobs``).
+    """
     if reduction not in SCORE_REDUCTIONS:
         raise D2MergeError(f"unknown score reduction {reduction!r}; choose one of {', '.join(SCORE_REDUCTIONS)}")
     batch = encoded or encode_choices(tokenizer, examples)
-    if _shares_prompts(model):
-        return _scores_sharing_prompts(model, batch, reduction=reduction, batch_size=batch_size)
-    device = next(model.parameters()).device
-    totals = []
-    for start in range(0, batch.input_ids.shape[0], batch_size):
-        ids = batch.input_ids[start: start + batch_size].to(device)
-        mask = batch.attention_mask[start: start + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        picked = token_logprobs(logits, ids) * batch.choice_mask[start: start + batch_size, 1:].to(device)
+    forward = as_forward(model)
+    if _shares_prompts(model) if isinstance(model, nn.Module) else forward.shares_prompts:
+        keep_last = forward.keeps_last_logits if hasattr(forward, "keeps_last_logits") else False
+        return _job_sharing_prompts(batch, reduction=reduction, batch_size=batch_size, keep_last=keep_last)
+    calls = [Call(batch.input_ids[start: start + batch_size], batch.attention_mask[start: start + batch_size])
+             for start in range(0, batch.input_ids.shape[0], batch_size)]
+    totals: list[torch.Tensor] = [torch.empty(0)] * len(calls)
+
+    def score(index: int, logits: torch.Tensor) -> None:
+        start = index * batch_size
+        ids = calls[index].input_ids.to(logits.device)
+        picked = token_logprobs(logits, ids) * batch.choice_mask[start: start + batch_size, 1:].to(logits.device)
         summed = picked.sum(-1)
         if reduction == "mean":
-            summed = summed / batch.choice_mask[start: start + batch_size].sum(-1).to(device)
-        totals.append(summed.double().cpu())
-    flat = torch.cat(totals).tolist()
-    scores: list[list[float]] = []
-    position = 0
-    for n in batch.num_choices:
-        scores.append(flat[position: position + n])
-        position += n
-    return scores
+            summed = summed / batch.choice_mask[start: start + batch_size].sum(-1).to(logits.device)
+        totals[index] = summed.double().cpu()
+
+    def result() -> list[list[float]]:
+        flat = torch.cat(totals).tolist()
+        scores: list[list[float]] = []
+        position = 0
+        for n in batch.num_choices:
+            scores.append(flat[position: position + n])
+            position += n
+        return scores
+
+    return Job(calls, score), result
 
 
 def _shares_prompts(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers decoder that can continue from a KV cache of the prompt."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
-    import inspect
-
-    if not isinstance(model, PreTrainedModel) or not model.can_generate():
-        return False
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" in parameters and not getattr(model.config, "is_encoder_decoder", False)
+    return shares_prompts(model)
 
 
-def _scores_sharing_prompts(model: nn.Module, batch: ChoiceBatch, *, reduction: str, batch_size: int
-                            ) -> list[list[float]]:
-    """``choice_scores`` with each prompt run once: its KV cache is repeated for the example's choices.
+def _job_sharing_prompts(batch: ChoiceBatch, *, reduction: str, batch_size: int, keep_last: bool
+                         ) -> tuple[Job, Callable[[], list[list[float]]]]:
+    """``choice_job`` with each prompt run once: its KV cache is repeated for the example's choices.
 
     An example's choices share its prompt tokens (``encode_choices`` keeps them identical), so
     running prompt + choice for every choice computes the prompt once per choice; with four
@@ -281,10 +298,9 @@ def _scores_sharing_prompts(model: nn.Module, batch: ChoiceBatch, *, reduction: 
     score each choice's first token; the choice tokens, run on the cached prompt, score the
     rest. Same causal attention, so the scores are those of the full sequences up to float
     noise. Examples are grouped by prompt length and choice count: no padding inside a prompt.
+    Each group is a prompt call and, when a choice has more than one token, a choice call that
+    continues the prompt's cache (``d2merge.forward.Call``).
     """
-    import inspect
-
-    device = next(model.parameters()).device
     lengths = batch.attention_mask.sum(-1).tolist()
     choice_lengths = batch.choice_mask.sum(-1).tolist()
     first_row, row = [], 0
@@ -292,7 +308,6 @@ def _scores_sharing_prompts(model: nn.Module, batch: ChoiceBatch, *, reduction: 
         first_row.append(row)
         row += n
     prompt_length = [lengths[r] - choice_lengths[r] for r in first_row]
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     order = sorted(range(len(first_row)), key=lambda e: (prompt_length[e], batch.num_choices[e]))
     groups: list[list[int]] = []
     for e in order:
@@ -301,14 +316,11 @@ def _scores_sharing_prompts(model: nn.Module, batch: ChoiceBatch, *, reduction: 
             groups[-1].append(e)
         else:
             groups.append([e])
-    per_row: dict[int, float] = {}
+    calls: list[Call] = []
+    plans: list[tuple[int, list[int], torch.Tensor, int, int | None]] = []  # (choices, rows, ids, prompt, choice call)
     for group in groups:
         width, choices = prompt_length[group[0]], batch.num_choices[group[0]]
-        prompt_ids = torch.stack([batch.input_ids[first_row[e], :width] for e in group]).to(device)
-        out = model(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), use_cache=True, **keep_last)
-        first_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        cache = out.cache
-        cache.batch_repeat_interleave(choices)
+        prompt_ids = torch.stack([batch.input_ids[first_row[e], :width] for e in group])
         rows = [first_row[e] + j for e in group for j in range(choices)]
         # The choice's last token is scored by the position before it and predicts nothing: not run.
         longest = max(choice_lengths[r] for r in rows)
@@ -318,23 +330,44 @@ def _scores_sharing_prompts(model: nn.Module, batch: ChoiceBatch, *, reduction: 
         for i, r in enumerate(rows):
             ids[i, : choice_lengths[r]] = batch.input_ids[r, width: width + choice_lengths[r]]
             mask[i, width: width + choice_lengths[r] - 1] = 1
-        logits = None
+        prompt_call = len(calls)
+        calls.append(Call(prompt_ids, torch.ones_like(prompt_ids), keep_cache=longest > 1,
+                          logits_to_keep=1 if keep_last else None))
+        choice_call = None
         if longest > 1:
-            logits = model(input_ids=ids[:, :-1].to(device), attention_mask=mask.to(device), cache=cache,
-                           use_cache=True).logits
-        del cache, out
+            choice_call = len(calls)
+            calls.append(Call(ids[:, :-1], mask, cache_from=prompt_call, repeat=choices))
+        plans.append((choices, rows, ids, prompt_call, choice_call))
+    first_logprobs: dict[int, torch.Tensor] = {}
+    per_row: dict[int, float] = {}
+    plan_of_choice_call = {plan[4]: plan for plan in plans if plan[4] is not None}
+    plan_of_prompt_call = {plan[3]: plan for plan in plans}
+
+    def finish(plan: tuple[int, list[int], torch.Tensor, int, int | None], logits: torch.Tensor | None) -> None:
+        choices, rows, ids, prompt_call, _ = plan
+        first = first_logprobs.pop(prompt_call)
         for i, r in enumerate(rows):
             n = choice_lengths[r]
-            total = first_logprobs[i // choices, ids[i, 0]]
+            total = first[i // choices, ids[i, 0]]
             if n > 1:
                 assert logits is not None
                 logprobs = torch.log_softmax(logits[i, : n - 1].float(), dim=-1)
-                total = total + logprobs.gather(-1, ids[i, 1:n, None].to(device)).sum()
+                total = total + logprobs.gather(-1, ids[i, 1:n, None].to(logits.device)).sum()
             per_row[r] = float(total / n if reduction == "mean" else total)
-    scores: list[list[float]] = []
-    for e, n in enumerate(batch.num_choices):
-        scores.append([per_row[first_row[e] + j] for j in range(n)])
-    return scores
+
+    def score(index: int, logits: torch.Tensor) -> None:
+        if index in plan_of_prompt_call:
+            first_logprobs[index] = torch.log_softmax(logits[:, -1].float(), dim=-1)
+            plan = plan_of_prompt_call[index]
+            if plan[4] is None:
+                finish(plan, None)
+        else:
+            finish(plan_of_choice_call[index], logits)
+
+    def result() -> list[list[float]]:
+        return [[per_row[first_row[e] + j] for j in range(n)] for e, n in enumerate(batch.num_choices)]
+
+    return Job(calls, score), result
 
 
 def predictions(scores: Sequence[Sequence[float]]) -> list[int]:

@@ -75,13 +75,19 @@ class VerifyOptions:
         "help": "The --tied-embeddings policy the merge used (needed to recompute it).",
         "choices": ("untie", "tie", "error")})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow .bin (pickle) weights. Only for trusted files."})
+    max_activation_memory: int = field(default=1024, metadata={
+        "help": "MiB of hidden states kept between decoder blocks (models run one block at a time); "
+                "inputs beyond it run in further passes over the weights."})
+    device: str = field(default="cpu", metadata={
+        "help": "Where the blocks run: cpu, or cuda (one block of GPU memory at a time).",
+        "choices": ("cpu", "cuda")})
 
     def __post_init__(self) -> None:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise D2MergeError(f"invalid {f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
-        for name in ("num_probes", "probe_length", "batch_size"):
+        for name in ("num_probes", "probe_length", "batch_size", "max_activation_memory"):
             if getattr(self, name) < 1:
                 raise D2MergeError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 

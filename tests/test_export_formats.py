@@ -179,3 +179,13 @@ def test_bench_plot_draws_a_png(llama_pair, tmp_path):
     plot_report(report, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 5000
+
+
+def test_bench_refuses_a_model_that_will_not_fit_before_loading_it(llama_pair, monkeypatch):
+    import d2merge.bench as bench_module
+    from d2merge.errors import D2MergeError
+
+    monkeypatch.setattr(bench_module, "available_memory", lambda: 1024)
+    monkeypatch.setattr(bench_module, "bench_torch", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(D2MergeError, match=r"needs about 0\.0 GiB and 0\.0 GiB is available"):
+        bench(*llama_pair, variants=("base",))

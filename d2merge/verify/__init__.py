@@ -131,13 +131,22 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     merge_plan = build_plan(base_ckpt, adapter_obj, dtype="fp32", tied_embeddings=options.tied_embeddings)
     if merged_ckpt is not None:
         column_names = (stored_dtype(merge_plan, merged_ckpt),)
-    load = load_fp32_model  # looked up here, at call time: tests count the models verify loads
-    unmerged = Unmerged(base_ckpt, adapter_obj, probes, options, load, say, examples, tokenizer, encoded).run()
+    from d2merge.device import ComputeDevice
+    from d2merge.verify import streamed
+
+    device = ComputeDevice(options.device)
+    load = load_fp32_model  # looked up here, at call time: tests count the models verify loads whole
+
+    def open_model(checkpoint: Any, adapter: Adapter | None = None, rounding: Any = None) -> Any:
+        return streamed.open_forward(checkpoint, adapter=adapter, rounding=rounding, device=device,
+                                     budget=options.max_activation_memory << 20, say=say, load=load,
+                                     allow_pickle=options.allow_pickle)
+
+    unmerged = Unmerged(base_ckpt, adapter_obj, probes, options, open_model, say, examples, tokenizer, encoded).run()
 
     def folder_column(dtype: str, folder: Path, shown: str | None) -> MergedFolder:
         checkpoint = open_base(folder, allow_pickle=options.allow_pickle)
-        return MergedFolder(checkpoint, dtype, shown,
-                            lambda: load(checkpoint.location, allow_pickle=options.allow_pickle), say)
+        return MergedFolder(checkpoint, dtype, shown, lambda: open_model(checkpoint), say)
 
     results = []
     if exported is not None:

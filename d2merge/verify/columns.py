@@ -7,8 +7,10 @@ their :class:`MergedModel` says: its label, how it loads, which tensors it store
 (for exports) its limits.
 
 Memory: the unmerged model runs first, its logits and scores are kept, and it is freed before
-any other model loads; each column then loads one model at a time (the floor's, then the
-merged one), so at most one model is resident (``benchmarks/verify_memory.py`` measures it).
+any other model opens; each column then opens one model at a time (the floor's, then the
+merged one). Each runs one decoder block at a time (``verify.streamed``), so at most one block
+is resident; an architecture that cannot be split runs whole (``benchmarks/verify_memory.py``
+measures both).
 """
 
 from __future__ import annotations
@@ -19,34 +21,35 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
-from torch import nn
 
 from d2merge.io.adapter import Adapter
 from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.plan import MergePlan
-from d2merge.tasks import MCExample, choice_scores, predictions
-from d2merge.verify.compare import compare_logits, mc_result, probe_logits
-from d2merge.verify.limits import VERIFY_DTYPES, apply_rounding, judge, resolve_limits, rounding_floor, top1_flips_p
+from d2merge.forward import as_forward, run_jobs
+from d2merge.tasks import MCExample, choice_job, predictions
+from d2merge.verify.compare import compare_job, mc_result, probe_job
+from d2merge.verify.limits import VERIFY_DTYPES, judge, resolve_limits, rounding_floor, top1_flips_p
 from d2merge.verify.probes import Probes
 from d2merge.verify.results import DtypeResult, RoundingFloor, WeightCheck
 from d2merge.verify.weights import check_weights
 from d2merge.verify_options import Thresholds, VerifyOptions
 
-LoadModel = Callable[..., nn.Module]  # (location, *, allow_pickle) -> an fp32 transformers model
+OpenModel = Callable[..., Any]  # (checkpoint, adapter=None, rounding=None) -> a d2merge.forward.Forward
 
 
 @dataclass
 class Unmerged:
     """The unmerged model's side of every column: its logits and scores, and its rounded twin for the floor.
 
-    ``load_model`` is how every transformers model of the run loads (``d2merge.runtime.load_fp32_model``).
+    ``open_model`` is how every transformers model of the run opens: block by block where the
+    architecture allows (``verify.streamed.open_forward``), else whole.
     """
 
     base: BaseCheckpoint
     adapter: Adapter
     probes: Probes
     options: VerifyOptions
-    load_model: LoadModel
+    open_model: OpenModel
     say: Callable[[str], None]
     examples: Sequence[MCExample] | None = None
     tokenizer: Any = None
@@ -54,26 +57,36 @@ class Unmerged:
     logits: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     scores: list[list[float]] | None = None
 
-    def model(self, rounded_to: torch.dtype | None = None, rewritten: set[str] | None = None) -> nn.Module:
-        from d2merge.runtime import attach_adapter
+    def model(self, rounded_to: torch.dtype | None = None, rewritten: set[str] | None = None) -> Any:
+        from d2merge.verify.streamed import Rounding
 
-        model = self.load_model(self.base.location, allow_pickle=self.options.allow_pickle)
-        if rounded_to is not None:
-            apply_rounding(model, rewritten or set(), rounded_to, seed=self.options.seed)
-        return attach_adapter(model, self.adapter).eval()
+        rounding = (Rounding(rounded_to, frozenset(rewritten or ()), self.options.seed)
+                    if rounded_to is not None else None)
+        return self.open_model(self.base, adapter=self.adapter, rounding=rounding)
 
-    def scores_of(self, model: nn.Module) -> list[list[float]] | None:
-        if self.examples is None:
-            return None
-        return choice_scores(model, self.tokenizer, self.examples, reduction=self.options.mc_score,
-                             batch_size=self.options.batch_size, encoded=self.encoded)
+    def evaluate(self, model: Any, reference: torch.Tensor | None = None
+                 ) -> tuple[Any, list[list[float]] | None]:
+        """One run of ``model`` over the probes and the MC items: (its probe logits, or their statistics
+        against ``reference``; its choice scores). One run, so a block-streamed model reads its weights once."""
+        forward = as_forward(model)
+        if reference is None:
+            probe, probe_result = probe_job(self.probes, self.options.batch_size)
+        else:
+            probe, probe_result = compare_job(self.probes, reference, self.options.batch_size)
+        jobs, scores_result = [probe], None
+        if self.examples is not None:
+            choices, scores_result = choice_job(forward, self.tokenizer, self.examples,
+                                                reduction=self.options.mc_score,
+                                                batch_size=self.options.batch_size, encoded=self.encoded)
+            jobs.append(choices)
+        run_jobs(forward, jobs)
+        return probe_result(), None if scores_result is None else scores_result()
 
     def run(self) -> Unmerged:
         """The unmerged model first, alone; its logits and scores are all that is kept."""
         self.say("running the unmerged model (base + adapter)")
         model = self.model()
-        self.logits = probe_logits(model, self.probes, self.options.batch_size)
-        self.scores = self.scores_of(model)
+        self.logits, self.scores = self.evaluate(model)
         del model  # freed before any merged model is loaded: at most one model is resident
         gc.collect()  # whatever a reference cycle kept goes now, before the next model loads
         return self
@@ -86,8 +99,7 @@ class Unmerged:
     def measure_floor(self, dtype: str, merge_plan: MergePlan) -> tuple[RoundingFloor, list[list[float]] | None]:
         self.say(f"measuring the rounding floor ({dtype})")
         model = self.model(VERIFY_DTYPES[dtype], {item.name for item in merge_plan.merged})
-        floor_logits = compare_logits(model, self.probes, self.logits, self.options.batch_size)
-        rounded_scores = self.scores_of(model)
+        floor_logits, rounded_scores = self.evaluate(model, self.logits)
         del model
         gc.collect()
         floor_flips = None
@@ -120,7 +132,7 @@ class MergedFolder:
     checkpoint: BaseCheckpoint
     dtype: str
     shown: str | None
-    load: Callable[[], nn.Module]
+    load: Callable[[], Any]  # the merged model, block-streamed or whole (a d2merge.forward.Forward)
     say: Callable[[str], None]
     weights_first: bool = True
 
@@ -136,7 +148,7 @@ class MergedFolder:
         self.say(f"checking the merged weights against fp64 ({self.dtype})")
         return WeightCheck(*check_weights(merge_plan, self.checkpoint))
 
-    def load_model(self) -> nn.Module:
+    def load_model(self) -> Any:
         self.say(f"running the merged model ({self.dtype})")
         return self.load()
 
@@ -195,8 +207,7 @@ def judge_column(merged: MergedModel, merge_plan: MergePlan, chosen: Thresholds,
         model = merged.load_model()
         if check is None:
             check = merged.weight_check(merge_plan, model)
-        logits = compare_logits(model, unmerged.probes, unmerged.logits, unmerged.options.batch_size)
-        merged_scores = unmerged.scores_of(model)
+        logits, merged_scores = unmerged.evaluate(model, unmerged.logits)
         if merged_scores is not None:
             mc = mc_result(unmerged.examples, unmerged.scores, merged_scores, rounded_scores)  # type: ignore[arg-type]
         del model

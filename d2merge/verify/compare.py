@@ -6,11 +6,12 @@ Statistics are taken on real tokens only (never padding), one sequence at a time
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from d2merge.forward import Call, Forward, Job, as_forward, run_jobs
 from d2merge.tasks import MCExample, accuracy, predictions
 from d2merge.verify.probes import Probes
 from d2merge.verify.results import ABS_DIFF_EDGES, FlippedAnswer, LogitStats, MCResult
@@ -24,86 +25,118 @@ def _batches(probes: Probes, batch_size: int) -> Iterator[tuple[list[int], torch
     padding columns no row of the batch needs leaves less padding to run (any order gives the
     same statistics: they are taken per sequence on real tokens).
     """
-    from d2merge.console import Progress
-
     lengths = probes.attention_mask.sum(-1).tolist()
     order = sorted(range(len(lengths)), key=lambda row: lengths[row])
-    starts = range(0, len(order), batch_size)
-    # elapsed and time left for a verify pass (on a terminal; in a log every D2MERGE_PROGRESS_EVERY s)
-    with Progress("verify: probes", len(starts), "batch") as bar:
-        for start in starts:
-            rows = order[start: start + batch_size]
-            mask = probes.attention_mask[rows]
-            real_columns = mask.any(0).nonzero()
-            width = int(real_columns.max()) + 1 if real_columns.numel() else 1
-            yield rows, probes.input_ids[rows, :width], mask[:, :width]
-            bar.advance()
+    # no progress here: the batches only become calls; the forward that runs them shows its own
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        mask = probes.attention_mask[rows]
+        real_columns = mask.any(0).nonzero()
+        width = int(real_columns.max()) + 1 if real_columns.numel() else 1
+        yield rows, probes.input_ids[rows, :width], mask[:, :width]
 
 
-@torch.no_grad()
-def probe_logits(model: nn.Module, probes: Probes, batch_size: int) -> torch.Tensor:
-    """fp32 logits of every probe at the probes' full width; only positions the mask marks real are meaningful."""
-    out: torch.Tensor | None = None
+def probe_calls(probes: Probes, batch_size: int) -> tuple[list[list[int]], list[Call]]:
+    """The probe rows of each forward pass and the calls that run them (see ``_batches``)."""
+    rows_of, calls = [], []
     for rows, ids, mask in _batches(probes, batch_size):
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        if out is None:  # padding columns a batch did not run stay zero (never compared)
-            out = logits.new_zeros((*probes.input_ids.shape, logits.shape[-1]))
-        out[rows, : ids.shape[1]] = logits
-    assert out is not None
-    return out
+        rows_of.append(rows)
+        calls.append(Call(ids, mask))
+    return rows_of, calls
+
+
+def probe_job(probes: Probes, batch_size: int) -> tuple[Job, Callable[[], torch.Tensor]]:
+    """The probe calls and, once they ran, the fp32 logits of every probe at the probes' full width."""
+    rows_of, calls = probe_calls(probes, batch_size)
+    found: dict[str, torch.Tensor] = {}
+
+    def keep(index: int, logits: torch.Tensor) -> None:
+        logits = logits.float().cpu()
+        if "out" not in found:  # padding columns a batch did not run stay zero (never compared)
+            found["out"] = logits.new_zeros((*probes.input_ids.shape, logits.shape[-1]))
+        found["out"][rows_of[index], : calls[index].input_ids.shape[1]] = logits
+
+    return Job(calls, keep), lambda: found["out"]
 
 
 @torch.no_grad()
-def compare_logits(model: nn.Module, probes: Probes, reference: torch.Tensor, batch_size: int) -> LogitStats:
-    """Run ``model`` batch by batch and compare with the unmerged logits on real positions only.
+def probe_logits(model: nn.Module | Forward, probes: Probes, batch_size: int) -> torch.Tensor:
+    """fp32 logits of every probe at the probes' full width; only positions the mask marks real are meaningful."""
+    job, result = probe_job(probes, batch_size)
+    run_jobs(as_forward(model), [job])
+    return result()
+
+
+def compare_job(probes: Probes, reference: torch.Tensor, batch_size: int) -> tuple[Job, Callable[[], LogitStats]]:
+    """The probe calls and, once they ran, their logits' statistics against the unmerged ``reference``.
 
     Statistics are taken one sequence at a time: a whole batch of fp32 log-softmaxes over a
     large vocabulary would cost more memory than the rest of verify besides the model.
     """
-    max_abs, sum_abs, count, kl_sum, kl_max, agree = 0.0, 0.0, 0, 0.0, 0.0, 0
+    rows_of, calls = probe_calls(probes, batch_size)
+    totals = {"max_abs": 0.0, "sum_abs": 0.0, "count": 0, "kl_sum": 0.0, "kl_max": 0.0, "agree": 0,
+              "nll_unmerged": 0.0, "nll_merged": 0.0, "predicted": 0}
     per_probe: dict[int, tuple[float, float, float]] = {}
     edges = torch.tensor(ABS_DIFF_EDGES, dtype=torch.float32)
     counts = torch.zeros(len(ABS_DIFF_EDGES) + 1, dtype=torch.int64)
-    nll_unmerged, nll_merged, predicted = 0.0, 0.0, 0
     text = probes.description.get("source") in ("sentences", "prompts")  # real text: its next tokens
-    for rows, ids, mask in _batches(probes, batch_size):
-        logits = model(input_ids=ids, attention_mask=mask).logits
+
+    def compare(index: int, logits: torch.Tensor) -> None:
+        nonlocal counts
+        rows, mask, width = rows_of[index], calls[index].attention_mask, calls[index].input_ids.shape[1]
+        ids = calls[index].input_ids
+        logits = logits.cpu()
         for row in range(logits.shape[0]):
             real = mask[row].bool()
             merged = logits[row][real].float()
-            unmerged = reference[rows[row], : ids.shape[1]][real]
+            unmerged = reference[rows[row], :width][real]
             diff = (unmerged - merged).abs_()
             row_max = float(diff.max())
-            max_abs = max(max_abs, row_max)
-            sum_abs += float(diff.sum(dtype=torch.float64))
-            count += diff.numel()
+            totals["max_abs"] = max(totals["max_abs"], row_max)
+            totals["sum_abs"] += float(diff.sum(dtype=torch.float64))
+            totals["count"] += diff.numel()
             counts += torch.bincount(torch.bucketize(diff.view(-1), edges, right=True), minlength=counts.numel())
             del diff
             log_u, log_m = torch.log_softmax(unmerged, -1), torch.log_softmax(merged, -1)
             kl = (log_u.exp() * (log_u - log_m)).sum(-1).clamp_min(0)
-            kl_sum += float(kl.sum(dtype=torch.float64))
-            kl_max = max(kl_max, float(kl.max()))
+            totals["kl_sum"] += float(kl.sum(dtype=torch.float64))
+            totals["kl_max"] = max(totals["kl_max"], float(kl.max()))
             row_agree = int((unmerged.argmax(-1) == merged.argmax(-1)).sum())
-            agree += row_agree
+            totals["agree"] += row_agree
             per_probe[rows[row]] = (row_max, float(kl.mean(dtype=torch.float64)), row_agree / max(kl.numel(), 1))
             if text:  # each real position predicts the next real token (right padding: a prefix)
                 targets = ids[row][real][1:]
-                nll_unmerged -= float(log_u[:-1].gather(-1, targets[:, None]).sum(dtype=torch.float64))
-                nll_merged -= float(log_m[:-1].gather(-1, targets[:, None]).sum(dtype=torch.float64))
-                predicted += targets.numel()
-        del logits
-    positions = probes.description["positions"]
-    ppl = {}
-    if predicted:
-        ppl = {"ppl_unmerged": math.exp(nll_unmerged / predicted), "ppl_merged": math.exp(nll_merged / predicted),
-               "ppl_ratio": math.exp((nll_merged - nll_unmerged) / predicted)}
-    return LogitStats(positions=positions, max_abs_diff=max_abs, mean_abs_diff=sum_abs / max(count, 1),
-                      kl_mean=kl_sum / max(positions, 1), kl_max=kl_max, top1_agreement=agree / max(positions, 1),
-                      argmax_flips=positions - agree,
-                      probe_max_abs_diff=[per_probe[i][0] for i in sorted(per_probe)],
-                      probe_kl_mean=[per_probe[i][1] for i in sorted(per_probe)],
-                      probe_top1_agreement=[per_probe[i][2] for i in sorted(per_probe)],
-                      abs_diff_counts=[int(c) for c in counts], **ppl)
+                totals["nll_unmerged"] -= float(log_u[:-1].gather(-1, targets[:, None]).sum(dtype=torch.float64))
+                totals["nll_merged"] -= float(log_m[:-1].gather(-1, targets[:, None]).sum(dtype=torch.float64))
+                totals["predicted"] += targets.numel()
+
+    def result() -> LogitStats:
+        positions, agree = probes.description["positions"], int(totals["agree"])
+        ppl = {}
+        predicted = int(totals["predicted"])
+        if predicted:
+            nll_u, nll_m = float(totals["nll_unmerged"]), float(totals["nll_merged"])
+            ppl = {"ppl_unmerged": math.exp(nll_u / predicted), "ppl_merged": math.exp(nll_m / predicted),
+                   "ppl_ratio": math.exp((nll_m - nll_u) / predicted)}
+        return LogitStats(positions=positions, max_abs_diff=float(totals["max_abs"]),
+                          mean_abs_diff=float(totals["sum_abs"]) / max(int(totals["count"]), 1),
+                          kl_mean=float(totals["kl_sum"]) / max(positions, 1), kl_max=float(totals["kl_max"]),
+                          top1_agreement=agree / max(positions, 1), argmax_flips=positions - agree,
+                          probe_max_abs_diff=[per_probe[i][0] for i in sorted(per_probe)],
+                          probe_kl_mean=[per_probe[i][1] for i in sorted(per_probe)],
+                          probe_top1_agreement=[per_probe[i][2] for i in sorted(per_probe)],
+                          abs_diff_counts=[int(c) for c in counts], **ppl)
+
+    return Job(calls, compare), result
+
+
+@torch.no_grad()
+def compare_logits(model: nn.Module | Forward, probes: Probes, reference: torch.Tensor, batch_size: int
+                   ) -> LogitStats:
+    """Run ``model`` batch by batch and compare with the unmerged logits on real positions only."""
+    job, result = compare_job(probes, reference, batch_size)
+    run_jobs(as_forward(model), [job])
+    return result()
 
 
 def mc_result(examples: Sequence[MCExample], unmerged: Sequence[Sequence[float]],

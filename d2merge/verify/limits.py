@@ -8,6 +8,7 @@ every check that fails.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import fields, replace
 from typing import Mapping, Sequence
 
@@ -73,16 +74,37 @@ def apply_rounding(model: nn.Module, rewritten: set[str], dtype: torch.dtype, *,
     what rounding to nearest leaves. Casting those instead would cost nothing on a base already
     stored in ``dtype`` (SmolLM2 ships bf16), yet the merge rounds them afresh.
     """
-    generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
-        if not param.is_floating_point():
-            continue
-        if name in rewritten:
-            step = ulp(param.data, dtype).to(param.dtype)
-            param.add_((torch.rand(param.shape, generator=generator, dtype=param.dtype) - 0.5) * step)
-        elif dtype != param.dtype:
-            param.copy_(param.to(dtype).to(param.dtype))
+        round_parameter(name, param, rewritten, dtype, seed=seed)
     return model
+
+
+@torch.no_grad()
+def round_parameter(name: str, param: torch.Tensor, rewritten: set[str], dtype: torch.dtype, *, seed: int) -> None:
+    """``apply_rounding`` for one parameter, in place.
+
+    Each rewritten tensor's draw is seeded by (seed, its name), not by its place in one
+    sequence of draws: the block-streamed models (``verify.streamed``) round each block when it
+    loads, and must draw what the whole model draws.
+    """
+    if not param.is_floating_point() or param.is_meta:
+        return
+    if name in rewritten:
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        noise = torch.rand(param.shape, generator=generator, dtype=param.dtype).to(param.device)
+        # In row blocks of about 4M entries: ulp() works in fp64, and its temporaries for a whole
+        # 7B MLP matrix (360 MB each) would outweigh the block being rounded.
+        data = param.data if param.data.is_contiguous() else param.data.contiguous()
+        rows = data.view(-1, max(data.shape[-1], 1) if data.ndim else 1)
+        noise_rows = noise.reshape(rows.shape)
+        step_rows = max(1, (1 << 22) // max(rows.shape[1], 1))
+        for start in range(0, rows.shape[0], step_rows):
+            block = rows[start: start + step_rows]
+            block.add_((noise_rows[start: start + step_rows] - 0.5) * ulp(block, dtype).to(param.dtype))
+        if data is not param.data:
+            param.data.copy_(data)
+    elif dtype != param.dtype:
+        param.copy_(param.to(dtype).to(param.dtype))
 
 
 def rounding_floor(logits: LogitStats, reference: torch.Tensor, probes: Probes, mc_flips: int | None
