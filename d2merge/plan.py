@@ -348,6 +348,14 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
                              f"'{emb}' and '{head}' (not exact for the untouched one)")
 
     target_dtype = OUT_DTYPES[out_dtype_name]
+    if target_dtype is None and base.quantization is not None:
+        # "auto" keeps each stored dtype, but a quantized weight has none: the dtype the base was
+        # stored in before quantization (config.json's dtype), else bf16, for every tensor.
+        target_dtype = base.quantization.out_dtype
+        out_dtype_name = by_torch(target_dtype).name
+    if base.quantization is not None:
+        notes.append(f"base quantized with {base.quantization.method}: its weights are dequantized as the "
+                     f"training runtime computed them; output dtype {out_dtype_name} (--dtype overrides)")
     plans: list[TensorPlan] = []
     for name in outputs:
         source = tied_pair[0] if tied_pair and name == tied_pair[1] else name
