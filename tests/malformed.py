@@ -1040,6 +1040,19 @@ def _nf4(tensors: dict[str, torch.Tensor], blocksize: int = 64) -> None:
         tensors[name + ".quant_state.bitsandbytes__nf4"] = _blob(state)
 
 
+def write_nf4_base(folder: Path) -> Path:
+    """The template base quantized to nf4 in bitsandbytes' saved layout, with its quantization_config."""
+    write_base(folder)
+    tensors = base_tensors()
+    _nf4(tensors)
+    (folder / "model.safetensors").unlink()
+    save_tensors(folder / "model.safetensors", tensors, {"format": "pt"})
+    config = base_config()
+    config["quantization_config"] = BNB_4BIT
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def _blob(state: dict[str, Any] | bytes) -> torch.Tensor:
     raw = state if isinstance(state, bytes) else json.dumps(state).encode()
     return torch.tensor(list(raw), dtype=torch.uint8)

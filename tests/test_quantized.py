@@ -27,6 +27,7 @@ LAYOUTS = {  # name -> BitsAndBytesConfig arguments, as QLoRA users write them
     "int8": dict(load_in_8bit=True),
 }
 TARGETS = ["q_proj", "v_proj", "down_proj"]
+SMOL_VOCAB = 49152
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -101,14 +102,29 @@ class QuantizedModels:
 
     def __init__(self, root: Path, tiny_bases: Any):
         self.root, self.tiny_bases = root, tiny_bases
+        self.smollm2 = Path()  # set by the tests that build "llama-bpe"
         self._made: dict[tuple[str, ...], Path] = {}
+
+    def source(self, arch: str) -> Path:
+        """The 16-bit original; ``llama-bpe``: with SmolLM2's byte-level BPE tokenizer (GGUF needs one)."""
+        if arch != "llama-bpe":
+            return self.tiny_bases(arch, dtype=torch.bfloat16)
+        folder = self.root / "llama-bpe-bf16"
+        if not folder.exists():
+            from d2merge.synthetic import save_tiny_base
+
+            save_tiny_base(folder, "llama", dtype=torch.bfloat16, vocab_size=SMOL_VOCAB, tokenizer=False)
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (self.smollm2 / name).is_file():
+                    (folder / name).write_bytes((self.smollm2 / name).read_bytes())
+        return folder
 
     def base(self, arch: str, layout: str) -> Path:
         key = ("base", arch, layout)
         if key not in self._made:
             from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-            source = self.tiny_bases(arch, dtype=torch.bfloat16)
+            source = self.source(arch)
             folder = self.root / f"{arch}-{layout}"
             if layout == "fp8":
                 _write_fp8(source, folder)
@@ -132,7 +148,7 @@ class QuantizedModels:
             from transformers import AutoModelForCausalLM
 
             base = self.base(arch, layout)
-            source = self.tiny_bases(arch, dtype=torch.bfloat16) if layout == "fp8" else base
+            source = self.source(arch) if layout == "fp8" else base
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = AutoModelForCausalLM.from_pretrained(source, device_map="cpu")
@@ -288,8 +304,57 @@ def test_verify_passes_a_merge_over_nf4_and_fails_a_corrupted_one(quantized: Qua
     base, adapter = quantized.base("llama", "nf4-dq-bf16"), quantized.adapter("llama", "nf4-dq-bf16")
     out = tmp_path / "merged"
     _merge(cli_runner, base, adapter, out)
-    good = _quiet_verify(cli_runner, str(base), str(adapter), str(out))
+    original = quantized.source("llama")
+    good = _quiet_verify(cli_runner, str(base), str(adapter), str(out), "--original-base", str(original))
     assert good.code == 0, good.out + good.err
+    # the common recipe's column: shown beside the merge, never judged, further from the trained model
+    header = next(line for line in good.out.splitlines() if "original bf16" in line)
+    assert header.split() == ["bf16", "original", "bf16"]
+    result = next(line for line in good.out.splitlines() if line.startswith("result"))
+    assert result.split()[1:] == ["PASS", "(shown)"]
+    diffs = next(line for line in good.out.splitlines() if line.startswith("max |logit diff|")).split()[-2:]
+    assert float(diffs[1]) > 10 * float(diffs[0])
+    refused = _quiet_verify(cli_runner, str(original), str(adapter), str(out), "--original-base", str(original))
+    assert refused.code == 2 and "--original-base needs a quantized BASE" in refused.err
     corrupted = scale_tensor(out, tmp_path / "corrupted", "model.layers.1.self_attn.q_proj.weight", 1.01)
     bad = _quiet_verify(cli_runner, str(base), str(adapter), str(corrupted))
     assert bad.code == 1, bad.out + bad.err
+
+
+def test_merge_into_the_16bit_original_warns_when_the_adapter_names_a_quantized_repo(
+        quantized: QuantizedModels, tmp_path: Path, cli_runner: Callable[..., Any]) -> None:
+    import shutil
+
+    adapter = Path(shutil.copytree(quantized.adapter("llama", "nf4-dq-bf16"), tmp_path / "adapter"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "unsloth/Llama-3.2-1B-Instruct-bnb-4bit"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    result = _merge(cli_runner, quantized.source("llama"), adapter, tmp_path / "merged")
+    warnings_shown = [line for line in result.err.splitlines() if "warning" in line]
+    assert len(warnings_shown) == 1 and "--original-base" in warnings_shown[0], result.err
+    quiet = _merge(cli_runner, quantized.base("llama", "nf4-dq-bf16"), adapter, tmp_path / "merged-q")
+    assert "warning" not in quiet.err
+
+
+@pytest.mark.slow
+def test_single_file_and_gguf_outputs_from_a_quantized_base(quantized: QuantizedModels, smollm2: Path, tmp_path: Path,
+                                                             cli_runner: Callable[..., Any],
+                                                             read_tensors: Callable[[Path], dict[str, torch.Tensor]]
+                                                             ) -> None:
+    from safetensors.torch import load_file
+
+    base, adapter = quantized.base("llama", "nf4-dq-bf16"), quantized.adapter("llama", "nf4-dq-bf16")
+    _merge(cli_runner, base, adapter, tmp_path / "folder")
+    _merge(cli_runner, base, adapter, tmp_path / "m.safetensors", "--format", "safetensors")
+    folder, single = read_tensors(tmp_path / "folder"), load_file(tmp_path / "m.safetensors")
+    assert set(single) == set(folder) and all(torch.equal(single[n], folder[n]) for n in folder)
+
+    quantized.smollm2 = smollm2
+    bpe_base, bpe_adapter = quantized.base("llama-bpe", "nf4-dq-bf16"), quantized.adapter("llama-bpe", "nf4-dq-bf16")
+    gguf = tmp_path / "m.gguf"
+    made = cli_runner(["merge", str(bpe_base), str(bpe_adapter), "-o", str(gguf), "--format", "gguf",
+                       "--gguf-type", "f32"])
+    assert made.code == 0, made.err
+    checked = cli_runner(["verify", str(bpe_base), str(bpe_adapter), str(gguf), "--num-probes", "2",
+                          "--probe-length", "8", "--probe-source", "random"])
+    assert checked.code == 0, checked.out + checked.err
