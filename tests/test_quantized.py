@@ -40,7 +40,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double", [False, True])
-def test_4bit_dequantize_is_bitsandbytes_bit_for_bit(quant_type: str, dtype: torch.dtype, double: bool) -> None:
+def test_4bit_dequantize_is_bitsandbytes_bit_for_bit(quant_type: str, dtype: torch.dtype, double: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import d2merge.io.quantized
+
+    monkeypatch.setattr(d2merge.io.quantized, "_CHUNK", 256)  # many chunks, as a real weight has
     g = torch.Generator().manual_seed(0)
     for blocksize, shape in ((64, (48, 64)), (128, (33, 40)), (256, (7, 300)), (32, (24, 16)), (4096, (70, 100))):
         w = (torch.randn(shape, generator=g) * 0.05).to(dtype)

@@ -203,18 +203,22 @@ def _check_quantized_shapes(stored: SafetensorsFiles, quantization: Quantization
     The packed codes of a [16, 16] weight fit a state that says [8, 32] just as well; written out,
     that weight would make a model that does not load (or, square for square, a wrong one).
     """
-    from d2merge.io.model_structure import meta_model
+    from d2merge.io.quantized import llama_like_shapes
 
-    model = meta_model(config)
-    if model is None:
-        return
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = llama_like_shapes(config, list(quantization.weights))
+    if params is None:  # not the Llama layout: ask transformers (an import and ~130 MB, once)
+        from d2merge.io.model_structure import meta_model
+
+        model = meta_model(config)
+        if model is None:
+            return
+        params = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     for name, weight in quantization.weights.items():
         param = params.get(name)
-        if param is not None and tuple(param.shape) != weight.shape:
+        if param is not None and tuple(param) != weight.shape:
             state = weight.parts.get("state", weight.parts["packed"])
             raise D2MergeError(f"quantization state says shape {list(weight.shape)}; config.json's model has "
-                               f"{list(param.shape)} for '{name}'", path=stored.file_of(state), tensor=state,
+                               f"{list(param)} for '{name}'", path=stored.file_of(state), tensor=state,
                                hint="the quantization state does not describe this weight; re-save or "
                                     "re-download the quantized base")
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 INT8_SCALE = 1.0 / 127.0  # rounded to fp32 by the multiplication, as bitsandbytes' SCB.mul(1.0 / 127.0)
 FP8_BLOCK = (128, 128)
+_CHUNK = 1 << 22  # elements dequantized at a time
 
 # Quant-state keys bitsandbytes writes into the JSON blob (QuantState.as_dict(packed=True)).
 _STATE_KEYS = {"quant_type", "blocksize", "dtype", "shape"}
@@ -201,16 +203,25 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str,
     """
     n = math.prod(shape)
     raw = packed.reshape(-1).view(torch.uint8)
-    nibbles = torch.empty(raw.numel() * 2, dtype=torch.uint8)
-    nibbles[0::2] = raw >> 4
-    nibbles[1::2] = raw & 0xF
-    values = torch.tensor(CODES[quant_type], dtype=torch.float32)[nibbles[:n].long()]
-    full = n - n % blocksize
-    out = torch.empty(n, dtype=torch.float32)
-    out[:full] = (values[:full].view(-1, blocksize) * absmax[: full // blocksize].view(-1, 1)).reshape(-1)
-    if full < n:
-        out[full:] = values[full:] * absmax[full // blocksize]
-    return out.reshape(shape).to(dtype)
+    code = torch.tensor(CODES[quant_type], dtype=torch.float32)
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], 1)  # byte -> (high nibble, low nibble)
+    out = torch.empty(n, dtype=dtype)
+    # A chunk of whole blocks at a time: the int32 indices and fp32 values of a whole 90M-element
+    # weight would be 1 GB of temporaries; per chunk they are a few MB, and the result is the same.
+    step = max(blocksize, (_CHUNK // blocksize) * blocksize)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        first, last = start // 2, (stop + 1) // 2
+        values = pairs[raw[first:last].int()].reshape(-1)[start - 2 * first:stop - 2 * first]
+        full = (stop - start) - (stop - start) % blocksize
+        block0 = start // blocksize
+        if full:
+            values[:full] = (values[:full].view(-1, blocksize) * absmax[block0:block0 + full // blocksize].view(-1, 1)
+                             ).reshape(-1)
+        if full < stop - start:
+            values[full:] = values[full:] * absmax[block0 + full // blocksize]
+        out[start:stop] = values  # the one rounding, to the dtype the runtime dequantized into
+    return out.reshape(shape)
 
 
 def nested_absmax(absmax_codes: torch.Tensor, nested: torch.Tensor, nested_code: torch.Tensor,
@@ -514,6 +525,33 @@ def _refuse_leftovers(stored: Any, weights: dict[str, QuantizedWeight], qc_kind:
             if leaf == "weight" or dtype.is_floating_point:
                 raise _refuse(f"{str(dtype).removeprefix('torch.')} tensor without the quantization state of a "
                               f"{qc_kind} weight", stored, name)
+
+
+# Model types whose decoder projections have the Llama shapes computed by llama_like_shapes.
+_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo", "olmo2", "smollm3"}
+_LLAMA_PROJECTION = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+
+
+def llama_like_shapes(config: dict[str, Any], names: list[str]) -> dict[str, tuple[int, ...]] | None:
+    """The shapes a Llama-layout config gives ``names`` (all decoder projections), else None.
+
+    Checking a quant state's shape claim needs the model's shapes; building the model on the
+    meta device imports transformers (~130 MB of a merge's ~0.4 GB peak), which this avoids for
+    the layouts QLoRA bases nearly always have.
+    """
+    if config.get("model_type") not in _LLAMA_LIKE or not all(_LLAMA_PROJECTION.match(n) for n in names):
+        return None
+    try:
+        hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+    except (KeyError, TypeError, ValueError):
+        return None
+    q, kv = heads * head_dim, kv_heads * head_dim
+    by_leaf = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+               "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    return {n: by_leaf[n.rsplit(".", 2)[-2]] for n in names}
 
 
 def names_quantized_repo(name: str | None) -> bool:
