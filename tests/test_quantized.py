@@ -362,3 +362,19 @@ def test_single_file_and_gguf_outputs_from_a_quantized_base(quantized: Quantized
     checked = cli_runner(["verify", str(bpe_base), str(bpe_adapter), str(gguf), "--num-probes", "2",
                           "--probe-length", "8", "--probe-source", "random"])
     assert checked.code == 0, checked.out + checked.err
+
+
+def test_merge_many_over_a_quantized_base_writes_what_merge_writes(quantized: QuantizedModels, tmp_path: Path,
+                                                                    cli_runner: Callable[..., Any],
+                                                                    read_tensors: Callable[[Path], dict[str, torch.Tensor]]
+                                                                    ) -> None:
+    from d2merge.many import merge_many
+
+    base = quantized.base("llama", "nf4-dq-bf16")
+    adapters = [quantized.adapter("llama", "nf4-dq-bf16"), quantized.adapter("llama", "nf4-dq-bf16", "dora")]
+    report = merge_many(base, adapters, tmp_path / "many")
+    assert report.exit_code == 0, report.table()
+    for adapter in adapters:
+        _merge(cli_runner, base, adapter, tmp_path / adapter.name)
+        alone, together = read_tensors(tmp_path / adapter.name), read_tensors(tmp_path / "many" / adapter.name)
+        assert set(alone) == set(together) and all(torch.equal(alone[n], together[n]) for n in alone)
