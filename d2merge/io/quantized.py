@@ -59,7 +59,6 @@ FP4_CODE = (0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674
 CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 INT8_SCALE = 1.0 / 127.0  # rounded to fp32 by the multiplication, as bitsandbytes' SCB.mul(1.0 / 127.0)
-FP8_BLOCK = (128, 128)
 _CHUNK = 1 << 22  # elements dequantized at a time
 
 # Quant-state keys bitsandbytes writes into the JSON blob (QuantState.as_dict(packed=True)).
@@ -104,10 +103,6 @@ class Quantization:
     config_path: Path
     out_dtype: torch.dtype
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return self.method
 
 
 def dtype_of_config(config: dict[str, Any]) -> torch.dtype | None:
@@ -166,7 +161,9 @@ class DequantizedTensors:
         weight = self.quantization.weights.get(name)
         if weight is None:
             return self.stored.read(name, buffer)
-        parts = {role: self.stored.read(stored) for role, stored in weight.parts.items()}
+        # the quant-state blob and weight_format were read and checked when the base was opened
+        parts = {role: self.stored.read(stored) for role, stored in weight.parts.items()
+                 if role not in ("state", "weight_format")}
         return dequantize(weight, parts, self.stored.file_of(weight.parts["packed"]))
 
     def file_of(self, name: str) -> Path:
