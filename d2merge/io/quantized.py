@@ -138,8 +138,9 @@ def without_quantization(config: dict[str, Any]) -> dict[str, Any]:
 class DequantizedTensors:
     """A quantized checkpoint's tensors as plain ones: ``keys/info/read/file_of`` like every source.
 
-    It has no ``byte_range``: a dequantized weight is computed, not copied, so the engine reads
-    every tensor through :meth:`read` (one tensor and its state at a time: streaming stays flat).
+    ``byte_range`` answers for the plain tensors only (None for a quantized weight, which is
+    computed, never copied): an unchanged embedding still goes file to file and plain reads use
+    the engine's reused buffers; without it a 1.1B nf4 merge peaked at 1.9x the bf16 merge's RSS.
     """
 
     def __init__(self, stored: Any, quantization: Quantization):
@@ -165,6 +166,12 @@ class DequantizedTensors:
         parts = {role: self.stored.read(stored) for role, stored in weight.parts.items()
                  if role not in ("state", "weight_format")}
         return dequantize(weight, parts, self.stored.file_of(weight.parts["packed"]))
+
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, offset, byte count) of a plain tensor; None for a quantized weight (it has no bytes of its own)."""
+        if name in self.quantization.weights:
+            return None
+        return self.stored.byte_range(name)
 
     def file_of(self, name: str) -> Path:
         weight = self.quantization.weights.get(name)
