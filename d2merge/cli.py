@@ -238,7 +238,10 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
                                echo=say, **format_options)
     click.echo(result.outcome.describe())
     for note in result.outcome.merge.plan.notes:
-        click.echo(f"note: {note}")
+        if note.startswith("warning: "):  # a merge that may not be what the user meant: one line on stderr
+            click.echo(f"d2merge: {note}", err=True)
+        else:
+            click.echo(f"note: {note}")
     if result.verify is not None:
         click.echo(result.verify.table(failures=False))  # the failures are the final line's, printed once
         if not result.verify.passed:

@@ -19,6 +19,7 @@ from d2merge.dtypes import ALIASES, FLOAT_DTYPES, by_torch
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
+from d2merge.io.quantized import names_quantized_repo
 from d2merge.io.checkpoint_layout import CheckpointLayout
 from d2merge.io.model_structure import conv1d_modules, is_listed, meta_model, model_structure
 from d2merge.io.safetensors_file import DTYPE_NAMES, dtype_size
@@ -352,6 +353,20 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
                              f"'{emb}' and '{head}' (not exact for the untouched one)")
 
     target_dtype = OUT_DTYPES[out_dtype_name]
+    if target_dtype is None and base.quantization is not None:
+        # "auto" keeps each stored dtype, but a quantized weight has none: the dtype the base was
+        # stored in before quantization (config.json's dtype), else bf16, for every tensor.
+        target_dtype = base.quantization.out_dtype
+        out_dtype_name = by_torch(target_dtype).name
+    trained_on = adapter.config.raw.get("base_model_name_or_path")
+    if base.quantization is None and names_quantized_repo(trained_on if isinstance(trained_on, str) else None):
+        notes.append(f"warning: the adapter was trained on {trained_on}, a quantized base, but this base is not "
+                     "quantized: the merge is exact for a model nobody trained; pass the quantized base, or "
+                     "measure the difference with `d2merge verify QBASE ADAPTER MERGED --original-base BASE` "
+                     "(docs/qlora.md)")
+    if base.quantization is not None:
+        notes.append(f"base quantized with {base.quantization.method}: its weights are dequantized as the "
+                     f"training runtime computed them; output dtype {out_dtype_name} (--dtype overrides)")
     plans: list[TensorPlan] = []
     for name in outputs:
         source = tied_pair[0] if tied_pair and name == tied_pair[1] else name

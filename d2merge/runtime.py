@@ -54,12 +54,18 @@ def collecting_new_objects_only() -> Iterator[None]:
 
 def load_base_model(base: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     """A transformers causal LM from a local folder (or cached Hub id), in eval mode."""
-    from d2merge.io.checkpoint import resolve_location
-    from d2merge.io.transformers_folder import load_model
+    from d2merge.io.checkpoint import open_base, resolve_location
+    from d2merge.io.quantized import quantization_config
+    from d2merge.io.json_file import read_json
+    from d2merge.io.transformers_folder import load_dequantized_model, load_model
 
     location = resolve_location(base)
     if not (location / "config.json").exists():
         raise D2MergeError("a transformers model folder (with config.json) is needed here", path=location)
+    config = read_json(location / "config.json", "config.json")
+    if isinstance(config, dict) and quantization_config(config) is not None:
+        # the model the adapter was trained on: the dequantized weights, never bitsandbytes' layers
+        return load_dequantized_model(open_base(location), dtype=dtype).to(device).eval()
     try:
         # safetensors only: a pytorch_model.bin is pickle, which d2merge never loads without --allow-pickle
         model = load_model(location, dtype=dtype)

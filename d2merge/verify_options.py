@@ -74,6 +74,9 @@ class VerifyOptions:
     tied_embeddings: str = field(default="untie", metadata={
         "help": "The --tied-embeddings policy the merge used (needed to recompute it).",
         "choices": ("untie", "tie", "error")})
+    original_base: str | None = field(default=None, metadata={
+        "help": "With a quantized BASE (QLoRA): also merge the adapter into this 16-bit original and show, in "
+                "one more column that is never judged, how far that model is from the one trained (docs/qlora.md)."})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow .bin (pickle) weights. Only for trusted files."})
     max_activation_memory: int = field(default=1024, metadata={
         "help": "MiB of hidden states kept between decoder blocks (models run one block at a time); "

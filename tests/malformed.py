@@ -946,13 +946,12 @@ def _int8_with_scb(tensors: dict[str, torch.Tensor]) -> None:
         tensors[name.replace(".weight", ".SCB")] = scale
 
 
-@case("base-bnb-int8-with-quantization-config", r"the base is quantized \(config.json has a quantization_config\)",
-      "base/config.json")
+@case("base-bnb-8bit-config-over-4bit-claim", r"int8 tensor without the quantization state of a 4-bit weight",
+      "base/model.safetensors", Q0_WEIGHT)
 def _(ws: Workspace) -> None:
+    """int8 codes and SCB scales, but config.json claims 4-bit: the config lies about the tensors."""
     _rewrite_base(ws, _int8_with_scb)
-    config = base_config()
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
-    (ws.base / "config.json").write_text(json.dumps(config))
+    _set_quantization(ws, {"quant_method": "bitsandbytes", "load_in_4bit": True})
 
 
 @case("base-bnb-int8-without-config", r"the base is quantized \(int8 weights\)", "base/model.safetensors", Q0_WEIGHT)
@@ -997,13 +996,244 @@ def _(ws: Workspace) -> None:
     _rewrite_base(ws, lambda t: t.update({f"{Q0}.weight.absmax": torch.ones(4)}))
 
 
-@case("base-quantized-verify", r"the base is quantized \(config.json has a quantization_config\)",
+@case("base-quantized-verify", r"config.json says the base is quantized \(FP8 .*\) but no weight is stored quantized",
       "base/config.json")
 def _(ws: Workspace) -> list[str]:
     config = base_config()
     config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (ws.base / "config.json").write_text(json.dumps(config))
     return ["verify", str(ws.base), str(ws.adapter), "--num-probes", "1", "--probe-length", "4"]
+
+
+# ---- quantized bases whose quantization state lies (issue 31) ------------------------------------
+# A base saved by transformers with a quantization_config is dequantized (io/quantized.py); every
+# state that does not describe its weight is refused in one line naming the tensor, nothing written.
+
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+LIES = r"\(the quantization state does not describe this weight"
+BNB_4BIT = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_compute_dtype": "float32"}
+
+
+def _set_quantization(ws: Workspace, qc: dict[str, Any]) -> None:
+    config = base_config()
+    config["quantization_config"] = qc
+    (ws.base / "config.json").write_text(json.dumps(config))
+
+
+def _nf4(tensors: dict[str, torch.Tensor], blocksize: int = 64) -> None:
+    """bitsandbytes' nf4 layout as transformers saves it (no double quant), quantized by nearest code."""
+    code = torch.tensor(NF4_CODE)
+    for name in [n for n in tensors if n.endswith("_proj.weight")]:
+        w = tensors.pop(name)
+        flat = w.reshape(-1).float()
+        absmax = flat.view(-1, blocksize).abs().amax(1)
+        scaled = (flat.view(-1, blocksize) / absmax[:, None]).reshape(-1)
+        nib = (scaled[:, None] - code).abs().argmin(1).to(torch.uint8)
+        tensors[name] = ((nib[0::2] << 4) | nib[1::2]).reshape(-1, 1)
+        tensors[name + ".absmax"] = absmax
+        tensors[name + ".quant_map"] = code.clone()
+        state = {"quant_type": "nf4", "blocksize": blocksize, "dtype": "float32", "shape": list(w.shape)}
+        tensors[name + ".quant_state.bitsandbytes__nf4"] = _blob(state)
+
+
+def write_nf4_base(folder: Path) -> Path:
+    """The template base quantized to nf4 in bitsandbytes' saved layout, with its quantization_config."""
+    write_base(folder)
+    tensors = base_tensors()
+    _nf4(tensors)
+    (folder / "model.safetensors").unlink()
+    save_tensors(folder / "model.safetensors", tensors, {"format": "pt"})
+    config = base_config()
+    config["quantization_config"] = BNB_4BIT
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _blob(state: dict[str, Any] | bytes) -> torch.Tensor:
+    raw = state if isinstance(state, bytes) else json.dumps(state).encode()
+    return torch.tensor(list(raw), dtype=torch.uint8)
+
+
+def _nf4_base(ws: Workspace, edit: Callable[[dict[str, torch.Tensor]], None] | None = None,
+              qc: dict[str, Any] | None = None) -> None:
+    def build(tensors: dict[str, torch.Tensor]) -> None:
+        _nf4(tensors)
+        if edit is not None:
+            edit(tensors)
+    _rewrite_base(ws, build)
+    _set_quantization(ws, qc or BNB_4BIT)
+
+
+Q0_STATE = f"{Q0_WEIGHT}.quant_state.bitsandbytes__nf4"
+
+
+def _state_of(tensors: dict[str, torch.Tensor], **changes: Any) -> None:
+    state = json.loads(bytes(tensors[Q0_STATE].tolist()))
+    state.update(changes)
+    tensors[Q0_STATE] = _blob({k: v for k, v in state.items() if v is not None})
+
+
+@case("base-nf4-absmax-count", r"absmax has 3 float32 values; shape \[16, 16\] in blocks of 64 needs 4 float32 " + LIES,
+      "base/model.safetensors", f"{Q0_WEIGHT}.absmax")
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: t.update({f"{Q0_WEIGHT}.absmax": t[f"{Q0_WEIGHT}.absmax"][:3].clone()}))
+
+
+@case("base-nf4-blocksize-not-bitsandbytes", r"quant state has blocksize 48", "base/model.safetensors", Q0_STATE)
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: _state_of(t, blocksize=48))
+
+
+@case("base-nf4-blocksize-disagrees-with-absmax", r"absmax has 4 float32 values; shape \[16, 16\] in blocks of 128 "
+      r"needs 2", "base/model.safetensors", f"{Q0_WEIGHT}.absmax")
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: _state_of(t, blocksize=128))
+
+
+@case("base-nf4-state-not-json", r"quant state does not parse as JSON " + LIES, "base/model.safetensors", Q0_STATE)
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: t.update({Q0_STATE: _blob(b'{"quant_type": "nf4", "blocksize": 6')}))
+
+
+@case("base-nf4-state-names-another-shape", r"packed weight holds 128 bytes; the quant state's shape \[16, 32\] "
+      r"needs 256", "base/model.safetensors", Q0_WEIGHT)
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: _state_of(t, shape=[16, 32]))
+
+
+@case("base-nf4-state-transposed-shape", r"quantization state says shape \[8, 32\]; config.json's model has \[16, 16\]",
+      "base/model.safetensors", Q0_STATE)
+def _(ws: Workspace) -> None:
+    """Same element count, other shape ([8, 32] for a [16, 16] weight): the base no longer fits its config."""
+    _nf4_base(ws, lambda t: _state_of(t, shape=[8, 32]))
+
+
+@case("base-nf4-absmax-nan", r"absmax holds NaN or Inf scales " + LIES, "base/model.safetensors",
+      f"{Q0_WEIGHT}.absmax")
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: t[f"{Q0_WEIGHT}.absmax"].__setitem__(1, float("nan")))
+
+
+@case("base-nf4-absmax-negative", r"absmax holds negative scales " + LIES, "base/model.safetensors",
+      f"{Q0_WEIGHT}.absmax")
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: t[f"{Q0_WEIGHT}.absmax"].__setitem__(0, -1.0))
+
+
+@case("base-nf4-quant-map-not-nf4", r"quant_map is not bitsandbytes' nf4 code table " + LIES,
+      "base/model.safetensors", f"{Q0_WEIGHT}.quant_map")
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: t[f"{Q0_WEIGHT}.quant_map"].mul_(2))
+
+
+@case("base-nf4-state-unknown-field", r"quant state has fields d2merge does not know: \['rotation'\]",
+      "base/model.safetensors", Q0_STATE)
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: _state_of(t, rotation="hadamard"))
+
+
+@case("base-nf4-state-says-fp4", r"quant state names quant_type 'fp4' under the key for 'nf4'",
+      "base/model.safetensors", Q0_STATE)
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: _state_of(t, quant_type="fp4"))
+
+
+@case("base-nf4-state-dtype-float64", r"quant state has dtype 'float64'", "base/model.safetensors", Q0_STATE)
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: _state_of(t, dtype="float64"))
+
+
+@case("base-nf4-nested-offset-nan", r"quant state has nested_offset nan", "base/model.safetensors", Q0_STATE)
+def _(ws: Workspace) -> None:
+    def nested(t: dict[str, torch.Tensor]) -> None:
+        absmax = t[f"{Q0_WEIGHT}.absmax"]
+        t[f"{Q0_WEIGHT}.absmax"] = torch.zeros(absmax.numel(), dtype=torch.uint8)
+        t[f"{Q0_WEIGHT}.nested_absmax"] = torch.ones(1)
+        t[f"{Q0_WEIGHT}.nested_quant_map"] = torch.linspace(-1, 1, 256)
+        t[Q0_STATE] = _blob(b'{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [16, 16], '
+                            b'"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": NaN}')
+    _nf4_base(ws, nested)
+
+
+@case("base-nf4-missing-absmax", r"quantized weight lacks its absmax " + LIES, "base/model.safetensors", Q0_WEIGHT)
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: t.pop(f"{Q0_WEIGHT}.absmax"))
+
+
+@case("base-nf4-stray-absmax", r"quantization tensor that belongs to no 4-bit weight", "base/model.safetensors",
+      "model.norm.weight.absmax")
+def _(ws: Workspace) -> None:
+    _nf4_base(ws, lambda t: t.update({"model.norm.weight.absmax": torch.ones(1)}))
+
+
+@case("base-int8-scb-count", r"has 8 float32 values; expected 16 float32", "base/model.safetensors",
+      f"{Q0}.SCB")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: (_int8_with_scb(t), t.update({f"{Q0}.SCB": t[f"{Q0}.SCB"][:8].clone()})))
+    _set_quantization(ws, {"quant_method": "bitsandbytes", "load_in_8bit": True})
+
+
+@case("base-int8-scb-inf", r"SCB holds NaN or Inf scales " + LIES, "base/model.safetensors", f"{Q0}.SCB")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: (_int8_with_scb(t), t[f"{Q0}.SCB"].__setitem__(3, float("inf"))))
+    _set_quantization(ws, {"quant_method": "bitsandbytes", "load_in_8bit": True})
+
+
+@case("base-int8-weight-format-col", r"weight_format is not 0 \(row-major\)", "base/model.safetensors",
+      f"{Q0}.weight_format")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: (_int8_with_scb(t), t.update({f"{Q0}.weight_format": torch.tensor(1, dtype=torch.uint8)})))
+    _set_quantization(ws, {"quant_method": "bitsandbytes", "load_in_8bit": True})
+
+
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def _fp8_blocks(tensors: dict[str, torch.Tensor]) -> None:
+    for name in [n for n in tensors if n.endswith("_proj.weight")]:
+        w = tensors[name]
+        scale = w.abs().amax().reshape(1, 1) / 448
+        tensors[name] = (w / scale).to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = scale
+
+
+@case("base-fp8-scale-wrong-shape", r"weight_scale_inv is float32 \[1, 2\]; weight \[16, 16\] in blocks of "
+      r"\[128, 128\] needs shape \[1, 1\]", "base/model.safetensors", f"{Q0}.weight_scale_inv")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: (_fp8_blocks(t), t.update({f"{Q0}.weight_scale_inv": torch.ones(1, 2)})))
+    _set_quantization(ws, FP8_CONFIG)
+
+
+@case("base-fp8-scale-nan", r"weight_scale_inv holds NaN or Inf scales " + LIES, "base/model.safetensors",
+      f"{Q0}.weight_scale_inv")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: (_fp8_blocks(t), t[f"{Q0}.weight_scale_inv"].fill_(float("nan"))))
+    _set_quantization(ws, FP8_CONFIG)
+
+
+@case("base-fp8-static-activations", r"FP8 activation_scheme 'static'", "base/config.json")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, _fp8_blocks)
+    _set_quantization(ws, {**FP8_CONFIG, "activation_scheme": "static"})
+
+
+@case("base-fp8-weight-without-scale", r"float8_e4m3fn tensor without the quantization state of a FP8 weight",
+      "base/model.safetensors", f"{Q0}.weight")
+def _(ws: Workspace) -> None:
+    _rewrite_base(ws, lambda t: (_fp8_blocks(t), t.pop(f"{Q0}.weight_scale_inv")))
+    _set_quantization(ws, FP8_CONFIG)
+
+
+for _method, _shown in (("gptq", "GPTQ"), ("awq", "AWQ"), ("hqq", "HQQ"), ("compressed-tensors", "compressed-tensors"),
+                        ("mxfp4", "MXFP4")):
+    def _build(ws: Workspace, method: str = _method) -> None:
+        _set_quantization(ws, {"quant_method": method, "bits": 4})
+    case(f"base-{_method}-refused", rf"the base is quantized with {_shown}, which d2merge cannot dequantize exactly",
+         "base/config.json")(_build)
 
 
 # ---- --overwrite replaces only what d2merge wrote (issue 10, finding 6) ---------------------------

@@ -29,7 +29,7 @@ import pytest
 
 import d2merge.cli
 from d2merge.io.output import WORK_MARKERS, recover_output
-from malformed import adapter_tensors, write_adapter, write_templates
+from malformed import adapter_tensors, write_adapter, write_nf4_base, write_templates
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("kill_driver.py")
@@ -58,6 +58,10 @@ SCENARIOS = [
     Scenario("merge", lambda i, o: _merge(i, o), "out", False, False, (1,), 2),
     # renames: 1 the previous folder aside, 2 the new one in
     Scenario("merge-overwrite", lambda i, o: _merge(i, o, "--overwrite"), "out", False, True, (1, 2), 2),
+    # a quantized (nf4) base: the dequantizing reads change nothing in how the output is committed
+    Scenario("merge-nf4-base-overwrite", lambda i, o: ["merge", str(i / "nf4"), str(i / "adapter"), "-o", str(o), "-q",
+                                                       "--max-shard-size", "8KB", "--overwrite"],
+             "out", False, True, (2,), 1),
     # renames: 1 the fp32 scratch merge's commit, 2 the previous graph aside, 3 the new graph in. The
     # graph's commit is the export-onnx scenario's (one AtomicFiles), which kills at both of its renames;
     # here the kill between the renames is enough, and each point costs two dynamo exports.
@@ -80,6 +84,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = write_templates(tmp_path_factory.mktemp("kill9-inputs"))
     write_adapter(root / "adapter2", tensors={k: 2 * v for k, v in adapter_tensors().items()})
+    write_nf4_base(root / "nf4")
     merge(root / "base", root / "adapter", root / "merged")
     merge(root / "base", root / "adapter2", root / "merged2")
     return root

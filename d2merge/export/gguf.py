@@ -456,8 +456,9 @@ def _folder_tensors(checkpoint: Any, names: list[str]) -> Iterator[_TensorData]:
     byte_range = getattr(tensors, "byte_range", None)
     for name in names:
         dtype, shape = tensors.info(name)
-        if byte_range is not None:
-            yield _TensorData(name, dtype, tuple(shape), raw=byte_range(name))
+        raw = byte_range(name) if byte_range is not None else None  # None: computed (a dequantized weight)
+        if raw is not None:
+            yield _TensorData(name, dtype, tuple(shape), raw=raw)
         else:
             yield _TensorData(name, dtype, tuple(shape), tensor=tensors.read(name))
 

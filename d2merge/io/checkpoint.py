@@ -8,7 +8,7 @@ opts in, and even then are loaded with ``weights_only=True``.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,6 +16,8 @@ import torch
 
 from d2merge.errors import D2MergeError
 from d2merge.io.json_file import JSON_HINT, MAX_JSON_BYTES, read_json, read_text  # noqa: F401 (re-exported)
+from d2merge.io.quantized import DequantizedTensors, Quantization, open_quantized, quantization_config, \
+    without_quantization
 from d2merge.io.safetensors_file import SafetensorsFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -139,8 +141,9 @@ class BaseCheckpoint:
     location: Path  # the folder, or the single file
     folder: Path | None  # None for a bare safetensors file
     tensors: TensorSource
-    config: dict[str, Any] | None
+    config: dict[str, Any] | None  # a quantized base's without its quantization_config
     weight_files: tuple[Path, ...]
+    quantization: Quantization | None = None  # what a quantized base was; its tensors come dequantized
 
     @property
     def index_path(self) -> Path | None:
@@ -173,22 +176,60 @@ def resolve_location(spec: str | Path) -> Path:
 # FP8 block scales (weight_scale_inv), compressed-tensors (weight_scale, input_scale), GPTQ/AWQ.
 QUANTIZATION_TENSORS = ("SCB", "weight_scale_inv", "weight_scale", "input_scale", "absmax", "nested_absmax",
                         "quant_map", "nested_quant_map", "qweight", "qzeros", "g_idx", "weight_packed")
-QUANTIZED_HINT = "merge into the original 16-bit (bf16/fp16/fp32) base model, then quantize the merged model"
+QUANTIZED_HINT = ("merge into the original 16-bit (bf16/fp16/fp32) base model, then quantize the merged model; "
+                  "a bitsandbytes or FP8 base saved by transformers (with its quantization_config) is read as is")
+
+
+def dequantized(base: BaseCheckpoint) -> BaseCheckpoint:
+    """A base whose config.json has a quantization_config, seen as the plain model it stands for.
+
+    Its tensors come dequantized under their plain names (io/quantized.py), its config without
+    the quantization_config; methods we cannot dequantize exactly are refused in one line.
+    """
+    config_path = base.location / "config.json" if base.folder else base.location
+    if not isinstance(base.tensors, SafetensorsFiles):
+        raise D2MergeError("a quantized base must be stored as safetensors", path=base.tensors.file_of(
+            base.tensors.keys()[0]) if base.tensors.keys() else config_path, hint=QUANTIZED_HINT)
+    quantization = open_quantized(base.tensors, base.config or {}, config_path)
+    config = without_quantization(base.config or {})
+    _check_quantized_shapes(base.tensors, quantization, config)
+    return replace(base, tensors=DequantizedTensors(base.tensors, quantization),
+                   config=config, quantization=quantization)
+
+
+def _check_quantized_shapes(stored: SafetensorsFiles, quantization: Quantization, config: dict[str, Any]) -> None:
+    """A quant state's shape is only a claim: it must be the shape the model's config gives the weight.
+
+    The packed codes of a [16, 16] weight fit a state that says [8, 32] just as well; written out,
+    that weight would make a model that does not load (or, square for square, a wrong one).
+    """
+    from d2merge.io.quantized import llama_like_shapes
+
+    params = llama_like_shapes(config, list(quantization.weights))
+    if params is None:  # not the Llama layout: ask transformers (an import and ~130 MB, once)
+        from d2merge.io.model_structure import meta_model
+
+        model = meta_model(config)
+        if model is None:
+            return
+        params = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    for name, weight in quantization.weights.items():
+        param = params.get(name)
+        if param is not None and tuple(param) != weight.shape:
+            state = weight.parts.get("state", weight.parts["packed"])
+            raise D2MergeError(f"quantization state says shape {list(weight.shape)}; config.json's model has "
+                               f"{list(param)} for '{name}'", path=stored.file_of(state), tensor=state,
+                               hint="the quantization state does not describe this weight; re-save or "
+                                    "re-download the quantized base")
 
 
 def refuse_quantized(base: BaseCheckpoint) -> None:
-    """Refuse a quantized base: adding an update to integer codes or fp8 values gives a wrong model.
+    """Refuse quantized tensors in a base whose config.json does not say how they were quantized.
 
     A quantized weight is codes plus scales; the merge formula needs the real weight, and writing
     the codes back as if they were weights (448 where 0.07 was meant) would be a silent error.
+    Without a quantization_config nothing says which runtime made them, so nothing is guessed.
     """
-    config = base.config or {}
-    parts = [config] + [v for v in config.values() if isinstance(v, dict)]
-    for part in parts:
-        if part.get("quantization_config") is not None:
-            raise D2MergeError("the base is quantized (config.json has a quantization_config)",
-                               path=base.location / "config.json" if base.folder else base.location,
-                               hint=QUANTIZED_HINT)
     for name in base.tensors.keys():
         dtype = base.tensors.info(name)[0]
         leaf = name.rsplit(".", 1)[-1]
@@ -204,8 +245,10 @@ def refuse_quantized(base: BaseCheckpoint) -> None:
 
 
 def open_base(spec: str | Path, *, allow_pickle: bool = False) -> BaseCheckpoint:
-    """Open a base model; reads headers and config only, never tensor data. Quantized bases are refused."""
+    """Open a base model; reads headers and config only (and a quantized base's tiny quant-state blobs)."""
     base = _open_base(spec, allow_pickle=allow_pickle)
+    if quantization_config(base.config) is not None:
+        return dequantized(base)
     refuse_quantized(base)
     return base
 

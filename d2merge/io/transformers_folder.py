@@ -74,6 +74,52 @@ def load_model(location: str | Path, *, dtype: torch.dtype = torch.float32, gguf
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False, **extra)
 
 
+def load_dequantized_model(checkpoint: Any, *, dtype: torch.dtype = torch.float32) -> Any:
+    """A quantized base (io/quantized.py) as the plain model it stands for: built from its config
+    without ``quantization_config``, its weights the dequantized tensors.
+
+    transformers would load it with its quantizer (bitsandbytes layers that repack and round on
+    some CPUs, or FP8 kernels CPUs lack); verify and the unmerged runtime need the weights the
+    merge starts from, so both read them through the same dequantizer as the merge.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from d2merge.runtime import quiet_transformers
+
+    refuse_custom_code(checkpoint.folder)
+    config = dict(checkpoint.config)
+    model_type = config.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise D2MergeError("config.json has no model_type", path=checkpoint.folder / "config.json")
+    with quiet_transformers():
+        hf_config = AutoConfig.for_model(model_type, **config)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
+    tensors = checkpoint.tensors
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name in tensors.keys():
+            target = params.get(name, buffers.get(name))
+            if target is None:
+                continue  # stored extras transformers would also ignore (rotary caches, ...)
+            value = tensors.read(name)
+            if tuple(value.shape) != tuple(target.shape):
+                raise D2MergeError(f"stored shape {list(value.shape)} does not match the model's "
+                                   f"{list(target.shape)}", path=tensors.file_of(name), tensor=name,
+                                   hint="the quantized base does not fit its config.json")
+            target.copy_(value.to(target.dtype))
+    known = set(tensors.keys())
+    missing = [n for n in params if n not in known]
+    if missing and hasattr(model, "tie_weights"):
+        model.tie_weights()
+        tied = {id(p) for n, p in model.named_parameters() if n in known}
+        missing = [n for n, p in model.named_parameters(remove_duplicate=False) if n not in known and id(p) not in tied]
+    if missing:
+        raise D2MergeError("the checkpoint lacks a weight the model needs", path=checkpoint.location,
+                           tensor=missing[0], hint="the quantized base is incomplete")
+    return model
+
+
 def load_tokenizer(location: str | Path, *, fast_generic: bool = False, gguf_file: str | None = None) -> Any:
     """The folder's tokenizer without remote code; ``fast_generic`` skips AutoTokenizer's class lookup."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast

@@ -32,7 +32,7 @@ from d2merge.io.checkpoint import open_base
 from d2merge.plan import build_plan
 from d2merge.runtime import collecting_new_objects_only, load_fp32_model
 from d2merge.tasks import encode_choices, load_tokenizer, read_jsonl
-from d2merge.verify.columns import ExportedModel, MergedFolder, Unmerged, judge_column, open_exported
+from d2merge.verify.columns import ExportedModel, MergedFolder, Unmerged, judge_column, open_exported, shown_column
 from d2merge.verify.compare import compare_logits, mc_result, probe_logits
 from d2merge.verify.limits import (ARITHMETIC_FLOOR_ABS, ARITHMETIC_FLOOR_REL, DTYPE_LABELS, VERIFY_DTYPES,
                                    apply_rounding, judge, parse_dtypes, resolve_limits, rounding_floor,
@@ -58,6 +58,28 @@ __all__ = [
     "reference_merge", "resolve_limits", "rounding_floor", "sentence_probes", "stored_dtype", "threshold_defaults",
     "thresholds_for", "top1_flips_p", "ulp", "verify", "weight_error",
 ]
+
+
+def _original_base_column(base_ckpt: Any, adapter_obj: Adapter, options: VerifyOptions, results: list[Any],
+                          unmerged: Unmerged, folder_column: Callable[..., Any], say: Callable[[str], None]) -> Any:
+    """The common QLoRA recipe's cost: the adapter merged into the 16-bit original, against the trained model."""
+    from d2merge.merge import merge
+
+    if base_ckpt.quantization is None:
+        raise D2MergeError("--original-base needs a quantized BASE (the model the adapter was trained on)",
+                           path=base_ckpt.location, hint="pass the bitsandbytes/FP8 base as BASE and its 16-bit "
+                                                         "original as --original-base")
+    original = open_base(options.original_base, allow_pickle=options.allow_pickle)
+    dtype = next((r.dtype for r in results if r.dtype in VERIFY_DTYPES), "bf16")
+    temp_root = Path(tempfile.mkdtemp(prefix="d2merge-verify-original-"))
+    try:
+        say(f"merging into the 16-bit original {original.location} ({dtype})")
+        folder = merge(original, adapter_obj, temp_root / dtype, dtype=dtype, hash_sources=False,
+                       tied_embeddings=options.tied_embeddings).output
+        column = folder_column(f"original {dtype}", folder, str(original.location))
+        return shown_column(column, dtype, unmerged)
+    finally:
+        shutil.rmtree(temp_root, ignore_errors=True)
 
 
 @collecting_new_objects_only()  # each model freed by verify's gc.collect() costs ms, not 0.2 s
@@ -173,6 +195,8 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
                 shutil.rmtree(folder, ignore_errors=True)
         finally:
             shutil.rmtree(temp_root, ignore_errors=True)
+    if options.original_base is not None:
+        results.append(_original_base_column(base_ckpt, adapter_obj, options, results, unmerged, folder_column, say))
     result = VerifyReport(base=str(base_ckpt.location), adapter=str(adapter_obj.path), method=adapter_obj.method.name,
                           probes=probes.description, mc_eval=None if mc_eval is None else str(mc_eval),
                           options=options, results=results,

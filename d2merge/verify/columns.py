@@ -219,6 +219,26 @@ def judge_column(merged: MergedModel, merge_plan: MergePlan, chosen: Thresholds,
                        check.not_checked)
 
 
+def shown_column(merged: MergedModel, dtype: str, unmerged: Unmerged) -> DtypeResult:
+    """Logits and scores of a model that is not a merge of BASE + ADAPTER, against the unmerged model, unjudged.
+
+    ``verify --original-base``: the adapter merged into the 16-bit original of a quantized BASE.
+    Its weights are not this merge's (no weight check, no floor); its distance from the model
+    the adapter was trained on is the figure a QLoRA user needs.
+    """
+    from d2merge.verify.limits import thresholds_for
+
+    model = merged.load_model()
+    logits = compare_logits(model, unmerged.probes, unmerged.logits, unmerged.options.batch_size)
+    merged_scores = unmerged.scores_of(model)
+    mc = (mc_result(unmerged.examples, unmerged.scores, merged_scores)  # type: ignore[arg-type]
+          if merged_scores is not None else None)
+    del model
+    gc.collect()
+    return DtypeResult(merged.label, merged.shown, thresholds_for(dtype), logits, mc, None, None, None, [], 0, [], [],
+                       [], informational=True)
+
+
 def open_exported(merged: str | Path) -> Any | None:
     """The verify adapter of a GGUF file or an onnxruntime-genai folder, None for a merged HF folder.
 

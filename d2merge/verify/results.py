@@ -132,6 +132,9 @@ class DtypeResult:
     # Tensors of the plan an exported MERGED (GGUF, onnxruntime-genai) does not store exactly in any
     # dtype (quantized blocks, fused graphs): judged by their logits only.
     not_checked: list[str] = field(default_factory=list)
+    # A column shown for comparison, never judged: --original-base, the adapter merged into the
+    # 16-bit original of a quantized BASE, against the model trained over the quantized one.
+    informational: bool = False
 
     @property
     def passed(self) -> bool:
