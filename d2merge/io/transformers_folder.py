@@ -84,8 +84,6 @@ def load_dequantized_model(checkpoint: Any, *, dtype: torch.dtype = torch.float3
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from d2merge.runtime import quiet_transformers
-
     refuse_custom_code(checkpoint.folder)
     config = dict(checkpoint.config)
     model_type = config.pop("model_type", None)

@@ -229,8 +229,7 @@ def shown_column(merged: MergedModel, dtype: str, unmerged: Unmerged) -> DtypeRe
     from d2merge.verify.limits import thresholds_for
 
     model = merged.load_model()
-    logits = compare_logits(model, unmerged.probes, unmerged.logits, unmerged.options.batch_size)
-    merged_scores = unmerged.scores_of(model)
+    logits, merged_scores = unmerged.evaluate(model, unmerged.logits)  # one run: probes and MC items
     mc = (mc_result(unmerged.examples, unmerged.scores, merged_scores)  # type: ignore[arg-type]
           if merged_scores is not None else None)
     del model
