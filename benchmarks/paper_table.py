@@ -369,7 +369,7 @@ def render_markdown(table: Table, settings: Settings) -> str:
     lines += ["", f"Paper: mean gap {PAPER['merge_gap_mean_pp']} pp, worst {PAPER['merge_gap_worst_pp']} pp.", "",
               "### Evaluation throughput, merged fp32 / unmerged (items per second, mean over cells)", "",
               "| method | ratio |", "|---|---|"]
-    lines += [f"| {METHOD_LABELS[m]} | {_pct(v, 2)}x |" for m, v in table.throughput.items()]
+    lines += [f"| {METHOD_LABELS[m]} | {'-' if v is None else f'{v:.2f}x'} |" for m, v in table.throughput.items()]
     lines += ["", f"Paper: {PAPER['throughput_ratio']}x (D2-LoRA)."]
     return "\n".join(lines) + "\n"
 
