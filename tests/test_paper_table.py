@@ -98,3 +98,16 @@ def test_toy_table_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.Mon
     # Settings that change a result get their own cache folder.
     assert pt.Settings(base=str(base), lr=1e-4).key() != pt.Settings(base=str(base)).key()
     assert pt.Settings(base=str(base), seeds=(0,)).key() == pt.Settings(base=str(base)).key()
+
+
+def test_command_line_table_only_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    out, figures = tmp_path / "table.md", tmp_path / "table.json"
+    assert pt.main(["--base", str(base), "--cache", str(tmp_path / "cache"), "--tasks", "arc_easy",
+                    "--table-only", "--out", str(out), "--json", str(figures)]) == 0
+    assert "Cells measured: 0 of 11 planned" in out.read_text() and '"planned": 11' in figures.read_text()
+    capsys.readouterr()
+    assert pt.main(["--base", str(base), "--methods", "lora,vera", "--table-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown method 'vera'" in err
