@@ -139,7 +139,8 @@ def train_multiple_choice(model: Any, tokenizer: Any, examples: Sequence[MCExamp
                           epochs: float = 2.0, batch_size: int = 8, lr: float = 2e-4, seed: int = 0,
                           max_length: int | None = 256, warmup_ratio: float = 0.1, device: str = "cpu",
                           save_to: str | Path | None = None, **training_args: Any) -> list[float]:
-    """Train an attached model on multiple-choice items with ``Trainer``; returns the loss at every step.
+    """Train an attached model on multiple-choice items with ``Trainer``; returns the loss at every step
+    (every logged step, if ``logging_steps`` is overridden).
 
     ``training_args`` go to ``TrainingArguments`` as they are (``gradient_accumulation_steps``,
     ``lr_scheduler_type``, ``save_strategy``...). The adapter is saved to ``save_to`` when given.
