@@ -412,6 +412,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--table-only", action="store_true", help="no training: the table from the cached cells")
     p.add_argument("--out", type=Path, help="also write the Markdown table here")
     p.add_argument("--json", type=Path, help="also write the table's figures as JSON here")
+    p.add_argument("--html", type=Path, help="also write the table as one self-contained HTML page here")
     return p.parse_args(argv)
 
 
@@ -446,7 +447,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.write_text(text, encoding="utf-8")
     if args.json:
         args.json.write_text(json.dumps(asdict(table), indent=1), encoding="utf-8")
+    if args.html:
+        write_html(table, settings, args.html)
     return 0
+
+
+def write_html(table: Table, settings: Settings, path: Path) -> Path:
+    """The table as one page (d2merge.reports.html: inline SVG and CSS, nothing fetched): per method its
+    held-out accuracy per task and macro, training volatility, merge gap per dtype, merged/unmerged
+    throughput; the macro accuracies as bars; the differences beside the paper's claims as notes."""
+    from d2merge.reports.html import BarChart, render_table_page
+
+    header = ["method", *table.tasks, "macro", "volatility",
+              *(f"{dtype} gap mean / worst (pp)" for dtype in MERGED_DTYPES), "merged/unmerged"]
+    rows = []
+    for method in table.methods:
+        gaps = []
+        for dtype in MERGED_DTYPES:  # the base row (no adapter) has no merge
+            gap = table.merge_gap[dtype].get(method)
+            gaps.append("-" if gap is None else f"{_pct(gap['mean_pp'], 2)} / {_pct(gap['worst_pp'], 2)}")
+        ratio = table.throughput.get(method)
+        rows.append([METHOD_LABELS.get(method, method), *(_pct(table.accuracy[method][t]) for t in table.tasks),
+                     _pct(table.macro[method]), _pct(table.volatility.get(method), 4), *gaps,
+                     "-" if ratio is None else f"{ratio:.2f}x"])
+    d = table.differences
+    notes = [*table.notes,
+             f"D2-LoRA r - LoRA r: {_pct(d['d2lora - lora'], signed=True)} pp (paper +{PAPER['d2lora_minus_lora']})",
+             f"D2-LoRA r - LoRA 2r: {_pct(d['d2lora - lora_2r'], signed=True)} pp "
+             f"(paper +{PAPER['d2lora_minus_lora_2r']})",
+             f"merge gap, paper: mean {PAPER['merge_gap_mean_pp']} pp, worst {PAPER['merge_gap_worst_pp']} pp; "
+             f"throughput, paper: {PAPER['throughput_ratio']}x (D2-LoRA)"]
+    chart = BarChart("macro held-out accuracy (%)", [METHOD_LABELS.get(m, m) for m in table.methods],
+                     {"macro": [table.macro[m] for m in table.methods]}, y_label="%")
+    subtitle = (f"{table.cells} of {table.planned} cells; {settings.train_samples} training items per task, "
+                f"{settings.epochs:g} epochs, {settings.eval_samples} held-out items, rank {settings.rank}, "
+                f"base {Path(settings.base).name}")
+    render_table_page("The D2-LoRA paper's table, measured", header, rows, path=path, subtitle=subtitle,
+                      notes=notes, chart=chart)
+    return path
 
 
 if __name__ == "__main__":

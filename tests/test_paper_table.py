@@ -108,6 +108,12 @@ def test_command_line_table_only_and_errors(tmp_path: Path, capsys: pytest.Captu
                     "--table-only", "--out", str(out), "--json", str(figures)]) == 0
     assert "Cells measured: 0 of 11 planned" in out.read_text() and '"planned": 11' in figures.read_text()
     capsys.readouterr()
+    page = tmp_path / "table.html"
+    assert pt.main(["--base", str(base), "--cache", str(tmp_path / "cache"), "--tasks", "arc_easy",
+                    "--table-only", "--html", str(page)]) == 0
+    html = page.read_text()
+    assert "0 of 11 cells" in html and "D2-LoRA r - LoRA 2r" in html and "<svg" in html and "<script" not in html
+    capsys.readouterr()
     assert pt.main(["--base", str(base), "--methods", "lora,vera", "--table-only"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown method 'vera'" in err
