@@ -31,7 +31,8 @@ replaces; another adapter or seed). ``output`` is the output's name in its run f
 name, or a file name with its suffix). ``overwrite`` is what makes the command replace an existing
 output (``()`` for a report that is always replaced). Inputs the command needs beyond
 :class:`Inputs`' defaults go in ``needs`` (``"bpe"``: the tiny base with SmolLM2's byte-level
-tokenizer that GGUF needs; ``"llama_cpp"``: skipped without llama-cpp-python). ``cost="slow"`` marks a command of a second or more (GGUF, ONNX,
+tokenizer that GGUF needs; ``"llama_cpp"``: skipped without llama-cpp-python; ``"nf4"``: an nf4-quantized base and two
+adapters over it). ``cost="slow"`` marks a command of a second or more (GGUF, ONNX,
 verify): CI runs only its ``--overwrite`` case, one point per fault; ``cost="full"`` runs it only
 in the full sweep.
 
@@ -80,6 +81,9 @@ class Inputs:
     bpe_base: Path | None = None  # a tiny llama with SmolLM2's tokenizer (GGUF); None when not installed
     bpe_adapter: Path | None = None
     bpe_adapter2: Path | None = None
+    nf4_base: Path | None = None  # a bitsandbytes nf4 base as transformers saves it (tests/malformed.py's template)
+    nf4_adapter: Path | None = None
+    nf4_adapter2: Path | None = None
 
 
 Command = Callable[[Inputs, Path, bool], list]
@@ -139,9 +143,14 @@ KINDS = [
     OutputKind("verify-html", "verify.html", lambda i, out, p: [
         "verify", i.base, i.adapter, i.merged, "--html", out, "--probe-source", "random", "--num-probes", "2",
         "--probe-length", "8", "--seed", "1" if p else "0"], overwrite=(), cost="slow"),
+    # a merge from a quantized base (issue 31): the dequantizing reads feed the same commit
+    OutputKind("merge-nf4-base", "out", lambda i, out, p: [
+        "merge", i.nf4_base, i.nf4_adapter2 if p else i.nf4_adapter, "-o", out, "-q"], needs=("nf4",)),
     # this turn's adapter outputs (issue 26): plain PEFT LoRA folders and llama.cpp's LoRA GGUF
     OutputKind("convert-lora", "out", lambda i, out, p: [
         "convert", i.adapter2 if p else i.adapter, "--base", i.base, "-o", out, "-q"]),
+    OutputKind("extract", "out", lambda i, out, p: [
+        "extract", i.base, i.merged2 if p else i.merged, "--rank", "2", "-o", out, "-q"]),
     OutputKind("combine", "out", lambda i, out, p: [
         "combine", i.adapter, i.adapter2, "--base", i.base, "--weights", "0.3,0.7" if p else "0.5,0.5",
         "--combination", "svd", "-o", out, "-q"]),

@@ -64,6 +64,15 @@ def inputs_for(base_inputs: Inputs, request: pytest.FixtureRequest,
     def inputs(kind: OutputKind) -> Inputs:
         if "llama_cpp" in kind.needs:
             pytest.importorskip("llama_cpp", reason="llama-cpp-python (the gguf-llama extra) is not installed")
+        if "nf4" in kind.needs:
+            if "nf4" not in made:
+                from malformed import adapter_tensors, write_adapter, write_nf4_base, write_templates
+
+                root = write_templates(tmp_path_factory.mktemp("fault-nf4"))
+                write_adapter(root / "adapter2", tensors={k: 2 * v for k, v in adapter_tensors().items()})
+                made["nf4"] = replace(base_inputs, nf4_base=write_nf4_base(root / "nf4"),
+                                      nf4_adapter=root / "adapter", nf4_adapter2=root / "adapter2")
+            return made["nf4"]
         if "bpe" not in kind.needs:
             return base_inputs
         if "bpe" not in made:
