@@ -378,3 +378,16 @@ def test_merge_many_over_a_quantized_base_writes_what_merge_writes(quantized: Qu
         _merge(cli_runner, base, adapter, tmp_path / adapter.name)
         alone, together = read_tensors(tmp_path / adapter.name), read_tensors(tmp_path / "many" / adapter.name)
         assert set(alone) == set(together) and all(torch.equal(alone[n], together[n]) for n in alone)
+
+
+@pytest.mark.slow
+def test_onnx_from_a_quantized_base_is_checked_against_the_dequantized_merge(quantized: QuantizedModels,
+                                                                            tmp_path: Path,
+                                                                            cli_runner: Callable[..., Any]) -> None:
+    """`merge -o model.onnx` from an nf4 base: the graph is validated against the merged (dequantized) model."""
+    base, adapter = quantized.base("llama", "nf4-dq-bf16"), quantized.adapter("llama", "nf4-dq-bf16")
+    out = tmp_path / "onnx" / "model.onnx"
+    made = cli_runner(["merge", str(base), str(adapter), "-o", str(out), "--dtype", "fp32"])
+    assert made.code == 0, made.err
+    assert out.is_file() and "dequantized" in made.out + made.err
+    assert "validation (ONNX Runtime CPU vs PyTorch fp32" in made.out and ": passed" in made.out
