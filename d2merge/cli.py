@@ -283,9 +283,9 @@ DEMO_HELP = f"""Run the whole job on a built-in tiny model: no downloads, sized 
     and a summary, then the three commands for your own base and adapter.
     Exits 1 if verification fails.
 
-    Measured on the shared 2-core development machine while other jobs ran (load
-    average 17-19): {DEMO_MEASURED['idle']} with no extra load, {DEMO_MEASURED['busy']} with both cores busy with two
-    more processes; about 13 CPU-seconds either way, the rest is waiting for a core.
+    Measured on the shared 2-core development machine: {DEMO_MEASURED['busy']} with both cores busy
+    running the test suite; {DEMO_MEASURED['loaded']} at load average 17-19 from other jobs, {DEMO_MEASURED['overloaded']}
+    with two more busy processes on top; 13-20 CPU-seconds each, the rest is waiting for a core.
     A busy machine gets fewer training steps, a faster exporter and a smaller timing
     grid (chosen from the speed the demo measures), past twice its target no ONNX
     export and bench, not a ten times slower demo.
