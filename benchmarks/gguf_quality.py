@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -66,6 +67,11 @@ class LlamaCppLM:
             self.llm.eval(input_ids[row, :n].tolist())
             out[row, :n] = torch.from_numpy(np.array(self.llm.scores[:n], dtype=np.float32))
         return SimpleNamespace(logits=out)
+
+    def run(self, calls, consume) -> None:  # type: ignore[no-untyped-def]
+        """d2merge.forward's runner protocol (probe calls only: no KV-cache continuation here)."""
+        for index, call in enumerate(calls):
+            consume(index, self(call.input_ids, call.attention_mask).logits)
 
     def close(self) -> None:
         self.llm.close()
@@ -120,6 +126,7 @@ def main() -> None:
     from d2merge.synthetic import save_random_adapter
     from d2merge.verify import VerifyOptions, compare_logits, prompt_probes, read_prompts, sentence_probes
     from d2merge.verify.columns import Unmerged
+    from d2merge.verify.streamed import open_forward
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="d2merge-gguf-quality-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -139,7 +146,10 @@ def main() -> None:
     probes = (prompt_probes(tokenizer, read_prompts(args.prompts), max_length=options.probe_length,
                             source=str(args.prompts)) if args.prompts
               else sentence_probes(tokenizer, max_length=options.probe_length))
-    unmerged = Unmerged(checkpoint, load_adapter(adapter), probes, options, load_fp32_model, print).run()
+    def open_model(checkpoint: Any, adapter: Any = None, rounding: Any = None) -> Any:
+        return open_forward(checkpoint, adapter=adapter, rounding=rounding, load=load_fp32_model)
+
+    unmerged = Unmerged(checkpoint, load_adapter(adapter), probes, options, open_model, print).run()
     sys.path.insert(0, str(REPO / "tests"))
     from gguf_parse import gguf_parsed_once  # transformers' reader parses each file once, not twice
 
