@@ -46,6 +46,23 @@ def smollm2_folder(root: Path) -> Path:
     return hf_folder_from_gguf(gguf, root / "smollm2")
 
 
+def smollm2_merge(root: Path) -> tuple[Path, Path, Path]:
+    """(SmolLM2 base, a random D2-LoRA adapter on its attention, their fp32 merge), made once under ``root``:
+    the quality tables of the GGUF types and of the genai int4 settings measure the same merge."""
+    from d2merge.merge import merge
+    from d2merge.synthetic import save_random_adapter
+
+    base = smollm2_folder(root)
+    adapter = root / "adapter"
+    if not adapter.exists():
+        save_random_adapter(base, adapter, "d2lora", r=8, magnitude=0.02,
+                            target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    merged = root / "merged"
+    if not merged.exists():
+        merge(base, adapter, merged, dtype="fp32", hash_sources=False)
+    return base, adapter, merged
+
+
 class LlamaCppLM:
     """A GGUF run by llama.cpp behind ``model(input_ids, attention_mask).logits`` (real tokens only), for
     ``compare_logits``: each row's real tokens are evaluated from an empty KV cache, every position's logits kept."""
@@ -121,23 +138,14 @@ def main() -> None:
     from d2merge.export.gguf import export_gguf, load_gguf_model
     from d2merge.io.adapter import load_adapter
     from d2merge.io.checkpoint import open_base
-    from d2merge.merge import merge
     from d2merge.runtime import load_fp32_model
-    from d2merge.synthetic import save_random_adapter
     from d2merge.verify import VerifyOptions, compare_logits, prompt_probes, read_prompts, sentence_probes
     from d2merge.verify.columns import Unmerged
     from d2merge.verify.streamed import open_forward
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="d2merge-gguf-quality-"))
     root.mkdir(parents=True, exist_ok=True)
-    base = smollm2_folder(root)
-    adapter = root / "adapter"
-    if not adapter.exists():
-        save_random_adapter(base, adapter, "d2lora", r=8, magnitude=0.02,
-                            target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-    merged = root / "merged"
-    if not merged.exists():
-        merge(base, adapter, merged, dtype="fp32", hash_sources=False)
+    base, adapter, merged = smollm2_merge(root)
     options = VerifyOptions()
     checkpoint = open_base(base)
     from d2merge.tasks import load_tokenizer

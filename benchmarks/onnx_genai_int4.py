@@ -60,24 +60,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    from gguf_quality import smollm2_folder
+    from gguf_quality import smollm2_merge
 
     from d2merge.export.onnx_genai import Int4Options, export_genai
-    from d2merge.merge import merge
-    from d2merge.synthetic import save_random_adapter
     from d2merge.tasks import load_tokenizer
     from d2merge.verify import verify
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="d2merge-genai-int4-"))
     root.mkdir(parents=True, exist_ok=True)
-    base = smollm2_folder(root)
-    adapter = root / "adapter"
-    if not adapter.exists():
-        save_random_adapter(base, adapter, "d2lora", r=8, magnitude=0.02,
-                            target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-    merged = root / "merged"
-    if not merged.exists():
-        merge(base, adapter, merged, dtype="fp32", hash_sources=False)
+    base, adapter, merged = smollm2_merge(root)
     prompt = list(load_tokenizer(base)("The capital of France is")["input_ids"])
     rows = []
     print("| setting | size | mean KL | max KL | top-1 | ppl ratio | decode tok/s |")
