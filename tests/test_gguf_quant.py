@@ -25,6 +25,7 @@ from d2merge.export.gguf import GGUF_TYPES, LLAMA_FILE_TYPES, export_gguf, gguf_
 from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
 from d2merge.io.gguf_file import read_gguf_header
 from d2merge.synthetic import save_random_adapter, save_tiny_base
+from malformed import write_gguf_imatrix  # the hostile corpus's writer of llama-imatrix's GGUF layout
 
 SMOL_VOCAB = 49152
 has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
@@ -254,25 +255,6 @@ def test_too_little_disk_for_the_f32_temp_is_refused_first(tiny256, cli_runner, 
 
 
 # ----- the importance matrix -------------------------------------------------------------------------
-
-
-def write_gguf_imatrix(path: Path, values: dict[str, np.ndarray], count: int = 4) -> Path:
-    """llama-imatrix's GGUF layout: NAME.in_sum2 (sums) and NAME.counts, with its three keys."""
-    import gguf
-
-    writer = gguf.GGUFWriter(path, arch="")
-    writer.add_type("imatrix")
-    writer.add_array("imatrix.datasets", ["test"])
-    writer.add_uint32("imatrix.chunk_count", 1)
-    writer.add_uint32("imatrix.chunk_size", 512)
-    for name, v in sorted(values.items()):
-        writer.add_tensor(name + ".in_sum2", (v * count).astype(np.float32).reshape(1, -1))
-        writer.add_tensor(name + ".counts", np.array([[count]], dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def write_legacy_imatrix(path: Path, values: dict[str, np.ndarray], calls: int = 8) -> Path:
