@@ -104,7 +104,7 @@ class AdapterCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         import copy
 
-        from d2merge.runtime import save_adapter
+        from d2merge.runtime.trainable import save_adapter
         from d2merge.train import fold_warmup
 
         # A subfolder: Trainer has already written its own files (the whole model, optimizer
@@ -120,7 +120,7 @@ class AdapterCallback(TrainerCallback):
         save_adapter(snapshot, folder)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        from d2merge.runtime import save_adapter
+        from d2merge.runtime.trainable import save_adapter
         from d2merge.train import fold_warmup
 
         fold_warmup(model)

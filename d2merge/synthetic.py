@@ -91,7 +91,7 @@ def build_tiny_tokenizer(vocab_size: int = 128):
 
 def save_quietly(model, folder: Path, *, max_shard_size: str | int | None = None) -> None:
     """save_pretrained without transformers' "Writing model shards" bar (a tiny model needs none)."""
-    from d2merge.runtime import quiet_transformers
+    from d2merge.io.transformers_folder import quiet_transformers
 
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     with quiet_transformers():

@@ -26,7 +26,7 @@ from torch import nn
 
 from d2merge.errors import D2MergeError
 from d2merge.methods.dual_lora import B_MAG_INIT, DualLoRALayer
-from d2merge.methods.runtime import AdapterLayer
+from d2merge.methods.adapter_layer import AdapterLayer
 from d2merge.tasks import (CATEGORIES, FILLER, QUESTION, MCExample, accuracy, choice_scores, encode_choices,
                            eval_examples, load_tokenizer, predictions, read_jsonl, token_logprobs,
                            train_stream, write_jsonl)
@@ -324,7 +324,8 @@ def train_adapter(base_folder: str | Path, out_adapter_folder: str | Path, metho
     ``seconds`` caps the training time (fewer steps, never fewer than ``min_steps``: see
     :func:`train_model`); ``TrainResult.steps`` is the number run.
     """
-    from d2merge.runtime import attach, load_base_model, save_adapter
+    from d2merge.runtime.trainable import attach, save_adapter
+    from d2merge.runtime.loading import load_base_model
 
     if steps < 1:
         raise D2MergeError(f"steps must be at least 1, got {steps}")

@@ -52,6 +52,10 @@ ALLOWED = {
                        "d2merge.plan"),
     # the runtime (unmerged adapters inside transformers models) stands beside the plan: io and methods only.
     "d2merge.runtime": ("d2merge.errors", "d2merge.dtypes", "d2merge.io", "d2merge.methods"),
+    # inside it: loading below attaching below trainable (fresh adapters reuse attaching's layer helpers)
+    "d2merge.runtime.loading": ("d2merge.errors", "d2merge.dtypes", "d2merge.io"),
+    "d2merge.runtime.attaching": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.runtime.loading"),
+    "d2merge.runtime.trainable": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.runtime.attaching"),
     # the formats: below d2merge.merge (which imports export.hf_folder), so none imports it back.
     "d2merge.export": ("d2merge.version", "d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.profile",
                        "d2merge.console", "d2merge.output_names",

@@ -21,7 +21,7 @@ from d2merge.errors import D2MergeError
 from d2merge.io.adapter import load_adapter, write_adapter
 from d2merge.methods import EMBEDDING, LINEAR, Method, ModuleSettings, get_method, parse_adapter_config
 from d2merge.methods.dual_lora import dual_sign
-from d2merge.methods.runtime import layer_shape
+from d2merge.methods.adapter_layer import layer_shape
 from d2merge.synthetic import adapter_config, random_factors
 
 EPS32 = torch.finfo(torch.float32).eps

@@ -94,7 +94,7 @@ def qwen2_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_merge_verify_passes(lora: dict[str, Any], qwen2_tied: Path, tmp_path: Path, cli_runner: Any) -> None:
     from transformers import AutoModelForCausalLM
 
-    from d2merge.runtime import quiet_transformers
+    from d2merge.io.transformers_folder import quiet_transformers
 
     with warnings.catch_warnings(), quiet_transformers():
         warnings.simplefilter("ignore")

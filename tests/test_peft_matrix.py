@@ -294,7 +294,7 @@ def _scale(t: torch.Tensor) -> float:
 
 def _run(name: str, bases: Bases, tmp_path: Path, cli_runner: Callable[..., Any],
          read_tensors: Callable[[Path], dict[str, torch.Tensor]]) -> None:
-    from d2merge.runtime import quiet_transformers
+    from d2merge.io.transformers_folder import quiet_transformers
 
     case = CASES[name]
     encoder = case.arch in ENCODERS
@@ -425,7 +425,7 @@ def test_the_matrix_covers_the_issue() -> None:
 
 def _moe_adapter(bases: Bases, arch: str, folder: Path, **lora: Any) -> tuple[Path, Path]:
     """A PEFT target_parameters adapter on a tiny MoE base, every factor moved off its init."""
-    from d2merge.runtime import quiet_transformers
+    from d2merge.io.transformers_folder import quiet_transformers
 
     base = bases(arch)
     with warnings.catch_warnings(), quiet_transformers():
@@ -578,7 +578,9 @@ def test_adapters_keyed_by_the_checkpoints_names_equal_peft(arch: str, rslora: b
     """
     from safetensors.torch import save_file
 
-    from d2merge.runtime import load_unmerged, quiet_transformers
+    from d2merge.runtime import load_unmerged
+
+    from d2merge.io.transformers_folder import quiet_transformers
 
     base = bases(arch)
     config = json.loads((base / "config.json").read_text())

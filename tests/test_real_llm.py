@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 def test_smollm2_fixture_is_a_working_instruct_model(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from d2merge.runtime import quiet_transformers
+    from d2merge.io.transformers_folder import quiet_transformers
 
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()

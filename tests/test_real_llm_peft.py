@@ -36,7 +36,7 @@ def test_peft_adapter_on_smollm2_merges_as_peft_merges(kind: str, smollm2: Path,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from d2merge import merge
-    from d2merge.runtime import quiet_transformers
+    from d2merge.io.transformers_folder import quiet_transformers
 
     with quiet_transformers(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

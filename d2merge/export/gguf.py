@@ -272,7 +272,7 @@ def add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
                            hint="supported: byte-level BPE tokenizers (Llama 3, Qwen2/Qwen3, SmolLM2)")
     from transformers import PreTrainedTokenizerFast
 
-    from d2merge.runtime import quiet_transformers
+    from d2merge.io.transformers_folder import quiet_transformers
 
     with quiet_transformers():
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))

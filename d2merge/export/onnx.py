@@ -399,7 +399,7 @@ def _destination(out_path_or_dir: str | os.PathLike) -> Path:
 
 
 def _load_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
-    from d2merge.runtime import load_base_model
+    from d2merge.runtime.loading import load_base_model
 
     if not (model_dir / "config.json").is_file():
         raise D2MergeError("not a Hugging Face model folder (config.json missing)", path=model_dir,

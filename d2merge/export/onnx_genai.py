@@ -443,7 +443,7 @@ def validate_genai(folder: str | os.PathLike, model_dir: str | os.PathLike, *, p
     from transformers import GenerationConfig
 
     from d2merge.export.onnx import default_tolerance
-    from d2merge.runtime import load_base_model
+    from d2merge.runtime.loading import load_base_model
 
     folder = Path(folder)
     genai = GenaiCausalLM(folder)

@@ -45,7 +45,7 @@ def quiet_transformers() -> Iterator[None]:
 
     d2merge prints its own progress; transformers' bars would interleave with it
     and with one-line errors on stderr. It lives here, beside the calls into transformers,
-    so that io never imports the runtime (``d2merge.runtime`` re-exports it).
+    so that io never imports the runtime.
     """
     from transformers.utils import logging as hf_logging
 

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from d2merge.errors import D2MergeError
 from d2merge.methods.base import Method, ModuleSettings, _flag, _number
-from d2merge.methods.runtime import AdapterLayer
+from d2merge.methods.adapter_layer import AdapterLayer
 
 NORM_AXES = ("out", "in")
 

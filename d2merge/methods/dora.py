@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from d2merge.methods.base import EMBEDDING, ModuleSettings
 from d2merge.methods.lora import LoRA
-from d2merge.methods.runtime import AdapterLayer, embed_scale
+from d2merge.methods.adapter_layer import AdapterLayer, embed_scale
 
 MAGNITUDE = "lora_magnitude_vector"
 

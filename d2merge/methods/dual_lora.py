@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from d2merge.errors import D2MergeError
 from d2merge.methods.base import Method, ModuleSettings, _number
-from d2merge.methods.runtime import AdapterLayer
+from d2merge.methods.adapter_layer import AdapterLayer
 
 # Direction entries with |B_dir @ A_dir| below this many fp32 ulps of the product's
 # scale may flip sign between dtypes or matmul orders.

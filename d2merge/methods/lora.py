@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from d2merge.methods import target_parameters, trainable_tokens
 from d2merge.methods.base import BIAS, EMBEDDING, PARAMETER, TOKENS, Method, ModuleSettings
-from d2merge.methods.runtime import AdapterLayer, embed_scale
+from d2merge.methods.adapter_layer import AdapterLayer, embed_scale
 
 # lora_bias: PEFT gives lora_B a bias, scaled with the rest of the branch: b_merged = b0 + s * lora_B.bias.
 LORA_BIAS = "lora_bias"

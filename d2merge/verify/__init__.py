@@ -30,7 +30,7 @@ from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import open_base
 from d2merge.plan import build_plan
-from d2merge.runtime import collecting_new_objects_only, load_fp32_model
+from d2merge.runtime.loading import collecting_new_objects_only, load_fp32_model
 from d2merge.tasks import encode_choices, load_tokenizer, read_jsonl
 from d2merge.verify.columns import ExportedModel, MergedFolder, Unmerged, judge_column, open_exported, shown_column
 from d2merge.verify.compare import compare_logits, mc_result, probe_logits

@@ -140,7 +140,7 @@ def skeleton(checkpoint: BaseCheckpoint) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     from d2merge.io.transformers_folder import load_config
-    from d2merge.runtime import quiet_transformers
+    from d2merge.io.transformers_folder import quiet_transformers
 
     assert checkpoint.folder is not None
     config = load_config(checkpoint.folder)
@@ -270,7 +270,7 @@ class StreamedModel:
                 round_parameter(name, param, set(self.rounding.rewritten), self.rounding.dtype,
                                 seed=self.rounding.seed)
         if self.adapter is not None:
-            from d2merge.runtime import attach_adapter
+            from d2merge.runtime.attaching import attach_adapter
 
             part = replace(self.adapter, modules={k: v for k, v in self.adapter.modules.items() if inside(k)},
                            replacements={k: v for k, v in self.adapter.replacements.items() if inside(k)})
@@ -485,7 +485,8 @@ def _whole(checkpoint: BaseCheckpoint, parts: str, *, adapter: Adapter | None, r
            device: ComputeDevice, say: Callable[[str], None], load: Callable[..., nn.Module] | None,
            allow_pickle: bool) -> Any:
     from d2merge.forward import WholeModel
-    from d2merge.runtime import attach_adapter, load_fp32_model
+    from d2merge.runtime.attaching import attach_adapter
+    from d2merge.runtime.loading import load_fp32_model
     from d2merge.verify.limits import apply_rounding
 
     count = 0

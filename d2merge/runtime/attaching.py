@@ -1,126 +1,36 @@
-"""Unmerged adapters inside transformers models: for verification, training and saving.
+"""A stored adapter put into a loaded model: the unmerged forward the adapter was trained with.
 
-``load_unmerged`` puts an adapter's runtime modules into a base model (the forward
-the adapter was trained with); ``attach`` adds fresh trainable adapters;
-``save_adapter`` writes them back in PEFT's layout for the loaders to read.
+``attach_adapter`` replaces every adapted layer by its method's runtime module (or PEFT's
+parameter wrapper, trainable token rows, a replaced tensor); ``load_unmerged`` is loading plus
+attaching. verify's unmerged column and the PEFT oracles run what this builds.
 """
 
 from __future__ import annotations
 
-import gc
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from d2merge.errors import D2MergeError
-from d2merge.io.adapter import Adapter, load_adapter, write_adapter
-from d2merge.io.transformers_folder import quiet_transformers  # noqa: F401  (its home is io; callers import it here too)
-from d2merge.methods import EMBEDDING, LINEAR, AdapterConfig, parse_adapter_config
+from d2merge.io.adapter import Adapter, load_adapter
+from d2merge.methods import EMBEDDING, LINEAR
 from d2merge.methods.base import TOKENS
-from d2merge.methods.runtime import AdapterLayer
+from d2merge.runtime.loading import load_base_model
 
 
-_FROZEN = {"depth": 0}
-_FROZEN_LOCK = threading.Lock()
-
-
-@contextmanager
-def collecting_new_objects_only() -> Iterator[None]:
-    """Inside, ``gc.collect()`` walks only objects made inside: those alive on entry are frozen.
-
-    Why: verify and bench collect after each model so that at most one is resident, and a full
-    collection walks every object of the process (about 370k once torch and transformers are
-    imported: 0.2 s each, 14 s of a 36 s run of tests/test_verify.py's correct-merge cases),
-    yet the cycles to free (a model, its adapter layers) are all younger than the call.
-    Nested uses (verify inside merge --verify) freeze once and thaw at the outermost exit;
-    cycles among the frozen objects wait for that exit. Usable as a decorator.
-    """
-    with _FROZEN_LOCK:
-        if _FROZEN["depth"] == 0:
-            gc.freeze()
-        _FROZEN["depth"] += 1
-    try:
-        yield
-    finally:
-        with _FROZEN_LOCK:
-            _FROZEN["depth"] -= 1
-            if _FROZEN["depth"] == 0:
-                gc.unfreeze()
-
-
-def load_base_model(base: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """A transformers causal LM from a local folder (or cached Hub id), in eval mode."""
-    from d2merge.io.checkpoint import open_base, resolve_location
-    from d2merge.io.quantized import quantization_config
-    from d2merge.io.json_file import read_json
-    from d2merge.io.transformers_folder import load_dequantized_model, load_model
-
-    location = resolve_location(base)
-    if not (location / "config.json").exists():
-        raise D2MergeError("a transformers model folder (with config.json) is needed here", path=location)
-    config = read_json(location / "config.json", "config.json")
-    if isinstance(config, dict) and quantization_config(config) is not None:
-        # the model the adapter was trained on: the dequantized weights, never bitsandbytes' layers
-        return load_dequantized_model(open_base(location), dtype=dtype).to(device).eval()
-    try:
-        # safetensors only: a pytorch_model.bin is pickle, which d2merge never loads without --allow-pickle
-        model = load_model(location, dtype=dtype)
-    except (OSError, ValueError, KeyError) as exc:
-        raise D2MergeError(f"transformers cannot load the model: {' '.join(str(exc).split())[:300]}",
-                           path=location, hint="d2merge reads safetensors weights; convert pickle "
-                                               "(pytorch_model.bin) weights to safetensors") from None
-    return model.to(device).eval()
-
-
-def load_fp32_model(location: str | Path, *, allow_pickle: bool = False) -> nn.Module:
-    """A transformers model from ``location`` with every weight upcast to fp32, at one model's memory.
-
-    Asking transformers for fp32 from a 16-bit file converts from a memory map that stays
-    mapped until the whole file is loaded: 1.5x the fp32 model at the peak. Loading in the
-    stored dtype instead maps the file without reading it; each weight is then read afresh
-    and upcast one at a time, so the mapped pages are never touched. verify runs every model
-    this way, so a column measures what storing in a dtype costs, not low-precision arithmetic.
-    """
-    from d2merge.dtypes import FLOAT_DTYPES
-    from d2merge.io.checkpoint import open_base
-
-    checkpoint = open_base(location, allow_pickle=allow_pickle)
-    names = checkpoint.tensors.keys()
-    floats = [checkpoint.tensors.info(n)[0] for n in names if checkpoint.tensors.info(n)[0].is_floating_point]
-    stored = max(set(floats), key=floats.count) if floats else torch.float32
-    if stored not in {d.torch_dtype for d in FLOAT_DTYPES.values()}:
-        stored = torch.float32
-    model = load_base_model(checkpoint.location, dtype=stored)
-    known = set(names)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            # fp32 weights are read afresh too: transformers leaves them as views of its memory
-            # map, at the file's offsets, and a matrix-vector product (the last position's
-            # logits) sums in another order on memory not aligned to 64 bytes; fresh memory
-            # is aligned, as the block-streamed models' (verify.streamed), which then agree bit for bit.
-            if param.is_floating_point() and name in known:
-                param.data = checkpoint.tensors.read(name).to(torch.float32)
-            elif param.is_floating_point() and param.dtype != torch.float32:
-                param.data = param.data.to(torch.float32)
-    model.float()
-    return model
-
-
-def _layer_kind(layer: nn.Module) -> str:
+def layer_kind(layer: nn.Module) -> str:
     return EMBEDDING if isinstance(layer, nn.Embedding) else LINEAR
 
 
-def _is_conv1d(layer: nn.Module) -> bool:
+def is_conv1d(layer: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(layer, Conv1D)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -162,7 +72,7 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
                 and set(adapter.modules[module_name].keys) == {"lora_A", "lora_B"}:
             _attach_weight_parameter(model, module_name, layer, adapter)
             continue
-        if kind == LINEAR and not (isinstance(layer, nn.Linear) or _is_conv1d(layer)):
+        if kind == LINEAR and not (isinstance(layer, nn.Linear) or is_conv1d(layer)):
             raise D2MergeError(f"module '{module_name}' is a {type(layer).__name__}, not a linear layer, so its "
                                "unmerged forward is not base(x) + B(A(x))", path=adapter.weights_file,
                                hint="merge with PEFT's merge_and_unload")
@@ -172,7 +82,7 @@ def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: 
             _attach_trainable_tokens(model, module_name, layer, adapter.factors(module_name), settings)
             continue
         runtime = method.runtime_module(layer, adapter.factors(module_name), settings, dropout=dropout)
-        _set_submodule(model, module_name, runtime)
+        set_submodule(model, module_name, runtime)
     return model
 
 
@@ -243,7 +153,7 @@ def _attach_parameter_targets(model: nn.Module, adapter: Adapter) -> set[str]:
                 (target.parameter, Contribution(target, settings.scale, piece), factors))
             handled.add(module_name)
     for module_name, adapted in grouped.items():
-        _set_submodule(model, module_name, ParameterLoRA(model.get_submodule(module_name), adapted))
+        set_submodule(model, module_name, ParameterLoRA(model.get_submodule(module_name), adapted))
     return handled
 
 
@@ -257,7 +167,7 @@ def _is_parameter_only(layer: nn.Module) -> bool:
     weight = getattr(layer, "weight", None)
     supported = (nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.modules.conv._ConvNd)
     return (isinstance(weight, nn.Parameter) and weight.ndim == 2 and not isinstance(layer, supported)
-            and not _is_conv1d(layer))
+            and not is_conv1d(layer))
 
 
 def _attach_weight_parameter(model: nn.Module, module_name: str, layer: nn.Module, adapter: Adapter) -> None:
@@ -271,7 +181,7 @@ def _attach_weight_parameter(model: nn.Module, module_name: str, layer: nn.Modul
     if any(tuple(factors[n].shape) != expected[n] for n in expected):
         raise D2MergeError(f"the factors of '{module_name}' do not fit its weight {list(target.shape)}",
                            path=adapter.weights_file, hint="was the adapter trained on another base model?")
-    _set_submodule(model, module_name, ParameterLoRA(layer, [("weight", Contribution(target, settings.scale), factors)]))
+    set_submodule(model, module_name, ParameterLoRA(layer, [("weight", Contribution(target, settings.scale), factors)]))
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
@@ -288,10 +198,10 @@ def _attach_trainable_tokens(model: nn.Module, module_name: str, layer: nn.Modul
     from d2merge.methods.trainable_tokens import DELTA, TrainableTokensLayer
 
     tokens = TrainableTokensLayer(layer, factors[DELTA], settings.options["token_indices"])
-    _set_submodule(model, module_name, tokens)
+    set_submodule(model, module_name, tokens)
     for name, module in list(model.named_modules()):
         if module is not layer and isinstance(module, nn.Linear) and module.weight is layer.weight:
-            _set_submodule(model, name, TrainableTokensLayer(module, tokens.delta, settings.options["token_indices"]))
+            set_submodule(model, name, TrainableTokensLayer(module, tokens.delta, settings.options["token_indices"]))
 
 
 def _untie_in_config(model: nn.Module) -> None:
@@ -311,80 +221,3 @@ def load_unmerged(base: str | Path, adapter: Adapter | str | Path, *, dtype: tor
     model = load_base_model(base, dtype=dtype, device=device)
     attach_adapter(model, adapter, allow_pickle=allow_pickle)
     return model.to(device).eval()
-
-
-def _targets(model: nn.Module, config: AdapterConfig) -> Iterator[tuple[str, nn.Module]]:
-    """Modules matched by ``target_modules`` / ``exclude_modules`` as PEFT matches them (methods.matching)."""
-    from d2merge.methods.matching import is_target
-
-    exclude = config.raw.get("exclude_modules")
-    for name, module in model.named_modules():
-        if not name or isinstance(module, AdapterLayer) or not hasattr(module, "weight"):
-            continue
-        matched = is_target(config.target_modules, name, exclude)
-        if matched and getattr(module, "weight", None) is not None and module.weight.ndim == 2:
-            yield name, module
-
-
-def attach(model: nn.Module, config: AdapterConfig | Mapping[str, Any], *, dropout: float = 0.0,
-           seed: int | None = 0) -> nn.Module:
-    """Add fresh trainable adapters (B zero, A random) to every target layer; the base stays frozen.
-
-    Because every B starts at zero, the model's output is unchanged until training moves it.
-    """
-    if not isinstance(config, AdapterConfig):
-        config = parse_adapter_config(config)
-    from d2merge.methods import get_method
-
-    method = get_method(config.method)
-    if config.raw.get("target_parameters"):
-        raise D2MergeError("target_parameters: d2merge trains adapters on target_modules only",
-                           hint="train target_parameters (MoE expert) adapters with PEFT; d2merge merges them")
-    if seed is not None:
-        torch.manual_seed(seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    found = list(_targets(model, config))
-    if not found:
-        raise D2MergeError(f"no module of the model matches target_modules {config.target_modules!r}")
-    for name, layer in found:
-        kind = _layer_kind(layer)
-        # GPT-2's Conv1D stores (in, out): PEFT switches fan_in_fan_out on for it, and so do we.
-        fan_in_fan_out = config.fan_in_fan_out or (kind == LINEAR and _is_conv1d(layer))
-        settings = method.module_settings(config, name, kind, fan_in_fan_out)
-        _set_submodule(model, name, method.runtime_module(layer, None, settings, dropout=dropout))
-    model.d2merge_config = config  # type: ignore[attr-defined]
-    return model
-
-
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
-            yield name, module
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's keys (what ``adapter_model.safetensors`` holds)."""
-    from d2merge.methods import get_method
-
-    config: AdapterConfig = model.d2merge_config  # type: ignore[attr-defined]
-    method = get_method(config.method)
-    state = {}
-    for name, layer in adapter_layers(model):
-        for tensor_name, param in layer.factors.items():
-            state[method.stored_key(name, tensor_name, layer.settings.layer_kind)] = param.detach().float().cpu()
-    return state
-
-
-def save_adapter(model: nn.Module, folder: str | Path) -> Path:
-    """Write the model's adapters as a PEFT-layout folder that :func:`load_adapter` reads back."""
-    config: AdapterConfig | None = getattr(model, "d2merge_config", None)
-    if config is None:
-        raise D2MergeError("this model has no adapter attached by d2merge.attach()")
-    raw = dict(config.raw)
-    fan_in_fan_out = any(layer.settings.fan_in_fan_out for _, layer in adapter_layers(model)
-                         if layer.settings.layer_kind == LINEAR)
-    if fan_in_fan_out:
-        raw["fan_in_fan_out"] = True
-    return write_adapter(folder, raw, adapter_state(model))
-
