@@ -132,6 +132,8 @@ def _compute(merge_plan: MergePlan, item: TensorPlan, device: ComputeDevice, com
         check_finite(tensor, merge_plan.adapter.weights_file, item.source, "adapter tensor")
         storage, out = _output_tensor(buffers, item)
         return storage, out.copy_(tensor), _no_wait
+    if merge_plan.mix is not None:
+        return _mixed(merge_plan, item, compute_dtype, buffers)
     merge = merge or _merge_inputs(merge_plan, item, device, compute_dtype, buffers)
     storage, out = _output_tensor(buffers, item)
     if not merge.blockwise:
@@ -146,6 +148,22 @@ def _compute(merge_plan: MergePlan, item: TensorPlan, device: ComputeDevice, com
     for block, merged in _merged_blocks(merge, buffers):
         out[block].copy_(merged)  # the one cast
     check_finite(out, merge.path, item.name, "merged weight")
+    return storage, out, _no_wait
+
+
+def _mixed(merge_plan: MergePlan, item: TensorPlan, compute_dtype: torch.dtype, buffers: ScratchBuffers
+           ) -> tuple[torch.Tensor, torch.Tensor, Callable[[], None]]:
+    """A tensor several adapters change: W0 read here, the plan's rule makes it (whole, on the CPU), one cast.
+
+    The rule holds W0, its result and one adapter's merged tensor at a time: three tensors of
+    this shape, never every adapter's update at once.
+    """
+    assert merge_plan.mix is not None
+    w0 = buffers.reader.read(*_base_read(merge_plan, item))
+    merged = merge_plan.mix.merged_weight(item, w0, compute_dtype=compute_dtype)
+    storage, out = _output_tensor(buffers, item)
+    out.copy_(merged)  # the one cast
+    check_finite(out, merge_plan.base_weight_file(item), item.name, "merged weight")
     return storage, out, _no_wait
 
 
@@ -361,8 +379,8 @@ def _write_entry(shard: StreamingWriter, path: Path, merge_plan: MergePlan, item
                 shard.convert_from(item.name, raw[0], raw[1], item.in_dtype)
         return
     with profile.phase("compute"):
-        merge = (_merge_inputs(merge_plan, item, device, torch.float32, buffers) if item.action == "merge"
-                 else None)
+        merge = (_merge_inputs(merge_plan, item, device, torch.float32, buffers)
+                 if item.action == "merge" and merge_plan.mix is None else None)
         if merge is None or not merge.blockwise:
             storage, out, ready = _compute(merge_plan, item, device, torch.float32, buffers, merge)
             ready()
