@@ -674,7 +674,8 @@ def verify_command(ctx: click.Context, base: str, inputs: tuple[str, ...], weigh
     count = 1 if weights is None else len(_float_list(weights, "--weights"))
     if len(inputs) not in (count, count + 1):
         raise click.UsageError(f"expected {count} ADAPTER(s){' (one per --weights value)' if weights else ''} and "
-                               f"at most one MERGED, got {len(inputs)} path(s)")
+                               f"at most one MERGED, got {len(inputs)} path(s)"
+                               + ("" if weights else "; several adapters need --weights w1,w2,..."))
     adapter = _what_to_merge(ctx, inputs[:count], weights, combination, density, svd_rank)
     merged = inputs[count] if len(inputs) > count else None
     from d2merge.verify import verify

@@ -147,6 +147,13 @@ def test_dry_run_names_the_adapters_of_each_tensor(four: dict[str, Path], cli_ru
     assert plan["weights"] == [1.0, 1.0] and plan["methods"] == ["lora", "d2lora"]
 
 
+def test_verify_counts_its_paths_by_the_weights(four: dict[str, Path], cli_runner: Any) -> None:
+    result = cli_runner(["verify", four["base"], four["lora"], four["dora"], four["d2lora"]])
+    assert result.code == 2 and "several adapters need --weights" in result.err
+    result = cli_runner(["verify", four["base"], four["lora"], four["dora"], "--weights", "1,1,1"])
+    assert result.code == 2 and "expected 3 ADAPTER(s)" in result.err
+
+
 def test_adapters_of_another_base_and_whole_tensors_are_refused(four: dict[str, Path], make_adapter: Any,
                                                                 cli_runner: Any, tmp_path: Path) -> None:
     from d2merge.synthetic import save_random_adapter, save_tiny_base
@@ -168,3 +175,35 @@ def test_adapters_of_another_base_and_whole_tensors_are_refused(four: dict[str, 
     with pytest.raises(D2MergeError, match="replaces the whole tensor"):
         merge(four["base"], AdapterMix((saved,), (0.5,)), tmp_path / "out", hash_sources=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_gguf_of_several_adapters_holds_the_folder_merge(smollm2: Path, read_tensors: Any, tmp_path: Path) -> None:
+    """Every format takes the mix through plan_for: the GGUF stream holds the merged folder's tensors."""
+    import shutil
+
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    from d2merge.export.gguf import merge_to_gguf, permute_for_llama_cpp
+    from d2merge.synthetic import save_random_adapter, save_tiny_base
+
+    base = save_tiny_base(tmp_path / "base", "llama", vocab_size=49152, tokenizer=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (smollm2 / name).is_file():
+            shutil.copyfile(smollm2 / name, base / name)
+    mix = AdapterMix((save_random_adapter(base, tmp_path / "a", "lora", target_modules=TARGETS, seed=1),
+                      save_random_adapter(base, tmp_path / "b", "dora", target_modules=("q_proj", "k_proj"), seed=2)),
+                     (0.6, 0.9))
+    merge_to_gguf(base, mix, tmp_path / "mix.gguf", gguf_type="f32")
+    merge(base, mix, tmp_path / "folder", dtype="fp32", hash_sources=False)
+    folder = read_tensors(tmp_path / "folder")
+    streamed = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "mix.gguf").tensors}
+    config = json.loads((base / "config.json").read_text())
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.self_attn"
+        assert np.array_equal(streamed[f"blk.{layer}.attn_v.weight"], folder[f"{prefix}.v_proj.weight"].numpy())
+        for gguf_name, module, heads in (("attn_q", "q_proj", config["num_attention_heads"]),
+                                         ("attn_k", "k_proj", config["num_key_value_heads"])):
+            expected = permute_for_llama_cpp(folder[f"{prefix}.{module}.weight"], heads).numpy()
+            assert np.array_equal(streamed[f"blk.{layer}.{gguf_name}.weight"], expected)
