@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -80,6 +80,11 @@ class MixRule(Protocol):
 
     def contributors(self, item: TensorPlan) -> tuple[int, ...]:
         """Indices of the adapters that change ``item``."""
+        ...
+
+    def row_merger(self, item: TensorPlan) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:
+        """For a tensor whose merged rows depend only on the same rows of W0: a function that turns fp32
+        rows ``rows`` of W0 (out, in) into the merged rows, in place, its factors read once; else None."""
         ...
 
 

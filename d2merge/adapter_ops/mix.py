@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -125,6 +125,30 @@ class WeightedSum:
     def contributors(self, item: TensorPlan) -> tuple[int, ...]:
         return tuple(i for i, _ in self.by_name.get(item.name, ()))
 
+    def row_merger(self, item: TensorPlan) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:
+        """Row blocks when every contributor's merge is row-separable on (out, in) rows, as the single merge's."""
+        entries = self.by_name[item.name]
+        parts = []
+        for i, entry in entries:
+            adapter, settings = self.adapters[i], entry.settings
+            assert settings is not None and entry.module is not None
+            if settings.transposed or not adapter.method.row_separable(settings):
+                return None
+            factors = {k: v.to(torch.float32) for k, v in _checked_factors(adapter, entry.module).items()}
+            parts.append((adapter.method, factors, settings, self.weights[i]))
+        if len(parts) == 1 and parts[0][3] == 1.0:
+            method, factors, settings, _ = parts[0]
+            return lambda w, rows: method.merge_rows_(w, factors, settings, rows)  # that adapter's own merge
+
+        def merge_rows(w: torch.Tensor, rows: slice) -> torch.Tensor:
+            start = w.clone()
+            for method, factors, settings, weight in parts:
+                merged = method.merge_rows_(start.clone(), factors, settings, rows)
+                w.add_(merged.sub_(start), alpha=weight)
+            return w
+
+        return merge_rows
+
     def merged_weight(self, item: TensorPlan, w0: torch.Tensor, *,
                       compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         entries = self.by_name[item.name]
@@ -142,13 +166,19 @@ class WeightedSum:
 def _merge_one(adapter: Adapter, item: TensorPlan, w0: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
     """One adapter's merged tensor on W0 (its factors checked finite first)."""
     assert item.module is not None and item.settings is not None
-    factors = adapter.factors(item.module)
+    factors = _checked_factors(adapter, item.module)
+    return adapter.method.merged_weight(w0, factors, item.settings, compute_dtype=compute_dtype)
+
+
+def _checked_factors(adapter: Adapter, module: str) -> dict[str, torch.Tensor]:
+    """One module's factors, each checked finite (as the single merge checks them), naming the stored key."""
+    factors = adapter.factors(module)
     for name, tensor in factors.items():
         if not torch.isfinite(tensor).all():
             raise D2MergeError("adapter tensor has NaN/Inf values", path=adapter.weights_file,
-                               tensor=adapter.modules[item.module].keys[name],
+                               tensor=adapter.modules[module].keys[name],
                                hint="the adapter is corrupt or diverged in training; nothing was written")
-    return adapter.method.merged_weight(w0, factors, item.settings, compute_dtype=compute_dtype)
+    return factors
 
 
 LORA = get_method("lora")
@@ -169,6 +199,10 @@ class Combined:
 
     def contributors(self, item: TensorPlan) -> tuple[int, ...]:
         return tuple(i for i, _ in self.by_name.get(item.name, ()))
+
+    def row_merger(self, item: TensorPlan) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:
+        """None: the *svd types on full updates need the whole W0, so every combined tensor goes whole."""
+        return None
 
     def merged_weight(self, item: TensorPlan, w0: torch.Tensor, *,
                       compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
