@@ -37,9 +37,6 @@ from d2merge.methods.base import ModuleSettings
 from d2merge.options import MergeOptions
 from d2merge.plan import MergePlan, TensorPlan, build_plan, mix_plans
 
-WHAT = "a merge of several adapters"
-
-
 @dataclass(frozen=True)
 class AdapterMix:
     """Several adapters and their weights, merged at once: pass it where ``merge()`` takes an adapter.
