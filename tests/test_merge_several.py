@@ -116,6 +116,10 @@ def test_verify_several_passes_and_a_tampered_merge_fails(four: dict[str, Path],
     # The same merge verified as if the weights were others: the reference moves, the check fails.
     wrong = cli_runner(["verify", *args, merged, "--weights", "0.5,0.7,0.4"])
     assert wrong.code == 1, wrong.out + wrong.err
+    # merge --verify runs the same check on the fresh merge.
+    again = cli_runner(["merge", *args, "-o", tmp_path / "again", "--weights", "0.5,0.7,-0.4", "--dtype", "fp32",
+                        "-q", "--verify"])
+    assert again.code == 0, again.out + again.err
     # One merged tensor tampered with: fails.
     shard = merged / "model.safetensors"
     tensors = {k: SafetensorsFile(shard).read(k).clone() for k in SafetensorsFile(shard).keys()}
