@@ -7,6 +7,7 @@ the adapter was trained with); ``attach`` adds fresh trainable adapters;
 
 from __future__ import annotations
 
+import copy
 import gc
 import threading
 from contextlib import contextmanager
@@ -197,7 +198,10 @@ def _attach_weighted(model: nn.Module, several: WeightedAdapters) -> nn.Module:
                                    hint="verify that adapter alone")
             settings = adapter.method.module_settings(adapter.config, module_name, kind,
                                                       adapter.config.fan_in_fan_out if kind == LINEAR else False)
-            parts.append((weight, adapter.method.runtime_module(layer, adapter.factors(module_name), settings)))
+            # A PiSSA/OLoRA part rewrites its base layer's weight as the residual: it gets its own copy,
+            # so the shared base (the other parts' W0, and the base(x) subtracted) stays W0.
+            own = copy.deepcopy(layer) if settings.base_init is not None else layer
+            parts.append((weight, adapter.method.runtime_module(own, adapter.factors(module_name), settings)))
         _set_submodule(model, module_name, WeightedChange(layer, parts))
     return model
 

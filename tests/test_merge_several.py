@@ -99,25 +99,27 @@ def test_combination_equals_combine_then_merge(names: list[str], weights: list[f
     assert _max_diff(read_tensors(tmp_path / "one-pass"), read_tensors(tmp_path / "two-steps")) < 1e-6
 
 
-def test_verify_several_passes_and_a_tampered_merge_fails(four: dict[str, Path], cli_runner: Any,
+def test_verify_several_passes_and_a_tampered_merge_fails(four: dict[str, Path], cli_runner: Any, make_adapter: Any,
                                                           tmp_path: Path) -> None:
     from d2merge.io.safetensors_file import SafetensorsFile
     from safetensors.torch import save_file
 
-    args = [four["base"], four["lora"], four["dora"], four["d2lora"]]
+    # A PiSSA LoRA too: its runtime rewrites its base layer as the residual, which must not reach the others'.
+    pissa = make_adapter(four["base"], "lora", target_modules=("v_proj",), seed=15, init_lora_weights="pissa")
+    args = [four["base"], four["lora"], four["dora"], four["d2lora"], pissa]
     merged = tmp_path / "merged"
-    done = cli_runner(["merge", *args, "-o", merged, "--weights", "0.5,0.7,-0.4", "--dtype", "fp32", "-q"])
+    done = cli_runner(["merge", *args, "-o", merged, "--weights", "0.5,0.7,-0.4,0.6", "--dtype", "fp32", "-q"])
     assert done.code == 0, done.err
-    assert "lora + dora + d2lora" in done.out
+    assert "lora + dora + d2lora + lora" in done.out
     report = tmp_path / "verify.json"
-    passed = cli_runner(["verify", *args, merged, "--weights", "0.5,0.7,-0.4", "--report", report])
+    passed = cli_runner(["verify", *args, merged, "--weights", "0.5,0.7,-0.4,0.6", "--report", report])
     assert passed.code == 0, passed.out + passed.err
-    assert json.loads(report.read_text())["method"] == "lora + dora + d2lora"
+    assert json.loads(report.read_text())["method"] == "lora + dora + d2lora + lora"
     # The same merge verified as if the weights were others: the reference moves, the check fails.
-    wrong = cli_runner(["verify", *args, merged, "--weights", "0.5,0.7,0.4"])
+    wrong = cli_runner(["verify", *args, merged, "--weights", "0.5,0.7,0.4,0.6"])
     assert wrong.code == 1, wrong.out + wrong.err
     # merge --verify runs the same check on the fresh merge.
-    again = cli_runner(["merge", *args, "-o", tmp_path / "again", "--weights", "0.5,0.7,-0.4", "--dtype", "fp32",
+    again = cli_runner(["merge", *args, "-o", tmp_path / "again", "--weights", "0.5,0.7,-0.4,0.6", "--dtype", "fp32",
                         "-q", "--verify"])
     assert again.code == 0, again.out + again.err
     # One merged tensor tampered with: fails.
@@ -126,7 +128,7 @@ def test_verify_several_passes_and_a_tampered_merge_fails(four: dict[str, Path],
     name = next(k for k in tensors if "layers.1.self_attn.v_proj" in k)
     tensors[name][0, 0] += 0.05
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    tampered = cli_runner(["verify", *args, merged, "--weights", "0.5,0.7,-0.4"])
+    tampered = cli_runner(["verify", *args, merged, "--weights", "0.5,0.7,-0.4,0.6"])
     assert tampered.code == 1, tampered.out + tampered.err
 
 
