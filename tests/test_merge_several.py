@@ -96,7 +96,10 @@ def test_combination_equals_combine_then_merge(names: list[str], weights: list[f
     merge(base, tmp_path / "combined", tmp_path / "two-steps", dtype="fp32", hash_sources=False)
     merge(base, AdapterMix(tuple(paths), tuple(weights), CombineOptions(**options)), tmp_path / "one-pass",
           dtype="fp32", hash_sources=False)
-    assert _max_diff(read_tensors(tmp_path / "one-pass"), read_tensors(tmp_path / "two-steps")) < 1e-6
+    gap = _max_diff(read_tensors(tmp_path / "one-pass"), read_tensors(tmp_path / "two-steps"))
+    # Plain LoRA inputs: the same factors through the same row blocks, the same bytes; the *svd types on
+    # DoRA/D2-LoRA updates go whole (they need all of W0), within fp32 rounding of the two-step merge.
+    assert gap == 0.0 if "dora" not in names else gap < 1e-6
 
 
 def test_verify_several_passes_and_a_tampered_merge_fails(four: dict[str, Path], cli_runner: Any, make_adapter: Any,

@@ -198,11 +198,23 @@ class Combined:
         return tuple(i for i, _ in self.by_name.get(item.name, ()))
 
     def row_merger(self, item: TensorPlan) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:
-        """None: the *svd types on full updates need the whole W0, so every combined tensor goes whole."""
-        return None
+        """Plain LoRA inputs: combine's factors need no W0, so the merge goes in row blocks as a LoRA's does
+        (linear layers); the *svd types on full updates need the whole W0, so those go whole."""
+        first = self.by_name[item.name][0][1].settings
+        assert first is not None
+        if not self.plain or first.transposed:
+            return None
+        factors, settings = self._lora(item, None)
+        factors = {k: v.to(torch.float32) for k, v in factors.items()}
+        return lambda w, rows: LORA.merge_rows_(w, factors, settings, rows)
 
     def merged_weight(self, item: TensorPlan, w0: torch.Tensor, *,
                       compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        factors, settings = self._lora(item, w0)
+        return LORA.merged_weight(w0, factors, settings, compute_dtype=compute_dtype)
+
+    def _lora(self, item: TensorPlan, w0: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], ModuleSettings]:
+        """The plain LoRA (factors in the dtype combine writes, scale 1) combine makes of this tensor's module."""
         entries = self.by_name[item.name]
         first = entries[0][1].settings
         assert first is not None
@@ -218,6 +230,7 @@ class Combined:
                                                  self.options, self.rank)
             a, b = combined.lora_a, combined.lora_b
         else:
+            assert w0 is not None
             assert self.rank is not None
             updates = [update_on(self.adapters[i], e.settings, lambda: w0)  # type: ignore[arg-type]
                        for i, e in entries]
@@ -232,5 +245,4 @@ class Combined:
         rank = int(a.shape[0])
         settings = ModuleSettings(module, first.layer_kind, rank, float(rank), 1.0, first.fan_in_fan_out)
         # As combine writes them (then merge reads them back): the same rounding of the factors.
-        factors = {a_name: a.to(self.dtype), b_name: b.to(self.dtype)}
-        return LORA.merged_weight(w0, factors, settings, compute_dtype=compute_dtype)
+        return {a_name: a.to(self.dtype), b_name: b.to(self.dtype)}, settings
