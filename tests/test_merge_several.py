@@ -141,8 +141,9 @@ def test_verify_a_combination_merge_against_combine(four: dict[str, Path], make_
     args = [four["base"], four["lora"], lora2]
     flags = ["--weights", "1,1", "--combination", "ties", "--density", "0.5"]
     assert cli_runner(["merge", *args, "-o", tmp_path / "m", "--dtype", "fp32", "-q", *flags]).code == 0
-    result = cli_runner(["verify", *args, tmp_path / "m", *flags])
+    result = cli_runner(["verify", *args, tmp_path / "m", *flags, "--report", tmp_path / "r.json"])
     assert result.code == 0, result.out + result.err
+    assert json.loads((tmp_path / "r.json").read_text())["adapter"] == f"{four['lora']} + {lora2}"  # not the temp
 
 
 def test_dry_run_names_the_adapters_of_each_tensor(four: dict[str, Path], cli_runner: Any) -> None:

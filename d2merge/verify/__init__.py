@@ -121,19 +121,19 @@ def verify(base: str | Path, adapter: str | Path | AdapterMix, merged: str | Pat
         if folder is not None:  # before any work: transformers loads both folders later
             refuse_custom_code(folder)
     several = adapter if isinstance(adapter, AdapterMix) else None
-    temp_adapter = None
+    temp_adapter, combined_from = None, None
     if several is not None and several.combination is not None:
         # The reference of a --combination merge is combine's adapter attached at runtime: combined
         # into a temp folder by the same per-module code the merge ran, then verified as one adapter.
         temp_adapter = Path(tempfile.mkdtemp(prefix="d2merge-verify-combined-"))
         say(f"combining {len(several.adapters)} adapters ({several.combination.combination}) into a temp adapter")
-        combine([a.path for a in several.load(allow_pickle=options.allow_pickle)], temp_adapter / "combined",
-                several.weights,
-                several.combination, base=base_ckpt.location, allow_pickle=options.allow_pickle)
+        combined_from = several.load(allow_pickle=options.allow_pickle)
+        combine([a.path for a in combined_from], temp_adapter / "combined", several.weights, several.combination,
+                base=base_ckpt.location, allow_pickle=options.allow_pickle)
         adapter, several = temp_adapter / "combined", None
     try:
         return _verify(base_ckpt, adapter, several, merged, merged_ckpt, exported, dtypes, mc_eval, prompts,
-                       thresholds, options, say, report_path, html_path)
+                       thresholds, options, say, report_path, html_path, combined_from)
     finally:
         if temp_adapter is not None:
             shutil.rmtree(temp_adapter, ignore_errors=True)
@@ -141,8 +141,13 @@ def verify(base: str | Path, adapter: str | Path | AdapterMix, merged: str | Pat
 
 def _verify(base_ckpt: Any, adapter: Any, several: AdapterMix | None, merged: Any, merged_ckpt: Any, exported: Any,
             dtypes: Any, mc_eval: Any, prompts: Any, thresholds: Any, options: VerifyOptions,
-            say: Callable[[str], None], report_path: Path | None, html_path: Path | None) -> VerifyReport:
-    """verify() once its inputs are open: the unmerged run, the columns, the report."""
+            say: Callable[[str], None], report_path: Path | None, html_path: Path | None,
+            combined_from: Sequence[Adapter] | None = None) -> VerifyReport:
+    """verify() once its inputs are open: the unmerged run, the columns, the report.
+
+    ``combined_from``: the adapters a temp ``adapter`` was combined from; the report names them
+    (and hashes their files), not the temp folder.
+    """
     from d2merge.merge import merge
 
     if several is not None:
@@ -240,6 +245,8 @@ def _verify(base_ckpt: Any, adapter: Any, several: AdapterMix | None, merged: An
             shutil.rmtree(temp_root, ignore_errors=True)
     if options.original_base is not None:
         results.append(_original_base_column(base_ckpt, adapter_obj, options, results, unmerged, folder_column, say))
+    if combined_from is not None:
+        adapters = tuple(combined_from)
     result = VerifyReport(base=str(base_ckpt.location), adapter=" + ".join(str(a.path) for a in adapters),
                           method=" + ".join(a.method.name for a in adapters),
                           probes=probes.description, mc_eval=None if mc_eval is None else str(mc_eval),
