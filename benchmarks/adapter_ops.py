@@ -14,6 +14,10 @@ each kept (extract's is below 1 only by the bf16 rounding of TUNED's merged weig
 
     nice -n 10 python benchmarks/adapter_ops.py --shape 1.1b --json adapter_ops.json
     python benchmarks/adapter_ops.py --layers 2        # a quick run at the 1.1B widths
+    # the inputs once, then extract and convert with the full SVD side by side, one process each:
+    python benchmarks/adapter_ops.py --workdir W --ops ""
+    python benchmarks/adapter_ops.py --workdir W --svd full --ops extract --json extract.json &
+    python benchmarks/adapter_ops.py --workdir W --svd full --ops convert --json convert.json
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="fewer layers at the same widths (quick runs)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--svd", default="full,randomized", help="comma-separated: full, randomized")
+    parser.add_argument("--ops", default="extract,convert,gguf",
+                        help="comma-separated: extract, convert (--to lora), gguf (--to gguf-lora); empty: only build "
+                             "the inputs in --workdir (then run ops in parallel processes on them)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -84,6 +91,7 @@ def main() -> None:
     if not dora.exists():
         build_dora(base, lora, dora)
     runs = {}
+    ops = {o for o in args.ops.split(",") if o}
     for kind in [k for k in args.svd.split(",") if k]:
         svd = ["--svd", kind]
         runs[f"extract {kind}"] = [*d2merge, "extract", str(base), str(tuned), "--rank", str(args.rank), *svd, "-o",
@@ -95,6 +103,8 @@ def main() -> None:
         runs[f"convert gguf {kind}"] = [*d2merge, "convert", str(dora), "--base", str(base), "--rank",
                                         str(args.rank), *svd, "--to", "gguf-lora", "-o", str(root / "converted.gguf"),
                                         "--overwrite"]
+    runs = {label: argv for label, argv in runs.items()
+            if {"extract": "extract", "convert lora": "convert", "convert gguf": "gguf"}[label.rsplit(" ", 1)[0]] in ops}
     figures: dict[str, dict[str, float]] = {"shape": {**shape, "rank": args.rank}}  # type: ignore[dict-item]
     for label, argv in runs.items():
         got = run_measured(argv, env=env, cwd=root)

@@ -5,6 +5,7 @@ The Python API is what the command line uses::
     import d2merge
     d2merge.plan("./base", "./adapter").describe()          # what would change
     d2merge.merge("./base", "./adapter", "./merged", dtype="bf16")
+    d2merge.merge("./base", d2merge.AdapterMix(("./a", "./b"), (0.7, 0.5)), "./merged")  # several at once
     d2merge.load_adapter("./adapter").config
 
 The names below are imported on first use (PEP 562): ``import d2merge`` and
@@ -23,12 +24,14 @@ from d2merge.version import __version__
 
 # name -> module that defines it
 _LAZY = {"load_adapter": "d2merge.io", "open_base": "d2merge.io", "MergeOptions": "d2merge.options",
-         "MergeResult": "d2merge.merge", "merge": "d2merge.merge", "plan": "d2merge.merge"}
+         "MergeResult": "d2merge.merge", "merge": "d2merge.merge", "plan": "d2merge.merge",
+         "AdapterMix": "d2merge.adapter_ops.mix"}
 
-__all__ = ["D2MergeError", "MergeOptions", "MergeResult", "VerificationFailed", "__version__", "load_adapter",
+__all__ = ["AdapterMix", "D2MergeError", "MergeOptions", "MergeResult", "VerificationFailed", "__version__", "load_adapter",
            "merge", "open_base", "plan"]
 
 if TYPE_CHECKING:
+    from d2merge.adapter_ops.mix import AdapterMix
     from d2merge.io import load_adapter, open_base
     from d2merge.merge import MergeResult, merge, plan
     from d2merge.options import MergeOptions

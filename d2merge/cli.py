@@ -24,7 +24,7 @@ import click
 # Only light modules at import time: `d2merge --help` and flag errors must not wait for torch.
 # Each command imports the library it calls (tests/test_cli_startup.py checks this).
 from d2merge import __version__
-from d2merge.adapter_ops.options import CombineOptions, ConvertOptions, ExtractOptions
+from d2merge.adapter_ops.options import COMBINATIONS, CombineOptions, ConvertOptions, ExtractOptions
 from d2merge.console import QUIET_HELP, ConsoleGroup, say
 from d2merge.bench import ALL_VARIANTS as BENCH_VARIANTS
 from d2merge.bench import BenchSettings
@@ -137,9 +137,44 @@ IMATRIX_HELP = ("llama.cpp's importance matrix (llama-imatrix's GGUF or legacy .
                 "quantizer writes; checked against the model.")
 
 
+def _mix_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The flags of a merge of several adapters, shared by `merge` and `verify` (docs/adapter-ops.md)."""
+    options = [
+        click.option("--weights", "weights", default=None, metavar="W1,W2,...",
+                     help="One weight per ADAPTER, in order: merges W0 + sum of w_i * (adapter i's merge - W0), "
+                          "any mix of methods (required with several adapters; with one it scales its update)."),
+        click.option("--combination", "combination", type=click.Choice(COMBINATIONS), default=None,
+                     help="Instead of the weighted sum: combine the adapters as `d2merge combine --combination` does "
+                          "and merge the result (the same tensors as combine, then merge)."),
+        click.option("--density", type=float, default=None, help="With --combination: " + model_help(CombineOptions,
+                                                                                                     "density")),
+        click.option("--svd-rank", type=int, default=None, help="With --combination: " + model_help(CombineOptions,
+                                                                                                   "svd_rank")),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _what_to_merge(ctx: click.Context, adapters: tuple[str, ...], weights: str | None, combination: str | None,
+                   density: float | None, svd_rank: int | None) -> Any:
+    """One adapter path, or an AdapterMix of several (adapter_ops/mix.py) with their weights and combination."""
+    _refuse_flags_out_of_context(ctx, {
+        "density": ("--density", combination is not None, "it applies to --combination"),
+        "svd_rank": ("--svd-rank", combination is not None, "it applies to --combination"),
+    })
+    rule = None if combination is None else CombineOptions(combination=combination, density=density,
+                                                           svd_rank=svd_rank)
+    if weights is None and rule is None and len(adapters) == 1:
+        return adapters[0]
+    from d2merge.adapter_ops.mix import mix_for
+
+    return mix_for(adapters, None if weights is None else _float_list(weights, "--weights"), rule)
+
+
 @cli.command("merge")
 @click.argument("base", metavar="BASE")
-@click.argument("adapter", metavar="ADAPTER")
+@click.argument("adapters", metavar="ADAPTER...", nargs=-1, required=True)
 @click.option("-o", "--out", "out", type=click.Path(), default=None,
               help="Output folder, or a .safetensors, .onnx or .gguf file (the suffix picks --format). "
                    "Required unless --dry-run.")
@@ -168,20 +203,23 @@ IMATRIX_HELP = ("llama.cpp's importance matrix (llama-imatrix's GGUF or legacy .
 @click.option("--dry-run", is_flag=True, help="Print the plan (every changed tensor, rank, scale, shard) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
+@_mix_options
 @click.pass_context
-def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, output_format: str | None,
-                  genai_precision: str,
+def merge_command(ctx: click.Context, base: str, adapters: tuple[str, ...], out: str | None,
+                  output_format: str | None, genai_precision: str,
                   gguf_type: str, imatrix: str | None, modelfile: bool,
                   run_verify: bool,
                   push_to: str | None, require_verify: bool, private: bool, revision: str | None, create_pr: bool,
                   commit_message: str | None, token: str | None, dry_run: bool, as_json: bool, quiet: bool,
+                  weights: str | None, combination: str | None, density: float | None, svd_rank: int | None,
                   **options: Any) -> None:
     """Merge ADAPTER into BASE and write a Hugging Face folder.
 
     \b
     BASE     a Hugging Face folder (sharded or not), a .safetensors file,
              or a Hub repo id already in the local cache (nothing is downloaded)
-    ADAPTER  a PEFT-layout folder: adapter_config.json + adapter_model.safetensors
+    ADAPTER  a PEFT-layout folder: adapter_config.json + adapter_model.safetensors;
+             several with --weights merge in one pass (docs/adapter-ops.md)
 
     The merge streams one tensor at a time (memory does not grow with model
     size), computes in fp32 and casts once to the output dtype. Nothing is
@@ -195,8 +233,11 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
       d2merge merge ./llama-3b ./my-adapter -o merged.safetensors        # one file (from the suffix)
       d2merge merge ./llama-3b ./my-adapter -o model.gguf --gguf-type q8_0
       d2merge merge ./llama-3b ./my-adapter -o ./merged-onnx --format onnx --dtype fp16
+      d2merge merge ./llama-3b ./math ./code-dora -o ./merged --weights 0.7,0.5
     """
     from d2merge.output_names import format_for_output
+
+    adapter = _what_to_merge(ctx, adapters, weights, combination, density, svd_rank)
 
     output_format = format_for_output(out, output_format)
     _refuse_flags_out_of_context(ctx, {
@@ -210,7 +251,8 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
         "genai_precision": ("--precision", output_format == "onnx-genai", "it applies to --format onnx-genai"),
     })
     merge_options = MergeOptions(**options)
-    if out is not None and not dry_run and merge_options.hash_sources and output_format in ("hf", "safetensors"):
+    if out is not None and not dry_run and merge_options.hash_sources and output_format in ("hf", "safetensors") \
+            and isinstance(adapter, str):
         # Hash a warm base on the other core while torch imports (io/source_hashes.py; no torch needed).
         from d2merge.io.source_hashes import hash_ahead_of_merge
 
@@ -562,8 +604,7 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
 
 @cli.command("verify")
 @click.argument("base", metavar="BASE")
-@click.argument("adapter", metavar="ADAPTER")
-@click.argument("merged", metavar="[MERGED]", required=False)
+@click.argument("inputs", metavar="ADAPTER... [MERGED]", nargs=-1, required=True)
 @click.option("--dtypes", default=None, metavar="LIST",
               help="Comma-separated output dtypes (fp32,bf16,fp16) to merge on the fly, one temp folder at a "
                    "time, and compare side by side. Not with MERGED. [default: fp32]")
@@ -602,7 +643,11 @@ def bench_command(base: str, adapter: str, merged: str | None, onnx_path: str | 
               help="Also write the report as one self-contained HTML page (verdict, floors, per-layer weight error, "
                    "logit distributions, flips, provenance; docs/html-reports.md).")
 @_options_from(VerifyOptions)
-def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | None, prompts: str | None,
+@_mix_options
+@click.pass_context
+def verify_command(ctx: click.Context, base: str, inputs: tuple[str, ...], weights: str | None,
+                   combination: str | None, density: float | None, svd_rank: int | None,
+                   dtypes: str | None, prompts: str | None,
                    mc_eval: str | None, floor_multiple: float | None, alpha: float | None,
                    max_abs_diff: float | None, max_gap_pp: float | None, min_top1: float | None,
                    max_kl: float | None, max_ppl_ratio: float | None,
@@ -624,7 +669,15 @@ def verify_command(base: str, adapter: str, merged: str | None, dtypes: str | No
       d2merge verify ./base ./adapter model-q8_0.gguf
       d2merge verify ./base ./adapter --dtypes fp32,bf16 --mc-eval eval.jsonl
       d2merge verify ./base ./adapter ./merged --prompts prompts.txt --report verify.json --html verify.html
+      d2merge verify ./base ./math ./code-dora ./merged --weights 0.7,0.5     # a merge of several adapters
     """
+    count = 1 if weights is None else len(_float_list(weights, "--weights"))
+    if len(inputs) not in (count, count + 1):
+        raise click.UsageError(f"expected {count} ADAPTER(s){' (one per --weights value)' if weights else ''} and "
+                               f"at most one MERGED, got {len(inputs)} path(s)"
+                               + ("" if weights else "; several adapters need --weights w1,w2,..."))
+    adapter = _what_to_merge(ctx, inputs[:count], weights, combination, density, svd_rank)
+    merged = inputs[count] if len(inputs) > count else None
     from d2merge.verify import verify
 
     options = VerifyOptions(**option_values)

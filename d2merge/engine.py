@@ -132,6 +132,8 @@ def _compute(merge_plan: MergePlan, item: TensorPlan, device: ComputeDevice, com
         check_finite(tensor, merge_plan.adapter.weights_file, item.source, "adapter tensor")
         storage, out = _output_tensor(buffers, item)
         return storage, out.copy_(tensor), _no_wait
+    if merge_plan.mix is not None:
+        return _mixed(merge_plan, item, compute_dtype, buffers)
     merge = merge or _merge_inputs(merge_plan, item, device, compute_dtype, buffers)
     storage, out = _output_tensor(buffers, item)
     if not merge.blockwise:
@@ -147,6 +149,53 @@ def _compute(merge_plan: MergePlan, item: TensorPlan, device: ComputeDevice, com
         out[block].copy_(merged)  # the one cast
     check_finite(out, merge.path, item.name, "merged weight")
     return storage, out, _no_wait
+
+
+def _mixed(merge_plan: MergePlan, item: TensorPlan, compute_dtype: torch.dtype, buffers: ScratchBuffers,
+           w0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Callable[[], None]]:
+    """A tensor several adapters change: W0 read here (unless given), the plan's rule makes it, one cast.
+
+    Row-separable tensors go in row blocks (the rule merges each block for every adapter in
+    turn: a few block-sized buffers); the others whole, the rule holding W0, its result and one
+    adapter's merged tensor: three tensors of this shape, never every adapter's update at once.
+    """
+    assert merge_plan.mix is not None
+    if w0 is None:
+        w0 = buffers.reader.read(*_base_read(merge_plan, item))
+    merger = _mix_rows(merge_plan, item, w0, compute_dtype)
+    storage, out = _output_tensor(buffers, item)
+    if merger is None:
+        out.copy_(merge_plan.mix.merged_weight(item, w0, compute_dtype=compute_dtype))  # the one cast
+    else:
+        for block, merged in _row_blocks(w0, merger, buffers):
+            out[block].copy_(merged)  # the one cast
+    check_finite(out, merge_plan.base_weight_file(item), item.name, "merged weight")
+    return storage, out, _no_wait
+
+
+def _mix_rows(merge_plan: MergePlan, item: TensorPlan, w0: torch.Tensor, compute_dtype: torch.dtype
+              ) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:
+    """The mix rule's row merger when this tensor can go in row blocks (fp32, 2-D), else None (whole)."""
+    assert merge_plan.mix is not None
+    if compute_dtype != torch.float32 or w0.ndim != 2:
+        return None
+    return merge_plan.mix.row_merger(item)
+
+
+def _row_blocks(w0: torch.Tensor, merger: Callable[[torch.Tensor, slice], torch.Tensor], buffers: ScratchBuffers
+                ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, fp32 merged rows) of a tensor several adapters change, a cache-sized block at a time.
+
+    The same blocks as :func:`_merged_blocks`, so a mix holds row blocks, never a whole fp32 tensor,
+    and the whole-tensor path and the path into the output's staging write the same bytes.
+    """
+    rows, cols = w0.shape
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    work = buffers.work(step * cols)
+    for start in range(0, rows, step):
+        block = slice(start, min(rows, start + step))
+        w = work[: (block.stop - start) * cols].view(block.stop - start, cols).copy_(w0[block])
+        yield block, merger(w, block)
 
 
 @dataclass(frozen=True)
@@ -361,8 +410,11 @@ def _write_entry(shard: StreamingWriter, path: Path, merge_plan: MergePlan, item
                 shard.convert_from(item.name, raw[0], raw[1], item.in_dtype)
         return
     with profile.phase("compute"):
-        merge = (_merge_inputs(merge_plan, item, device, torch.float32, buffers) if item.action == "merge"
-                 else None)
+        merge = (_merge_inputs(merge_plan, item, device, torch.float32, buffers)
+                 if item.action == "merge" and merge_plan.mix is None else None)
+        if item.action == "merge" and merge_plan.mix is not None:
+            _write_mixed(shard, path, merge_plan, item, buffers)
+            return
         if merge is None or not merge.blockwise:
             storage, out, ready = _compute(merge_plan, item, device, torch.float32, buffers, merge)
             ready()
@@ -383,6 +435,32 @@ def _write_entry(shard: StreamingWriter, path: Path, merge_plan: MergePlan, item
         if bad:
             raise _nonfinite_error(bad, merge.path, item.name, "merged weight")
         shard.end()
+
+
+def _write_mixed(shard: StreamingWriter, path: Path, merge_plan: MergePlan, item: TensorPlan,
+                 buffers: ScratchBuffers) -> None:
+    """A tensor several adapters change into the open shard: row blocks cast into its staging, or whole."""
+    w0 = buffers.reader.read(*_base_read(merge_plan, item))
+    merger = _mix_rows(merge_plan, item, w0, torch.float32)
+    if merger is None:
+        storage, out, ready = _mixed(merge_plan, item, torch.float32, buffers, w0)
+        ready()
+        with _writing(path):
+            shard.write(item.name, out)
+        buffers.release(storage)
+        return
+    with _writing(path):
+        shard.begin(item.name)
+    bad = 0
+    for _, merged in _row_blocks(w0, merger, buffers):
+        if bad:
+            bad += count_nonfinite(merged.to(item.out_dtype))
+            continue
+        with _writing(path):
+            bad = shard.append_cast(merged, count_nonfinite)
+    if bad:
+        raise _nonfinite_error(bad, merge_plan.base_weight_file(item), item.name, "merged weight")
+    shard.end()
 
 
 @dataclass(frozen=True)

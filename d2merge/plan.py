@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -62,16 +62,53 @@ class TensorPlan:
         return math.prod(self.shape) * dtype_size(self.out_dtype)
 
 
+class MixRule(Protocol):
+    """How a merge of several adapters makes each tensor they change (``d2merge.adapter_ops.mix``).
+
+    Declared here so the plan and the engine call it without importing ``adapter_ops`` (which
+    plans each adapter with this module): the plan holds the rule, the engine hands it W0.
+    """
+
+    adapters: tuple[Adapter, ...]
+    weights: tuple[float, ...]
+    combination: str | None  # None: the weighted sum of the updates; else a combine type
+
+    def merged_weight(self, item: TensorPlan, w0: torch.Tensor, *,
+                      compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The merged tensor ``item`` (stored layout, ``compute_dtype``) from W0 as stored."""
+        ...
+
+    def contributors(self, item: TensorPlan) -> tuple[int, ...]:
+        """Indices of the adapters that change ``item``."""
+        ...
+
+    def row_merger(self, item: TensorPlan) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:
+        """For a tensor whose merged rows depend only on the same rows of W0: a function that turns fp32
+        rows ``rows`` of W0 (out, in) into the merged rows, in place, its factors read once; else None."""
+        ...
+
+
+@runtime_checkable
+class SeveralAdapters(Protocol):
+    """What to merge when it is several adapters at once: it plans itself on a base (adapter_ops/mix.py).
+
+    ``plan_for`` (so every format: folder, single file, GGUF) takes one in place of an adapter.
+    """
+
+    def plan_on(self, base: BaseCheckpoint, options: MergeOptions) -> MergePlan: ...
+
+
 @dataclass(frozen=True)
 class MergePlan:
     base: BaseCheckpoint
-    adapter: Adapter
+    adapter: Adapter  # with several adapters (``mix``): the first
     tensors: tuple[TensorPlan, ...]
     shard_names: tuple[str, ...]
     out_dtype: str
     config_updates: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     base_model_id: str | None = None  # the Hub id the model card names as base_model (--base-model-id)
+    mix: MixRule | None = None  # several adapters merged at once: the rule every "merge" entry follows
 
     @property
     def merged(self) -> list[TensorPlan]:
@@ -87,10 +124,23 @@ class MergePlan:
     def base_weight_file(self, item: TensorPlan) -> Path:
         return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).file_of(item.source)
 
+    @property
+    def adapters(self) -> tuple[Adapter, ...]:
+        """Every adapter this merge applies (one, or a mix's)."""
+        return self.mix.adapters if self.mix is not None else (self.adapter,)
+
     def source_files(self) -> dict[str, Path]:
-        """The files this merge reads, by the label the model card shows (``adapter/...``, ``base/...``)."""
-        files = [self.adapter.weights_file, self.adapter.path / "adapter_config.json", *self.base.weight_files]
-        return {(f"adapter/{p.name}" if p.parent == self.adapter.path else f"base/{p.name}"): p for p in files}
+        """The files this merge reads, by the label the model card shows (``adapter/...``, ``base/...``).
+
+        Several adapters are labelled ``adapter1/...``, ``adapter2/...`` in the order given.
+        """
+        labelled: dict[str, Path] = {}
+        for i, adapter in enumerate(self.adapters, 1):
+            label = "adapter" if self.mix is None else f"adapter{i}"
+            for p in (adapter.weights_file, adapter.path / "adapter_config.json"):
+                labelled[f"{label}/{p.name}"] = p
+        labelled.update({f"base/{p.name}": p for p in self.base.weight_files})
+        return labelled
 
     @property
     def total_bytes(self) -> int:
@@ -102,9 +152,13 @@ class MergePlan:
         for t in self.tensors:
             counts[t.action] = counts.get(t.action, 0) + 1
         cfg = self.adapter.config
+        several = {} if self.mix is None else {
+            "adapters": [str(a.path) for a in self.mix.adapters], "methods": [a.method.name for a in self.mix.adapters],
+            "weights": list(self.mix.weights), "combination": self.mix.combination or "weighted sum of updates"}
         return {
             "base": str(self.base.location),
             "adapter": str(self.adapter.path),
+            **several,
             "method": self.adapter.method.name,
             "r": cfg.r,
             "lora_alpha": cfg.lora_alpha,
@@ -125,6 +179,10 @@ class MergePlan:
 
     def _change(self, t: TensorPlan) -> dict[str, Any]:
         method = self.adapter.method
+        if self.mix is not None:
+            return {"tensor": t.name, "action": t.action, "dtype": DTYPE_NAMES[t.out_dtype],
+                    "shard": self.shard_names[t.shard],
+                    "adapters": [i + 1 for i in self.mix.contributors(t)] if t.action == "merge" else []}
         return {"tensor": t.name, "action": t.action,
                 "rank": method.rank_text(method.configured_rank(t.settings)) if t.settings else None,
                 "scale": t.settings.scale if t.settings else None, "dtype": DTYPE_NAMES[t.out_dtype],
@@ -132,6 +190,8 @@ class MergePlan:
 
     def describe(self) -> str:
         """A readable table of the plan: one line per changed tensor, then the totals."""
+        if self.mix is not None:
+            return self._describe_mix()
         s = self.summary()
         cfg = self.adapter.config
         method = self.adapter.method
@@ -150,6 +210,28 @@ class MergePlan:
         lines.append(", ".join(f"{n} {a}" for a, n in s["tensors"].items()) + f" of {len(self.tensors)} tensors")
         for note in self.notes:
             lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+
+    def _describe_mix(self) -> str:
+        """The table of a merge of several adapters: which adapters change each tensor."""
+        assert self.mix is not None
+        s = self.summary()
+        lines = [f"base     {s['base']}"]
+        for i, adapter in enumerate(self.mix.adapters):
+            cfg = adapter.config
+            lines.append(f"adapter{i + 1} {adapter.path}  ({adapter.method.name}, r={cfg.r}, alpha={cfg.lora_alpha:g}, "
+                         f"weight {self.mix.weights[i]:g})")
+        lines += [f"combined {s['combination']}",
+                  f"output   dtype {s['out_dtype']}, {len(self.shard_names)} shard(s), {format_size(self.total_bytes)}", ""]
+        width = max((len(t.name) for t in self.tensors if t.action != "copy"), default=10)
+        lines.append(f"{'tensor':<{width}}  action   adapters  dtype  shard")
+        for row in s["changed"]:
+            adapters = ",".join(map(str, row["adapters"])) or "-"
+            lines.append(f"{row['tensor']:<{width}}  {row['action']:<7}  {adapters:<8}  {row['dtype']:<5}  {row['shard']}")
+        lines.append("")
+        lines.append(", ".join(f"{n} {a}" for a, n in s["tensors"].items()) + f" of {len(self.tensors)} tensors")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -599,9 +681,11 @@ def _assign_shards(plans: list[TensorPlan], limit: int) -> tuple[list[TensorPlan
     return [replace(t, shard=shard_of[split.tensor_to_filename[t.name]]) for t in plans], names
 
 
-def plan_for(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter,
+def plan_for(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter | SeveralAdapters,
              options: MergeOptions | None = None, **overrides: Any) -> MergePlan:
     """The merge plan of ``base`` and ``adapter`` (paths or opened sources), writing nothing.
+
+    ``adapter`` may be several adapters with their weights (``d2merge.adapter_ops.mix.AdapterMix``).
 
     ``d2merge.merge.plan`` is this function; it lives here, below every writer, so that the
     format modules in ``d2merge.export`` plan a merge without importing ``d2merge.merge``.
@@ -609,6 +693,8 @@ def plan_for(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter,
     options = MergeOptions.resolve(options, overrides)
     if not isinstance(base, BaseCheckpoint):
         base = open_base(base, allow_pickle=options.allow_pickle)
+    if isinstance(adapter, SeveralAdapters):
+        return adapter.plan_on(base, options)
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=options.allow_pickle)
     merge_plan = build_plan(base, adapter, dtype=options.dtype, max_shard_size=options.max_shard_size,
@@ -621,3 +707,44 @@ def plan_for(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter,
 def tied_pair(infos: dict[str, tuple[torch.dtype, tuple[int, ...]]], config: dict[str, Any]) -> tuple[str, str] | None:
     """(input embedding, lm_head) when the base ties them (the plan's rule, for extract), else None."""
     return _tied_pair(infos, config)
+
+
+def mix_plans(plans: Sequence[MergePlan], rule: MixRule, max_shard_size: str | int) -> MergePlan:
+    """One plan for several adapters from each adapter's own plan on the same base (same options).
+
+    Every output tensor of any plan, in the base's order; a tensor any adapter changes is a
+    "merge" entry whose arithmetic is ``rule``'s. Each plan has already checked its adapter
+    against the base (names, shapes, ranks), so what is left to check is that they agree.
+    """
+    first = plans[0]
+    order: list[str] = []
+    entries: dict[str, TensorPlan] = {}
+    for merge_plan in plans:
+        previous = None
+        for item in merge_plan.tensors:
+            known = entries.get(item.name)
+            if known is None:
+                order.insert(order.index(previous) + 1 if previous is not None else 0, item.name)
+                entries[item.name] = item
+            elif (known.shape, known.out_dtype) != (item.shape, item.out_dtype):
+                raise D2MergeError(f"the adapters' plans disagree on this tensor: {list(known.shape)} "
+                                   f"{DTYPE_NAMES[known.out_dtype]} and {list(item.shape)} {DTYPE_NAMES[item.out_dtype]}",
+                                   path=merge_plan.adapter.weights_file, tensor=item.name,
+                                   hint="were the adapters trained on different base models?")
+            elif known.action == "copy" and item.action == "merge":
+                entries[item.name] = item
+            previous = item.name
+    for name, item in entries.items():
+        if item.action == "replace" or item.base_from_adapter:
+            raise D2MergeError("an adapter replaces this whole tensor (modules_to_save or an embedding's "
+                               "base_layer), which a weighted merge of several adapters cannot scale",
+                               path=first.adapter.weights_file, tensor=name,
+                               hint="merge that adapter alone with `d2merge merge BASE ADAPTER`")
+    tensors, shard_names = _assign_shards([replace(entries[n], shard=0) for n in order], parse_size(max_shard_size))
+    config_updates: dict[str, Any] = {}
+    notes: list[str] = []
+    for merge_plan in plans:
+        config_updates.update(merge_plan.config_updates)
+        notes += [n for n in merge_plan.notes if n not in notes]
+    return MergePlan(first.base, first.adapter, tuple(tensors), tuple(shard_names), first.out_dtype, config_updates,
+                     tuple(notes), first.base_model_id, mix=rule)

@@ -119,3 +119,88 @@ def test_llama_cpp_base_plus_adapter_matches_the_merged_gguf(smollm2: Path, tmp_
     print(f"llama.cpp base+adapter vs merged: max |logit diff| {gap:.3g}; the adapter moves logits by {change:.3g}")
     assert gap <= 1e-4 * max(1.0, scale)
     assert change > 100 * gap  # the adapter is applied, not ignored
+
+
+def _peft_embedding_adapter(base: Path, folder: Path, seed: int) -> Path:
+    """A PEFT LoRA on the input embedding and q_proj (PEFT's own lora_embedding_A/B), random factors."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=g))
+    peft_model.save_pretrained(folder, save_embedding_layers=False)
+    return folder
+
+
+def test_embedding_lora_is_token_embd_in_llama_cpp_layout(tiny_bases: Any, read_tensors: Any,
+                                                          tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    base = tiny_bases("llama")  # its lm_head is its own tensor (tie_word_embeddings false)
+    adapter = _peft_embedding_adapter(base, tmp_path / "emb", 5)
+    result = convert_to_gguf_lora(adapter, base, tmp_path / "emb.gguf", ConvertOptions(to="gguf-lora"))
+    reader, tensors = _tensors(result.out)
+    alpha = float({f.name: f for f in reader.fields.values()}["adapter.lora.alpha"].parts[-1][0])
+    merge(base, adapter, tmp_path / "merged", dtype="fp32", hash_sources=False)
+    name = "model.embed_tokens.weight"
+    update = read_tensors(tmp_path / "merged")[name].double() - read_tensors(base)[name].double()  # (vocab, dim)
+    a, b = tensors["token_embd.weight.lora_a"], tensors["token_embd.weight.lora_b"]
+    # llama.cpp's token_embd layout: lora_a (vocab, r) = A^T, lora_b (dim, r); row t gains scale * B @ A[:, t]
+    assert a.shape == (update.shape[0], b.shape[1]) and b.shape[0] == update.shape[1]
+    got = alpha / a.shape[1] * (a.astype(np.float64) @ b.astype(np.float64).T)
+    assert np.abs(got - update.numpy()).max() <= 2e-5
+
+
+def test_embedding_lora_of_a_tied_base_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    from d2merge.synthetic import save_tiny_base
+
+    base = save_tiny_base(tmp_path / "tied", "llama", tie_word_embeddings=True, tokenizer=False)
+    adapter = _peft_embedding_adapter(base, tmp_path / "emb", 6)
+    with pytest.raises(D2MergeError, match="tied to it: llama.cpp would apply its LoRA to the tied output layer"):
+        convert_to_gguf_lora(adapter, base, tmp_path / "emb.gguf", ConvertOptions(to="gguf-lora"))
+    assert not (tmp_path / "emb.gguf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.llama_cpp
+@llama_cpp_only
+def test_llama_cpp_applies_an_embedding_lora_as_the_merge(smollm2: Path, tmp_path: Path) -> None:
+    import llama_cpp
+
+    from d2merge.export.gguf import export_gguf, merge_to_gguf
+    from d2merge.synthetic import save_tiny_base
+
+    pytest.importorskip("peft")
+    base = save_tiny_base(tmp_path / "base", "llama", vocab_size=49152, tokenizer=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (smollm2 / name).is_file():
+            shutil.copyfile(smollm2 / name, base / name)
+    adapter = _peft_embedding_adapter(base, tmp_path / "emb", 7)
+    base_gguf = export_gguf(base, tmp_path / "base.gguf", gguf_type="f32").output
+    _, merged = merge_to_gguf(base, adapter, tmp_path / "merged.gguf", gguf_type="f32")
+    lora = convert_to_gguf_lora(adapter, base, tmp_path / "adapter.gguf", ConvertOptions(to="gguf-lora")).out
+    ids = [int(i) for i in torch.randint(0, 49152, (12,), generator=torch.Generator().manual_seed(4))]
+    f32 = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
+    logits = {}
+    for key, kwargs in (("merged", {"model_path": str(merged.output)}),
+                        ("lora", {"model_path": str(base_gguf), "lora_path": str(lora)}),
+                        ("base", {"model_path": str(base_gguf)})):
+        llm = llama_cpp.Llama(n_ctx=64, n_threads=1, verbose=False, logits_all=True, **f32, **kwargs)
+        llm.eval(ids)
+        logits[key] = np.array(llm.scores[: len(ids)])
+        llm.close()
+    scale = float(np.abs(logits["merged"]).max())
+    gap = float(np.abs(logits["lora"] - logits["merged"]).max())
+    change = float(np.abs(logits["base"] - logits["merged"]).max())
+    print(f"llama.cpp embedding LoRA vs merged: max |logit diff| {gap:.3g}; the adapter moves logits by {change:.3g}")
+    assert gap <= 1e-4 * max(1.0, scale)
+    assert change > 100 * gap

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -80,16 +80,23 @@ def update_of(plan: MergePlan, item: TensorPlan) -> ModuleUpdate:
         raise D2MergeError(f"module '{settings.module}' is not a linear or embedding weight update",
                            path=adapter.weights_file, tensor=item.name,
                            hint="merge this adapter into the base with `d2merge merge` instead")
-    factors = adapter.factors(settings.module)
-    if is_plain_lora(adapter):
-        update = adapter.method.update({k: v.float() for k, v in factors.items()}, settings)
-    else:
-        w0 = plan.base_weight(item).to(torch.float64)
-        merged = adapter.method.merged_weight(w0, factors, settings, compute_dtype=torch.float64)
-        update = merged.sub_(w0)
-        update = (update.T if settings.transposed else update).to(torch.float32)
+    update = update_on(adapter, settings, lambda: plan.base_weight(item))
     return ModuleUpdate(settings.module, settings.layer_kind, settings.fan_in_fan_out, item.source,
                         update.contiguous())
+
+
+def update_on(adapter: Adapter, settings: ModuleSettings, base_weight: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """One module's update (out, in), fp32: ``scale * B @ A`` for a plain LoRA, else merged minus W0 in fp64.
+
+    ``base_weight`` reads W0 (as stored) only when the method needs it.
+    """
+    factors = adapter.factors(settings.module)
+    if is_plain_lora(adapter):
+        return adapter.method.update({k: v.float() for k, v in factors.items()}, settings)
+    w0 = base_weight().to(torch.float64)
+    merged = adapter.method.merged_weight(w0, factors, settings, compute_dtype=torch.float64)
+    update = merged.sub_(w0)
+    return (update.T if settings.transposed else update).to(torch.float32)
 
 
 def module_updates(plan: MergePlan) -> Iterator[ModuleUpdate]:

@@ -32,7 +32,8 @@ class ExportOutcome:
 
     def describe(self) -> str:
         merged = len(self.merge.plan.merged)
-        text = (f"merged {merged} tensors ({self.merge.plan.adapter.method.name}) into {self.output} "
+        methods = " + ".join(a.method.name for a in self.merge.plan.adapters)
+        text = (f"merged {merged} tensors ({methods}) into {self.output} "
                 f"[{self.format}] in {self.merge.seconds:.2f}s")
         if self.onnx is not None:
             text += "\n" + self.onnx.describe()

@@ -740,7 +740,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
         raise D2MergeError("GGUF export needs a Hugging Face base folder with config.json",
                            path=merge_plan.base.location)
     arch, permute = check_config(config, merge_plan.base.folder / "config.json")
-    out_path = check_output_location(out_path, [merge_plan.base.location, merge_plan.adapter.path],
+    out_path = check_output_location(out_path, [merge_plan.base.location, *(a.path for a in merge_plan.adapters)],
                                      overwrite=options.overwrite, is_file=True)
     by_name = {t.name: t for t in merge_plan.tensors}
     names = sorted(by_name)

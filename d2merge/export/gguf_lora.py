@@ -7,7 +7,9 @@ adapted weight two tensors named after the base GGUF's tensor, ``<name>.lora_a``
 ``a.ne[0] == w.ne[0]``, ``b.ne[1] == w.ne[1]``, ``a.ne[1] == b.ne[0]``). llama.cpp scales
 each by ``alpha / r`` with r read from the tensor, and there is one alpha per file, so B
 carries ``r / alpha`` to keep every module's update exactly ``B @ A``. q/k rows are
-permuted as the base export permutes them (llama's interleaved rope), so B's rows are.
+permuted as the base export permutes them (llama's interleaved rope), so B's rows are. An
+input-embedding LoRA is ``token_embd.weight.lora_a/.lora_b`` in llama.cpp's own layout for it
+(:func:`_token_embedding`).
 
 The factors are the plain LoRA ``convert --to lora`` computes (DoRA, D2-LoRA, Dual LoRA
 through their full update); tensor names come from export/gguf.py's HF->GGUF mapping, so
@@ -59,6 +61,30 @@ def _heads(module: str, config: dict[str, Any]) -> int | None:
     return None
 
 
+def _token_embedding(name: str, module: str, a: Any, b: Any, config_updates: dict[str, Any],
+                     weights_file: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    """An embedding LoRA as llama.cpp's ``token_embd.weight.lora_a/.lora_b``, or a one-line refusal.
+
+    llama.cpp adds ``B @ A[:, token]`` to each token's row (``llm_build_inp_embd``: rows of
+    ``lora_a`` gathered by token id, then multiplied by ``lora_b``), so ``lora_a`` holds A
+    transposed, (vocab, r), and ``lora_b`` holds B, (dim, r): the layout its loader checks for
+    ``token_embd`` (``w.ne[0] == b.ne[1]``, ``w.ne[1] == a.ne[1]``) and the one
+    ``convert_lora_to_gguf.py`` writes. Only the input embedding: llama.cpp applies an adapter by
+    tensor name, and a base whose output layer is tied to ``token_embd.weight`` would run the
+    embedding's factors as a matmul on the output too, where PEFT's embedding LoRA never reaches
+    the head (the merge unties them instead).
+    """
+    if name != "token_embd.weight":
+        raise D2MergeError(f"module '{module}' is an embedding llama.cpp has no LoRA path for ({name})",
+                           path=weights_file, hint="serve this adapter with --to lora, or merge it")
+    if config_updates.get("tie_word_embeddings") is False:
+        raise D2MergeError(f"module '{module}' is an embedding of a base whose lm_head is tied to it: llama.cpp "
+                           "would apply its LoRA to the tied output layer too (it matches adapters by tensor name), "
+                           "which PEFT's embedding LoRA never changes", path=weights_file,
+                           hint="merge it (d2merge merge --format gguf unties them, exact), or serve it with --to lora")
+    return name, a.T.contiguous().numpy(), b.contiguous().numpy()
+
+
 def convert_to_gguf_lora(adapter: str | Path, base: str | Path, out: str | Path, options: ConvertOptions | None = None,
                          *, allow_pickle: bool = False, report: str | Path | None = None) -> GGUFLoraResult:
     """Write ``adapter`` (on ``base``) as one llama.cpp LoRA GGUF file ``out``; nothing written on a refusal."""
@@ -74,21 +100,20 @@ def convert_to_gguf_lora(adapter: str | Path, base: str | Path, out: str | Path,
     config = checkpoint.config or {}
     # the architecture is refused before any SVD is computed
     arch, permute = check_config(config, (checkpoint.folder or Path(base)) / "config.json")
-    _, modules, rows = lora_modules(loaded, checkpoint, options)
+    plan, modules, rows = lora_modules(loaded, checkpoint, options)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     mapping = gguf.get_tensor_name_map(arch_id, int(config["num_hidden_layers"]))
     alpha = float(max(m.rank for m in modules))
     named: list[tuple[str, np.ndarray, np.ndarray]] = []
     for m in modules:
-        if m.layer_kind == EMBEDDING:
-            raise D2MergeError(f"module '{m.module}' is an embedding: d2merge writes llama.cpp LoRA tensors for "
-                               "matrix multiplications only", path=loaded.weights_file,
-                               hint="serve this adapter with --to lora, or merge it (d2merge merge --format gguf)")
         name = mapping.get_name(f"{m.module}.weight", try_suffixes=(".weight",))
         if name is None:
             raise D2MergeError(f"no GGUF name for module '{m.module}' in llama.cpp's {arch} layout",
                                path=loaded.weights_file, tensor=m.module)
         a, b = m.lora_a.float(), m.lora_b.float() * (m.rank / alpha)
+        if m.layer_kind == EMBEDDING:
+            named.append(_token_embedding(name, m.module, a, b, plan.config_updates, loaded.weights_file))
+            continue
         heads = _heads(m.module, config) if permute else None
         if heads is not None:
             b = permute_for_llama_cpp(b, heads)

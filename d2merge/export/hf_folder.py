@@ -52,7 +52,7 @@ def merge_to_hf_folder(base: Any, adapter: Any, out: str | Path, options: MergeO
     started = time.perf_counter()
     with profile.phase("plan"):
         merge_plan = plan_for(base, adapter, options)
-    inputs = [merge_plan.base.location, merge_plan.adapter.path]
+    inputs = [merge_plan.base.location, *(a.path for a in merge_plan.adapters)]
     out_path = check_output_location(Path(out), inputs, overwrite=options.overwrite)
     device = resolve_device(options.device)
     hashes = BackgroundHashes(merge_plan.source_files()) if options.hash_sources else None
@@ -131,7 +131,13 @@ def card_info(merge_plan: MergePlan, hashes: dict[str, str], verify_table: str |
     # local folder has no Hub id. The base is named when the user says which it is (--base-model-id)
     # or when it came from the Hub cache.
     base_name = merge_plan.base_model_id or _hub_id_from_cache(merge_plan.base.location)
-    return CardInfo(base_model=base_name, method=merge_plan.adapter.method.name, settings=settings,
+    method = merge_plan.adapter.method.name
+    if merge_plan.mix is not None:  # several adapters: each one's method and weight, and how they were combined
+        method = " + ".join(a.method.name for a in merge_plan.mix.adapters)
+        settings = {f"adapter{i} ({a.method.name}, r={a.config.r})": f"weight {w:g}"
+                    for i, (a, w) in enumerate(zip(merge_plan.mix.adapters, merge_plan.mix.weights), 1)}
+        settings["combination"] = merge_plan.mix.combination or "weighted sum of updates"
+    return CardInfo(base_model=base_name, method=method, settings=settings,
                     source_hashes=dict(sorted(hashes.items())), out_dtype=merge_plan.out_dtype,
                     notes=merge_plan.notes, verify_table=verify_table)
 

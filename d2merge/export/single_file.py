@@ -49,7 +49,7 @@ def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: Merg
     if out_path.suffix != ".safetensors":
         raise D2MergeError("a single-file output must end in .safetensors", path=out_path,
                            hint="name the output like merged.safetensors, or use --format hf for a folder")
-    out_path = check_output_location(out_path, [merge_plan.base.location, merge_plan.adapter.path],
+    out_path = check_output_location(out_path, [merge_plan.base.location, *(a.path for a in merge_plan.adapters)],
                                      overwrite=options.overwrite, is_file=True)
     device = resolve_device(options.device)
     sources = merge_plan.source_files()

@@ -7,8 +7,10 @@ attaching. verify's unmerged column and the PEFT oracles run what this builds.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -36,9 +38,89 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def attach_adapter(model: nn.Module, adapter: Adapter | str | Path, *, dropout: float = 0.0,
+@dataclass(frozen=True)
+class WeightedAdapters:
+    """Several adapters attached at once, each one's change weighted (verify's reference for a merge of several).
+
+    Each adapted layer computes ``base(x) + sum_i w_i * (adapter_i(x) - base(x))``, where
+    ``adapter_i(x)`` is adapter i's own unmerged forward around the same base layer: the runtime
+    twin of the merge's weighted sum ``W0 + sum_i w_i (M_i(W0) - W0)`` (adapter_ops/mix.py).
+    """
+
+    adapters: tuple[Adapter, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def modules(self) -> dict[str, Any]:
+        """Every module any of the adapters adapts."""
+        return {m: e for a in reversed(self.adapters) for m, e in a.modules.items()}
+
+    @property
+    def replacements(self) -> dict[str, str]:
+        return {t: k for a in reversed(self.adapters) for t, k in a.replacements.items()}
+
+
+def restricted(adapter: Adapter | WeightedAdapters, keep: Callable[[str], bool]) -> Adapter | WeightedAdapters:
+    """The adapter (or each adapter of several) with only the modules and replacements ``keep`` accepts."""
+    if isinstance(adapter, WeightedAdapters):
+        return WeightedAdapters(tuple(restricted(a, keep) for a in adapter.adapters),  # type: ignore[misc]
+                                adapter.weights)
+    return replace(adapter, modules={k: v for k, v in adapter.modules.items() if keep(k)},
+                   replacements={k: v for k, v in adapter.replacements.items() if keep(k)})
+
+
+class WeightedChange(nn.Module):
+    """One layer under several adapters: ``base(x) + sum_i w_i * (adapter_i(x) - base(x))``."""
+
+    def __init__(self, base_layer: nn.Module, parts: list[tuple[float, nn.Module]]):
+        super().__init__()
+        self.base_layer = base_layer
+        self.parts = nn.ModuleList(m for _, m in parts)
+        self.weights = [w for w, _ in parts]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.base_layer(x, *args, **kwargs)
+        out = base.clone()
+        for weight, part in zip(self.weights, self.parts):
+            out.add_(part(x, *args, **kwargs) - base, alpha=weight)
+        return out
+
+
+def _attach_weighted(model: nn.Module, several: WeightedAdapters) -> nn.Module:
+    """Every module any adapter adapts becomes a :class:`WeightedChange` of their runtime modules."""
+    for adapter in several.adapters:
+        if adapter.replacements or adapter.config.raw.get("target_parameters"):
+            raise D2MergeError("the adapter replaces whole tensors or targets parameters, which a weighted sum of "
+                               "several adapters cannot run", path=adapter.weights_file,
+                               hint="verify that adapter alone")
+    for module_name in several.modules:
+        layer = model.get_submodule(module_name)
+        parts = []
+        for adapter, weight in zip(several.adapters, several.weights):
+            entry = adapter.modules.get(module_name)
+            if entry is None:
+                continue
+            kind = entry.layer_kind
+            if kind not in (LINEAR, EMBEDDING) or (kind == LINEAR and not (isinstance(layer, nn.Linear)
+                                                                           or is_conv1d(layer))):
+                raise D2MergeError(f"module '{module_name}' ({type(layer).__name__}, {kind}) has no unmerged forward "
+                                   "in a weighted sum of several adapters", path=adapter.weights_file,
+                                   hint="verify that adapter alone")
+            settings = adapter.method.module_settings(adapter.config, module_name, kind,
+                                                      adapter.config.fan_in_fan_out if kind == LINEAR else False)
+            # A PiSSA/OLoRA part rewrites its base layer's weight as the residual: it gets its own copy,
+            # so the shared base (the other parts' W0, and the base(x) subtracted) stays W0.
+            own = copy.deepcopy(layer) if settings.base_init is not None else layer
+            parts.append((weight, adapter.method.runtime_module(own, adapter.factors(module_name), settings)))
+        set_submodule(model, module_name, WeightedChange(layer, parts))
+    return model
+
+
+def attach_adapter(model: nn.Module, adapter: Adapter | WeightedAdapters | str | Path, *, dropout: float = 0.0,
                    allow_pickle: bool = False) -> nn.Module:
     """Replace every adapted layer of ``model`` by the method's runtime module, with the stored factors."""
+    if isinstance(adapter, WeightedAdapters):
+        return _attach_weighted(model, adapter)
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter, allow_pickle=allow_pickle)
     method, config = adapter.method, adapter.config

@@ -26,10 +26,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from d2merge.adapter_ops.combine import combine
+from d2merge.adapter_ops.mix import AdapterMix
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import open_base
 from d2merge.plan import build_plan
+from d2merge.options import MergeOptions
+from d2merge.runtime.attaching import WeightedAdapters
 from d2merge.runtime.loading import collecting_new_objects_only, load_fp32_model
 from d2merge.tasks import encode_choices, load_tokenizer, read_jsonl
 from d2merge.verify.columns import ExportedModel, MergedFolder, Unmerged, judge_column, open_exported, shown_column
@@ -83,12 +87,16 @@ def _original_base_column(base_ckpt: Any, adapter_obj: Adapter, options: VerifyO
 
 
 @collecting_new_objects_only()  # each model freed by verify's gc.collect() costs ms, not 0.2 s
-def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = None, *,
+def verify(base: str | Path, adapter: str | Path | AdapterMix, merged: str | Path | None = None, *,
            dtypes: str | Sequence[str] | None = None, mc_eval: str | Path | None = None,
            prompts: str | Path | None = None, thresholds: Mapping[str, float | None] | None = None,
            options: VerifyOptions | None = None, echo: Callable[[str], None] | None = None,
            report: str | Path | None = None, html: str | Path | None = None, **overrides: Any) -> VerifyReport:
     """Compare base + adapter (unmerged) with ``merged``, or with fresh merges in each of ``dtypes``.
+
+    ``adapter`` may be several adapters (``AdapterMix``): the reference is then every adapter
+    attached at once, each one's change weighted (``runtime.WeightedAdapters``), or, for a
+    ``--combination`` merge, combine's adapter attached (combined into a temp folder first).
 
     Without ``merged``, each dtype (default fp32) is merged into a temp folder, checked and
     deleted. ``thresholds`` overrides the per-dtype defaults (keys: Thresholds fields) for every
@@ -99,7 +107,6 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     """
     from d2merge.io.output import check_output_location
     from d2merge.io.transformers_folder import refuse_custom_code
-    from d2merge.merge import merge
 
     options = replace(options or VerifyOptions(), **overrides) if overrides else (options or VerifyOptions())
     say = echo or (lambda message: None)
@@ -114,7 +121,46 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     for folder in (base_ckpt.folder, merged_ckpt.folder if merged_ckpt is not None else None):
         if folder is not None:  # before any work: transformers loads both folders later
             refuse_custom_code(folder)
-    adapter_obj: Adapter = load_adapter(adapter, allow_pickle=options.allow_pickle)
+    several = adapter if isinstance(adapter, AdapterMix) else None
+    temp_adapter, combined_from = None, None
+    if several is not None and several.combination is not None:
+        # The reference of a --combination merge is combine's adapter attached at runtime: combined
+        # into a temp folder by the same per-module code the merge ran, then verified as one adapter.
+        temp_adapter = Path(tempfile.mkdtemp(prefix="d2merge-verify-combined-"))
+        say(f"combining {len(several.adapters)} adapters ({several.combination.combination}) into a temp adapter")
+        combined_from = several.load(allow_pickle=options.allow_pickle)
+        combine([a.path for a in combined_from], temp_adapter / "combined", several.weights, several.combination,
+                base=base_ckpt.location, allow_pickle=options.allow_pickle)
+        adapter, several = temp_adapter / "combined", None
+    try:
+        return _verify(base_ckpt, adapter, several, merged, merged_ckpt, exported, dtypes, mc_eval, prompts,
+                       thresholds, options, say, report_path, html_path, combined_from)
+    finally:
+        if temp_adapter is not None:
+            shutil.rmtree(temp_adapter, ignore_errors=True)
+
+
+def _verify(base_ckpt: Any, adapter: Any, several: AdapterMix | None, merged: Any, merged_ckpt: Any, exported: Any,
+            dtypes: Any, mc_eval: Any, prompts: Any, thresholds: Any, options: VerifyOptions,
+            say: Callable[[str], None], report_path: Path | None, html_path: Path | None,
+            combined_from: Sequence[Adapter] | None = None) -> VerifyReport:
+    """verify() once its inputs are open: the unmerged run, the columns, the report.
+
+    ``combined_from``: the adapters a temp ``adapter`` was combined from; the report names them
+    (and hashes their files), not the temp folder.
+    """
+    from d2merge.merge import merge
+
+    if several is not None:
+        if options.original_base is not None:
+            raise D2MergeError("--original-base compares one adapter's merges; it does not take several adapters",
+                               hint="verify each adapter alone with --original-base")
+        adapters = several.load(allow_pickle=options.allow_pickle)
+        adapter_obj: Adapter = adapters[0]
+        reference: Any = WeightedAdapters(adapters, several.weights)
+    else:
+        adapter_obj = load_adapter(adapter, allow_pickle=options.allow_pickle)
+        adapters, reference = (adapter_obj,), adapter_obj
     examples = read_jsonl(mc_eval) if mc_eval is not None else None
     column_names = parse_dtypes(dtypes or ("fp32",)) if merged is None else ()
     for dtype in column_names or ("fp32",):
@@ -150,7 +196,10 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
 
     # One plan: which tensors the adapter changes does not depend on the output dtype, and the
     # weight check recomputes merged tensors in fp64 and casts copies to the dtype stored.
-    merge_plan = build_plan(base_ckpt, adapter_obj, dtype="fp32", tied_embeddings=options.tied_embeddings)
+    merge_plan = (build_plan(base_ckpt, adapter_obj, dtype="fp32", tied_embeddings=options.tied_embeddings)
+                  if several is None else
+                  several.plan_on(base_ckpt, MergeOptions(dtype="fp32", tied_embeddings=options.tied_embeddings,
+                                                          allow_pickle=options.allow_pickle)))
     if merged_ckpt is not None:
         column_names = (stored_dtype(merge_plan, merged_ckpt),)
     from d2merge.device import ComputeDevice
@@ -164,7 +213,7 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
                                      budget=options.max_activation_memory << 20, say=say, load=load,
                                      allow_pickle=options.allow_pickle)
 
-    unmerged = Unmerged(base_ckpt, adapter_obj, probes, options, open_model, say, examples, tokenizer, encoded).run()
+    unmerged = Unmerged(base_ckpt, reference, probes, options, open_model, say, examples, tokenizer, encoded).run()
 
     def folder_column(dtype: str, folder: Path, shown: str | None) -> MergedFolder:
         checkpoint = open_base(folder, allow_pickle=options.allow_pickle)
@@ -188,7 +237,7 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
         try:
             for dtype in column_names:
                 say(f"merging into a temp folder ({dtype})")
-                folder = merge(base_ckpt, adapter_obj, temp_root / dtype, dtype=dtype, hash_sources=False,
+                folder = merge(base_ckpt, several or adapter_obj, temp_root / dtype, dtype=dtype, hash_sources=False,
                                tied_embeddings=options.tied_embeddings).output
                 results.append(judge_column(folder_column(dtype, folder, None), merge_plan,
                                             thresholds_for(dtype, thresholds), unmerged))
@@ -197,12 +246,15 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
             shutil.rmtree(temp_root, ignore_errors=True)
     if options.original_base is not None:
         results.append(_original_base_column(base_ckpt, adapter_obj, options, results, unmerged, folder_column, say))
-    result = VerifyReport(base=str(base_ckpt.location), adapter=str(adapter_obj.path), method=adapter_obj.method.name,
+    if combined_from is not None:
+        adapters = tuple(combined_from)
+    result = VerifyReport(base=str(base_ckpt.location), adapter=" + ".join(str(a.path) for a in adapters),
+                          method=" + ".join(a.method.name for a in adapters),
                           probes=probes.description, mc_eval=None if mc_eval is None else str(mc_eval),
                           options=options, results=results,
                           provenance=collect_provenance(base_ckpt.weight_files,
-                                                        [adapter_obj.path / "adapter_config.json",
-                                                         adapter_obj.weights_file],
+                                                        [f for a in adapters
+                                                         for f in (a.path / "adapter_config.json", a.weights_file)],
                                                         merged_ckpt.folder if merged_ckpt is not None else None))
     if report_path is not None:
         result.save(report_path)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -270,10 +270,9 @@ class StreamedModel:
                 round_parameter(name, param, set(self.rounding.rewritten), self.rounding.dtype,
                                 seed=self.rounding.seed)
         if self.adapter is not None:
-            from d2merge.runtime.attaching import attach_adapter
+            from d2merge.runtime.attaching import attach_adapter, restricted
 
-            part = replace(self.adapter, modules={k: v for k, v in self.adapter.modules.items() if inside(k)},
-                           replacements={k: v for k, v in self.adapter.replacements.items() if inside(k)})
+            part = restricted(self.adapter, inside)
             if part.modules or part.replacements:
                 attach_adapter(model, part)
 

@@ -49,6 +49,8 @@ def weight_error(stored: torch.Tensor, reference: torch.Tensor, terms: torch.Ten
 def reference_merge(merge_plan: MergePlan, item: TensorPlan
                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """The merged tensor recomputed in fp64 from base + adapter, the terms' magnitude, the method's report."""
+    if merge_plan.mix is not None:
+        return _reference_mix(merge_plan, item)
     adapter = merge_plan.adapter
     method, settings = adapter.method, item.settings
     assert settings is not None and item.module is not None
@@ -71,6 +73,23 @@ def reference_merge(merge_plan: MergePlan, item: TensorPlan
     terms = torch.maximum(terms, floor, out=terms) if terms.numel() else terms
     figures = method.report(w0.T if transposed else w0, factors, settings)
     return reference, terms, {k: float(v) for k, v in figures.items()}
+
+
+def _reference_mix(merge_plan: MergePlan, item: TensorPlan) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """A tensor several adapters change: the plan's own rule, in fp64, and the scale of its terms.
+
+    The fp32 merge rounds each adapter's merged tensor (at the scale of max(|W0|, |dW_i|)) and
+    adds w_i times its difference from W0, so its error is up to sum_i |w_i| roundings at that
+    scale: the terms are max(|W0|, |dW|, rms(dW)) times max(1, sum_i |w_i|).
+    """
+    assert merge_plan.mix is not None
+    w0 = merge_plan.base_weight(item).double()
+    reference = merge_plan.mix.merged_weight(item, w0, compute_dtype=torch.float64)
+    update = (reference - w0).abs_()
+    floor = torch.sqrt(torch.mean(update.square())) if update.numel() else torch.zeros((), dtype=update.dtype)
+    terms = torch.maximum(torch.maximum(update, w0.abs(), out=update), floor)
+    weight_sum = sum(abs(merge_plan.mix.weights[i]) for i in merge_plan.mix.contributors(item))
+    return reference, terms.mul_(max(1.0, weight_sum)), {}
 
 
 def check_weights(merge_plan: MergePlan, merged: BaseCheckpoint
