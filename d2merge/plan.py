@@ -28,7 +28,7 @@ from d2merge.methods import target_parameters
 from d2merge.methods.base import BIAS, PARAMETER, TOKENS
 from d2merge.methods.lora import LORA_BIAS
 from d2merge.natural_sort import natural_key
-from d2merge.options import TIED_POLICIES, MergeOptions
+from d2merge.options.merge import TIED_POLICIES, MergeOptions
 from d2merge.sizes import format_size, parse_size
 
 # "auto" keeps each base tensor's dtype; the others are d2merge.dtypes' table.

@@ -19,7 +19,7 @@ import torch
 
 from d2merge.adapter_ops import task_arithmetic as ta
 from d2merge.adapter_ops.factor import peft_svd_factors
-from d2merge.adapter_ops.options import CombineOptions
+from d2merge.options.adapter_ops import CombineOptions
 from d2merge.adapter_ops.updates import is_plain_lora, plan_updates, refuse_extras, update_of
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter

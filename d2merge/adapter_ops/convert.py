@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from d2merge.adapter_ops.factor import FactorReport, factor_update
-from d2merge.adapter_ops.options import ConvertOptions
+from d2merge.options.adapter_ops import ConvertOptions
 from d2merge.adapter_ops.updates import plan_updates, update_of
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter

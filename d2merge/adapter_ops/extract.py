@@ -24,7 +24,7 @@ import torch
 
 from d2merge.adapter_ops.convert import factor_table
 from d2merge.adapter_ops.factor import FactorReport, factor_update
-from d2merge.adapter_ops.options import ExtractOptions
+from d2merge.options.adapter_ops import ExtractOptions
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter_writer import LoraModule, check_adapter_output, lora_tensors, plain_lora_config, write_lora_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base

@@ -15,7 +15,7 @@ Each is judged against what one rounding to the output dtype costs with no merge
 stored dtype), so a column measures what storing the merge in that dtype costs, not the
 noise of low-precision arithmetic. :func:`verify` wires the pieces: probes (``probes``), the
 unmerged run once, then one column per MERGED through one code path (``columns``), and the
-report (``report``). The option model lives in the torch-free ``d2merge.verify_options``.
+report (``report``). The option model lives in the torch-free ``d2merge.options.verify``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from d2merge.verify.results import (DtypeResult, FlippedAnswer, LayerCheck, Limi
 from d2merge.verify.stats import binomial_tail, flips_vs_rounding, mcnemar_exact, paired_gap_interval
 from d2merge.verify.weights import check_weights, reference_merge, stored_dtype, weight_error
 # The option model and thresholds live in a torch-free module (the CLI's flags come from there).
-from d2merge.verify_options import DEFAULT_THRESHOLDS, Thresholds, VerifyOptions, option_help, threshold_defaults
+from d2merge.options.verify import DEFAULT_THRESHOLDS, Thresholds, VerifyOptions, threshold_defaults
 
 __all__ = [
     "ARITHMETIC_FLOOR_ABS", "ARITHMETIC_FLOOR_REL", "DEFAULT_THRESHOLDS", "DTYPE_LABELS", "PROBE_SENTENCES",
@@ -53,7 +53,7 @@ __all__ = [
     "MCResult", "Probes", "RoundingFloor", "Thresholds", "VerifyOptions", "VerifyReport", "WeightCheck",
     "apply_rounding", "binomial_tail", "check_eval_positions", "check_probe_positions", "check_weights",
     "compare_logits", "flips_vs_rounding", "format_gap_table", "format_report", "judge", "load_base_tokenizer",
-    "load_fp32_model", "mc_result", "mcnemar_exact", "method_summary", "open_exported", "option_help",
+    "load_fp32_model", "mc_result", "mcnemar_exact", "method_summary", "open_exported",
     "paired_gap_interval", "parse_dtypes", "probe_logits", "prompt_probes", "random_probes", "read_prompts",
     "reference_merge", "resolve_limits", "rounding_floor", "sentence_probes", "stored_dtype", "threshold_defaults",
     "thresholds_for", "top1_flips_p", "ulp", "verify", "weight_error",
