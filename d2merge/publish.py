@@ -15,6 +15,7 @@ from d2merge.export.formats import ExportOutcome, merge_as
 from d2merge.export.hf_folder import add_verify_table_to_card
 from d2merge.merge import MergeOptions
 from d2merge.options.merge import MergeRunOptions
+from d2merge.options.push import PushOptions
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ def merge_verify_push(base: Any, adapter: Any, out: str | Path, *, options: Merg
     # verify and the push work on a Hugging Face folder (d2merge.options.merge's rules, checked before any work)
     MergeRunOptions(format=output_format, verify=verify, push_to=None if push is None else push.repo_id,
                     require_verify=require_verify)
+    if push is not None:  # the push's own rules (--create-pr with a branch, ...) before the merge, not after it
+        PushOptions(private=push.private, revision=push.revision, create_pr=push.create_pr,
+                    commit_message=push.commit_message)
     verify = verify or require_verify
     if push is not None:
         from d2merge.hub import check_can_push

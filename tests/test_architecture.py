@@ -30,7 +30,7 @@ ALLOWED = {
     "d2merge.dtypes": (),
     "d2merge.sizes": ("d2merge.errors",),
     "d2merge.profile": (),
-    "d2merge.device": ("d2merge.errors",),
+    "d2merge.device": ("d2merge.errors", "d2merge.options"),
     "d2merge.natural_sort": (),
     "d2merge.console": (),
     "d2merge.output_names": ("d2merge.errors", "d2merge.io.output"),

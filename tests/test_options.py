@@ -134,3 +134,14 @@ def test_help_shows_what_the_metadata_says(cli_runner: Any) -> None:
     assert "--no-validate Skip the ONNX Runtime vs PyTorch comparison" in text
     merge_help = " ".join(cli_runner(["merge", "--help"]).out.split())
     assert "--base-model-id ORG/NAME" in merge_help and "--hash-sources / --no-hash-sources" in merge_help
+
+
+def test_an_option_error_crosses_a_process_boundary() -> None:
+    """merge-many's process workers and Ray send errors back pickled: the flags must survive the trip."""
+    import pickle
+
+    with pytest.raises(OptionError) as refused:
+        MergeRunOptions(format="hf", genai_precision="int4")
+    again = pickle.loads(pickle.dumps(refused.value))
+    assert (str(again), again.for_cli()) == (str(refused.value), refused.value.for_cli())
+    assert again.for_cli().startswith("--precision does nothing here")

@@ -27,6 +27,8 @@ SVD_HELP = ("full: the exact truncated SVD. randomized (with --rank): a randomiz
 
 
 SVD_COMBINATIONS = tuple(c for c in COMBINATIONS if c.endswith("svd"))
+_ENERGY_HINT = "e.g. {energy=0.99} keeps 99% of ||dW||^2"
+_RANK_HINT = "e.g. {rank=16}"
 _ENERGY_HELP = "Instead of --rank: per module the least rank keeping this fraction of ||dW||_F^2, in (0, 1]."
 
 
@@ -56,11 +58,15 @@ class CombineOptions(OptionModel):
                                    "updates and factor them by a truncated SVD. DoRA, D2-LoRA, Dual LoRA inputs take an "
                                    "*svd type and --base.")
     density: float | None = option(None, min=0, max=1, applies_with=when("combination", *WITH_DENSITY),
+                                   range_hint="0 prunes every value, 1 keeps every value",
                                    help="Fraction of values kept by ties/dare/magnitude_prune types, in [0, 1] "
                                         "(required by them).")
     svd_rank: int | None = option(None, min=1, applies_with=when("combination", *SVD_COMBINATIONS),
+                                  range_hint="e.g. {svd_rank=16}",
                                   help="Rank of the *svd types' output [default: the largest input rank, as PEFT].")
     svd_clamp: float | None = option(None, min=0, max=1, applies_with=when("combination", *SVD_COMBINATIONS),
+                                     range_hint="a quantile: e.g. {svd_clamp=0.99} clamps the factors at their 99th "
+                                                "percentile",
                                      help="*svd types: clamp the factors' values to this quantile of their magnitudes "
                                           "(PEFT's svd_clamp).")
     majority_sign_method: str = option("total", choices=SIGN_METHODS, applies_with=when("combination", *WITH_SIGN),
@@ -85,9 +91,9 @@ class ConvertOptions(_SvdRank):
     to: str = option("lora", choices=CONVERT_TARGETS,
                      help="lora: a plain PEFT LoRA folder (what vLLM, TGI and PEFT load); gguf-lora: llama.cpp's "
                           "LoRA adapter GGUF.")
-    rank: int | None = option(None, min=1, help="Largest rank per module [default: the update's own numerical rank: "
+    rank: int | None = option(None, min=1, range_hint=_RANK_HINT, help="Largest rank per module [default: the update's own numerical rank: "
                                                 "exact to fp32 rounding].")
-    energy: float | None = option(None, min=0, min_open=True, max=1, help=_ENERGY_HELP)
+    energy: float | None = option(None, min=0, min_open=True, max=1, range_hint=_ENERGY_HINT, help=_ENERGY_HELP)
     svd: str = option("full", choices=SVD_KINDS, help=SVD_HELP)
     overwrite: bool = option(False, help="Replace an existing output (only once the new one is complete).")
 
@@ -98,9 +104,9 @@ class ExtractOptions(_SvdRank):
 
     what: ClassVar[str] = "extract option"
 
-    rank: int | None = option(None, min=1, help="Rank of every module's truncated SVD (capped by the module's own "
+    rank: int | None = option(None, min=1, range_hint=_RANK_HINT, help="Rank of every module's truncated SVD (capped by the module's own "
                                                 "update rank).")
-    energy: float | None = option(None, min=0, min_open=True, max=1, help=_ENERGY_HELP)
+    energy: float | None = option(None, min=0, min_open=True, max=1, range_hint=_ENERGY_HINT, help=_ENERGY_HELP)
     svd: str = option("full", choices=SVD_KINDS, help=SVD_HELP)
     device: str = option("cpu", choices=DEVICES,
                          help="Where the SVDs run (cpu or cuda); files are read and written on the CPU.")

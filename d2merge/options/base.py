@@ -44,20 +44,21 @@ def when(name: str, *values: Any) -> When:
 
 def option(default: Any = MISSING, *, help: str, flag: str | None = None, choices: Iterable[Any] | None = None,
            min: float | None = None, max: float | None = None, min_open: bool = False,
-           applies_with: When | tuple[When, ...] = (), context_hint: str | None = None, metavar: str | None = None,
-           default_help: str | None = None, cli: bool = True) -> Any:
+           applies_with: When | tuple[When, ...] = (), context_hint: str | None = None, range_hint: str | None = None,
+           metavar: str | None = None, default_help: str | None = None, cli: bool = True) -> Any:
     """A dataclass field with the metadata every consumer reads (the CLI, the checks, the docs).
 
     ``flag``: the command-line flag [default: ``--`` + the name with dashes]. ``min``/``max``: an
     inclusive range (``min_open``: the lower bound excluded). ``applies_with``: the conditions under
     which the option does anything; given otherwise it is refused, never ignored. ``context_hint``:
-    what to do instead, with ``{name}`` placeholders. ``default_help``: the ``[default: ...]`` text
+    what to do instead, with ``{name}`` placeholders; ``range_hint`` what a value outside the range should
+    be instead (the bounds themselves without it). ``default_help``: the ``[default: ...]`` text
     where the default is None and means something. ``cli=False``: no flag (a library-only setting).
     """
     conditions = (applies_with,) if isinstance(applies_with, When) else tuple(applies_with)
     metadata = {"help": help, "flag": flag, "choices": None if choices is None else tuple(choices),
                 "min": min, "max": max, "min_open": min_open, "applies_with": conditions,
-                "context_hint": context_hint, "metavar": metavar, "default_help": default_help, "cli": cli}
+                "context_hint": context_hint, "range_hint": range_hint, "metavar": metavar, "default_help": default_help, "cli": cli}
     return field(default=default, metadata=metadata)
 
 
@@ -74,12 +75,12 @@ class OptionError(D2MergeError):
     """
 
     def __init__(self, template: str, *, values: Mapping[str, Any], flags: Mapping[str, str],
-                 hint: str | None = None):
+                 hint: str | None = None, path: object | None = None, tensor: str | None = None):
         self.template = template
         self.hint_template = hint
         self.values = dict(values)
         self.flags = dict(flags)
-        super().__init__(self._render(template, cli=False),
+        super().__init__(self._render(template, cli=False), path=path, tensor=tensor,
                          hint=None if hint is None else self._render(hint, cli=False))
 
     def _render(self, text: str, *, cli: bool) -> str:
@@ -101,11 +102,19 @@ class OptionError(D2MergeError):
 
         return _PLACEHOLDER.sub(one, text)
 
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries (merge-many --parallel process, Ray)
+        return (_rebuild, (self.template, self.values, self.flags, self.hint_template, self.path, self.tensor))
+
     def for_cli(self) -> str:
         """The same one line with the command line's flags instead of the options' names."""
         return D2MergeError(self._render(self.template, cli=True), path=self.path, tensor=self.tensor,
                             hint=None if self.hint_template is None else self._render(self.hint_template, cli=True)
                             ).args[0]
+
+
+def _rebuild(template: str, values: dict[str, Any], flags: dict[str, str], hint: str | None, path: str | None,
+             tensor: str | None) -> OptionError:
+    return OptionError(template, values=values, flags=flags, hint=hint, path=path, tensor=tensor)
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,15 @@ def _literal(text: str) -> Any:
             return float(text)
         except ValueError:
             return text
+
+
+def option_error(template: str, *, hint: str | None = None, path: object | None = None, tensor: str | None = None,
+                 model: type[OptionModel] | None = None, **values: Any) -> OptionError:
+    """An :class:`OptionError` raised outside a model (a rule found while the work runs: a rank above a
+    module's size). ``{name}`` placeholders name options; ``model`` gives flags that are not
+    ``--`` + the name (``genai_precision`` is ``--precision``)."""
+    return OptionError(template, values=values, flags={} if model is None else model.flags(), hint=hint, path=path,
+                       tensor=tensor)
 
 
 def _python_value(value: Any) -> str:
@@ -157,9 +175,11 @@ class OptionModel:
     def values(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def error(self, template: str, *, hint: str | None = None) -> OptionError:
-        """An :class:`OptionError` whose ``{name}`` placeholders are this model's options."""
-        return OptionError(template, values=self.values(), flags=type(self).flags(), hint=hint)
+    def error(self, template: str, *, hint: str | None = None, path: object | None = None,
+              tensor: str | None = None) -> OptionError:
+        """An :class:`OptionError` whose ``{name}`` placeholders are this model's options (with their values)."""
+        return OptionError(template, values=self.values(), flags=type(self).flags(), hint=hint, path=path,
+                           tensor=tensor)
 
     def with_overrides(self: Model, **overrides: Any) -> Model:
         """These options with some fields changed; an unknown name is a TypeError, as for a function."""
@@ -203,18 +223,21 @@ def check_value(model: type[OptionModel], f: Field[Any], value: Any) -> None:
     low, high = f.metadata.get("min"), f.metadata.get("max")
     if low is None and high is None or isinstance(value, bool):
         return
+    open_low = bool(f.metadata.get("min_open"))
+    if high is None:
+        bounds = f"{'above' if open_low else 'at least'} {low:g}"
+    else:
+        bounds = f"{'(' if open_low else '['}{'-inf' if low is None else format(low, 'g')}, {high:g}]"
+    hint = f.metadata.get("range_hint")  # the bounds are in the message; a hint only where it adds something
     if isinstance(value, float) and math.isnan(value):
-        raise OptionError(f"{{{f.name}}} is NaN", values={f.name: value}, flags=flags)
-    if low is not None and (value <= low if f.metadata.get("min_open") else value < low):
-        if high is not None:
-            raise OptionError(f"{{{f.name}=}} is outside {'(' if f.metadata.get('min_open') else '['}"
-                              f"{low:g}, {high:g}]", values={f.name: value}, flags=flags)
-        above = "above" if f.metadata.get("min_open") else "at least"
-        raise OptionError(f"{{{f.name}}} must be {above} {low:g}, got {_cli_value(value)}", values={f.name: value},
-                          flags=flags)
-    if high is not None and value > high:
-        raise OptionError(f"{{{f.name}=}} is outside [{'-inf' if low is None else format(low, 'g')}, {high:g}]",
-                          values={f.name: value}, flags=flags)
+        raise OptionError(f"{{{f.name}}} is NaN", values={f.name: value}, flags=flags, hint=hint)
+    below = low is not None and (value <= low if open_low else value < low)
+    if not below and (high is None or value <= high):
+        return
+    if high is None:
+        raise OptionError(f"{{{f.name}}} must be {bounds}, got {_cli_value(value)}", values={f.name: value},
+                          flags=flags, hint=hint)
+    raise OptionError(f"{{{f.name}=}} is outside {bounds}", values={f.name: value}, flags=flags, hint=hint)
 
 
 def context_of(f: Field[Any]) -> tuple[When, ...]:

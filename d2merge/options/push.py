@@ -37,6 +37,13 @@ class PushOptions(OptionModel):
                                default_help="HF_TOKEN, else the `hf auth login` cache; prefer those, a --token is "
                                             "visible in the process list")
 
+    def validate(self) -> None:
+        if self.create_pr and self.revision not in (None, "main"):
+            raise self.error("{create_pr} opens a pull request against main, so it cannot be combined with {revision=}",
+                             hint="drop one of them; to add commits to an open pull request use {revision=refs/pr/N}")
+        if self.commit_message is not None and not self.commit_message.strip():
+            raise self.error("the commit message is empty", hint="pass a non-empty {commit_message}")
+
     def __repr__(self) -> str:  # never print a token
         return (f"PushOptions(private={self.private}, revision={self.revision!r}, create_pr={self.create_pr}, "
                 f"commit_message={self.commit_message!r}, token={'***' if self.token else None})")

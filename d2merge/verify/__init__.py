@@ -26,7 +26,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import open_base
 from d2merge.plan import build_plan
@@ -45,6 +44,7 @@ from d2merge.verify.results import (DtypeResult, FlippedAnswer, LayerCheck, Limi
 from d2merge.verify.stats import binomial_tail, flips_vs_rounding, mcnemar_exact, paired_gap_interval
 from d2merge.verify.weights import check_weights, reference_merge, stored_dtype, weight_error
 # The option model and thresholds live in a torch-free module (the CLI's flags come from there).
+from d2merge.options.base import option_error
 from d2merge.options.verify import DEFAULT_THRESHOLDS, Thresholds, VerifyOptions, threshold_defaults
 
 __all__ = [
@@ -66,9 +66,9 @@ def _original_base_column(base_ckpt: Any, adapter_obj: Adapter, options: VerifyO
     from d2merge.merge import merge
 
     if base_ckpt.quantization is None:
-        raise D2MergeError("--original-base needs a quantized BASE (the model the adapter was trained on)",
-                           path=base_ckpt.location, hint="pass the bitsandbytes/FP8 base as BASE and its 16-bit "
-                                                         "original as --original-base")
+        raise options.error("{original_base} needs a quantized BASE (the model the adapter was trained on)",
+                            path=base_ckpt.location, hint="pass the bitsandbytes/FP8 base as BASE and its 16-bit "
+                                                          "original as {original_base}")
     original = open_base(options.original_base, allow_pickle=options.allow_pickle)
     dtype = next((r.dtype for r in results if r.dtype in VERIFY_DTYPES), "bf16")
     temp_root = Path(tempfile.mkdtemp(prefix="d2merge-verify-original-"))
@@ -104,8 +104,8 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
     options = replace(options or VerifyOptions(), **overrides) if overrides else (options or VerifyOptions())
     say = echo or (lambda message: None)
     if merged is not None and dtypes is not None:
-        raise D2MergeError("--dtypes merges on the fly; it cannot be combined with a MERGED folder",
-                           hint="drop MERGED to compare fresh merges per dtype, or drop --dtypes")
+        raise option_error("{dtypes} merges on the fly; it cannot be combined with a MERGED folder",
+                           hint="drop MERGED to compare fresh merges per dtype, or drop {dtypes}")
     report_path = check_output_location(Path(report), (), overwrite=True, is_file=True) if report else None
     html_path = check_output_location(Path(html), (), overwrite=True, is_file=True) if html else None
     base_ckpt = open_base(base, allow_pickle=options.allow_pickle)
@@ -133,16 +133,16 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
         probes = sentence_probes(tokenizer, max_length=options.probe_length)
     else:
         if vocab_size < 1:
-            raise D2MergeError("the base's config.json has no vocab_size for random probes", path=base_ckpt.location,
-                               hint="pass --prompts FILE")
+            raise option_error("the base's config.json has no vocab_size for random probes", path=base_ckpt.location,
+                               hint="pass {prompts=FILE}")
         probes = random_probes(vocab_size, count=options.num_probes, length=options.probe_length, seed=options.seed)
     check_probe_positions(base_ckpt.config, probes, location=base_ckpt.location)
     if exported is not None and exported.floor_dtype is None and probes.description["source"] == "random":
         # On random tokens a model's predictions are flat and near-tied: what a quantized file does to
         # them says little about what users see, so its gates are set and judged on real text.
-        raise D2MergeError(f"{exported.label} is quantized and judged on real text, not random tokens",
-                           path=merged, hint="pass --prompts FILE, or use a base with a tokenizer and "
-                                             "--probe-source auto/sentences")
+        raise options.error(f"{exported.label} is quantized and judged on real text, not random tokens",
+                            path=merged, hint="pass {prompts=FILE}, or use a base with a tokenizer and "
+                                              "{probe_source=auto|sentences}")
     encoded = None
     if examples is not None:
         encoded = encode_choices(tokenizer, examples)
