@@ -145,3 +145,24 @@ def test_an_option_error_crosses_a_process_boundary() -> None:
     again = pickle.loads(pickle.dumps(refused.value))
     assert (str(again), again.for_cli()) == (str(refused.value), refused.value.for_cli())
     assert again.for_cli().startswith("--precision does nothing here")
+
+
+def test_merge_many_and_verify_take_merges_choices_not_copies() -> None:
+    def meta(model: type[OptionModel], name: str) -> Any:
+        f = next(f for f in dataclasses.fields(model) if f.name == name)
+        return f.default, f.metadata["choices"]
+
+    for name in ("dtype", "tied_embeddings", "device"):
+        assert meta(ManyOptions, name) == meta(MergeOptions, name)
+    assert meta(VerifyOptions, "device") == meta(ExtractOptions, "device") == meta(MergeOptions, "device")
+    with pytest.raises(OptionError, match="invalid dtype='int8'"):
+        ManyOptions(dtype="int8")
+
+
+def test_every_flag_of_every_command_has_help() -> None:
+    from d2merge.cli import cli
+
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert getattr(param, "help", None), f"d2merge {name} {param.opts[0]} has no help"

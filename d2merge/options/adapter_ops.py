@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from d2merge.options.base import OptionModel, option, when
-from d2merge.options.merge import DEVICES
+from d2merge.options.base import OptionModel, option, option_like, when
+from d2merge.options.merge import MergeOptions
 
 # Kept here (torch-free) for the CLI's choices; d2merge.adapter_ops.task_arithmetic holds the math.
 COMBINATIONS = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
@@ -108,8 +108,8 @@ class ExtractOptions(_SvdRank):
                                                 "update rank).")
     energy: float | None = option(None, min=0, min_open=True, max=1, range_hint=_ENERGY_HINT, help=_ENERGY_HELP)
     svd: str = option("full", choices=SVD_KINDS, help=SVD_HELP)
-    device: str = option("cpu", choices=DEVICES,
-                         help="Where the SVDs run (cpu or cuda); files are read and written on the CPU.")
+    device: str = option_like(MergeOptions, "device",
+                              help="Where the SVDs run (cpu or cuda); files are read and written on the CPU.")
     skip_other_changes: bool = option(False, help="Leave out (and list) changed tensors a LoRA cannot carry (norms, "
                                                   "biases) instead of refusing.")
     overwrite: bool = option(False, help="Replace an existing output folder (only once the new one is complete).")

@@ -62,6 +62,15 @@ def option(default: Any = MISSING, *, help: str, flag: str | None = None, choice
     return field(default=default, metadata=metadata)
 
 
+def option_like(model: type[OptionModel], name: str, **changes: Any) -> Any:
+    """Another model's option (its default, choices, range, flag), with some metadata changed:
+    merge-many's ``dtype`` is merge's, with its own help. One declaration of the choices, not two."""
+    f = next(f for f in fields(model) if f.name == name)
+    metadata = {**f.metadata, **{k: v for k, v in changes.items() if k != "default"}}
+    metadata["applies_with"] = tuple(metadata.get("applies_with") or ())
+    return field(default=changes.get("default", f.default), metadata=metadata)
+
+
 def flag_for(f: Field[Any]) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from d2merge.options.base import OptionModel, option
-from d2merge.options.merge import DEVICES, OUT_DTYPE_NAMES, TIED_POLICIES
+from d2merge.options.base import OptionModel, option, option_like
+from d2merge.options.merge import MergeOptions
 from d2merge.sizes import parse_size
 
 # Formats one pass over the base can write; the exporters that convert a merged folder
@@ -30,14 +30,16 @@ class ManyOptions(OptionModel):
 
     what: ClassVar[str] = "merge-many option"
 
-    dtype: str = option("auto", choices=OUT_DTYPE_NAMES,
-                        help="Default output dtype of the jobs (a job's own 'dtype' wins).")
+    # merge's options (choices, defaults) with the help of a default for every job
+    dtype: str = option_like(MergeOptions, "dtype", help="Default output dtype of the jobs (a job's own 'dtype' "
+                                                         "wins).")
     format: str = option("hf", choices=MANY_FORMATS,
                          help="Default output format of the jobs: hf folder or one .safetensors file.")
-    max_shard_size: str = option("5GB", help="Default largest output shard, e.g. 5GB, 2GiB.")
-    tied_embeddings: str = option("untie", choices=TIED_POLICIES,
-                                  help="Default policy when an adapter changes a tied embedding/lm_head (see "
-                                       "`d2merge merge`).")
+    max_shard_size: str = option_like(MergeOptions, "max_shard_size",
+                                      help="Default largest output shard, e.g. 5GB, 2GiB.")
+    tied_embeddings: str = option_like(MergeOptions, "tied_embeddings",
+                                       help="Default policy when an adapter changes a tied embedding/lm_head (see "
+                                            "`d2merge merge`).")
     verify: bool = option(False, help="Verify every job after merging (default thresholds unless the job sets its "
                                       "own); exit 1 on drift.")
     keep_going: bool = option(False, help="Run the jobs that can run when others cannot be planned (the bad ones are "
@@ -45,8 +47,7 @@ class ManyOptions(OptionModel):
     overwrite: bool = option(False, help="Replace an existing output whose provenance does not match (only once the new "
                                          "one is complete). Complete outputs with matching provenance are always "
                                          "skipped.")
-    allow_pickle: bool = option(False, help="Allow .bin (pickle) weights; loaded with weights_only=True. Only for "
-                                            "files you trust.")
+    allow_pickle: bool = option_like(MergeOptions, "allow_pickle")
     workers: int = option(1, min=1, help="Jobs computed in parallel on this machine (see --parallel).")
     parallel: str = option("thread", choices=PARALLEL_KINDS,
                            help="thread: one pass over the base, jobs of each tensor computed on WORKERS threads; "
@@ -57,7 +58,7 @@ class ManyOptions(OptionModel):
     max_inflight: str = option("256MB", help="Cap on the memory a pass holds for tensors read and computed but not yet "
                                              "written, e.g. 512MB, 2GiB (one step may exceed it when a single tensor "
                                              "is larger).")
-    device: str = option("cpu", choices=DEVICES, help="Where the fp32 math runs (cpu or cuda).")
+    device: str = option_like(MergeOptions, "device", help="Where the fp32 math runs (cpu or cuda).")
     html: str | None = option(None, help="Also write the run as one self-contained HTML page there; each verified "
                                          "job's verify page goes beside it, in <page name>-verify/<job>.html, linked "
                                          "from its row.")

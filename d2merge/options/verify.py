@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from d2merge.options.base import OptionModel, option
-from d2merge.options.merge import DEVICES, TIED_POLICIES
+from d2merge.options.base import OptionModel, option, option_like
+from d2merge.options.merge import MergeOptions
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ class VerifyOptions(OptionModel):
     mc_score: str = option("sum", choices=("sum", "mean"),
                            help="How a choice is scored: summed or per-token mean log-likelihood of its tokens.")
     batch_size: int = option(8, min=1, help="Sequences per forward pass.")
-    tied_embeddings: str = option("untie", choices=TIED_POLICIES,
-                                  help="The --tied-embeddings policy the merge used (needed to recompute it).")
+    tied_embeddings: str = option_like(MergeOptions, "tied_embeddings",
+                                       help="The --tied-embeddings policy the merge used (needed to recompute it).")
     original_base: str | None = option(None,
                                        help="With a quantized BASE (QLoRA): also merge the adapter into this 16-bit "
                                             "original and show, in one more column that is never judged, how far that "
@@ -92,8 +92,8 @@ class VerifyOptions(OptionModel):
     max_activation_memory: int = option(1024, min=1,
                                         help="MiB of hidden states kept between decoder blocks (models run one block "
                                              "at a time); inputs beyond it run in further passes over the weights.")
-    device: str = option("cpu", choices=DEVICES,
-                         help="Where the blocks run: cpu, or cuda (one block of GPU memory at a time).")
+    device: str = option_like(MergeOptions, "device",
+                              help="Where the blocks run: cpu, or cuda (one block of GPU memory at a time).")
 
 
 @dataclass(frozen=True)
