@@ -40,7 +40,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from d2merge.adapter_ops.convert import convert_to_lora
-    from d2merge.adapter_ops.options import ConvertOptions
+    from d2merge.options.adapter_ops import ConvertOptions
     from d2merge.english_task import split
     from d2merge.runtime import load_unmerged
     from d2merge.train import train_adapter

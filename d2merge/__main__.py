@@ -2,6 +2,6 @@
 
 import sys
 
-from d2merge.cli import run
+from d2merge.cli.app import run
 
 sys.exit(run())

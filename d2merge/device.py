@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from d2merge.errors import D2MergeError
+from d2merge.options.base import option_error
 
 
 def _no_wait() -> None:
@@ -48,14 +48,14 @@ class ComputeDevice:
         try:
             self.torch_device = torch.device(name)
         except RuntimeError:
-            raise D2MergeError(f"unknown device {name!r}", hint="use --device cpu or --device cuda") from None
+            raise option_error("unknown {device=}", hint="use {device=cpu} or {device=cuda}", device=name) from None
         self.type = self.torch_device.type
         if self.type not in ("cpu", "cuda"):
-            raise D2MergeError(f"unsupported device {name!r}", hint="use --device cpu or --device cuda")
+            raise option_error("unsupported {device=}", hint="use {device=cpu} or {device=cuda}", device=name)
         if self.type == "cuda":
             if not torch.cuda.is_available():
-                raise D2MergeError("--device cuda was asked for but no CUDA device is available",
-                                   hint="use --device cpu")
+                raise option_error("{device=cuda} was asked for but no CUDA device is available",
+                                   hint="use {device=cpu}")
             # True fp32 products, as on the CPU (TF32 would keep only 10 mantissa bits).
             torch.backends.cuda.matmul.allow_tf32 = False
             self._copy_stream = torch.cuda.Stream(self.torch_device)

@@ -29,6 +29,7 @@ from typing import Any
 from d2merge.version import __version__
 from d2merge.errors import D2MergeError
 from d2merge.io.output import WORK_MARKERS
+from d2merge.options.push import PushOptions
 from d2merge.sizes import format_size
 
 CONFIG_NAME = "config.json"
@@ -164,13 +165,9 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
     folder = _existing_folder(folder)
     _check_repo_id(repo_id)
     branch = revision or "main"
-    if create_pr and branch != "main":
-        raise D2MergeError(f"--create-pr opens a pull request against main, so it cannot be combined with "
-                           f"--revision {revision}",
-                           hint="drop one of them; to add commits to an open pull request use --revision refs/pr/N")
+    # --create-pr with a branch, an empty message: refused by the push options' own rules
+    PushOptions(private=private, revision=revision, create_pr=create_pr, commit_message=commit_message)
     message = commit_message if commit_message is not None else default_commit_message()
-    if not message.strip():
-        raise D2MergeError("the commit message is empty", hint="pass a non-empty --commit-message")
     check_folder_complete(folder)
     files = folder_files(folder)
     card_path = folder / MODEL_CARD_NAME

@@ -28,7 +28,8 @@ from d2merge.methods import target_parameters
 from d2merge.methods.base import BIAS, PARAMETER, TOKENS
 from d2merge.methods.lora import LORA_BIAS
 from d2merge.natural_sort import natural_key
-from d2merge.options import TIED_POLICIES, MergeOptions
+from d2merge.options.base import option_error
+from d2merge.options.merge import TIED_POLICIES, MergeOptions
 from d2merge.sizes import format_size, parse_size
 
 # "auto" keeps each base tensor's dtype; the others are d2merge.dtypes' table.
@@ -411,10 +412,10 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
                                hint="d2merge cannot tell how PEFT combined them; merge with PEFT's merge_and_unload")
         if changed:
             if tied_embeddings == "error":
-                raise D2MergeError(f"the adapter changes '{changed[0]}', which is tied to "
+                raise option_error(f"the adapter changes '{changed[0]}', which is tied to "
                                    f"'{head if changed[0] == emb else emb}' (tie_word_embeddings)",
                                    path=adapter.weights_file,
-                                   hint="choose --tied-embeddings untie (exact: writes both) or tie (shares the change)")
+                                   hint="choose {tied_embeddings=untie} (exact: writes both) or tie (shares the change)")
             if tied_embeddings == "untie":
                 if head not in infos:
                     outputs.insert(outputs.index(emb) + 1, head)
@@ -423,8 +424,8 @@ def build_plan(base: BaseCheckpoint | str | Path, adapter: Adapter | str | Path,
                              "and tie_word_embeddings is set to false (exact)")
             else:
                 if len(changed) == 2:
-                    raise D2MergeError(f"the adapter changes both '{emb}' and '{head}', which are tied",
-                                       path=adapter.weights_file, hint="use --tied-embeddings untie")
+                    raise option_error(f"the adapter changes both '{emb}' and '{head}', which are tied",
+                                       path=adapter.weights_file, hint="use {tied_embeddings=untie}")
                 if changed[0] == head:
                     # keep one shared tensor: move lm_head's change onto the stored embedding
                     if head in merges:

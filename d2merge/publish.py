@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from d2merge.errors import D2MergeError
 from d2merge.export.formats import ExportOutcome, merge_as
 from d2merge.export.hf_folder import add_verify_table_to_card
 from d2merge.merge import MergeOptions
+from d2merge.options.merge import MergeRunOptions
+from d2merge.options.push import PushOptions
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,13 @@ def merge_verify_push(base: Any, adapter: Any, out: str | Path, *, options: Merg
                       echo: Callable[[str], None] | None = None, **format_options: Any) -> PublishResult:
     """Merge into ``out``; verify it (``verify`` or ``require_verify``); push it when all went well."""
     say = echo or (lambda _msg: None)
+    # verify and the push work on a Hugging Face folder (d2merge.options.merge's rules, checked before any work)
+    MergeRunOptions(format=output_format, verify=verify, push_to=None if push is None else push.repo_id,
+                    require_verify=require_verify)
+    if push is not None:  # the push's own rules (--create-pr with a branch, ...) before the merge, not after it
+        PushOptions(private=push.private, revision=push.revision, create_pr=push.create_pr,
+                    commit_message=push.commit_message)
     verify = verify or require_verify
-    if (verify or push is not None) and output_format != "hf":
-        raise D2MergeError(f"--verify and --push-to work on a Hugging Face folder, not --format {output_format}",
-                           hint="merge with --format hf (the default)")
     if push is not None:
         from d2merge.hub import check_can_push
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from d2merge.adapter_ops.combine import combine
-from d2merge.adapter_ops.options import CombineOptions
+from d2merge.options.adapter_ops import CombineOptions
 from d2merge.errors import D2MergeError
 
 peft = pytest.importorskip("peft")
@@ -164,10 +164,10 @@ def test_peft_rules_are_one_line_refusals(names: list[str], weights: list[float]
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(combination="ties"), "needs --density"),
+    (dict(combination="ties"), "needs density"),  # the library names options, not flags
     (dict(combination="ties", density=1.5), "outside"),
     (dict(combination="linear", density=0.5), "does nothing"),
-    (dict(combination="linear", svd_rank=4), "do nothing"),
+    (dict(combination="linear", svd_rank=4), "svd_rank does nothing here"),
 ])
 def test_option_refusals(options: dict[str, Any], message: str) -> None:
     with pytest.raises(D2MergeError, match=message):

@@ -20,7 +20,7 @@ import torch
 from d2merge import merge
 from d2merge.adapter_ops.convert import convert_to_lora
 from d2merge.adapter_ops.extract import extract
-from d2merge.adapter_ops.options import ConvertOptions, ExtractOptions
+from d2merge.options.adapter_ops import ConvertOptions, ExtractOptions
 from d2merge.errors import D2MergeError
 
 peft = pytest.importorskip("peft")
@@ -202,7 +202,7 @@ def test_randomized_svd_reports_its_exact_error(tiny_bases: Any, read_tensors: A
         measured = float((update - b @ a).norm() / update.norm())
         assert measured == pytest.approx(row.relative_error, rel=1e-3, abs=1e-6)
         assert row.relative_error <= row_full.relative_error * 1.01 + 1e-6  # near-optimal on rank-3 + noise
-    with pytest.raises(D2MergeError, match="needs --rank"):
+    with pytest.raises(D2MergeError, match="needs rank"):
         ExtractOptions(energy=0.9, svd="randomized")
 
 

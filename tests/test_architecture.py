@@ -30,13 +30,14 @@ ALLOWED = {
     "d2merge.dtypes": (),
     "d2merge.sizes": ("d2merge.errors",),
     "d2merge.profile": (),
-    "d2merge.device": ("d2merge.errors",),
+    "d2merge.device": ("d2merge.errors", "d2merge.options"),
     "d2merge.natural_sort": (),
     "d2merge.console": (),
     "d2merge.output_names": ("d2merge.errors", "d2merge.io.output"),
     "d2merge.io.direct_io": ("d2merge.profile",),
     "d2merge.io.tensor_reader": ("d2merge.errors", "d2merge.io", "d2merge.profile"),
-    "d2merge.verify_options": ("d2merge.errors",),
+    # the option models: torch-free, below everything that takes options (the CLI's flags come from them).
+    "d2merge.options": ("d2merge.errors", "d2merge.sizes", "d2merge.dtypes", "d2merge.version", "d2merge.options"),
     # io reads and writes files: it knows the methods' adapter configs, and nothing of the runtime,
     # the plan, the engine, the formats or verify.
     "d2merge.io": ("d2merge.errors", "d2merge.lazy_names", "d2merge.profile", "d2merge.methods", "d2merge.io"),
@@ -59,10 +60,11 @@ ALLOWED = {
     # the formats: below d2merge.merge (which imports export.hf_folder), so none imports it back.
     "d2merge.export": ("d2merge.version", "d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.profile",
                        "d2merge.console", "d2merge.output_names",
-                       "d2merge.device", "d2merge.options", "d2merge.verify_options", "d2merge.io", "d2merge.plan",
+                       "d2merge.device", "d2merge.options", "d2merge.options.verify", "d2merge.io", "d2merge.plan",
                        "d2merge.engine", "d2merge.runtime", "d2merge.export"),
     # llama.cpp's LoRA GGUF is a format fed by an adapter conversion (adapter_ops), not by the engine.
-    "d2merge.export.gguf_lora": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.adapter_ops",
+    "d2merge.export.gguf_lora": ("d2merge.errors", "d2merge.options", "d2merge.io", "d2merge.methods",
+                                 "d2merge.adapter_ops",
                                  "d2merge.export.gguf", "d2merge.console"),
     "d2merge.export.model_card": ("d2merge.version",),
     "d2merge.export.hf_folder": ("d2merge.errors", "d2merge.device", "d2merge.profile", "d2merge.options",
@@ -71,9 +73,9 @@ ALLOWED = {
     # verify: pure records and arithmetic at the bottom, the one column code path above them,
     # the thin orchestration (the package itself) on top.
     "d2merge.verify.stats": (),
-    "d2merge.verify.results": ("d2merge.verify_options",),
+    "d2merge.verify.results": ("d2merge.options.verify",),
     "d2merge.verify.probes": ("d2merge.errors", "d2merge.io", "d2merge.tasks"),
-    "d2merge.verify.limits": ("d2merge.errors", "d2merge.dtypes", "d2merge.verify_options", "d2merge.verify.probes",
+    "d2merge.verify.limits": ("d2merge.errors", "d2merge.dtypes", "d2merge.options.verify", "d2merge.verify.probes",
                               "d2merge.verify.results", "d2merge.verify.stats"),
     "d2merge.forward": ("d2merge.console",),
     "d2merge.verify.streamed": ("d2merge.console", "d2merge.device", "d2merge.forward", "d2merge.io",
@@ -82,17 +84,16 @@ ALLOWED = {
                                "d2merge.verify.stats"),
     "d2merge.verify.weights": ("d2merge.errors", "d2merge.io", "d2merge.plan", "d2merge.engine",
                                "d2merge.verify.limits", "d2merge.verify.results"),
-    "d2merge.verify.report": ("d2merge.version", "d2merge.io", "d2merge.export.model_card", "d2merge.verify_options",
+    "d2merge.verify.report": ("d2merge.version", "d2merge.io", "d2merge.export.model_card", "d2merge.options.verify",
                               "d2merge.verify.results"),
     "d2merge.verify.columns": ("d2merge.forward", "d2merge.io", "d2merge.plan", "d2merge.tasks", "d2merge.runtime",
-                               "d2merge.export.gguf", "d2merge.export.onnx_genai", "d2merge.verify_options",
+                               "d2merge.export.gguf", "d2merge.export.onnx_genai", "d2merge.options.verify",
                                "d2merge.verify.compare", "d2merge.verify.limits", "d2merge.verify.probes",
                                "d2merge.verify.results", "d2merge.verify.streamed", "d2merge.verify.weights"),
     # merge-many: its options stay torch-free (the CLI's flags); the run never imports the CLI or publish.
     "d2merge.many": ("d2merge.errors", "d2merge.sizes", "d2merge.profile", "d2merge.options", "d2merge.io",
-                     "d2merge.plan", "d2merge.engine", "d2merge.export", "d2merge.verify", "d2merge.verify_options",
+                     "d2merge.plan", "d2merge.engine", "d2merge.export", "d2merge.verify", "d2merge.options.verify",
                      "d2merge.reports", "d2merge.many"),
-    "d2merge.many.options": ("d2merge.errors", "d2merge.sizes"),
     # the HTML pages: the machinery writes through io.output; a page reads its report's records
     # (verify.report, bench, many.run for type checking only: none of them imports a page back).
     "d2merge.reports.html": ("d2merge.io.output",),
@@ -291,7 +292,8 @@ def test_the_engine_knows_nothing_of_exporters():
 
 
 def test_nothing_imports_the_cli():
-    found = sorted(name for name in MODULES if name != "d2merge.__main__" and "d2merge.cli" in imports_of(name))
+    found = sorted(name for name in MODULES if name != "d2merge.__main__" and not within(name, ("d2merge.cli",))
+                   and any(within(m, ("d2merge.cli",)) for m in imports_of(name)))
     assert not found, f"the CLI is the top layer; imported by {', '.join(found)}"
 
 
@@ -304,6 +306,17 @@ def test_every_module_is_in_the_architecture_table():
         folder = path.parent.relative_to(ROOT).as_posix() + "/"
         assert f"`{rel}`" in table or path.name in table or (folder in table and path.parent.name == "methods"), (
             f"docs/architecture.md does not say what {rel} owns")
+
+
+def test_the_option_models_and_the_cli_load_no_torch():
+    """Every option model and every command module import without torch: `d2merge --help` and a refused
+    flag answer before any heavy import."""
+    names = sorted(n for n in MODULES if within(n, ("d2merge.options", "d2merge.cli")) and n != "d2merge.cli.__main__")
+    code = (f"import sys, importlib\nfor n in {names!r}: importlib.import_module(n)\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'numpy', 'safetensors') if m in sys.modules)\n"
+            "assert not heavy, heavy")
+    done = run_python(["-c", code], timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_the_html_pages_load_no_torch():

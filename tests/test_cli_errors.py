@@ -242,12 +242,12 @@ def test_subprocess_error_has_no_traceback(name: str, env: Env) -> None:
 
 def test_a_bug_in_d2merge_has_its_own_exit_code(env: Env, cli_runner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Exit 2 means bad input; an internal error exits 3 with one line asking for a --debug report (issue 10)."""
-    import d2merge.cli
+    import d2merge.cli.merge
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(d2merge.cli, "plan_merge", broken)
+    monkeypatch.setattr(d2merge.cli.merge, "plan_merge", broken)
     case = existing_output(env)
     for debug in ([], ["--debug"]):
         result = cli_runner([*debug, *case.argv, "--dry-run"])

@@ -169,7 +169,7 @@ def test_readme_times_are_noted_and_not_older_than_their_code():
 
 
 def test_demo_figures_are_the_same_in_readme_and_demo_help():
-    from d2merge.cli import DEMO_HELP
+    from d2merge.cli.demo import DEMO_HELP
     from d2merge.demo_figures import MEASURED
 
     readme = (ROOT / "README.md").read_text()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from d2merge import merge
-from d2merge.adapter_ops.options import ConvertOptions
+from d2merge.options.adapter_ops import ConvertOptions
 from d2merge.errors import D2MergeError
 from d2merge.export.gguf import permute_for_llama_cpp
 from d2merge.export.gguf_lora import convert_to_gguf_lora

@@ -22,7 +22,7 @@ from d2merge.reports.verify_page import verify_page, write_verify_page
 from d2merge.verify.report import VerifyReport
 from d2merge.verify.results import (ABS_DIFF_EDGES, DtypeResult, FlippedAnswer, LayerCheck, Limits, LogitStats,
                                     MCResult, RoundingFloor)
-from d2merge.verify_options import DEFAULT_THRESHOLDS, VerifyOptions
+from d2merge.options.verify import DEFAULT_THRESHOLDS, VerifyOptions
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -17,7 +17,7 @@ import torch
 from d2merge import merge
 from d2merge.adapter_ops.combine import combine
 from d2merge.adapter_ops.mix import AdapterMix
-from d2merge.adapter_ops.options import CombineOptions
+from d2merge.options.adapter_ops import CombineOptions
 from d2merge.errors import D2MergeError
 from helpers import assert_one_line_error
 

@@ -110,7 +110,7 @@ def test_int4_options_reach_the_graph(wide_base, tmp_path: Path, cli_runner) -> 
     bits = {n.name: a["bits"] for n, a in zip(nodes, attrs)}
     assert [name for name, b in bits.items() if b == 8] == [n for n in bits if "lm_head" in n]  # rtn_last
     refused = cli_runner(["export-onnx", wide_base("llama"), "-o", tmp_path / "x", "--int4-block-size", "64"])
-    assert refused.code == 2 and "--int4-* options are for --runtime genai" in refused.err
+    assert refused.code == 2 and "--int4-block-size does nothing here: it applies only with --runtime genai and --precision int4" in refused.err
     with pytest.raises(D2MergeError, match="int4 settings apply to precision int4"):
         export_genai(wide_base("llama"), tmp_path / "y", precision="fp16", int4=Int4Options())
     with pytest.raises(D2MergeError, match="block size 48"):

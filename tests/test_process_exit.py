@@ -20,7 +20,7 @@ from helpers import checkout_env
 # modules down (its __del__ runs when __main__'s globals are cleared).
 DRIVER = """
 import atexit, os, sys
-import d2merge.cli as cli
+import d2merge.cli.app as cli
 
 class Teardown:
     def __del__(self):

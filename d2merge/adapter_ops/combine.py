@@ -20,7 +20,8 @@ import torch
 
 from d2merge.adapter_ops import task_arithmetic as ta
 from d2merge.adapter_ops.factor import peft_svd_factors
-from d2merge.adapter_ops.options import CombineOptions
+from d2merge.options.adapter_ops import CombineOptions
+from d2merge.options.base import option_error
 from d2merge.adapter_ops.updates import is_plain_lora, plan_updates, refuse_extras, update_of
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
@@ -83,11 +84,11 @@ def check_weights_and_bases(adapters: Sequence[Adapter], weights: Sequence[float
         raise D2MergeError("no adapter given", hint="name at least one ADAPTER")
     if len(weights) != len(adapters):
         raise D2MergeError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s)", path=adapters[-1].path,
-                           hint="give one --weights value per adapter, in order, e.g. --weights 0.5,0.5")
+                           hint="give one weight per adapter, in order, e.g. 0.5,0.5")
     for w in weights:
         if w != w or w in (float("inf"), float("-inf")):
             raise D2MergeError(f"weight {w} is not a finite number", path=adapters[-1].path,
-                               hint="--weights takes finite numbers")
+                               hint="the weights must be finite numbers")
     names = {}
     for adapter in adapters:
         base = adapter.config.base_model_name_or_path
@@ -116,10 +117,10 @@ def _fan_in_fan_out_and_kinds(adapters: Sequence[Adapter], fifo: set[bool], comb
         ranks = [_configured_ranks(a) for a in adapters]
         if len(set(ranks)) > 1:
             odd = adapters[next(i for i, r in enumerate(ranks) if r != ranks[0])]
-            raise D2MergeError(f"--combination {combination} needs equal ranks (PEFT's rule), got r = "
+            raise option_error(f"{{combination=}} needs equal ranks (PEFT's rule), got r = "
                                f"{', '.join(map(str, ranks))}", path=odd.path / "adapter_config.json",
-                               hint="use --combination cat (exact, rank = sum) or svd / ties_svd (factored to "
-                                    "--svd-rank)")
+                               hint="use {combination=cat} (exact, rank = sum) or svd / ties_svd (factored to "
+                                    "{svd_rank})", combination=combination)
 
 
 def combine(adapters: Sequence[str | Path], out: str | Path, weights: Sequence[float],
@@ -166,8 +167,8 @@ def check_combination(adapters: Sequence[Adapter], weights: Sequence[float], opt
             raise D2MergeError(f"a {odd.method.name} adapter's update depends on the base model",
                                path=odd.path, hint=UPDATES_HINT)
         if combination not in ta.ON_UPDATES:
-            raise D2MergeError(f"--combination {combination} combines LoRA factors; a {odd.method.name} adapter has "
-                               "no such factors", path=odd.path,
+            raise option_error(f"{{combination=}} combines LoRA factors; a {odd.method.name} adapter has "
+                               "no such factors", path=odd.path, combination=combination,
                                hint="use an *svd type (svd, ties_svd, dare_linear_svd, dare_ties_svd, "
                                     "magnitude_prune_svd): it combines the full updates and factors them")
     return combination, plain
@@ -268,10 +269,10 @@ def combine_module_factors(module: str, adapters: Sequence[Adapter], present: Se
         a, b = ta.concatenate_factors(factors, used, scales)
     elif combination in ta.FACTORWISE:
         if len({f[0].shape[0] for f in factors}) > 1:
-            raise D2MergeError(f"--combination {combination} needs equal ranks, and module '{module}' has ranks "
+            raise option_error(f"{{combination=}} needs equal ranks, and module '{module}' has ranks "
                                f"{', '.join(str(f[0].shape[0]) for f in factors)} (PEFT's rule)",
                                path=adapters[present[-1]].weights_file,
-                               hint="use --combination cat or an *svd type")
+                               hint="use {combination=cat} or an *svd type", combination=combination)
         a, b = ta.combine_factors(factors, used, scales, combination, density=options.density or 0.0,
                                   sign_method=options.majority_sign_method, generator=generator)
     else:
@@ -288,9 +289,9 @@ def svd_step(module: str, updates: list[torch.Tensor], weights: Sequence[float],
     """The *svd types on one module: the scaled updates combined (pruned per type), then PEFT's truncated SVD."""
     out_f, in_f = updates[0].shape
     if rank > min(out_f, in_f):
-        raise D2MergeError(f"--svd-rank {rank} is above module '{module}''s size {out_f}x{in_f}",
+        raise option_error(f"{{svd_rank=}} is above module '{module}''s size {out_f}x{in_f}",
                            path=adapter.weights_file, tensor=next(iter(adapter.modules[module].keys.values())),
-                           hint=f"choose --svd-rank {min(out_f, in_f)} or less")
+                           hint=f"choose {{svd_rank={min(out_f, in_f)}}} or less", svd_rank=rank)
     combined = ta.combine_updates(updates, weights, combination, density=options.density or 0.0,
                                   sign_method=options.majority_sign_method, generator=generator)
     return peft_svd_factors(combined, rank, options.svd_clamp)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from d2merge.adapter_ops.factor import FactorReport, factor_update
-from d2merge.adapter_ops.options import ConvertOptions
+from d2merge.options.adapter_ops import ConvertOptions
+from d2merge.options.base import option_error
 from d2merge.adapter_ops.updates import plan_updates, update_of
-from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.adapter_writer import LoraModule, check_adapter_output, lora_tensors, plain_lora_config, write_lora_adapter
 from d2merge.methods.base import EMBEDDING
@@ -56,7 +56,7 @@ def factor_table(title: str, rows: tuple[FactorReport, ...] | list[FactorReport]
     return "\n".join(lines)
 
 
-def check_rank_fits(plan: MergePlan, rank: int | None, flag: str) -> None:
+def check_rank_fits(plan: MergePlan, rank: int | None) -> None:
     """--rank above a module's smaller dimension is refused before any work, naming the module."""
     if rank is None:
         return
@@ -64,16 +64,17 @@ def check_rank_fits(plan: MergePlan, rank: int | None, flag: str) -> None:
         assert item.settings is not None
         rows, cols = item.shape
         if rank > min(rows, cols):
-            raise D2MergeError(f"{flag} {rank} is above the size of module '{item.settings.module}' "
+            raise option_error(f"{{rank=}} is above the size of module '{item.settings.module}' "
                                f"({rows}x{cols}), so no rank-{rank} factor exists", path=plan.adapter.weights_file,
-                               tensor=item.name, hint=f"choose {flag} {min(rows, cols)} or less, or use --energy")
+                               tensor=item.name, hint=f"choose {{rank={min(rows, cols)}}} or less, or use {{energy}}",
+                               rank=rank)
 
 
 def lora_modules(adapter: Adapter, base: str | Path | BaseCheckpoint, options: ConvertOptions
                  ) -> tuple[MergePlan, list[LoraModule], list[FactorReport]]:
     """Every module of ``adapter`` as plain LoRA factors (A, B with scale 1), one module in memory at a time."""
     plan = plan_updates(base, adapter, "convert")
-    check_rank_fits(plan, options.rank, "--rank")
+    check_rank_fits(plan, options.rank)
     modules: list[LoraModule] = []
     rows: list[FactorReport] = []
     for item in plan.merged:

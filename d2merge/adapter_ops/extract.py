@@ -24,7 +24,8 @@ import torch
 
 from d2merge.adapter_ops.convert import factor_table
 from d2merge.adapter_ops.factor import FactorReport, factor_update
-from d2merge.adapter_ops.options import ExtractOptions
+from d2merge.options.adapter_ops import ExtractOptions
+from d2merge.options.base import option_error
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter_writer import LoraModule, check_adapter_output, lora_tensors, plain_lora_config, write_lora_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
@@ -126,7 +127,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
     kinds = _layer_kinds(config)
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise D2MergeError("--device cuda was asked for but no CUDA device is available", hint="use --device cpu")
+        raise option_error("{device=cuda} was asked for but no CUDA device is available", hint="use {device=cpu}")
 
     def kind_of(name: str) -> tuple[str, bool] | None:
         module = name[: -len(".weight")]
@@ -146,9 +147,9 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
     if options.rank is not None:
         for name, _, _, _ in jobs:
             if options.rank > min(infos[name][1]):
-                raise D2MergeError(f"--rank {options.rank} is above the size of {list(infos[name][1])}",
-                                   path=base_ckpt.location, tensor=name,
-                                   hint=f"choose --rank {min(infos[name][1])} or less, or use --energy")
+                raise options.error(f"{{rank=}} is above the size of {list(infos[name][1])}",
+                                    path=base_ckpt.location, tensor=name,
+                                    hint=f"choose {{rank={min(infos[name][1])}}} or less, or use {{energy}}")
     job_names = {j[0] for j in jobs}
     left_out = []
     for name in base_ckpt.tensors.keys():
@@ -156,9 +157,9 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
             continue
         if not _same(base_ckpt.tensors.read(name), tuned_ckpt.tensors.read(name)):
             if not options.skip_other_changes:
-                raise D2MergeError(f"the tensor differs between BASE and TUNED and is not a linear or embedding "
-                                   f"weight, so a LoRA cannot carry the change", path=tuned_ckpt.location, tensor=name,
-                                   hint="--skip-other-changes leaves such tensors out (and lists them)")
+                raise options.error("the tensor differs between BASE and TUNED and is not a linear or embedding "
+                                    "weight, so a LoRA cannot carry the change", path=tuned_ckpt.location, tensor=name,
+                                    hint="{skip_other_changes} leaves such tensors out (and lists them)")
             left_out.append(name)
 
     modules: list[LoraModule] = []

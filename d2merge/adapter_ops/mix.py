@@ -27,7 +27,7 @@ import torch
 
 from d2merge.adapter_ops.combine import (check_combination, check_weights_and_bases, combine_module_factors,
                                          factor_dtype, module_generator, svd_rank, svd_step)
-from d2merge.adapter_ops.options import CombineOptions
+from d2merge.options.adapter_ops import CombineOptions
 from d2merge.adapter_ops.updates import refuse_extras, update_on
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter

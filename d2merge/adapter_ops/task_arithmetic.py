@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from d2merge.adapter_ops.options import COMBINATIONS, RANDOM, SIGN_METHODS, WITH_DENSITY, WITH_SIGN
+from d2merge.options.adapter_ops import COMBINATIONS, RANDOM, SIGN_METHODS, WITH_DENSITY, WITH_SIGN
 
 # Combinations applied to A and B separately: PEFT requires equal ranks for them.
 FACTORWISE = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")

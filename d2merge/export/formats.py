@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from d2merge.errors import D2MergeError
-from d2merge.options import MergeOptions
+from d2merge.options import MergeOptions, MergeRunOptions
 
 if TYPE_CHECKING:
     from d2merge.export.hf_folder import MergeResult
@@ -50,8 +50,9 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
     from d2merge.export.hf_folder import merge_to_hf_folder as merge
 
     options = options or MergeOptions()
-    if genai_precision != "fp32" and format != "onnx-genai":
-        raise D2MergeError("--precision is for --format onnx-genai", hint="use --dtype for the other formats")
+    # A format's own setting given with another format is refused (d2merge.options.merge says which goes with which).
+    MergeRunOptions(format=format, genai_precision=genai_precision, gguf_type=gguf_type, gguf_imatrix=gguf_imatrix,
+                    gguf_modelfile=gguf_modelfile)
     if format == "hf":
         result = merge(base, adapter, out, options, progress=progress)
         return ExportOutcome(format, result.output, result)

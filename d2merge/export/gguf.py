@@ -1016,7 +1016,7 @@ class GGUFForVerify:
 
     def thresholds(self, reference_max_abs: float) -> Any:
         """verify's limits for this file (``reference_max_abs``: the largest |logit| of the unmerged model)."""
-        from d2merge.verify_options import DEFAULT_THRESHOLDS, Thresholds
+        from d2merge.options.verify import DEFAULT_THRESHOLDS, Thresholds
 
         if self.floor_dtype is not None:
             return DEFAULT_THRESHOLDS[self.floor_dtype]

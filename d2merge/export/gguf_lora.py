@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from d2merge.adapter_ops.convert import ConvertResult, factor_table, lora_modules
-from d2merge.adapter_ops.options import ConvertOptions
+from d2merge.options.adapter_ops import ConvertOptions
 from d2merge.errors import D2MergeError
 from d2merge.export.gguf import check_config, permute_for_llama_cpp
 from d2merge.io.adapter import load_adapter

@@ -32,7 +32,7 @@ from torch import nn
 
 from d2merge.dtypes import FLOAT_DTYPES
 from d2merge.errors import D2MergeError
-from d2merge.options import DEFAULT_OPSET, OnnxExportOptions
+from d2merge.options.onnx import DEFAULT_OPSET, OnnxExportOptions
 
 # ONNX Runtime on CPU has no bf16 kernels: the two rows of d2merge.dtypes it can run.
 DTYPES: dict[str, torch.dtype] = {n: FLOAT_DTYPES[n].torch_dtype for n in ("fp32", "fp16")}

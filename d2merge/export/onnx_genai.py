@@ -420,7 +420,7 @@ class GenaiForVerify:
 
     def thresholds(self, reference_max_abs: float) -> Any:
         """verify's limits (``reference_max_abs``: the largest |logit| of the unmerged model)."""
-        from d2merge.verify_options import DEFAULT_THRESHOLDS, Thresholds
+        from d2merge.options.verify import DEFAULT_THRESHOLDS, Thresholds
 
         if self.precision != "int4":
             return DEFAULT_THRESHOLDS[self.precision]

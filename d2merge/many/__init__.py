@@ -3,7 +3,7 @@
     from d2merge.many import merge_many
     report = merge_many("./base", "adapters.yaml", "./merged", dtype="bf16")
 
-Names are imported on first use, so ``d2merge.many.options`` stays light for the CLI.
+Names are imported on first use, so ``d2merge.options.many`` stays light for the CLI.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 _WHERE = {"Job": "d2merge.many.manifest", "load_manifest": "d2merge.many.manifest",
-          "ManyOptions": "d2merge.many.options", "JobOutcome": "d2merge.many.run",
+          "ManyOptions": "d2merge.options.many", "JobOutcome": "d2merge.many.run",
           "ManyReport": "d2merge.many.run", "merge_many": "d2merge.many.driver"}
 __all__ = sorted(_WHERE)
 

@@ -16,7 +16,7 @@ from d2merge.errors import D2MergeError
 from d2merge.io.output import check_output_location, disk_error
 from d2merge.io.checkpoint import open_base
 from d2merge.many.manifest import Job, load_manifest
-from d2merge.many.options import ManyOptions
+from d2merge.options.many import ManyOptions
 from d2merge.many.run import (FAILED, NOT_RUN, PLANNED, SKIPPED, JobOutcome, ManyReport, SourceHashes, _run_checked,
                               _run_processes, check_jobs)
 from d2merge.many.stream import OnTensor

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from d2merge.errors import D2MergeError
 from d2merge.io.checkpoint import read_text
-from d2merge.many.options import MANY_FORMATS
+from d2merge.options.many import MANY_FORMATS
 from d2merge.plan import TIED_POLICIES, parse_dtype
 from d2merge.sizes import parse_size
 

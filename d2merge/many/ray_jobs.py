@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from d2merge.errors import D2MergeError
 from d2merge.many.manifest import Job
-from d2merge.many.options import ManyOptions
+from d2merge.options.many import ManyOptions
 from d2merge.many.run import FAILED, JobOutcome, run_group, split_jobs
 from d2merge.many.stream import OnTensor
 

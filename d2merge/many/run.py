@@ -38,7 +38,7 @@ from d2merge.io.checkpoint import BaseCheckpoint, open_base
 from d2merge.io.output import AtomicFiles, AtomicFolder, check_output_location, disk_error, sha256_file
 from d2merge.io.safetensors_file import SafetensorsFile, rewrite_metadata
 from d2merge.many.manifest import Job
-from d2merge.many.options import ManyOptions, job_page_path
+from d2merge.options.many import ManyOptions, job_page_path
 from d2merge.many.stream import OnTensor, Target, stream_many
 from d2merge.engine import resolve_device
 from d2merge.export.hf_folder import add_verify_table_to_card, card_info, write_metadata

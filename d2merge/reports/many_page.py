@@ -2,7 +2,7 @@
 
 One row per job: status, seconds, verify verdict (and what failed), the output, and a link to
 the job's own verify page when the job was verified (written beside this page by
-:func:`d2merge.many.options.job_page_path`, one file per job, so that the pages of a hundred jobs stay small).
+:func:`d2merge.options.many.job_page_path`, one file per job, so that the pages of a hundred jobs stay small).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Each is judged against what one rounding to the output dtype costs with no merge
 stored dtype), so a column measures what storing the merge in that dtype costs, not the
 noise of low-precision arithmetic. :func:`verify` wires the pieces: probes (``probes``), the
 unmerged run once, then one column per MERGED through one code path (``columns``), and the
-report (``report``). The option model lives in the torch-free ``d2merge.verify_options``.
+report (``report``). The option model lives in the torch-free ``d2merge.options.verify``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ from d2merge.verify.results import (DtypeResult, FlippedAnswer, LayerCheck, Limi
 from d2merge.verify.stats import binomial_tail, flips_vs_rounding, mcnemar_exact, paired_gap_interval
 from d2merge.verify.weights import check_weights, reference_merge, stored_dtype, weight_error
 # The option model and thresholds live in a torch-free module (the CLI's flags come from there).
-from d2merge.verify_options import DEFAULT_THRESHOLDS, Thresholds, VerifyOptions, option_help, threshold_defaults
+from d2merge.options.base import option_error
+from d2merge.options.verify import DEFAULT_THRESHOLDS, Thresholds, VerifyOptions, threshold_defaults
 
 __all__ = [
     "ARITHMETIC_FLOOR_ABS", "ARITHMETIC_FLOOR_REL", "DEFAULT_THRESHOLDS", "DTYPE_LABELS", "PROBE_SENTENCES",
@@ -57,7 +58,7 @@ __all__ = [
     "MCResult", "Probes", "RoundingFloor", "Thresholds", "VerifyOptions", "VerifyReport", "WeightCheck",
     "apply_rounding", "binomial_tail", "check_eval_positions", "check_probe_positions", "check_weights",
     "compare_logits", "flips_vs_rounding", "format_gap_table", "format_report", "judge", "load_base_tokenizer",
-    "load_fp32_model", "mc_result", "mcnemar_exact", "method_summary", "open_exported", "option_help",
+    "load_fp32_model", "mc_result", "mcnemar_exact", "method_summary", "open_exported",
     "paired_gap_interval", "parse_dtypes", "probe_logits", "prompt_probes", "random_probes", "read_prompts",
     "reference_merge", "resolve_limits", "rounding_floor", "sentence_probes", "stored_dtype", "threshold_defaults",
     "thresholds_for", "top1_flips_p", "ulp", "verify", "weight_error",
@@ -70,9 +71,9 @@ def _original_base_column(base_ckpt: Any, adapter_obj: Adapter, options: VerifyO
     from d2merge.merge import merge
 
     if base_ckpt.quantization is None:
-        raise D2MergeError("--original-base needs a quantized BASE (the model the adapter was trained on)",
-                           path=base_ckpt.location, hint="pass the bitsandbytes/FP8 base as BASE and its 16-bit "
-                                                         "original as --original-base")
+        raise options.error("{original_base} needs a quantized BASE (the model the adapter was trained on)",
+                            path=base_ckpt.location, hint="pass the bitsandbytes/FP8 base as BASE and its 16-bit "
+                                                          "original as {original_base}")
     original = open_base(options.original_base, allow_pickle=options.allow_pickle)
     dtype = next((r.dtype for r in results if r.dtype in VERIFY_DTYPES), "bf16")
     temp_root = Path(tempfile.mkdtemp(prefix="d2merge-verify-original-"))
@@ -111,8 +112,8 @@ def verify(base: str | Path, adapter: str | Path | AdapterMix, merged: str | Pat
     options = replace(options or VerifyOptions(), **overrides) if overrides else (options or VerifyOptions())
     say = echo or (lambda message: None)
     if merged is not None and dtypes is not None:
-        raise D2MergeError("--dtypes merges on the fly; it cannot be combined with a MERGED folder",
-                           hint="drop MERGED to compare fresh merges per dtype, or drop --dtypes")
+        raise option_error("{dtypes} merges on the fly; it cannot be combined with a MERGED folder",
+                           hint="drop MERGED to compare fresh merges per dtype, or drop {dtypes}")
     report_path = check_output_location(Path(report), (), overwrite=True, is_file=True) if report else None
     html_path = check_output_location(Path(html), (), overwrite=True, is_file=True) if html else None
     base_ckpt = open_base(base, allow_pickle=options.allow_pickle)
@@ -179,16 +180,16 @@ def _verify(base_ckpt: Any, adapter: Any, several: AdapterMix | None, merged: An
         probes = sentence_probes(tokenizer, max_length=options.probe_length)
     else:
         if vocab_size < 1:
-            raise D2MergeError("the base's config.json has no vocab_size for random probes", path=base_ckpt.location,
-                               hint="pass --prompts FILE")
+            raise option_error("the base's config.json has no vocab_size for random probes", path=base_ckpt.location,
+                               hint="pass {prompts=FILE}")
         probes = random_probes(vocab_size, count=options.num_probes, length=options.probe_length, seed=options.seed)
     check_probe_positions(base_ckpt.config, probes, location=base_ckpt.location)
     if exported is not None and exported.floor_dtype is None and probes.description["source"] == "random":
         # On random tokens a model's predictions are flat and near-tied: what a quantized file does to
         # them says little about what users see, so its gates are set and judged on real text.
-        raise D2MergeError(f"{exported.label} is quantized and judged on real text, not random tokens",
-                           path=merged, hint="pass --prompts FILE, or use a base with a tokenizer and "
-                                             "--probe-source auto/sentences")
+        raise options.error(f"{exported.label} is quantized and judged on real text, not random tokens",
+                            path=merged, hint="pass {prompts=FILE}, or use a base with a tokenizer and "
+                                              "{probe_source=auto|sentences}")
     encoded = None
     if examples is not None:
         encoded = encode_choices(tokenizer, examples)

@@ -32,7 +32,7 @@ from d2merge.verify.limits import VERIFY_DTYPES, judge, resolve_limits, rounding
 from d2merge.verify.probes import Probes
 from d2merge.verify.results import DtypeResult, RoundingFloor, WeightCheck
 from d2merge.verify.weights import check_weights
-from d2merge.verify_options import Thresholds, VerifyOptions
+from d2merge.options.verify import Thresholds, VerifyOptions
 
 OpenModel = Callable[..., Any]  # (checkpoint, adapter=None, rounding=None) -> a d2merge.forward.Forward
 

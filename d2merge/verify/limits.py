@@ -21,7 +21,7 @@ from d2merge.dtypes import ALIASES as DTYPE_ALIASES
 from d2merge.verify.probes import Probes
 from d2merge.verify.results import LayerCheck, Limits, LogitStats, MCResult, RoundingFloor
 from d2merge.verify.stats import flips_vs_rounding
-from d2merge.verify_options import DEFAULT_THRESHOLDS, Thresholds
+from d2merge.options.verify import DEFAULT_THRESHOLDS, Thresholds
 
 VERIFY_DTYPES: dict[str, torch.dtype] = {n: d.torch_dtype for n, d in FLOAT_DTYPES.items()}
 DTYPE_LABELS = {v: k for k, v in VERIFY_DTYPES.items()}

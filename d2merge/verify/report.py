@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 from d2merge.version import __version__
 from d2merge.verify.results import DtypeResult, RoundingFloor, method_summary
-from d2merge.verify_options import VerifyOptions
+from d2merge.options.verify import VerifyOptions
 
 SCHEMA_VERSION = 1
 

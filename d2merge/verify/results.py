@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from d2merge.verify_options import Thresholds
+from d2merge.options.verify import Thresholds
 
 # Edges of the |logit difference| histogram (``LogitStats.abs_diff_counts``): one bin per decade,
 # fixed so that a column and its rounding floor (and two runs) count into the same bins.
