@@ -129,6 +129,43 @@ def _push_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+INT4_FLAGS = ("int4_block_size", "int4_accuracy_level", "int4_algorithm", "int4_asymmetric")
+
+
+def _int4_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The onnxruntime-genai builder's int4 settings, shared by `export-onnx --runtime genai` and
+    `merge --format onnx-genai` (the same flags, names and defaults in both)."""
+    options = [
+        click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+                     help="With --precision int4: values per quantization block. [default: 32]"),
+        click.option("--int4-accuracy-level", type=click.IntRange(1, 4), default=None,
+                     help="With --precision int4: activations in the int4 MatMul (4 int8, 3 bf16, 2 fp16, 1 fp32). "
+                          "[default: 4]"),
+        click.option("--int4-algorithm", type=click.Choice(["default", "rtn", "k_quant", "rtn_last", "k_quant_last",
+                                                            "k_quant_mixed"]), default=None,
+                     help="With --precision int4: the builder's algo_config (k_quant: per-block scale search; _last: "
+                          "lm_head at int8; _mixed: also llama.cpp's sensitive layers at int8). [default: "
+                          "k_quant_mixed, the lowest KL on SmolLM2; docs/onnx-genai.md]"),
+        click.option("--int4-asymmetric", is_flag=True,
+                     help="With --precision int4: uint4 with a zero point per block."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _int4_settings(ctx: click.Context, block_size: str | None, accuracy_level: int | None, algorithm: str | None,
+                   asymmetric: bool) -> Any:
+    """``Int4Options`` from the --int4-* flags given (their defaults for the others); None when none is given."""
+    if not any(ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE for name in INT4_FLAGS):
+        return None
+    from d2merge.export.onnx_genai import Int4Options
+
+    defaults = Int4Options()
+    return Int4Options(int(block_size or defaults.block_size), accuracy_level or defaults.accuracy_level,
+                       algorithm or defaults.algorithm, not asymmetric)
+
+
 GGUF_TYPE_HELP = ("f32, f16, bf16, q8_0, q4_0_pure, q4_1_pure, q5_0_pure, q5_1_pure (gguf-py); with the gguf-llama "
                   "extra, llama.cpp's own quantizer: q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, "
                   "iq4_nl, iq4_xs, q4_0, q4_1, q5_0, q5_1 (llama.cpp's per-tensor mix; an f32 temp beside the output). "
@@ -151,6 +188,7 @@ IMATRIX_HELP = ("llama.cpp's importance matrix (llama-imatrix's GGUF or legacy .
                    "gguf: one .gguf file for llama.cpp, Ollama, LM Studio (see --gguf-type).")
 @click.option("--precision", "genai_precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32",
               show_default=True, help="With --format onnx-genai: precision of the onnxruntime-genai build.")
+@_int4_options
 @click.option("--gguf-type", default="f16", show_default=True, metavar="TYPE", help="With --format gguf: " + GGUF_TYPE_HELP)
 @click.option("--imatrix", "imatrix", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="With --format gguf: " + IMATRIX_HELP)
@@ -170,7 +208,8 @@ IMATRIX_HELP = ("llama.cpp's importance matrix (llama-imatrix's GGUF or legacy .
 @click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @click.pass_context
 def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, output_format: str | None,
-                  genai_precision: str,
+                  genai_precision: str, int4_block_size: str | None, int4_accuracy_level: int | None,
+                  int4_algorithm: str | None, int4_asymmetric: bool,
                   gguf_type: str, imatrix: str | None, modelfile: bool,
                   run_verify: bool,
                   push_to: str | None, require_verify: bool, private: bool, revision: str | None, create_pr: bool,
@@ -195,6 +234,7 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
       d2merge merge ./llama-3b ./my-adapter -o merged.safetensors        # one file (from the suffix)
       d2merge merge ./llama-3b ./my-adapter -o model.gguf --gguf-type q8_0
       d2merge merge ./llama-3b ./my-adapter -o ./merged-onnx --format onnx --dtype fp16
+      d2merge merge ./llama-3b ./my-adapter -o ./genai --format onnx-genai --precision int4 --int4-block-size 64
     """
     from d2merge.output_names import format_for_output
 
@@ -208,6 +248,8 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
         "modelfile": ("--modelfile", output_format == "gguf", "it applies to --format gguf"),
         "imatrix": ("--imatrix", output_format == "gguf", "it applies to --format gguf"),
         "genai_precision": ("--precision", output_format == "onnx-genai", "it applies to --format onnx-genai"),
+        **{name: (f"--{name.replace('_', '-')}", output_format == "onnx-genai" and genai_precision == "int4",
+                  "it applies to --format onnx-genai --precision int4") for name in INT4_FLAGS},
     })
     merge_options = MergeOptions(**options)
     if out is not None and not dry_run and merge_options.hash_sources and output_format in ("hf", "safetensors"):
@@ -218,6 +260,9 @@ def merge_command(ctx: click.Context, base: str, adapter: str, out: str | None, 
     from d2merge.publish import PushSettings, merge_verify_push
 
     format_options: dict[str, Any] = {"genai_precision": genai_precision}
+    int4 = _int4_settings(ctx, int4_block_size, int4_accuracy_level, int4_algorithm, int4_asymmetric)
+    if int4 is not None:
+        format_options["genai_int4"] = int4
     if output_format == "gguf":
         from d2merge.export.gguf import check_gguf_type
 
@@ -381,16 +426,7 @@ def push(folder: str, repo_id: str, private: bool, revision: str | None, create_
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32", show_default=True,
               help="With --runtime genai: fp32 (checked token for token against transformers), fp16, or int4 "
                    "weights (top-1 agreement and logit diff vs fp32 reported and gated).")
-@click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
-              help="With --precision int4: values per quantization block. [default: 32]")
-@click.option("--int4-accuracy-level", type=click.IntRange(1, 4), default=None,
-              help="With --precision int4: activations in the int4 MatMul (4 int8, 3 bf16, 2 fp16, 1 fp32). [default: 4]")
-@click.option("--int4-algorithm", type=click.Choice(["default", "rtn", "k_quant", "rtn_last", "k_quant_last",
-                                                     "k_quant_mixed"]), default=None,
-              help="With --precision int4: the builder's algo_config (k_quant: per-block scale search; _last: "
-                   "lm_head at int8; _mixed: also llama.cpp's sensitive layers at int8). [default: k_quant_mixed, "
-                   "the lowest KL on SmolLM2; docs/onnx-genai.md]")
-@click.option("--int4-asymmetric", is_flag=True, help="With --precision int4: uint4 with a zero point per block.")
+@_int4_options
 @click.pass_context
 def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str, with_past: bool, opset: int,
                         exporter: str, external_data: bool | None, no_validate: bool, atol: float | None,
@@ -412,22 +448,17 @@ def export_onnx_command(ctx: click.Context, model_dir: str, out: str, dtype: str
       d2merge export-onnx ./merged -o model.onnx --exporter legacy --opset 17
       d2merge export-onnx ./merged -o ./merged-genai --runtime genai --precision int4
     """
-    int4_flags = ("int4_block_size", "int4_accuracy_level", "int4_algorithm", "int4_asymmetric")
+    int4_flags = INT4_FLAGS
     given = [name for name in ("dtype", "with_past", "opset", "exporter", "external_data", "precision", *int4_flags)
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
     if runtime == "genai":
-        from d2merge.export.onnx_genai import Int4Options, export_genai
+        from d2merge.export.onnx_genai import export_genai
 
         generic_only = [name for name in given if name != "precision" and name not in int4_flags]
         if generic_only:
             raise click.UsageError(f"--{generic_only[0].replace('_', '-')} applies to the generic export; with "
                                    "--runtime genai choose --precision fp32|fp16|int4")
-        int4 = None
-        if any(name in given for name in int4_flags):
-            defaults = Int4Options()
-            int4 = Int4Options(int(int4_block_size or defaults.block_size),
-                               int4_accuracy_level or defaults.accuracy_level, int4_algorithm or defaults.algorithm,
-                               not int4_asymmetric)
+        int4 = _int4_settings(ctx, int4_block_size, int4_accuracy_level, int4_algorithm, int4_asymmetric)
         click.echo(export_genai(model_dir, out, precision=precision, validate=not no_validate, atol=atol,
                                 overwrite=overwrite, int4=int4).describe())
         return
