@@ -362,3 +362,7 @@ def test_unsupported_sentencepiece_normalizer_refused(tmp_path):
     writer = gguf.GGUFWriter(tmp_path / "x.gguf", "llama")
     with pytest.raises(D2MergeError, match="normalizer \\['NFKC'\\]"):
         add_tokenizer(writer, tmp_path, 600)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a")  # a sentencepiece model alone: not read
+    with pytest.raises(D2MergeError, match="not from tokenizer.model"):
+        add_tokenizer(writer, tmp_path, 600)

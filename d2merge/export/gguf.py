@@ -14,6 +14,11 @@ readers (transformers' GGUF loader, llama.cpp itself, and a GGUF llama.cpp wrote
   add_bos/add_eos and the chat template, plus the pre-tokenizer name llama.cpp selects by the
   sha256 of the tokenization of a fixed probe text (as its converter does). A tokenizer whose
   pre-tokenizer is not one we have checked is refused, never approximated.
+- Sentencepiece BPE tokenizers (Llama 2, Mistral v0.1, Gemma, Phi-3) from tokenizer.json, with
+  the piece scores rebuilt from the merge order (checked to be llama.cpp's order, else refused).
+- Gemma 2/3: RMSNorm weights written as 1 + w; softcaps and sliding windows as keys. Phi-3: the
+  fused qkv and gate/up tensors as stored. MoE (Mixtral, Qwen2-MoE, Qwen3-MoE): the per-expert
+  tensors stacked into one ``*_exps`` tensor per layer, written expert after expert (ARCH_SPECS).
 
 Streaming: every tensor's header entry is computed from shapes alone, the header is written,
 then tensors are read, converted and quantized one at a time, so memory holds one tensor.
@@ -63,15 +68,15 @@ class ArchSpec:
     norm_offset: bool = False  # Gemma: HF computes x * (1 + w), llama.cpp x * w: RMSNorm weights written as 1 + w
     experts: bool = False  # MoE: per-expert HF tensors stacked into one ``*_exps`` tensor per layer
     sliding_pattern: int = 0  # Gemma: every n-th layer attends globally, the others in a window (0: none)
-    family: str = ""  # the config checks that apply (llama, gemma2, gemma3, phi3, qwen2moe, qwen3moe)
+    family: str = ""  # the config checks that apply (dense, mixtral, gemma2, gemma3, phi3, qwen2moe, qwen3moe)
 
 
 ARCH_SPECS: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec("llama", permute=True, family="llama"),
-    "MistralForCausalLM": ArchSpec("llama", permute=True, family="llama"),  # llama.cpp writes Mistral as llama
+    "LlamaForCausalLM": ArchSpec("llama", permute=True, family="dense"),
+    "MistralForCausalLM": ArchSpec("llama", permute=True, family="dense"),  # llama.cpp writes Mistral as llama
     "MixtralForCausalLM": ArchSpec("llama", permute=True, experts=True, family="mixtral"),  # llama + experts
-    "Qwen2ForCausalLM": ArchSpec("qwen2", family="llama"),
-    "Qwen3ForCausalLM": ArchSpec("qwen3", family="llama"),
+    "Qwen2ForCausalLM": ArchSpec("qwen2", family="dense"),
+    "Qwen3ForCausalLM": ArchSpec("qwen3", family="dense"),
     "Qwen2MoeForCausalLM": ArchSpec("qwen2moe", experts=True, family="qwen2moe"),
     "Qwen3MoeForCausalLM": ArchSpec("qwen3moe", experts=True, family="qwen3moe"),
     "Gemma2ForCausalLM": ArchSpec("gemma2", norm_offset=True, sliding_pattern=2, family="gemma2"),
@@ -253,7 +258,7 @@ def arch_spec(config: Mapping[str, Any], path: Path) -> ArchSpec:
         raise D2MergeError(f"{name} with sliding_window={config['sliding_window']} is not exported: llama.cpp's "
                            f"{spec.gguf} graph attends to the whole context", path=path)
     _, rope = _rope(config)
-    kinds = ("default", "llama3", "linear") if spec.family in ("llama", "mixtral") else (
+    kinds = ("default", "llama3", "linear") if spec.family in ("dense", "mixtral") else (
         ("default", "linear") if spec.family == "gemma3" else ("default",))
     if rope["rope_type"] not in kinds:
         raise D2MergeError(f"rope type {rope['rope_type']!r} is not exported for {name}", path=path,
@@ -388,8 +393,11 @@ def add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
     gguf = _gguf()
     path = folder / "tokenizer.json"
     if not path.is_file():
-        raise D2MergeError("GGUF export needs a tokenizer.json (byte-level BPE)", path=folder,
-                           hint="copy the base's tokenizer files into the merged folder")
+        only_model = (folder / "tokenizer.model").is_file()
+        raise D2MergeError("GGUF export needs a tokenizer.json" + (
+            " (d2merge reads sentencepiece vocabularies from it, not from tokenizer.model)" if only_model else ""),
+            path=folder, hint="AutoTokenizer.from_pretrained(folder).save_pretrained(folder) writes one"
+            if only_model else "copy the base's tokenizer files into the merged folder")
     from d2merge.io.json_file import read_json
 
     spec = read_json(path, "tokenizer.json")
