@@ -315,6 +315,8 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     ("Gemma2ForCausalLM", {**GEMMA2, "query_pre_attn_scalar": 24}, "query_pre_attn_scalar=24 differs from head_dim"),
     ("Gemma2ForCausalLM", {**GEMMA2, "layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
     ("Gemma2ForCausalLM", {**GEMMA2, "hidden_activation": "gelu"}, "hidden_activation 'gelu'"),
+    ("Gemma3ForCausalLM", {**GEMMA2, "attn_logit_softcapping": None, "final_logit_softcapping": None,
+                           "sliding_window_pattern": 4}, "layer_types"),  # transformers 4.x: no layer_types
     ("Gemma3ForCausalLM", {**GEMMA2, "attn_logit_softcapping": None}, "with logit softcapping"),
     ("Gemma3ForCausalLM", {**GEMMA2, "attn_logit_softcapping": None, "final_logit_softcapping": None,
                            "rope_parameters": {"full_attention": {"rope_theta": 1e6},

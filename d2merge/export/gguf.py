@@ -276,7 +276,9 @@ def _check_gemma(config: Mapping[str, Any], spec: ArchSpec, path: Path) -> None:
     layers = config["num_hidden_layers"]
     expected = ["full_attention" if (i + 1) % spec.sliding_pattern == 0 else "sliding_attention"
                 for i in range(layers)]
-    if config.get("layer_types") is not None and list(config["layer_types"]) != expected:
+    pattern = config.get("sliding_window_pattern", config.get("_sliding_window_pattern", spec.sliding_pattern))
+    if (config.get("layer_types") is not None and list(config["layer_types"]) != expected) or (
+            config.get("layer_types") is None and pattern != spec.sliding_pattern):
         raise D2MergeError(f"layer_types is not llama.cpp's {spec.gguf} layout (every {spec.sliding_pattern}th "
                            "layer global, the others sliding)", path=path)
     if not isinstance(config.get("sliding_window"), int) or config["sliding_window"] <= 0:
