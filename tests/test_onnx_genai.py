@@ -236,15 +236,32 @@ def test_smollm2_generic_onnx_with_past_generates_token_for_token(smollm2: Path,
 
 
 def test_merge_format_onnx_genai(cli_runner, wide_base, make_adapter, tmp_path: Path) -> None:
+    """merge --format onnx-genai takes export-onnx's --int4-* flags: they reach the built graph."""
+    import onnx
+
+    from d2merge.export.formats import merge_as
+
     base = wide_base("llama")
     adapter = make_adapter(base, "d2lora", target_modules=["q_proj", "v_proj", "down_proj"])
     out = tmp_path / "merged-genai"
-    done = cli_runner(["merge", base, adapter, "-o", out, "--format", "onnx-genai", "--precision", "int4"])
+    done = cli_runner(["merge", base, adapter, "-o", out, "--format", "onnx-genai", "--precision", "int4",
+                       "--int4-block-size", "16", "--int4-algorithm", "rtn_last", "--int4-asymmetric"])
     assert done.code == 0, done.err
     assert "[onnx-genai]" in done.out and "top-1 agreement" in done.out and (out / GENAI_CONFIG).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged-genai"]  # the fp32 scratch merge is gone
+    nodes = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert nodes and {a["block_size"] for a in attrs} == {16}  # the builder's default is 32
+    assert all(len(n.input) >= 4 and n.input[3] for n in nodes)  # --int4-asymmetric: a zero point per block
+    assert [n.name for n, a in zip(nodes, attrs) if a["bits"] == 8] == [n.name for n in nodes if "lm_head" in n.name]
     refused = cli_runner(["merge", base, adapter, "-o", tmp_path / "x", "--precision", "int4"])
     assert refused.code == 2 and "--format onnx-genai" in refused.err and not (tmp_path / "x").exists()
+    refused = cli_runner(["merge", base, adapter, "-o", tmp_path / "x", "--format", "onnx-genai",
+                          "--int4-block-size", "64"])  # fp32 build: the flag would do nothing
+    assert refused.code == 2 and "--precision int4" in refused.err and not (tmp_path / "x").exists()
+    with pytest.raises(D2MergeError, match="--int4-\\* settings are for --format onnx-genai --precision int4"):
+        merge_as(base, adapter, tmp_path / "x", format="hf", genai_int4=Int4Options())
 
 
 # ----- verify and bench take a genai build ------------------------------------------------------

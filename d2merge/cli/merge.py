@@ -43,7 +43,9 @@ def plan_merge(*args: Any, **kwargs: Any) -> Any:
 @click.option("-o", "--out", "out", type=click.Path(), default=None,
               help="Output folder, or a .safetensors, .onnx or .gguf file (the suffix picks --format). "
                    "Required unless --dry-run.")
-@options_from(MergeRunOptions, only=("format", "genai_precision", "gguf_type", "gguf_imatrix", "gguf_modelfile"))
+@options_from(MergeRunOptions, only=("format", "genai_precision", "int4_block_size", "int4_accuracy_level",
+                                     "int4_algorithm", "int4_asymmetric", "gguf_type", "gguf_imatrix",
+                                     "gguf_modelfile"))
 @options_from(MergeOptions)
 @options_from(MergeRunOptions, only=("verify", "push_to", "require_verify"))
 @options_from(PushOptions)
@@ -73,6 +75,7 @@ def merge_command(ctx: click.Context, base: str, adapters: tuple[str, ...], out:
       d2merge merge ./llama-3b ./my-adapter -o merged.safetensors        # one file (from the suffix)
       d2merge merge ./llama-3b ./my-adapter -o model.gguf --gguf-type q8_0
       d2merge merge ./llama-3b ./my-adapter -o ./merged-onnx --format onnx --dtype fp16
+      d2merge merge ./llama-3b ./my-adapter -o ./genai --format onnx-genai --precision int4 --int4-block-size 64
       d2merge merge ./llama-3b ./math ./code-dora -o ./merged --weights 0.7,0.5
     """
     from d2merge.output_names import format_for_output
@@ -92,6 +95,13 @@ def merge_command(ctx: click.Context, base: str, adapters: tuple[str, ...], out:
     from d2merge.publish import PushSettings, merge_verify_push
 
     format_options: dict[str, Any] = {"genai_precision": run.genai_precision}
+    if run.int4_given:
+        from d2merge.export.onnx_genai import Int4Options
+
+        defaults = Int4Options()
+        format_options["genai_int4"] = Int4Options(run.int4_block_size or defaults.block_size,
+                                                   run.int4_accuracy_level or defaults.accuracy_level,
+                                                   run.int4_algorithm or defaults.algorithm, not run.int4_asymmetric)
     if run.format == "gguf":
         from d2merge.export.gguf import check_gguf_type
 

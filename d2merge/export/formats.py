@@ -44,15 +44,18 @@ class ExportOutcome:
 
 def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", options: MergeOptions | None = None,
              progress: bool = False, genai_precision: str = "fp32", gguf_type: str = "f16", gguf_modelfile: bool = False,
-             gguf_imatrix: str | Path | None = None) -> ExportOutcome:
-    """Merge and write ``out`` in the chosen format (``genai_precision``: fp32, fp16 or int4 for onnx-genai;
-    ``gguf_type``, ``gguf_modelfile`` and ``gguf_imatrix`` for gguf)."""
+             gguf_imatrix: str | Path | None = None, genai_int4: Any = None) -> ExportOutcome:
+    """Merge and write ``out`` in the chosen format (``genai_precision``: fp32, fp16 or int4 for onnx-genai,
+    ``genai_int4`` its ``Int4Options`` for int4; ``gguf_type``, ``gguf_modelfile`` and ``gguf_imatrix`` for gguf)."""
     from d2merge.export.hf_folder import merge_to_hf_folder as merge
 
     options = options or MergeOptions()
     # A format's own setting given with another format is refused (d2merge.options.merge says which goes with which).
     MergeRunOptions(format=format, genai_precision=genai_precision, gguf_type=gguf_type, gguf_imatrix=gguf_imatrix,
                     gguf_modelfile=gguf_modelfile)
+    if genai_int4 is not None and (format != "onnx-genai" or genai_precision != "int4"):
+        raise D2MergeError("genai_int4 settings apply only with format='onnx-genai' and genai_precision='int4'",
+                           hint="add genai_precision='int4', or drop genai_int4")
     if format == "hf":
         result = merge(base, adapter, out, options, progress=progress)
         return ExportOutcome(format, result.output, result)
@@ -102,7 +105,8 @@ def merge_as(base: Any, adapter: Any, out: str | Path, *, format: str = "hf", op
         with scratch_beside(out_path, "merge") as scratch:
             fp32 = options.with_overrides(dtype="fp32", overwrite=False)
             result = merge(base, adapter, Path(scratch) / "merged", fp32, progress=progress)
-            built = export_genai(result.output, out_path, precision=genai_precision, overwrite=options.overwrite)
+            built = export_genai(result.output, out_path, precision=genai_precision, overwrite=options.overwrite,
+                                 int4=genai_int4)
         return ExportOutcome(format, built.output, result, built)
     if format == "gguf":
         from d2merge.export.gguf import merge_to_gguf

@@ -14,6 +14,11 @@ readers (transformers' GGUF loader, llama.cpp itself, and a GGUF llama.cpp wrote
   add_bos/add_eos and the chat template, plus the pre-tokenizer name llama.cpp selects by the
   sha256 of the tokenization of a fixed probe text (as its converter does). A tokenizer whose
   pre-tokenizer is not one we have checked is refused, never approximated.
+- Sentencepiece BPE tokenizers (Llama 2, Mistral v0.1, Gemma, Phi-3) from tokenizer.json, with
+  the piece scores rebuilt from the merge order (checked to be llama.cpp's order, else refused).
+- Gemma 2/3: RMSNorm weights written as 1 + w; softcaps and sliding windows as keys. Phi-3: the
+  fused qkv and gate/up tensors as stored. MoE (Mixtral, Qwen2-MoE, Qwen3-MoE): the per-expert
+  tensors stacked into one ``*_exps`` tensor per layer, written expert after expert (ARCH_SPECS).
 
 Streaming: every tensor's header entry is computed from shapes alone, the header is written,
 then tensors are read, converted and quantized one at a time, so memory holds one tensor.
@@ -27,10 +32,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as _replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -51,13 +57,37 @@ GGUF_TYPES: dict[str, tuple[str, int]] = {
     "f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
     "q4_0_pure": ("Q4_0", 2), "q4_1_pure": ("Q4_1", 3), "q5_0_pure": ("Q5_0", 8), "q5_1_pure": ("Q5_1", 9),
 }
-# HF architectures -> (gguf arch name, q/k permuted for llama.cpp's interleaved rope)
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "LlamaForCausalLM": ("llama", True),
-    "MistralForCausalLM": ("llama", True),  # llama.cpp's converter writes HF Mistral as llama
-    "Qwen2ForCausalLM": ("qwen2", False),
-    "Qwen3ForCausalLM": ("qwen3", False),
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How llama.cpp's converter writes one HF architecture (convert_hf_to_gguf.py, re-implemented)."""
+
+    gguf: str  # llama.cpp's architecture name
+    permute: bool = False  # q/k rows permuted for llama.cpp's interleaved rope (NEOX-rope archs: no)
+    norm_offset: bool = False  # Gemma: HF computes x * (1 + w), llama.cpp x * w: RMSNorm weights written as 1 + w
+    experts: bool = False  # MoE: per-expert HF tensors stacked into one ``*_exps`` tensor per layer
+    sliding_pattern: int = 0  # Gemma: every n-th layer attends globally, the others in a window (0: none)
+    family: str = ""  # the config checks that apply (dense, mixtral, gemma2, gemma3, phi3, qwen2moe, qwen3moe)
+
+
+ARCH_SPECS: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": ArchSpec("llama", permute=True, family="dense"),
+    "MistralForCausalLM": ArchSpec("llama", permute=True, family="dense"),  # llama.cpp writes Mistral as llama
+    "MixtralForCausalLM": ArchSpec("llama", permute=True, experts=True, family="mixtral"),  # llama + experts
+    "Qwen2ForCausalLM": ArchSpec("qwen2", family="dense"),
+    "Qwen3ForCausalLM": ArchSpec("qwen3", family="dense"),
+    "Qwen2MoeForCausalLM": ArchSpec("qwen2moe", experts=True, family="qwen2moe"),
+    "Qwen3MoeForCausalLM": ArchSpec("qwen3moe", experts=True, family="qwen3moe"),
+    "Gemma2ForCausalLM": ArchSpec("gemma2", norm_offset=True, sliding_pattern=2, family="gemma2"),
+    "Gemma3ForCausalLM": ArchSpec("gemma3", norm_offset=True, sliding_pattern=6, family="gemma3"),
+    "Phi3ForCausalLM": ArchSpec("phi3", family="phi3"),
 }
+# HF architectures -> (gguf arch name, q/k permuted for llama.cpp's interleaved rope)
+ARCHITECTURES: dict[str, tuple[str, bool]] = {name: (s.gguf, s.permute) for name, s in ARCH_SPECS.items()}
+# The GGUF architectures verify reads back (its weight check maps HF names one to one; stacked
+# experts have no such name, and Gemma/Phi-3 are checked by logits through the tests only).
+VERIFY_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # The probe text llama.cpp's converter tokenizes; the sha256 of the resulting id list names the
 # pre-tokenizer (llama.cpp's convert_hf_to_gguf_update.py keeps the table). Only pre-tokenizers
 # whose tokenizer families we support are listed; anything else is refused.
@@ -161,8 +191,14 @@ def _prepare_llama_cpp(planned: list[_Planned], out_path: Path, gguf_type: str, 
 
 
 def _rope(config: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
-    """(rope theta, rope scaling dict) from transformers 4.x (rope_scaling) or 5.x (rope_parameters)."""
+    """(rope theta, rope scaling dict) from transformers 4.x (rope_scaling) or 5.x (rope_parameters).
+
+    Gemma 3 (transformers 5) keeps one dict per layer type: the global layers' one is returned
+    (llama.cpp's ``rope.*`` keys are theirs; its sliding layers use a fixed 10000, checked apart).
+    """
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if isinstance(params.get("full_attention"), Mapping):
+        params = dict(params["full_attention"])
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
     params["rope_type"] = kind
@@ -196,31 +232,108 @@ def _head_dim(config: Mapping[str, Any]) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
 
 
-def check_config(config: Mapping[str, Any], path: Path) -> tuple[str, bool]:
-    """(gguf arch, permute q/k) for a supported config; one-line refusal otherwise."""
+def arch_spec(config: Mapping[str, Any], path: Path) -> ArchSpec:
+    """How this config's architecture is written; one-line refusal for an architecture or variant
+    whose llama.cpp graph would compute something else."""
     archs = config.get("architectures") or []
     name = archs[0] if archs else config.get("model_type", "?")
-    if name not in ARCHITECTURES:
+    if name not in ARCH_SPECS:
         raise D2MergeError(f"GGUF export does not support architecture {name}", path=path,
-                           hint=f"supported: {', '.join(ARCHITECTURES)}")
+                           hint=f"supported: {', '.join(ARCH_SPECS)}")
+    spec = ARCH_SPECS[name]
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
         if not isinstance(config.get(key), int):
             raise D2MergeError(f"config.json has no integer {key}", path=path)
-    if config.get("sliding_window") is not None and config.get("use_sliding_window", True):
-        raise D2MergeError(f"{name} with sliding_window={config['sliding_window']} is not exported: llama.cpp's "
-                           f"{ARCHITECTURES[name][0]} graph attends to the whole context", path=path)
-    if config.get("hidden_act", "silu") != "silu":
-        raise D2MergeError(f"hidden_act {config.get('hidden_act')!r} is not exported (llama.cpp uses silu here)",
-                           path=path)
+    gemma = spec.family in ("gemma2", "gemma3")
+    act_key = "hidden_activation" if gemma and config.get("hidden_activation") else "hidden_act"
+    want_act = "gelu_pytorch_tanh" if gemma else "silu"  # llama.cpp: tanh-approximated GELU / SiLU
+    if config.get(act_key, want_act) != want_act:
+        raise D2MergeError(f"{act_key} {config.get(act_key)!r} is not exported (llama.cpp's {spec.gguf} uses "
+                           f"{want_act})", path=path)
     if config.get("attention_bias") or config.get("mlp_bias"):
-        raise D2MergeError("attention_bias/mlp_bias Llama variants are not exported", path=path)
+        raise D2MergeError(f"attention_bias/mlp_bias {name} variants are not exported", path=path)
+    if gemma:
+        _check_gemma(config, spec, path)
+    elif config.get("sliding_window") and config.get("use_sliding_window", True):
+        raise D2MergeError(f"{name} with sliding_window={config['sliding_window']} is not exported: llama.cpp's "
+                           f"{spec.gguf} graph attends to the whole context", path=path)
     _, rope = _rope(config)
-    if rope["rope_type"] not in ("default", "llama3", "linear"):
-        raise D2MergeError(f"rope type {rope['rope_type']!r} is not exported", path=path,
-                           hint="supported: default, llama3, linear")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+    kinds = ("default", "llama3", "linear") if spec.family in ("dense", "mixtral") else (
+        ("default", "linear") if spec.family == "gemma3" else ("default",))
+    if rope["rope_type"] not in kinds:
+        raise D2MergeError(f"rope type {rope['rope_type']!r} is not exported for {name}", path=path,
+                           hint=f"supported: {', '.join(kinds)}")
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0 and spec.family != "phi3":  # phi3 writes rope.dimension_count
         raise D2MergeError("partial rotary embeddings are not exported", path=path)
-    return ARCHITECTURES[name]
+    if spec.experts:
+        _check_experts(config, spec, path)
+    return spec
+
+
+def _check_gemma(config: Mapping[str, Any], spec: ArchSpec, path: Path) -> None:
+    """Gemma 2/3: the sliding-window layout, softcaps and attention scale llama.cpp's graphs hard-code."""
+    layers = config["num_hidden_layers"]
+    expected = ["full_attention" if (i + 1) % spec.sliding_pattern == 0 else "sliding_attention"
+                for i in range(layers)]
+    pattern = config.get("sliding_window_pattern", config.get("_sliding_window_pattern", spec.sliding_pattern))
+    if (config.get("layer_types") is not None and list(config["layer_types"]) != expected) or (
+            config.get("layer_types") is None and pattern != spec.sliding_pattern):
+        raise D2MergeError(f"layer_types is not llama.cpp's {spec.gguf} layout (every {spec.sliding_pattern}th "
+                           "layer global, the others sliding)", path=path)
+    if not isinstance(config.get("sliding_window"), int) or config["sliding_window"] <= 0:
+        raise D2MergeError(f"{spec.gguf} needs an integer sliding_window", path=path)
+    head_dim = _head_dim(config)
+    if config.get("query_pre_attn_scalar", head_dim) != head_dim:
+        raise D2MergeError(f"query_pre_attn_scalar={config['query_pre_attn_scalar']} differs from head_dim="
+                           f"{head_dim}: llama.cpp's {spec.gguf} scales attention by head_dim (except its 27B)",
+                           path=path)
+    if config.get("use_bidirectional_attention"):
+        raise D2MergeError("bidirectional Gemma attention is not exported", path=path)
+    caps = (config.get("attn_logit_softcapping"), config.get("final_logit_softcapping"))
+    if spec.family == "gemma2" and not all(isinstance(c, (int, float)) for c in caps):
+        raise D2MergeError("Gemma 2 without attn/final logit softcapping is not exported", path=path)
+    if spec.family == "gemma3":
+        if any(c is not None for c in caps):
+            raise D2MergeError("Gemma 3 with logit softcapping is not exported (llama.cpp's gemma3 has none)",
+                               path=path)
+        local = (config.get("rope_parameters") or {}).get("sliding_attention") or {}
+        local_theta = local.get("rope_theta", config.get("rope_local_base_freq", 10000.0))
+        if float(local_theta) != 10000.0 or local.get("rope_type", "default") != "default":
+            raise D2MergeError(f"Gemma 3 sliding layers with rope theta {local_theta} are not exported "
+                               "(llama.cpp's gemma3 uses 10000 there)", path=path)
+
+
+def _expert_counts(config: Mapping[str, Any]) -> tuple[int, int]:
+    """(experts, experts used per token): Mixtral and transformers 5 name it num_local_experts, Qwen num_experts."""
+    return (int(config.get("num_experts") or config.get("num_local_experts") or 0),
+            int(config.get("num_experts_per_tok") or 0))
+
+
+def _check_experts(config: Mapping[str, Any], spec: ArchSpec, path: Path) -> None:
+    """MoE: every layer sparse, and the router's top-k weights normalized as llama.cpp's graph does."""
+    experts, used = _expert_counts(config)
+    if experts < 1 or not 0 < used <= experts:
+        raise D2MergeError("config.json has no usable expert count (num_experts/num_local_experts, "
+                           "num_experts_per_tok)", path=path)
+    if spec.family in ("qwen2moe", "qwen3moe"):
+        if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
+            raise D2MergeError("MoE models with dense layers (decoder_sparse_step/mlp_only_layers) are not "
+                               "exported: llama.cpp's graph makes every layer sparse", path=path)
+        if not isinstance(config.get("moe_intermediate_size"), int):
+            raise D2MergeError("config.json has no integer moe_intermediate_size", path=path)
+        normalized = spec.family == "qwen3moe"  # llama.cpp: qwen3moe renormalizes the top-k, qwen2moe not
+        if bool(config.get("norm_topk_prob", False)) != normalized:
+            raise D2MergeError(f"norm_topk_prob={config.get('norm_topk_prob')} is not exported: llama.cpp's "
+                               f"{spec.gguf} graph uses {normalized}", path=path)
+    if spec.family == "qwen2moe" and not isinstance(config.get("shared_expert_intermediate_size"), int):
+        raise D2MergeError("config.json has no integer shared_expert_intermediate_size", path=path)
+
+
+def check_config(config: Mapping[str, Any], path: Path) -> tuple[str, bool]:
+    """(gguf arch, permute q/k) for a supported config; one-line refusal otherwise."""
+    spec = arch_spec(config, path)
+    return spec.gguf, spec.permute
 
 
 def add_hyperparameters(writer: Any, config: Mapping[str, Any], arch: str) -> None:
@@ -244,6 +357,30 @@ def add_hyperparameters(writer: Any, config: Mapping[str, Any], arch: str) -> No
     if arch == "llama":
         writer.add_vocab_size(config["vocab_size"])
         writer.add_rope_dimension_count(_head_dim(config))
+    family = ARCH_SPECS.get((config.get("architectures") or ["?"])[0], ArchSpec(arch)).family
+    if family in ("gemma2", "gemma3"):
+        if config.get("head_dim") is None:  # llama.cpp's converter always writes them for Gemma
+            writer.add_key_length(_head_dim(config))
+            writer.add_value_length(_head_dim(config))
+        writer.add_sliding_window(int(config["sliding_window"]))
+        if family == "gemma2":
+            writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+            writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    if family == "phi3":
+        # rope over the first partial_rotary_factor of each head (Phi-4-mini), NEOX-style as HF
+        partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+        writer.add_rope_dimension_count(int(partial * config["hidden_size"]) // config["num_attention_heads"])
+        writer.add_rope_scaling_orig_ctx_len(int(config.get("original_max_position_embeddings")
+                                                 or config.get("max_position_embeddings") or 2048))
+        writer.add_sliding_window(0)  # llama.cpp reads 0 as "no window" (a window is refused above)
+    if family in ("mixtral", "qwen2moe", "qwen3moe"):
+        experts, used = _expert_counts(config)
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(used)
+    if family in ("qwen2moe", "qwen3moe"):
+        writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
+    if family == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(int(config["shared_expert_intermediate_size"]))
 
 
 # ----- tokenizer ------------------------------------------------------------------------------
@@ -258,18 +395,25 @@ def add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
     gguf = _gguf()
     path = folder / "tokenizer.json"
     if not path.is_file():
-        raise D2MergeError("GGUF export needs a tokenizer.json (byte-level BPE)", path=folder,
-                           hint="copy the base's tokenizer files into the merged folder")
+        only_model = (folder / "tokenizer.model").is_file()
+        raise D2MergeError("GGUF export needs a tokenizer.json" + (
+            " (d2merge reads sentencepiece vocabularies from it, not from tokenizer.model)" if only_model else ""),
+            path=folder, hint="AutoTokenizer.from_pretrained(folder).save_pretrained(folder) writes one"
+            if only_model else "copy the base's tokenizer files into the merged folder")
     from d2merge.io.json_file import read_json
 
     spec = read_json(path, "tokenizer.json")
     if not isinstance(spec, dict):
         raise D2MergeError("tokenizer.json is not a JSON object", path=path)
     model = spec.get("model") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback") and "ByteLevel" not in json.dumps(spec):
+        _add_sentencepiece_tokenizer(writer, folder, spec, vocab_size)
+        return
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise D2MergeError(f"tokenizer model {model.get('type')!r} without a byte-level pre-tokenizer cannot be "
                            "converted to GGUF faithfully", path=path,
-                           hint="supported: byte-level BPE tokenizers (Llama 3, Qwen2/Qwen3, SmolLM2)")
+                           hint="supported: byte-level BPE (Llama 3, Qwen2/Qwen3, SmolLM2) and sentencepiece "
+                                "BPE with byte fallback (Llama 2, Mistral, Gemma, Phi-3)")
     from transformers import PreTrainedTokenizerFast
 
     from d2merge.io.transformers_folder import quiet_transformers
@@ -309,16 +453,163 @@ def add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
     if not special.merges:
         raise D2MergeError("tokenizer.json has no BPE merges", path=path)
-    # What the tokenizer really does, not what a config claims: llama.cpp's defaults for these
-    # differ by pre-tokenizer, so both are always written.
+    _add_special_tokens(special, folder)
+    special.add_to_gguf(writer, quiet=True)
+    writer.add_add_space_prefix(bool(_byte_level_option(spec.get("pre_tokenizer"), "add_prefix_space")))
+
+
+# gguf token types (gguf.TokenType) only sentencepiece vocabularies use
+UNKNOWN, BYTE = 2, 6
+BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+SPIECE_SPACE = "\u2581"  # sentencepiece's visible space
+
+
+def _sentencepiece_prefix(spec: Mapping[str, Any], path: Path) -> bool:
+    """Whether the tokenizer puts a space before the text (llama.cpp's ``add_space_prefix``), from the
+    normalizer / pre-tokenizer forms llama.cpp's sentencepiece tokenizer reproduces; others refused.
+
+    llama.cpp always writes spaces as U+2581 and, with the prefix, puts one before the text and after
+    every special token: what the legacy normalizer (Prepend + Replace, Llama 2 / Mistral v0.1) and
+    a Metaspace that prepends always do; Gemma replaces spaces and prepends nothing.
+    """
+    def step(node: Any) -> list[dict[str, Any]]:
+        if not node:
+            return []
+        if node.get("type") == "Sequence":
+            return [n for child in node.get("normalizers") or node.get("pretokenizers") or [] for n in step(child)]
+        return [node]
+
+    normalizer, pre = step(spec.get("normalizer")), step(spec.get("pre_tokenizer"))
+    kinds = [n.get("type") for n in normalizer], [n.get("type") for n in pre]
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPIECE_SPACE}
+    if not pre and normalizer and normalizer[-1] == replace:
+        if kinds[0] == ["Replace"]:
+            return False  # Gemma
+        if kinds[0] == ["Prepend", "Replace"] and normalizer[0].get("prepend") == SPIECE_SPACE:
+            return True  # Llama 2, Mistral v0.1
+    if not normalizer and kinds[1] == ["Metaspace"] and pre[0].get("replacement") == SPIECE_SPACE \
+            and not pre[0].get("split", True) and pre[0].get("prepend_scheme") in ("always", "never"):
+        return pre[0]["prepend_scheme"] == "always"
+    raise D2MergeError(f"sentencepiece tokenizer with normalizer {kinds[0]} and pre-tokenizer {kinds[1]}: llama.cpp "
+                       "would split or prefix text differently", path=path,
+                       hint="supported: the Llama 2 / Mistral v0.1 normalizer (Prepend + Replace), Gemma's (Replace)")
+
+
+def _merge_pairs(model: Mapping[str, Any], path: Path) -> list[tuple[str, str]]:
+    pairs = []
+    for merge in model.get("merges") or []:
+        pair = merge.split(" ") if isinstance(merge, str) else list(merge)
+        if len(pair) != 2:
+            raise D2MergeError(f"tokenizer.json has a malformed merge {merge!r}", path=path)
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def sentencepiece_scores(vocab: Mapping[str, int], merges: list[tuple[str, str]], path: Path,
+                         whole: frozenset[str] = frozenset()) -> dict[str, float]:
+    """The score of each merged token for llama.cpp's sentencepiece tokenizer, from the BPE merges.
+
+    llama.cpp merges, again and again, the adjacent pair whose concatenation is the vocabulary token
+    of highest score; HF's BPE merges the pair of lowest rank. They agree when the merges are the
+    ones HF writes for a sentencepiece model (its converter lists every split of every token, best
+    token first): every pair whose concatenation is a token is a merge, and the merges that make one
+    token are consecutive. Scores are then minus the order of first appearance. A tokenizer.json
+    whose merges are otherwise (trained by ``tokenizers``, edited) is refused: llama.cpp would
+    tokenize it differently.
+    """
+    order: dict[str, int] = {}
+    pairs = set()
+    previous = None
+    for left, right in merges:
+        token = left + right
+        if token not in vocab or left not in vocab or right not in vocab:
+            raise D2MergeError(f"merge {left!r} + {right!r} names a token missing from the vocabulary", path=path)
+        if token != previous and token in order:
+            raise D2MergeError(f"the merges that make {token!r} are not consecutive: not a sentencepiece BPE's "
+                               "merge list, llama.cpp would tokenize differently", path=path)
+        order.setdefault(token, len(order))
+        pairs.add((left, right))
+        previous = token
+    for token in order:
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab and (left, right) not in pairs:
+                raise D2MergeError(f"no merge {left!r} + {right!r} although both and {token!r} are tokens: not a "
+                                   "sentencepiece BPE's merge list, llama.cpp would tokenize differently", path=path)
+    for token in vocab:  # a token no merge makes must not be reachable by llama.cpp's pairing either
+        if token in order or token in whole or BYTE_TOKEN.match(token):
+            continue
+        for cut in range(1, len(token)):
+            if token[:cut] in vocab and token[cut:] in vocab:
+                raise D2MergeError(f"no merge {token[:cut]!r} + {token[cut:]!r} although both and {token!r} are "
+                                   "tokens: not a sentencepiece BPE's merge list, llama.cpp would tokenize "
+                                   "differently", path=path)
+    return {token: -float(rank) for token, rank in order.items()}
+
+
+def _add_sentencepiece_tokenizer(writer: Any, folder: Path, spec: Mapping[str, Any], vocab_size: int) -> None:
+    """A sentencepiece BPE with byte fallback (Llama 2, Mistral v0.1, Gemma, Phi-3), from tokenizer.json.
+
+    llama.cpp's converter reads tokenizer.model with the sentencepiece library; the same vocabulary's
+    tokenizer.json holds everything it takes from there except the scores, which are rebuilt from the
+    merge order (:func:`sentencepiece_scores`). Token types as sentencepiece's: control for special
+    tokens, byte for ``<0xXX>``, unknown for the unk token, user-defined for other added tokens.
+    """
+    gguf = _gguf()
+    path = folder / "tokenizer.json"
+    add_prefix = _sentencepiece_prefix(spec, path)
+    model = spec["model"]
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not vocab:
+        raise D2MergeError("tokenizer.json's BPE has no vocabulary", path=path)
+    added = {int(t["id"]): t for t in spec.get("added_tokens") or [] if isinstance(t, dict) and "id" in t}
+    by_id = {int(i): t for t, i in vocab.items()}
+    by_id.update({i: t["content"] for i, t in added.items()})
+    if max(by_id) >= vocab_size:
+        raise D2MergeError(f"tokenizer has id {max(by_id)} but the model's vocab_size is {vocab_size}", path=path)
+    scores_of = sentencepiece_scores(vocab, _merge_pairs(model, path), path,
+                                     whole=frozenset(t["content"] for t in added.values()))
+    if not any(BYTE_TOKEN.match(t) for t in vocab):
+        raise D2MergeError("byte_fallback without <0xXX> byte tokens", path=path)
+    unk = model.get("unk_token")
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-10000.0)  # llama.cpp's converter's padding score
+            types.append(UNUSED)
+            continue
+        tokens.append(token)
+        scores.append(scores_of.get(token, 0.0))
+        if i in added and (added[i].get("special") or token == unk):
+            types.append(UNKNOWN if token == unk else CONTROL)
+        elif i in added:
+            types.append(USER_DEFINED)
+        elif BYTE_TOKEN.match(token):
+            types.append(BYTE)
+        else:
+            types.append(NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size)
+    _add_special_tokens(special, folder)
+    special.add_to_gguf(writer, quiet=True)
+    writer.add_add_space_prefix(add_prefix)
+
+
+def _add_special_tokens(special: Any, folder: Path) -> None:
+    """add_bos/add_eos as the tokenizer really adds them (not what a config claims): llama.cpp's
+    defaults for these differ by tokenizer, so both are always written."""
     from d2merge.io.transformers_folder import load_tokenizer
 
     configured = load_tokenizer(folder)
     ids = configured("a")["input_ids"]
     special.add_special_token = {"bos": configured.bos_token_id is not None and ids[:1] == [configured.bos_token_id],
                                  "eos": configured.eos_token_id is not None and ids[-1:] == [configured.eos_token_id]}
-    special.add_to_gguf(writer, quiet=True)
-    writer.add_add_space_prefix(bool(_byte_level_option(spec.get("pre_tokenizer"), "add_prefix_space")))
 
 
 def _byte_level_option(node: Any, key: str) -> Any:
@@ -345,30 +636,71 @@ def permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Planned:
-    source: str | None  # HF tensor name (None: generated, e.g. rope_freqs)
+    source: str | None  # HF tensor name (None: generated, e.g. rope_freqs); a stack's first expert
     name: str
     shape: tuple[int, ...]
     qtype: Any
     nbytes: int
+    stacked: tuple[str, ...] = ()  # MoE: the per-expert HF tensors written one after the other, in expert order
+    plus_one: bool = False  # Gemma's RMSNorm weights: written as 1 + w (in fp32, as HF computes it)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The HF tensors this GGUF tensor is written from, in stream order."""
+        return self.stacked or ((self.source,) if self.source is not None else ())
+
+
+def _stream_order(planned: list[_Planned]) -> list[str]:
+    """The HF tensors in the order the writer consumes them (an expert stack's members together)."""
+    return [name for item in planned for name in item.parts]
+
+
+EXPERT_NAME = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
 def _plan_tensors(names_shapes: list[tuple[str, tuple[int, ...]]], config: Mapping[str, Any], arch: str,
                   gguf_type: str, path: Path) -> list[_Planned]:
     gguf = _gguf()
+    spec = arch_spec(config, path)
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     mapping = gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"])
     weight_type = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[gguf_type][0])
-    tied = bool(config.get("tie_word_embeddings", False))
+    tied = _tied(config, spec)
+    stacks: dict[str, dict[int, tuple[str, tuple[int, ...]]]] = {}
     planned = []
     for name, shape in names_shapes:
         if name.endswith("rotary_emb.inv_freq"):
             continue
         if name == "lm_head.weight" and tied:
             continue  # llama.cpp ties output to token_embd when output.weight is absent
+        expert = EXPERT_NAME.match(name) if spec.experts else None
+        if expert is not None:
+            # llama.cpp's ``*_exps`` tensor is the experts stacked on a new first axis: written as
+            # one after the other (rows encode independently, so the bytes are the stack's)
+            key = f"{expert['prefix']}.{expert['rest']}"
+            stacks.setdefault(key, {})[int(expert["index"])] = (name, shape)
+            continue
         target = mapping.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise D2MergeError(f"no GGUF name for this tensor in llama.cpp's {arch} layout", path=path, tensor=name)
-        planned.append(_plan_one(name, target, shape, weight_type))
+        if name.endswith("shared_expert_gate.weight") and len(shape) == 2 and shape[0] == 1:
+            shape = shape[1:]  # Qwen2-MoE's [1, hidden] gate: llama.cpp's converter writes it as a vector
+        item = _plan_one(name, target, shape, weight_type)
+        if spec.norm_offset and name.endswith("norm.weight"):
+            item = _replace(item, plus_one=True)
+        planned.append(item)
+    experts = _expert_counts(config)[0] if spec.experts else 0
+    for key, members in sorted(stacks.items()):
+        target = mapping.get_name(key, try_suffixes=(".weight", ".bias"))
+        first = members.get(0, next(iter(members.values())))
+        if target is None:
+            raise D2MergeError(f"no GGUF name for these experts in llama.cpp's {arch} layout", path=path,
+                               tensor=first[0])
+        if sorted(members) != list(range(experts)) or len({shape for _, shape in members.values()}) != 1:
+            raise D2MergeError(f"expected experts 0..{experts - 1} of one shape (num_experts={experts})",
+                               path=path, tensor=first[0])
+        item = _plan_one(first[0], target, (experts, *first[1]), weight_type)
+        planned.append(_replace(item, stacked=tuple(members[i][0] for i in range(experts))))
     if not tied and "lm_head.weight" not in {n for n, _ in names_shapes}:
         raise D2MergeError("config says untied embeddings but there is no lm_head.weight", path=path)
     theta, rope = _rope(config)
@@ -376,6 +708,11 @@ def _plan_tensors(names_shapes: list[tuple[str, tuple[int, ...]]], config: Mappi
         planned.append(_planned_f32(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                                     (_head_dim(config) // 2,)))
     return planned
+
+
+def _tied(config: Mapping[str, Any], spec: ArchSpec) -> bool:
+    """Whether the output reuses the embedding; Gemma's configs leave out their default (tied)."""
+    return bool(config.get("tie_word_embeddings", spec.family in ("gemma2", "gemma3")))
 
 
 def _planned_f32(source: str | None, name: str, shape: tuple[int, ...]) -> _Planned:
@@ -481,15 +818,18 @@ def _encoded_blocks(item: _Planned, data: _TensorData | None, config: Mapping[st
         yield llama3_rope_factors(rope, theta, _head_dim(config))
         return
     heads = _heads_to_permute(item, config, permute)
-    rows = item.shape[0] if item.shape else 1
-    row_values = math.prod(item.shape[1:]) if len(item.shape) > 1 else (math.prod(item.shape) if item.shape else 1)
+    shape = data.shape  # one expert of a stack: its own shape
+    rows = shape[0] if shape else 1
+    row_values = math.prod(shape[1:]) if len(shape) > 1 else (math.prod(shape) if shape else 1)
     unit = rows // heads if heads else 1  # the permutation moves rows within a head only
     step = max(1, BLOCK_VALUES // max(row_values * unit, 1)) * unit
-    if len(item.shape) < 2:
+    if len(shape) < 2:
         step = rows  # 1-D: one block
     for block in data.row_blocks(step):
         if heads:
             block = permute_for_llama_cpp(block, block.shape[0] // unit)
+        if item.plus_one:
+            block = block.to(torch.float32) + 1.0
         yield _encode(block, item.qtype)
 
 
@@ -535,14 +875,16 @@ def _write_gguf(target: Path, *, arch: str, permute: bool, config: Mapping[str, 
         writer.write_ti_data_to_file()
         fout = writer.fout[0]
         for item in _progress(planned, progress):
-            data = next(tensors) if item.source is not None else None
-            if data is not None and data.name != item.source:
-                raise D2MergeError(f"tensor stream out of order: got {data.name}", tensor=item.source)
+            parts = [next(tensors) for _ in item.parts] or [None]  # [None]: generated (rope_freqs)
+            for data, source in zip(parts, item.parts):
+                if data is None or data.name != source:
+                    raise D2MergeError(f"tensor stream out of order: got {data and data.name}", tensor=source)
             writer.write_padding(fout, fout.tell())
             written = 0
-            for block in _encoded_blocks(item, data, config, permute):
-                block.tofile(fout)
-                written += block.nbytes
+            for data in parts:
+                for block in _encoded_blocks(item, data, config, permute):
+                    block.tofile(fout)
+                    written += block.nbytes
             if written != item.nbytes:
                 raise D2MergeError(f"encoded {written} bytes, planned {item.nbytes}", tensor=item.source)
             writer.write_padding(fout, item.nbytes)
@@ -619,7 +961,7 @@ def export_gguf(merged: str | os.PathLike, out: str | os.PathLike, *, gguf_type:
     planned = _plan_tensors([(n, tuple(checkpoint.tensors.info(n)[1])) for n in names], config, arch,
                             "f32" if by_llama_cpp else gguf_type, folder)
     entries, temp_bytes = _prepare_llama_cpp(planned, out_path, gguf_type, imatrix) if by_llama_cpp else (None, 0)
-    sources = [p.source for p in planned if p.source is not None]
+    sources = _stream_order(planned)
     sidecars = (modelfile_for(out_path).name,) if modelfile else ()
     with AtomicFiles(out_path, overwrite=overwrite, sidecars=sidecars) as staging:
         try:
@@ -747,7 +1089,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     planned = _plan_tensors([(n, tuple(by_name[n].shape)) for n in names], config, arch,
                             "f32" if by_llama_cpp else gguf_type, merge_plan.base.folder)
     entries, temp_bytes = _prepare_llama_cpp(planned, out_path, gguf_type, imatrix) if by_llama_cpp else (None, 0)
-    items = [by_name[p.source] for p in planned if p.source is not None]
+    items = [by_name[name] for name in _stream_order(planned)]
     labels = merge_plan.source_files()
     hasher = BackgroundHashes(labels) if options.hash_sources else None
     reserved = {label: HASH_PLACEHOLDER for label in labels} if hasher is not None else {}
@@ -1034,9 +1376,10 @@ def gguf_for_verify(path: str | os.PathLike) -> GGUFForVerify:
     path = Path(path)
     metadata, table = read_gguf(path)
     arch = metadata.get("general.architecture")
-    if arch not in {a for a, _ in ARCHITECTURES.values()}:
-        raise D2MergeError(f"verify reads GGUF files of the llama, qwen2 and qwen3 architectures, not {arch!r}",
-                           path=path)
+    if arch not in VERIFY_ARCHITECTURES or metadata.get(f"{arch}.expert_count"):
+        what = f"{arch!r} with experts" if arch in VERIFY_ARCHITECTURES else repr(arch)
+        raise D2MergeError(f"verify reads GGUF files of the llama, qwen2 and qwen3 architectures, not {what}",
+                           path=path, hint="verify the merged folder instead (merge --format hf)")
     gguf_type, exact = file_type_from_tensors(table, metadata.get("general.file_type"), path)
     return GGUFForVerify(path, gguf_type, arch, int(metadata.get(f"{arch}.block_count") or 0),
                          {name: kind for name, (_, kind) in table.items()}, exact)

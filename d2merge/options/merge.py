@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from d2merge.dtypes import FLOAT_DTYPES
-from d2merge.options.base import OptionModel, option, when
-from d2merge.options.onnx import GENAI_PRECISIONS
+from d2merge.options.base import OptionModel, option, option_like, when
+from d2merge.options.onnx import GENAI_PRECISIONS, OnnxExportOptions
 
 # "auto" keeps each base tensor's dtype; the others are d2merge.dtypes' rows.
 OUT_DTYPE_NAMES: tuple[str, ...] = ("auto", *FLOAT_DTYPES)
@@ -65,6 +65,9 @@ class MergeOptions(OptionModel):
                              hint="give it as ORG/NAME, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
+_GENAI_INT4 = (when("format", "onnx-genai"), when("genai_precision", "int4"))
+
+
 @dataclass(frozen=True)
 class MergeRunOptions(OptionModel):
     """What ``d2merge merge`` does around the merge: the format and its settings, a dry run, verify, push.
@@ -86,6 +89,11 @@ class MergeRunOptions(OptionModel):
                                   applies_with=when("format", "onnx-genai"),
                                   context_hint="use {dtype} for the other formats",
                                   help="With --format onnx-genai: precision of the onnxruntime-genai build.")
+    # the genai builder's int4 settings: export-onnx's own fields, here with merge's condition
+    int4_block_size: int | None = option_like(OnnxExportOptions, "int4_block_size", applies_with=_GENAI_INT4)
+    int4_accuracy_level: int | None = option_like(OnnxExportOptions, "int4_accuracy_level", applies_with=_GENAI_INT4)
+    int4_algorithm: str | None = option_like(OnnxExportOptions, "int4_algorithm", applies_with=_GENAI_INT4)
+    int4_asymmetric: bool = option_like(OnnxExportOptions, "int4_asymmetric", applies_with=_GENAI_INT4)
     gguf_type: str = option("f16", metavar="TYPE", applies_with=when("format", "gguf"),
                             help="With --format gguf: " + GGUF_TYPE_HELP)
     gguf_imatrix: str | None = option(None, flag="--imatrix", metavar="FILE", applies_with=when("format", "gguf"),
@@ -105,3 +113,9 @@ class MergeRunOptions(OptionModel):
     dry_run: bool = option(False, help="Print the plan (every changed tensor, rank, scale, shard) and write nothing.")
     as_json: bool = option(False, flag="--json", applies_with=when("dry_run"),
                            help="With --dry-run: print the plan as JSON.")
+
+    @property
+    def int4_given(self) -> bool:
+        """Any of the --int4-* settings given (the builder's defaults are taken for the others)."""
+        return any(v not in (None, False) for v in (self.int4_block_size, self.int4_accuracy_level,
+                                                    self.int4_algorithm, self.int4_asymmetric))
