@@ -209,7 +209,10 @@ def test_llama_cpp_loads_and_generates_a_k_quant(smol):
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(smol.folder)
     model = AutoModelForCausalLM.from_pretrained(smol.folder, dtype=torch.float32).eval()
-    llm = llama_cpp.Llama(str(smol.gguf("q4_k_m")), n_ctx=128, n_threads=2, verbose=False)
+    # One thread, as every test here (conftest.py): llama.cpp's threads meet at a spinning barrier after
+    # each op, and two of them on a 2-core box that two xdist workers already fill wait for each other's
+    # time slices: at load 15-20 this test ran into the 900 s limit (30 s at load 5).
+    llm = llama_cpp.Llama(str(smol.gguf("q4_k_m")), n_ctx=128, n_threads=1, verbose=False)
     agree = 0
     prompts = ("The capital of France is", "Water freezes at zero degrees", "One, two, three, four,")
     for prompt in prompts:
