@@ -1,6 +1,6 @@
 """Faults on every output: kill -9, Ctrl-C, a full disk and a read-only destination, for any CLI command.
 
-tests/test_fault_paths.py runs every :data:`KINDS` entry through four faults and checks the same
+tests/system/test_fault_paths.py runs every :data:`KINDS` entry through four faults and checks the same
 promise each time (docs/faults.md):
 
 - **kill -9**: SIGKILL right after each rename of a d2merge work path (the states between the
@@ -69,7 +69,7 @@ READ_ONLY = ("not writable", "permission denied", "read-only")
 
 @dataclass(frozen=True)
 class Inputs:
-    """The folders the commands read (built once per module by tests/test_fault_paths.py)."""
+    """The folders the commands read (built once per module by tests/system/test_fault_paths.py)."""
 
     base: Path
     adapter: Path
