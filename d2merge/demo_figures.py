@@ -1,5 +1,5 @@
 """What the demo promises a newcomer, in one torch-free place: its measured times and the three commands
-it ends with. ``d2merge demo --help`` and README.md state the same (tests/test_docs.py checks both), and
+it ends with. ``d2merge demo --help`` and README.md state the same (tests/system/test_docs.py checks both), and
 README's figure note says when they were measured and at which commit.
 """
 

@@ -9,7 +9,7 @@ needs four verbs). What counts as a failure, and why it is the real thing:
   Content-Security-Policy violations included (a fetch our CSP blocks lands here);
 - ``Network.requestWillBeSent`` for anything but the page itself: a network request, made.
 
-tests/test_html_reports.py proves each detector on a page built to trip it.
+tests/unit/reports/test_html_reports.py proves each detector on a page built to trip it.
 """
 
 from __future__ import annotations

@@ -52,6 +52,12 @@ read-only: copy it (``writable_copy``) before changing a byte, or other tests se
     runs (a file lock makes xdist workers share one conversion). Skips when the package is
     missing (``make setup`` installs it).
 
+``smollm2_merged`` (session)
+    SmolLM2 with one random D2-LoRA adapter (r=8 on q/k/v/o, magnitude 0.02) merged in fp32
+    (``.folder``, ``.adapter``) and its GGUF exports by type (``.gguf(gguf_type) -> Path``), each
+    made on first use and shared by every xdist worker of the run (a 540 MB merge and its exports
+    are made once per run, not once per test file and worker). Read-only.
+
 ``cli_runner`` (function)
     ``cli_runner([...]) -> CliResult(code, out, err)``: runs ``d2merge.cli.main`` in-process
     with its output captured (``--debug`` state reset, ``D2MERGE_DEBUG`` unset).
@@ -76,6 +82,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # CI must not fail on a new random example one day and pass the next: derandomised there.
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+from helpers import REPO_ROOT  # noqa: E402
 
 _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
@@ -204,7 +212,7 @@ def writable_copy(tmp_path: Path) -> Callable[..., Path]:
 
 # D2MERGE_TEST_CACHE lets several checkouts share one converted copy.
 REAL_MODEL_CACHE = Path(os.environ.get("D2MERGE_TEST_CACHE")
-                        or Path(__file__).resolve().parent.parent / ".pytest_cache" / "d2merge-real-models")
+                        or REPO_ROOT / ".pytest_cache" / "d2merge-real-models")
 
 
 @pytest.fixture(scope="session")
@@ -223,6 +231,64 @@ def smollm2() -> Path:
             with gguf_parsed_once():  # transformers reads the file three times (config, tokenizer, weights)
                 hf_folder_from_gguf(gguf, folder)
     return folder
+
+
+def run_shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every xdist worker of this run sees: the parent of the workers' base temps (pytest's own
+    temp folder without xdist). Anything made there is made under a file lock, once per run."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+class SmolLM2Merged:
+    """SmolLM2 + a random D2-LoRA adapter merged in fp32, and its GGUF exports, each made once per run.
+
+    The GGUF and K-quant tests all read this one merge: a merge of SmolLM2 writes 540 MB and each
+    export of it seconds of CPU, so they are made on first use under a lock and shared by the workers.
+    """
+
+    def __init__(self, smollm2: Path, root: Path):
+        self.smollm2, self.root = smollm2, root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _once(self, name: str, make: Callable[[Path], Any]) -> Path:
+        target = self.root / name
+        with open(self.root / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.exists():  # merge and export_gguf both commit atomically: there means complete
+                make(target)
+        return target
+
+    @property
+    def adapter(self) -> Path:
+        from d2merge.synthetic import save_random_adapter
+
+        def make(target: Path) -> None:
+            temp = self.root / f".adapter.tmp-{os.getpid()}"
+            save_random_adapter(self.smollm2, temp, "d2lora", r=8, magnitude=0.02,
+                                target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+            os.replace(temp, target)
+
+        return self._once("adapter", make)
+
+    @property
+    def folder(self) -> Path:
+        from d2merge.merge import merge
+
+        adapter = self.adapter
+        return self._once("merged", lambda target: merge(self.smollm2, adapter, target, dtype="fp32",
+                                                           hash_sources=False))
+
+    def gguf(self, gguf_type: str) -> Path:
+        from d2merge.export.gguf import export_gguf
+
+        folder = self.folder
+        return self._once(f"smol-{gguf_type}.gguf", lambda target: export_gguf(folder, target, gguf_type=gguf_type))
+
+
+@pytest.fixture(scope="session")
+def smollm2_merged(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> SmolLM2Merged:
+    return SmolLM2Merged(smollm2, run_shared_root(tmp_path_factory) / "smollm2-merged-d2lora")
 
 
 class CliResult(NamedTuple):

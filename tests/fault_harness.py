@@ -1,6 +1,6 @@
 """Faults on every output: kill -9, Ctrl-C, a full disk and a read-only destination, for any CLI command.
 
-tests/test_fault_paths.py runs every :data:`KINDS` entry through four faults and checks the same
+tests/system/test_fault_paths.py runs every :data:`KINDS` entry through four faults and checks the same
 promise each time (docs/faults.md):
 
 - **kill -9**: SIGKILL right after each rename of a d2merge work path (the states between the
@@ -69,7 +69,7 @@ READ_ONLY = ("not writable", "permission denied", "read-only")
 
 @dataclass(frozen=True)
 class Inputs:
-    """The folders the commands read (built once per module by tests/test_fault_paths.py)."""
+    """The folders the commands read (built once per module by tests/system/test_fault_paths.py)."""
 
     base: Path
     adapter: Path
@@ -124,7 +124,8 @@ KINDS = [
     OutputKind("hf-folder", "out", lambda i, out, p: _merge(i, out, p, "--max-shard-size", "20KB")),
     OutputKind("safetensors", "out.safetensors", lambda i, out, p: _merge(i, out, p, "--format", "safetensors")),
     OutputKind("gguf-f16", "out.gguf", _gguf("f16"), needs=("bpe",), cost="slow"),
-    OutputKind("gguf-q8_0", "out.gguf", _gguf("q8_0"), needs=("bpe",), cost="slow"),
+    # the f16 file's writer and commit; only each tensor's encoding differs: the full sweep's
+    OutputKind("gguf-q8_0", "out.gguf", _gguf("q8_0"), needs=("bpe",), cost="full"),
     # llama.cpp's quantizer on an f32 temp beside the output (issue 32); skipped without llama-cpp-python
     OutputKind("gguf-q4_k_m", "out.gguf", _gguf("q4_k_m"), needs=("bpe", "llama_cpp"), cost="slow",
                disk_full=(NO_SPACE, "free beside the output")),

@@ -1,7 +1,7 @@
 """Wrong merges that `d2merge verify` must fail: each helper writes a merged folder wrong in one way.
 
-Shared by the tiny-model fault tests (tests/test_verify.py) and the real-model ones
-(tests/test_verify_real.py), so both suites test the same faults:
+Shared by the tiny-model fault tests (tests/unit/verify/test_verify.py) and the real-model ones
+(tests/system/test_verify_real.py), so both suites test the same faults:
 
 - ``wrong_tau_sign``: a D2-LoRA merge made with tau negated (a sign convention mixed up);
 - ``scale_tensor``: one merged tensor multiplied by 1.01;

@@ -2,6 +2,8 @@
 this checkout's d2merge, and the assertion that a refusal is one line with exit code 2.
 
 Import it as ``from helpers import ...`` (pytest puts tests/ on ``sys.path``, as for ``malformed``).
+Paths go through :data:`REPO_ROOT` and :data:`TESTS_DIR`, never ``Path(__file__).parent``: a test
+file's own folder says nothing about where the checkout or the drivers beside this module are.
 """
 
 from __future__ import annotations
@@ -10,19 +12,22 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = Path(__file__).resolve().parent  # this module, conftest.py and the drivers (kill_driver.py, ...)
+REPO_ROOT = TESTS_DIR.parent
 ERROR_PREFIX = "d2merge: error: "
 
 
-def checkout_env(base: Mapping[str, str] | None = None, **changes: str) -> dict[str, str]:
+def checkout_env(base: Mapping[str, str] | None = None, *, drop: Iterable[str] = (), **changes: str) -> dict[str, str]:
     """``base`` (this process's environment by default) with this checkout first on PYTHONPATH.
 
-    ``D2MERGE_DEBUG`` is dropped (a developer's shell may set it, and it turns the one-line errors
-    the tests check into tracebacks); ``changes`` are set last.
+    ``D2MERGE_DEBUG`` and the names in ``drop`` are dropped (a developer's shell may set
+    D2MERGE_DEBUG, and it turns the one-line errors the tests check into tracebacks); ``changes``
+    are set last.
     """
-    env = {k: v for k, v in (os.environ if base is None else base).items() if k != "D2MERGE_DEBUG"}
+    dropped = {"D2MERGE_DEBUG", *drop}
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in dropped}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.update(changes)
     return env

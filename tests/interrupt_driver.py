@@ -1,6 +1,6 @@
 """Run `d2merge merge` through the CLI in this process and signal ourselves at a chosen point.
 
-Used by tests/test_interrupt.py in a subprocess:
+Used by tests/system/test_interrupt.py in a subprocess:
 
     python interrupt_driver.py REPORT SIGNAL POINT [POINT ...] -- MERGE ARGS (without -o)
 

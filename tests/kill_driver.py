@@ -1,6 +1,6 @@
 """Run the d2merge CLI in this process and SIGKILL ourselves at a chosen or a random point.
 
-Used by tests/test_kill9.py in a subprocess:
+Used by tests/system/test_kill9.py in a subprocess:
 
     python kill_driver.py replace:N -- CLI ARGS    # killed right after the N-th rename of a d2merge work path
     python kill_driver.py delay:SECONDS -- CLI ARGS  # killed SECONDS after the command starts, wherever it is

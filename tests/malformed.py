@@ -6,8 +6,8 @@ for the message, the file the message must name and, where relevant, the tensor.
 
 The templates are tiny (a two-layer Llama-shaped model with hidden size 16, written directly
 with d2merge's own writer, no transformers import), so building a case is a file copy plus a
-few bytes changed. `tests/test_malformed_corpus.py` runs every case; `tests/test_fuzz.py` and
-`tests/test_security.py` reuse the builders.
+few bytes changed. `tests/system/test_malformed_corpus.py` runs every case; `tests/system/test_fuzz.py` and
+`tests/system/test_security.py` reuse the builders.
 """
 
 from __future__ import annotations
@@ -369,7 +369,7 @@ def _(ws: Workspace) -> None:
 
 
 @case("base-st-dtype-not-a-string", r"unsupported dtype \[\]", "base/model.safetensors", FIRST_BASE_TENSOR)
-def _(ws: Workspace) -> None:  # found by tests/test_fuzz.py: once a TypeError (unhashable list)
+def _(ws: Workspace) -> None:  # found by tests/system/test_fuzz.py: once a TypeError (unhashable list)
     edit_header(_base_st(ws), lambda h: h[FIRST_BASE_TENSOR].update(dtype=[]))
 
 
@@ -569,7 +569,7 @@ def _(ws: Workspace) -> None:
 
 
 @case("config-eps-overflows-float32", r"field 'eps' must fit in float32", "adapter/adapter_config.json")
-def _(ws: Workspace) -> None:  # found by tests/test_fuzz.py: once a RuntimeError from torch's clamp
+def _(ws: Workspace) -> None:  # found by tests/system/test_fuzz.py: once a RuntimeError from torch's clamp
     _set_config(ws, eps=3.5e38)
 
 

@@ -18,7 +18,7 @@ import traceback
 import click
 
 # Only light modules at import time: `d2merge --help` and flag errors must not wait for torch.
-# Each command imports the library it calls (tests/test_newcomer.py checks this).
+# Each command imports the library it calls (tests/system/test_newcomer.py checks this).
 from d2merge.cli.bench import bench_command
 from d2merge.cli.combine import combine_command
 from d2merge.cli.convert import convert_command

@@ -3,7 +3,7 @@
 Why gguf-py and not our own writer: it is maintained with llama.cpp, so the key names, tensor
 names (``get_tensor_name_map``) and quantization formats (``gguf.quants``) are the ones
 llama.cpp reads. What d2merge adds is the conversion decisions llama.cpp's converter makes for
-the architectures we support, each checked in tests/test_gguf.py against three independent
+the architectures we support, each checked in tests/unit/export/test_gguf.py against three independent
 readers (transformers' GGUF loader, llama.cpp itself, and a GGUF llama.cpp wrote):
 
 - Llama and Mistral attention: llama.cpp applies rotary embeddings to interleaved pairs, HF to
@@ -50,7 +50,7 @@ from d2merge.sizes import format_size
 
 # --gguf-type written by gguf-py in numpy -> (GGML type of 2-D weights, llama.cpp's general.file_type);
 # 1-D tensors (norms, biases) always stay F32, as in llama.cpp. Each is llama.cpp's file byte for
-# byte (tests/test_gguf_quant.py): q8_0 is llama.cpp's Q8_0 (whose mix is Q8_0 everywhere); the
+# byte (tests/unit/export/test_gguf_quant.py): q8_0 is llama.cpp's Q8_0 (whose mix is Q8_0 everywhere); the
 # ``_pure`` types are ``llama-quantize --pure`` (every 2-D weight in that type), not llama.cpp's
 # Q4_0..Q5_1 mix, which keeps the output/embedding at Q6_K: those are the llama.cpp types below.
 GGUF_TYPES: dict[str, tuple[str, int]] = {

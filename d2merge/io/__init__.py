@@ -4,7 +4,7 @@ The names below are imported on first use (PEP 562), as in the top-level package
 the modules that need no torch (``source_hashes``, ``direct_io``, ``json_file``)
 must import without it, because the CLI starts hashing a warm base before torch
 loads, so that the hash (1.4 CPU-s at 1.1B) runs on the second core during the
-import instead of after it (tests/test_source_hashes.py checks that it does).
+import instead of after it (tests/unit/io/test_source_hashes.py checks that it does).
 """
 
 from __future__ import annotations

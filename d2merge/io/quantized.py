@@ -10,7 +10,7 @@ plain name as the tensor the training runtime computed, its quantization state (
 
 Why our own torch dequantizer and not bitsandbytes: importing bitsandbytes on CPU looks for
 kernels on the Hub and logs warnings, a merge must never need the network nor print more than
-one line, and the arithmetic is three lines. tests/test_quantized.py checks it bit for bit
+one line, and the arithmetic is three lines. tests/unit/io/test_quantized.py checks it bit for bit
 against bitsandbytes 0.50 (``dequantize_4bit``, the 8-bit formula of its training matmul) on
 every layout; bitsandbytes stays a test dependency, the oracle.
 

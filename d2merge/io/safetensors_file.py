@@ -10,7 +10,7 @@ Why not the ``safetensors`` package for these two jobs: its ``save_file`` takes 
 whole state dict in memory (a merge holds one tensor at a time), and neither its
 reader nor its writer gives byte ranges, which the engine uses to copy unchanged
 tensors file to file without decoding them (``byte_range``/``copy_from``). The
-format is small and fixed; ``tests/test_reader_differential.py`` checks this reader
+format is small and fixed; ``tests/unit/io/test_reader_differential.py`` checks this reader
 against ``safetensors.safe_open`` on every corrupt and valid file of the malformed
 corpus, so the two cannot drift apart.
 """

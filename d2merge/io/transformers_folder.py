@@ -5,7 +5,7 @@ Python (``configuration_*.py``, ``modeling_*.py``, ``tokenization_*.py``) that t
 would import, or ask about on stdin. d2merge never runs code from a model folder, so such a
 folder is refused before transformers sees it, and every call passes
 ``trust_remote_code=False`` so that nothing slips past the check either.
-Nothing else in d2merge calls ``from_pretrained`` (tests/test_security.py checks).
+Nothing else in d2merge calls ``from_pretrained`` (tests/system/test_security.py checks).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from d2merge.options.base import OptionModel, option, when
 ONNX_DTYPES = ("fp32", "fp16")  # ONNX Runtime's CPU provider has no bf16 kernels
 EXPORTERS = ("dynamo", "legacy")
 RUNTIMES = ("generic", "genai")
-# d2merge.export.onnx_genai builds these (tests/test_options.py keeps the lists equal).
+# d2merge.export.onnx_genai builds these (tests/unit/options/test_options.py keeps the lists equal).
 GENAI_PRECISIONS = ("fp32", "fp16", "int4")
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 INT4_ALGORITHMS = ("default", "rtn", "k_quant", "rtn_last", "k_quant_last", "k_quant_mixed")

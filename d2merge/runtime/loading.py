@@ -29,7 +29,7 @@ def collecting_new_objects_only() -> Iterator[None]:
 
     Why: verify and bench collect after each model so that at most one is resident, and a full
     collection walks every object of the process (about 370k once torch and transformers are
-    imported: 0.2 s each, 14 s of a 36 s run of tests/test_verify.py's correct-merge cases),
+    imported: 0.2 s each, 14 s of a 36 s run of tests/unit/verify/test_verify.py's correct-merge cases),
     yet the cycles to free (a model, its adapter layers) are all younger than the call.
     Nested uses (verify inside merge --verify) freeze once and thaw at the outermost exit;
     cycles among the frozen objects wait for that exit. Usable as a decorator.

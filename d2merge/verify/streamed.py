@@ -16,7 +16,7 @@ of stage, each materializing only what it runs, read from the checkpoint through
   run as the model class defines them.
 
 Calls run in the same batches as on the whole model, so the logits are bitwise those of the
-whole-model forward on CPU (tests/test_streamed.py checks it on every tiny architecture).
+whole-model forward on CPU (tests/unit/verify/test_streamed.py checks it on every tiny architecture).
 A call that continues another's KV cache (the multiple-choice prompt sharing) keeps one
 block's cache at a time: the prompt's keys for block i are written when the prompt runs
 block i, repeated for its choices, used by the choices' call and dropped.

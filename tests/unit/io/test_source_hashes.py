@@ -14,6 +14,7 @@ from d2merge.io import source_hashes
 from d2merge.io.source_hashes import UNREADABLE, BackgroundHashes, hash_ahead, hash_ahead_of_merge, hub_blob_sha256
 from d2merge.io.tensor_reader import TensorReader
 from d2merge.io.safetensors_file import save_tensors
+from helpers import run_python
 
 
 @pytest.fixture()
@@ -229,16 +230,11 @@ def test_cli_hashes_ahead_of_the_merge(tiny_bases, make_adapter, tmp_path: Path)
 
 def test_the_early_hash_starts_before_torch_is_imported(tiny_bases, make_adapter) -> None:
     """What the CLI runs before importing torch imports no torch itself, or the hash would wait for the import."""
-    import subprocess
-    import sys
-
     base = tiny_bases("llama")
     adapter = make_adapter(base, "lora")
     code = ("import sys\nfrom d2merge.io.source_hashes import _EARLY, hash_ahead_of_merge\n"
             f"hash_ahead_of_merge({str(base)!r}, {str(adapter)!r})\n"
             "print(len(_EARLY), sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules))")
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(root)})
+    done = run_python(["-c", code])
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["3", "[]"]

@@ -25,9 +25,9 @@ import pytest
 
 import d2merge.cli
 from d2merge.io.output import OUTPUT_MARKER, TEMP_MARKER
-from helpers import checkout_env
+from helpers import TESTS_DIR, checkout_env
 from malformed import write_templates
-DRIVER = Path(__file__).with_name("interrupt_driver.py")
+DRIVER = TESTS_DIR / "interrupt_driver.py"
 SHARD_SIZE = "8KB"  # the tiny base in 4 output shards
 TENSORS = 21
 POINTS = ("tensor:1", "tensor:11", f"tensor:{TENSORS}", "commit")

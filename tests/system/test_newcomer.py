@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import run_python
 
 
 # ---- 9: the model card that --push-to publishes names no local path ----------------------------
@@ -149,8 +147,7 @@ def test_bench_decode_prompt_length_option_and_no_bar_off_a_terminal(tiny_bases,
 def test_help_does_not_import_torch():
     code = ("import sys\nfrom d2merge.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'safetensors') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    done = run_python(["-c", code], timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Usage:" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"

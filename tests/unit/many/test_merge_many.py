@@ -22,6 +22,7 @@ from d2merge.errors import D2MergeError
 from d2merge.io.output import TEMP_MARKER
 from d2merge.io.safetensors_file import SafetensorsFile
 from d2merge.many import Job, load_manifest, merge_many
+from helpers import checkout_env
 
 SHARD = "20KB"
 METHODS = ("lora", "dora", "d2lora", "dual_lora")
@@ -232,7 +233,7 @@ def test_kill_9_then_rerun_skips_finished_and_redoes_the_rest(four_methods: tupl
     manifest = write_manifest(tmp_path / "jobs.json", [str(a) for a in adapters])
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", KILLED_RUN, str(base), str(manifest), str(out), adapters[2].name],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                          capture_output=True, text=True, env=checkout_env(OMP_NUM_THREADS="1"), timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr
     names = sorted(p.name for p in out.iterdir())
     assert adapters[0].name in names and adapters[1].name in names
@@ -402,8 +403,7 @@ def test_ray_identical_outputs_retried_worker_and_per_job_failures(four_methods:
             raise D2MergeError("disk gone", path="/nowhere")
 
     assert not ray.is_initialized()
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    path = checkout_env()["PYTHONPATH"]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
     try:

@@ -21,8 +21,9 @@ from d2merge.errors import D2MergeError
 from d2merge.methods import parse_adapter_config
 from d2merge.methods.fields import FIELDS, render_markdown
 from d2merge.synthetic import adapter_config
+from helpers import REPO_ROOT, assert_one_line_error
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "adapter-fields.md"
+DOCS = REPO_ROOT / "docs" / "adapter-fields.md"
 
 
 @pytest.fixture
@@ -42,11 +43,9 @@ def refused(cli_runner: Any, base: Path, adapter: Path, tmp_path: Path) -> str:
     """Merge through the CLI; assert one line, exit 2, nothing written; return the line."""
     out = tmp_path / "merged"
     result = cli_runner(["merge", base, adapter, "-o", out])
-    lines = result.err.strip().splitlines()
-    assert result.code == 2, result.err
-    assert len(lines) == 1 and lines[0].startswith("d2merge: error:"), result.err
+    line = assert_one_line_error(result.code, result.out, result.err)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
-    return lines[0]
+    return line
 
 
 def test_a_made_up_field_is_refused(lora_adapter: Any, cli_runner: Any, tmp_path: Path) -> None:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import socket
@@ -36,9 +35,9 @@ from d2merge.io.checkpoint import MAX_JSON_BYTES, PICKLE_HINT, open_base
 from d2merge.io.safetensors_file import MAX_HEADER_BYTES, SafetensorsFile, save_tensors
 from d2merge.merge import merge, plan
 from d2merge.plan import build_plan
+from helpers import REPO_ROOT, checkout_env
 from malformed import MARKER, Workspace, adapter_tensors, base_tensors, write_pickle_payload, write_templates
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_SECRETsecurityTOKEN0123456789"
 ENV_TOKEN = "hf_ENVsecurityTOKEN9876543210"
 
@@ -420,11 +419,10 @@ def test_unreachable_endpoint_in_a_real_process_never_shows_the_token(merged_fol
     home = tmp_path / "hf-home"
     home.mkdir()
     endpoint = f"http://127.0.0.1:{closed_port()}"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                        "HF_OIDC_RESOURCE", "D2MERGE_DEBUG")}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_TOKEN=ENV_TOKEN, HF_HUB_DISABLE_XET="1",
-               NO_PROXY="127.0.0.1,localhost", PYTHONPATH=str(REPO_ROOT), PYTHONDONTWRITEBYTECODE="1")
+    env = checkout_env(drop=("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                             "HF_OIDC_RESOURCE"),
+                       HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_TOKEN=ENV_TOKEN, HF_HUB_DISABLE_XET="1",
+                       NO_PROXY="127.0.0.1,localhost", PYTHONDONTWRITEBYTECODE="1")
     runs = [subprocess.Popen([sys.executable, "-m", "d2merge.cli", *debug, "push", str(merged_folder), "me/merged",
                               "--token", TOKEN], cwd=tmp_path, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -24,9 +24,9 @@ import torch
 import d2merge.cli
 from d2merge.errors import D2MergeError
 from d2merge.io.output import WORK_MARKERS
+from helpers import REPO_ROOT, assert_one_line_error, checkout_env
 from malformed import CASES, MARKER, WORKING, Case, Snapshot, Workspace, build_case, write_templates
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # A write limit below the size of the first output shard (the tiny base is ~23 KB).
 FSIZE_LIMIT = 8 * 1024
 ERROR_PREFIX = "d2merge: error: "
@@ -90,9 +90,7 @@ def run_inprocess(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[
 
 
 def subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("D2MERGE_DEBUG", "D2MERGE_TEST_CAPS_DROPPED")}
-    env.update(PYTHONPATH=str(REPO_ROOT), PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1")
-    return env
+    return checkout_env(drop=("D2MERGE_TEST_CAPS_DROPPED",), PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1")
 
 
 def start_subprocess(argv: list[str], *, prelude: str = "", cwd: Path = REPO_ROOT) -> subprocess.Popen[str]:
@@ -165,13 +163,8 @@ def launched(templates: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 def assert_clean_error(case: Case, code: int, out: str, err: str, errors: list[D2MergeError] | None = None) -> str:
     """Exit 2, exactly one line on stderr that names the file (and tensor) and says what to do."""
-    assert "Traceback" not in out + err, err
-    assert code == 2, (code, out, err)
+    line = assert_one_line_error(code, out, err)  # "d2merge: error:", not "internal error" (a bug in d2merge)
     assert out == "", out
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    line = lines[0]
-    assert line.startswith(ERROR_PREFIX), line  # not "internal error": that is a bug in d2merge
     assert re.search(case.expect, line), f"expected /{case.expect}/ in: {line}"
     assert case.file in line, f"expected the file {case.file!r} in: {line}"
     if case.tensor:

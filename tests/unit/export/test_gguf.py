@@ -391,22 +391,10 @@ def test_llama_cpp_runs_tiny_merges_like_transformers(arch, gguf_type, tiny_merg
 
 
 @pytest.fixture(scope="module")
-def smol_merged(smollm2, tmp_path_factory):
-    """SmolLM2 with a D2-LoRA adapter merged (fp32 HF folder); its GGUF exports by type (made on demand)."""
-    root = tmp_path_factory.mktemp("smol-gguf")
-    adapter = save_random_adapter(smollm2, root / "adapter", "d2lora", r=8, magnitude=0.02,
-                                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-    from d2merge.merge import merge
-
-    folder = merge(smollm2, adapter, root / "merged", dtype="fp32", hash_sources=False).output
-    made: dict[str, Path] = {}
-
-    def gguf_of(gguf_type: str) -> Path:
-        if gguf_type not in made:
-            made[gguf_type] = export_gguf(folder, root / f"smol-{gguf_type}.gguf", gguf_type=gguf_type).output
-        return made[gguf_type]
-
-    return folder, gguf_of
+def smol_merged(smollm2_merged):
+    """SmolLM2 with a D2-LoRA adapter merged (fp32 HF folder); its GGUF exports by type (conftest's
+    ``smollm2_merged``: made once per run, shared with tests/unit/export/test_gguf_quant.py)."""
+    return smollm2_merged.folder, smollm2_merged.gguf
 
 
 @pytest.mark.slow

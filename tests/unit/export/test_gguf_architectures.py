@@ -1,6 +1,6 @@
 """GGUF export of the architectures beyond Llama/Mistral/Qwen2/Qwen3, and sentencepiece tokenizers.
 
-Each architecture is checked like the first four (tests/test_gguf.py), in one test: a tiny
+Each architecture is checked like the first four (tests/unit/export/test_gguf.py), in one test: a tiny
 random-init transformers model with a random D2-LoRA adapter, merged straight into an f32 GGUF,
 must give the logits of the fp32 HF merge (1) read back by transformers' GGUF reader and (2) run
 by llama.cpp itself, with the same token ids for the same text. The sentencepiece tokenizers are

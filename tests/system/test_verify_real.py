@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct (the ``smollm2`` fixture) with adapters of all four methods trained
 briefly by d2merge.train on the English task (``smollm2_adapters``). Every correct merge passes
-with the defaults, as a merged folder and through --dtypes fp32,bf16,fp16; each fault of
+with the defaults through --dtypes fp32,bf16,fp16 (and one as a merged folder); each fault of
 tests/faults.py fails (exit 1) naming the check that caught it. Probes are the built-in English
 sentences; the multiple-choice gap runs on a small held-out slice where it is the point.
 """
@@ -63,12 +63,18 @@ def figures(label: str, report: Any) -> None:
               f"{'PASS' if r.passed else 'FAIL'}")
 
 
-# Each method's merged folder in one output dtype, every dtype covered by some method, so CI's two
-# cores stay within budget; D2MERGE_REAL_FULL=1 checks every method in every dtype (the figures in
-# docs/verify-report.md come from that run). Every method runs --dtypes fp32,bf16,fp16 below.
-FOLDER_DTYPES = {"lora": ("fp32",), "dora": ("bf16",), "d2lora": ("fp16",), "dual_lora": ("bf16",)}
+# Every method in every dtype through --dtypes fp32,bf16,fp16 (the logit and weight checks of all 12
+# correct merges). What is method-independent runs for one method only, so that CI's two cores stay
+# within budget: the merged-folder entry (the same judge on a folder the user merged: LoRA in bf16,
+# which the fault tests merge anyway), and the multiple-choice gap on 40 items (D2-LoRA in all three
+# dtypes; it is ~95% of the forward passes: 40 prompts x 4 choices against 8 probe sentences, and
+# code that does not depend on the method; every method's gap was +0.00 pp with no rounding flip,
+# docs/verify-report.md). D2MERGE_REAL_FULL=1 checks every method's merged folder in every dtype and
+# every method's gap (the figures in docs/verify-report.md come from that run).
+FOLDER_DTYPES: dict[str, tuple[str, ...]] = {"lora": ("bf16",), "dora": (), "d2lora": (), "dual_lora": ()}
+MC_METHODS: tuple[str, ...] = ("d2lora",)
 if os.environ.get("D2MERGE_REAL_FULL"):
-    FOLDER_DTYPES = {method: DTYPES for method in METHODS}
+    FOLDER_DTYPES, MC_METHODS = {method: DTYPES for method in METHODS}, METHODS
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -82,13 +88,18 @@ def test_correct_merges_pass_with_the_defaults(smollm2: Path, smollm2_adapters: 
         result = report.results[0]
         assert result.dtype == dtype and result.floor is not None
         assert result.logits.max_abs_diff <= result.limits.max_abs_diff
-    report = verify(smollm2, adapter, dtypes=",".join(DTYPES), mc_eval=small_eval)
+    with_mc = method in MC_METHODS
+    report = verify(smollm2, adapter, dtypes=",".join(DTYPES), mc_eval=small_eval if with_mc else None)
     figures(f"{method} --dtypes", report)
     assert report.passed, report.failures()
     assert [r.dtype for r in report.results] == list(DTYPES)
     for r in report.results:
-        assert r.mc is not None and r.mc.examples == 40 and r.mc.rounding_flips is not None
-        assert r.mc.gap_ci_pp[0] <= r.mc.merge_gap_pp <= r.mc.gap_ci_pp[1]
+        assert r.floor is not None and r.logits.max_abs_diff <= r.limits.max_abs_diff
+        if with_mc:
+            assert r.mc is not None and r.mc.examples == 40 and r.mc.rounding_flips is not None
+            assert r.mc.gap_ci_pp[0] <= r.mc.merge_gap_pp <= r.mc.gap_ci_pp[1]
+        else:
+            assert r.mc is None
 
 
 FAULTS = {"tau sign": "weight check", "scaled 1.01": "weight check", "swapped layers": "weight check",

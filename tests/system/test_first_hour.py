@@ -16,15 +16,18 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO_ROOT as ROOT
+from helpers import assert_one_line_error as one_line_error
+from helpers import checkout_env
 
 
 def d2merge_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra.get("PYTHONPATH"), str(ROOT)]))
-    for name in ("D2MERGE_DEBUG", "D2MERGE_QUIET", "D2MERGE_PROGRESS_EVERY"):
-        if name not in extra:
-            env.pop(name, None)
+    """This checkout on one thread, none of the shell's D2MERGE_* settings unless given; a PYTHONPATH
+    given goes before the checkout (a stand-in torch)."""
+    front = extra.pop("PYTHONPATH", None)
+    env = checkout_env(drop=[n for n in ("D2MERGE_QUIET", "D2MERGE_PROGRESS_EVERY") if n not in extra],
+                       OMP_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [front, env["PYTHONPATH"]]))
     return env
 
 
@@ -59,12 +62,7 @@ def on_terminal(*args: object, **env: str) -> str:
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> str:
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("d2merge: error: "), done.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return one_line_error(done.returncode, done.stdout, done.stderr, *needles)
 
 
 # ---- outputs named as typed -----------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_prompts_are_probes(work: dict[str, Path]) -> None:
 def test_only_one_model_is_alive_at_a_time(work: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Models verify must run whole (an unsplittable architecture) load one at a time.
 
-    The block-streamed path holds one block at a time (tests/test_streamed.py).
+    The block-streamed path holds one block at a time (tests/unit/verify/test_streamed.py).
     """
     import d2merge.verify as verify_module
     from d2merge.verify import streamed

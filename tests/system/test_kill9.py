@@ -29,10 +29,10 @@ import pytest
 
 import d2merge.cli
 from d2merge.io.output import WORK_MARKERS, recover_output
+from helpers import TESTS_DIR, checkout_env
 from malformed import adapter_tensors, write_adapter, write_nf4_base, write_templates
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DRIVER = Path(__file__).with_name("kill_driver.py")
+DRIVER = TESTS_DIR / "kill_driver.py"
 RANDOM_SCALE = int(os.environ.get("D2MERGE_KILL_RANDOM", "1"))
 OUTCOMES: Counter[str] = Counter()
 
@@ -114,8 +114,7 @@ def work_leftovers(folder: Path) -> list[str]:
 
 
 def drive(point: str, argv: list[str], cwd: Path) -> tuple[int, str, float]:
-    env = {k: v for k, v in os.environ.items() if k != "D2MERGE_DEBUG"}
-    env.update(PYTHONPATH=str(REPO_ROOT), PYTHONDONTWRITEBYTECODE="1")
+    env = checkout_env(PYTHONDONTWRITEBYTECODE="1")
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(DRIVER), point, "--", *argv], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=600)

@@ -27,6 +27,7 @@ from d2merge.export.onnx_genai import (  # noqa: E402
 )
 from d2merge.errors import D2MergeError  # noqa: E402
 from d2merge.synthetic import save_tiny_base  # noqa: E402
+from helpers import assert_one_line_error  # noqa: E402
 
 TINY_PROMPTS = ["the cat is red and the dog is", "which one is big", "yes no true false one two three"]
 REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
@@ -137,10 +138,7 @@ def test_genai_adapter_gives_transformers_logits_at_real_tokens(wide_base, tmp_p
 
 
 def _assert_one_line_refusal(result, *needles: str) -> None:
-    assert result.code == 2, result.err
-    assert result.err.startswith("d2merge: error:") and result.err.count("\n") == 1, result.err
-    for needle in needles:
-        assert needle in result.err, result.err
+    assert_one_line_error(result.code, result.out, result.err, *needles)
 
 
 def test_cli_builds_and_refuses_generic_options(cli_runner, wide_base, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 import shutil
 import struct
 import subprocess
@@ -25,13 +26,13 @@ from d2merge.export.gguf import GGUF_TYPES, LLAMA_FILE_TYPES, export_gguf, gguf_
 from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
 from d2merge.io.gguf_file import read_gguf_header
 from d2merge.synthetic import save_random_adapter, save_tiny_base
+from helpers import TESTS_DIR, assert_one_line_error, checkout_env
 from malformed import write_gguf_imatrix  # the hostile corpus's writer of llama-imatrix's GGUF layout
 
 SMOL_VOCAB = 49152
 has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
 llama_cpp_only = pytest.mark.skipif(not has_llama_cpp, reason="llama-cpp-python is not installed (extra gguf-llama)")
 K_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def tensors_of(path: Path) -> dict[str, tuple[tuple[int, ...], str, bytes]]:
@@ -105,37 +106,47 @@ def tiny256(tmp_path_factory, smollm2) -> Model:
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory, smollm2) -> Model:
-    from d2merge.merge import merge
-
-    root = tmp_path_factory.mktemp("kquant-smol")
-    adapter = save_random_adapter(smollm2, root / "adapter", "d2lora", r=8, magnitude=0.02,
-                                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-    return Model(root, merge(smollm2, adapter, root / "merged", dtype="fp32", hash_sources=False).output, smollm2,
-                 adapter)
+def smol(smollm2_merged):
+    """SmolLM2 + a D2-LoRA merged in fp32 and its exports (conftest's, shared with tests/unit/export/test_gguf.py): read-only."""
+    return smollm2_merged
 
 
 # ----- byte equality with llama.cpp's quantizer --------------------------------------------------
 
 
-# Each type is an export (a 105 MB f32 temp) and a quantization: q4_k_m in the quick run, the rest slow.
+# Each type is an export (a 105 MB f32 temp and llama.cpp's quantizer on it): q4_k_m in the quick run,
+# the rest slow. d2merge has no code of its own per llama.cpp type: it hands LLAMA_CPP_TYPES[type] to
+# llama_model_quantize with the default parameters, so the bytes against llama.cpp's own run on the same
+# f32 file (a second quantizer run) are compared for one type of each of llama.cpp's families (legacy,
+# K-quant with its GQA attn_v rule, IQ); every type checks what is its own from d2merge's file alone:
+# llama.cpp's file type in it, that type's blocks, verify's reading of it. D2MERGE_GGUF_FULL=1 compares
+# every type's bytes.
+ORACLE_TYPES = ("q4_k_m", "q5_1", "q2_k", "iq4_xs")
+if os.environ.get("D2MERGE_GGUF_FULL", "") not in ("", "0"):
+    ORACLE_TYPES = tuple(LLAMA_CPP_TYPES)
+
+
 @pytest.mark.llama_cpp
 @llama_cpp_only
 @pytest.mark.parametrize("gguf_type", [t if t == "q4_k_m" else pytest.param(t, marks=pytest.mark.slow)
                                        for t in LLAMA_CPP_TYPES])
-def test_llama_cpp_types_are_llama_cpps_files(gguf_type, tiny256):
+def test_llama_cpp_types_are_llama_cpps_files(gguf_type, tiny256, tmp_path):
     ours = tiny256.gguf(gguf_type)
-    theirs = llama_cpp_quantize(tiny256.gguf("f32"), ours.with_name(f"llama-{gguf_type}.gguf"),
-                                LLAMA_CPP_TYPES[gguf_type])
-    kinds = assert_same_tensors(ours, theirs)
-    print(f"tiny256 {gguf_type}: {kinds}")
-    meta, _ = read_gguf(ours)
+    meta, table = read_gguf(ours)
     assert meta["general.file_type"] == LLAMA_FILE_TYPES[gguf_type][0] and meta["d2merge.gguf_type"] == gguf_type
+    kinds: dict[str, int] = {}
+    for _, kind in table.values():
+        kinds[kind] = kinds.get(kind, 0) + 1
+    print(f"tiny256 {gguf_type}: {kinds}")
     assert LLAMA_FILE_TYPES[gguf_type][1] in kinds  # the type's own blocks, not only fallbacks
-    # llama.cpp's file of our f32 export still says d2merge.gguf_type=f32: verify goes by the tensors
-    assert read_gguf(theirs)[0]["d2merge.gguf_type"] == "f32"
-    assert gguf_for_verify(theirs).label == f"gguf-{gguf_type}" and gguf_for_verify(theirs).floor_dtype is None
-    theirs.unlink()
+    assert gguf_for_verify(ours).label == f"gguf-{gguf_type}" and gguf_for_verify(ours).floor_dtype is None
+    if gguf_type in ORACLE_TYPES:
+        theirs = llama_cpp_quantize(tiny256.gguf("f32"), tmp_path / f"llama-{gguf_type}.gguf",
+                                    LLAMA_CPP_TYPES[gguf_type])
+        assert assert_same_tensors(ours, theirs) == kinds
+        # llama.cpp's file of our f32 export still says d2merge.gguf_type=f32: verify goes by the tensors
+        assert read_gguf(theirs)[0]["d2merge.gguf_type"] == "f32"
+        assert gguf_for_verify(theirs).label == f"gguf-{gguf_type}"
 
 
 @pytest.mark.slow
@@ -167,20 +178,23 @@ def test_merge_format_gguf_streams_into_llama_cpps_quantizer(tiny256, cli_runner
 
 # SmolLM2's rows are 576 values (1536 for ffn_down): not whole 256-blocks, so llama.cpp falls back
 # (Q4_K -> Q5_0, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, Q5_K -> Q5_1) for all but ffn_down, and its tied
-# embedding goes to Q8_0. Each conversion writes a 540 MB f32 temp: a few types, each a distinct rule.
+# embedding goes to Q8_0. Each conversion writes a 540 MB f32 temp: a few types, each a distinct rule;
+# the bytes against llama.cpp's own run for the ORACLE_TYPES among them (q4_k_m and q2_k).
 @pytest.mark.slow
 @pytest.mark.llama_cpp
 @llama_cpp_only
 @pytest.mark.parametrize("gguf_type", ["q4_k_m", "q2_k", "q6_k"])
-def test_smollm2_k_types_are_llama_cpps_files_with_its_fallbacks(gguf_type, smol):
+def test_smollm2_k_types_are_llama_cpps_files_with_its_fallbacks(gguf_type, smol, tmp_path):
     ours = smol.gguf(gguf_type)
-    theirs = llama_cpp_quantize(smol.gguf("f32"), ours.with_name(f"llama-{gguf_type}.gguf"),
-                                LLAMA_CPP_TYPES[gguf_type])
-    kinds = assert_same_tensors(ours, theirs)
+    kinds: dict[str, int] = {}
+    for _, kind in read_gguf(ours)[1].values():
+        kinds[kind] = kinds.get(kind, 0) + 1
+    if gguf_type in ORACLE_TYPES:  # the bytes, as for tiny256 (a second quantizer run, of a 540 MB f32 file)
+        theirs = llama_cpp_quantize(smol.gguf("f32"), tmp_path / f"llama-{gguf_type}.gguf", LLAMA_CPP_TYPES[gguf_type])
+        assert assert_same_tensors(ours, theirs) == kinds
     print(f"smollm2 {gguf_type}: {kinds}")
     fallback = {"q4_k_m": "Q5_0", "q2_k": "Q4_0", "q6_k": "Q8_0"}[gguf_type]
     assert fallback in kinds and tensors_of(ours)["token_embd.weight"][1] in ("Q8_0", "F16")
-    theirs.unlink()
 
 
 @pytest.mark.slow
@@ -193,9 +207,12 @@ def test_llama_cpp_loads_and_generates_a_k_quant(smol):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(smol.merged)
-    model = AutoModelForCausalLM.from_pretrained(smol.merged, dtype=torch.float32).eval()
-    llm = llama_cpp.Llama(str(smol.gguf("q4_k_m")), n_ctx=128, n_threads=2, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(smol.folder)
+    model = AutoModelForCausalLM.from_pretrained(smol.folder, dtype=torch.float32).eval()
+    # One thread, as every test here (conftest.py): llama.cpp's threads meet at a spinning barrier after
+    # each op, and two of them on a 2-core box that two xdist workers already fill wait for each other's
+    # time slices: at load 15-20 this test ran into the 900 s limit (30 s at load 5).
+    llm = llama_cpp.Llama(str(smol.gguf("q4_k_m")), n_ctx=128, n_threads=1, verbose=False)
     agree = 0
     prompts = ("The capital of France is", "Water freezes at zero degrees", "One, two, three, four,")
     for prompt in prompts:
@@ -222,15 +239,16 @@ def _nothing_written(folder: Path) -> bool:
 def test_k_type_without_llama_cpp_names_the_package(tiny_bases, cli_runner, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
     res = cli_runner(["export-gguf", tiny_bases("llama"), "-o", tmp_path / "m.gguf", "--gguf-type", "q4_k_m"])
-    assert res.code == 2 and "pip install 'd2merge[gguf-llama]'" in res.err, res.err
-    assert len(res.err.strip().splitlines()) == 1 and _nothing_written(tmp_path)
+    assert_one_line_error(res.code, res.out, res.err, "pip install 'd2merge[gguf-llama]'")
+    assert _nothing_written(tmp_path)
 
 
 def test_imatrix_refused_for_a_type_llama_cpp_does_not_write(tiny256, cli_runner, tmp_path):
     imatrix = tmp_path / "m.imatrix"
     imatrix.write_bytes(b"anything")
     res = cli_runner(["export-gguf", tiny256.merged, "-o", tmp_path / "m.gguf", "--imatrix", imatrix])
-    assert res.code == 2 and "--imatrix applies to the types llama.cpp's quantizer writes, not f16" in res.err
+    assert_one_line_error(res.code, res.out, res.err, "--imatrix applies to the types llama.cpp's quantizer writes, "
+                          "not f16")
     assert _nothing_written(tmp_path)
 
 
@@ -250,8 +268,8 @@ def test_too_little_disk_for_the_f32_temp_is_refused_first(tiny256, cli_runner, 
 
     monkeypatch.setattr(gguf_quant.shutil, "disk_usage", lambda path: SimpleNamespace(free=5 << 20))
     res = cli_runner(["export-gguf", tiny256.merged, "-o", tmp_path / "m.gguf", "--gguf-type", "q4_k_m"])
-    assert res.code == 2 and "free beside the output (an f32 GGUF temp of" in res.err, res.err
-    assert len(res.err.strip().splitlines()) == 1 and _nothing_written(tmp_path)
+    assert_one_line_error(res.code, res.out, res.err, "free beside the output (an f32 GGUF temp of")
+    assert _nothing_written(tmp_path)
 
 
 # ----- the importance matrix -------------------------------------------------------------------------
@@ -280,14 +298,23 @@ def importance(model: Model) -> dict[str, np.ndarray]:
 @pytest.mark.llama_cpp
 @llama_cpp_only
 def test_imatrix_in_both_layouts_steers_the_quantizer(tiny256, tmp_path):
-    """Both of llama.cpp's layouts give the same importance values, hence the same bytes; and they change them."""
+    """Both of llama.cpp's layouts give the same importance values, hence the same bytes; and they change them.
+
+    The quantizer is handed what read_imatrix returns (export_gguf reads the file with it and nothing
+    else): equal arrays from the two layouts are equal bytes, so one export shows the effect.
+    """
+    from d2merge.io.imatrix_file import read_imatrix
+
     values = importance(tiny256)
-    from_gguf = export_gguf(tiny256.merged, tmp_path / "a.gguf", gguf_type="q4_k_m",
-                            imatrix=write_gguf_imatrix(tmp_path / "m.gguf.imatrix", values)).output
-    from_dat = export_gguf(tiny256.merged, tmp_path / "b.gguf", gguf_type="q4_k_m",
-                           imatrix=write_legacy_imatrix(tmp_path / "m.dat", values)).output
-    with_imatrix, plain = tensors_of(from_gguf), tensors_of(tiny256.gguf("q4_k_m"))
-    assert tensors_of(from_dat) == with_imatrix
+    from_gguf_layout = read_imatrix(write_gguf_imatrix(tmp_path / "m.gguf.imatrix", values))
+    from_dat_layout = read_imatrix(write_legacy_imatrix(tmp_path / "m.dat", values))
+    assert sorted(from_gguf_layout) == sorted(from_dat_layout) == sorted(values)
+    for name, expected in values.items():
+        assert np.array_equal(from_gguf_layout[name], from_dat_layout[name]), name
+        np.testing.assert_allclose(from_gguf_layout[name], expected, rtol=1e-6)
+    with_imatrix = tensors_of(export_gguf(tiny256.merged, tmp_path / "a.gguf", gguf_type="q4_k_m",
+                                          imatrix=tmp_path / "m.dat").output)
+    plain = tensors_of(tiny256.gguf("q4_k_m"))
     changed = [n for n in with_imatrix if with_imatrix[n][2] != plain[n][2]]
     assert "blk.0.attn_q.weight" in changed and "token_embd.weight" not in changed  # no entry for it
 
@@ -315,8 +342,8 @@ def test_bad_imatrix_is_one_line_and_nothing_is_written(case, tiny256, cli_runne
     out = tmp_path / "out"
     out.mkdir()
     res = cli_runner(["export-gguf", tiny256.merged, "-o", out / "m.gguf", "--gguf-type", "q4_k_m", "--imatrix", path])
-    assert res.code == 2 and expected in res.err, res.err
-    assert len(res.err.strip().splitlines()) == 1 and _nothing_written(out)
+    assert_one_line_error(res.code, res.out, res.err, expected)
+    assert _nothing_written(out)
 
 
 # ----- kill -9 ----------------------------------------------------------------------------------------
@@ -328,15 +355,12 @@ def test_bad_imatrix_is_one_line_and_nothing_is_written(case, tiny256, cli_runne
 def test_kill9_during_the_quantizer_leaves_no_temp_after_the_next_run(tiny256, tmp_path):
     """Killed when llama.cpp's quantizer starts (the f32 temp complete beside the output): the next run
     removes it and writes the file an uninterrupted run writes."""
-    import os
-
     from d2merge.io.output import WORK_MARKERS
 
     out = tmp_path / "m.gguf"
     argv = ["export-gguf", str(tiny256.merged), "-o", str(out), "--gguf-type", "q4_k_m", "-q"]
-    env = {k: v for k, v in os.environ.items() if k != "D2MERGE_DEBUG"}
-    env.update(PYTHONPATH=str(REPO_ROOT), PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("kill_driver.py")),
+    env = checkout_env(PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([sys.executable, str(TESTS_DIR / "kill_driver.py"),
                            "call:d2merge.export.gguf_quant:quantize", "--", *argv], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr
