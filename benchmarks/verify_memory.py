@@ -190,17 +190,36 @@ def main() -> None:
 # The block-streamed verify at scale (--shape): one process per command, stderr lines time-stamped.
 STAMPED = """
 import json, os, subprocess, sys, time
+
+
+def read_bytes(pid):
+    # rchar: bytes the process got from read() calls (safetensors tensors are read, not mapped)
+    try:
+        with open(f"/proc/{pid}/io") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+    except (OSError, StopIteration):
+        return None
+
+
 started = time.perf_counter()
+load = os.getloadavg()
 proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 lines = []
 for line in proc.stderr:
-    lines.append([round(time.perf_counter() - started, 2), line.rstrip()])
+    lines.append([round(time.perf_counter() - started, 2), read_bytes(proc.pid), line.rstrip()])
 out = proc.stdout.read()
 _, status, usage = os.wait4(proc.pid, 0)
 print(json.dumps({"wall": time.perf_counter() - started, "rss": usage.ru_maxrss * 1024,
-                  "cpu": usage.ru_utime + usage.ru_stime,
+                  "cpu": usage.ru_utime + usage.ru_stime, "load_start": load, "load_end": os.getloadavg(),
                   "code": os.waitstatus_to_exitcode(status), "lines": lines, "stdout": out[-4000:]}))
 """
+
+
+def print_phases(lines: list, started_bytes: int | None = None) -> None:
+    """Each stage line verify printed, with its time stamp and the GB the process had read by then."""
+    for stamp, read, line in lines:
+        shown = f"{read / 1e9:7.1f} GB read" if read is not None else " " * 15
+        print(f"  {stamp:8.1f} s {shown}  {line}", flush=True)
 
 
 def stamped(argv: list[str], cwd: Path) -> dict:
@@ -290,24 +309,35 @@ def at_scale(args: argparse.Namespace) -> None:
                    "--num-probes", str(args.probes), "--probe-length", str(args.probe_length)]
         run = stamped([sys.executable, *command], root)
         figures["verify"] = {"exit": run["code"], "wall_s": round(run["wall"], 1), "cpu_s": round(run["cpu"], 1),
-                             "peak_rss_bytes": run["rss"], "phases": run["lines"]}
+                             "peak_rss_bytes": run["rss"], "load": [run["load_start"], run["load_end"]],
+                             "phases": run["lines"]}
+        figures["file_bytes"] = {"base": sum(p.stat().st_size for p in base.glob("*.safetensors")),
+                                 "merged": sum(p.stat().st_size for p in merged.glob("*.safetensors"))}
         figures["verify_over_floor"] = round(run["wall"] / figures["floor_s"], 2)
         print(f"verify: exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU "
               f"(floor {figures['floor_s']} s = read "
               f"{figures['read_both_once_s']} s + arithmetic {figures['forward_arithmetic_s']} s at "
               f"{figures['matmul_rate_gflops']} GFLOP/s: {figures['verify_over_floor']}x), peak RSS "
               f"{run['rss'] / 1e9:.2f} GB", flush=True)
-        for stamp, line in run["lines"]:
-            print(f"  {stamp:8.1f} s  {line}", flush=True)
+        print(f"  load average {run['load_start'][0]:.1f} at the start, {run['load_end'][0]:.1f} at the end", flush=True)
+        total = next((read for _, read, _ in reversed(run["lines"]) if read is not None), None)
+        figures["verify"]["read_bytes_by_last_line"] = total
+        print(f"  files: base {figures['file_bytes']['base'] / 1e9:.2f} GB, merged "
+              f"{figures['file_bytes']['merged'] / 1e9:.2f} GB; verify had read "
+              f"{(total or 0) / 1e9:.1f} GB by its last stage line", flush=True)
+        print_phases(run["lines"])
         if args.negative:
             scale_tensor(merged, "model.layers.0.self_attn.q_proj.weight", 1.01)
             bad = stamped([sys.executable, *command], root)
-            figures["negative"] = {"exit": bad["code"], "wall_s": round(bad["wall"], 1), "peak_rss_bytes": bad["rss"],
-                                   "failures": [line for _, line in bad["lines"] if "check" in line][-3:]}
-            print(f"q_proj x 1.01: exit {bad['code']} ({bad['wall']:.1f} s, peak RSS {bad['rss'] / 1e9:.2f} GB)",
-                  flush=True)
-            for _, line in bad["lines"][-3:]:
-                print(f"  {line}", flush=True)
+            figures["negative"] = {"exit": bad["code"], "wall_s": round(bad["wall"], 1), "cpu_s": round(bad["cpu"], 1),
+                                   "peak_rss_bytes": bad["rss"], "load": [bad["load_start"], bad["load_end"]],
+                                   "verify_over_floor": round(bad["wall"] / figures["floor_s"], 2),
+                                   "phases": bad["lines"], "stdout": bad["stdout"]}
+            print(f"q_proj x 1.01: exit {bad['code']} ({bad['wall']:.1f} s wall, {bad['cpu']:.1f} s CPU: "
+                  f"{figures['negative']['verify_over_floor']}x the floor; peak RSS {bad['rss'] / 1e9:.2f} GB; load "
+                  f"average {bad['load_start'][0]:.1f} -> {bad['load_end'][0]:.1f})", flush=True)
+            print_phases(bad["lines"])
+            print(bad["stdout"][-1500:], flush=True)
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
     finally:
@@ -342,12 +372,13 @@ def mc_before_after(args: argparse.Namespace) -> None:
                                   text=True, check=True, env=env, cwd=root)
             run = json.loads(done.stdout)
             figures[label] = {"checkout": str(checkout), "exit": run["code"], "wall_s": round(run["wall"], 1),
-                              "cpu_s": round(run["cpu"], 1),
+                              "cpu_s": round(run["cpu"], 1), "load": [run["load_start"], run["load_end"]],
                               "peak_rss_bytes": run["rss"], "phases": run["lines"]}
             print(f"{label:<6} ({checkout}): exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU, "
                   f"peak RSS {run['rss'] / 1e9:.2f} GB", flush=True)
-            for stamp, line in run["lines"]:
-                print(f"  {stamp:8.1f} s  {line}", flush=True)
+            print(f"  load average {run['load_start'][0]:.1f} at the start, {run['load_end'][0]:.1f} at the end",
+                  flush=True)
+            print_phases(run["lines"])
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
     finally:

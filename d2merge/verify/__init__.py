@@ -168,7 +168,7 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path | None = No
 
     def folder_column(dtype: str, folder: Path, shown: str | None) -> MergedFolder:
         checkpoint = open_base(folder, allow_pickle=options.allow_pickle)
-        return MergedFolder(checkpoint, dtype, shown, lambda: open_model(checkpoint), say)
+        return MergedFolder(checkpoint, dtype, shown, open_model, say)
 
     results = []
     if exported is not None:
