@@ -25,7 +25,11 @@ with a LoRA r=16 on every linear layer, merged by ``d2merge merge``, then
 (``os.wait4``), wall time, the phases (each stage line verify prints, time-stamped), and the
 floor it is judged against: reading the base and the merged file once (timed here, page
 cache warm) plus the forward passes' arithmetic (2 x parameters x probe tokens per model run,
-three runs: unmerged, rounding floor, merged) at the machine's measured fp32 matmul rate.
+three runs: unmerged, rounding floor, merged) at the machine's measured fp32 matmul rate;
+and the same in CPU time (the read's CPU time plus the arithmetic at the matmul rate per CPU
+second), which a shared machine's load does not move the way it moves wall time. Each run
+prints the load average at its start and end, and each stage line the GB the process had
+read by then (/proc/PID/io rchar).
 Then the negative case: one q_proj of the merged file scaled by 1.01 in place must exit 1.
 
     python benchmarks/verify_memory.py --shape 1.1b --workdir /tmp/vm11 --json vm11.json
@@ -232,26 +236,32 @@ def stamped(argv: list[str], cwd: Path) -> dict:
     return json.loads(done.stdout)
 
 
-def matmul_rate() -> float:
-    """fp32 multiply-adds per second of a (256 x 2048) @ (2048 x 2048) product, as verify's blocks run."""
+def matmul_rate() -> tuple[float, float]:
+    """fp32 multiply-adds per wall second and per CPU second of a (256 x 2048) @ (2048 x 2048) product.
+
+    Per CPU second as well: on a shared machine the wall rate says how busy the others are,
+    the CPU rate what a core of this machine does (both threads' CPU time counted).
+    """
     import torch
 
     a, b = torch.randn(256, 2048), torch.randn(2048, 2048)
     for _ in range(3):
         a @ b
-    started, runs = time.perf_counter(), 20
+    started, cpu, runs = time.perf_counter(), time.process_time(), 20
     for _ in range(runs):
         a @ b
-    return runs * 2 * 256 * 2048 * 2048 / (time.perf_counter() - started)
+    flops = runs * 2 * 256 * 2048 * 2048
+    return flops / (time.perf_counter() - started), flops / (time.process_time() - cpu)
 
 
-def read_seconds(paths: list[Path]) -> float:
-    started = time.perf_counter()
+def read_seconds(paths: list[Path]) -> tuple[float, float]:
+    """(wall, CPU) seconds of reading ``paths`` once, 64 MB at a time."""
+    started, cpu = time.perf_counter(), time.process_time()
     for path in paths:
         with open(path, "rb") as fh:
             while fh.read(64 << 20):
                 pass
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def scale_tensor(folder: Path, name: str, factor: float) -> None:
@@ -299,12 +309,16 @@ def at_scale(args: argparse.Namespace) -> None:
         params = sum(torch.Size(s).numel() for s in _shapes_of(base))
         files = sorted(base.glob("*.safetensors")) + sorted(merged.glob("*.safetensors"))
         figures["parameters"] = params
-        figures["read_both_once_s"] = round(read_seconds(files), 1)
-        rate = matmul_rate()
+        read_wall, read_cpu = read_seconds(files)
+        figures["read_both_once_s"], figures["read_both_once_cpu_s"] = round(read_wall, 1), round(read_cpu, 1)
+        rate, cpu_rate = matmul_rate()
         tokens = args.probes * args.probe_length
         figures["matmul_rate_gflops"] = round(rate / 1e9, 1)
+        figures["matmul_rate_gflops_per_cpu_s"] = round(cpu_rate / 1e9, 1)
         figures["forward_arithmetic_s"] = round(3 * 2 * params * tokens / rate, 1)
+        figures["forward_arithmetic_cpu_s"] = round(3 * 2 * params * tokens / cpu_rate, 1)
         figures["floor_s"] = round(figures["read_both_once_s"] + figures["forward_arithmetic_s"], 1)
+        figures["floor_cpu_s"] = round(read_cpu + figures["forward_arithmetic_cpu_s"], 1)
         command = ["-m", "d2merge.cli", "verify", str(base), str(adapter), str(merged), "--probe-source", "random",
                    "--num-probes", str(args.probes), "--probe-length", str(args.probe_length)]
         run = stamped([sys.executable, *command], root)
@@ -314,11 +328,15 @@ def at_scale(args: argparse.Namespace) -> None:
         figures["file_bytes"] = {"base": sum(p.stat().st_size for p in base.glob("*.safetensors")),
                                  "merged": sum(p.stat().st_size for p in merged.glob("*.safetensors"))}
         figures["verify_over_floor"] = round(run["wall"] / figures["floor_s"], 2)
+        figures["verify_cpu_over_floor_cpu"] = round(run["cpu"] / figures["floor_cpu_s"], 2)
         print(f"verify: exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU "
               f"(floor {figures['floor_s']} s = read "
               f"{figures['read_both_once_s']} s + arithmetic {figures['forward_arithmetic_s']} s at "
-              f"{figures['matmul_rate_gflops']} GFLOP/s: {figures['verify_over_floor']}x), peak RSS "
-              f"{run['rss'] / 1e9:.2f} GB", flush=True)
+              f"{figures['matmul_rate_gflops']} GFLOP/s: {figures['verify_over_floor']}x; in CPU time "
+              f"{run['cpu']:.1f} s against {figures['floor_cpu_s']} s = read {figures['read_both_once_cpu_s']} s + "
+              f"arithmetic {figures['forward_arithmetic_cpu_s']} s at {figures['matmul_rate_gflops_per_cpu_s']} "
+              f"GFLOP per CPU-s: {figures['verify_cpu_over_floor_cpu']}x), peak RSS {run['rss'] / 1e9:.2f} GB",
+              flush=True)
         print(f"  load average {run['load_start'][0]:.1f} at the start, {run['load_end'][0]:.1f} at the end", flush=True)
         total = next((read for _, read, _ in reversed(run["lines"]) if read is not None), None)
         figures["verify"]["read_bytes_by_last_line"] = total
@@ -332,9 +350,11 @@ def at_scale(args: argparse.Namespace) -> None:
             figures["negative"] = {"exit": bad["code"], "wall_s": round(bad["wall"], 1), "cpu_s": round(bad["cpu"], 1),
                                    "peak_rss_bytes": bad["rss"], "load": [bad["load_start"], bad["load_end"]],
                                    "verify_over_floor": round(bad["wall"] / figures["floor_s"], 2),
+                                   "verify_cpu_over_floor_cpu": round(bad["cpu"] / figures["floor_cpu_s"], 2),
                                    "phases": bad["lines"], "stdout": bad["stdout"]}
             print(f"q_proj x 1.01: exit {bad['code']} ({bad['wall']:.1f} s wall, {bad['cpu']:.1f} s CPU: "
-                  f"{figures['negative']['verify_over_floor']}x the floor; peak RSS {bad['rss'] / 1e9:.2f} GB; load "
+                  f"{figures['negative']['verify_over_floor']}x the floor, CPU "
+                  f"{figures['negative']['verify_cpu_over_floor_cpu']}x; peak RSS {bad['rss'] / 1e9:.2f} GB; load "
                   f"average {bad['load_start'][0]:.1f} -> {bad['load_end'][0]:.1f})", flush=True)
             print_phases(bad["lines"])
             print(bad["stdout"][-1500:], flush=True)
