@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--no-negative", dest="negative", action="store_false",
                         help="--shape: skip the q_proj x 1.01 run that must fail")
     parser.add_argument("--keep", action="store_true", help="--shape: keep --workdir's models")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="--shape: measure the weight check alone, correct and with q_proj x 1.01")
     parser.add_argument("--mc-base", type=Path, default=None,
                         help="measure verify --mc-eval (200 items) on this real base instead (see above)")
     parser.add_argument("--before", type=Path, default=None, help="--mc-base: the checkout measured as 'before'")
@@ -281,6 +283,55 @@ def scale_tensor(folder: Path, name: str, factor: float) -> None:
         fh.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
 
 
+WEIGHTS_ONLY = r"""
+import json, sys, time
+from d2merge.io.adapter import load_adapter
+from d2merge.io.checkpoint import open_base
+from d2merge.plan import build_plan
+from d2merge.verify import check_weights
+
+from dataclasses import replace
+
+base, adapter, merged, prefix = sys.argv[1:5]
+started, cpu = time.perf_counter(), time.process_time()
+plan = build_plan(open_base(base), load_adapter(adapter), dtype="fp32")
+plan = replace(plan, tensors=tuple(item for item in plan.tensors if item.name.startswith(prefix)))
+layers, copied, mismatched, missing = check_weights(plan, open_base(merged))
+worst = max(layers, key=lambda layer: layer.max_ulp_error)
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+print(json.dumps({"wall_s": round(time.perf_counter() - started, 1), "cpu_s": round(time.process_time() - cpu, 1),
+                  "peak_rss_bytes": peak, "merged_checked": len(layers), "copied_checked": copied,
+                  "copied_mismatched": mismatched, "missing": missing, "worst_tensor": worst.tensor,
+                  "worst_ulp": worst.max_ulp_error}))
+"""
+
+
+def weights_only(root: Path, args: argparse.Namespace) -> None:
+    """The weight check alone (``check_weights``: what a merged run's reads feed), correct and with q_proj x 1.01.
+
+The second check covers layer 0's tensors only (the scaled one among them).
+
+    For a machine too loaded to finish the whole verify at 7B: the phase that set its 3.04 GB
+    peak, measured in its own process (peak RSS, wall and CPU time).
+    """
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    figures = {}
+    for label in ("correct", "q_proj x 1.01"):
+        if label != "correct":
+            scale_tensor(root / "merged", "model.layers.0.self_attn.q_proj.weight", 1.01)
+        load = os.getloadavg()[0]
+        done = subprocess.run([sys.executable, "-c", WEIGHTS_ONLY, str(root / "base"), str(root / "adapter"),
+                               str(root / "merged"), "" if label == "correct" else "model.layers.0."],
+                              capture_output=True, text=True, check=True, env=env)
+        figures[label] = {**json.loads(done.stdout.strip().splitlines()[-1]), "load": [load, os.getloadavg()[0]]}
+        print(f"weight check alone ({label}): {json.dumps(figures[label])}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
 def at_scale(args: argparse.Namespace) -> None:
     import os
 
@@ -306,6 +357,9 @@ def at_scale(args: argparse.Namespace) -> None:
             subprocess.run([sys.executable, "-m", "d2merge.cli", "merge", str(base), str(adapter), "-q", "-o",
                             str(merged), "--no-hash-sources"], check=True, cwd=root,
                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        if args.weights_only:
+            weights_only(root, args)
+            return
         params = sum(torch.Size(s).numel() for s in _shapes_of(base))
         files = sorted(base.glob("*.safetensors")) + sorted(merged.glob("*.safetensors"))
         figures["parameters"] = params
