@@ -25,7 +25,11 @@ with a LoRA r=16 on every linear layer, merged by ``d2merge merge``, then
 (``os.wait4``), wall time, the phases (each stage line verify prints, time-stamped), and the
 floor it is judged against: reading the base and the merged file once (timed here, page
 cache warm) plus the forward passes' arithmetic (2 x parameters x probe tokens per model run,
-three runs: unmerged, rounding floor, merged) at the machine's measured fp32 matmul rate.
+three runs: unmerged, rounding floor, merged) at the machine's measured fp32 matmul rate;
+and the same in CPU time (the read's CPU time plus the arithmetic at the matmul rate per CPU
+second), which a shared machine's load does not move the way it moves wall time. Each run
+prints the load average at its start and end, and each stage line the GB the process had
+read by then (/proc/PID/io rchar).
 Then the negative case: one q_proj of the merged file scaled by 1.01 in place must exit 1.
 
     python benchmarks/verify_memory.py --shape 1.1b --workdir /tmp/vm11 --json vm11.json
@@ -135,6 +139,8 @@ def main() -> None:
     parser.add_argument("--no-negative", dest="negative", action="store_false",
                         help="--shape: skip the q_proj x 1.01 run that must fail")
     parser.add_argument("--keep", action="store_true", help="--shape: keep --workdir's models")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="--shape: measure the weight check alone, correct and with q_proj x 1.01")
     parser.add_argument("--mc-base", type=Path, default=None,
                         help="measure verify --mc-eval (200 items) on this real base instead (see above)")
     parser.add_argument("--before", type=Path, default=None, help="--mc-base: the checkout measured as 'before'")
@@ -190,17 +196,36 @@ def main() -> None:
 # The block-streamed verify at scale (--shape): one process per command, stderr lines time-stamped.
 STAMPED = """
 import json, os, subprocess, sys, time
+
+
+def read_bytes(pid):
+    # rchar: bytes the process got from read() calls (safetensors tensors are read, not mapped)
+    try:
+        with open(f"/proc/{pid}/io") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("rchar:"))
+    except (OSError, StopIteration):
+        return None
+
+
 started = time.perf_counter()
+load = os.getloadavg()
 proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 lines = []
 for line in proc.stderr:
-    lines.append([round(time.perf_counter() - started, 2), line.rstrip()])
+    lines.append([round(time.perf_counter() - started, 2), read_bytes(proc.pid), line.rstrip()])
 out = proc.stdout.read()
 _, status, usage = os.wait4(proc.pid, 0)
 print(json.dumps({"wall": time.perf_counter() - started, "rss": usage.ru_maxrss * 1024,
-                  "cpu": usage.ru_utime + usage.ru_stime,
+                  "cpu": usage.ru_utime + usage.ru_stime, "load_start": load, "load_end": os.getloadavg(),
                   "code": os.waitstatus_to_exitcode(status), "lines": lines, "stdout": out[-4000:]}))
 """
+
+
+def print_phases(lines: list, started_bytes: int | None = None) -> None:
+    """Each stage line verify printed, with its time stamp and the GB the process had read by then."""
+    for stamp, read, line in lines:
+        shown = f"{read / 1e9:7.1f} GB read" if read is not None else " " * 15
+        print(f"  {stamp:8.1f} s {shown}  {line}", flush=True)
 
 
 def stamped(argv: list[str], cwd: Path) -> dict:
@@ -213,26 +238,32 @@ def stamped(argv: list[str], cwd: Path) -> dict:
     return json.loads(done.stdout)
 
 
-def matmul_rate() -> float:
-    """fp32 multiply-adds per second of a (256 x 2048) @ (2048 x 2048) product, as verify's blocks run."""
+def matmul_rate() -> tuple[float, float]:
+    """fp32 multiply-adds per wall second and per CPU second of a (256 x 2048) @ (2048 x 2048) product.
+
+    Per CPU second as well: on a shared machine the wall rate says how busy the others are,
+    the CPU rate what a core of this machine does (both threads' CPU time counted).
+    """
     import torch
 
     a, b = torch.randn(256, 2048), torch.randn(2048, 2048)
     for _ in range(3):
         a @ b
-    started, runs = time.perf_counter(), 20
+    started, cpu, runs = time.perf_counter(), time.process_time(), 20
     for _ in range(runs):
         a @ b
-    return runs * 2 * 256 * 2048 * 2048 / (time.perf_counter() - started)
+    flops = runs * 2 * 256 * 2048 * 2048
+    return flops / (time.perf_counter() - started), flops / (time.process_time() - cpu)
 
 
-def read_seconds(paths: list[Path]) -> float:
-    started = time.perf_counter()
+def read_seconds(paths: list[Path]) -> tuple[float, float]:
+    """(wall, CPU) seconds of reading ``paths`` once, 64 MB at a time."""
+    started, cpu = time.perf_counter(), time.process_time()
     for path in paths:
         with open(path, "rb") as fh:
             while fh.read(64 << 20):
                 pass
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def scale_tensor(folder: Path, name: str, factor: float) -> None:
@@ -250,6 +281,55 @@ def scale_tensor(folder: Path, name: str, factor: float) -> None:
     with open(path, "r+b") as fh:
         fh.seek(info.start)
         fh.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+WEIGHTS_ONLY = r"""
+import json, sys, time
+from d2merge.io.adapter import load_adapter
+from d2merge.io.checkpoint import open_base
+from d2merge.plan import build_plan
+from d2merge.verify import check_weights
+
+from dataclasses import replace
+
+base, adapter, merged, prefix = sys.argv[1:5]
+started, cpu = time.perf_counter(), time.process_time()
+plan = build_plan(open_base(base), load_adapter(adapter), dtype="fp32")
+plan = replace(plan, tensors=tuple(item for item in plan.tensors if item.name.startswith(prefix)))
+layers, copied, mismatched, missing = check_weights(plan, open_base(merged))
+worst = max(layers, key=lambda layer: layer.max_ulp_error)
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+print(json.dumps({"wall_s": round(time.perf_counter() - started, 1), "cpu_s": round(time.process_time() - cpu, 1),
+                  "peak_rss_bytes": peak, "merged_checked": len(layers), "copied_checked": copied,
+                  "copied_mismatched": mismatched, "missing": missing, "worst_tensor": worst.tensor,
+                  "worst_ulp": worst.max_ulp_error}))
+"""
+
+
+def weights_only(root: Path, args: argparse.Namespace) -> None:
+    """The weight check alone (``check_weights``: what a merged run's reads feed), correct and with q_proj x 1.01.
+
+The second check covers layer 0's tensors only (the scaled one among them).
+
+    For a machine too loaded to finish the whole verify at 7B: the phase that set its 3.04 GB
+    peak, measured in its own process (peak RSS, wall and CPU time).
+    """
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    figures = {}
+    for label in ("correct", "q_proj x 1.01"):
+        if label != "correct":
+            scale_tensor(root / "merged", "model.layers.0.self_attn.q_proj.weight", 1.01)
+        load = os.getloadavg()[0]
+        done = subprocess.run([sys.executable, "-c", WEIGHTS_ONLY, str(root / "base"), str(root / "adapter"),
+                               str(root / "merged"), "" if label == "correct" else "model.layers.0."],
+                              capture_output=True, text=True, check=True, env=env)
+        figures[label] = {**json.loads(done.stdout.strip().splitlines()[-1]), "load": [load, os.getloadavg()[0]]}
+        print(f"weight check alone ({label}): {json.dumps(figures[label])}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def at_scale(args: argparse.Namespace) -> None:
@@ -277,37 +357,61 @@ def at_scale(args: argparse.Namespace) -> None:
             subprocess.run([sys.executable, "-m", "d2merge.cli", "merge", str(base), str(adapter), "-q", "-o",
                             str(merged), "--no-hash-sources"], check=True, cwd=root,
                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        if args.weights_only:
+            weights_only(root, args)
+            return
         params = sum(torch.Size(s).numel() for s in _shapes_of(base))
         files = sorted(base.glob("*.safetensors")) + sorted(merged.glob("*.safetensors"))
         figures["parameters"] = params
-        figures["read_both_once_s"] = round(read_seconds(files), 1)
-        rate = matmul_rate()
+        read_wall, read_cpu = read_seconds(files)
+        figures["read_both_once_s"], figures["read_both_once_cpu_s"] = round(read_wall, 1), round(read_cpu, 1)
+        rate, cpu_rate = matmul_rate()
         tokens = args.probes * args.probe_length
         figures["matmul_rate_gflops"] = round(rate / 1e9, 1)
+        figures["matmul_rate_gflops_per_cpu_s"] = round(cpu_rate / 1e9, 1)
         figures["forward_arithmetic_s"] = round(3 * 2 * params * tokens / rate, 1)
+        figures["forward_arithmetic_cpu_s"] = round(3 * 2 * params * tokens / cpu_rate, 1)
         figures["floor_s"] = round(figures["read_both_once_s"] + figures["forward_arithmetic_s"], 1)
+        figures["floor_cpu_s"] = round(read_cpu + figures["forward_arithmetic_cpu_s"], 1)
         command = ["-m", "d2merge.cli", "verify", str(base), str(adapter), str(merged), "--probe-source", "random",
                    "--num-probes", str(args.probes), "--probe-length", str(args.probe_length)]
         run = stamped([sys.executable, *command], root)
         figures["verify"] = {"exit": run["code"], "wall_s": round(run["wall"], 1), "cpu_s": round(run["cpu"], 1),
-                             "peak_rss_bytes": run["rss"], "phases": run["lines"]}
+                             "peak_rss_bytes": run["rss"], "load": [run["load_start"], run["load_end"]],
+                             "phases": run["lines"]}
+        figures["file_bytes"] = {"base": sum(p.stat().st_size for p in base.glob("*.safetensors")),
+                                 "merged": sum(p.stat().st_size for p in merged.glob("*.safetensors"))}
         figures["verify_over_floor"] = round(run["wall"] / figures["floor_s"], 2)
+        figures["verify_cpu_over_floor_cpu"] = round(run["cpu"] / figures["floor_cpu_s"], 2)
         print(f"verify: exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU "
               f"(floor {figures['floor_s']} s = read "
               f"{figures['read_both_once_s']} s + arithmetic {figures['forward_arithmetic_s']} s at "
-              f"{figures['matmul_rate_gflops']} GFLOP/s: {figures['verify_over_floor']}x), peak RSS "
-              f"{run['rss'] / 1e9:.2f} GB", flush=True)
-        for stamp, line in run["lines"]:
-            print(f"  {stamp:8.1f} s  {line}", flush=True)
+              f"{figures['matmul_rate_gflops']} GFLOP/s: {figures['verify_over_floor']}x; in CPU time "
+              f"{run['cpu']:.1f} s against {figures['floor_cpu_s']} s = read {figures['read_both_once_cpu_s']} s + "
+              f"arithmetic {figures['forward_arithmetic_cpu_s']} s at {figures['matmul_rate_gflops_per_cpu_s']} "
+              f"GFLOP per CPU-s: {figures['verify_cpu_over_floor_cpu']}x), peak RSS {run['rss'] / 1e9:.2f} GB",
+              flush=True)
+        print(f"  load average {run['load_start'][0]:.1f} at the start, {run['load_end'][0]:.1f} at the end", flush=True)
+        total = next((read for _, read, _ in reversed(run["lines"]) if read is not None), None)
+        figures["verify"]["read_bytes_by_last_line"] = total
+        print(f"  files: base {figures['file_bytes']['base'] / 1e9:.2f} GB, merged "
+              f"{figures['file_bytes']['merged'] / 1e9:.2f} GB; verify had read "
+              f"{(total or 0) / 1e9:.1f} GB by its last stage line", flush=True)
+        print_phases(run["lines"])
         if args.negative:
             scale_tensor(merged, "model.layers.0.self_attn.q_proj.weight", 1.01)
             bad = stamped([sys.executable, *command], root)
-            figures["negative"] = {"exit": bad["code"], "wall_s": round(bad["wall"], 1), "peak_rss_bytes": bad["rss"],
-                                   "failures": [line for _, line in bad["lines"] if "check" in line][-3:]}
-            print(f"q_proj x 1.01: exit {bad['code']} ({bad['wall']:.1f} s, peak RSS {bad['rss'] / 1e9:.2f} GB)",
-                  flush=True)
-            for _, line in bad["lines"][-3:]:
-                print(f"  {line}", flush=True)
+            figures["negative"] = {"exit": bad["code"], "wall_s": round(bad["wall"], 1), "cpu_s": round(bad["cpu"], 1),
+                                   "peak_rss_bytes": bad["rss"], "load": [bad["load_start"], bad["load_end"]],
+                                   "verify_over_floor": round(bad["wall"] / figures["floor_s"], 2),
+                                   "verify_cpu_over_floor_cpu": round(bad["cpu"] / figures["floor_cpu_s"], 2),
+                                   "phases": bad["lines"], "stdout": bad["stdout"]}
+            print(f"q_proj x 1.01: exit {bad['code']} ({bad['wall']:.1f} s wall, {bad['cpu']:.1f} s CPU: "
+                  f"{figures['negative']['verify_over_floor']}x the floor, CPU "
+                  f"{figures['negative']['verify_cpu_over_floor_cpu']}x; peak RSS {bad['rss'] / 1e9:.2f} GB; load "
+                  f"average {bad['load_start'][0]:.1f} -> {bad['load_end'][0]:.1f})", flush=True)
+            print_phases(bad["lines"])
+            print(bad["stdout"][-1500:], flush=True)
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
     finally:
@@ -342,12 +446,13 @@ def mc_before_after(args: argparse.Namespace) -> None:
                                   text=True, check=True, env=env, cwd=root)
             run = json.loads(done.stdout)
             figures[label] = {"checkout": str(checkout), "exit": run["code"], "wall_s": round(run["wall"], 1),
-                              "cpu_s": round(run["cpu"], 1),
+                              "cpu_s": round(run["cpu"], 1), "load": [run["load_start"], run["load_end"]],
                               "peak_rss_bytes": run["rss"], "phases": run["lines"]}
             print(f"{label:<6} ({checkout}): exit {run['code']}, {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU, "
                   f"peak RSS {run['rss'] / 1e9:.2f} GB", flush=True)
-            for stamp, line in run["lines"]:
-                print(f"  {stamp:8.1f} s  {line}", flush=True)
+            print(f"  load average {run['load_start'][0]:.1f} at the start, {run['load_end'][0]:.1f} at the end",
+                  flush=True)
+            print_phases(run["lines"])
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
     finally:

@@ -339,6 +339,27 @@ class Method:
         """Method-specific figures for verify (norm ratios, sign margins): none by default."""
         return {}
 
+    def update_square_sum(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor | None:
+        """sum(dW ** 2) without forming dW, where the method's algebra allows it (None: verify forms dW).
+
+        verify's weight check needs rms(dW) of a whole tensor before its row blocks; a low-rank
+        update gives it from r x r matrices instead of a pass over out x in entries.
+        """
+        return None
+
+    # How each :meth:`report` figure of row blocks combines into the whole tensor's: "min", "max" or
+    # "sum". verify's weight check works in row blocks (bounded memory at any tensor size).
+    report_combine: ClassVar[Mapping[str, str]] = {}
+
+    def report_rows(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
+                    rows: slice, state: dict[str, Any]) -> dict[str, float]:
+        """:meth:`report`'s figures for output rows ``rows`` (``w0``: those rows of W0, (out, in); ``factors``: whole).
+
+        Only called where :meth:`row_separable` holds. ``state`` is one dict per tensor, kept
+        across its blocks, for what a method computes once from the whole factors.
+        """
+        return self.report(w0, self.rows_of(factors, rows), settings)
+
     # ----- initialisation -----------------------------------------------------------------
     # The "down" factors (PEFT's A): drawn at random for training while every other factor starts
     # at zero, so a fresh adapter is exactly the base model.

@@ -95,6 +95,8 @@ class D2LoRA(Method):
         w_star = v.mul_(ratio[:, None] if settings.options["norm_axis"] == "out" else ratio[None, :])
         return w_star.add_(dw) if settings.options["residual"] else w_star
 
+    report_combine = {"norm_ratio_min": "min", "norm_ratio_max": "max"}
+
     def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
         ratio = self.norm_ratio(w0, w0 + self.low_rank(factors, settings), settings)
         return {"norm_ratio_min": float(ratio.min()), "norm_ratio_max": float(ratio.max())}

@@ -62,6 +62,8 @@ class DoRA(LoRA):
         v = w.addmm_(factors[b][rows], factors[a], alpha=settings.scale)
         return v.mul_((factors[MAGNITUDE][rows] / row_norms(v))[:, None])
 
+    report_combine = {"magnitude_ratio_min": "min", "magnitude_ratio_max": "max"}
+
     def report(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> dict[str, float]:
         v = w0 + self.low_rank(factors, settings)
         ratio = factors[MAGNITUDE] / torch.linalg.vector_norm(v, dim=1)

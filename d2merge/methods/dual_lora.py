@@ -117,6 +117,17 @@ class DualLoRA(Method):
         threshold = self.flip_threshold(factors)
         return {"direction_near_zero": float((product.abs() <= threshold).sum()), "flip_threshold": threshold}
 
+    report_combine = {"direction_near_zero": "sum", "flip_threshold": "max"}
+
+    def report_rows(self, w0: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
+                    rows: slice, state: dict[str, Any]) -> dict[str, float]:
+        # The threshold is the whole tensor's (one per tensor, computed on its first block).
+        if "flip_threshold" not in state:
+            state["flip_threshold"] = self.flip_threshold(factors)
+        threshold = state["flip_threshold"]
+        product = factors["lora_B_dir"][rows] @ factors["lora_A_dir"]
+        return {"direction_near_zero": float((product.abs() <= threshold).sum()), "flip_threshold": threshold}
+
     def runtime_module(self, base_layer: nn.Module, tensors: Mapping[str, torch.Tensor] | None,
                        settings: ModuleSettings, *, dropout: float = 0.0) -> nn.Module:
         return DualLoRALayer(self, base_layer, tensors, settings, dropout=dropout)

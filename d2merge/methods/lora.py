@@ -61,6 +61,13 @@ class LoRA(Method):
             return target_parameters.piece_delta(factors, settings.piece, settings.scale)
         return self.low_rank(factors, settings)
 
+    def update_square_sum(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor | None:
+        if settings.layer_kind in (TOKENS, PARAMETER) or settings.part == BIAS:
+            return None
+        a, b = self.tensor_names(settings.layer_kind)[:2]
+        # ||s B A||_F^2 = s^2 sum((B^T B) * (A A^T)): two r x r products instead of out x in entries
+        return settings.scale ** 2 * ((factors[b].T @ factors[b]) * (factors[a] @ factors[a].T)).sum()
+
     def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
                     rows: slice) -> torch.Tensor:
         a, b = self.tensor_names(settings.layer_kind)[:2]

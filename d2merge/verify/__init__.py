@@ -218,7 +218,7 @@ def _verify(base_ckpt: Any, adapter: Any, several: AdapterMix | None, merged: An
 
     def folder_column(dtype: str, folder: Path, shown: str | None) -> MergedFolder:
         checkpoint = open_base(folder, allow_pickle=options.allow_pickle)
-        return MergedFolder(checkpoint, dtype, shown, lambda: open_model(checkpoint), say)
+        return MergedFolder(checkpoint, dtype, shown, open_model, say)
 
     results = []
     if exported is not None:

@@ -16,7 +16,7 @@ measures both).
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -31,7 +31,7 @@ from d2merge.verify.compare import compare_job, mc_result, probe_job
 from d2merge.verify.limits import VERIFY_DTYPES, judge, resolve_limits, rounding_floor, top1_flips_p
 from d2merge.verify.probes import Probes
 from d2merge.verify.results import DtypeResult, RoundingFloor, WeightCheck
-from d2merge.verify.weights import check_weights
+from d2merge.verify.weights import WeightChecker, check_weights
 from d2merge.options.verify import Thresholds, VerifyOptions
 
 OpenModel = Callable[..., Any]  # (checkpoint, adapter=None, rounding=None) -> a d2merge.forward.Forward
@@ -114,25 +114,28 @@ class MergedModel(Protocol):
     label: str  # the column's name: the dtype of a folder, ``gguf-q8_0``, ``genai-int4``...
     shown: str | None  # the path the report names; None for a temp merge
     floor_dtype: str | None  # the dtype whose rounding floor applies; None: fixed limits (quantized)
-    weights_first: bool  # check the weights before loading (a missing tensor then skips the run)
+    # A folder: its header is checked before loading (a missing tensor then skips the run) and its
+    # weights as its run reads them (weight_checker); else weight_check after loading.
+    weights_first: bool
 
     def weight_check(self, merge_plan: MergePlan, model: Any = None) -> WeightCheck: ...
 
-    def load_model(self) -> Any: ...
+    def load_model(self, checker: WeightChecker | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)
 class MergedFolder:
     """A merged HF folder (the user's, or a temp merge), judged as a merge into its stored dtype.
 
-    transformers fills a missing tensor with random values, so the weights are checked first
-    and a folder that lacks one is judged without running it.
+    transformers fills a missing tensor with random values, so the header is checked first and
+    a folder that lacks one is judged without running it. The weight check then runs on each
+    tensor as the merged model's run reads it (one read of the merged files for both).
     """
 
     checkpoint: BaseCheckpoint
     dtype: str
     shown: str | None
-    load: Callable[[], Any]  # the merged model, block-streamed or whole (a d2merge.forward.Forward)
+    load: Callable[[BaseCheckpoint], Any]  # the merged model, block-streamed or whole (a d2merge.forward.Forward)
     say: Callable[[str], None]
     weights_first: bool = True
 
@@ -144,13 +147,27 @@ class MergedFolder:
     def floor_dtype(self) -> str:
         return self.dtype
 
+    def weight_checker(self, merge_plan: MergePlan) -> WeightChecker:
+        """The merged folder's header checked against the plan (shapes, missing tensors); nothing read yet."""
+        return WeightChecker(merge_plan, self.checkpoint)
+
     def weight_check(self, merge_plan: MergePlan, model: Any = None) -> WeightCheck:
         self.say(f"checking the merged weights against fp64 ({self.dtype})")
         return WeightCheck(*check_weights(merge_plan, self.checkpoint))
 
-    def load_model(self) -> Any:
-        self.say(f"running the merged model ({self.dtype})")
-        return self.load()
+    def finish_check(self, checker: WeightChecker) -> WeightCheck:
+        """The check of every planned tensor: those the run read are done, the rest are read now."""
+        left = checker.unchecked()
+        if left:
+            self.say(f"checking the merged weights against fp64 ({self.dtype}): {left} tensor(s) the run did not read")
+        return WeightCheck(*checker.finish())
+
+    def load_model(self, checker: WeightChecker | None = None) -> Any:
+        if checker is None:
+            self.say(f"running the merged model ({self.dtype})")
+            return self.load(self.checkpoint)
+        self.say(f"running the merged model ({self.dtype}), checking each weight against fp64 as it is read")
+        return self.load(replace(self.checkpoint, tensors=checker.source()))
 
 
 @dataclass(frozen=True)
@@ -189,7 +206,7 @@ class ExportedModel:
         return WeightCheck(layers, copied, mismatched, [n for n in missing if n not in weights.quantized],
                            [n for n in missing if n in weights.quantized])
 
-    def load_model(self) -> Any:
+    def load_model(self, checker: WeightChecker | None = None) -> Any:
         self.say(f"loading {self.exported.path} ({self.label})")
         model = self.exported.load_model()
         self.say(f"running the exported model ({self.label})")
@@ -199,19 +216,25 @@ class ExportedModel:
 def judge_column(merged: MergedModel, merge_plan: MergePlan, chosen: Thresholds, unmerged: Unmerged
                  ) -> DtypeResult:
     """The weight check, the floor, the logits and scores of ``merged``, and the verdict against ``chosen``."""
-    check = merged.weight_check(merge_plan) if merged.weights_first else None
+    checker: WeightChecker | None = merged.weight_checker(merge_plan) if merged.weights_first else None  # type: ignore[attr-defined]
+    check = None
     logits = mc = floor = None
-    if check is None or not check.missing:
+    if checker is not None and checker.missing:
+        check = merged.finish_check(checker)  # type: ignore[attr-defined]
+    else:
         floor, rounded_scores = (unmerged.measure_floor(merged.floor_dtype, merge_plan) if merged.floor_dtype
                                  else (None, None))
-        model = merged.load_model()
-        if check is None:
+        model = merged.load_model(checker)
+        if checker is None:
             check = merged.weight_check(merge_plan, model)
         logits, merged_scores = unmerged.evaluate(model, unmerged.logits)
         if merged_scores is not None:
             mc = mc_result(unmerged.examples, unmerged.scores, merged_scores, rounded_scores)  # type: ignore[arg-type]
         del model
         gc.collect()
+        if checker is not None:
+            check = merged.finish_check(checker)  # type: ignore[attr-defined]
+    assert check is not None
     limits = resolve_limits(chosen, floor)
     failures = judge(limits, logits, mc, check.layers, check.copied_mismatched, check.missing, floor)
     return DtypeResult(merged.label, merged.shown, chosen, logits, mc, floor, limits, top1_flips_p(logits, floor),

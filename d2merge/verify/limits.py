@@ -55,14 +55,42 @@ def parse_dtypes(dtypes: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def ulp(reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype``'s values at each entry's magnitude (subnormal spacing near zero)."""
+    """The spacing of ``dtype``'s values at each entry's magnitude (subnormal spacing near zero), in fp64.
+
+    Read from the bits: masking an fp64's sign and mantissa leaves ``2**binade`` (0 for zero),
+    which times ``2**-mantissa_bits`` is the spacing, clamped below at the subnormal spacing.
+    Four passes where frexp/where/ldexp took eight and two integer temporaries; the values are
+    the same powers of two (the weight check and the floor's rounding spend most of their time here).
+    Infinities and NaNs get the largest finite binade's spacing, so an infinite or NaN
+    difference stays infinite or NaN after the division.
+    """
+    return ulp_(reference.to(torch.float64, copy=True), dtype)
+
+
+def ulp_(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`ulp` in place on an fp64 tensor (the weight check's row blocks reuse their temporaries)."""
+    low, high = binade_bounds(dtype)
+    return binade_(values).clamp_(low, high).mul_(2.0 ** -MANTISSA_BITS[dtype])
+
+
+def binade_(values: torch.Tensor) -> torch.Tensor:
+    """In place on an fp64 tensor: each |x| rounded down to a power of two (0 for zero, inf for inf and NaN).
+
+    ``ulp(x) = clamp(binade(x), *binade_bounds(dtype)) * 2**-mantissa_bits``; monotone in |x|,
+    so the ulp of a maximum is the maximum of the binades, clamped and scaled once.
+    """
+    values.view(torch.int64).bitwise_and_(_FP64_EXPONENT_BITS)  # the sign and mantissa bits cleared
+    return values
+
+
+def binade_bounds(dtype: torch.dtype) -> tuple[float, float]:
+    """The smallest binade ``dtype`` spaces as a normal number (its subnormals share it) and the largest finite."""
     if dtype not in MANTISSA_BITS:
         raise D2MergeError(f"no ulp defined for {dtype}")
-    _, exponent = torch.frexp(reference.double())
-    # frexp gives |x| = m * 2**e with m in [0.5, 1): the binade's exponent is e - 1.
-    binade = torch.where(reference == 0, torch.full_like(exponent, MIN_NORMAL_EXPONENT[dtype]),
-                         (exponent - 1).clamp_min(MIN_NORMAL_EXPONENT[dtype]))
-    return torch.ldexp(torch.ones_like(reference, dtype=torch.float64), binade - MANTISSA_BITS[dtype])
+    return 2.0 ** MIN_NORMAL_EXPONENT[dtype], 2.0 ** 1023
+
+
+_FP64_EXPONENT_BITS = 0x7FF0000000000000
 
 
 @torch.no_grad()

@@ -2,17 +2,38 @@
 
 Independent of any forward pass: a tensor merged wrong (a sign, a scale, a swapped layer) shows
 here in ulps of the output dtype, named, even where the logits barely move.
+
+Lean at any size: a row-separable merge (LoRA, DoRA, D2-LoRA by rows, Dual LoRA on a linear
+layer: every merged row depends on the same row of W0 only) is recomputed in fp64 a row block
+of :data:`BLOCK_ENTRIES` at a time, so its temporaries are a few MB whatever the tensor's size
+(a 7B's 11008 x 4096 MLP matrix took eight 360 MB fp64 copies whole), and stay in cache. The
+figures are the whole tensor's: maxima and minima of per-entry values, sums of counts, fp64
+throughout. Other merges (column norms, transposed layouts, token rows, PiSSA/OLoRA bases)
+are recomputed whole, as before. Copied tensors are compared a row block at a time.
+
+Reads: :class:`WeightChecker` checks each tensor as a forward reads it
+(:meth:`WeightChecker.source` wraps the merged folder's tensors), so verify's merged run and
+its weight check share one read of the merged files; :meth:`WeightChecker.finish` reads what
+the forward did not.
 """
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from d2merge.errors import D2MergeError
-from d2merge.io.checkpoint import BaseCheckpoint
+from d2merge.io.checkpoint import BaseCheckpoint, TensorSource
 from d2merge.plan import MergePlan, TensorPlan
-from d2merge.verify.limits import DTYPE_LABELS, ulp
+from d2merge.verify.limits import DTYPE_LABELS, MANTISSA_BITS, binade_, binade_bounds, ulp
 from d2merge.verify.results import LayerCheck
+
+# Entries per row block of the fp64 recomputation: 2 MB per fp64 temporary, about five alive,
+# so a block's arithmetic stays in the CPU's cache (4M-entry blocks ran 1.6x slower).
+BLOCK_ENTRIES = 1 << 18
 
 
 def weight_error(stored: torch.Tensor, reference: torch.Tensor, terms: torch.Tensor | None = None
@@ -27,13 +48,13 @@ def weight_error(stored: torch.Tensor, reference: torch.Tensor, terms: torch.Ten
     """
     if stored.numel() == 0:
         return 0.0, 0.0, 0.0
-    # In row blocks of about 4M entries: the fp64 temporaries of a whole 7B MLP matrix (360 MB
-    # each, eight of them) were the largest allocation of a block-streamed verify. Maxima of
-    # elementwise values: the same figures as on the whole tensor.
+    # In row blocks: the fp64 temporaries of a whole 7B MLP matrix (360 MB each, eight of them)
+    # were the largest allocation of a block-streamed verify. Maxima of elementwise values: the
+    # same figures as on the whole tensor.
     rows = stored.reshape(stored.shape[0], -1) if stored.ndim > 1 else stored.reshape(1, -1)
     reference_rows = reference.reshape(rows.shape)
     terms_rows = None if terms is None else terms.expand(reference.shape).reshape(rows.shape)
-    step = max(1, (1 << 22) // max(rows.shape[1], 1))
+    step = max(1, BLOCK_ENTRIES // max(rows.shape[1], 1))
     maxima: list[torch.Tensor] = []  # per block: (max abs, max ulp at the terms' scale, max ulp at the value)
     for start in range(0, rows.shape[0], step):
         block = slice(start, start + step)
@@ -92,39 +113,185 @@ def _reference_mix(merge_plan: MergePlan, item: TensorPlan) -> tuple[torch.Tenso
     return reference, terms.mul_(max(1.0, weight_sum)), {}
 
 
+def _row_blocks(item: TensorPlan, merge_plan: MergePlan, stored: torch.Tensor) -> bool:
+    """Whether the entry's merge can be recomputed a row block at a time (each row from its own row)."""
+    if merge_plan.mix is not None:  # several adapters: the mix's own rule, whole (_reference_mix)
+        return False
+    settings = item.settings
+    assert settings is not None
+    return stored.ndim == 2 and not settings.transposed and merge_plan.adapter.method.row_separable(settings)
+
+
+def _merged_by_rows(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tensor) -> LayerCheck:
+    """The merged tensor's errors and the method's figures, a row block at a time in fp64.
+
+    Per entry the figures :func:`reference_merge` and :func:`weight_error` compute on the whole
+    tensor, bit for bit: the reference is the method's own formula (``merge_rows_``) on fp64
+    rows; the ulp at the terms' scale is that of ``max(|W_merged|, |W0|, |dW|, rms(dW))``, taken
+    as the largest of their binades (ulp is monotone in |x|), each read from the bits with no
+    abs pass; dividing by the binade and scaling the maximum by ``2**mantissa_bits`` is exact.
+    rms(dW) over the whole tensor comes from the method's algebra where it can
+    (``update_square_sum``), else from a first pass over the update. The block buffers are
+    reused: a fresh 2 MB allocation is page-faulted in, which cost as much as the pass using it.
+    """
+    adapter = merge_plan.adapter
+    method, settings = adapter.method, item.settings
+    assert settings is not None and item.module is not None
+    w0 = merge_plan.base_weight(item)
+    factors = {k: v.double() for k, v in adapter.factors(item.module).items()}
+    rows, cols = stored.shape
+    step = max(1, BLOCK_ENTRIES // max(cols, 1))
+    blocks = [slice(start, min(rows, start + step)) for start in range(0, rows, step)]
+    squares = method.update_square_sum(factors, settings)
+    if squares is None:
+        squares = torch.zeros((), dtype=torch.float64)
+        for block in blocks:
+            squares += method.update(method.rows_of(factors, block), settings).square().sum()
+    dtype = stored.dtype
+    low, high = binade_bounds(dtype)
+    floor = binade_(torch.sqrt(squares / max(stored.numel(), 1)).reshape(1))
+    low_at_scale = max(low, float(floor))  # rms(dW) only raises the scale, like the subnormal spacing
+    buffers = torch.empty((3, min(step, rows) * cols), dtype=torch.float64)
+    state: dict[str, Any] = {}
+    figures: dict[str, float] = {}
+    worst = torch.zeros(3, dtype=torch.float64)  # max abs, max ulp at the terms' scale, max ulp at the value
+    for block in blocks:
+        shape = (block.stop - block.start, cols)
+        size = shape[0] * cols
+        w, scale, diff = (buffer[:size].view(shape) for buffer in buffers)
+        w.copy_(w0[block])
+        for name, value in method.report_rows(w, factors, settings, block, state).items():
+            figures[name] = value if name not in figures else _combine(method.report_combine.get(name), name,
+                                                                       figures[name], value)
+        terms = binade_(method.update(method.rows_of(factors, block), settings))
+        torch.maximum(terms, binade_(scale.copy_(w)), out=terms)
+        reference = method.merge_rows_(w, factors, settings, block)  # in place: w is not needed after
+        at_value = binade_(scale.copy_(reference))
+        torch.maximum(terms, at_value, out=terms).clamp_(low_at_scale, high)
+        at_value.clamp_(low, high)
+        diff.copy_(stored[block]).sub_(reference).abs_()  # upcast first: a mixed-dtype sub ran 2x slower
+        # torch's max keeps a NaN (Python's max() would drop it)
+        worst = torch.maximum(worst, torch.stack([diff.max(), torch.div(diff, terms, out=terms).max(),
+                                                  torch.div(diff, at_value, out=at_value).max()]))
+    if not blocks:
+        figures = {k: float(v) for k, v in method.report(w0.double(), factors, settings).items()}
+    worst[1:] *= 2.0 ** MANTISSA_BITS[dtype]  # x / binade * 2**bits = x / ulp, exactly (powers of two)
+    return LayerCheck(item.name, str(item.module), float(worst[0]), float(worst[1]), float(worst[2]), figures)
+
+
+def _combine(how: str | None, name: str, a: float, b: float) -> float:
+    if how == "min":
+        return min(a, b) if not (math.isnan(a) or math.isnan(b)) else math.nan
+    if how == "max":
+        return max(a, b) if not (math.isnan(a) or math.isnan(b)) else math.nan
+    if how == "sum":
+        return a + b
+    raise D2MergeError(f"the method's figure {name} has no rule to combine row blocks (report_combine)")
+
+
+def _same_copy(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tensor) -> bool:
+    """Whether a copied tensor equals the base's, cast to the stored dtype as the merge casts it (through
+    the plan's dtype), bit for bit; a row block at a time, so no fp32 copy of a whole embedding."""
+    from_adapter = item.action == "replace" or item.base_from_adapter  # modules_to_save: the adapter's tensor
+    base = (merge_plan.adapter.tensors if from_adapter else merge_plan.base.tensors).read(item.source)
+    if tuple(base.shape) != tuple(stored.shape):
+        return False
+    if base.dtype == stored.dtype == item.out_dtype or base.ndim == 0:
+        return bool(torch.equal(base.to(item.out_dtype).to(stored.dtype), stored))
+    base_rows = base.reshape(base.shape[0], -1) if base.ndim > 1 else base.reshape(1, -1)
+    stored_rows = stored.reshape(base_rows.shape)
+    step = max(1, BLOCK_ENTRIES // max(base_rows.shape[1], 1))
+    for start in range(0, base_rows.shape[0], step):
+        expected = base_rows[start:start + step].to(item.out_dtype).to(stored.dtype)
+        if not torch.equal(expected, stored_rows[start:start + step]):
+            return False
+    return True
+
+
+class _Tee:
+    """The merged folder's tensors as a forward reads them, each handed to the weight check on its first read."""
+
+    def __init__(self, tensors: TensorSource, checker: "WeightChecker"):
+        self.tensors, self.checker = tensors, checker
+
+    def keys(self) -> list[str]:
+        return self.tensors.keys()
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self.tensors.info(name)
+
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        tensor = self.tensors.read(name, buffer)
+        self.checker.check(name, tensor)
+        return tensor
+
+    def file_of(self, name: str) -> Path:
+        return self.tensors.file_of(name)
+
+
+class WeightChecker:
+    """Every planned tensor of a merged folder checked once: merged ones against fp64, copied ones bit for bit.
+
+    The header is checked when it is made (a missing tensor, a wrong shape: before any model
+    runs); :meth:`source` hands tensors over as a forward reads them; :meth:`finish` reads and
+    checks the rest and returns (per-layer checks, copied tensors checked, copied tensors that
+    differ, missing tensors), in plan order.
+    """
+
+    def __init__(self, merge_plan: MergePlan, merged: BaseCheckpoint):
+        self.merge_plan, self.merged = merge_plan, merged
+        stored_names = set(merged.tensors.keys())
+        self.planned = {item.name: item for item in merge_plan.tensors if item.name in stored_names}
+        self.missing = [item.name for item in merge_plan.tensors if item.name not in stored_names]
+        for name, item in self.planned.items():
+            shape = merged.tensors.info(name)[1]
+            if tuple(shape) != tuple(item.shape):
+                raise D2MergeError(f"merged tensor has shape {list(shape)}, the merge plan says {list(item.shape)}",
+                                   path=merged.tensors.file_of(name), tensor=name,
+                                   hint="is MERGED a merge of this base and adapter?")
+        self.results: dict[str, LayerCheck | bool] = {}  # a merged tensor's check, or whether a copy matched
+
+    def source(self) -> TensorSource:
+        """The merged folder's tensors, checked as they are read."""
+        return _Tee(self.merged.tensors, self)
+
+    def check(self, name: str, stored: torch.Tensor) -> None:
+        item = self.planned.get(name)
+        if item is None or name in self.results:
+            return
+        if item.action == "merge":
+            if _row_blocks(item, self.merge_plan, stored):
+                self.results[name] = _merged_by_rows(self.merge_plan, item, stored)
+            else:
+                reference, terms, figures = reference_merge(self.merge_plan, item)
+                abs_error, ulp_error, ulp_at_value = weight_error(stored, reference, terms)
+                self.results[name] = LayerCheck(item.name, str(item.module), abs_error, ulp_error, ulp_at_value,
+                                                figures)
+        else:
+            self.results[name] = _same_copy(self.merge_plan, item, stored)
+
+    def unchecked(self) -> int:
+        """How many planned tensors of the folder are not checked yet."""
+        return sum(1 for name in self.planned if name not in self.results)
+
+    def finish(self) -> tuple[list[LayerCheck], int, list[str], list[str]]:
+        from tqdm.auto import tqdm
+
+        left = [name for name in self.planned if name not in self.results]
+        for name in tqdm(left, desc="weights vs fp64", unit="tensor", disable=None, leave=False):
+            self.check(name, self.merged.tensors.read(name))
+        layers = [r for r in (self.results[n] for n in self.planned) if isinstance(r, LayerCheck)]
+        copies = [n for n in self.planned if not isinstance(self.results[n], LayerCheck)]
+        return layers, len(copies), [n for n in copies if self.results[n] is False], list(self.missing)
+
+
 def check_weights(merge_plan: MergePlan, merged: BaseCheckpoint
                   ) -> tuple[list[LayerCheck], int, list[str], list[str]]:
     """Every planned tensor of the merged folder: merged ones against fp64, copied ones bit for bit.
 
     Returns (per-layer checks, copied tensors checked, copied tensors that differ, missing tensors).
     """
-    from tqdm.auto import tqdm
-
-    from d2merge.engine import compute_tensor
-
-    stored_names = set(merged.tensors.keys())
-    layers: list[LayerCheck] = []
-    copied, mismatched, missing = 0, [], []
-    for item in tqdm(merge_plan.tensors, desc="weights vs fp64", unit="tensor", disable=None, leave=False):
-        if item.name not in stored_names:
-            missing.append(item.name)
-            continue
-        dtype, shape = merged.tensors.info(item.name)
-        if tuple(shape) != tuple(item.shape):
-            raise D2MergeError(f"merged tensor has shape {list(shape)}, the merge plan says {list(item.shape)}",
-                               path=merged.tensors.file_of(item.name), tensor=item.name,
-                               hint="is MERGED a merge of this base and adapter?")
-        stored = merged.tensors.read(item.name)
-        if item.action == "merge":
-            reference, terms, figures = reference_merge(merge_plan, item)
-            abs_error, ulp_error, ulp_at_value = weight_error(stored, reference, terms)
-            layers.append(LayerCheck(item.name, str(item.module), abs_error, ulp_error, ulp_at_value, figures))
-        else:
-            expected = compute_tensor(merge_plan, item).to(dtype)
-            copied += 1
-            if not torch.equal(stored, expected):
-                mismatched.append(item.name)
-    return layers, copied, mismatched, missing
+    return WeightChecker(merge_plan, merged).finish()
 
 
 def stored_dtype(merge_plan: MergePlan, merged: BaseCheckpoint) -> str:

@@ -1,0 +1,153 @@
+"""verify's weight check in row blocks: the whole tensor's figures, every block checked, the merged files read once.
+
+The oracle is the whole-tensor path (``reference_merge`` + ``weight_error``, which verify still
+takes for merges that are not row-separable) and the former frexp definition of an ulp.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from d2merge.io.adapter import load_adapter
+from d2merge.io.checkpoint import open_base
+from d2merge.io.safetensors_file import SafetensorsFile
+from d2merge.merge import merge
+from d2merge.plan import build_plan
+from d2merge.verify import LayerCheck, probe_logits, random_probes, reference_merge, ulp, verify, weight_error
+from d2merge.verify import weights
+from d2merge.verify.limits import MANTISSA_BITS, MIN_NORMAL_EXPONENT
+from d2merge.verify.streamed import open_forward
+from faults import rewrite_tensors
+
+Q_PROJ = "model.layers.1.self_attn.q_proj.weight"  # the tiny Llama's: 64 x 64, adapted by every method
+EMBEDDING = "model.embed_tokens.weight"  # copied
+
+
+def frexp_ulp(reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The former definition: the binade from frexp, the subnormal spacing below the smallest normal."""
+    _, exponent = torch.frexp(reference.double())
+    binade = torch.where(reference == 0, torch.full_like(exponent, MIN_NORMAL_EXPONENT[dtype]),
+                         (exponent - 1).clamp_min(MIN_NORMAL_EXPONENT[dtype]))
+    return torch.ldexp(torch.ones_like(reference, dtype=torch.float64), binade - MANTISSA_BITS[dtype])
+
+
+def test_ulp_from_the_bits_is_the_frexp_ulp() -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(1 << 16, dtype=torch.float64, generator=generator) * 10.0 ** torch.randint(
+        -320, 300, (1 << 16,), generator=generator).double()
+    edges = torch.tensor([0.0, -0.0, 5e-324, 1e-310, 2.0 ** -149, 2.0 ** -126, 2.0 ** -14, 2.0 ** -24, 1.0, -1.5,
+                          65504.0, 3.4e38, 1e300], dtype=torch.float64)
+    for reference in (torch.cat([values, edges]), torch.cat([values, edges]).float()):
+        finite = reference.isfinite()
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert torch.equal(ulp(reference, dtype)[finite], frexp_ulp(reference, dtype)[finite]), dtype
+
+
+@pytest.fixture(scope="module")
+def merged_folders(tiny_bases: Callable[..., Path], make_adapter: Callable[..., Path],
+                   tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple[Path, Path, Path]]:
+    root = tmp_path_factory.mktemp("weight-check")
+    made: dict[tuple[str, str], tuple[Path, Path, Path]] = {}
+
+    def make(method: str, dtype: str) -> tuple[Path, Path, Path]:
+        if (method, dtype) not in made:
+            base = tiny_bases("llama")
+            adapter = make_adapter(base, method, seed=3, magnitude=0.05)
+            folder = merge(open_base(base), load_adapter(adapter), root / f"{method}-{dtype}", dtype=dtype,
+                           hash_sources=False).output
+            made[method, dtype] = base, adapter, folder
+        return made[method, dtype]
+
+    return make
+
+
+def whole_tensor_checks(base: Path, adapter: Path, folder: Path) -> list[LayerCheck]:
+    plan = build_plan(open_base(base), load_adapter(adapter), dtype="fp32")
+    merged = open_base(folder)
+    checks = []
+    for item in plan.merged:
+        reference, terms, figures = reference_merge(plan, item)
+        errors = weight_error(merged.tensors.read(item.name), reference, terms)
+        checks.append(LayerCheck(item.name, str(item.module), *errors, figures))
+    return checks
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("method", ["lora", "dora", "d2lora", "dual_lora"])
+def test_row_blocks_give_the_whole_tensor_figures(method: str, dtype: str, merged_folders: Callable[..., Any],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 100 entries (one row of 64, or two): every figure equals the whole tensor's, bit for bit."""
+    base, adapter, folder = merged_folders(method, dtype)
+    monkeypatch.setattr(weights, "BLOCK_ENTRIES", 100)
+    by_rows = Counter[str]()
+    real = weights._merged_by_rows
+
+    def counting(merge_plan: Any, item: Any, stored: torch.Tensor) -> LayerCheck:
+        by_rows[item.name] += 1
+        return real(merge_plan, item, stored)
+
+    monkeypatch.setattr(weights, "_merged_by_rows", counting)
+    plan = build_plan(open_base(base), load_adapter(adapter), dtype="fp32")
+    layers, copied, mismatched, missing = weights.check_weights(plan, open_base(folder))
+    assert set(by_rows) == {item.name for item in plan.merged}  # every merged tensor took the row blocks
+    assert layers == whole_tensor_checks(base, adapter, folder)
+    assert copied == len(plan.tensors) - len(plan.merged) and not mismatched and not missing
+    assert all(layer.max_ulp_error <= (0.75 if dtype != "fp32" else 256) for layer in layers)  # the default limits
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_an_error_in_the_last_row_block_is_found(dtype: str, merged_folders: Callable[..., Any], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """One entry of the last row of a merged tensor and of a copied one: the blocks after the first are checked."""
+    base, adapter, folder = merged_folders("lora", dtype)
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+
+    def last_entry_times(factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        def change(tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.clone()
+            tensor[-1, -1] = tensor[-1, -1] * factor
+            return tensor
+        return change
+
+    rewrite_tensors(broken, {Q_PROJ: last_entry_times(1.01), EMBEDDING: last_entry_times(-1.0)})
+    monkeypatch.setattr(weights, "BLOCK_ENTRIES", 100)
+    plan = build_plan(open_base(base), load_adapter(adapter), dtype="fp32")
+    layers, _, mismatched, _ = weights.check_weights(plan, open_base(broken))
+    errors = {layer.tensor: layer.max_ulp_error for layer in layers}
+    assert errors[Q_PROJ] > 1.0 and all(error <= 256 for name, error in errors.items() if name != Q_PROJ)
+    assert mismatched == [EMBEDDING]
+
+
+def test_the_merged_files_are_read_once(merged_folders: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weight check takes each tensor as the merged model's block-streamed run reads it: no read of its own.
+
+    Before, it read the whole folder and the run read it again. (The run itself reads the final
+    norm twice, at its head and tail stages; a decoder block's tensors once.)
+    """
+    base, adapter, folder = merged_folders("lora", "bf16")
+    reads = Counter[str]()
+    real = SafetensorsFile.read
+
+    def counting(self: SafetensorsFile, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        if self.path.parent == folder:
+            reads[name] += 1
+        return real(self, name, buffer)
+
+    monkeypatch.setattr(SafetensorsFile, "read", counting)
+    lines: list[str] = []
+    report = verify(base, adapter, folder, echo=lines.append)
+    assert report.passed
+    assert any("checking each weight against fp64 as it is read" in line for line in lines)
+    assert not any("the run did not read" in line for line in lines)
+    in_verify = reads.copy()
+    reads.clear()
+    checkpoint = open_base(folder)
+    probe_logits(open_forward(checkpoint), random_probes(int(checkpoint.config["vocab_size"]), count=2, length=8, seed=0), 2)
+    assert in_verify == reads and set(reads) == set(checkpoint.tensors.keys())
