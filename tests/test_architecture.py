@@ -62,7 +62,12 @@ ALLOWED = {
                                  "d2merge.export.gguf", "d2merge.console"),
     "d2merge.export.model_card": ("d2merge.version",),
     "d2merge.export.hf_folder": ("d2merge.errors", "d2merge.device", "d2merge.profile", "d2merge.options",
-                                 "d2merge.io", "d2merge.plan", "d2merge.engine", "d2merge.export.model_card"),
+                                 "d2merge.io", "d2merge.plan", "d2merge.engine", "d2merge.export.model_card",
+                                 "d2merge.export.pipeline", "d2merge.export.provenance"),
+    # the one merge pipeline and the one provenance: under every format writer, over the engine and io.
+    "d2merge.export.pipeline": ("d2merge.profile", "d2merge.options", "d2merge.io", "d2merge.plan", "d2merge.engine"),
+    "d2merge.export.provenance": ("d2merge.version", "d2merge.errors", "d2merge.io", "d2merge.plan",
+                                  "d2merge.export.model_card"),
     "d2merge.merge": ("d2merge.engine", "d2merge.export.hf_folder", "d2merge.io", "d2merge.options", "d2merge.plan"),
     # verify: pure records and arithmetic at the bottom, the one column code path above them,
     # the thin orchestration (the package itself) on top.
@@ -81,7 +86,7 @@ ALLOWED = {
     "d2merge.verify.report": ("d2merge.version", "d2merge.io", "d2merge.export.model_card", "d2merge.verify_options",
                               "d2merge.verify.results"),
     "d2merge.verify.columns": ("d2merge.forward", "d2merge.io", "d2merge.plan", "d2merge.tasks", "d2merge.runtime",
-                               "d2merge.export.gguf", "d2merge.export.onnx_genai", "d2merge.verify_options",
+                               "d2merge.export.registry", "d2merge.verify_options",
                                "d2merge.verify.compare", "d2merge.verify.limits", "d2merge.verify.probes",
                                "d2merge.verify.results", "d2merge.verify.streamed", "d2merge.verify.weights"),
     # merge-many: its options stay torch-free (the CLI's flags); the run never imports the CLI or publish.
