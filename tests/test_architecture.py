@@ -32,6 +32,8 @@ ALLOWED = {
     "d2merge.profile": (),
     "d2merge.device": ("d2merge.errors",),
     "d2merge.natural_sort": (),
+    # the one logit comparator: verify's columns and the exporters' own checks (ONNX, genai) share it.
+    "d2merge.logit_comparison": (),
     "d2merge.console": (),
     "d2merge.output_names": ("d2merge.errors", "d2merge.io.output"),
     "d2merge.io.direct_io": ("d2merge.profile",),
@@ -56,7 +58,7 @@ ALLOWED = {
     "d2merge.export": ("d2merge.version", "d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.profile",
                        "d2merge.console", "d2merge.output_names",
                        "d2merge.device", "d2merge.options", "d2merge.verify_options", "d2merge.io", "d2merge.plan",
-                       "d2merge.engine", "d2merge.runtime", "d2merge.export"),
+                       "d2merge.engine", "d2merge.runtime", "d2merge.logit_comparison", "d2merge.export"),
     # llama.cpp's LoRA GGUF is a format fed by an adapter conversion (adapter_ops), not by the engine.
     "d2merge.export.gguf_lora": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.adapter_ops",
                                  "d2merge.export.gguf", "d2merge.console"),
@@ -79,7 +81,8 @@ ALLOWED = {
     "d2merge.forward": ("d2merge.console",),
     "d2merge.verify.streamed": ("d2merge.console", "d2merge.device", "d2merge.forward", "d2merge.io",
                                 "d2merge.runtime", "d2merge.verify.limits"),
-    "d2merge.verify.compare": ("d2merge.forward", "d2merge.tasks", "d2merge.verify.probes", "d2merge.verify.results",
+    "d2merge.verify.compare": ("d2merge.forward", "d2merge.logit_comparison", "d2merge.tasks", "d2merge.verify.probes",
+                               "d2merge.verify.results",
                                "d2merge.verify.stats"),
     "d2merge.verify.weights": ("d2merge.errors", "d2merge.io", "d2merge.plan", "d2merge.engine",
                                "d2merge.verify.limits", "d2merge.verify.results"),
