@@ -11,13 +11,15 @@ The outputs are built from scratch each run, from fixed seeds, in a temp folder:
 - ``export_gguf`` of the fp32 merged folder (f16), ``convert --to gguf-lora`` of the LoRA, and a merge-many
   run of two jobs (hf + safetensors).
 
-Every file under each output is hashed (names relative to the output). Nothing is normalised: a file that
-differed between two runs of this script on the same tree would be named in the docstring here. None did
-(two runs, 2026-12-07): the model card, the single-file header and the GGUF metadata carry the source
-hashes and the d2merge version, no time; the ONNX graph and genai build are deterministic for a fixed
-input; the genai folder's ``genai_config.json`` records the model's paths relative to the folder.
+Every file under each output is hashed (names relative to the output). Nothing is normalised; instead the
+outputs are built in one fixed folder (``--workdir``, emptied first and removed at the end), because the
+random adapters record their base's path (``base_model_name_or_path``), so the adapter's sha256, which the
+card, the single-file header and the GGUF metadata carry, depends on where the run happens. Nothing
+records a time. The script runs itself under ``PYTHONHASHSEED=0``: torch's dynamo exporter names and
+orders the ONNX graph's nodes through Python sets, so without a fixed seed the same weights give other
+``model.onnx`` bytes in each process (the same bytes twice within one process).
 
-    PYTHONPATH=$PWD python benchmarks/output_hashes.py [--json hashes.json] [--smollm2 FOLDER]
+    PYTHONPATH=$PWD python benchmarks/output_hashes.py [--json hashes.json] [--smollm2 FOLDER] [--workdir DIR]
 
 ``--smollm2`` names a converted SmolLM2 folder (tests/conftest.py's cache), for its tokenizer files only.
 """
@@ -119,14 +121,23 @@ def build(root: Path, smollm2: Path) -> dict[str, dict[str, str]]:
 
 
 def main() -> None:
+    if os.environ.get("PYTHONHASHSEED") != "0":  # the ONNX graphs' bytes depend on it (see above)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the hashes here")
     parser.add_argument("--smollm2", help="a converted SmolLM2 folder (its tokenizer files)")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "d2merge-output-hashes"),
+                        help="where the outputs are built (the same path in every run; emptied first)")
     args = parser.parse_args()
     torch.manual_seed(0)
     smollm2 = _smollm2_folder(args.smollm2)
-    with tempfile.TemporaryDirectory(prefix="d2merge-hashes-") as tmp:
-        hashes = build(Path(tmp), smollm2)
+    root = Path(args.workdir)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    try:
+        hashes = build(root, smollm2)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     lines = [f"{digest}  {output}/{name}" for output, files in hashes.items() for name, digest in files.items()]
     print("\n".join(lines))
     if args.json:
