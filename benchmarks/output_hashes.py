@@ -15,9 +15,13 @@ Every file under each output is hashed (names relative to the output). Nothing i
 outputs are built in one fixed folder (``--workdir``, emptied first and removed at the end), because the
 random adapters record their base's path (``base_model_name_or_path``), so the adapter's sha256, which the
 card, the single-file header and the GGUF metadata carry, depends on where the run happens. Nothing
-records a time. The script runs itself under ``PYTHONHASHSEED=0``: torch's dynamo exporter names and
-orders the ONNX graph's nodes through Python sets, so without a fixed seed the same weights give other
-``model.onnx`` bytes in each process (the same bytes twice within one process).
+records a time. The ONNX graphs are the exception to comparing bytes across trees: torch's exporter
+writes stack traces into each node's metadata, naming the source file and line of d2merge's
+``export/onnx.py`` wrapper, so a checkout at another path, or a line moved in that file, gives other
+``model.onnx`` bytes for the same graph (export twice from one tree: the same bytes). Compare those with
+the node metadata stripped (``onnx.load``, clear every node's ``metadata_props``, compare the serialised
+models). The script runs under ``PYTHONHASHSEED=0`` (it re-executes itself) so that nothing ordered by
+Python's string hashing can differ between two runs.
 
     PYTHONPATH=$PWD python benchmarks/output_hashes.py [--json hashes.json] [--smollm2 FOLDER] [--workdir DIR]
 
@@ -121,7 +125,7 @@ def build(root: Path, smollm2: Path) -> dict[str, dict[str, str]]:
 
 
 def main() -> None:
-    if os.environ.get("PYTHONHASHSEED") != "0":  # the ONNX graphs' bytes depend on it (see above)
+    if os.environ.get("PYTHONHASHSEED") != "0":  # two runs hash strings alike (see above)
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the hashes here")
