@@ -414,6 +414,7 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
     """
     import torch
 
+    from d2merge.export.registry import bench_format
     from d2merge.merge import merge
     from d2merge.runtime.loading import collecting_new_objects_only, load_base_model
     from d2merge.runtime.attaching import load_unmerged
@@ -452,6 +453,13 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
         if merged is None and needs_merge & set(variants):
             say("merging into a temp folder ...")
             merged = merge(base, adapter, Path(scratch) / "merged", dtype="fp32", hash_sources=False).output
+
+        def exported(variant: str, choice: str | None = None) -> Path:
+            """The format ``variant`` measures, made from the fp32 merge by its plug-in (export.registry)."""
+            plugin = bench_format(variant)
+            assert plugin is not None, variant
+            return plugin.export_for_bench(Path(merged), Path(scratch), say=say, choice=choice)  # type: ignore[arg-type]
+
         loaders: dict[str, Callable[[], torch.nn.Module]] = {
             "base": lambda: load_base_model(base),
             "unmerged": lambda: load_unmerged(base, adapter),
@@ -471,10 +479,7 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
                 gc.collect()
         if "onnx" in variants:
             if onnx is None:
-                from d2merge.export.onnx import export_onnx
-
-                say("exporting ONNX (fp32, no past) into a temp folder ...")
-                onnx = export_onnx(merged, Path(scratch) / "onnx", dtype="fp32").onnx_path  # type: ignore[arg-type]
+                onnx = exported("onnx")
             if vocab is None:
                 from d2merge.io.transformers_folder import load_config
 
@@ -487,11 +492,8 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
             vocab = int((open_base(merged or base).config or {}).get("vocab_size") or 0)
         if "llama_cpp" in variants:
             if gguf is None:
-                from d2merge.export.gguf import export_gguf
-
-                say(f"exporting GGUF ({gguf_type}) into a temp folder ...")
                 try:
-                    gguf = export_gguf(merged, Path(scratch) / "model.gguf", gguf_type=gguf_type).output  # type: ignore[arg-type]
+                    gguf = exported("llama_cpp", gguf_type)
                 except D2MergeError as exc:
                     if not by_default:
                         raise
@@ -503,11 +505,7 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
                 report.rows += bench_llama_cpp(Path(gguf), vocab, settings)
         if "genai" in variants:
             if genai is None:
-                from d2merge.export.onnx_genai import export_genai
-
-                say(f"building onnxruntime-genai ({genai_precision}) into a temp folder ...")
-                genai = export_genai(merged, Path(scratch) / "genai", precision=genai_precision,  # type: ignore[arg-type]
-                                     validate=False).output
+                genai = exported("genai", genai_precision)
                 report.meta["genai_precision"] = genai_precision
             say("measuring genai ...")
             report.rows += bench_genai(Path(genai), vocab, settings)

@@ -749,7 +749,6 @@ def _encode(tensor: torch.Tensor, qtype: Any) -> np.ndarray:
 # bytes are those of the whole tensor encoded at once.
 BLOCK_VALUES = 1 << 21
 SOURCES_KEY = PROVENANCE_PREFIX + "sources"
-HASH_PLACEHOLDER = "0" * 64  # a sha256 in hex has exactly this width
 
 
 @dataclass(frozen=True)
@@ -1035,14 +1034,10 @@ def write_modelfile(gguf_path: Path, folder: Path) -> Path:
 
 
 def merge_provenance(merge_plan: Any, hashes: Mapping[str, str]) -> dict[str, str]:
-    """The ``d2merge.*`` provenance of a merge, as the HF card says it (empty values left out)."""
-    from d2merge.export.hf_folder import card_info
+    """The ``d2merge.*`` provenance of a merge, as the HF card says it (``export.provenance.gguf_provenance``)."""
+    from d2merge.export.provenance import gguf_provenance
 
-    info = card_info(merge_plan, dict(hashes))
-    provenance = {"method": info.method, "settings": json.dumps(dict(info.settings), sort_keys=True, default=str),
-                  "sources": json.dumps(dict(info.source_hashes), sort_keys=True),
-                  "base_model": info.base_model or ""}
-    return {k: v for k, v in provenance.items() if v}
+    return gguf_provenance(merge_plan, hashes)
 
 
 def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any = None, *,
@@ -1062,6 +1057,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
 
     from d2merge.engine import resolve_device, stream_tensors
     from d2merge.export.hf_folder import MergeResult, merged_config
+    from d2merge.export.provenance import filled, gguf_provenance, reserved
     from d2merge.io.output import (AtomicFiles, check_output_location, copy_support_files, disk_error,
                                    scratch_beside, write_json)
     from d2merge.io.source_hashes import BackgroundHashes
@@ -1092,17 +1088,14 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
     items = [by_name[name] for name in _stream_order(planned)]
     labels = merge_plan.source_files()
     hasher = BackgroundHashes(labels) if options.hash_sources else None
-    reserved = {label: HASH_PLACEHOLDER for label in labels} if hasher is not None else {}
-    provenance = merge_provenance(merge_plan, reserved)
+    provenance = gguf_provenance(merge_plan, reserved(labels) if hasher is not None else {})
     hashes: dict[str, str] = {}
 
     def final_sources() -> str:
         nonlocal hashes
         if hasher is not None:
             hashes = hasher.result()
-        # a digest that is not 64 hex digits (an unreadable file) keeps its placeholder
-        final = {k: (v if len(v) == len(HASH_PLACEHOLDER) else HASH_PLACEHOLDER) for k, v in hashes.items()}
-        return merge_provenance(merge_plan, final).get("sources", "")
+        return gguf_provenance(merge_plan, filled(labels, hashes)).get("sources", "")
 
     def streamed(stream: Iterator[Any]) -> Iterator[_TensorData]:
         for part in stream:

@@ -10,34 +10,21 @@ leaves no folder that looks complete.
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-import torch
-
-import d2merge.profile as profile
-from d2merge.device import ComputeDevice
-from d2merge.engine import resolve_device, write_tensors
-from d2merge.export.model_card import CardInfo, render_model_card
+from d2merge.export.model_card import render_model_card
+from d2merge.export.pipeline import MergeResult, Staged, run_merge
+from d2merge.export.provenance import card_info
 from d2merge.io.checkpoint import SAFETENSORS_INDEX
 from d2merge.io.output import (TEMP_MARKER, AtomicFolder, check_output_location, copy_support_files, disk_error,
                                write_json, write_text)
-from d2merge.io.source_hashes import BackgroundHashes
 from d2merge.options import MergeOptions
-from d2merge.plan import MergePlan, TensorPlan, plan_for
+from d2merge.plan import MergePlan, TensorPlan
 
-
-@dataclass(frozen=True)
-class MergeResult:
-    """What a merge wrote: the output, the plan it followed, its files, its time and the source hashes."""
-
-    output: Path
-    plan: MergePlan
-    files: tuple[str, ...]
-    seconds: float
-    source_hashes: dict[str, str]
+__all__ = ["FOLDER", "MergeResult", "add_verify_table_to_card", "card_info", "merge_to_hf_folder", "merged_config",
+           "write_metadata"]
 
 
 def merge_to_hf_folder(base: Any, adapter: Any, out: str | Path, options: MergeOptions | None = None, *,
@@ -46,41 +33,37 @@ def merge_to_hf_folder(base: Any, adapter: Any, out: str | Path, options: MergeO
     """Merge ``adapter`` into ``base`` and write a Hugging Face folder at ``out`` (``d2merge.merge.merge``).
 
     It lives beside the folder's writer, as ``merge_to_safetensors`` and ``merge_to_gguf`` do beside
-    theirs, so that no format module imports ``d2merge.merge`` (which imports this one).
+    theirs, so that no format module imports ``d2merge.merge`` (which imports this one). The steps
+    are the one merge pipeline's (``export.pipeline.run_merge``) with this folder as the output.
     """
     options = MergeOptions.resolve(options, overrides)
-    started = time.perf_counter()
-    with profile.phase("plan"):
-        merge_plan = plan_for(base, adapter, options)
-    inputs = [merge_plan.base.location, *(a.path for a in merge_plan.adapters)]
-    out_path = check_output_location(Path(out), inputs, overwrite=options.overwrite)
-    device = resolve_device(options.device)
-    hashes = BackgroundHashes(merge_plan.source_files()) if options.hash_sources else None
-    try:
-        written, digests = write_hf_folder(merge_plan, out_path, overwrite=options.overwrite, device=device,
-                                           progress=progress, on_tensor=on_tensor, hashes=hashes)
-    finally:
-        if hashes is not None:
-            hashes.abandon()  # stops the hashing thread if the merge failed; a no-op after result()
-    return MergeResult(out_path, merge_plan, tuple(written), time.perf_counter() - started, digests)
+    return run_merge(base, adapter, out, options, FOLDER, progress=progress, on_tensor=on_tensor)
 
 
-def write_hf_folder(merge_plan: MergePlan, out: Path, *, overwrite: bool = False,
-                    device: str | torch.device | ComputeDevice = "cpu",
-                    progress: bool = False, on_tensor: Callable[[TensorPlan], None] | None = None,
-                    hashes: BackgroundHashes | None = None) -> tuple[list[str], dict[str, str]]:
-    """Write the merged folder at ``out`` atomically; returns (file names written, source hashes).
+class FolderOutput:
+    """The HF folder as an engine output: shards in a hidden temp folder (``AtomicFolder``), then the index,
+    config, tokenizer files and card, then the rename."""
 
-    ``hashes``, when given, is fed by the engine's reads and waited for after the
-    last shard: the card records them.
-    """
-    with AtomicFolder(out, overwrite=overwrite) as folder:
-        written = write_tensors(merge_plan, folder.temp, device=device, progress=progress,
-                                on_tensor=on_tensor, hasher=hashes)
-        digests = hashes.result() if hashes is not None else {}
-        written += write_metadata(merge_plan, folder.temp, digests)
-        folder.commit()
-    return written, digests
+    is_file = False
+
+    def check_location(self, out: Path, merge_plan: MergePlan, overwrite: bool) -> Path:
+        return check_output_location(out, [merge_plan.base.location, *(a.path for a in merge_plan.adapters)],
+                                     overwrite=overwrite)
+
+    @contextmanager
+    def begin(self, merge_plan: MergePlan, out: Path, overwrite: bool) -> Iterator[Staged]:
+        with AtomicFolder(out, overwrite=overwrite) as folder:
+            yield Staged(folder.temp, [folder.temp / name for name in merge_plan.shard_names], None, folder)
+
+    def finish(self, staged: Staged, merge_plan: MergePlan, hashes: dict[str, str], written: list[str]
+               ) -> list[str]:
+        """Written only after every shard (the card records ``hashes``)."""
+        written = written + write_metadata(merge_plan, staged.temp, hashes)
+        staged.atomic.commit()
+        return written
+
+
+FOLDER = FolderOutput()
 
 
 def write_metadata(merge_plan: MergePlan, folder: Path, hashes: dict[str, str]) -> list[str]:
@@ -111,43 +94,6 @@ def merged_config(merge_plan: MergePlan) -> dict[str, Any] | None:
     if "dtype" in merge_plan.config_updates and "torch_dtype" in config:
         config["torch_dtype"] = merge_plan.config_updates["dtype"]
     return config
-
-
-def card_info(merge_plan: MergePlan, hashes: dict[str, str], verify_table: str | None = None) -> CardInfo:
-    """What the card (and the single-file and GGUF provenance) says about a merge."""
-    cfg = merge_plan.adapter.config
-    settings: dict[str, Any] = {"r": cfg.r} if cfg.r else {}
-    settings.update({"lora_alpha": cfg.lora_alpha, **cfg.options})
-    settings.update({"target_modules": ", ".join(sorted(merge_plan.adapter.modules))
-                     if len(merge_plan.adapter.modules) <= 8 else f"{len(merge_plan.adapter.modules)} modules"})
-    if cfg.use_rslora:
-        settings["use_rslora"] = True
-    if cfg.rank_pattern:
-        settings["rank_pattern"] = dict(cfg.rank_pattern)
-    if cfg.alpha_pattern:
-        settings["alpha_pattern"] = dict(cfg.alpha_pattern)
-    # Only what is true of the base actually used: the adapter's base_model_name_or_path is a claim
-    # about the base it was trained on (meta-llama/Llama-3.1-8B for a tiny local base, say), and a
-    # local folder has no Hub id. The base is named when the user says which it is (--base-model-id)
-    # or when it came from the Hub cache.
-    base_name = merge_plan.base_model_id or _hub_id_from_cache(merge_plan.base.location)
-    method = merge_plan.adapter.method.name
-    if merge_plan.mix is not None:  # several adapters: each one's method and weight, and how they were combined
-        method = " + ".join(a.method.name for a in merge_plan.mix.adapters)
-        settings = {f"adapter{i} ({a.method.name}, r={a.config.r})": f"weight {w:g}"
-                    for i, (a, w) in enumerate(zip(merge_plan.mix.adapters, merge_plan.mix.weights), 1)}
-        settings["combination"] = merge_plan.mix.combination or "weighted sum of updates"
-    return CardInfo(base_model=base_name, method=method, settings=settings,
-                    source_hashes=dict(sorted(hashes.items())), out_dtype=merge_plan.out_dtype,
-                    notes=merge_plan.notes, verify_table=verify_table)
-
-
-def _hub_id_from_cache(location: Path) -> str | None:
-    """``org/name`` when the base came from the Hub cache (models--org--name/snapshots/<sha>)."""
-    for part in location.parts:
-        if part.startswith("models--"):
-            return part[len("models--"):].replace("--", "/", 1)
-    return None
 
 
 def add_verify_table_to_card(folder: Path, merge_plan: MergePlan, hashes: dict[str, str], verify_table: str) -> Path:

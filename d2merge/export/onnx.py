@@ -32,6 +32,7 @@ from torch import nn
 
 from d2merge.dtypes import FLOAT_DTYPES
 from d2merge.errors import D2MergeError
+from d2merge.logit_comparison import LogitComparison
 from d2merge.options.onnx import DEFAULT_OPSET, OnnxExportOptions
 
 # ONNX Runtime on CPU has no bf16 kernels: the two rows of d2merge.dtypes it can run.
@@ -560,8 +561,8 @@ def _validate_staged(onnx_path: Path, reference: CausalLMOnnxWrapper, *, with_pa
     layout = _cache_layout(reference.model) if with_past else []
     generator = torch.Generator().manual_seed(seed)
 
-    diffs: list[float] = []  # np.max over the list, not Python's max(), so a NaN is not skipped
-    ref_sizes: list[float] = []
+    diffs: list[float] = []  # the caches'; np.max over the list, not Python's max(), so a NaN is not skipped
+    logits = LogitComparison()  # the logits', as verify compares them (a NaN kept too)
     probes = _PROBES_WITH_PAST if with_past else _PROBES_NO_PAST
     for past_len, new in probes:
         total = past_len + new
@@ -582,16 +583,15 @@ def _validate_staged(onnx_path: Path, reference: CausalLMOnnxWrapper, *, with_pa
 
         real_new = attention_mask[:, past_len:].numpy().astype(bool)  # (batch, new)
         real_all = attention_mask.numpy().astype(bool)  # (batch, total)
-        ref_logits = expected[0].double().numpy()[real_new]
-        ref_sizes.append(float(np.abs(ref_logits).max()))
-        diffs.append(float(np.abs(actual[0].astype(np.float64)[real_new] - ref_logits).max()))
+        logits.add(torch.from_numpy(expected[0].double().numpy()[real_new]),
+                   torch.from_numpy(actual[0].astype(np.float64)[real_new]))
         for ort_kv, ref_kv in zip(actual[1:], expected[1:]):
             # (batch, heads, seq, dim) -> (batch, seq, heads, dim) so the boolean mask selects positions
             diff = np.abs(ort_kv.astype(np.float64) - ref_kv.double().numpy()).transpose(0, 2, 1, 3)[real_all]
             diffs.append(float(diff.max()))
 
-    max_diff = float(np.max(diffs))
-    tolerance = atol if atol is not None else default_tolerance(dtype, float(np.max(ref_sizes)))
+    max_diff = float(np.max([logits.max_abs, *diffs]))
+    tolerance = atol if atol is not None else default_tolerance(dtype, logits.reference_max_abs)
     passed = bool(max_diff <= tolerance)  # a NaN diff fails too
     result = OnnxValidation(onnx_path=display_path, dtype=dtype, max_abs_diff=max_diff, tolerance=tolerance,
                             passed=passed, probes=tuple((_PROBE_BATCH, p, n) for p, n in probes))

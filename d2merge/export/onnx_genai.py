@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from d2merge.errors import D2MergeError
+from d2merge.logit_comparison import LogitComparison
 
 PRECISIONS = ("fp32", "fp16", "int4")
 GENAI_CONFIG = "genai_config.json"
@@ -452,18 +453,14 @@ def validate_genai(folder: str | os.PathLike, model_dir: str | os.PathLike, *, p
     generator = torch.Generator().manual_seed(seed)
     total = _PROBE_PREFILL + _PROBE_DECODE
 
-    diffs, ref_max, agree, positions = [], 0.0, 0, 0
+    logits = LogitComparison()  # verify's comparator: a NaN fails instead of being skipped
     for _ in range(_PROBES):
         tokens = torch.randint(0, vocab, (total,), generator=generator).tolist()
         with torch.no_grad():
-            expected = reference(torch.tensor([tokens])).logits[0, _PROBE_PREFILL - 1:].double().numpy()
+            expected = reference(torch.tensor([tokens])).logits[0, _PROBE_PREFILL - 1:].double()
         actual = genai.step_logits(tokens, prefill=_PROBE_PREFILL).astype(np.float64)
-        diffs.append(float(np.abs(actual - expected).max()))
-        ref_max = max(ref_max, float(np.abs(expected).max()))
-        agree += int((actual.argmax(-1) == expected.argmax(-1)).sum())
-        positions += expected.shape[0]
-    max_diff = float(np.max(diffs))  # np.max: a NaN fails instead of being skipped
-    top1 = agree / positions
+        logits.add(expected, torch.from_numpy(actual))
+    max_diff, ref_max, positions, top1 = logits.max_abs, logits.reference_max_abs, logits.positions, logits.top1_agreement
     failures: list[str] = []
     tolerance = None
     if precision in ("fp32", "fp16"):

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 from d2merge.errors import D2MergeError
 from d2merge.io.checkpoint import read_text
+from d2merge.export.registry import get_format
 from d2merge.options.many import MANY_FORMATS
 from d2merge.plan import TIED_POLICIES, parse_dtype
 from d2merge.sizes import parse_size
@@ -54,7 +55,7 @@ class Job:
     thresholds: tuple[tuple[str, float], ...] = field(default=())
 
     def output(self, outdir: Path) -> Path:
-        return Path(outdir) / (f"{self.name}.safetensors" if self.format == "safetensors" else self.name)
+        return Path(outdir) / get_format(self.format).output_name(self.name)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "adapter": str(self.adapter), "format": self.format, "dtype": self.dtype,

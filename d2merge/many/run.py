@@ -20,7 +20,6 @@ is self-contained, so worker processes and Ray tasks run the same code.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from contextlib import ExitStack
@@ -31,17 +30,17 @@ from typing import Any, Sequence
 import torch
 
 from d2merge.errors import D2MergeError
-from d2merge.export.model_card import render_model_card
-from d2merge.export.single_file import PLACEHOLDER, single_file_metadata
+from d2merge.export.pipeline import EngineOutput, Staged
+from d2merge.export.provenance import output_matches
 from d2merge.io.adapter import load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
-from d2merge.io.output import AtomicFiles, AtomicFolder, check_output_location, disk_error, sha256_file
-from d2merge.io.safetensors_file import SafetensorsFile, rewrite_metadata
+from d2merge.io.output import check_output_location, sha256_file
 from d2merge.many.manifest import Job
 from d2merge.options.many import ManyOptions, job_page_path
 from d2merge.many.stream import OnTensor, Target, stream_many
 from d2merge.engine import resolve_device
-from d2merge.export.hf_folder import add_verify_table_to_card, card_info, write_metadata
+from d2merge.export.registry import get_format
+from d2merge.export.hf_folder import add_verify_table_to_card
 from d2merge.plan import MergePlan, build_plan
 from d2merge.sizes import parse_size
 
@@ -145,8 +144,9 @@ def _error_line(job: Job, exc: BaseException) -> str:
 
 def plan_job(base: BaseCheckpoint, job: Job, allow_pickle: bool = False) -> MergePlan:
     adapter = load_adapter(job.adapter, allow_pickle=allow_pickle)
-    max_shard = 2**62 if job.format == "safetensors" else job.max_shard_size  # what merge_to_safetensors plans
-    return build_plan(base, adapter, dtype=job.dtype, max_shard_size=max_shard, tied_embeddings=job.tied_embeddings)
+    settings = {"dtype": job.dtype, "max_shard_size": job.max_shard_size, "tied_embeddings": job.tied_embeddings}
+    settings.update(get_format(job.format).plan_overrides())  # what the format's own merge plans
+    return build_plan(base, adapter, **settings)
 
 
 class SourceHashes:
@@ -184,37 +184,6 @@ def _sha256_or_unreadable(path: Path) -> str:
         return "unreadable"
 
 
-_VERIFY_SECTION = re.compile(r"\n## Verification \(merged vs unmerged\)\n\n```\n.*?\n```\n", re.DOTALL)
-
-
-def existing_output_matches(plan: MergePlan, job: Job, output: Path, hashes: dict[str, str]) -> bool:
-    """Whether ``output`` is complete and carries this job's provenance.
-
-    Complete: every shard present and whole, with the tensors this plan writes.
-    Provenance: the card (or header metadata) is exactly what this job would
-    write, sha256 of every source included, apart from a verify table.
-    """
-    try:
-        if job.format == "safetensors":
-            if not output.is_file():
-                return False
-            stored = SafetensorsFile(output)
-            return (stored.keys() == [t.name for t in plan.tensors]
-                    and stored.metadata == single_file_metadata(plan, hashes))
-        if not output.is_dir():
-            return False
-        for shard, name in enumerate(plan.shard_names):
-            stored = SafetensorsFile(output / name)
-            if stored.keys() != [t.name for t in plan.tensors if t.shard == shard]:
-                return False
-        if plan.base.config is not None and not (output / "config.json").is_file():
-            return False
-        card = (output / "README.md").read_text(encoding="utf-8")
-    except (D2MergeError, OSError, UnicodeDecodeError):
-        return False
-    return _VERIFY_SECTION.sub("", card, count=1) == render_model_card(card_info(plan, hashes))
-
-
 def check_jobs(base: BaseCheckpoint, jobs: Sequence[Job], outdir: Path, options: ManyOptions,
                hashes: SourceHashes) -> list[CheckedJob]:
     """Plan every job and decide run / skip / cannot run, before anything is written."""
@@ -227,9 +196,9 @@ def check_jobs(base: BaseCheckpoint, jobs: Sequence[Job], outdir: Path, options:
             entry.plan = plan_job(base, job, options.allow_pickle)
             if outdir.is_dir():  # a dry run may name an OUTDIR the real run would create
                 check_output_location(output, [base.location, entry.plan.adapter.path], overwrite=True,
-                                      is_file=job.format == "safetensors")
+                                      is_file=get_format(job.format).is_file)
             if output.exists():
-                if existing_output_matches(entry.plan, job, output, hashes.for_plan(entry.plan)):
+                if output_matches(entry.plan, output, hashes.for_plan(entry.plan), is_file=get_format(job.format).is_file):
                     # A verified job is verified again: the card's old verdict may be for other thresholds.
                     entry.skip = True
                 elif not options.overwrite:
@@ -244,11 +213,9 @@ def check_jobs(base: BaseCheckpoint, jobs: Sequence[Job], outdir: Path, options:
 # ----- running -------------------------------------------------------------------------------
 
 
-def _shard_paths(entry: CheckedJob, folder: Path, temp_file: Path | None) -> list[Path]:
+def _shard_paths(entry: CheckedJob, opened: Staged) -> list[Path]:
     assert entry.plan is not None
-    if temp_file is not None:
-        return [temp_file]
-    return [folder / name for name in entry.plan.shard_names]
+    return opened.shard_paths or [opened.temp / name for name in entry.plan.shard_names]
 
 
 def run_pass(base: BaseCheckpoint, entries: list[CheckedJob], options: ManyOptions, hashes: SourceHashes, *,
@@ -259,21 +226,16 @@ def run_pass(base: BaseCheckpoint, entries: list[CheckedJob], options: ManyOptio
     outcomes: dict[str, JobOutcome] = {}
     targets: list[Target] = []
     with ExitStack() as stack:
-        folders: dict[str, AtomicFolder | AtomicFiles] = {}
+        # Each job's output opens and finishes as `d2merge merge` writes it (export.pipeline): the same bytes.
+        staged: dict[str, tuple[EngineOutput, Staged]] = {}
         for entry in entries:
             assert entry.plan is not None
             job = entry.job
             try:
-                if job.format == "safetensors":
-                    files = stack.enter_context(AtomicFiles(entry.output, overwrite=entry.output.exists()))
-                    folders[job.name] = files
-                    reserved = {label: PLACEHOLDER for label in entry.plan.source_files()}
-                    targets.append(Target(job.name, entry.plan, [files.staged],
-                                          single_file_metadata(entry.plan, reserved)))
-                else:
-                    folder = stack.enter_context(AtomicFolder(entry.output, overwrite=entry.output.exists()))
-                    folders[job.name] = folder
-                    targets.append(Target(job.name, entry.plan, _shard_paths(entry, folder.temp, None)))
+                output = get_format(job.format).engine_output()
+                opened = stack.enter_context(output.begin(entry.plan, entry.output, entry.output.exists()))
+                staged[job.name] = (output, opened)
+                targets.append(Target(job.name, entry.plan, _shard_paths(entry, opened), opened.metadata))
             except Exception as exc:
                 outcomes[job.name] = JobOutcome(job.name, str(job.adapter), str(entry.output), FAILED,
                                                 error=_error_line(job, exc), method=entry.plan.adapter.method.name)
@@ -287,7 +249,8 @@ def run_pass(base: BaseCheckpoint, entries: list[CheckedJob], options: ManyOptio
             job = entry.job
             if target.error is None:
                 try:
-                    _commit(entry, folders[job.name], hashes.for_plan(entry.plan))  # type: ignore[arg-type]
+                    output, opened = staged[job.name]
+                    output.finish(opened, entry.plan, hashes.for_plan(entry.plan), [])  # type: ignore[arg-type]
                 except Exception as exc:
                     target.fail(exc)
             seconds = time.perf_counter() - started
@@ -299,21 +262,6 @@ def run_pass(base: BaseCheckpoint, entries: list[CheckedJob], options: ManyOptio
                 outcomes[job.name] = JobOutcome(job.name, str(job.adapter), str(entry.output), MERGED, seconds,
                                                 method=target.plan.adapter.method.name, plan=target.plan)
     return [outcomes[e.job.name] for e in entries], budget.peak
-
-
-def _commit(entry: CheckedJob, where: AtomicFolder | AtomicFiles, hashes: dict[str, str]) -> None:
-    """The files written after the tensors, then the rename: as ``d2merge merge`` does for one job."""
-    plan = entry.plan
-    assert plan is not None
-    if isinstance(where, AtomicFolder):
-        write_metadata(plan, where.temp, hashes)
-        where.commit()
-        return
-    entries = [(t.name, t.out_dtype, t.shape) for t in plan.tensors]
-    reserved = {label: PLACEHOLDER for label in plan.source_files()}
-    final = {k: (v if len(v) == 64 else PLACEHOLDER) for k, v in hashes.items()}
-    rewrite_metadata(where.staged, entries, single_file_metadata(plan, {**reserved, **final}))
-    where.commit()
 
 
 def _verify(entry: CheckedJob, outcome: JobOutcome, base: BaseCheckpoint, options: ManyOptions,

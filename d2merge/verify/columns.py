@@ -264,16 +264,10 @@ def shown_column(merged: MergedModel, dtype: str, unmerged: Unmerged) -> DtypeRe
 def open_exported(merged: str | Path) -> Any | None:
     """The verify adapter of a GGUF file or an onnxruntime-genai folder, None for a merged HF folder.
 
-    The adapter (``d2merge.export.gguf.GGUFForVerify``, ``d2merge.export.onnx_genai.GenaiForVerify``)
-    gives the column label, loads the model, maps back the exactly stored weights and sets the limits.
+    The format that claims the path (``d2merge.export.registry``) opens it: its adapter
+    (``d2merge.export.gguf.GGUFForVerify``, ``d2merge.export.onnx_genai.GenaiForVerify``) gives the
+    column label, loads the model, maps back the exactly stored weights and sets the limits.
     """
-    path = Path(merged)
-    if path.is_file() and path.suffix == ".gguf":
-        from d2merge.export.gguf import gguf_for_verify
+    from d2merge.export.registry import exported_for_verify
 
-        return gguf_for_verify(path)
-    if path.is_dir() and (path / "genai_config.json").is_file():
-        from d2merge.export.onnx_genai import genai_for_verify
-
-        return genai_for_verify(path)
-    return None
+    return exported_for_verify(merged)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from d2merge.forward import Call, Forward, Job, as_forward, run_jobs
+from d2merge.logit_comparison import LogitComparison
 from d2merge.tasks import MCExample, accuracy, predictions
 from d2merge.verify.probes import Probes
 from d2merge.verify.results import ABS_DIFF_EDGES, FlippedAnswer, LogitStats, MCResult
@@ -70,62 +71,43 @@ def probe_logits(model: nn.Module | Forward, probes: Probes, batch_size: int) ->
 def compare_job(probes: Probes, reference: torch.Tensor, batch_size: int) -> tuple[Job, Callable[[], LogitStats]]:
     """The probe calls and, once they ran, their logits' statistics against the unmerged ``reference``.
 
-    Statistics are taken one sequence at a time: a whole batch of fp32 log-softmaxes over a
-    large vocabulary would cost more memory than the rest of verify besides the model.
+    Statistics are taken one sequence at a time (``d2merge.logit_comparison``, the comparator the
+    exporters' checks share): a whole batch of fp32 log-softmaxes over a large vocabulary would cost
+    more memory than the rest of verify besides the model.
     """
     rows_of, calls = probe_calls(probes, batch_size)
-    totals = {"max_abs": 0.0, "sum_abs": 0.0, "count": 0, "kl_sum": 0.0, "kl_max": 0.0, "agree": 0,
-              "nll_unmerged": 0.0, "nll_merged": 0.0, "predicted": 0}
+    comparison = LogitComparison(ABS_DIFF_EDGES)
     per_probe: dict[int, tuple[float, float, float]] = {}
-    edges = torch.tensor(ABS_DIFF_EDGES, dtype=torch.float32)
-    counts = torch.zeros(len(ABS_DIFF_EDGES) + 1, dtype=torch.int64)
     text = probes.description.get("source") in ("sentences", "prompts")  # real text: its next tokens
 
     def compare(index: int, logits: torch.Tensor) -> None:
-        nonlocal counts
         rows, mask, width = rows_of[index], calls[index].attention_mask, calls[index].input_ids.shape[1]
         ids = calls[index].input_ids
         logits = logits.cpu()
         for row in range(logits.shape[0]):
             real = mask[row].bool()
-            merged = logits[row][real].float()
-            unmerged = reference[rows[row], :width][real]
-            diff = (unmerged - merged).abs_()
-            row_max = float(diff.max())
-            totals["max_abs"] = max(totals["max_abs"], row_max)
-            totals["sum_abs"] += float(diff.sum(dtype=torch.float64))
-            totals["count"] += diff.numel()
-            counts += torch.bincount(torch.bucketize(diff.view(-1), edges, right=True), minlength=counts.numel())
-            del diff
-            log_u, log_m = torch.log_softmax(unmerged, -1), torch.log_softmax(merged, -1)
-            kl = (log_u.exp() * (log_u - log_m)).sum(-1).clamp_min(0)
-            totals["kl_sum"] += float(kl.sum(dtype=torch.float64))
-            totals["kl_max"] = max(totals["kl_max"], float(kl.max()))
-            row_agree = int((unmerged.argmax(-1) == merged.argmax(-1)).sum())
-            totals["agree"] += row_agree
-            per_probe[rows[row]] = (row_max, float(kl.mean(dtype=torch.float64)), row_agree / max(kl.numel(), 1))
-            if text:  # each real position predicts the next real token (right padding: a prefix)
-                targets = ids[row][real][1:]
-                totals["nll_unmerged"] -= float(log_u[:-1].gather(-1, targets[:, None]).sum(dtype=torch.float64))
-                totals["nll_merged"] -= float(log_m[:-1].gather(-1, targets[:, None]).sum(dtype=torch.float64))
-                totals["predicted"] += targets.numel()
+            # each real position predicts the next real token (right padding: a prefix)
+            targets = ids[row][real][1:] if text else None
+            per_probe[rows[row]] = comparison.add(reference[rows[row], :width][real], logits[row][real].float(),
+                                                  targets)
 
     def result() -> LogitStats:
-        positions, agree = probes.description["positions"], int(totals["agree"])
+        positions, agree = probes.description["positions"], comparison.agree
         ppl = {}
-        predicted = int(totals["predicted"])
+        predicted = comparison.predicted
         if predicted:
-            nll_u, nll_m = float(totals["nll_unmerged"]), float(totals["nll_merged"])
+            nll_u, nll_m = comparison.nll_reference, comparison.nll_actual
             ppl = {"ppl_unmerged": math.exp(nll_u / predicted), "ppl_merged": math.exp(nll_m / predicted),
                    "ppl_ratio": math.exp((nll_m - nll_u) / predicted)}
-        return LogitStats(positions=positions, max_abs_diff=float(totals["max_abs"]),
-                          mean_abs_diff=float(totals["sum_abs"]) / max(int(totals["count"]), 1),
-                          kl_mean=float(totals["kl_sum"]) / max(positions, 1), kl_max=float(totals["kl_max"]),
+        assert comparison.histogram is not None
+        return LogitStats(positions=positions, max_abs_diff=comparison.max_abs,
+                          mean_abs_diff=comparison.sum_abs / max(comparison.count, 1),
+                          kl_mean=comparison.kl_sum / max(positions, 1), kl_max=comparison.kl_max,
                           top1_agreement=agree / max(positions, 1), argmax_flips=positions - agree,
                           probe_max_abs_diff=[per_probe[i][0] for i in sorted(per_probe)],
                           probe_kl_mean=[per_probe[i][1] for i in sorted(per_probe)],
                           probe_top1_agreement=[per_probe[i][2] for i in sorted(per_probe)],
-                          abs_diff_counts=[int(c) for c in counts], **ppl)
+                          abs_diff_counts=[int(c) for c in comparison.histogram], **ppl)
 
     return Job(calls, compare), result
 

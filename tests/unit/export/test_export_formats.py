@@ -11,6 +11,7 @@ import torch
 
 from d2merge.bench import SCHEMA_VERSION, BenchSettings, bench
 from d2merge.cli import main
+from d2merge.export.protocol import OutputFormat
 from d2merge.export.single_file import merge_to_safetensors
 from d2merge.io.safetensors_file import SafetensorsFile
 from d2merge.merge import merge
@@ -189,3 +190,73 @@ def test_bench_refuses_a_model_that_will_not_fit_before_loading_it(llama_pair, m
     monkeypatch.setattr(bench_module, "bench_torch", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(D2MergeError, match=r"needs about 0\.0 GiB and 0\.0 GiB is available"):
         bench(*llama_pair, variants=("base",))
+
+
+class _NpzFormat(OutputFormat):
+    """A toy output format written as a plug-in would be: the fp32 merge converted into one .npz file."""
+
+    name = "toy-npz"
+    is_file = True
+
+    def merge(self, base, adapter, out, options, *, progress, choices):
+        import numpy as np
+
+        from d2merge.export.protocol import ExportOutcome, merge_then_convert
+        from d2merge.io.safetensors_file import SafetensorsFile
+
+        out = Path(out)
+
+        def convert(folder: Path) -> Path:
+            stored = SafetensorsFile(folder / "model.safetensors")
+            np.savez(out, **{name.replace(".", "/"): stored.read(name).numpy() for name in stored.keys()})
+            return out
+
+        result, written = merge_then_convert(base, adapter, out, options, progress=progress, convert=convert)
+        return ExportOutcome(self.name, written, result)
+
+    def claims(self, path):
+        return path.suffix == ".npz"
+
+    def open_for_verify(self, path):
+        return ("toy", path)
+
+
+def test_a_new_format_is_one_module_and_one_registry_line(llama_pair, tmp_path):
+    """What docs/architecture.md's "Adding an output format" promises: the plug-in and its registry entry are
+    all a format needs to be written by merge_as and opened by verify's exported-column lookup."""
+    import numpy as np
+
+    from d2merge.export.formats import merge_as
+    from d2merge.export.registry import register, unregister
+    from d2merge.verify.columns import open_exported
+
+    base, adapter = llama_pair
+    register(_NpzFormat())
+    try:
+        outcome = merge_as(base, adapter, tmp_path / "m.npz", format="toy-npz")
+        assert outcome.format == "toy-npz" and outcome.output == tmp_path / "m.npz"
+        with np.load(outcome.output) as stored:
+            reference = merge(base, adapter, tmp_path / "fp32", dtype="fp32")
+            from d2merge.io.checkpoint import open_base
+
+            merged = open_base(reference.output).tensors
+            name = next(t.name for t in reference.plan.merged)
+            assert np.array_equal(stored[name.replace(".", "/")], merged.read(name).numpy())
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32", "m.npz"]  # the work folder is gone
+        assert open_exported(outcome.output) == ("toy", outcome.output)
+    finally:
+        unregister("toy-npz")
+    with pytest.raises(Exception, match="unknown format 'toy-npz'; choose one of hf, safetensors, onnx, onnx-genai, gguf"):
+        merge_as(base, adapter, tmp_path / "again.npz", format="toy-npz")
+
+
+def test_merge_many_writes_the_registrys_many_formats():
+    from d2merge.export.formats import FORMATS
+    from d2merge.export.registry import REGISTRY
+    from d2merge.options.many import MANY_FORMATS
+
+    assert FORMATS == ("hf", "safetensors", "onnx", "onnx-genai", "gguf")
+    from d2merge.options.merge import OUTPUT_FORMATS
+
+    assert OUTPUT_FORMATS == FORMATS  # the CLI's --format choices (torch-free) are the registry's formats
+    assert MANY_FORMATS == tuple(name for name, plugin in REGISTRY.items() if plugin.many)

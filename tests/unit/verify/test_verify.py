@@ -541,3 +541,29 @@ def test_probe_batches_run_by_length_without_unneeded_padding() -> None:
     assert torch.equal(logits[real], expected[real])
     stats = compare_logits(model, probes, logits, batch_size=2)
     assert stats.max_abs_diff == 0.0 and stats.top1_agreement == 1.0 and stats.positions == sum(lengths)
+
+
+def test_one_logit_comparator_for_verify_and_the_exporters_checks() -> None:
+    """verify's columns and the ONNX / genai checks share d2merge.logit_comparison: its figures are the plain
+    formulas, in the dtype given, and a NaN makes the largest difference NaN (a bound check then fails)."""
+    from d2merge.logit_comparison import LogitComparison
+
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.randn(2, 5, 11, generator=generator, dtype=torch.float64)
+    actual = reference + 0.01 * torch.randn(2, 5, 11, generator=generator, dtype=torch.float64)
+    actual[1, 2] = reference[1, 2].flip(-1)  # one position whose top-1 certainly moves
+    comparison = LogitComparison()
+    rows = [comparison.add(reference[i], actual[i]) for i in range(2)]
+    assert comparison.max_abs == float((reference - actual).abs().max())
+    assert rows[0][0] == float((reference[0] - actual[0]).abs().max())
+    assert comparison.reference_max_abs == float(reference.abs().max())
+    agree = int((reference.argmax(-1) == actual.argmax(-1)).sum())
+    assert comparison.agree == agree < 10 and comparison.top1_agreement == agree / 10
+    kl = torch.nn.functional.kl_div(actual.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1)
+    assert comparison.kl_sum == pytest.approx(float(kl.sum()), rel=1e-12)
+    broken = actual[0].clone()
+    broken[3, 4] = math.nan
+    comparison.add(reference[0], broken)
+    comparison.add(reference[1], actual[1])  # a later clean sequence does not hide it
+    assert math.isnan(comparison.max_abs) and not comparison.max_abs <= 1e9
