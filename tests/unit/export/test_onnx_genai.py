@@ -258,7 +258,7 @@ def test_merge_format_onnx_genai(cli_runner, wide_base, make_adapter, tmp_path: 
     refused = cli_runner(["merge", base, adapter, "-o", tmp_path / "x", "--format", "onnx-genai",
                           "--int4-block-size", "64"])  # fp32 build: the flag would do nothing
     assert refused.code == 2 and "--precision int4" in refused.err and not (tmp_path / "x").exists()
-    with pytest.raises(D2MergeError, match="--int4-\\* settings are for --format onnx-genai --precision int4"):
+    with pytest.raises(D2MergeError, match="genai_int4 settings apply only with format='onnx-genai' and genai_precision='int4'"):
         merge_as(base, adapter, tmp_path / "x", format="hf", genai_int4=Int4Options())
 
 
