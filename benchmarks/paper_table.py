@@ -388,6 +388,7 @@ def default_base(cache: Path) -> Path:
                            "or pass --base FOLDER")
     folder = cache / "smollm2-135m-instruct"
     if not (folder / "config.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)  # a fresh machine has no cache folder yet
         hf_folder_from_gguf(gguf, folder)
     return folder
 

@@ -119,3 +119,20 @@ def test_command_line_table_only_and_errors(tmp_path: Path, capsys: pytest.Captu
     assert pt.main(["--base", str(base), "--methods", "lora,vera", "--table-only"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown method 'vera'" in err
+
+
+def test_default_base_on_a_fresh_machine_creates_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first run's cache folder does not exist yet: converting the default base must not fail on it."""
+    import d2merge.io.gguf_source as gguf_source
+
+    written: list[Path] = []
+
+    def convert(gguf: Path, folder: Path) -> None:
+        assert folder.parent.is_dir(), "the cache folder must exist before the conversion writes into it"
+        written.append(folder)
+
+    monkeypatch.setattr(gguf_source, "smollm2_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(gguf_source, "hf_folder_from_gguf", convert)
+    cache = tmp_path / "never" / "made"
+    assert pt.default_base(cache) == cache / "smollm2-135m-instruct"
+    assert written == [cache / "smollm2-135m-instruct"]
