@@ -34,6 +34,42 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
+def _machine_independent_bnb() -> Callable[..., torch.Tensor]:
+    """bitsandbytes' generic 4-bit dequantization (its ``backends/default`` op, eager), the formula its CUDA
+    kernel computes and QLoRA trained on.
+
+    Not ``BF.dequantize_4bit`` alone: on a CPU with AVX512, bitsandbytes 0.50's native CPU kernel returns
+    other values whenever a quantization block does not line up with a row (measured on this machine: nf4
+    and fp4 weights of shape (64, 48) off by up to 0.08 in 2694 of 3072 values; every block-size-32 tensor),
+    so that oracle would depend on the machine running the tests.
+    """
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)  # no torch.compile
+
+    def dequantize(packed: torch.Tensor, state: Any) -> torch.Tensor:
+        absmax = state.absmax
+        if state.nested:
+            absmax = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        flat = packed.view(torch.uint8).reshape(-1)
+        return compute(flat, absmax.float(), _get_4bit_code(state.quant_type, flat.device), state.blocksize,
+                       state.shape, state.dtype)
+
+    return dequantize
+
+
+bnb_dequantize_4bit = _machine_independent_bnb()
+# bitsandbytes' native CPU kernel is the oracle as well where it is not the AVX512 one (see above).
+NATIVE_KERNEL_AGREES = torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
+def _same_4bit(ours: torch.Tensor, expected: torch.Tensor, quant_type: str) -> bool:
+    """Bit for bit; for fp4 the sign of a zero aside (its code 8 is -0.0 in bitsandbytes' kernels, +0.0 in
+    its generic table; a zero's sign changes no sum)."""
+    return torch.equal(ours, expected) if quant_type == "fp4" else torch.equal(_bits(ours), _bits(expected))
+
+
 # ---- the dequantizer, tensors in and out ---------------------------------------------------------
 
 
@@ -51,7 +87,8 @@ def test_4bit_dequantize_is_bitsandbytes_bit_for_bit(quant_type: str, dtype: tor
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             packed, state = BF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double)
-            expected = BF.dequantize_4bit(packed, state)
+            expected = bnb_dequantize_4bit(packed, state)
+            native = BF.dequantize_4bit(packed, state)
         if double:
             absmax = nested_absmax(state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize,
                                    float(state.offset))
@@ -59,9 +96,11 @@ def test_4bit_dequantize_is_bitsandbytes_bit_for_bit(quant_type: str, dtype: tor
             absmax = state.absmax
         ours = dequantize_4bit(packed, absmax, quant_type, blocksize, shape, dtype)
         assert ours.dtype == expected.dtype == dtype
-        # bitsandbytes' generic fallback (odd in-features) writes fp4's code 8 as +0.0, its kernel as -0.0
-        same = torch.equal(_bits(ours), _bits(expected)) if shape[-1] % 2 == 0 else torch.equal(ours, expected)
-        assert same, (blocksize, shape, (ours.float() - expected.float()).abs().max())
+        assert _same_4bit(ours, expected, quant_type), (blocksize, shape, (ours.float() - expected.float()).abs().max())
+        if NATIVE_KERNEL_AGREES:
+            # the native kernel writes fp4's code 8 as -0.0 (bit for bit with ours); odd in-features take the generic path
+            same = torch.equal(_bits(ours), _bits(native)) if shape[-1] % 2 == 0 else torch.equal(ours, native)
+            assert same, (blocksize, shape, (ours.float() - native.float()).abs().max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -216,7 +255,7 @@ def _reference_weights(folder: Path, layout: str) -> dict[str, torch.Tensor]:
             if layout.startswith(("nf4", "fp4")) and name + ".absmax" in keys:
                 parts = {k[len(name) + 1:]: f.get_tensor(k) for k in keys if k.startswith(name + ".")}
                 state = BF.QuantState.from_dict(parts, device=torch.device("cpu"))
-                out[name] = BF.dequantize_4bit(f.get_tensor(name), state)
+                out[name] = bnb_dequantize_4bit(f.get_tensor(name), state)
             elif layout == "int8" and name.endswith(".weight") and name.replace(".weight", ".SCB") in keys:
                 scb = f.get_tensor(name.replace(".weight", ".SCB"))
                 out[name] = f.get_tensor(name).to(torch.bfloat16).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
@@ -291,7 +330,9 @@ def test_merge_over_a_quantized_base_is_exact(quantized: QuantizedModels, cli_ru
             if name in exact:
                 assert _ulps(tensor, exact[name], dtype) <= limit, name
             elif reference[name].dtype == dtype:
-                assert torch.equal(_bits(tensor), _bits(reference[name])), name  # untouched: exact
+                # untouched: exact (fp4: the sign of a zero aside, as in _same_4bit)
+                assert (torch.equal(tensor, reference[name]) if layout == "fp4"
+                        else torch.equal(_bits(tensor), _bits(reference[name]))), name
             else:
                 assert torch.equal(tensor, reference[name].to(dtype)), name
 

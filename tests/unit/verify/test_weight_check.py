@@ -82,7 +82,11 @@ def whole_tensor_checks(base: Path, adapter: Path, folder: Path) -> list[LayerCh
 @pytest.mark.parametrize("method", ["lora", "dora", "d2lora", "dual_lora"])
 def test_row_blocks_give_the_whole_tensor_figures(method: str, dtype: str, merged_folders: Callable[..., Any],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of 100 entries (one row of 64, or two): every figure equals the whole tensor's, bit for bit."""
+    """Blocks of 100 entries (one row of 64, or two): every figure equals the whole tensor's.
+
+    To fp64 rounding, not bit for bit: DoRA's column norms are fp64 sums whose order follows the block
+    (and the CPU's vector width: AVX512 machines differ in the 14th digit).
+    """
     base, adapter, folder = merged_folders(method, dtype)
     monkeypatch.setattr(weights, "BLOCK_ENTRIES", 100)
     by_rows = Counter[str]()
@@ -96,9 +100,22 @@ def test_row_blocks_give_the_whole_tensor_figures(method: str, dtype: str, merge
     plan = build_plan(open_base(base), load_adapter(adapter), dtype="fp32")
     layers, copied, mismatched, missing = weights.check_weights(plan, open_base(folder))
     assert set(by_rows) == {item.name for item in plan.merged}  # every merged tensor took the row blocks
-    assert layers == whole_tensor_checks(base, adapter, folder)
+    _assert_same_figures(layers, whole_tensor_checks(base, adapter, folder))
     assert copied == len(plan.tensors) - len(plan.merged) and not mismatched and not missing
     assert all(layer.max_ulp_error <= (0.75 if dtype != "fp32" else 256) for layer in layers)  # the default limits
+
+
+def _assert_same_figures(got: list[LayerCheck], expected: list[LayerCheck]) -> None:
+    """The same tensors in the same order, each figure equal to 1e-6 relative: an error is the difference of two
+    nearly equal fp64 values (merged and exact), so fp64 sums taken in another order move its last digits."""
+    assert [(c.tensor, c.module) for c in got] == [(c.tensor, c.module) for c in expected]
+    for ours, whole in zip(got, expected):
+        assert ours.method.keys() == whole.method.keys(), ours.tensor
+        pairs = [(ours.max_abs_error, whole.max_abs_error), (ours.max_ulp_error, whole.max_ulp_error),
+                 (ours.max_ulp_error_at_value, whole.max_ulp_error_at_value),
+                 *((ours.method[k], whole.method[k]) for k in ours.method)]
+        for a, b in pairs:
+            assert a == pytest.approx(b, rel=1e-6, abs=1e-300), (ours.tensor, a, b)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
