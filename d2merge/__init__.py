@@ -24,7 +24,7 @@ from d2merge.version import __version__
 
 # name -> module that defines it
 _LAZY = {"load_adapter": "d2merge.io", "open_base": "d2merge.io", "MergeOptions": "d2merge.options",
-         "MergeResult": "d2merge.merge", "merge": "d2merge.merge", "plan": "d2merge.merge",
+         "MergeResult": "d2merge.api", "merge": "d2merge.api", "plan": "d2merge.api",
          "AdapterMix": "d2merge.adapter_ops.mix"}
 
 __all__ = ["AdapterMix", "D2MergeError", "MergeOptions", "MergeResult", "VerificationFailed", "__version__", "load_adapter",
@@ -33,23 +33,22 @@ __all__ = ["AdapterMix", "D2MergeError", "MergeOptions", "MergeResult", "Verific
 if TYPE_CHECKING:
     from d2merge.adapter_ops.mix import AdapterMix
     from d2merge.io import load_adapter, open_base
-    from d2merge.merge import MergeResult, merge, plan
+    from d2merge.api import MergeResult, merge, plan
     from d2merge.options import MergeOptions
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 class _Package(types.ModuleType):
-    """Keeps ``d2merge.merge`` and ``d2merge.plan`` the functions when their submodules load.
+    """Keeps ``d2merge.plan`` the function when the submodule ``d2merge/plan.py`` loads.
 
-    Importing a submodule sets it as an attribute of the package; ``merge`` and
-    ``plan`` are both submodules and the API's functions, and the functions win
-    (as they did when this package imported them eagerly). The submodules stay
-    importable by their full names.
+    Importing a submodule sets it as an attribute of the package; ``plan`` is both a submodule and
+    the API's function, and the function wins. The submodule stays importable by its full name.
+    (``merge`` no longer needs this: the API's face is ``d2merge/api.py``.)
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("merge", "plan") and isinstance(value, types.ModuleType):
+        if name == "plan" and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)
 

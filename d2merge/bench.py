@@ -415,7 +415,7 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
     import torch
 
     from d2merge.export.registry import bench_format
-    from d2merge.merge import merge
+    from d2merge.api import merge
     from d2merge.runtime.loading import collecting_new_objects_only, load_base_model
     from d2merge.runtime.attaching import load_unmerged
 

@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from d2merge.api import merge
 from d2merge.demo_figures import DEMO_SECONDS
 from d2merge.io.safetensors_file import SafetensorsFile
-from d2merge.merge import merge
 from d2merge.plan import MergePlan
 
 

@@ -688,8 +688,8 @@ def plan_for(base: str | Path | BaseCheckpoint, adapter: str | Path | Adapter | 
 
     ``adapter`` may be several adapters with their weights (``d2merge.adapter_ops.mix.AdapterMix``).
 
-    ``d2merge.merge.plan`` is this function; it lives here, below every writer, so that the
-    format modules in ``d2merge.export`` plan a merge without importing ``d2merge.merge``.
+    ``d2merge.api.plan`` is this function; it lives here, below every writer, so that the
+    format modules in ``d2merge.export`` plan a merge without importing ``d2merge.api``.
     """
     options = MergeOptions.resolve(options, overrides)
     if not isinstance(base, BaseCheckpoint):

@@ -20,10 +20,10 @@ from typing import Callable
 
 import torch
 
+from d2merge.api import merge
 from d2merge.io.adapter import load_adapter
 from d2merge.io.checkpoint import open_base
 from d2merge.io.safetensors_file import save_tensors
-from d2merge.merge import merge
 from d2merge.plan import build_plan
 
 

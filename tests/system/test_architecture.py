@@ -22,7 +22,7 @@ PACKAGE = ROOT / "d2merge"
 # What each layer may import from d2merge. The rule of a module is that of the longest key it is or
 # lies under; a module under no key (the CLI, publish, bench, demo, ...) sits on top and may import
 # anything that does not import it back (test_no_import_cycle). "d2merge" alone means the package's
-# face (d2merge/__init__.py), whose lazy names reach up to d2merge.merge: no layer below imports it.
+# face (d2merge/__init__.py), whose lazy names reach up to d2merge.api: no layer below imports it.
 ALLOWED = {
     "d2merge.version": (),
     "d2merge.errors": (),
@@ -59,7 +59,7 @@ ALLOWED = {
     "d2merge.runtime.loading": ("d2merge.errors", "d2merge.dtypes", "d2merge.io"),
     "d2merge.runtime.attaching": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.runtime.loading"),
     "d2merge.runtime.trainable": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.runtime.attaching"),
-    # the formats: below d2merge.merge (which imports export.hf_folder), so none imports it back.
+    # the formats: below d2merge.api (which imports export.hf_folder), so none imports it back.
     "d2merge.export": ("d2merge.version", "d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.profile",
                        "d2merge.console", "d2merge.output_names",
                        "d2merge.device", "d2merge.options", "d2merge.options.verify", "d2merge.io", "d2merge.plan",
@@ -76,7 +76,7 @@ ALLOWED = {
     "d2merge.export.pipeline": ("d2merge.profile", "d2merge.options", "d2merge.io", "d2merge.plan", "d2merge.engine"),
     "d2merge.export.provenance": ("d2merge.version", "d2merge.errors", "d2merge.io", "d2merge.plan",
                                   "d2merge.export.model_card"),
-    "d2merge.merge": ("d2merge.engine", "d2merge.export.hf_folder", "d2merge.io", "d2merge.options", "d2merge.plan"),
+    "d2merge.api": ("d2merge.engine", "d2merge.export.hf_folder", "d2merge.io", "d2merge.options", "d2merge.plan"),
     # verify: pure records and arithmetic at the bottom, the one column code path above them,
     # the thin orchestration (the package itself) on top.
     "d2merge.verify.stats": (),
@@ -288,7 +288,7 @@ def test_imports_go_downwards_only(name: str):
 
 def test_io_never_imports_the_runtime_or_anything_above_it():
     above = ("d2merge.runtime", "d2merge.plan", "d2merge.engine", "d2merge.export", "d2merge.verify",
-             "d2merge.merge", "d2merge.many")
+             "d2merge.api", "d2merge.many")
     found = sorted(f"{name} -> {m}" for name in MODULES if name.startswith("d2merge.io")
                    for m in imports_of(name) if within(m, above))
     assert not found, "io imports upwards: " + ", ".join(found)
@@ -296,7 +296,7 @@ def test_io_never_imports_the_runtime_or_anything_above_it():
 
 def test_the_engine_knows_nothing_of_exporters():
     imports = imports_of("d2merge.engine")
-    assert not any(m.startswith("d2merge.export") or m == "d2merge.merge" for m in imports)
+    assert not any(m.startswith("d2merge.export") or m == "d2merge.api" for m in imports)
 
 
 def test_nothing_imports_the_cli():
@@ -331,5 +331,20 @@ def test_the_html_pages_load_no_torch():
     """`d2merge.reports` renders pages from report records; importing it must not import torch."""
     code = ("import sys, d2merge.reports.html, d2merge.reports.bench_page, d2merge.reports.many_page, "
             "d2merge.reports.verify_page; assert 'torch' not in sys.modules, 'torch imported'")
+    done = run_python(["-c", code], timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("first", ["names", "modules"])
+def test_the_package_names_merge_and_plan_are_the_api_functions(first: str):
+    """``d2merge.merge`` and ``d2merge.plan`` are the API's functions whichever is touched first: the
+    package's names or the modules that define and plan them (loading a submodule binds its name on
+    the package, so a submodule named like an API function would shadow it)."""
+    modules = "import d2merge.api, d2merge.plan, d2merge.engine, d2merge.export.hf_folder\n"
+    names = "merge, plan = d2merge.merge, d2merge.plan\n"
+    code = ("import types, d2merge\n" + (names + modules if first == "names" else modules + names)
+            + "assert merge is d2merge.api.merge and plan is d2merge.api.plan, (merge, plan)\n"
+            "assert d2merge.merge is merge and d2merge.plan is plan, (d2merge.merge, d2merge.plan)\n"
+            "assert not isinstance(d2merge.merge, types.ModuleType) and callable(d2merge.plan)")
     done = run_python(["-c", code], timeout=120)
     assert done.returncode == 0, done.stderr

@@ -92,7 +92,7 @@ def test_transformers_names_the_tied_parameters():
 
 def test_one_meta_build_per_base_per_process(tiny_bases, make_adapter, tmp_path):
     from d2merge.io.model_structure import _model_structure
-    from d2merge.merge import merge, plan
+    from d2merge.api import merge, plan
 
     base = tiny_bases("gpt2")
     adapter = make_adapter(base, "lora", fan_in_fan_out=True, target_modules=("c_attn",))
