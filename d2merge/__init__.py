@@ -14,9 +14,7 @@ The names below are imported on first use (PEP 562): ``import d2merge`` and
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from d2merge.errors import D2MergeError, VerificationFailed
 from d2merge.lazy_names import lazy_attributes
@@ -32,25 +30,9 @@ __all__ = ["AdapterMix", "D2MergeError", "MergeOptions", "MergeResult", "Verific
 
 if TYPE_CHECKING:
     from d2merge.adapter_ops.mix import AdapterMix
-    from d2merge.io import load_adapter, open_base
     from d2merge.api import MergeResult, merge, plan
+    from d2merge.io import load_adapter, open_base
     from d2merge.options import MergeOptions
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
-
-class _Package(types.ModuleType):
-    """Keeps ``d2merge.plan`` the function when the submodule ``d2merge/plan.py`` loads.
-
-    Importing a submodule sets it as an attribute of the package; ``plan`` is both a submodule and
-    the API's function, and the function wins. The submodule stays importable by its full name.
-    (``merge`` no longer needs this: the API's face is ``d2merge/api.py``.)
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "plan" and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

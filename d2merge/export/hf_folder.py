@@ -21,7 +21,7 @@ from d2merge.io.checkpoint import SAFETENSORS_INDEX
 from d2merge.io.output import (TEMP_MARKER, AtomicFolder, check_output_location, copy_support_files, disk_error,
                                write_json, write_text)
 from d2merge.options import MergeOptions
-from d2merge.plan import MergePlan, TensorPlan
+from d2merge.planning import MergePlan, TensorPlan
 
 __all__ = ["FOLDER", "MergeResult", "add_verify_table_to_card", "card_info", "merge_to_hf_folder", "merged_config",
            "write_metadata"]

@@ -31,7 +31,7 @@ from d2merge.adapter_ops.mix import AdapterMix
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import open_base
-from d2merge.plan import build_plan
+from d2merge.planning import build_plan
 from d2merge.options import MergeOptions
 from d2merge.runtime.attaching import WeightedAdapters
 from d2merge.runtime.loading import collecting_new_objects_only, load_fp32_model

@@ -26,7 +26,7 @@ from d2merge.export.model_card import render_model_card
 from d2merge.io.adapter import load_adapter
 from d2merge.io.checkpoint import open_base
 from d2merge.io.safetensors_file import SafetensorsFile
-from d2merge.plan import build_plan
+from d2merge.planning import build_plan
 from malformed import adapter_config_dict, split_safetensors, write_templates
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
