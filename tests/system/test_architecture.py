@@ -49,8 +49,19 @@ ALLOWED = {
     "d2merge.io.adapter": ("d2merge.errors", "d2merge.io", "d2merge.methods"),
     "d2merge.io.output": ("d2merge.errors", "d2merge.io.json_file"),
     "d2merge.io.source_hashes": ("d2merge.errors", "d2merge.io", "d2merge.profile"),
+    # the plan reads headers and configs (io), asks the methods, takes the options; it never sees the engine,
+    # a format, adapter_ops (a mix plans itself through planning.model's protocols) or the API's face.
     "d2merge.planning": ("d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.options", "d2merge.io",
                          "d2merge.methods", "d2merge.natural_sort", "d2merge.planning"),
+    # inside it: the records and the lookups at the bottom, build_plan (planning.build) and the face on top.
+    "d2merge.planning.model": ("d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.options", "d2merge.io",
+                               "d2merge.methods", "d2merge.natural_sort"),
+    "d2merge.planning.base_names": ("d2merge.errors", "d2merge.io"),
+    "d2merge.planning.ties": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.options"),
+    "d2merge.planning.targets": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.planning.base_names"),
+    "d2merge.planning.shards": ("d2merge.planning.model",),
+    "d2merge.planning.mix": ("d2merge.errors", "d2merge.io", "d2merge.sizes", "d2merge.planning.model",
+                             "d2merge.planning.shards"),
     "d2merge.engine": ("d2merge.errors", "d2merge.device", "d2merge.profile", "d2merge.io", "d2merge.methods",
                        "d2merge.planning"),
     # the runtime (unmerged adapters inside transformers models) stands beside the plan: io and methods only.
