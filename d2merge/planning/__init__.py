@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from d2merge.planning.build import build_plan, plan_for
 from d2merge.planning.mix import mix_plans
-from d2merge.planning.model import DTYPE_ALIASES, OUT_DTYPES, MergePlan, MixRule, SeveralAdapters, TensorPlan, parse_dtype
+from d2merge.planning.model import (DTYPE_ALIASES, OUT_DTYPES, MergePlan, MixRule, SeveralAdapters, TensorPlan,
+                                    parse_dtype)
 from d2merge.planning.ties import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING, tied_pair
 
 __all__ = ["DTYPE_ALIASES", "INPUT_EMBEDDING_SUFFIXES", "OUTPUT_EMBEDDING", "OUT_DTYPES", "MergePlan", "MixRule",

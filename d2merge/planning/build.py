@@ -182,7 +182,8 @@ def _factor_settings(base: BaseCheckpoint, adapter: Adapter, module: str, entry:
     tensors are all there, its orientation fits the layer and its ranks and shapes fit the base."""
     method = adapter.method
     first_key = next(iter(entry.keys.values()))
-    missing = [n for n in method.tensor_names(entry.layer_kind) if n not in entry.keys]
+    required = method.tensor_names(entry.layer_kind)
+    missing = [n for n in required if n not in entry.keys]
     if missing:
         raise D2MergeError(f"module '{module}' lacks the {method.name} tensor '{missing[0]}'",
                            path=adapter.weights_file, tensor=first_key,
@@ -190,32 +191,26 @@ def _factor_settings(base: BaseCheckpoint, adapter: Adapter, module: str, entry:
     fan_in_fan_out = adapter.config.fan_in_fan_out if entry.layer_kind == LINEAR else False
     if entry.layer_kind == LINEAR:
         check_orientation(module, fan_in_fan_out, conv1d, names.config, adapter, first_key)
-    settings = method.module_settings(adapter.config, module, entry.layer_kind, fan_in_fan_out)
     _, base_shape = names.infos[source]
     if len(base_shape) != 2:
         raise D2MergeError(f"base tensor has shape {list(base_shape)}; only 2-D weights can be adapted",
                            path=base.tensors.file_of(source), tensor=source)
-    rows, cols = base_shape
-    out_features, in_features = (cols, rows) if settings.transposed else (rows, cols)
-    expected = {**method.optional_shapes(settings, out_features, in_features),
-                **method.expected_shapes(settings, out_features, in_features)}
-    stored_rank = method.rank_of({n: _Shape(adapter.tensors.info(k)[1]) for n, k in entry.keys.items()},
-                                 entry.layer_kind)
-    config_rank = method.configured_rank(settings)
-    if stored_rank != config_rank:
-        raise D2MergeError(f"factor rank {stored_rank} does not match the config's rank {config_rank}",
-                           path=adapter.weights_file, tensor=entry.keys[method.tensor_names(entry.layer_kind)[0]],
+    answer = method.answer(adapter.config, module, entry.layer_kind, fan_in_fan_out, tuple(base_shape),
+                           {n: tuple(adapter.tensors.info(k)[1]) for n, k in entry.keys.items()})
+    if answer.stored_rank != answer.configured_rank:
+        raise D2MergeError(f"factor rank {answer.stored_rank} does not match the config's rank "
+                           f"{answer.configured_rank}", path=adapter.weights_file, tensor=entry.keys[required[0]],
                            hint="check r / rank_pattern in adapter_config.json")
     for name, key in entry.keys.items():
         dtype, shape = adapter.tensors.info(key)
-        if tuple(shape) != tuple(expected[name]):
+        if tuple(shape) != tuple(answer.shapes[name]):
             raise D2MergeError(f"shape {list(shape)} does not fit base '{source}' {list(base_shape)}: "
-                               f"expected {list(expected[name])}", path=adapter.weights_file, tensor=key,
+                               f"expected {list(answer.shapes[name])}", path=adapter.weights_file, tensor=key,
                                hint="was the adapter trained on another base model?")
         if not dtype.is_floating_point:
             raise D2MergeError(f"adapter tensor has non-float dtype {dtype}", path=adapter.weights_file, tensor=key,
                                hint="adapter factors are floating point; save the adapter again")
-    return settings
+    return answer.settings
 
 
 def _lora_bias_target(adapter: Adapter, module: str, entry: AdapterModule, names: BaseNames) -> str | None:
@@ -297,9 +292,3 @@ def _auto_label(plans: list[TensorPlan]) -> str:
     floats = {DTYPE_NAMES[t.out_dtype] for t in plans if t.out_dtype.is_floating_point}
     return "auto (" + ", ".join(sorted(floats)).lower() + ")"
 
-
-class _Shape:
-    """Stands in for a tensor where only ``.shape`` is needed (rank checks on headers)."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape = tuple(shape)
