@@ -49,7 +49,7 @@ def smollm2_folder(root: Path) -> Path:
 def smollm2_merge(root: Path) -> tuple[Path, Path, Path]:
     """(SmolLM2 base, a random D2-LoRA adapter on its attention, their fp32 merge), made once under ``root``:
     the quality tables of the GGUF types and of the genai int4 settings measure the same merge."""
-    from d2merge.merge import merge
+    from d2merge.api import merge
     from d2merge.synthetic import save_random_adapter
 
     base = smollm2_folder(root)

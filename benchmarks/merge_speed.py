@@ -192,8 +192,7 @@ if sys.argv[4] == "1":
     except ImportError:  # an older checkout
         hash_ahead_of_merge = lambda base, adapter: None
     hash_ahead_of_merge(sys.argv[1], sys.argv[2])
-from d2merge.merge import merge
-from d2merge import profile
+from d2merge import merge, profile  # the package's names: the same in an older checkout (--compare)
 figures = {"import": {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0}}
 wall1, cpu1 = time.perf_counter(), time.process_time()
 with profile.collect() as phases:

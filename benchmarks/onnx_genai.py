@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d2merge.api import merge
 from d2merge.export.onnx_genai import GenaiCausalLM, export_genai
-from d2merge.merge import merge
 from d2merge.runtime import load_base_model
 from d2merge.synthetic import save_random_adapter, save_tiny_base
 

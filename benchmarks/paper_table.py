@@ -117,7 +117,7 @@ def run_cell(settings: Settings, task: str, method: str, seed: int, split: Any, 
     import torch
 
     from d2merge.hf_trainer import train_multiple_choice
-    from d2merge.merge import merge
+    from d2merge.api import merge
     from d2merge.runtime import attach, load_base_model, load_fp32_model
 
     record: dict[str, Any] = {"task": task, "method": method, "seed": seed, "eval_items": len(split.held_out),

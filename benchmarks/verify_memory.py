@@ -287,7 +287,7 @@ WEIGHTS_ONLY = r"""
 import json, sys, time
 from d2merge.io.adapter import load_adapter
 from d2merge.io.checkpoint import open_base
-from d2merge.plan import build_plan
+from d2merge.planning import build_plan
 from d2merge.verify import check_weights
 
 from dataclasses import replace

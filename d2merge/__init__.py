@@ -14,9 +14,7 @@ The names below are imported on first use (PEP 562): ``import d2merge`` and
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from d2merge.errors import D2MergeError, VerificationFailed
 from d2merge.lazy_names import lazy_attributes
@@ -24,7 +22,7 @@ from d2merge.version import __version__
 
 # name -> module that defines it
 _LAZY = {"load_adapter": "d2merge.io", "open_base": "d2merge.io", "MergeOptions": "d2merge.options",
-         "MergeResult": "d2merge.merge", "merge": "d2merge.merge", "plan": "d2merge.merge",
+         "MergeResult": "d2merge.api", "merge": "d2merge.api", "plan": "d2merge.api",
          "AdapterMix": "d2merge.adapter_ops.mix"}
 
 __all__ = ["AdapterMix", "D2MergeError", "MergeOptions", "MergeResult", "VerificationFailed", "__version__", "load_adapter",
@@ -32,26 +30,9 @@ __all__ = ["AdapterMix", "D2MergeError", "MergeOptions", "MergeResult", "Verific
 
 if TYPE_CHECKING:
     from d2merge.adapter_ops.mix import AdapterMix
+    from d2merge.api import MergeResult, merge, plan
     from d2merge.io import load_adapter, open_base
-    from d2merge.merge import MergeResult, merge, plan
     from d2merge.options import MergeOptions
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
-
-class _Package(types.ModuleType):
-    """Keeps ``d2merge.merge`` and ``d2merge.plan`` the functions when their submodules load.
-
-    Importing a submodule sets it as an attribute of the package; ``merge`` and
-    ``plan`` are both submodules and the API's functions, and the functions win
-    (as they did when this package imported them eagerly). The submodules stay
-    importable by their full names.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("merge", "plan") and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

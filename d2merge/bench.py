@@ -255,7 +255,7 @@ def check_merged_pairing(base: Any, adapter: Any, merged: str | Path) -> None:
     nothing; verify's weight check (copied tensors bit for bit, merged ones against fp64) tells.
     """
     from d2merge.io.checkpoint import open_base
-    from d2merge.plan import build_plan
+    from d2merge.planning import build_plan
     from d2merge.verify import check_weights, stored_dtype, thresholds_for
 
     merged_ckpt = open_base(merged)
@@ -415,7 +415,7 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
     import torch
 
     from d2merge.export.registry import bench_format
-    from d2merge.merge import merge
+    from d2merge.api import merge
     from d2merge.runtime.loading import collecting_new_objects_only, load_base_model
     from d2merge.runtime.attaching import load_unmerged
 
@@ -436,7 +436,7 @@ def bench(base: str | Path, adapter: str | Path, *, merged: str | Path | None = 
     # Also before any work: the inputs must fit together, or a variant fails halfway with a shape error.
     from d2merge.io.adapter import load_adapter
     from d2merge.io.checkpoint import open_base
-    from d2merge.plan import build_plan
+    from d2merge.planning import build_plan
 
     base_ckpt, adapter_obj = open_base(base), load_adapter(adapter)
     build_plan(base_ckpt, adapter_obj)

@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from d2merge.api import merge
 from d2merge.demo_figures import DEMO_SECONDS
 from d2merge.io.safetensors_file import SafetensorsFile
-from d2merge.merge import merge
-from d2merge.plan import MergePlan
+from d2merge.planning import MergePlan
 
 
 # Training: at most this long (the pace of the first steps decides how many fit), 60 to 400 steps:

@@ -30,7 +30,7 @@ from d2merge.io.safetensors_file import StreamingWriter, dtype_size
 from d2merge.io.source_hashes import BackgroundHashes
 from d2merge.io.direct_io import cold_enough
 from d2merge.io.tensor_reader import TensorReader
-from d2merge.plan import MergePlan, TensorPlan
+from d2merge.planning import MergePlan, TensorPlan
 
 
 def resolve_device(name: str | torch.device | ComputeDevice) -> ComputeDevice:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from d2merge.api import MergeOptions
 from d2merge.export.formats import ExportOutcome, merge_as
 from d2merge.export.hf_folder import add_verify_table_to_card
-from d2merge.merge import MergeOptions
 from d2merge.options.merge import MergeRunOptions
 from d2merge.options.push import PushOptions
 

@@ -22,7 +22,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from d2merge.merge import merge
+from d2merge.api import merge
 from d2merge.tasks import write_jsonl
 from d2merge.train import train_adapter
 from d2merge.verify import verify

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
+from d2merge.api import merge
 from d2merge.benchmark_tasks import TASKS, split_task
 from d2merge.hf_trainer import AdapterCallback, AnswerCollator, answer_features
-from d2merge.merge import merge
 from d2merge.runtime import attach, load_base_model, load_fp32_model
 from d2merge.tasks import accuracy, choice_scores, load_tokenizer, predictions
 from d2merge.train import task_adapter_config

@@ -273,7 +273,7 @@ class SmolLM2Merged:
 
     @property
     def folder(self) -> Path:
-        from d2merge.merge import merge
+        from d2merge.api import merge
 
         adapter = self.adapter
         return self._once("merged", lambda target: merge(self.smollm2, adapter, target, dtype="fp32",

@@ -20,11 +20,11 @@ from typing import Callable
 
 import torch
 
+from d2merge.api import merge
 from d2merge.io.adapter import load_adapter
 from d2merge.io.checkpoint import open_base
 from d2merge.io.safetensors_file import save_tensors
-from d2merge.merge import merge
-from d2merge.plan import build_plan
+from d2merge.planning import build_plan
 
 
 def rewrite_tensors(folder: Path, changes: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:

@@ -1253,7 +1253,7 @@ def _(ws: Workspace) -> list[str]:
 
 @case("overwrite-a-merge-with-a-file-added", r"holds a file d2merge did not write: my-eval.jsonl.*" + NOT_OURS, "out")
 def _(ws: Workspace) -> list[str]:
-    from d2merge.merge import merge
+    from d2merge.api import merge
 
     merge(ws.base, ws.adapter, ws.out)
     (ws.out / "my-eval.jsonl").write_text("{}\n")
@@ -1365,7 +1365,7 @@ def _(ws: Workspace) -> list[str]:
 
 @case("bench-merged-of-an-unrelated-base", r"MERGED is not a merge of this base", "unrelated/model.safetensors")
 def _(ws: Workspace) -> list[str]:
-    from d2merge.merge import merge
+    from d2merge.api import merge
 
     write_base(ws.root / "other-base", seed=7)
     merge(ws.root / "other-base", ws.adapter, ws.root / "unrelated")

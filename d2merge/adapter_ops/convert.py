@@ -22,7 +22,7 @@ from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.adapter_writer import LoraModule, check_adapter_output, lora_tensors, plain_lora_config, write_lora_adapter
 from d2merge.methods.base import EMBEDDING
 from d2merge.io.checkpoint import BaseCheckpoint
-from d2merge.plan import MergePlan
+from d2merge.planning import MergePlan
 
 REPORT_NAME = "d2merge_report.json"
 

@@ -31,7 +31,7 @@ from d2merge.io.adapter_writer import LoraModule, check_adapter_output, lora_ten
 from d2merge.io.checkpoint import BaseCheckpoint, open_base
 from d2merge.io.model_structure import meta_model
 from d2merge.methods.base import EMBEDDING, LINEAR
-from d2merge.plan import INPUT_EMBEDDING_SUFFIXES, tied_pair
+from d2merge.planning import INPUT_EMBEDDING_SUFFIXES, tied_pair
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.methods import get_method
 from d2merge.methods.base import ModuleSettings
 from d2merge.options import MergeOptions
-from d2merge.plan import MergePlan, TensorPlan, build_plan, mix_plans
+from d2merge.planning import MergePlan, TensorPlan, build_plan, mix_plans
 
 @dataclass(frozen=True)
 class AdapterMix:

@@ -18,7 +18,7 @@ from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter
 from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.methods.base import EMBEDDING, LINEAR, WEIGHT, ModuleSettings
-from d2merge.plan import MergePlan, TensorPlan, build_plan
+from d2merge.planning import MergePlan, TensorPlan, build_plan
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ def what_to_merge(adapters: tuple[str, ...], mix: MixOptions) -> Any:
 
 
 def plan_merge(*args: Any, **kwargs: Any) -> Any:
-    """``d2merge.merge.plan``, imported on the first call so that ``d2merge --help`` never loads torch."""
-    from d2merge.merge import plan
+    """``d2merge.api.plan``, imported on the first call so that ``d2merge --help`` never loads torch."""
+    from d2merge.api import plan
 
     return plan(*args, **kwargs)
 

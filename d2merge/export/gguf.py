@@ -1062,7 +1062,7 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Any 
                                    scratch_beside, write_json)
     from d2merge.io.source_hashes import BackgroundHashes
     from d2merge.options import MergeOptions
-    from d2merge.plan import plan_for as plan
+    from d2merge.planning import plan_for as plan
 
     check_gguf_type(gguf_type)
     by_llama_cpp = _by_llama_cpp(gguf_type, imatrix)

@@ -21,7 +21,7 @@ from d2merge.io.checkpoint import SAFETENSORS_INDEX
 from d2merge.io.output import (TEMP_MARKER, AtomicFolder, check_output_location, copy_support_files, disk_error,
                                write_json, write_text)
 from d2merge.options import MergeOptions
-from d2merge.plan import MergePlan, TensorPlan
+from d2merge.planning import MergePlan, TensorPlan
 
 __all__ = ["FOLDER", "MergeResult", "add_verify_table_to_card", "card_info", "merge_to_hf_folder", "merged_config",
            "write_metadata"]
@@ -30,10 +30,10 @@ __all__ = ["FOLDER", "MergeResult", "add_verify_table_to_card", "card_info", "me
 def merge_to_hf_folder(base: Any, adapter: Any, out: str | Path, options: MergeOptions | None = None, *,
                        progress: bool = False, on_tensor: Callable[[TensorPlan], None] | None = None,
                        **overrides: Any) -> MergeResult:
-    """Merge ``adapter`` into ``base`` and write a Hugging Face folder at ``out`` (``d2merge.merge.merge``).
+    """Merge ``adapter`` into ``base`` and write a Hugging Face folder at ``out`` (``d2merge.api.merge``).
 
     It lives beside the folder's writer, as ``merge_to_safetensors`` and ``merge_to_gguf`` do beside
-    theirs, so that no format module imports ``d2merge.merge`` (which imports this one). The steps
+    theirs, so that no format module imports ``d2merge.api`` (which imports this one). The steps
     are the one merge pipeline's (``export.pipeline.run_merge``) with this folder as the output.
     """
     options = MergeOptions.resolve(options, overrides)

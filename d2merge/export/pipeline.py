@@ -20,7 +20,7 @@ import d2merge.profile as profile
 from d2merge.engine import resolve_device, write_tensors
 from d2merge.io.source_hashes import BackgroundHashes
 from d2merge.options import MergeOptions
-from d2merge.plan import MergePlan, TensorPlan, plan_for
+from d2merge.planning import MergePlan, TensorPlan, plan_for
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 from d2merge.errors import D2MergeError
 from d2merge.export.model_card import CardInfo, render_model_card
 from d2merge.io.safetensors_file import SafetensorsFile
-from d2merge.plan import MergePlan
+from d2merge.planning import MergePlan
 from d2merge.version import __version__
 
 HASH_PLACEHOLDER = "0" * 64  # a sha256 in hex has exactly this width

@@ -20,7 +20,7 @@ from d2merge.export.provenance import filled, reserved, single_file_metadata
 from d2merge.io.output import AtomicFiles, check_output_location
 from d2merge.io.safetensors_file import rewrite_metadata
 from d2merge.options import MergeOptions
-from d2merge.plan import MergePlan
+from d2merge.planning import MergePlan
 
 __all__ = ["PLACEHOLDER", "SINGLE_FILE", "merge_to_safetensors", "single_file_metadata"]
 

@@ -31,7 +31,8 @@ from d2merge.errors import D2MergeError
 from d2merge.io.checkpoint import read_text
 from d2merge.export.registry import get_format
 from d2merge.options.many import MANY_FORMATS
-from d2merge.plan import TIED_POLICIES, parse_dtype
+from d2merge.options.merge import TIED_POLICIES
+from d2merge.planning import parse_dtype
 from d2merge.sizes import parse_size
 
 JOB_FIELDS = ("adapter", "name", "format", "dtype", "max_shard_size", "tied_embeddings", "verify")

@@ -41,7 +41,7 @@ from d2merge.many.stream import OnTensor, Target, stream_many
 from d2merge.engine import resolve_device
 from d2merge.export.registry import get_format
 from d2merge.export.hf_folder import add_verify_table_to_card
-from d2merge.plan import MergePlan, build_plan
+from d2merge.planning import MergePlan, build_plan
 from d2merge.sizes import parse_size
 
 # Statuses of a job in the report.

@@ -33,7 +33,7 @@ import d2merge.profile as profile
 from d2merge.io.output import disk_error
 from d2merge.io.safetensors_file import StreamingWriter, dtype_size
 from d2merge.engine import ScratchBuffers, compute_output, one_intra_op_thread
-from d2merge.plan import MergePlan, TensorPlan
+from d2merge.planning import MergePlan, TensorPlan
 
 OnTensor = Callable[[str, TensorPlan], None]
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Any, Mapping
 
 from d2merge.errors import D2MergeError
-from d2merge.methods.base import EMBEDDING, LINEAR, AdapterConfig, Method, ModuleSettings
+from d2merge.methods.base import EMBEDDING, LINEAR, AdapterConfig, Method, ModuleAnswer, ModuleSettings
 from d2merge.methods.d2lora import D2LoRA
 from d2merge.methods.dora import DoRA
 from d2merge.methods.dual_lora import DualLoRA
@@ -16,7 +16,7 @@ from d2merge.methods.lora import LoRA
 METHODS: dict[str, Method] = {m.name: m for m in (D2LoRA(), DualLoRA(), LoRA(), DoRA())}
 CONFIG_HINT = "set it in adapter_config.json to the value the adapter was trained with"
 
-__all__ = ["METHODS", "AdapterConfig", "Method", "ModuleSettings", "LINEAR", "EMBEDDING", "get_method",
+__all__ = ["METHODS", "AdapterConfig", "Method", "ModuleAnswer", "ModuleSettings", "LINEAR", "EMBEDDING", "get_method",
            "method_for_config", "parse_adapter_config"]
 
 

@@ -84,6 +84,28 @@ class ModuleSettings:
         return self.fan_in_fan_out or self.layer_kind == EMBEDDING
 
 
+@dataclass(frozen=True)
+class ModuleAnswer:
+    """A method's one answer about an adapted module on its base weight (:meth:`Method.answer`).
+
+    How the module merges (``settings``), the shape of every tensor it may store (required and
+    optional, PEFT orientation), the rank its stored tensors imply and the rank the config gives it:
+    what the plan checks the adapter's headers against, no tensor read.
+    """
+
+    settings: ModuleSettings
+    shapes: Mapping[str, tuple[int, ...]]
+    stored_rank: Any
+    configured_rank: Any
+
+
+class _Shaped:
+    """Stands in for a tensor where only ``.shape`` is needed (the rank of stored tensors, from headers)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+
+
 def pattern_key(patterns: Mapping[str, Any], module: str, field: str = "pattern") -> str | None:
     """The pattern that applies to ``module``, matched as PEFT does: a regex on a dotted suffix."""
     return matching.pattern_key(patterns, module, field=field)
@@ -228,6 +250,18 @@ class Method:
 
     def scale(self, rank: Any, alpha: float, use_rslora: bool) -> float:
         return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+    def answer(self, config: AdapterConfig, module: str, layer_kind: str, fan_in_fan_out: bool,
+               base_shape: tuple[int, int], stored_shapes: Mapping[str, tuple[int, ...]]) -> ModuleAnswer:
+        """How ``module`` merges on a 2-D base weight stored as ``base_shape``, its tensors stored as
+        ``stored_shapes`` (every tensor of :meth:`tensor_names` among them): the plan's one question."""
+        settings = self.module_settings(config, module, layer_kind, fan_in_fan_out)
+        rows, cols = base_shape
+        out_features, in_features = (cols, rows) if settings.transposed else (rows, cols)
+        shapes = {**self.optional_shapes(settings, out_features, in_features),
+                  **self.expected_shapes(settings, out_features, in_features)}
+        stored_rank = self.rank_of({n: _Shaped(shape) for n, shape in stored_shapes.items()}, layer_kind)
+        return ModuleAnswer(settings, shapes, stored_rank, self.configured_rank(settings))
 
     # ----- tensors ------------------------------------------------------------------------
     def tensor_names(self, layer_kind: str) -> tuple[str, ...]:

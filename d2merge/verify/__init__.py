@@ -31,7 +31,7 @@ from d2merge.adapter_ops.mix import AdapterMix
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import open_base
-from d2merge.plan import build_plan
+from d2merge.planning import build_plan
 from d2merge.options import MergeOptions
 from d2merge.runtime.attaching import WeightedAdapters
 from d2merge.runtime.loading import collecting_new_objects_only, load_fp32_model
@@ -68,7 +68,7 @@ __all__ = [
 def _original_base_column(base_ckpt: Any, adapter_obj: Adapter, options: VerifyOptions, results: list[Any],
                           unmerged: Unmerged, folder_column: Callable[..., Any], say: Callable[[str], None]) -> Any:
     """The common QLoRA recipe's cost: the adapter merged into the 16-bit original, against the trained model."""
-    from d2merge.merge import merge
+    from d2merge.api import merge
 
     if base_ckpt.quantization is None:
         raise options.error("{original_base} needs a quantized BASE (the model the adapter was trained on)",
@@ -150,7 +150,7 @@ def _verify(base_ckpt: Any, adapter: Any, several: AdapterMix | None, merged: An
     ``combined_from``: the adapters a temp ``adapter`` was combined from; the report names them
     (and hashes their files), not the temp folder.
     """
-    from d2merge.merge import merge
+    from d2merge.api import merge
 
     if several is not None:
         if options.original_base is not None:

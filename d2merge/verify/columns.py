@@ -24,7 +24,7 @@ import torch
 
 from d2merge.io.adapter import Adapter
 from d2merge.io.checkpoint import BaseCheckpoint
-from d2merge.plan import MergePlan
+from d2merge.planning import MergePlan
 from d2merge.forward import as_forward, run_jobs
 from d2merge.tasks import MCExample, choice_job, predictions
 from d2merge.verify.compare import compare_job, mc_result, probe_job

@@ -27,7 +27,7 @@ import torch
 
 from d2merge.errors import D2MergeError
 from d2merge.io.checkpoint import BaseCheckpoint, TensorSource
-from d2merge.plan import MergePlan, TensorPlan
+from d2merge.planning import MergePlan, TensorPlan
 from d2merge.verify.limits import DTYPE_LABELS, MANTISSA_BITS, binade_, binade_bounds, ulp
 from d2merge.verify.results import LayerCheck
 

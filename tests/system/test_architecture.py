@@ -22,7 +22,7 @@ PACKAGE = ROOT / "d2merge"
 # What each layer may import from d2merge. The rule of a module is that of the longest key it is or
 # lies under; a module under no key (the CLI, publish, bench, demo, ...) sits on top and may import
 # anything that does not import it back (test_no_import_cycle). "d2merge" alone means the package's
-# face (d2merge/__init__.py), whose lazy names reach up to d2merge.merge: no layer below imports it.
+# face (d2merge/__init__.py), whose lazy names reach up to d2merge.api: no layer below imports it.
 ALLOWED = {
     "d2merge.version": (),
     "d2merge.errors": (),
@@ -49,20 +49,31 @@ ALLOWED = {
     "d2merge.io.adapter": ("d2merge.errors", "d2merge.io", "d2merge.methods"),
     "d2merge.io.output": ("d2merge.errors", "d2merge.io.json_file"),
     "d2merge.io.source_hashes": ("d2merge.errors", "d2merge.io", "d2merge.profile"),
-    "d2merge.plan": ("d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.options", "d2merge.io",
-                     "d2merge.methods", "d2merge.natural_sort"),
+    # the plan reads headers and configs (io), asks the methods, takes the options; it never sees the engine,
+    # a format, adapter_ops (a mix plans itself through planning.model's protocols) or the API's face.
+    "d2merge.planning": ("d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.options", "d2merge.io",
+                         "d2merge.methods", "d2merge.natural_sort", "d2merge.planning"),
+    # inside it: the records and the lookups at the bottom, build_plan (planning.build) and the face on top.
+    "d2merge.planning.model": ("d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.options", "d2merge.io",
+                               "d2merge.methods", "d2merge.natural_sort"),
+    "d2merge.planning.base_names": ("d2merge.errors", "d2merge.io"),
+    "d2merge.planning.ties": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.options"),
+    "d2merge.planning.targets": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.planning.base_names"),
+    "d2merge.planning.shards": ("d2merge.planning.model",),
+    "d2merge.planning.mix": ("d2merge.errors", "d2merge.io", "d2merge.sizes", "d2merge.planning.model",
+                             "d2merge.planning.shards"),
     "d2merge.engine": ("d2merge.errors", "d2merge.device", "d2merge.profile", "d2merge.io", "d2merge.methods",
-                       "d2merge.plan"),
+                       "d2merge.planning"),
     # the runtime (unmerged adapters inside transformers models) stands beside the plan: io and methods only.
     "d2merge.runtime": ("d2merge.errors", "d2merge.dtypes", "d2merge.io", "d2merge.methods"),
     # inside it: loading below attaching below trainable (fresh adapters reuse attaching's layer helpers)
     "d2merge.runtime.loading": ("d2merge.errors", "d2merge.dtypes", "d2merge.io"),
     "d2merge.runtime.attaching": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.runtime.loading"),
     "d2merge.runtime.trainable": ("d2merge.errors", "d2merge.io", "d2merge.methods", "d2merge.runtime.attaching"),
-    # the formats: below d2merge.merge (which imports export.hf_folder), so none imports it back.
+    # the formats: below d2merge.api (which imports export.hf_folder), so none imports it back.
     "d2merge.export": ("d2merge.version", "d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.profile",
                        "d2merge.console", "d2merge.output_names",
-                       "d2merge.device", "d2merge.options", "d2merge.options.verify", "d2merge.io", "d2merge.plan",
+                       "d2merge.device", "d2merge.options", "d2merge.options.verify", "d2merge.io", "d2merge.planning",
                        "d2merge.engine", "d2merge.runtime", "d2merge.logit_comparison", "d2merge.export"),
     # llama.cpp's LoRA GGUF is a format fed by an adapter conversion (adapter_ops), not by the engine.
     "d2merge.export.gguf_lora": ("d2merge.errors", "d2merge.options", "d2merge.io", "d2merge.methods",
@@ -70,13 +81,13 @@ ALLOWED = {
                                  "d2merge.export.gguf", "d2merge.console"),
     "d2merge.export.model_card": ("d2merge.version",),
     "d2merge.export.hf_folder": ("d2merge.errors", "d2merge.device", "d2merge.profile", "d2merge.options",
-                                 "d2merge.io", "d2merge.plan", "d2merge.engine", "d2merge.export.model_card",
+                                 "d2merge.io", "d2merge.planning", "d2merge.engine", "d2merge.export.model_card",
                                  "d2merge.export.pipeline", "d2merge.export.provenance"),
     # the one merge pipeline and the one provenance: under every format writer, over the engine and io.
-    "d2merge.export.pipeline": ("d2merge.profile", "d2merge.options", "d2merge.io", "d2merge.plan", "d2merge.engine"),
-    "d2merge.export.provenance": ("d2merge.version", "d2merge.errors", "d2merge.io", "d2merge.plan",
+    "d2merge.export.pipeline": ("d2merge.profile", "d2merge.options", "d2merge.io", "d2merge.planning", "d2merge.engine"),
+    "d2merge.export.provenance": ("d2merge.version", "d2merge.errors", "d2merge.io", "d2merge.planning",
                                   "d2merge.export.model_card"),
-    "d2merge.merge": ("d2merge.engine", "d2merge.export.hf_folder", "d2merge.io", "d2merge.options", "d2merge.plan"),
+    "d2merge.api": ("d2merge.engine", "d2merge.export.hf_folder", "d2merge.io", "d2merge.options", "d2merge.planning"),
     # verify: pure records and arithmetic at the bottom, the one column code path above them,
     # the thin orchestration (the package itself) on top.
     "d2merge.verify.stats": (),
@@ -90,17 +101,17 @@ ALLOWED = {
     "d2merge.verify.compare": ("d2merge.forward", "d2merge.logit_comparison", "d2merge.tasks", "d2merge.verify.probes",
                                "d2merge.verify.results",
                                "d2merge.verify.stats"),
-    "d2merge.verify.weights": ("d2merge.errors", "d2merge.io", "d2merge.plan", "d2merge.engine",
+    "d2merge.verify.weights": ("d2merge.errors", "d2merge.io", "d2merge.planning", "d2merge.engine",
                                "d2merge.verify.limits", "d2merge.verify.results"),
     "d2merge.verify.report": ("d2merge.version", "d2merge.io", "d2merge.export.model_card", "d2merge.options.verify",
                               "d2merge.verify.results"),
-    "d2merge.verify.columns": ("d2merge.forward", "d2merge.io", "d2merge.plan", "d2merge.tasks", "d2merge.runtime",
+    "d2merge.verify.columns": ("d2merge.forward", "d2merge.io", "d2merge.planning", "d2merge.tasks", "d2merge.runtime",
                                "d2merge.export.registry", "d2merge.options.verify",
                                "d2merge.verify.compare", "d2merge.verify.limits", "d2merge.verify.probes",
                                "d2merge.verify.results", "d2merge.verify.streamed", "d2merge.verify.weights"),
     # merge-many: its options stay torch-free (the CLI's flags); the run never imports the CLI or publish.
     "d2merge.many": ("d2merge.errors", "d2merge.sizes", "d2merge.profile", "d2merge.options", "d2merge.io",
-                     "d2merge.plan", "d2merge.engine", "d2merge.export", "d2merge.verify", "d2merge.options.verify",
+                     "d2merge.planning", "d2merge.engine", "d2merge.export", "d2merge.verify", "d2merge.options.verify",
                      "d2merge.reports", "d2merge.many"),
     # the HTML pages: the machinery writes through io.output; a page reads its report's records
     # (verify.report, bench, many.run for type checking only: none of them imports a page back).
@@ -287,8 +298,8 @@ def test_imports_go_downwards_only(name: str):
 
 
 def test_io_never_imports_the_runtime_or_anything_above_it():
-    above = ("d2merge.runtime", "d2merge.plan", "d2merge.engine", "d2merge.export", "d2merge.verify",
-             "d2merge.merge", "d2merge.many")
+    above = ("d2merge.runtime", "d2merge.planning", "d2merge.engine", "d2merge.export", "d2merge.verify",
+             "d2merge.api", "d2merge.many")
     found = sorted(f"{name} -> {m}" for name in MODULES if name.startswith("d2merge.io")
                    for m in imports_of(name) if within(m, above))
     assert not found, "io imports upwards: " + ", ".join(found)
@@ -296,7 +307,7 @@ def test_io_never_imports_the_runtime_or_anything_above_it():
 
 def test_the_engine_knows_nothing_of_exporters():
     imports = imports_of("d2merge.engine")
-    assert not any(m.startswith("d2merge.export") or m == "d2merge.merge" for m in imports)
+    assert not any(m.startswith("d2merge.export") or m == "d2merge.api" for m in imports)
 
 
 def test_nothing_imports_the_cli():
@@ -333,3 +344,27 @@ def test_the_html_pages_load_no_torch():
             "d2merge.reports.verify_page; assert 'torch' not in sys.modules, 'torch imported'")
     done = run_python(["-c", code], timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("first", ["names", "modules"])
+def test_the_package_names_merge_and_plan_are_the_api_functions(first: str):
+    """``d2merge.merge`` and ``d2merge.plan`` are the API's functions whichever is touched first: the
+    package's names or the modules that define and plan them (loading a submodule binds its name on
+    the package, so a submodule named like an API function would shadow it)."""
+    modules = "import d2merge.api, d2merge.planning, d2merge.planning.build, d2merge.engine, d2merge.export.hf_folder\n"
+    names = "merge, plan = d2merge.merge, d2merge.plan\n"
+    code = ("import types, d2merge\n" + (names + modules if first == "names" else modules + names)
+            + "assert merge is d2merge.api.merge and plan is d2merge.api.plan, (merge, plan)\n"
+            "assert d2merge.merge is merge and d2merge.plan is plan, (d2merge.merge, d2merge.plan)\n"
+            "assert not isinstance(d2merge.merge, types.ModuleType) and callable(d2merge.plan)")
+    done = run_python(["-c", code], timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_no_submodule_shares_a_name_of_the_package_face():
+    """Loading a submodule binds its name on the package, so a module named like one of d2merge's own
+    names (``merge``, ``plan``, ...) would replace the API's function once anything imported it."""
+    import d2merge
+
+    clash = sorted(name for name in (*d2merge._LAZY, *d2merge.__all__) if f"d2merge.{name}" in MODULES)
+    assert not clash, f"submodules named like the package's API names: {clash}"

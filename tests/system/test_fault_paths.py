@@ -40,7 +40,7 @@ PARAMS = _params()
 
 @pytest.fixture(scope="module")
 def base_inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
-    from d2merge.merge import merge
+    from d2merge.api import merge
     from d2merge.synthetic import save_random_adapter, save_tiny_base
 
     root = tmp_path_factory.mktemp("fault-inputs")

@@ -20,13 +20,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from d2merge.api import card_info, compute_tensor
 from d2merge.errors import D2MergeError
 from d2merge.export.model_card import render_model_card
 from d2merge.io.adapter import load_adapter
 from d2merge.io.checkpoint import open_base
 from d2merge.io.safetensors_file import SafetensorsFile
-from d2merge.merge import card_info, compute_tensor
-from d2merge.plan import build_plan
+from d2merge.planning import build_plan
 from malformed import adapter_config_dict, split_safetensors, write_templates
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

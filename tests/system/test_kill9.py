@@ -80,7 +80,7 @@ SCENARIOS_BY_ID = {s.id: s for s in SCENARIOS}
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from d2merge.merge import merge
+    from d2merge.api import merge
 
     root = write_templates(tmp_path_factory.mktemp("kill9-inputs"))
     write_adapter(root / "adapter2", tensors={k: 2 * v for k, v in adapter_tensors().items()})

@@ -266,7 +266,7 @@ def test_debug_shows_the_traceback_then_the_line(templates: Path, tmp_path: Path
 
 @pytest.fixture(scope="session")
 def reference_output(templates: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    from d2merge.merge import merge
+    from d2merge.api import merge
 
     root = tmp_path_factory.mktemp("reference")
     ws = Workspace(root, templates)

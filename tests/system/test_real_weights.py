@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2merge.api import merge
+from d2merge.api import plan as merge_plan_of
 from d2merge.demo import reference_errors
-from d2merge.merge import merge
-from d2merge.merge import plan as merge_plan_of
-from d2merge.runtime import attach_adapter
 from d2merge.io.transformers_folder import quiet_transformers
+from d2merge.runtime import attach_adapter
 from d2merge.synthetic import save_random_adapter
 
 TARGETS = ("query", "key", "value", "dense")

@@ -29,12 +29,12 @@ import pytest
 import torch
 
 import d2merge.cli
+from d2merge.api import merge, plan
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import load_adapter
 from d2merge.io.checkpoint import MAX_JSON_BYTES, PICKLE_HINT, open_base
 from d2merge.io.safetensors_file import MAX_HEADER_BYTES, SafetensorsFile, save_tensors
-from d2merge.merge import merge, plan
-from d2merge.plan import build_plan
+from d2merge.planning import build_plan
 from helpers import REPO_ROOT, checkout_env
 from malformed import MARKER, Workspace, adapter_tensors, base_tensors, write_pickle_payload, write_templates
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 
 import faults
-from d2merge.merge import merge
+from d2merge.api import merge
 from d2merge.tasks import read_jsonl, write_jsonl
 from d2merge.verify import verify
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2merge.api import MergeOptions, compute_tensor, merge, plan
 from d2merge.device import ComputeDevice
 from d2merge.errors import D2MergeError
-from d2merge.merge import MergeOptions, compute_tensor, merge, plan
 
 
 def test_cpu_device_verbs() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2merge.api import merge, plan
 from d2merge.io.tensor_reader import TensorReader
-from d2merge.merge import merge, plan
 
 
 def test_fp32_output_streams_copies_never_whole(tiny_bases, make_adapter, read_tensors, tmp_path: Path,

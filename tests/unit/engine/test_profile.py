@@ -41,7 +41,7 @@ def test_nothing_recorded_outside_collect() -> None:
 
 
 def test_a_merge_reports_its_phases(tiny_bases, make_adapter, tmp_path: Path) -> None:
-    from d2merge.merge import merge
+    from d2merge.api import merge
 
     base = tiny_bases("llama")
     with profile.collect() as phases:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2merge.api import merge
 from d2merge.bench import SCHEMA_VERSION, BenchSettings, bench
 from d2merge.cli import main
 from d2merge.export.protocol import OutputFormat
 from d2merge.export.single_file import merge_to_safetensors
 from d2merge.io.safetensors_file import SafetensorsFile
-from d2merge.merge import merge
 from d2merge.runtime import load_unmerged
 from d2merge.synthetic import save_random_adapter, save_tiny_base
 

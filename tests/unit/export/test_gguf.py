@@ -88,7 +88,7 @@ class TinyMerges:
 
     def merged(self, arch: str) -> Path:
         if arch not in self._merged:
-            from d2merge.merge import merge
+            from d2merge.api import merge
 
             self._merged[arch] = merge(self.bases(arch), self.adapter(arch), self.root / f"merged-{arch}",
                                        dtype="fp32").output

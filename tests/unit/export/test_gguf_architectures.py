@@ -168,7 +168,7 @@ def _base(root: Path, arch: str, smollm2: Path | None = None) -> Path:
 
 def _export(root: Path, arch: str, smollm2: Path | None = None) -> tuple[Path, Path, Path]:
     """(base, fp32 HF merge, f32 GGUF merge) of ``arch`` with a random D2-LoRA adapter."""
-    from d2merge.merge import merge
+    from d2merge.api import merge
 
     base = _base(root, arch, smollm2)
     adapter = save_random_adapter(base, root / f"adapter-{arch}", "d2lora", r=4,

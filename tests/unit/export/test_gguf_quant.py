@@ -94,7 +94,7 @@ class Model:
 @pytest.fixture(scope="module")
 def tiny256(tmp_path_factory, smollm2) -> Model:
     """A Llama whose every row is whole 256-blocks: hidden 256, 4 heads over 1 kv head (GQA 4), 4 layers."""
-    from d2merge.merge import merge
+    from d2merge.api import merge
 
     root = tmp_path_factory.mktemp("kquant-tiny")
     base = save_tiny_base(root / "base", "llama", vocab_size=SMOL_VOCAB, tokenizer=False, hidden_size=256,

@@ -268,7 +268,7 @@ def test_merge_format_onnx_genai(cli_runner, wide_base, make_adapter, tmp_path: 
 @pytest.fixture(scope="module")
 def wide_merge(wide_base, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(base, D2-LoRA adapter, fp32 merged folder) on the wide tiny Llama."""
-    from d2merge.merge import merge
+    from d2merge.api import merge
     from d2merge.synthetic import save_random_adapter
 
     root = tmp_path_factory.mktemp("wide-merge")

@@ -9,9 +9,9 @@ import huggingface_hub.constants
 import pytest
 import torch
 
+from d2merge.api import merge
 from d2merge.cli import main
 from d2merge.io.checkpoint import open_base
-from d2merge.merge import merge
 from d2merge.synthetic import save_random_adapter, save_tiny_base
 
 REPO = "tiny-org/tiny-llama"

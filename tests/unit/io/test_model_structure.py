@@ -70,7 +70,7 @@ def test_source_scan_agrees_with_the_built_model():
 
 def test_transformers_names_the_tied_parameters():
     from d2merge.io.model_structure import model_structure
-    from d2merge.plan import _tied_pair
+    from d2merge.planning import tied_pair
 
     small = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
              "num_key_value_heads": 1, "vocab_size": 32}
@@ -82,17 +82,17 @@ def test_transformers_names_the_tied_parameters():
     # GPT-2 ties by its class default (no key in config.json); its checkpoints drop the "transformer." prefix.
     gpt2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 32, "n_positions": 16}
     shapes = {"wte.weight": (torch.float32, (32, 8)), "wpe.weight": (torch.float32, (16, 8))}
-    assert _tied_pair(shapes, gpt2) == ("wte.weight", "lm_head.weight")
+    assert tied_pair(shapes, gpt2) == ("wte.weight", "lm_head.weight")
     llama_shapes = {"model.embed_tokens.weight": (torch.float32, (32, 8)),
                     "lm_head.weight": (torch.float32, (32, 8))}
-    assert _tied_pair(llama_shapes, {"model_type": "llama", **small, "tie_word_embeddings": False}) is None
-    assert _tied_pair(llama_shapes, {"model_type": "llama", **small, "tie_word_embeddings": True}) == (
+    assert tied_pair(llama_shapes, {"model_type": "llama", **small, "tie_word_embeddings": False}) is None
+    assert tied_pair(llama_shapes, {"model_type": "llama", **small, "tie_word_embeddings": True}) == (
         "model.embed_tokens.weight", "lm_head.weight")
 
 
 def test_one_meta_build_per_base_per_process(tiny_bases, make_adapter, tmp_path):
     from d2merge.io.model_structure import _model_structure
-    from d2merge.merge import merge, plan
+    from d2merge.api import merge, plan
 
     base = tiny_bases("gpt2")
     adapter = make_adapter(base, "lora", fan_in_fan_out=True, target_modules=("c_attn",))

@@ -117,7 +117,7 @@ def test_abandon_releases_buffers(weights: Path) -> None:
 
 @pytest.mark.parametrize("sharded", [False, True])
 def test_merge_records_hashlib_digests(tiny_bases, make_adapter, tmp_path: Path, sharded: bool) -> None:
-    from d2merge.merge import merge
+    from d2merge.api import merge
 
     base = tiny_bases("llama", sharded=sharded)
     adapter = make_adapter(base, "lora")
@@ -213,7 +213,7 @@ def test_abandon_stops_a_read_ahead(weights: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_cli_hashes_ahead_of_the_merge(tiny_bases, make_adapter, tmp_path: Path) -> None:
-    from d2merge.merge import merge
+    from d2merge.api import merge
 
     base = tiny_bases("llama")
     adapter = make_adapter(base, "lora")

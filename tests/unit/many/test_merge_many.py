@@ -104,7 +104,7 @@ def test_shards_out_of_tensor_order_match_single_merges(tiny_bases: Any, make_ad
                                                         cli_runner: Callable) -> None:
     """A tensor over the shard limit gets a shard of its own ahead of the one being filled (huggingface_hub's
     split), so a job's shards are not contiguous in tensor order: several are open at once."""
-    from d2merge.merge import plan
+    from d2merge.api import plan
 
     base = tiny_bases("llama")
     adapters = [make_adapter(base, "lora", seed=81), make_adapter(base, "d2lora", seed=82)]

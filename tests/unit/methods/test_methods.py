@@ -21,6 +21,7 @@ from d2merge.errors import D2MergeError
 from d2merge.io.adapter import load_adapter, write_adapter
 from d2merge.methods import EMBEDDING, LINEAR, Method, ModuleSettings, get_method, parse_adapter_config
 from d2merge.methods.dual_lora import dual_sign
+from d2merge.methods.lora import LORA_BIAS
 from d2merge.methods.adapter_layer import layer_shape
 from d2merge.synthetic import adapter_config, random_factors
 
@@ -396,6 +397,39 @@ def test_d2lora_zero_norm_rows_give_zero_not_nan(norm_axis: str, residual: bool)
         out = module(x)
     assert torch.isfinite(out).all()
     assert float((out - F.linear(x, merged, layer.bias)).abs().max()) <= RUNTIME_ATOL
+
+
+# ---- the plan's one question per module ------------------------------------------------------
+
+
+@pytest.mark.parametrize("method_name", ["lora", "dora", "d2lora", "dual_lora"])
+@pytest.mark.parametrize("orientation", ["linear", "fan_in_fan_out", "embedding"])
+def test_answer_reads_the_stored_base_shape_and_the_stored_rank(method_name: str, orientation: str) -> None:
+    """``Method.answer`` on a base stored (out, in), or (in, out) for Conv1D and embeddings: the factor
+    shapes in PEFT orientation, the rank the stored factors imply, and a rank off by one told apart."""
+    kind = EMBEDDING if orientation == "embedding" else LINEAR
+    fan_in_fan_out = orientation == "fan_in_fan_out"
+    bias = {"lora_bias": True} if method_name == "lora" else {}
+    config = parse_adapter_config(adapter_config(method_name, r=4, lora_alpha=8.0, **bias))
+    method = get_method(config.method)
+    if kind == EMBEDDING and not method.embedding_tensors:
+        with pytest.raises(D2MergeError, match="does not support embedding layers"):
+            method.tensor_names(kind)
+        return
+    stored_base = (OUT, IN) if orientation == "linear" else (IN, OUT)  # the formula's (out, in) is always (OUT, IN)
+    settings = method.module_settings(config, MODULE, kind, fan_in_fan_out)
+    stored = {n: tuple(t.shape) for n, t in factors_for(method, settings, torch.zeros(OUT, IN), seed=0).items()}
+    answer = method.answer(config, MODULE, kind, fan_in_fan_out, stored_base, stored)
+    assert answer.settings == settings
+    assert answer.stored_rank == answer.configured_rank == method.configured_rank(settings)
+    assert set(stored) == set(method.tensor_names(kind)) and set(stored) <= set(answer.shapes)
+    assert all(answer.shapes[n] == shape for n, shape in stored.items())
+    if method_name == "lora":  # independently: A is (r, in), B is (out, r), the optional lora_B.bias (out,)
+        a, b = method.tensor_names(kind)
+        assert answer.shapes == {a: (4, IN), b: (OUT, 4), LORA_BIAS: (OUT,)}
+    first = method.tensor_names(kind)[0]  # an A factor: its first dimension is the rank
+    wider = {**stored, first: (stored[first][0] + 1, *stored[first][1:])}
+    assert method.answer(config, MODULE, kind, fan_in_fan_out, stored_base, wider).stored_rank != answer.configured_rank
 
 
 # ---- config parsing --------------------------------------------------------------------------

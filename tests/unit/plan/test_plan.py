@@ -1,4 +1,4 @@
-"""d2merge/plan.py's decisions, read from the plan alone (nothing merged, nothing written).
+"""d2merge.planning's decisions, read from the plan alone (nothing merged, nothing written).
 
 What each output tensor is (copied, merged, replaced) and where it comes from, its dtype, its
 shard, what a tied embedding becomes, and what is refused before any byte is computed. The
@@ -18,7 +18,7 @@ import torch
 
 from d2merge.errors import D2MergeError
 from d2merge.io.checkpoint import open_base
-from d2merge.plan import build_plan, parse_dtype
+from d2merge.planning import build_plan, parse_dtype
 
 LM_HEAD_KEY = "base_model.model.lm_head.weight"
 VOCAB, HIDDEN = 128, 32  # conftest's tiny bases: the embedding's shape

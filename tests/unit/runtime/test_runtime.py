@@ -14,8 +14,8 @@ from typing import Callable
 import pytest
 import torch
 
+from d2merge.api import merge
 from d2merge.io.adapter import load_adapter
-from d2merge.merge import merge
 from d2merge.methods import parse_adapter_config
 from d2merge.runtime import adapter_layers, attach, load_base_model, load_unmerged, save_adapter
 from d2merge.synthetic import DEFAULT_TARGETS, adapter_config, build_tiny_model

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2merge.api import merge
 from d2merge.errors import D2MergeError
 from d2merge.hf_trainer import ADAPTER_SUBFOLDER, IGNORE_INDEX, AnswerCollator, answer_features, train_multiple_choice
-from d2merge.merge import merge
 from d2merge.runtime import attach, load_base_model, load_fp32_model, load_unmerged
 from d2merge.tasks import MCExample, eval_examples
 from d2merge.train import save_task_base, task_adapter_config, task_tokenizer

@@ -17,10 +17,10 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from d2merge.api import merge
 from d2merge.errors import D2MergeError
 from d2merge.io.checkpoint import open_base
 from d2merge.io.safetensors_file import save_tensors
-from d2merge.merge import merge
 from d2merge.tasks import MCExample, eval_examples, write_jsonl
 from d2merge.verify import (SCHEMA_VERSION, LayerCheck, LogitStats, RoundingFloor, binomial_tail, flips_vs_rounding,
                             judge, mc_result, mcnemar_exact, paired_gap_interval, resolve_limits, thresholds_for, ulp,

@@ -14,11 +14,11 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from d2merge.api import merge
 from d2merge.io.adapter import load_adapter
 from d2merge.io.checkpoint import open_base
 from d2merge.io.safetensors_file import SafetensorsFile
-from d2merge.merge import merge
-from d2merge.plan import build_plan
+from d2merge.planning import build_plan
 from d2merge.verify import LayerCheck, probe_logits, random_probes, reference_merge, ulp, verify, weight_error
 from d2merge.verify import weights
 from d2merge.verify.limits import MANTISSA_BITS, MIN_NORMAL_EXPONENT

@@ -1,7 +1,7 @@
 """The library's merge and plan: options, plan, then the engine and a writer, as one call.
 
 The data flows one way (docs/architecture.md): the loaders in ``d2merge.io``
-read headers and configs, ``d2merge.plan`` decides what every output tensor is,
+read headers and configs, ``d2merge.planning`` decides what every output tensor is,
 ``d2merge.engine`` streams the tensors, and a writer in ``d2merge.export``
 (here the Hugging Face folder, ``export.hf_folder.merge_to_hf_folder``) lays them out.
 This module is the API's face over them and sits above every format module:
@@ -18,7 +18,7 @@ from d2merge.export.hf_folder import MergeResult, card_info, merge_to_hf_folder
 from d2merge.io.adapter import Adapter
 from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.options import MergeOptions
-from d2merge.plan import MergePlan, TensorPlan, plan_for
+from d2merge.planning import MergePlan, TensorPlan, plan_for
 
 __all__ = ["MergeOptions", "MergeResult", "card_info", "compute_tensor", "merge", "plan"]
 
