@@ -235,7 +235,7 @@ def test_int4_genai_refusal_names_the_options_that_help_not_atol(tiny_bases, tmp
     assert "--atol sets" not in line and list(tmp_path.iterdir()) == []
     from d2merge.export.onnx_genai import validation_hint
 
-    assert "--atol" not in validation_hint("int4") and "--atol" in validation_hint("fp16")
+    assert "{atol}" not in validation_hint("int4") and "{atol}" in validation_hint("fp16")
 
 
 # ---- the demo: sized to the machine, a summary read right, the three commands ----------------------------
