@@ -18,17 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from d2merge.errors import D2MergeError, option_error
+from d2merge.options.bench import ALL_VARIANTS, EXTRA_VARIANTS, BenchOptions
+from d2merge.options.bench import CORE_VARIANTS as VARIANTS
 
 if TYPE_CHECKING:  # imported where used: the CLI reads VARIANTS without loading torch
     import torch
 
 SCHEMA_VERSION = 1
-VARIANTS = ("base", "unmerged", "merged", "onnx")
-# Runtimes from optional extras: llama_cpp (a GGUF export in llama.cpp, extra gguf-llama; measured by
-# default when llama-cpp-python is installed) and genai (an onnxruntime-genai build, extra genai).
-# Both run one sequence at a time here, so they get the batch-1 cells of the grid only.
-EXTRA_VARIANTS = ("llama_cpp", "genai")
-ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
+# VARIANTS, EXTRA_VARIANTS, ALL_VARIANTS: d2merge.options.bench's (the CLI lists them without this module).
+# llama_cpp is measured by default when llama-cpp-python is installed; it and genai run one sequence
+# at a time here, so they get the batch-1 cells of the grid only.
 # Throughput ratios reported per grid cell: name -> (numerator variant, denominator variant).
 RATIOS = {"merged_over_unmerged": ("merged", "unmerged"), "merged_over_base": ("merged", "base"),
           "onnx_over_pytorch": ("onnx", "merged"), "llama_cpp_over_pytorch": ("llama_cpp", "merged"),
@@ -46,13 +45,14 @@ def default_variants() -> tuple[str, ...]:
 class BenchSettings:
     """The measurement grid; defaults suit a small model on a laptop CPU."""
 
-    batch_sizes: tuple[int, ...] = (1, 8)
-    seq_lens: tuple[int, ...] = (32, 128)
+    # the command line's defaults (BenchOptions), declared once
+    batch_sizes: tuple[int, ...] = tuple(int(n) for n in BenchOptions.default_of("batch_sizes").split(","))
+    seq_lens: tuple[int, ...] = tuple(int(n) for n in BenchOptions.default_of("seq_lens").split(","))
     decode_batch_sizes: tuple[int, ...] = (1,)
-    decode_prompt_len: int = 32
-    decode_tokens: int = 16
-    warmup: int = 2
-    repeats: int = 5
+    decode_prompt_len: int = BenchOptions.default_of("decode_prompt_len")
+    decode_tokens: int = BenchOptions.default_of("decode_tokens")
+    warmup: int = BenchOptions.default_of("warmup")
+    repeats: int = BenchOptions.default_of("repeats")
     seed: int = 0
 
 

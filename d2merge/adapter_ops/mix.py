@@ -29,7 +29,7 @@ from d2merge.adapter_ops.combine import (check_combination, check_weights_and_ba
                                          factor_dtype, module_generator, svd_rank, svd_step)
 from d2merge.options.adapter_ops import CombineOptions
 from d2merge.adapter_ops.updates import refuse_extras, update_on
-from d2merge.errors import D2MergeError, Spelled, option_error
+from d2merge.errors import D2MergeError, Spelled, escaped, option_error
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.methods import get_method
@@ -222,7 +222,8 @@ class Combined:
         assert first is not None
         modules = {e.settings.module for _, e in entries if e.settings is not None}
         if len(modules) > 1:
-            raise option_error(f"the adapters adapt this tensor as different modules ({', '.join(sorted(modules))})",
+            raise option_error(f"the adapters adapt this tensor as different modules "
+                               f"({escaped(', '.join(sorted(modules)))})",
                                path=self.adapters[entries[-1][0]].weights_file, tensor=item.name,
                                hint="combine needs one module name per tensor; merge without {combination}")
         module = first.module

@@ -201,3 +201,28 @@ def test_the_guard_sees_a_flag_in_a_raise() -> None:
                      'def g():\n    raise option_error("{overwrite}", flags={"overwrite": "--over"})\n')
     texts = list(_raised_texts(tree))
     assert [FLAG.findall(t) for t in texts if FLAG.search(t)] == [["--overwrite"]]
+
+
+# ----- bench's flags from BenchOptions ---------------------------------------------------------
+
+
+def test_bench_flags_come_from_its_model(cli_runner: Callable) -> None:
+    import dataclasses
+
+    from d2merge.bench import BenchSettings
+    from d2merge.options.bench import BenchOptions
+
+    code, out, _ = cli_runner(["bench", "--help"])
+    assert code == 0
+    for flag in [*BenchOptions.flags().values(), "--json", "--plot", "--html"]:
+        assert f"  {flag} " in out, flag
+    settings, options = BenchSettings(), BenchOptions()
+    assert (settings.warmup, settings.repeats, settings.decode_tokens, settings.decode_prompt_len) == (
+        options.warmup, options.repeats, options.decode_tokens, options.decode_prompt_len)
+    assert ",".join(map(str, settings.batch_sizes)) == options.batch_sizes
+    assert ",".join(map(str, settings.seq_lens)) == options.seq_lens
+    assert all(f.metadata["help"] for f in dataclasses.fields(BenchOptions))
+    # a value out of range: the model refuses it, naming the field for Python and the flag here, before any work
+    assert str(_refusal(lambda: BenchOptions(warmup=-1))) == "warmup must be at least 0, got -1"
+    assert_one_line_error(*cli_runner(["bench", "no-base", "no-adapter", "--warmup", "-1"]),
+                          "--warmup must be at least 0, got -1")
