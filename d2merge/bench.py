@@ -17,18 +17,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, option_error
+from d2merge.options.bench import ALL_VARIANTS, EXTRA_VARIANTS, BenchOptions
+from d2merge.options.bench import CORE_VARIANTS as VARIANTS
 
 if TYPE_CHECKING:  # imported where used: the CLI reads VARIANTS without loading torch
     import torch
 
 SCHEMA_VERSION = 1
-VARIANTS = ("base", "unmerged", "merged", "onnx")
-# Runtimes from optional extras: llama_cpp (a GGUF export in llama.cpp, extra gguf-llama; measured by
-# default when llama-cpp-python is installed) and genai (an onnxruntime-genai build, extra genai).
-# Both run one sequence at a time here, so they get the batch-1 cells of the grid only.
-EXTRA_VARIANTS = ("llama_cpp", "genai")
-ALL_VARIANTS = VARIANTS + EXTRA_VARIANTS
+# VARIANTS, EXTRA_VARIANTS, ALL_VARIANTS: d2merge.options.bench's (the CLI lists them without this module).
+# llama_cpp is measured by default when llama-cpp-python is installed; it and genai run one sequence
+# at a time here, so they get the batch-1 cells of the grid only.
 # Throughput ratios reported per grid cell: name -> (numerator variant, denominator variant).
 RATIOS = {"merged_over_unmerged": ("merged", "unmerged"), "merged_over_base": ("merged", "base"),
           "onnx_over_pytorch": ("onnx", "merged"), "llama_cpp_over_pytorch": ("llama_cpp", "merged"),
@@ -46,13 +45,14 @@ def default_variants() -> tuple[str, ...]:
 class BenchSettings:
     """The measurement grid; defaults suit a small model on a laptop CPU."""
 
-    batch_sizes: tuple[int, ...] = (1, 8)
-    seq_lens: tuple[int, ...] = (32, 128)
+    # the command line's defaults (BenchOptions), declared once
+    batch_sizes: tuple[int, ...] = tuple(int(n) for n in BenchOptions.default_of("batch_sizes").split(","))
+    seq_lens: tuple[int, ...] = tuple(int(n) for n in BenchOptions.default_of("seq_lens").split(","))
     decode_batch_sizes: tuple[int, ...] = (1,)
-    decode_prompt_len: int = 32
-    decode_tokens: int = 16
-    warmup: int = 2
-    repeats: int = 5
+    decode_prompt_len: int = BenchOptions.default_of("decode_prompt_len")
+    decode_tokens: int = BenchOptions.default_of("decode_tokens")
+    warmup: int = BenchOptions.default_of("warmup")
+    repeats: int = BenchOptions.default_of("repeats")
     seed: int = 0
 
 
@@ -261,17 +261,17 @@ def check_merged_pairing(base: Any, adapter: Any, merged: str | Path) -> None:
     merged_ckpt = open_base(merged)
     dtype = stored_dtype(build_plan(base, adapter), merged_ckpt)
     layers, _, mismatched, missing = check_weights(build_plan(base, adapter, dtype=dtype), merged_ckpt)
-    hint = "pass the folder `d2merge merge BASE ADAPTER` wrote, or leave out --merged"
+    hint = "pass the folder `d2merge merge BASE ADAPTER` wrote, or leave out {merged}"
     if missing:
-        raise D2MergeError(f"MERGED lacks {len(missing)} tensor(s) of this base (first: {missing[0]})",
+        raise option_error(f"MERGED lacks {len(missing)} tensor(s) of this base (first: {missing[0]})",
                            path=merged_ckpt.location, hint=hint)
     if mismatched:
-        raise D2MergeError("MERGED is not a merge of this base: a tensor the adapter does not touch differs",
+        raise option_error("MERGED is not a merge of this base: a tensor the adapter does not touch differs",
                            path=merged_ckpt.tensors.file_of(mismatched[0]), tensor=mismatched[0], hint=hint)
     limit = thresholds_for(dtype).max_ulp
     worst = max(layers, key=lambda layer: layer.max_ulp_error, default=None)
     if worst is not None and not worst.max_ulp_error <= limit:
-        raise D2MergeError(f"MERGED is not a merge of this adapter: weight error {worst.max_ulp_error:.3g} ulp "
+        raise option_error(f"MERGED is not a merge of this adapter: weight error {worst.max_ulp_error:.3g} ulp "
                            f"> {limit:g}", path=merged_ckpt.tensors.file_of(worst.tensor), tensor=worst.tensor,
                            hint=hint)
 
@@ -526,7 +526,8 @@ def plot_report(report: BenchReport, path: str | Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise D2MergeError("--plot needs matplotlib", hint="pip install 'd2merge[plot]'") from None
+        raise option_error("{plot_report} needs matplotlib", hint="pip install 'd2merge[plot]'",
+                           flags={"plot_report": "--plot"}) from None
     cells = sorted({(r.mode, r.batch, r.seq) for r in report.rows})
     variants = [v for v in ALL_VARIANTS if any(r.variant == v for r in report.rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cells)), 4))

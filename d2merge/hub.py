@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from d2merge.version import __version__
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, Spelled, escaped, option_error
 from d2merge.io.output import WORK_MARKERS
 from d2merge.options.push import PushOptions
 from d2merge.sizes import format_size
@@ -42,7 +42,7 @@ TEMP_SUFFIXES = (".tmp", ".partial", ".incomplete")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx")
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
-_AUTH_HINT = "check your token: `hf auth login` or --token / HF_TOKEN"
+_AUTH_HINT = "check your token: `hf auth login` or {token} / HF_TOKEN"  # an OptionError's hint
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 _MAX_SERVER_MESSAGE = 200
 
@@ -183,18 +183,19 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
         return result
 
     if _offline():
-        raise D2MergeError("HF_HUB_OFFLINE is set, so nothing can be pushed",
-                           hint="unset HF_HUB_OFFLINE to push, or use --dry-run to see what would be sent")
+        raise option_error("HF_HUB_OFFLINE is set, so nothing can be pushed",
+                           hint="unset HF_HUB_OFFLINE to push, or use {dry_run=} to see what would be sent",
+                           dry_run=True)
     secrets = _known_secrets(token)
     with _hub_errors(secrets, step="looking up the token", repo_id=repo_id, endpoint=hub_url, revision=branch):
         from huggingface_hub import get_token
 
         resolved = token or get_token()
     if not resolved:
-        raise D2MergeError("no Hugging Face token found",
-                           hint="run `hf auth login`, set HF_TOKEN, or pass --token")
+        raise option_error("no Hugging Face token found",
+                           hint="run `hf auth login`, set HF_TOKEN, or pass {token}")
     secrets.add(resolved)
-    check_token(resolved, "--token" if token else "the token (HF_TOKEN or the `hf auth login` cache)")
+    check_token(resolved, "{token}" if token else "the token (HF_TOKEN or the `hf auth login` cache)")
     with scrubbed_channels(secrets):
         result = _push(folder, repo_id, result, secrets, endpoint=endpoint, hub_url=hub_url, branch=branch,
                        private=private, create_pr=create_pr, message=message, files=files, resolved=resolved)
@@ -206,6 +207,7 @@ _TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space: wh
 
 def check_token(token: str, where: str) -> None:
     """Refuse a token that cannot be sent (whitespace, a newline, control or non-ASCII characters).
+    ``where``: the token's source, ``{token}`` for the option (an :class:`OptionError` template).
 
     Sent as is it fails deep in the HTTP stack with an error that quotes the header, token
     included ("Illegal header value b'Bearer secret\\n'"), and reads as a network failure.
@@ -214,9 +216,9 @@ def check_token(token: str, where: str) -> None:
         bad = next((c for c in token if not _TOKEN_CHARACTERS.fullmatch(c)), " ")
         what = {"\n": "a newline", "\r": "a carriage return", " ": "a space", "\t": "a tab"}.get(
             bad, f"the character U+{ord(bad):04X}")
-        raise D2MergeError(f"{where} contains {what}; a Hugging Face token is printable ASCII without spaces",
-                           hint="pass the token without surrounding whitespace, e.g. "
-                                "--token \"$(tr -d '[:space:]' < token-file)\"")
+        raise option_error(f"{where} contains {what}; a Hugging Face token is printable ASCII without spaces",
+                           hint="pass the token without surrounding whitespace, e.g. {token=}",
+                           token=Spelled("open('token-file').read().strip()", "\"$(tr -d '[:space:]' < token-file)\""))
 
 
 class _ScrubFilter(logging.Filter):
@@ -395,8 +397,8 @@ def check_can_push() -> None:
     merge and a verify to fail at the last step.
     """
     if _offline():
-        raise D2MergeError("HF_HUB_OFFLINE is set, so nothing can be pushed",
-                           hint="unset HF_HUB_OFFLINE to push, or merge without --push-to")
+        raise option_error("HF_HUB_OFFLINE is set, so nothing can be pushed",
+                           hint="unset HF_HUB_OFFLINE to push, or merge without {push}", flags={"push": "--push-to"})
 
 
 def _offline() -> bool:
@@ -483,18 +485,18 @@ def _http_error(error: Any, secrets: set[str], *, step: str, repo_id: str, endpo
     said = f": {server}" if server else ""
     where = f"{step} on {endpoint}"
     if status == 401:
-        return D2MergeError(f"the Hub rejected the token (401) while {where}{said}", hint=_AUTH_HINT)
+        return option_error(escaped(f"the Hub rejected the token (401) while {where}{said}"), hint=_AUTH_HINT)
     if status == 403:
-        return D2MergeError(f"the token may not write to {repo_id} (403) while {where}{said}",
+        return option_error(escaped(f"the token may not write to {repo_id} (403) while {where}{said}"),
                             hint="use a token with write access to this user or organization "
-                                 "(fine-grained tokens need 'write' on it): `hf auth login` or --token / HF_TOKEN")
+                                 "(fine-grained tokens need 'write' on it): `hf auth login` or {token} / HF_TOKEN")
     if status == 404 and revision_missing:
-        return D2MergeError(f"revision '{revision}' not found in {repo_id} (404) while {where}{said}",
-                            hint="check --revision; open pull requests are refs/pr/N")
+        return option_error(escaped(f"revision '{revision}' not found in {repo_id} (404) while {where}{said}"),
+                            hint="check {revision}; open pull requests are refs/pr/N")
     if status == 404:
-        return D2MergeError(f"repository {repo_id} not found (404) while {where}{said}",
-                            hint=f"check REPO_ID and HF_ENDPOINT ({endpoint}), and that your token can see it; "
-                                 + _AUTH_HINT)
+        return option_error(escaped(f"repository {repo_id} not found (404) while {where}{said}"),
+                            hint=f"check REPO_ID and HF_ENDPOINT ({escaped(endpoint)}), and that your token can see "
+                                 "it; " + _AUTH_HINT)
     if status == 409:
         return D2MergeError(f"conflict (409) while {where}{said}",
                             hint="someone pushed at the same time or the name is taken; retry")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, option_error
 
 # The suffixes that name one output format. A folder (no suffix, or any other) is a Hugging Face folder.
 SUFFIX_FORMATS = {".gguf": "gguf", ".safetensors": "safetensors", ".onnx": "onnx"}
@@ -30,11 +30,11 @@ def format_for_output(out: str | Path | None, given: str | None) -> str:
         return implied or "hf"
     if implied is not None and implied != given:
         wanted = next((s for s, f in SUFFIX_FORMATS.items() if f == given), None)
-        instead = (f"give -o a folder name without {suffix}" if given in FOLDER_FORMATS or wanted is None
+        instead = (f"give {{out}} a folder name without {suffix}" if given in FOLDER_FORMATS or wanted is None
                    else f"name the output *{wanted}")
-        raise D2MergeError(f"the output name ends in {suffix}, which means --format {implied}, but --format {given} "
-                           "was given", path=out,
-                           hint=f"drop --format and the suffix picks {implied}; for --format {given}, {instead}")
+        raise option_error(f"the output name ends in {suffix}, which means {{format={implied}}}, but "
+                           f"{{format={given}}} was given", path=out, flags={"out": "-o"},
+                           hint=f"drop {{format}} and the suffix picks {implied}; for {{format={given}}}, {instead}")
     return given
 
 

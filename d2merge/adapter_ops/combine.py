@@ -28,7 +28,7 @@ from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.adapter_writer import LoraModule, check_adapter_output, lora_tensors, plain_lora_config, write_lora_adapter
 from d2merge.methods.base import LINEAR
 
-UPDATES_HINT = "DoRA, D2-LoRA, Dual LoRA and PiSSA/OLoRA updates depend on the base: pass --base BASE"
+UPDATES_HINT = "DoRA, D2-LoRA, Dual LoRA and PiSSA/OLoRA updates depend on the base: pass {base=BASE}"
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def check_combination(adapters: Sequence[Adapter], weights: Sequence[float], opt
     if not plain:
         odd = next(a for a in adapters if not is_plain_lora(a))
         if not has_base:
-            raise D2MergeError(f"a {odd.method.name} adapter's update depends on the base model",
+            raise option_error(f"a {odd.method.name} adapter's update depends on the base model",
                                path=odd.path, hint=UPDATES_HINT)
         if combination not in ta.ON_UPDATES:
             raise option_error(f"{{combination=}} combines LoRA factors; a {odd.method.name} adapter has "

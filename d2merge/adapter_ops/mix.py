@@ -29,7 +29,7 @@ from d2merge.adapter_ops.combine import (check_combination, check_weights_and_ba
                                          factor_dtype, module_generator, svd_rank, svd_step)
 from d2merge.options.adapter_ops import CombineOptions
 from d2merge.adapter_ops.updates import refuse_extras, update_on
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, Spelled, escaped, option_error
 from d2merge.io.adapter import Adapter, load_adapter
 from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.methods import get_method
@@ -55,11 +55,12 @@ class AdapterMix:
         if not self.adapters:
             raise D2MergeError("no adapter given", hint="name at least one ADAPTER")
         if len(self.weights) != len(self.adapters):
-            raise D2MergeError(f"{len(self.weights)} weight(s) for {len(self.adapters)} adapter(s)",
-                               hint="give one --weights value per adapter, in order, e.g. --weights 0.5,0.5")
+            raise option_error(f"{len(self.weights)} weight(s) for {len(self.adapters)} adapter(s)",
+                               hint="give one {weights} value per adapter, in order, e.g. {weights=}",
+                               weights=Spelled("(0.5, 0.5)", "0.5,0.5"))
         bad = next((w for w in self.weights if not math.isfinite(w)), None)
         if bad is not None:
-            raise D2MergeError(f"weight {bad} is not a finite number", hint="--weights takes finite numbers")
+            raise option_error(f"weight {bad} is not a finite number", hint="{weights} takes finite numbers")
 
     def load(self, *, allow_pickle: bool = False) -> tuple[Adapter, ...]:
         """The adapters, opened once (headers and configs only)."""
@@ -71,7 +72,7 @@ class AdapterMix:
     def plan_on(self, base: BaseCheckpoint, options: MergeOptions) -> MergePlan:
         """The plan of this mix on ``base``: each adapter planned on its own, then one plan of them all."""
         if options.device != "cpu":
-            raise D2MergeError("a merge of several adapters computes on the CPU", hint="drop --device cuda")
+            raise option_error("a merge of several adapters computes on the CPU", hint="drop {device=cuda}")
         adapters = self.load(allow_pickle=options.allow_pickle)
         if self.combination is None:
             check_weights_and_bases(adapters, self.weights)
@@ -79,7 +80,7 @@ class AdapterMix:
                 refuse_extras(adapter, "a weighted merge")
         else:
             combination, plain = check_combination(adapters, self.weights, self.combination,
-                                                   "a merge with --combination", has_base=True)
+                                                   "a merge with {combination}", has_base=True)
         plans = [build_plan(base, a, dtype=options.dtype, max_shard_size=options.max_shard_size,
                             tied_embeddings=options.tied_embeddings) for a in adapters]
         by_name: dict[str, list[tuple[int, TensorPlan]]] = {}
@@ -104,9 +105,10 @@ def mix_for(adapters: Sequence[str | Path], weights: Sequence[float] | None,
     if weights is None and combination is None and len(adapters) == 1:
         return adapters[0]
     if weights is None:
-        raise D2MergeError(f"{len(adapters)} adapters need --weights (one per adapter, e.g. --weights "
-                           f"{','.join(['1'] * len(adapters))})" if len(adapters) > 1 else
-                           "--combination needs --weights", hint="weights scale each adapter's update")
+        ones = Spelled("(" + ", ".join(["1.0"] * len(adapters)) + ")", ",".join(["1"] * len(adapters)))
+        raise option_error(f"{len(adapters)} adapters need {{weights}} (one per adapter, e.g. {{weights=}})"
+                           if len(adapters) > 1 else "{combination} needs {weights}",
+                           hint="weights scale each adapter's update", weights=ones)
     return AdapterMix(tuple(adapters), tuple(weights), combination)
 
 
@@ -220,9 +222,10 @@ class Combined:
         assert first is not None
         modules = {e.settings.module for _, e in entries if e.settings is not None}
         if len(modules) > 1:
-            raise D2MergeError(f"the adapters adapt this tensor as different modules ({', '.join(sorted(modules))})",
+            raise option_error(f"the adapters adapt this tensor as different modules "
+                               f"({escaped(', '.join(sorted(modules)))})",
                                path=self.adapters[entries[-1][0]].weights_file, tensor=item.name,
-                               hint="combine needs one module name per tensor; merge without --combination")
+                               hint="combine needs one module name per tensor; merge without {combination}")
         module = first.module
         present = [i for i, _ in entries]
         if self.plain:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, escaped, option_error
 from d2merge.io.adapter import Adapter
 from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.methods.base import EMBEDDING, LINEAR, WEIGHT, ModuleSettings
@@ -40,11 +40,14 @@ def is_plain_lora(adapter: Adapter) -> bool:
 
 
 def refuse_extras(adapter: Adapter, what: str) -> None:
-    """A plain LoRA holds only A/B factors: anything else in the adapter would be lost, so it is refused."""
+    """A plain LoRA holds only A/B factors: anything else in the adapter would be lost, so it is refused.
+
+    ``what``: the operation, in the refusal's words; ``{name}`` in it names an option (``a merge with
+    {combination}``), rendered for the caller (Python or the command line)."""
     if adapter.replacements:
         target, key = next(iter(adapter.replacements.items()))
-        raise D2MergeError(f"the adapter replaces the whole tensor '{target}' (modules_to_save or an embedding's "
-                           f"base_layer), which a plain LoRA cannot hold, so {what} would lose it",
+        raise option_error(f"the adapter replaces the whole tensor '{escaped(target)}' (modules_to_save or an "
+                           f"embedding's base_layer), which a plain LoRA cannot hold, so {what} would lose it",
                            path=adapter.weights_file, tensor=key,
                            hint="merge this adapter into the base with `d2merge merge` instead")
     if adapter.unknown_keys:
@@ -52,11 +55,12 @@ def refuse_extras(adapter: Adapter, what: str) -> None:
                            tensor=adapter.unknown_keys[0], hint="is adapter_config.json's peft_type right?")
     for field in ("lora_bias", "trainable_token_indices", "target_parameters"):
         if adapter.config.raw.get(field) not in (None, False, [], {}):
-            raise D2MergeError(f"the adapter uses {field}, which a plain LoRA of A/B factors cannot hold, so {what} "
+            raise option_error(f"the adapter uses {field}, which a plain LoRA of A/B factors cannot hold, so {what} "
                                "would lose it", path=adapter.path / "adapter_config.json",
                                hint="merge this adapter into the base with `d2merge merge` instead")
     if adapter.config.raw.get("bias") not in (None, "none"):
-        raise D2MergeError(f"the adapter trains biases (bias: {adapter.config.raw.get('bias')!r}), which {what} "
+        bias = escaped(repr(adapter.config.raw.get("bias")))
+        raise option_error(f"the adapter trains biases (bias: {bias}), which {what} "
                            "cannot carry into a plain LoRA", path=adapter.path / "adapter_config.json",
                            hint="merge this adapter into the base with `d2merge merge` instead")
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from d2merge.dtypes import FLOAT_DTYPES
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, escaped, option_error
 from d2merge.logit_comparison import LogitComparison
 from d2merge.options.onnx import DEFAULT_OPSET, OnnxExportOptions
 
@@ -186,7 +186,8 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
                                       missing_parents=True)
     sidecar = onnx_path.with_name(onnx_path.name + ".data")
     if sidecar.exists() and not overwrite:
-        raise D2MergeError("output already exists", path=sidecar, hint="pass --overwrite or choose another path")
+        raise option_error("output already exists", path=sidecar, hint="pass {overwrite=} or choose another path",
+                           overwrite=True)
     open_base(model_dir)
     stages = _Stages(["loading the model", "exporting the graph", *(["validating with ONNX Runtime"] * validate),
                       "writing"])
@@ -220,10 +221,10 @@ def export_onnx(model_dir: str | os.PathLike, out_path_or_dir: str | os.PathLike
 
         graph_opset = read_opset(staged)
         if graph_opset != opset:
-            hint = ("the dynamo exporter produces opset 18 and newer; use --opset 18, or --exporter legacy "
+            hint = ("the dynamo exporter produces opset 18 and newer; use {opset=18}, or {exporter=legacy} "
                     "for an older opset" if exporter == "dynamo" and opset < DEFAULT_OPSET
                     else "choose an opset this exporter supports")
-            raise D2MergeError(f"asked for ONNX opset {opset} but the {exporter} exporter wrote opset "
+            raise option_error(f"asked for ONNX opset {opset} but the {exporter} exporter wrote opset "
                                f"{graph_opset}; refusing to ship a different opset than requested",
                                path=onnx_path, hint=hint)
 
@@ -293,8 +294,8 @@ def greedy_generate_onnx(onnx_path_with_past: str | os.PathLike, input_ids: Any,
     session = session if session is not None else _open_session(path)
     past_inputs = [arg for arg in session.get_inputs() if arg.name.startswith(_PAST_PREFIX)]
     if not past_inputs:
-        raise D2MergeError("this graph has no past_key_values inputs, so it cannot generate incrementally",
-                           path=path, hint="export it with --with-past")
+        raise option_error("this graph has no past_key_values inputs, so it cannot generate incrementally",
+                           path=path, hint="export it with {with_past}")
     ids = _as_int64(input_ids)
     if ids.ndim != 2:
         raise D2MergeError(f"input_ids must be (batch, sequence), got shape {ids.shape}", path=path)
@@ -387,8 +388,8 @@ def _check_request(dtype: str, exporter: str, opset: int) -> None:
 
     newest = onnx.defs.onnx_opset_version()
     if not 7 <= opset <= newest:
-        raise D2MergeError(f"opset {opset} is outside what the installed onnx knows (7..{newest})",
-                           hint=f"use --opset {DEFAULT_OPSET}")
+        raise option_error(f"opset {opset} is outside what the installed onnx knows (7..{newest})",
+                           hint="use {opset=}", opset=DEFAULT_OPSET)
 
 
 def _destination(out_path_or_dir: str | os.PathLike) -> Path:
@@ -409,8 +410,8 @@ def _load_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
     if dtype == torch.float16:
         for name, param in model.named_parameters():
             if not torch.isfinite(param).all():
-                raise D2MergeError("weights overflow fp16 (largest finite value 65504)", path=model_dir,
-                                   tensor=name, hint="export with --dtype fp32")
+                raise option_error("weights overflow fp16 (largest finite value 65504)", path=model_dir,
+                                   tensor=name, hint="export with {dtype=fp32}")
     return model.eval()
 
 
@@ -424,8 +425,8 @@ def _decide_external_data(requested: bool | None, weight_bytes: int, onnx_path: 
     if requested is None:
         return too_big
     if not requested and too_big:
-        raise D2MergeError(f"{weight_bytes / 2**30:.1f} GiB of weights cannot be stored inside one .onnx file "
-                           "(protobuf's limit is 2 GiB)", path=onnx_path, hint="allow --external-data")
+        raise option_error(f"{weight_bytes / 2**30:.1f} GiB of weights cannot be stored inside one .onnx file "
+                           "(protobuf's limit is 2 GiB)", path=onnx_path, hint="allow {external_data}")
     return requested
 
 
@@ -524,9 +525,9 @@ def _export_graph(wrapper: CausalLMOnnxWrapper, sample_args: tuple[torch.Tensor,
                               input_names=input_names, output_names=output_names, dynamic_axes=axes)
         except Exception as exc:  # the exporters raise many types; all mean "this model/opset does not export"
             cause = exc.__cause__ or exc  # torch.onnx wraps the torch.export error that says what failed
-            raise D2MergeError(f"the {exporter} exporter failed: {type(cause).__name__}: {_first_line(cause)}",
+            raise option_error(f"the {exporter} exporter failed: {type(cause).__name__}: {escaped(_first_line(cause))}",
                                path=display_path,
-                               hint="rerun with --debug for the traceback; try the other --exporter") from exc
+                               hint="rerun with --debug for the traceback; try the other {exporter}") from exc
     _normalize_legacy_file(raw, staged, external_data)
 
 
@@ -596,9 +597,9 @@ def _validate_staged(onnx_path: Path, reference: CausalLMOnnxWrapper, *, with_pa
     result = OnnxValidation(onnx_path=display_path, dtype=dtype, max_abs_diff=max_diff, tolerance=tolerance,
                             passed=passed, probes=tuple((_PROBE_BATCH, p, n) for p, n in probes))
     if raise_on_failure and not passed:
-        raise D2MergeError(f"ONNX Runtime output differs from PyTorch by {max_diff:.3g} at real tokens, above the "
+        raise option_error(f"ONNX Runtime output differs from PyTorch by {max_diff:.3g} at real tokens, above the "
                            f"{dtype} tolerance {tolerance:.3g}", path=display_path,
-                           hint="try the other --exporter or another --opset; --atol sets the bound explicitly")
+                           hint="try the other {exporter} or another {opset}; {atol} sets the bound explicitly")
     return result
 
 
@@ -620,9 +621,10 @@ def _run(session: Any, feed: dict[str, np.ndarray], path: Path) -> list[np.ndarr
     except Exception as exc:
         hint = None
         if "RotaryEmbedding" in str(exc):
-            hint = (f"opset 23+ emits RotaryEmbedding, which this ONNX Runtime rejects for batch > 1; "
-                    f"use --opset {DEFAULT_OPSET}")
-        raise D2MergeError(f"ONNX Runtime failed to run the graph: {_first_line(exc)}", path=path, hint=hint) from exc
+            hint = ("opset 23+ emits RotaryEmbedding, which this ONNX Runtime rejects for batch > 1; "
+                    "use {opset=}")
+        raise option_error(f"ONNX Runtime failed to run the graph: {escaped(_first_line(exc))}", path=path, hint=hint,
+                           opset=DEFAULT_OPSET) from exc
 
 
 def _first_line(exc: BaseException) -> str:

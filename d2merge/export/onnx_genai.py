@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, escaped, option_error
 from d2merge.logit_comparison import LogitComparison
 
 PRECISIONS = ("fp32", "fp16", "int4")
@@ -234,12 +234,13 @@ def build_genai(model_dir: Path, out_dir: Path, precision: str, cache_dir: Path,
 
 
 def validation_hint(precision: str) -> str:
-    """The options that change a failed validation's outcome, for this precision."""
+    """The options that change a failed validation's outcome, for this precision: an :class:`OptionError`
+    hint, its ``{validate=}`` given as False (``--no-validate`` on the command line)."""
     if precision == "int4":
-        return ("int4's gate is top-1 agreement with fp32 on seeded random-token probes: --precision fp16 keeps "
-                "the logits close, or --no-validate writes the build unproven; then measure it on your prompts with "
+        return ("int4's gate is top-1 agreement with fp32 on seeded random-token probes: {precision=fp16} keeps "
+                "the logits close, or {validate=} writes the build unproven; then measure it on your prompts with "
                 "`d2merge verify BASE ADAPTER OUT --prompts FILE`")
-    return f"--atol sets the {precision} logit bound explicitly; --no-validate writes the build unproven"
+    return f"{{atol}} sets the {precision} logit bound explicitly; {{validate=}} writes the build unproven"
 
 
 def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, precision: str = "fp32",
@@ -259,10 +260,11 @@ def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pr
     if precision not in PRECISIONS:
         raise D2MergeError(f"unknown genai precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
     if precision == "int4" and atol is not None:  # before any work: it would change nothing
-        raise D2MergeError("--atol bounds the fp32/fp16 logit difference; an int4 build is gated by its top-1 "
-                           "agreement with fp32, which --atol does not change", hint=validation_hint("int4"))
+        raise option_error("{atol} bounds the fp32/fp16 logit difference; an int4 build is gated by its top-1 "
+                           "agreement with fp32, which {atol} does not change", hint=validation_hint("int4"),
+                           validate=False)
     if int4 is not None and precision != "int4":
-        raise D2MergeError(f"int4 settings apply to precision int4, not {precision}", hint="add --precision int4")
+        raise option_error(f"int4 settings apply to precision int4, not {precision}", hint="add {precision=int4}")
     model_dir = Path(model_dir)
     import_genai()
     check_merged_folder(model_dir)
@@ -287,8 +289,9 @@ def export_genai(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pr
                 validation = validate_genai(staging.temp, model_dir, precision=precision, atol=atol,
                                             greedy_prompts=greedy_prompts)
             if not validation.passed:
-                raise D2MergeError(f"onnxruntime-genai build ({precision}) fails validation: "
-                                   + "; ".join(validation.failures), path=final, hint=validation_hint(precision))
+                raise option_error(f"onnxruntime-genai build ({precision}) fails validation: "
+                                   + escaped("; ".join(validation.failures)), path=final,
+                                   hint=validation_hint(precision), validate=False)
         files = tuple(sorted(p.name for p in staging.temp.iterdir()))
         staging.commit()
     return GenaiExportResult(output=final, precision=precision, files=files, build_seconds=build_seconds,

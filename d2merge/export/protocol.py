@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import option_error
 
 if TYPE_CHECKING:
     from d2merge.export.hf_folder import MergeResult
@@ -99,7 +99,7 @@ class OutputFormat:
 
     def export_for_bench(self, merged: Path, scratch: Path, *, say: Callable[[str], None],
                          choice: str | None = None) -> Path:
-        raise D2MergeError(f"bench does not measure --format {self.name}")
+        raise option_error("bench does not measure {format=}", format=self.name)
 
 
 def merge_then_convert(base: Any, adapter: Any, out_path: Path, options: MergeOptions, *, progress: bool,

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import option_error
 from d2merge.export.pipeline import MergeResult, Staged, run_merge
 from d2merge.export.provenance import HASH_PLACEHOLDER as PLACEHOLDER
 from d2merge.export.provenance import filled, reserved, single_file_metadata
@@ -39,8 +39,8 @@ class SingleFileOutput:
 
     def check_location(self, out: Path, merge_plan: MergePlan, overwrite: bool) -> Path:
         if out.suffix != ".safetensors":
-            raise D2MergeError("a single-file output must end in .safetensors", path=out,
-                               hint="name the output like merged.safetensors, or use --format hf for a folder")
+            raise option_error("a single-file output must end in .safetensors", path=out,
+                               hint="name the output like merged.safetensors, or use {format=hf} for a folder")
         return check_output_location(out, [merge_plan.base.location, *(a.path for a in merge_plan.adapters)],
                                      overwrite=overwrite,
                                      is_file=True)

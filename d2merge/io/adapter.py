@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, option_error
 from d2merge.io.checkpoint import PICKLE_HINT, PickleFiles, SafetensorsFiles, TensorSource, read_json, resolve_location
 from d2merge.methods import EMBEDDING, LINEAR, AdapterConfig, Method, parse_adapter_config, trainable_tokens
 from d2merge.methods.base import TOKENS
@@ -85,7 +85,7 @@ def load_adapter(spec: str | Path, *, allow_pickle: bool = False) -> Adapter:
     elif (folder / PICKLE_NAME).exists():
         weights = folder / PICKLE_NAME
         if not allow_pickle:
-            raise D2MergeError("adapter weights are a pickle file", path=weights, hint=PICKLE_HINT)
+            raise option_error("adapter weights are a pickle file", path=weights, hint=PICKLE_HINT, allow_pickle=True)
         source = PickleFiles([weights])
     else:
         raise D2MergeError(f"no adapter weights ({WEIGHTS_NAME}) in the folder", path=folder,

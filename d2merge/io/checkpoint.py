@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, option_error
 from d2merge.io.json_file import JSON_HINT, MAX_JSON_BYTES, read_json, read_text  # noqa: F401 (re-exported)
 from d2merge.io.quantized import DequantizedTensors, Quantization, open_quantized, quantization_config, \
     without_quantization
@@ -22,8 +22,8 @@ from d2merge.io.safetensors_file import SafetensorsFile
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_HINT = ("pickle can run code when loaded; convert the file to safetensors, "
-               "or pass --allow-pickle if you trust its origin")
+PICKLE_HINT = ("pickle can run code when loaded; convert the file to safetensors, "  # an OptionError's hint
+               "or pass {allow_pickle=} if you trust its origin")
 _NOT_FOUND_HINT = "check the path; a Hub repo id (owner/name) must already be in the local Hugging Face cache"
 
 
@@ -260,7 +260,8 @@ def _open_base(spec: str | Path, *, allow_pickle: bool = False) -> BaseCheckpoin
             return BaseCheckpoint(location, None, SafetensorsFiles([location]), None, (location,))
         if location.suffix in (".bin", ".pt", ".pth"):
             if not allow_pickle:
-                raise D2MergeError("base weights are a pickle file", path=location, hint=PICKLE_HINT)
+                raise option_error("base weights are a pickle file", path=location, hint=PICKLE_HINT,
+                                   allow_pickle=True)
             return BaseCheckpoint(location, None, PickleFiles([location]), None, (location,))
         raise D2MergeError("not a model: expected a folder or a .safetensors file", path=location,
                            hint="pass the model's folder or its .safetensors file")
@@ -284,7 +285,8 @@ def _open_base(spec: str | Path, *, allow_pickle: bool = False) -> BaseCheckpoin
         pickles, _ = _index_shards(folder / PICKLE_INDEX)
     if pickles:
         if not allow_pickle:
-            raise D2MergeError("base weights are pickle files (pytorch_model.bin)", path=pickles[0], hint=PICKLE_HINT)
+            raise option_error("base weights are pickle files (pytorch_model.bin)", path=pickles[0],
+                               hint=PICKLE_HINT, allow_pickle=True)
         return BaseCheckpoint(folder, folder, PickleFiles(pickles), config, tuple(pickles))
     if (folder / "adapter_config.json").exists():
         raise D2MergeError("this folder is an adapter, not a base model", path=folder,

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import escaped, option_error
 from d2merge.io.gguf_file import GGUF_MAGIC, read_gguf_header
 
 GGUF_KEYS = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
 SUMS, COUNTS = ".in_sum2", ".counts"
 NOT_AN_IMATRIX = "not an importance matrix in llama.cpp's format (GGUF from llama-imatrix, or its legacy .dat)"
-HINT = "--imatrix takes the file llama-imatrix wrote for this model"
+HINT = "{imatrix} takes the file llama-imatrix wrote for this model"  # an OptionError's hint
 
 
 def read_imatrix(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -42,11 +42,12 @@ def read_imatrix(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         with open(path, "rb") as fh:
             magic = fh.read(4)
     except OSError as exc:
-        raise D2MergeError(f"cannot read the importance matrix: {exc.strerror or exc}", path=path, hint=HINT) from None
+        raise option_error(f"cannot read the importance matrix: {escaped(exc.strerror or exc)}", path=path,
+                           hint=HINT) from None
     entries = _read_gguf(path) if magic == GGUF_MAGIC else _read_legacy(path)
     for name, values in entries.items():
         if not np.isfinite(values).all():
-            raise D2MergeError("the importance matrix has non-finite values", path=path, tensor=name, hint=HINT)
+            raise option_error("the importance matrix has non-finite values", path=path, tensor=name, hint=HINT)
     return entries
 
 
@@ -54,7 +55,7 @@ def _read_gguf(path: Path) -> dict[str, np.ndarray]:
     header = read_gguf_header(path)  # a malformed or truncated header: one line from the reader
     missing = [key for key in GGUF_KEYS if key not in header.metadata]
     if missing:
-        raise D2MergeError(f"GGUF without the imatrix keys {', '.join(missing)}: {NOT_AN_IMATRIX}", path=path, hint=HINT)
+        raise option_error(f"GGUF without the imatrix keys {', '.join(missing)}: {NOT_AN_IMATRIX}", path=path, hint=HINT)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     with open(path, "rb") as fh:
         for info in header.tensors.values():
@@ -62,20 +63,20 @@ def _read_gguf(path: Path) -> dict[str, np.ndarray]:
             if suffix is None:
                 continue
             if info.type_name != "F32":
-                raise D2MergeError(f"imatrix tensor is {info.type_name}, llama.cpp's are F32", path=path,
+                raise option_error(f"imatrix tensor is {info.type_name}, llama.cpp's are F32", path=path,
                                    tensor=info.name, hint=HINT)
             fh.seek(info.offset)
             values = np.frombuffer(fh.read(info.nbytes), dtype="<f4")
             pairs.setdefault(info.name[: -len(suffix)], {})[suffix] = values
     if not pairs:
-        raise D2MergeError(f"GGUF without .in_sum2/.counts tensors: {NOT_AN_IMATRIX}", path=path, hint=HINT)
+        raise option_error(f"GGUF without .in_sum2/.counts tensors: {NOT_AN_IMATRIX}", path=path, hint=HINT)
     entries = {}
     for name, pair in sorted(pairs.items()):
         if set(pair) != {SUMS, COUNTS}:
-            raise D2MergeError("imatrix entry without both its sums and counts", path=path, tensor=name, hint=HINT)
+            raise option_error("imatrix entry without both its sums and counts", path=path, tensor=name, hint=HINT)
         sums, counts = pair[SUMS], _lround(pair[COUNTS])
         if not counts.size or sums.size % counts.size:
-            raise D2MergeError(f"imatrix entry has {sums.size} sums for {counts.size} counts", path=path, tensor=name, hint=HINT)
+            raise option_error(f"imatrix entry has {sums.size} sums for {counts.size} counts", path=path, tensor=name, hint=HINT)
         per = sums.reshape(counts.size, -1)
         safe = np.where(counts > 0, counts, np.float32(1))[:, None]
         entries[name] = np.where(counts[:, None] > 0, per / safe, np.float32(1)).astype(np.float32).reshape(-1)
@@ -94,7 +95,7 @@ def _read_legacy(path: Path) -> dict[str, np.ndarray]:
     def take(nbytes: int, what: str) -> bytes:
         nonlocal at
         if nbytes < 0 or at + nbytes > len(data):
-            raise D2MergeError(f"{NOT_AN_IMATRIX}: the file ends inside {what} (truncated?)", path=path, hint=HINT)
+            raise option_error(f"{NOT_AN_IMATRIX}: the file ends inside {what} (truncated?)", path=path, hint=HINT)
         chunk = data[at: at + nbytes]
         at += nbytes
         return chunk
@@ -105,7 +106,7 @@ def _read_legacy(path: Path) -> dict[str, np.ndarray]:
     count = int32("the entry count")
     # each entry takes at least 16 bytes: a count beyond that is not this format
     if count < 1 or count > len(data) // 16:
-        raise D2MergeError(f"{NOT_AN_IMATRIX}: entry count {count}", path=path, hint=HINT)
+        raise option_error(f"{NOT_AN_IMATRIX}: entry count {count}", path=path, hint=HINT)
     entries: dict[str, np.ndarray] = {}
     for index in range(count):
         what = f"entry {index + 1} of {count}"
@@ -113,10 +114,11 @@ def _read_legacy(path: Path) -> dict[str, np.ndarray]:
         try:
             name = raw_name.decode("utf-8")
         except UnicodeDecodeError:
-            raise D2MergeError(f"{NOT_AN_IMATRIX}: {what} has a name that is not UTF-8", path=path, hint=HINT) from None
+            raise option_error(f"{NOT_AN_IMATRIX}: {what} has a name that is not UTF-8", path=path, hint=HINT) from None
         calls, values = int32(what), int32(what)
         if values < 1 or name in entries or not name:
-            raise D2MergeError(f"{NOT_AN_IMATRIX}: {what} ({name!r}) has {values} values", path=path, hint=HINT)
+            raise option_error(f"{NOT_AN_IMATRIX}: {what} ({escaped(repr(name))}) has {values} values", path=path,
+                               hint=HINT)
         sums = np.frombuffer(take(4 * values, what), dtype="<f4")
         # llama-quantize divides the legacy sums by the calls (the int converts to float first)
         entries[name] = (sums / np.float32(calls)).astype(np.float32) if calls > 0 else sums.astype(np.float32)
@@ -124,7 +126,7 @@ def _read_legacy(path: Path) -> dict[str, np.ndarray]:
         int32("the chunk count")
         take(max(int32("the dataset name"), 0), "the dataset name")
         if at != len(data):
-            raise D2MergeError(f"{NOT_AN_IMATRIX}: {len(data) - at} bytes after its end", path=path, hint=HINT)
+            raise option_error(f"{NOT_AN_IMATRIX}: {len(data) - at} bytes after its end", path=path, hint=HINT)
     return entries
 
 

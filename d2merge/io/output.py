@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, escaped, option_error
 
 # Names of work in progress beside an output (one set, shared with hub.py, which refuses to push
 # a folder holding any of them): a temp folder or file, a previous output set aside during a
@@ -112,7 +112,8 @@ def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool,
                                hint=f"write the output outside {source}")
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise D2MergeError("output already exists", path=out, hint="pass --overwrite or choose another path")
+            raise option_error("output already exists", path=out, hint="pass {overwrite=} or choose another path",
+                               overwrite=True)
         if out.is_symlink() or (out.is_dir() == is_file):
             what = "a folder" if out.is_dir() else "not a folder"
             raise D2MergeError(f"output exists and is {what}; refusing to replace it", path=out,
@@ -122,8 +123,8 @@ def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool,
     for name in sidecars:
         beside = out.parent / name
         if (beside.exists() or beside.is_symlink()) and not overwrite:
-            raise D2MergeError("a file this output writes beside it already exists", path=beside,
-                               hint="pass --overwrite or choose another output name")
+            raise option_error("a file this output writes beside it already exists", path=beside,
+                               hint="pass {overwrite=} or choose another output name", overwrite=True)
     parent = out.parent
     if missing_parents:
         while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
@@ -171,14 +172,14 @@ def check_replaceable(folder: Path) -> None:
             data = None
         if isinstance(data, dict) and data.get("written_by") == "d2merge" and isinstance(data.get("files"), list):
             listed = {f for f in data["files"] if isinstance(f, str)} | {OUTPUT_MARKER}
-    hint = "--overwrite replaces only a folder that d2merge wrote; remove it yourself or choose another path"
+    hint = "{overwrite} replaces only a folder that d2merge wrote; remove it yourself or choose another path"
     if listed is None:
-        raise D2MergeError(f"the output folder was not written by d2merge (it holds {present[0]})", path=folder,
-                           hint=hint)
+        raise option_error(f"the output folder was not written by d2merge (it holds {escaped(present[0])})",
+                           path=folder, hint=hint)
     unexpected = [name for name in present if name not in listed]
     if unexpected:
-        raise D2MergeError(f"the output folder holds a file d2merge did not write: {unexpected[0]}", path=folder,
-                           hint=hint)
+        raise option_error(f"the output folder holds a file d2merge did not write: {escaped(unexpected[0])}",
+                           path=folder, hint=hint)
 
 
 def _marked_pid(name: str, prefix: str) -> int | None:
@@ -408,8 +409,8 @@ class AtomicFolder(_StagedOutput):
             _fsync(self.temp)
             if self.final.exists():
                 if not self.overwrite:
-                    raise D2MergeError("output appeared while merging", path=self.final,
-                                       hint="pass --overwrite or choose another path")
+                    raise option_error("output appeared while merging", path=self.final,
+                                       hint="pass {overwrite=} or choose another path", overwrite=True)
                 check_replaceable(self.final)
                 os.replace(self.final, old)
             os.replace(self.temp, self.final)
@@ -466,8 +467,8 @@ class AtomicFiles(_StagedOutput):
         present = [n for n in dict.fromkeys([self.final.name, *names, *self.sidecars])
                    if (parent / n).exists() or (parent / n).is_symlink()]
         if present and not self.overwrite:
-            raise D2MergeError("output appeared while writing", path=parent / present[0],
-                               hint="pass --overwrite or choose another path")
+            raise option_error("output appeared while writing", path=parent / present[0],
+                               hint="pass {overwrite=} or choose another path", overwrite=True)
         old = parent / f".{self.final.name}{OLD_FILES_MARKER}{os.getpid()}"
         try:
             for name in names:

@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, escaped, option_error
 from d2merge.many.manifest import Job
 from d2merge.options.many import ManyOptions
 from d2merge.many.run import FAILED, JobOutcome, run_group, split_jobs
@@ -34,7 +34,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise D2MergeError("--ray needs the ray package, which is not installed",
+        raise option_error("{ray} needs the ray package, which is not installed",
                            hint="pip install 'd2merge[ray]'") from None
     return ray
 
@@ -70,9 +70,9 @@ def connect(ray: Any, address: str, num_cpus: int | None) -> bool:
     except D2MergeError:
         raise
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError... for an unreachable cluster
-        raise D2MergeError(f"cannot reach the Ray cluster at {address!r}: {type(exc).__name__}: "
-                           f"{' '.join(str(exc).split())[:300]}",
-                           hint="start one with `ray start --head`, pass its address, or use --ray local") from None
+        raise option_error(escaped(f"cannot reach the Ray cluster at {address!r}: {type(exc).__name__}: "
+                                   f"{' '.join(str(exc).split())[:300]}"),
+                           hint="start one with `ray start --head`, pass its address, or use {ray=local}") from None
     return True
 
 
@@ -88,8 +88,8 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise D2MergeError(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc}",
-                           hint="start one with `ray start --head`, check the address, or use --ray local") from None
+        raise option_error(escaped(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc}"),
+                           hint="start one with `ray start --head`, check the address, or use {ray=local}") from None
 
 
 def group_count(jobs: int, cpus: float, max_jobs_per_pass: int) -> int:

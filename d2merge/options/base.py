@@ -8,22 +8,21 @@ setting given where it does nothing (``applies_with``: ``genai_precision`` only 
 Python caller and the CLI get the same refusal, before any heavy import or any work.
 
 Errors name the *option* (``density=1.5 is outside [0, 1]``); the CLI renders the same
-:class:`OptionError` with its flags (``--density 1.5 is outside [0, 1]``) from the metadata.
+:class:`~d2merge.errors.OptionError` with its flags (``--density 1.5 is outside [0, 1]``) from the
+metadata. The error and its renderer live in d2merge.errors, so any layer raises one (io's
+``overwrite=True``) without importing the option models.
 Torch-free: imported by ``d2merge --help``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any, ClassVar, Iterable, Mapping, TypeVar
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import OneOf, OptionError, Spelled, _cli_value, escaped, option_error  # noqa: F401 (re-exported)
 
 Model = TypeVar("Model", bound="OptionModel")
-# {name}: the option; {name=}: the option and its value; {name=text}: the option and that value.
-_PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)(?:(=)([^{}]*))?\}")
 
 
 @dataclass(frozen=True)
@@ -73,91 +72,6 @@ def option_like(model: type[OptionModel], name: str, **changes: Any) -> Any:
 
 def flag_for(f: Field[Any]) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-class OptionError(D2MergeError):
-    """A refused option value, naming options by ``{name}`` placeholders rendered two ways.
-
-    ``str()`` (a Python caller) names the option (``density``, ``density=1.5``); :meth:`for_cli`
-    names its flag (``--density``, ``--density 1.5``) as the model's metadata spells it.
-    ``{name}`` is the option alone, ``{name=}`` the option with its value.
-    """
-
-    def __init__(self, template: str, *, values: Mapping[str, Any], flags: Mapping[str, str],
-                 hint: str | None = None, path: object | None = None, tensor: str | None = None):
-        self.template = template
-        self.hint_template = hint
-        self.values = dict(values)
-        self.flags = dict(flags)
-        super().__init__(self._render(template, cli=False), path=path, tensor=tensor,
-                         hint=None if hint is None else self._render(hint, cli=False))
-
-    def _render(self, text: str, *, cli: bool) -> str:
-        def one(match: re.Match[str]) -> str:
-            name, with_value, literal = match.group(1), match.group(2) == "=", match.group(3) or ""
-            value: Any = _literal(literal) if literal else self.values.get(name)
-            if not cli:
-                if isinstance(value, OneOf):
-                    return f"{name} in {value.values!r}"
-                return f"{name}={_python_value(value)}" if with_value else name
-            flag = self.flags.get(name, "--" + name.replace("_", "-"))
-            if not with_value or value is True:
-                return flag
-            if value is False:
-                return f"--no-{flag[2:]}"
-            if isinstance(value, OneOf):
-                return f"{flag} {'|'.join(map(str, value.values))}"
-            return f"{flag} {_cli_value(value)}"
-
-        return _PLACEHOLDER.sub(one, text)
-
-    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries (merge-many --parallel process, Ray)
-        return (_rebuild, (self.template, self.values, self.flags, self.hint_template, self.path, self.tensor))
-
-    def for_cli(self) -> str:
-        """The same one line with the command line's flags instead of the options' names."""
-        return D2MergeError(self._render(self.template, cli=True), path=self.path, tensor=self.tensor,
-                            hint=None if self.hint_template is None else self._render(self.hint_template, cli=True)
-                            ).args[0]
-
-
-def _rebuild(template: str, values: dict[str, Any], flags: dict[str, str], hint: str | None, path: str | None,
-             tensor: str | None) -> OptionError:
-    return OptionError(template, values=values, flags=flags, hint=hint, path=path, tensor=tensor)
-
-
-@dataclass(frozen=True)
-class OneOf:
-    """A condition's several values, shown ``format in ('hf', 'gguf')`` or ``--format hf|gguf``."""
-
-    values: tuple[Any, ...]
-
-
-def _literal(text: str) -> Any:
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
-
-
-def option_error(template: str, *, hint: str | None = None, path: object | None = None, tensor: str | None = None,
-                 model: type[OptionModel] | None = None, **values: Any) -> OptionError:
-    """An :class:`OptionError` raised outside a model (a rule found while the work runs: a rank above a
-    module's size). ``{name}`` placeholders name options; ``model`` gives flags that are not
-    ``--`` + the name (``genai_precision`` is ``--precision``)."""
-    return OptionError(template, values=values, flags={} if model is None else model.flags(), hint=hint, path=path,
-                       tensor=tensor)
-
-
-def _python_value(value: Any) -> str:
-    return format(value, "g") if isinstance(value, float) else repr(value)
-
-
-def _cli_value(value: Any) -> str:
-    return format(value, "g") if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)

@@ -154,8 +154,8 @@ def _verify(base_ckpt: Any, adapter: Any, several: AdapterMix | None, merged: An
 
     if several is not None:
         if options.original_base is not None:
-            raise D2MergeError("--original-base compares one adapter's merges; it does not take several adapters",
-                               hint="verify each adapter alone with --original-base")
+            raise option_error("{original_base} compares one adapter's merges; it does not take several adapters",
+                               hint="verify each adapter alone with {original_base}")
         adapters = several.load(allow_pickle=options.allow_pickle)
         adapter_obj: Adapter = adapters[0]
         reference: Any = WeightedAdapters(adapters, several.weights)
@@ -169,7 +169,7 @@ def _verify(base_ckpt: Any, adapter: Any, several: AdapterMix | None, merged: An
     tokenizer = None
     source = options.probe_source
     if examples is not None or prompts is not None or source == "sentences":
-        why = "--mc-eval" if examples is not None else "--prompts" if prompts is not None else "sentence probes"
+        why = "{mc_eval}" if examples is not None else "{prompts}" if prompts is not None else "sentence probes"
         tokenizer = load_base_tokenizer(base_ckpt, why)
     elif source == "auto" and base_ckpt.folder is not None:
         tokenizer = load_tokenizer(base_ckpt.folder)

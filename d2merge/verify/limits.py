@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from d2merge.dtypes import FLOAT_DTYPES
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, escaped, option_error
 from d2merge.dtypes import ALIASES as DTYPE_ALIASES
 from d2merge.verify.probes import Probes
 from d2merge.verify.results import LayerCheck, Limits, LogitStats, MCResult, RoundingFloor
@@ -46,11 +46,12 @@ def parse_dtypes(dtypes: str | Sequence[str]) -> tuple[str, ...]:
     for raw in items:
         key = DTYPE_ALIASES.get(raw.strip().lower(), raw.strip().lower())
         if key not in VERIFY_DTYPES:
-            raise D2MergeError(f"unknown dtype {raw!r} for --dtypes; choose from {', '.join(VERIFY_DTYPES)}")
+            raise option_error(f"unknown dtype {escaped(repr(raw))} for {{dtypes}}; "
+                               f"choose from {', '.join(VERIFY_DTYPES)}")
         if key not in names:
             names.append(key)
     if not names:
-        raise D2MergeError("--dtypes names no dtype")
+        raise option_error("{dtypes} names no dtype")
     return tuple(names)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, escaped, option_error
 from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.tasks import load_tokenizer
 
@@ -93,11 +93,11 @@ def check_probe_positions(config: Mapping[str, Any] | None, probes: Probes, *, l
     limit = base_positions(config)
     width = int(probes.attention_mask.sum(-1).max()) if probes.attention_mask.numel() else 0
     if limit is not None and width > limit[0]:
-        what = ("--probe-length" if probes.description["source"] == "random"
-                else f"the longest probe ({probes.description['source']})")
-        raise D2MergeError(f"{what} is {width} tokens; the base takes at most {limit[0]} positions "
+        what = ("{probe_length}" if probes.description["source"] == "random"
+                else f"the longest probe ({escaped(probes.description['source'])})")
+        raise option_error(f"{what} is {width} tokens; the base takes at most {limit[0]} positions "
                            f"({limit[1]} in config.json)", path=location / "config.json",
-                           hint=f"use --probe-length {limit[0]} or less")
+                           hint="use {probe_length=} or less", probe_length=limit[0])
 
 
 def check_eval_positions(config: Mapping[str, Any] | None, encoded: Any, *, path: str | Path) -> None:
@@ -126,6 +126,6 @@ def read_prompts(path: str | Path) -> list[str]:
 def load_base_tokenizer(base: BaseCheckpoint, why: str) -> Any:
     tokenizer = load_tokenizer(base.folder) if base.folder is not None else None
     if tokenizer is None:
-        raise D2MergeError(f"{why} needs the base's tokenizer, and the base has none", path=base.location,
+        raise option_error(f"{why} needs the base's tokenizer, and the base has none", path=base.location,
                            hint="use a base folder with tokenizer files")
     return tokenizer

@@ -7,7 +7,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import option_error
 from d2merge.export.protocol import ExportOutcome, FormatChoices, OutputFormat, merge_then_convert
 
 
@@ -23,8 +23,8 @@ class Onnx(OutputFormat):
 
         onnx_dtype = {"auto": "fp32", "fp32": "fp32", "fp16": "fp16"}.get(options.dtype)
         if onnx_dtype is None:
-            raise D2MergeError("ONNX Runtime on CPU cannot run bf16 graphs",
-                               hint="use --dtype fp32 or --dtype fp16 with --format onnx")
+            raise option_error("ONNX Runtime on CPU cannot run bf16 graphs",
+                               hint="use {dtype=fp32} or {dtype=fp16} with {format=onnx}")
         # The output is the graph file (OUT itself, or OUT/model.onnx): a folder a killed run
         # created stays usable, and the fp32 merge lives in a marked work folder beside the graph.
         out_path = _destination(out)

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, OneOf, option_error
 from d2merge.export.protocol import ExportOutcome, FormatChoices, OutputFormat, merge_then_convert
+from d2merge.options.merge import MergeRunOptions
 
 
 class OnnxGenai(OutputFormat):
@@ -23,8 +24,9 @@ class OnnxGenai(OutputFormat):
         if precision not in PRECISIONS:
             raise D2MergeError(f"unknown genai precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
         if options.dtype not in ("auto", "fp32"):
-            raise D2MergeError("--format onnx-genai merges in fp32 and takes its precision from --precision",
-                               hint="drop --dtype; use --precision fp32|fp16|int4")
+            raise option_error("{format=onnx-genai} merges in fp32 and takes its precision from {genai_precision}",
+                               hint="drop {dtype}; use {genai_precision=}", model=MergeRunOptions,
+                               genai_precision=OneOf(PRECISIONS))
         import_genai()  # before the merge: a missing extra should not cost a merge
         out_path = Path(out)
         check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite)

@@ -150,7 +150,7 @@ def test_validation_fails_against_a_different_model(exported, base_dir) -> None:
 
 
 def test_greedy_generation_needs_a_graph_with_past(exported) -> None:
-    with pytest.raises(D2MergeError, match="--with-past"):
+    with pytest.raises(D2MergeError, match="export it with with_past"):  # the option; the CLI says --with-past
         greedy_generate_onnx(exported("gpt2", exporter="legacy").onnx_path, [[5, 6, 7]], 2)
 
 

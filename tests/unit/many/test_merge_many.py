@@ -374,7 +374,7 @@ def test_ray_missing_or_unreachable_is_one_line(tiny_bases: Any, make_adapter: C
     with pytest.raises(D2MergeError, match="invalid Ray address 'nowhere'"):
         merge_many(base, jobs, tmp_path / "out", ray="nowhere")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
-    with pytest.raises(D2MergeError, match=r"--ray needs the ray package.*pip install 'd2merge\[ray\]'"):
+    with pytest.raises(D2MergeError, match=r"^ray needs the ray package.*pip install 'd2merge\[ray\]'"):
         merge_many(base, jobs, tmp_path / "out", ray="auto")
 
 

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from helpers import assert_one_line_error
 
-from d2merge.options import (CombineOptions, ConvertOptions, ExtractOptions, ManyOptions, MergeOptions,
-                             MergeRunOptions, OnnxExportOptions, OptionError, PushOptions, ThresholdOptions,
-                             VerifyOptions)
+from d2merge.options import (BenchOptions, CombineOptions, ConvertOptions, ExtractOptions, ManyOptions,
+                             MergeOptions, MergeRunOptions, OnnxExportOptions, OptionError, PushOptions,
+                             ThresholdOptions, VerifyOptions)
 from d2merge.options.base import OptionModel, option, refuse_out_of_context, when
 
-MODELS = (CombineOptions, ConvertOptions, ExtractOptions, ManyOptions, MergeOptions, MergeRunOptions,
+MODELS = (BenchOptions, CombineOptions, ConvertOptions, ExtractOptions, ManyOptions, MergeOptions, MergeRunOptions,
           OnnxExportOptions, PushOptions, ThresholdOptions, VerifyOptions)
 
 
