@@ -11,7 +11,7 @@ DEMO_SECONDS = 40.0
 # `d2merge demo` on the shared 2-core development machine, wall time from the CLI's start to its last
 # line, at the commits README's figure note names: both cores busy with the test suite's two workers;
 # other sessions' jobs at load average 17-19; the same plus two more busy processes.
-MEASURED = {"busy": "27 s", "loaded": "66 s", "overloaded": "2 min 56 s"}
+MEASURED = {"busy": "24 s", "loaded": "66 s", "overloaded": "2 min 56 s"}
 # What to do next, with one's own base and adapter: README's first screen shows the same three.
 THREE_COMMANDS = (
     "d2merge merge ./base ./my-adapter -o ./merged             # exact streaming merge (--dry-run: the plan first)",
