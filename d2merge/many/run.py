@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
-from d2merge.errors import D2MergeError
+from d2merge.errors import D2MergeError, OptionError
 from d2merge.export.pipeline import EngineOutput, Staged
 from d2merge.export.provenance import output_matches
 from d2merge.io.adapter import load_adapter
@@ -137,6 +137,11 @@ class CheckedJob:
 
 
 def _error_line(job: Job, exc: BaseException) -> str:
+    """A job's row in the report. Its text speaks the command line's language (``--allow-pickle``, as
+    ``pass --keep-going`` does): the rows are printed by ``merge-many``, written to its JSON and HTML
+    reports, and carried as plain strings through process pools and Ray."""
+    if isinstance(exc, OptionError):
+        return f"job '{job.name}': {exc.for_cli()}"
     if isinstance(exc, D2MergeError):
         return f"job '{job.name}': {exc}"
     return f"job '{job.name}': internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"

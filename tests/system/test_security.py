@@ -144,6 +144,12 @@ def test_cli_refuses_pickle_without_opt_in(layout: str, templates: Path, tmp_pat
         assert err.startswith("d2merge: error: ") and "--allow-pickle" in err and len(err.splitlines()) == 1, err
     assert no_unpickling == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+    if layout == "adapter-bin":  # merge-many's job line names the flag too, not the Python option
+        manifest = tmp_path.parent / f"{tmp_path.name}-manifest.json"
+        manifest.write_text(json.dumps([str(adapter)]))
+        code, out, err = run_cli(["merge-many", base, manifest, "-o", tmp_path / "many", "-q"], capsys, monkeypatch)
+        assert code == 2 and "--allow-pickle" in err and "allow_pickle=" not in err + out, (out, err)
+        assert no_unpickling == []
 
 
 def test_runtime_and_export_loaders_refuse_pickle(templates: Path, tmp_path: Path, no_unpickling: list[str]) -> None:
