@@ -47,7 +47,7 @@ ALLOWED = {
     "d2merge.io.safetensors_file": ("d2merge.errors", "d2merge.io.direct_io", "d2merge.io.json_file"),
     "d2merge.io.checkpoint": ("d2merge.errors", "d2merge.io"),
     "d2merge.io.adapter": ("d2merge.errors", "d2merge.io", "d2merge.methods"),
-    "d2merge.io.output": ("d2merge.errors", "d2merge.io.json_file"),
+    "d2merge.io.output": ("d2merge.errors", "d2merge.io.json_file", "d2merge.io.safetensors_file"),
     "d2merge.io.source_hashes": ("d2merge.errors", "d2merge.io", "d2merge.profile"),
     "d2merge.plan": ("d2merge.errors", "d2merge.dtypes", "d2merge.sizes", "d2merge.options", "d2merge.io",
                      "d2merge.methods", "d2merge.natural_sort"),
