@@ -68,9 +68,9 @@ ALLOWED = {
     # Its face (__init__) loads them all; d2merge's modules import the module they need.
     "d2merge.export.gguf": ("d2merge.export.gguf",),
     "d2merge.export.gguf.library": ("d2merge.errors",),
-    "d2merge.export.gguf.quant": ("d2merge.errors", "d2merge.sizes", "d2merge.io.imatrix_file",
+    "d2merge.export.gguf.quant": ("d2merge.errors", "d2merge.options", "d2merge.sizes", "d2merge.io.imatrix_file",
                                   "d2merge.io.output"),
-    "d2merge.export.gguf.file_types": ("d2merge.errors", "d2merge.export.gguf.quant"),
+    "d2merge.export.gguf.file_types": ("d2merge.errors", "d2merge.options", "d2merge.export.gguf.quant"),
     "d2merge.export.gguf.architectures": ("d2merge.errors", "d2merge.export.gguf.library"),
     "d2merge.export.gguf.tokenizer": ("d2merge.errors", "d2merge.io.json_file", "d2merge.io.transformers_folder",
                                       "d2merge.export.gguf.library"),

@@ -3,14 +3,17 @@
 One table each: :data:`GGUF_TYPES` (written by gguf-py in numpy) and ``quant.LLAMA_CPP_TYPES``
 (written by llama.cpp's own quantizer from an f32 temp, the ``gguf-llama`` extra), and the checks
 a caller runs before any work: is the type known, and does an importance matrix apply to it.
+Their refusals are ``OptionError``s naming the options (``gguf_type``, ``gguf_imatrix``, as
+``MergeRunOptions`` calls them); the CLI prints them with the flags (``--gguf-type``, ``--imatrix``).
 """
 
 from __future__ import annotations
 
 import os
 
-from d2merge.errors import D2MergeError
 from d2merge.export.gguf.quant import LLAMA_CPP_TYPES
+from d2merge.options.base import option_error
+from d2merge.options.merge import MergeRunOptions
 
 # --gguf-type written by gguf-py in numpy -> (GGML type of 2-D weights, llama.cpp's general.file_type);
 # 1-D tensors (norms, biases) always stay F32, as in llama.cpp. Each is llama.cpp's file byte for
@@ -32,8 +35,11 @@ def check_gguf_type(gguf_type: str) -> str:
     """``gguf_type`` if it is a type d2merge writes; one line otherwise. (Whether llama.cpp's quantizer
     is installed for a llama.cpp type is checked with the other inputs, before any work.)"""
     if gguf_type not in GGUF_TYPES and gguf_type not in LLAMA_CPP_TYPES:
-        raise D2MergeError(f"unknown --gguf-type {gguf_type!r}; choose one of {', '.join(all_gguf_types())}",
-                           hint="docs/gguf.md says what each type is")
+        # the value is shown quoted, as typed; one holding braces goes through the option's value instead,
+        # so that no part of it is read as a placeholder
+        shown = "{gguf_type=}" if "{" in gguf_type or "}" in gguf_type else "{gguf_type} " + repr(gguf_type)
+        raise option_error(f"unknown {shown}; choose one of {', '.join(all_gguf_types())}",
+                           hint="docs/gguf.md says what each type is", model=MergeRunOptions, gguf_type=gguf_type)
     return gguf_type
 
 
@@ -44,7 +50,8 @@ def file_type_code(gguf_type: str) -> int:
 
 def by_llama_cpp(gguf_type: str, imatrix: str | os.PathLike | None) -> bool:
     """Whether llama.cpp's quantizer writes ``gguf_type`` (from an f32 temp); an importance matrix only applies there."""
-    if imatrix is not None and gguf_type not in LLAMA_CPP_TYPES:
-        raise D2MergeError(f"--imatrix applies to the types llama.cpp's quantizer writes, not {gguf_type}",
-                           hint=f"use one of {', '.join(LLAMA_CPP_TYPES)}, or drop --imatrix")
+    if imatrix is not None and gguf_type not in LLAMA_CPP_TYPES:  # gguf_type: a known type (check_gguf_type)
+        raise option_error(f"{{gguf_imatrix}} applies to the types llama.cpp's quantizer writes, not {gguf_type}",
+                           hint=f"use one of {', '.join(LLAMA_CPP_TYPES)}, or drop {{gguf_imatrix}}",
+                           model=MergeRunOptions, gguf_imatrix=imatrix)
     return gguf_type in LLAMA_CPP_TYPES

@@ -27,6 +27,7 @@ import numpy as np
 
 from d2merge.adapter_ops.convert import ConvertResult, factor_table, lora_modules
 from d2merge.options.adapter_ops import ConvertOptions
+from d2merge.options.base import option_error
 from d2merge.errors import D2MergeError
 from d2merge.export.gguf.architectures import check_config
 from d2merge.export.gguf.library import gguf_py
@@ -69,13 +70,15 @@ def _token_embedding(name: str, module: str, a: Any, b: Any, config_updates: dic
     the head (the merge unties them instead).
     """
     if name != "token_embd.weight":
-        raise D2MergeError(f"module '{module}' is an embedding llama.cpp has no LoRA path for ({name})",
-                           path=weights_file, hint="serve this adapter with --to lora, or merge it")
+        raise option_error(f"module '{module}' is an embedding llama.cpp has no LoRA path for ({name})",
+                           path=weights_file, hint="serve this adapter with {to=lora}, or merge it",
+                           model=ConvertOptions)
     if config_updates.get("tie_word_embeddings") is False:
-        raise D2MergeError(f"module '{module}' is an embedding of a base whose lm_head is tied to it: llama.cpp "
+        raise option_error(f"module '{module}' is an embedding of a base whose lm_head is tied to it: llama.cpp "
                            "would apply its LoRA to the tied output layer too (it matches adapters by tensor name), "
-                           "which PEFT's embedding LoRA never changes", path=weights_file,
-                           hint="merge it (d2merge merge --format gguf unties them, exact), or serve it with --to lora")
+                           "which PEFT's embedding LoRA never changes", path=weights_file, model=ConvertOptions,
+                           hint="merge it (d2merge merge --format gguf unties them, exact), or serve it with "
+                                "{to=lora}")
     return name, a.T.contiguous().numpy(), b.contiguous().numpy()
 
 

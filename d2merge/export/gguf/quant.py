@@ -26,6 +26,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from d2merge.errors import D2MergeError
+from d2merge.options.base import option_error
+from d2merge.options.merge import MergeRunOptions
 from d2merge.sizes import format_size
 
 # --gguf-type -> llama.cpp's file type (enum llama_ftype). q8_0 is not here: gguf-py's Q8_0 is
@@ -46,9 +48,9 @@ def llama_cpp_module(gguf_type: str) -> Any:
     try:
         import llama_cpp
     except ImportError:
-        raise D2MergeError(f"--gguf-type {gguf_type} is written by llama.cpp's own quantizer, and llama-cpp-python "
-                           "is not installed", hint="pip install 'd2merge[gguf-llama]' (builds llama.cpp, ~11 min)"
-                           ) from None
+        raise option_error("{gguf_type=} is written by llama.cpp's own quantizer, and llama-cpp-python is not "
+                           "installed", hint="pip install 'd2merge[gguf-llama]' (builds llama.cpp, ~11 min)",
+                           model=MergeRunOptions, gguf_type=gguf_type) from None
     return llama_cpp
 
 
@@ -85,13 +87,14 @@ def check_imatrix(entries: dict[str, np.ndarray], shapes: dict[str, tuple[int, .
     sizes = expected_sizes(shapes)
     for name, values in entries.items():
         if name not in sizes:
-            raise D2MergeError("the importance matrix names a tensor this model does not have (another model's "
-                               "imatrix?)", path=path, tensor=name, hint="--imatrix takes the file llama-imatrix "
-                                                                         "wrote for this model")
+            raise option_error("the importance matrix names a tensor this model does not have (another model's "
+                               "imatrix?)", path=path, tensor=name, model=MergeRunOptions,
+                               hint="{gguf_imatrix} takes the file llama-imatrix wrote for this model")
         if values.size != sizes[name]:
-            raise D2MergeError(f"the importance matrix has {values.size} values for a tensor with rows of "
+            raise option_error(f"the importance matrix has {values.size} values for a tensor with rows of "
                                f"{sizes[name]} (another model's imatrix?)", path=path, tensor=name,
-                               hint="--imatrix takes the file llama-imatrix wrote for this model")
+                               model=MergeRunOptions, hint="{gguf_imatrix} takes the file llama-imatrix wrote for "
+                                                           "this model")
 
 
 def quantize(f32_path: Path, out_path: Path, gguf_type: str, *, imatrix: dict[str, np.ndarray] | None = None,
