@@ -65,8 +65,8 @@ ALLOWED = {
                        "d2merge.device", "d2merge.options", "d2merge.options.verify", "d2merge.io", "d2merge.plan",
                        "d2merge.engine", "d2merge.runtime", "d2merge.logit_comparison", "d2merge.export"),
     # the GGUF package: one module per job, each over those it uses (docs/architecture.md, "The GGUF package").
-    # Its face (__init__) loads them all; d2merge's modules import the module they need.
-    "d2merge.export.gguf": ("d2merge.export.gguf",),
+    # Its face (__init__) names them all, each loaded on first use; d2merge's modules import the module they need.
+    "d2merge.export.gguf": ("d2merge.lazy_names", "d2merge.export.gguf"),
     "d2merge.export.gguf.library": ("d2merge.errors",),
     "d2merge.export.gguf.quant": ("d2merge.errors", "d2merge.options", "d2merge.sizes", "d2merge.io.imatrix_file",
                                   "d2merge.io.output"),
@@ -74,8 +74,8 @@ ALLOWED = {
     "d2merge.export.gguf.architectures": ("d2merge.errors", "d2merge.export.gguf.library"),
     "d2merge.export.gguf.tokenizer": ("d2merge.errors", "d2merge.io.json_file", "d2merge.io.transformers_folder",
                                       "d2merge.export.gguf.library"),
-    "d2merge.export.gguf.tensors": ("d2merge.errors", "d2merge.export.gguf.library", "d2merge.export.gguf.architectures",
-                                    "d2merge.export.gguf.file_types"),
+    "d2merge.export.gguf.tensors": ("d2merge.errors", "d2merge.export.gguf.library",
+                                    "d2merge.export.gguf.architectures", "d2merge.export.gguf.file_types"),
     "d2merge.export.gguf.writer": ("d2merge.version", "d2merge.errors", "d2merge.sizes", "d2merge.console",
                                    "d2merge.output_names", "d2merge.io.json_file", "d2merge.io.output",
                                    "d2merge.export.gguf.library", "d2merge.export.gguf.architectures",

@@ -14,26 +14,26 @@ One module per job, each importing only those below it:
 - ``reader`` and ``for_verify``: a GGUF read back, and judged as verify's MERGED;
 - ``lora_adapter``: llama.cpp's LoRA adapter GGUF (``convert --to gguf-lora``).
 
-Modules of d2merge import the module they need, not this face (it loads them all).
+The names below load their module on first use (``d2merge.lazy_names``), so that importing one
+module of the package (the CLI's ``check_gguf_type``) loads no other; d2merge's own modules import
+the module they need.
 """
 
-from d2merge.export.gguf.architectures import ARCH_SPECS, ArchSpec, check_config
-from d2merge.export.gguf.file_types import GGUF_TYPES, all_gguf_types, check_gguf_type
-from d2merge.export.gguf.folder import export_gguf
-from d2merge.export.gguf.for_verify import (LLAMA_FILE_TYPES, QUANTIZED_GATES, GGUFForVerify, QuantizedGate,
-                                            file_type_from_tensors, gguf_for_verify)
-from d2merge.export.gguf.lora_adapter import GGUFLoraResult, convert_to_gguf_lora
-from d2merge.export.gguf.merge import merge_to_gguf
-from d2merge.export.gguf.quant import LLAMA_CPP_TYPES
-from d2merge.export.gguf.reader import load_gguf_model, read_gguf, read_metadata, tensor_table
-from d2merge.export.gguf.tensors import permute_for_llama_cpp
-from d2merge.export.gguf.tokenizer import add_tokenizer, sentencepiece_scores
-from d2merge.export.gguf.writer import PROVENANCE_PREFIX, GGUFExportResult, write_modelfile
+from d2merge.lazy_names import lazy_attributes
 
-__all__ = [
-    "ARCH_SPECS", "ArchSpec", "GGUFExportResult", "GGUFForVerify", "GGUFLoraResult", "GGUF_TYPES", "LLAMA_CPP_TYPES",
-    "LLAMA_FILE_TYPES", "PROVENANCE_PREFIX", "QUANTIZED_GATES", "QuantizedGate", "add_tokenizer", "all_gguf_types",
-    "check_config", "check_gguf_type", "convert_to_gguf_lora", "export_gguf", "file_type_from_tensors",
-    "gguf_for_verify", "load_gguf_model", "merge_to_gguf", "permute_for_llama_cpp", "read_gguf", "read_metadata",
-    "sentencepiece_scores", "tensor_table", "write_modelfile",
-]
+_LAZY = {
+    **dict.fromkeys(("ARCH_SPECS", "ArchSpec", "check_config"), "d2merge.export.gguf.architectures"),
+    **dict.fromkeys(("GGUF_TYPES", "all_gguf_types", "check_gguf_type"), "d2merge.export.gguf.file_types"),
+    "export_gguf": "d2merge.export.gguf.folder",
+    **dict.fromkeys(("LLAMA_FILE_TYPES", "QUANTIZED_GATES", "GGUFForVerify", "QuantizedGate",
+                     "file_type_from_tensors", "gguf_for_verify"), "d2merge.export.gguf.for_verify"),
+    **dict.fromkeys(("GGUFLoraResult", "convert_to_gguf_lora"), "d2merge.export.gguf.lora_adapter"),
+    "merge_to_gguf": "d2merge.export.gguf.merge",
+    "LLAMA_CPP_TYPES": "d2merge.export.gguf.quant",
+    **dict.fromkeys(("load_gguf_model", "read_gguf", "read_metadata", "tensor_table"), "d2merge.export.gguf.reader"),
+    "permute_for_llama_cpp": "d2merge.export.gguf.tensors",
+    **dict.fromkeys(("add_tokenizer", "sentencepiece_scores"), "d2merge.export.gguf.tokenizer"),
+    **dict.fromkeys(("PROVENANCE_PREFIX", "GGUFExportResult", "write_modelfile"), "d2merge.export.gguf.writer"),
+}
+__all__ = sorted(_LAZY)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -49,7 +49,8 @@ def file_type_code(gguf_type: str) -> int:
 
 
 def by_llama_cpp(gguf_type: str, imatrix: str | os.PathLike | None) -> bool:
-    """Whether llama.cpp's quantizer writes ``gguf_type`` (from an f32 temp); an importance matrix only applies there."""
+    """Whether llama.cpp's quantizer writes ``gguf_type`` (from an f32 temp): the only types an importance
+    matrix applies to."""
     if imatrix is not None and gguf_type not in LLAMA_CPP_TYPES:  # gguf_type: a known type (check_gguf_type)
         raise option_error(f"{{gguf_imatrix}} applies to the types llama.cpp's quantizer writes, not {gguf_type}",
                            hint=f"use one of {', '.join(LLAMA_CPP_TYPES)}, or drop {{gguf_imatrix}}",

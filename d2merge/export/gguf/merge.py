@@ -56,7 +56,8 @@ def merge_to_gguf(base: Any, adapter: Any, out: str | os.PathLike, options: Merg
     out_path = Path(out)
     check_gguf_path(out_path)
     sidecars = (modelfile_for(out_path).name,) if modelfile else ()
-    # before the plan, as every format refuses an output in the way: the Modelfile beside it included
+    # an output in the way is refused before any planning, the Modelfile beside it included
+    # (check_location, after the plan, checks the GGUF's path against the plan's sources)
     check_output_location(out_path, [Path(str(base)), Path(str(adapter))], overwrite=options.overwrite,
                           is_file=True, sidecars=sidecars)
     output = GGUFOutput(gguf_type, llama_cpp_type=gguf_type if llama_cpp else None, imatrix=imatrix,
