@@ -38,7 +38,8 @@ class MergeResult:
 @dataclass
 class Staged:
     """An output being written: the temp folder the engine writes into, its shard paths, the one-file header's
-    metadata (None: the engine's own), and the atomic output that commits it (``io.output``)."""
+    metadata (None: the engine's own), the atomic output that commits it (``io.output``), and what the
+    output's ``begin`` hands its ``write`` and ``finish`` (``extra``: the GGUF's scratch and target files)."""
 
     temp: Path
     shard_paths: list[Path] | None
