@@ -115,8 +115,7 @@ def decode_tok_s(path: Path, threads: int, tokens: int, runs: int) -> float:
 
 
 def main() -> None:
-    from d2merge.export.gguf import GGUF_TYPES
-    from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
+    from d2merge.export.gguf import GGUF_TYPES, LLAMA_CPP_TYPES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", default=",".join([*GGUF_TYPES, *LLAMA_CPP_TYPES]))

@@ -73,8 +73,7 @@ def _smollm2_folder(given: str | None) -> Path:
 
 def build(root: Path, smollm2: Path) -> dict[str, dict[str, str]]:
     from d2merge.export.formats import merge_as
-    from d2merge.export.gguf import export_gguf
-    from d2merge.export.gguf_lora import convert_to_gguf_lora
+    from d2merge.export.gguf import convert_to_gguf_lora, export_gguf
     from d2merge.many import merge_many
     from d2merge.options import MergeOptions
     from d2merge.synthetic import DEFAULT_TARGETS, save_random_adapter, save_tiny_base

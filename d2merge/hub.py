@@ -28,19 +28,11 @@ from typing import Any
 
 from d2merge.version import __version__
 from d2merge.errors import D2MergeError, Spelled, escaped, option_error
-from d2merge.io.output import WORK_MARKERS
+from d2merge.io.output import WEIGHT_SUFFIXES, check_complete
 from d2merge.options.push import PushOptions
 from d2merge.sizes import format_size
 
-CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
-# Names written by an interrupted or still-running writer: d2merge's own (d2merge.io.output's one
-# set: temp, set-aside previous output, lock), matched with "contains"; others (huggingface_hub,
-# curl, browsers) use these suffixes.
-TEMP_MARKERS = WORK_MARKERS
-TEMP_SUFFIXES = (".tmp", ".partial", ".incomplete")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx")
-INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 _AUTH_HINT = "check your token: `hf auth login` or {token} / HF_TOKEN"  # an OptionError's hint
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
@@ -86,11 +78,6 @@ def default_commit_message() -> str:
     return f"Upload merged model with d2merge {__version__}"
 
 
-def is_temp_name(name: str) -> bool:
-    """A name left behind by an interrupted write; such a folder is not finished."""
-    return any(marker in name for marker in TEMP_MARKERS) or name.endswith(TEMP_SUFFIXES)
-
-
 def folder_files(folder: str | Path) -> tuple[PushedFile, ...]:
     """The files a push sends: regular files under `folder`, skipping hidden files and folders.
 
@@ -106,27 +93,17 @@ def folder_files(folder: str | Path) -> tuple[PushedFile, ...]:
 
 
 def check_folder_complete(folder: str | Path) -> None:
-    """Refuse (D2MergeError naming the file) a folder that is not a complete model.
+    """Refuse (D2MergeError naming the file) a folder that is not a complete model, or that links outside itself.
 
-    Complete means: no leftover temp/partial files anywhere, a readable config.json, at least
-    one weights file, every shard that an index names present, and every safetensors file as
-    long as its own header says it is (a cheap check that catches truncated writes).
+    Complete is ``io.output.check_complete``'s one definition (the one merge-many's reruns use): no
+    leftover temp/partial files anywhere, a readable config.json, at least one weights file, every
+    shard that an index names present, every safetensors file as long as its own header says, and
+    every file d2merge's marker lists. A folder without the marker (made elsewhere) may be pushed.
     """
     folder = _existing_folder(folder)
-    for relpath, _, _ in _walk(folder):
-        if is_temp_name(relpath.rsplit("/", 1)[-1]):
-            raise D2MergeError("leftover temporary file: a write was interrupted or is still running",
-                               path=folder / relpath,
-                               hint="wait for it to finish or re-run the merge into a fresh folder")
+    check_complete(folder)
     present = {f.path for f in folder_files(folder)}
-    if CONFIG_NAME not in present:
-        raise D2MergeError("no config.json: this is not a complete model folder", path=folder,
-                           hint="push the merge output folder, which has config.json next to the weights")
-    _read_json(folder / CONFIG_NAME)
     weights = [p for p in present if p.endswith(WEIGHT_SUFFIXES)]
-    if not weights:
-        raise D2MergeError("no weights (*.safetensors, *.bin, *.gguf, *.onnx) in the folder", path=folder,
-                           hint="the merge did not finish; re-run it")
     # A link sends its target's bytes: only targets inside the folder, or where its weights live
     # (a Hub cache snapshot links into blobs/), never ~/.cache/huggingface/token and the like.
     trusted = {folder.resolve(), *((folder / w).resolve().parent for w in weights)}
@@ -135,17 +112,6 @@ def check_folder_complete(folder: str | Path) -> None:
         if not any(target == t or t in target.parents for t in trusted):
             raise D2MergeError("a link to a file outside the folder; refusing to send it", path=folder / relpath,
                                hint="replace the link by the file it should contain, or remove it")
-    for index in sorted(p for p in present if p.endswith(INDEX_SUFFIXES)):
-        weight_map = _read_json(folder / index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise D2MergeError("index has no 'weight_map'", path=folder / index)
-        base = index.rsplit("/", 1)[0] + "/" if "/" in index else ""
-        for shard in sorted(set(weight_map.values())):
-            if not isinstance(shard, str) or base + shard not in present:
-                raise D2MergeError(f"index references shard '{shard}', which is missing", path=folder / index,
-                                   hint="the merge did not finish writing; re-run it")
-    for name in sorted(p for p in present if p.endswith(".safetensors")):
-        _check_safetensors_length(folder / name)
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -353,26 +319,6 @@ def _walk(folder: Path) -> Iterator[tuple[str, Path, bool]]:
 
 def _is_hidden(relpath: str) -> bool:
     return any(part.startswith(".") for part in relpath.split("/"))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    from d2merge.io.json_file import read_json
-
-    data = read_json(path, path.name)
-    if not isinstance(data, dict):
-        raise D2MergeError("expected a JSON object", path=path)
-    return data
-
-
-def _check_safetensors_length(path: Path) -> None:
-    """A safetensors file whose size differs from what its header promises was cut short.
-
-    The project's strict reader checks exactly that (and the rest of the header) without
-    reading tensor data.
-    """
-    from d2merge.io.safetensors_file import SafetensorsFile
-
-    SafetensorsFile(path)
 
 
 def _check_repo_id(repo_id: str) -> None:

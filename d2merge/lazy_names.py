@@ -1,4 +1,4 @@
-"""Package attributes imported on first use (PEP 562), for ``d2merge`` and ``d2merge.io``.
+"""Package attributes imported on first use (PEP 562), for ``d2merge``, ``d2merge.io`` and ``d2merge.export.gguf``.
 
 Why: ``d2merge --help``, flag errors and the CLI's early hash of a warm base must
 not wait for torch (1.2-2 s to import), yet ``d2merge.merge`` and

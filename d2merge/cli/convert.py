@@ -33,7 +33,7 @@ def convert_command(adapter: str, base: str, out: str, report_path: str | None, 
     """
     opts = ConvertOptions(**options)
     if opts.to == "gguf-lora":
-        from d2merge.export.gguf_lora import convert_to_gguf_lora
+        from d2merge.export.gguf.lora_adapter import convert_to_gguf_lora
 
         result = convert_to_gguf_lora(adapter, base, out, opts, allow_pickle=allow_pickle, report=report_path)
     else:

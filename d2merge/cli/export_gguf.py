@@ -28,7 +28,8 @@ def export_gguf_command(merged: str, out: str, gguf_type: str, imatrix: str | No
       d2merge export-gguf ./merged -o model-q8.gguf --gguf-type q8_0 --modelfile
       d2merge export-gguf ./merged -o model-q4km.gguf --gguf-type q4_k_m     # llama.cpp's quantizer
     """
-    from d2merge.export.gguf import check_gguf_type, export_gguf
+    from d2merge.export.gguf.file_types import check_gguf_type
+    from d2merge.export.gguf.folder import export_gguf
 
     result = export_gguf(merged, out, gguf_type=check_gguf_type(gguf_type), overwrite=overwrite, name=name,
                          modelfile=modelfile, progress=not quiet, imatrix=imatrix)

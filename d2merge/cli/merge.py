@@ -103,7 +103,7 @@ def merge_command(ctx: click.Context, base: str, adapters: tuple[str, ...], out:
                                                    run.int4_accuracy_level or defaults.accuracy_level,
                                                    run.int4_algorithm or defaults.algorithm, not run.int4_asymmetric)
     if run.format == "gguf":
-        from d2merge.export.gguf import check_gguf_type
+        from d2merge.export.gguf.file_types import check_gguf_type
 
         format_options.update(gguf_type=check_gguf_type(run.gguf_type), gguf_modelfile=run.gguf_modelfile,
                               gguf_imatrix=run.gguf_imatrix)

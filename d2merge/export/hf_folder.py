@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from d2merge.export.model_card import render_model_card
-from d2merge.export.pipeline import MergeResult, Staged, run_merge
+from d2merge.export.pipeline import MergeResult, ShardOutput, Staged, run_merge
 from d2merge.export.provenance import card_info
 from d2merge.io.checkpoint import SAFETENSORS_INDEX
 from d2merge.io.output import (TEMP_MARKER, AtomicFolder, check_output_location, copy_support_files, disk_error,
@@ -40,7 +40,7 @@ def merge_to_hf_folder(base: Any, adapter: Any, out: str | Path, options: MergeO
     return run_merge(base, adapter, out, options, FOLDER, progress=progress, on_tensor=on_tensor)
 
 
-class FolderOutput:
+class FolderOutput(ShardOutput):
     """The HF folder as an engine output: shards in a hidden temp folder (``AtomicFolder``), then the index,
     config, tokenizer files and card, then the rename."""
 

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from d2merge.errors import D2MergeError
 from d2merge.export.model_card import CardInfo, render_model_card
+from d2merge.io.output import check_complete
 from d2merge.io.safetensors_file import SafetensorsFile
 from d2merge.planning import MergePlan
 from d2merge.version import __version__
@@ -105,25 +106,23 @@ _VERIFY_SECTION = re.compile(r"\n## Verification \(merged vs unmerged\)\n\n```\n
 def output_matches(merge_plan: MergePlan, output: Path, hashes: dict[str, str], *, is_file: bool) -> bool:
     """Whether ``output`` is complete and carries this merge's provenance.
 
-    Complete: every shard present and whole, with the tensors this plan writes.
+    Complete: a finished d2merge output (``io.output.check_complete``, the one definition push
+    uses too, its marker required), whose shards hold the tensors this plan writes.
     Provenance: the card (or header metadata) is exactly what this merge would
     write, sha256 of every source included, apart from a verify table.
     """
     try:
+        if output.is_file() != is_file:
+            return False
+        check_complete(output, written_by_d2merge=True)
         if is_file:
-            if not output.is_file():
-                return False
             stored = SafetensorsFile(output)
             return (stored.keys() == [t.name for t in merge_plan.tensors]
                     and stored.metadata == single_file_metadata(merge_plan, hashes))
-        if not output.is_dir():
-            return False
         for shard, name in enumerate(merge_plan.shard_names):
             stored = SafetensorsFile(output / name)
             if stored.keys() != [t.name for t in merge_plan.tensors if t.shard == shard]:
                 return False
-        if merge_plan.base.config is not None and not (output / "config.json").is_file():
-            return False
         card = (output / "README.md").read_text(encoding="utf-8")
     except (D2MergeError, OSError, UnicodeDecodeError):
         return False

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from d2merge.errors import option_error
-from d2merge.export.pipeline import MergeResult, Staged, run_merge
+from d2merge.errors import D2MergeError, option_error
+from d2merge.export.pipeline import MergeResult, ShardOutput, Staged, run_merge
 from d2merge.export.provenance import HASH_PLACEHOLDER as PLACEHOLDER
 from d2merge.export.provenance import filled, reserved, single_file_metadata
 from d2merge.io.output import AtomicFiles, check_output_location
@@ -32,7 +32,7 @@ def merge_to_safetensors(base: Any, adapter: Any, out: str | Path, options: Merg
     return run_merge(base, adapter, out, options, SINGLE_FILE, progress=progress)
 
 
-class SingleFileOutput:
+class SingleFileOutput(ShardOutput):
     """One ``.safetensors`` file as an engine output: the header reserves the hashes' width, the end fills it."""
 
     is_file = True

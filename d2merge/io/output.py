@@ -28,6 +28,11 @@ OLD_MARKER = ".d2merge-old-"
 OLD_FILES_MARKER = ".d2merge-oldfiles-"
 LOCK_SUFFIX = ".d2merge-lock"
 WORK_MARKERS = (TEMP_MARKER, OLD_MARKER, OLD_FILES_MARKER, LOCK_SUFFIX)
+# What other writers (huggingface_hub, curl, browsers) name a file they are still writing.
+TEMP_SUFFIXES = (".tmp", ".partial", ".incomplete")
+# A model folder's weights and shard indexes, as check_complete looks for them.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx")
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 MOVING_IN = "moving-in.json"
 # Inside every output folder: what d2merge wrote there. --overwrite replaces a folder only when it
 # holds nothing else (an existing project folder passed as -o by mistake is refused, not deleted).
@@ -156,22 +161,28 @@ def write_output_marker(folder: Path) -> None:
     write_json(folder / OUTPUT_MARKER, {"written_by": "d2merge", "files": files})
 
 
+def _marked_files(folder: Path) -> set[str] | None:
+    """The files the folder's marker says d2merge put there (the marker included); None without a valid marker."""
+    from d2merge.io.json_file import parse_json
+
+    marker = folder / OUTPUT_MARKER
+    if not marker.is_file() or marker.is_symlink():
+        return None
+    try:
+        data = parse_json(marker.read_text(encoding="utf-8"), OUTPUT_MARKER, marker)
+    except (D2MergeError, OSError, UnicodeDecodeError):
+        return None
+    if isinstance(data, dict) and data.get("written_by") == "d2merge" and isinstance(data.get("files"), list):
+        return {f for f in data["files"] if isinstance(f, str)} | {OUTPUT_MARKER}
+    return None
+
+
 def check_replaceable(folder: Path) -> None:
     """--overwrite may replace an empty folder or one that d2merge wrote, and nothing else."""
     present = _files_under(folder)
     if not present:
         return
-    from d2merge.io.json_file import parse_json
-
-    marker = folder / OUTPUT_MARKER
-    listed: set[str] | None = None
-    if marker.is_file() and not marker.is_symlink():
-        try:
-            data = parse_json(marker.read_text(encoding="utf-8"), OUTPUT_MARKER, marker)
-        except (D2MergeError, OSError, UnicodeDecodeError):
-            data = None
-        if isinstance(data, dict) and data.get("written_by") == "d2merge" and isinstance(data.get("files"), list):
-            listed = {f for f in data["files"] if isinstance(f, str)} | {OUTPUT_MARKER}
+    listed = _marked_files(folder)
     hint = "{overwrite} replaces only a folder that d2merge wrote; remove it yourself or choose another path"
     if listed is None:
         raise option_error(f"the output folder was not written by d2merge (it holds {escaped(present[0])})",
@@ -180,6 +191,83 @@ def check_replaceable(folder: Path) -> None:
     if unexpected:
         raise option_error(f"the output folder holds a file d2merge did not write: {escaped(unexpected[0])}",
                            path=folder, hint=hint)
+
+
+def is_work_in_progress(name: str) -> bool:
+    """A name left by an interrupted or still-running write (d2merge's work markers, others' temp suffixes)."""
+    return any(marker in name for marker in WORK_MARKERS) or name.endswith(TEMP_SUFFIXES)
+
+
+def check_complete(path: Path, *, written_by_d2merge: bool = False) -> None:
+    """Refuse, in one line naming the file, an output that is not finished: the one definition of a finished
+    output (``d2merge push`` checks a folder with it, merge-many's reruns skip only an output it accepts).
+
+    A file: present, not a work file, and a ``.safetensors`` as long as its header says (the main
+    file of ``AtomicFiles`` moves in last, so its presence means its set is whole). A folder: nothing
+    half-written anywhere under it (a work marker or a temp suffix), a readable ``config.json``, at
+    least one weights file, every shard an index names, every ``.safetensors`` as long as its header
+    says, and every file its marker (:data:`OUTPUT_MARKER`, written by the commit) lists. The marker
+    is required with ``written_by_d2merge`` (merge-many's outputs); a folder made elsewhere (a Hub
+    snapshot, a training run's) has none, and push takes it on the other checks.
+    """
+    from d2merge.io.safetensors_file import SafetensorsFile
+
+    path = Path(path)
+    if not path.is_dir():
+        if not path.is_file():
+            raise D2MergeError("no such output", path=path)
+        if is_work_in_progress(path.name):
+            raise D2MergeError("leftover temporary file: a write was interrupted or is still running", path=path,
+                               hint="wait for it to finish or re-run the merge into a fresh folder")
+        if path.name.endswith(".safetensors"):
+            SafetensorsFile(path)  # a file cut short is refused by its header's promise
+        return
+    present: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(path):  # hidden folders (.git, .cache) hold no output
+        here = Path(dirpath)
+        for name in sorted(dirnames) + sorted(filenames):
+            if is_work_in_progress(name):
+                raise D2MergeError("leftover temporary file: a write was interrupted or is still running",
+                                   path=here / name, hint="wait for it to finish or re-run the merge into a fresh "
+                                                          "folder")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        present.update((here / n).relative_to(path).as_posix() for n in filenames
+                       if not n.startswith(".") and (here / n).is_file())
+    if "config.json" not in present:
+        raise D2MergeError("no config.json: this is not a complete model folder", path=path,
+                           hint="push the merge output folder, which has config.json next to the weights")
+    _json_object(path / "config.json")
+    if not any(p.endswith(WEIGHT_SUFFIXES) for p in present):
+        raise D2MergeError("no weights (*.safetensors, *.bin, *.gguf, *.onnx) in the folder", path=path,
+                           hint="the merge did not finish; re-run it")
+    for index in sorted(p for p in present if p.endswith(INDEX_SUFFIXES)):
+        weight_map = _json_object(path / index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise D2MergeError("index has no 'weight_map'", path=path / index)
+        base = index.rsplit("/", 1)[0] + "/" if "/" in index else ""
+        for shard in sorted(set(weight_map.values())):
+            if not isinstance(shard, str) or base + shard not in present:
+                raise D2MergeError(f"index references shard '{shard}', which is missing", path=path / index,
+                                   hint="the merge did not finish writing; re-run it")
+    for name in sorted(p for p in present if p.endswith(".safetensors")):
+        SafetensorsFile(path / name)
+    listed = _marked_files(path)
+    if listed is None and written_by_d2merge:
+        raise D2MergeError(f"no {OUTPUT_MARKER}: not a finished d2merge output", path=path,
+                           hint="d2merge records every file of an output when it finishes; re-run the merge")
+    for name in sorted(listed or ()):
+        if not ((path / name).exists() or (path / name).is_symlink()):
+            raise D2MergeError(f"{name} is missing: {OUTPUT_MARKER} lists it", path=path / name,
+                               hint="the output is no longer whole; re-run the merge")
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    from d2merge.io.json_file import read_json
+
+    data = read_json(path, path.name)
+    if not isinstance(data, dict):
+        raise D2MergeError("expected a JSON object", path=path)
+    return data
 
 
 def _marked_pid(name: str, prefix: str) -> int | None:

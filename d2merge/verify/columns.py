@@ -174,7 +174,7 @@ class MergedFolder:
 class ExportedModel:
     """A GGUF file or an onnxruntime-genai build as MERGED, through its exporter's verify adapter.
 
-    ``exported`` (``d2merge.export.gguf.GGUFForVerify``, ``d2merge.export.onnx_genai.GenaiForVerify``)
+    ``exported`` (``d2merge.export.gguf.for_verify.GGUFForVerify``, ``d2merge.export.onnx_genai.GenaiForVerify``)
     loads the model and maps back the tensors it stores exactly; quantized ones are judged by
     the logits only.
     """
@@ -265,7 +265,7 @@ def open_exported(merged: str | Path) -> Any | None:
     """The verify adapter of a GGUF file or an onnxruntime-genai folder, None for a merged HF folder.
 
     The format that claims the path (``d2merge.export.registry``) opens it: its adapter
-    (``d2merge.export.gguf.GGUFForVerify``, ``d2merge.export.onnx_genai.GenaiForVerify``) gives the
+    (``d2merge.export.gguf.for_verify.GGUFForVerify``, ``d2merge.export.onnx_genai.GenaiForVerify``) gives the
     column label, loads the model, maps back the exactly stored weights and sets the limits.
     """
     from d2merge.export.registry import exported_for_verify

@@ -169,15 +169,16 @@ def test_streamed_merge_gives_the_bytes_of_the_two_step_export(tiny_merges, monk
     encodes in blocks of 64 values (a head of q/k rows, a few rows elsewhere) and the streamed one
     in its default blocks: block boundaries do not change the bytes.
     """
-    import d2merge.export.gguf as gguf_export
+    import d2merge.export.gguf.tensors as gguf_tensors
+    from d2merge.export.provenance import gguf_provenance
 
     streamed = tiny_merges.gguf("llama", "q4_0_pure")  # permuted q/k and a block format
     result = tiny_merges.results["llama", "q4_0_pure"]
     assert result.source_hashes and all(len(v) == 64 for v in result.source_hashes.values())
-    monkeypatch.setattr(gguf_export, "BLOCK_VALUES", 64)
+    monkeypatch.setattr(gguf_tensors, "BLOCK_VALUES", 64)
     two_step = export_gguf(tiny_merges.merged("llama"), streamed.parent / "two-step.gguf", gguf_type="q4_0_pure",
                            name=streamed.stem,
-                           provenance=gguf_export.merge_provenance(result.plan, result.source_hashes)).output
+                           provenance=gguf_provenance(result.plan, result.source_hashes)).output
     assert hashlib.sha256(two_step.read_bytes()).hexdigest() == hashlib.sha256(streamed.read_bytes()).hexdigest()
     two_step.unlink()
 

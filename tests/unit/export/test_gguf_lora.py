@@ -21,8 +21,7 @@ import torch
 from d2merge import merge
 from d2merge.options.adapter_ops import ConvertOptions
 from d2merge.errors import D2MergeError
-from d2merge.export.gguf import permute_for_llama_cpp
-from d2merge.export.gguf_lora import convert_to_gguf_lora
+from d2merge.export.gguf import convert_to_gguf_lora, permute_for_llama_cpp
 
 gguf = pytest.importorskip("gguf")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d2merge.export.gguf import GGUF_TYPES, LLAMA_FILE_TYPES, export_gguf, gguf_for_verify, read_gguf
-from d2merge.export.gguf_quant import LLAMA_CPP_TYPES
+from d2merge.export.gguf import GGUF_TYPES, LLAMA_CPP_TYPES, LLAMA_FILE_TYPES, export_gguf, gguf_for_verify, read_gguf
 from d2merge.io.gguf_file import read_gguf_header
 from d2merge.synthetic import save_random_adapter, save_tiny_base
 from helpers import TESTS_DIR, assert_one_line_error, checkout_env
@@ -255,14 +254,14 @@ def test_imatrix_refused_for_a_type_llama_cpp_does_not_write(tiny256, cli_runner
 @pytest.fixture
 def fake_llama_cpp(monkeypatch):
     """The checks before any work run without llama-cpp-python (the quantizer itself is never reached)."""
-    import d2merge.export.gguf_quant as gguf_quant
+    import d2merge.export.gguf.quant as gguf_quant
 
     monkeypatch.setattr(gguf_quant, "llama_cpp_module", lambda gguf_type: object())
 
 
 def test_too_little_disk_for_the_f32_temp_is_refused_first(tiny256, cli_runner, tmp_path, monkeypatch,
                                                             fake_llama_cpp):
-    import d2merge.export.gguf_quant as gguf_quant
+    import d2merge.export.gguf.quant as gguf_quant
 
     from types import SimpleNamespace
 
@@ -361,7 +360,7 @@ def test_kill9_during_the_quantizer_leaves_no_temp_after_the_next_run(tiny256, t
     argv = ["export-gguf", str(tiny256.merged), "-o", str(out), "--gguf-type", "q4_k_m", "-q"]
     env = checkout_env(PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run([sys.executable, str(TESTS_DIR / "kill_driver.py"),
-                           "call:d2merge.export.gguf_quant:quantize", "--", *argv], cwd=tmp_path, env=env,
+                           "call:d2merge.export.gguf.quant:quantize", "--", *argv], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr
     leftovers = [p for p in tmp_path.rglob("*") if any(m in p.name for m in WORK_MARKERS)]

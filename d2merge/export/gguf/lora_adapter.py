@@ -12,7 +12,7 @@ input-embedding LoRA is ``token_embd.weight.lora_a/.lora_b`` in llama.cpp's own 
 (:func:`_token_embedding`).
 
 The factors are the plain LoRA ``convert --to lora`` computes (DoRA, D2-LoRA, Dual LoRA
-through their full update); tensor names come from export/gguf.py's HF->GGUF mapping, so
+through their full update); tensor names come from the HF->GGUF mapping the base export uses, so
 the adapter fits the GGUF ``d2merge export-gguf`` / ``merge --format gguf`` writes of the base.
 """
 
@@ -27,8 +27,11 @@ import numpy as np
 
 from d2merge.adapter_ops.convert import ConvertResult, factor_table, lora_modules
 from d2merge.options.adapter_ops import ConvertOptions
+from d2merge.options.base import option_error
 from d2merge.errors import D2MergeError
-from d2merge.export.gguf import check_config, permute_for_llama_cpp
+from d2merge.export.gguf.architectures import check_config
+from d2merge.export.gguf.library import gguf_py
+from d2merge.export.gguf.tensors import permute_for_llama_cpp
 from d2merge.io.adapter import load_adapter
 from d2merge.io.checkpoint import open_base
 from d2merge.io.output import AtomicFiles, check_output_location, disk_error, write_json
@@ -42,14 +45,6 @@ class GGUFLoraResult(ConvertResult):
 
     def describe(self) -> str:
         return factor_table(f"wrote llama.cpp's LoRA adapter GGUF {self.out} (alpha {self.alpha:g})", self.modules)
-
-
-def _gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise D2MergeError("GGUF output needs the 'gguf' package", hint="pip install 'd2merge[gguf]'") from None
-    return gguf
 
 
 def _heads(module: str, config: dict[str, Any]) -> int | None:
@@ -75,13 +70,15 @@ def _token_embedding(name: str, module: str, a: Any, b: Any, config_updates: dic
     the head (the merge unties them instead).
     """
     if name != "token_embd.weight":
-        raise D2MergeError(f"module '{module}' is an embedding llama.cpp has no LoRA path for ({name})",
-                           path=weights_file, hint="serve this adapter with --to lora, or merge it")
+        raise option_error(f"module '{module}' is an embedding llama.cpp has no LoRA path for ({name})",
+                           path=weights_file, hint="serve this adapter with {to=lora}, or merge it",
+                           model=ConvertOptions)
     if config_updates.get("tie_word_embeddings") is False:
-        raise D2MergeError(f"module '{module}' is an embedding of a base whose lm_head is tied to it: llama.cpp "
+        raise option_error(f"module '{module}' is an embedding of a base whose lm_head is tied to it: llama.cpp "
                            "would apply its LoRA to the tied output layer too (it matches adapters by tensor name), "
-                           "which PEFT's embedding LoRA never changes", path=weights_file,
-                           hint="merge it (d2merge merge --format gguf unties them, exact), or serve it with --to lora")
+                           "which PEFT's embedding LoRA never changes", path=weights_file, model=ConvertOptions,
+                           hint="merge it (d2merge merge --format gguf unties them, exact), or serve it with "
+                                "{to=lora}")
     return name, a.T.contiguous().numpy(), b.contiguous().numpy()
 
 
@@ -90,7 +87,7 @@ def convert_to_gguf_lora(adapter: str | Path, base: str | Path, out: str | Path,
     """Write ``adapter`` (on ``base``) as one llama.cpp LoRA GGUF file ``out``; nothing written on a refusal."""
     started = time.perf_counter()
     options = options or ConvertOptions(to="gguf-lora")
-    gguf = _gguf()
+    gguf = gguf_py("GGUF output")
     out_path = Path(out)
     if out_path.suffix != ".gguf":
         raise D2MergeError("a GGUF output must end in .gguf", path=out_path, hint="name it like adapter.gguf")

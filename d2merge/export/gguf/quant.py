@@ -19,12 +19,15 @@ import math
 import os
 import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from d2merge.errors import D2MergeError
+from d2merge.options.base import option_error
+from d2merge.options.merge import MergeRunOptions
 from d2merge.sizes import format_size
 
 # --gguf-type -> llama.cpp's file type (enum llama_ftype). q8_0 is not here: gguf-py's Q8_0 is
@@ -45,9 +48,9 @@ def llama_cpp_module(gguf_type: str) -> Any:
     try:
         import llama_cpp
     except ImportError:
-        raise D2MergeError(f"--gguf-type {gguf_type} is written by llama.cpp's own quantizer, and llama-cpp-python "
-                           "is not installed", hint="pip install 'd2merge[gguf-llama]' (builds llama.cpp, ~11 min)"
-                           ) from None
+        raise option_error("{gguf_type=} is written by llama.cpp's own quantizer, and llama-cpp-python is not "
+                           "installed", hint="pip install 'd2merge[gguf-llama]' (builds llama.cpp, ~11 min)",
+                           model=MergeRunOptions, gguf_type=gguf_type) from None
     return llama_cpp
 
 
@@ -84,13 +87,14 @@ def check_imatrix(entries: dict[str, np.ndarray], shapes: dict[str, tuple[int, .
     sizes = expected_sizes(shapes)
     for name, values in entries.items():
         if name not in sizes:
-            raise D2MergeError("the importance matrix names a tensor this model does not have (another model's "
-                               "imatrix?)", path=path, tensor=name, hint="--imatrix takes the file llama-imatrix "
-                                                                         "wrote for this model")
+            raise option_error("the importance matrix names a tensor this model does not have (another model's "
+                               "imatrix?)", path=path, tensor=name, model=MergeRunOptions,
+                               hint="{gguf_imatrix} takes the file llama-imatrix wrote for this model")
         if values.size != sizes[name]:
-            raise D2MergeError(f"the importance matrix has {values.size} values for a tensor with rows of "
+            raise option_error(f"the importance matrix has {values.size} values for a tensor with rows of "
                                f"{sizes[name]} (another model's imatrix?)", path=path, tensor=name,
-                               hint="--imatrix takes the file llama-imatrix wrote for this model")
+                               model=MergeRunOptions, hint="{gguf_imatrix} takes the file llama-imatrix wrote for "
+                                                           "this model")
 
 
 def quantize(f32_path: Path, out_path: Path, gguf_type: str, *, imatrix: dict[str, np.ndarray] | None = None,
@@ -138,3 +142,48 @@ def quantize(f32_path: Path, out_path: Path, gguf_type: str, *, imatrix: dict[st
         reason = next((e.split("failed to quantize:", 1)[1].strip() for e in errors if "failed to quantize:" in e),
                       "; ".join(e for e in errors if e) or "no reason given")
         raise D2MergeError(f"llama.cpp's quantizer failed ({gguf_type}): {reason}", path=out_path)
+
+
+def prepare_llama_cpp(tensors: Iterable[tuple[str, tuple[int, ...]]], out_path: Path, gguf_type: str,
+                      imatrix: str | os.PathLike | None) -> tuple[dict[str, np.ndarray] | None, int]:
+    """Before any work: the checked importance matrix, the f32 temp's size against the free space, llama.cpp.
+
+    ``tensors``: the planned GGUF tensors' (name, shape); returns (the importance matrix's entries or
+    None, the f32 temp's bytes).
+    """
+    shapes = {name: tuple(reversed(shape)) for name, shape in tensors}  # ggml order: row length first
+    entries = None
+    if imatrix is not None:
+        from d2merge.io.imatrix_file import read_imatrix
+
+        entries = read_imatrix(imatrix)
+        check_imatrix(entries, shapes, Path(imatrix))
+    temp, output = needed_bytes(shapes.values())
+    check_free_space(out_path.absolute().parent, temp, output, out_path)
+    llama_cpp_module(gguf_type)
+    return entries, temp
+
+
+@contextmanager
+def f32_temp(out_path: Path) -> Iterator[Path]:
+    """Where the f32 GGUF llama.cpp's quantizer reads is written.
+
+    The temp lives in a ``.d2merge-tmp-`` folder beside the output: removed when this block
+    ends, however it ends, and by the next run after a kill.
+    """
+    from d2merge.io.output import scratch_beside
+
+    with scratch_beside(out_path, "f32") as scratch:
+        yield Path(scratch) / out_path.name
+
+
+@contextmanager
+def written_by(staged: Path, out_path: Path, llama_cpp_type: str | None, imatrix: dict[str, np.ndarray] | None
+               ) -> Iterator[Path]:
+    """Where the GGUF writer writes: the staged output, or an f32 temp that llama.cpp then quantizes into it."""
+    if llama_cpp_type is None:
+        yield staged
+        return
+    with f32_temp(out_path) as f32:
+        yield f32
+        quantize(f32, staged, llama_cpp_type, imatrix=imatrix)
