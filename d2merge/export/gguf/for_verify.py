@@ -20,9 +20,11 @@ from d2merge.errors import D2MergeError
 from d2merge.export.gguf.library import gguf_py
 from d2merge.export.gguf.reader import load_gguf_model, read_gguf
 
-# The GGUF architectures verify reads back (its weight check maps HF names one to one; stacked
-# experts have no such name, and Gemma/Phi-3 are checked by logits through the tests only).
-VERIFY_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# The GGUF architectures verify reads back: its weight check maps HF names one to one (Phi-3's fused
+# qkv_proj / gate_up_proj included). Stacked experts have no such name, and Gemma's norms, stored as
+# 1 + w, read back as (1 + w) - 1 with one fp32 rounding each way, so its copied tensors are not
+# bit-exact: those are refused, and their export is checked by logits in the tests.
+VERIFY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
 # GGML tensor types that hold the merged values exactly in a torch dtype: verify checks those
 # tensors in ulps of that dtype. Quantized tensors have no such dtype and are gated by logits only.
 EXACT_TENSOR_TYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -216,7 +218,8 @@ def gguf_for_verify(path: str | os.PathLike) -> GGUFForVerify:
     arch = metadata.get("general.architecture")
     if arch not in VERIFY_ARCHITECTURES or metadata.get(f"{arch}.expert_count"):
         what = f"{arch!r} with experts" if arch in VERIFY_ARCHITECTURES else repr(arch)
-        raise D2MergeError(f"verify reads GGUF files of the llama, qwen2 and qwen3 architectures, not {what}",
+        names = ", ".join(VERIFY_ARCHITECTURES[:-1]) + " and " + VERIFY_ARCHITECTURES[-1]
+        raise D2MergeError(f"verify reads GGUF files of the {names} architectures, not {what}",
                            path=path, hint="verify the merged folder instead (merge --format hf)")
     gguf_type, exact = file_type_from_tensors(table, metadata.get("general.file_type"), path)
     return GGUFForVerify(path, gguf_type, arch, int(metadata.get(f"{arch}.block_count") or 0),

@@ -280,6 +280,29 @@ def test_phi3(tmp_path):
     meta = _round_trip(tmp_path, "phi3")
     assert meta["phi3.rope.dimension_count"] == 16
     assert meta["tokenizer.ggml.tokens"][-1].startswith("[PAD")  # vocab_size past the tokenizer
+    # verify reads Phi-3's GGUF: the fused qkv_proj / gate_up_proj map back one to one
+    from d2merge.verify import verify
+
+    base, adapter = tmp_path / "base-phi3", tmp_path / "adapter-phi3"
+    report = verify(base, adapter, tmp_path / "phi3.gguf", num_probes=2, probe_length=8)
+    column = report.results[0]
+    assert report.passed and column.dtype == "gguf-f32" and not column.not_checked, report.table()
+    assert len(column.layers) == 2 * len(TARGETS["phi3"]) and column.copied_checked > 0
+    wrong = export_gguf(base, tmp_path / "base.gguf", gguf_type="f32").output  # the base, not the merge
+    failures = verify(base, adapter, wrong, num_probes=2, probe_length=8).results[0].failures
+    assert any("weight check" in f for f in failures), failures
+
+
+def test_verify_refuses_what_it_cannot_map(tmp_path):
+    """Gemma (norms stored as 1 + w) and experts: one line naming what verify reads, nothing judged."""
+    base = _base(tmp_path, "gemma2")
+    adapter = save_random_adapter(base, tmp_path / "adapter", "lora", r=2, target_modules=("q_proj",))
+    path = export_gguf(base, tmp_path / "gemma2.gguf", gguf_type="f32").output
+    from d2merge.verify import verify
+
+    with pytest.raises(D2MergeError, match="verify reads GGUF files of the llama, qwen2, qwen3 and phi3 "
+                                           "architectures, not 'gemma2'.*verify the merged folder instead"):
+        verify(base, adapter, path, num_probes=2, probe_length=8)
 
 
 def test_mixtral(tmp_path):
