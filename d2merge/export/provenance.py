@@ -114,7 +114,7 @@ def output_matches(merge_plan: MergePlan, output: Path, hashes: dict[str, str], 
     try:
         if output.is_file() != is_file:
             return False
-        check_complete(output, written_by_d2merge=True)
+        check_complete(output, written_by_d2merge=True, needs_config=merge_plan.base.config is not None)
         if is_file:
             stored = SafetensorsFile(output)
             return (stored.keys() == [t.name for t in merge_plan.tensors]

@@ -198,7 +198,7 @@ def is_work_in_progress(name: str) -> bool:
     return any(marker in name for marker in WORK_MARKERS) or name.endswith(TEMP_SUFFIXES)
 
 
-def check_complete(path: Path, *, written_by_d2merge: bool = False) -> None:
+def check_complete(path: Path, *, written_by_d2merge: bool = False, needs_config: bool = True) -> None:
     """Refuse, in one line naming the file, an output that is not finished: the one definition of a finished
     output (``d2merge push`` checks a folder with it, merge-many's reruns skip only an output it accepts).
 
@@ -208,7 +208,8 @@ def check_complete(path: Path, *, written_by_d2merge: bool = False) -> None:
     least one weights file, every shard an index names, every ``.safetensors`` as long as its header
     says, and every file its marker (:data:`OUTPUT_MARKER`, written by the commit) lists. The marker
     is required with ``written_by_d2merge`` (merge-many's outputs); a folder made elsewhere (a Hub
-    snapshot, a training run's) has none, and push takes it on the other checks.
+    snapshot, a training run's) has none, and push takes it on the other checks. ``needs_config=False``:
+    the merge of a base without config.json, which writes none either.
     """
     from d2merge.io.safetensors_file import SafetensorsFile
 
@@ -233,10 +234,11 @@ def check_complete(path: Path, *, written_by_d2merge: bool = False) -> None:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         present.update((here / n).relative_to(path).as_posix() for n in filenames
                        if not n.startswith(".") and (here / n).is_file())
-    if "config.json" not in present:
-        raise D2MergeError("no config.json: this is not a complete model folder", path=path,
-                           hint="push the merge output folder, which has config.json next to the weights")
-    _json_object(path / "config.json")
+    if "config.json" in present or needs_config:
+        if "config.json" not in present:
+            raise D2MergeError("no config.json: this is not a complete model folder", path=path,
+                               hint="push the merge output folder, which has config.json next to the weights")
+        _json_object(path / "config.json")
     if not any(p.endswith(WEIGHT_SUFFIXES) for p in present):
         raise D2MergeError("no weights (*.safetensors, *.bin, *.gguf, *.onnx) in the folder", path=path,
                            hint="the merge did not finish; re-run it")

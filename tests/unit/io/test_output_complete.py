@@ -110,3 +110,18 @@ def test_a_single_file_output_cut_short_is_refused(tiny_bases: Any, make_adapter
     result.output.unlink()
     with pytest.raises(D2MergeError, match="no such output"):
         check_complete(result.output)
+
+
+def test_the_merge_of_a_base_without_config_is_finished_without_one(tiny_bases: Any, make_adapter: Callable[..., Path],
+                                                                       tmp_path: Path) -> None:
+    """A base with no config.json merges into a folder with none: merge-many's rerun still takes it as done
+    (push, which needs a model folder, still refuses it)."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_bases("llama"), base)
+    adapter = make_adapter(base, "lora", seed=6)
+    (base / "config.json").unlink()
+    result = merge_to_hf_folder(base, adapter, tmp_path / "merged", MergeOptions())
+    assert not (result.output / "config.json").exists()
+    assert output_matches(result.plan, result.output, result.source_hashes, is_file=False)
+    with pytest.raises(D2MergeError, match="no config.json"):
+        check_folder_complete(result.output)
