@@ -218,8 +218,7 @@ def check_complete(path: Path, *, written_by_d2merge: bool = False, needs_config
         if not path.is_file():
             raise D2MergeError("no such output", path=path)
         if is_work_in_progress(path.name):
-            raise D2MergeError("leftover temporary file: a write was interrupted or is still running", path=path,
-                               hint="wait for it to finish or re-run the merge into a fresh folder")
+            raise _leftover(path)
         if path.name.endswith(".safetensors"):
             SafetensorsFile(path)  # a file cut short is refused by its header's promise
         return
@@ -228,17 +227,15 @@ def check_complete(path: Path, *, written_by_d2merge: bool = False, needs_config
         here = Path(dirpath)
         for name in sorted(dirnames) + sorted(filenames):
             if is_work_in_progress(name):
-                raise D2MergeError("leftover temporary file: a write was interrupted or is still running",
-                                   path=here / name, hint="wait for it to finish or re-run the merge into a fresh "
-                                                          "folder")
+                raise _leftover(here / name)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         present.update((here / n).relative_to(path).as_posix() for n in filenames
                        if not n.startswith(".") and (here / n).is_file())
-    if "config.json" in present or needs_config:
-        if "config.json" not in present:
-            raise D2MergeError("no config.json: this is not a complete model folder", path=path,
-                               hint="push the merge output folder, which has config.json next to the weights")
+    if "config.json" in present:
         _json_object(path / "config.json")
+    elif needs_config:
+        raise D2MergeError("no config.json: this is not a complete model folder", path=path,
+                           hint="push the merge output folder, which has config.json next to the weights")
     if not any(p.endswith(WEIGHT_SUFFIXES) for p in present):
         raise D2MergeError("no weights (*.safetensors, *.bin, *.gguf, *.onnx) in the folder", path=path,
                            hint="the merge did not finish; re-run it")
@@ -261,6 +258,11 @@ def check_complete(path: Path, *, written_by_d2merge: bool = False, needs_config
         if not ((path / name).exists() or (path / name).is_symlink()):
             raise D2MergeError(f"{name} is missing: {OUTPUT_MARKER} lists it", path=path / name,
                                hint="the output is no longer whole; re-run the merge")
+
+
+def _leftover(path: Path) -> D2MergeError:
+    return D2MergeError("leftover temporary file: a write was interrupted or is still running", path=path,
+                        hint="wait for it to finish or re-run the merge into a fresh folder")
 
 
 def _json_object(path: Path) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-def _machine_independent_bnb() -> Callable[..., torch.Tensor]:
+def bnb_dequantize_4bit(packed: torch.Tensor, state: Any) -> torch.Tensor:
     """bitsandbytes' generic 4-bit dequantization (its ``backends/default`` op, eager), the formula its CUDA
     kernel computes and QLoRA trained on.
 
@@ -47,26 +47,20 @@ def _machine_independent_bnb() -> Callable[..., torch.Tensor]:
     from bitsandbytes.backends.utils import _get_4bit_code
 
     compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)  # no torch.compile
+    absmax = state.absmax
+    if state.nested:
+        absmax = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    flat = packed.view(torch.uint8).reshape(-1)
+    return compute(flat, absmax.float(), _get_4bit_code(state.quant_type, flat.device), state.blocksize,
+                   state.shape, state.dtype)
 
-    def dequantize(packed: torch.Tensor, state: Any) -> torch.Tensor:
-        absmax = state.absmax
-        if state.nested:
-            absmax = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        flat = packed.view(torch.uint8).reshape(-1)
-        return compute(flat, absmax.float(), _get_4bit_code(state.quant_type, flat.device), state.blocksize,
-                       state.shape, state.dtype)
-
-    return dequantize
-
-
-bnb_dequantize_4bit = _machine_independent_bnb()
 # bitsandbytes' native CPU kernel is the oracle as well where it is not the AVX512 one (see above).
 NATIVE_KERNEL_AGREES = torch.backends.cpu.get_cpu_capability() != "AVX512"
 
 
-def _same_4bit(ours: torch.Tensor, expected: torch.Tensor, quant_type: str) -> bool:
+def _same_bits(ours: torch.Tensor, expected: torch.Tensor, quant_type: str) -> bool:
     """Bit for bit; for fp4 the sign of a zero aside (its code 8 is -0.0 in bitsandbytes' kernels, +0.0 in
-    its generic table; a zero's sign changes no sum)."""
+    its generic table; a zero's sign changes no sum). ``quant_type``: nf4, fp4, or another layout's name."""
     return torch.equal(ours, expected) if quant_type == "fp4" else torch.equal(_bits(ours), _bits(expected))
 
 
@@ -96,7 +90,7 @@ def test_4bit_dequantize_is_bitsandbytes_bit_for_bit(quant_type: str, dtype: tor
             absmax = state.absmax
         ours = dequantize_4bit(packed, absmax, quant_type, blocksize, shape, dtype)
         assert ours.dtype == expected.dtype == dtype
-        assert _same_4bit(ours, expected, quant_type), (blocksize, shape, (ours.float() - expected.float()).abs().max())
+        assert _same_bits(ours, expected, quant_type), (blocksize, shape, (ours.float() - expected.float()).abs().max())
         if NATIVE_KERNEL_AGREES:
             # the native kernel writes fp4's code 8 as -0.0 (bit for bit with ours); odd in-features take the generic path
             same = torch.equal(_bits(ours), _bits(native)) if shape[-1] % 2 == 0 else torch.equal(ours, native)
@@ -330,9 +324,7 @@ def test_merge_over_a_quantized_base_is_exact(quantized: QuantizedModels, cli_ru
             if name in exact:
                 assert _ulps(tensor, exact[name], dtype) <= limit, name
             elif reference[name].dtype == dtype:
-                # untouched: exact (fp4: the sign of a zero aside, as in _same_4bit)
-                assert (torch.equal(tensor, reference[name]) if layout == "fp4"
-                        else torch.equal(_bits(tensor), _bits(reference[name]))), name
+                assert _same_bits(tensor, reference[name], layout), name  # untouched: exact
             else:
                 assert torch.equal(tensor, reference[name].to(dtype)), name
 
