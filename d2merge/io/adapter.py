@@ -152,9 +152,10 @@ def _sort_keys(keys: list[str], method: Method, config: AdapterConfig
 
 
 def _is_module_to_save(rest: str, modules_to_save: tuple[str, ...]) -> bool:
-    """PEFT's ``_set_trainable`` match: the module name ends with the entry, a plain suffix.
+    """PEFT's ``_set_trainable`` match up to 0.21: the module name ends with the entry, a plain suffix.
 
-    So ``"norm"`` names ``model.norm`` and every ``*_layernorm`` too, and PEFT saves them all.
+    So ``"norm"`` names ``model.norm`` and every ``*_layernorm`` too, and PEFT 0.21 saves them all;
+    PEFT 0.22 matches a dotted suffix only, a subset, so its saved tensors are recognised too.
     """
     module, _, param = rest.rpartition(".")
     if param not in ("weight", "bias") or not module:

@@ -4,7 +4,7 @@ The rule (FIDELITY): a field that changes the merged weights is honoured only fo
 the values implemented here; any other value is refused with one line naming the
 field. A field missing from this table is refused too, unless it is listed as
 weight-neutral, so an option added by a future PEFT gives a refusal, never a
-wrong model. The LoRA rows are PEFT 0.21's ``LoraConfig`` (and ``PeftConfig``)
+wrong model. The LoRA rows are PEFT 0.22's ``LoraConfig`` (and ``PeftConfig``)
 fields, read from its source; docs/adapter-fields.md is generated from this table
 (``render_markdown``) and a test keeps the two equal.
 """
@@ -58,9 +58,9 @@ def _one_of(*allowed: Any, what: str) -> Check:
     return check
 
 
-# True/False/gaussian/orthogonal/eva leave the base as it is (the trained factors are all saved);
+# True/False/gaussian/orthogonal/eva/nora leave the base as it is (the trained factors are all saved);
 # pissa/olora make PEFT rebuild a residual base on load, which d2merge rebuilds the same way.
-INIT_ACCEPTED = (True, False, "gaussian", "orthogonal", "eva", "pissa", "olora")
+INIT_ACCEPTED = (True, False, "gaussian", "orthogonal", "eva", "nora", "pissa", "olora")
 
 
 def _init(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -74,7 +74,7 @@ def _init(value: Any, raw: Mapping[str, Any]) -> tuple[str, str] | None:
     if text.startswith("pissa_niter_"):
         return (f"init_lora_weights {value!r}: PEFT rebuilds a residual base from a randomised SVD when it loads "
                 "this adapter, which cannot be reproduced; merging into W0 would be wrong", CONVERT_HINT)
-    if text in ("corda", "lora_ga", "loftq"):
+    if text in ("corda", "astra", "lora_ga", "loftq"):
         return (f"init_lora_weights {value!r}: the adapter was trained on a base changed with data or "
                 "quantization that adapter_config.json does not hold", CONVERT_HINT)
     return f"init_lora_weights {value!r} is not one d2merge implements", \
@@ -147,13 +147,14 @@ TABLE: tuple[Field, ...] = (
     Field("alpha_pattern", ALL, HONOURED, "{regex on a dotted suffix: alpha}"),
     Field("modules_to_save", ALL, HONOURED, "a list of module names (the saved full tensors replace the base's)"),
     Field("lora_dropout", ALL, NEUTRAL, "any number (dropout is off at inference)"),
-    # LoraConfig (PEFT 0.21)
+    # LoraConfig (PEFT 0.22)
     Field("bias", LORA, HONOURED, "\"none\", \"lora_only\", \"all\" (the trained biases PEFT saves replace the "
                                   "base's; with lora_bias, s * lora_B.bias is added on top)", _bias),
-    Field("init_lora_weights", LORA, HONOURED, "true, false, \"gaussian\", \"orthogonal\", \"eva\" (base unchanged); "
+    Field("init_lora_weights", LORA, HONOURED, "true, false, \"gaussian\", \"orthogonal\", \"eva\", \"nora\" "
+                                               "(base unchanged); "
                                                "\"pissa\" (SVD) and \"olora\" (QR, not with fan_in_fan_out): the "
                                                "residual base PEFT rebuilds on load is rebuilt; refused: "
-                                               "\"pissa_niter_*\" (randomised), \"corda\", \"loftq\", "
+                                               "\"pissa_niter_*\" (randomised), \"corda\", \"astra\", \"loftq\", "
                                                "\"lora_ga\", \"mica\"", _init),
     Field("layers_to_transform", LORA, HONOURED, "a list or an integer (which layers got factors; the merge "
                                                  "follows the saved factors)"),
@@ -168,6 +169,7 @@ TABLE: tuple[Field, ...] = (
     Field("loftq_config", LORA, NEUTRAL, "any (read only with init_lora_weights \"loftq\", which is refused)"),
     Field("eva_config", LORA, NEUTRAL, "any (EVA only initialises the factors, which are saved)"),
     Field("corda_config", LORA, NEUTRAL, "any (read only with init_lora_weights \"corda\", which is refused)"),
+    Field("astra_config", LORA, NEUTRAL, "any (read only with init_lora_weights \"astra\", which is refused)"),
     Field("lora_ga_config", LORA, NEUTRAL, "any (read only with init_lora_weights \"lora_ga\", which is refused)"),
     Field("velora_config", LORA, REFUSED, "null", _off(None, {}, what="velora_config (VeLoRA)",
                                                       hint=NOT_IMPLEMENTED)),
