@@ -121,19 +121,40 @@ def round_parameter(name: str, param: torch.Tensor, rewritten: set[str], dtype: 
     if name in rewritten:
         generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
         noise = torch.rand(param.shape, generator=generator, dtype=param.dtype).to(param.device)
-        # In row blocks of about 4M entries: ulp() works in fp64, and its temporaries for a whole
-        # 7B MLP matrix (360 MB each) would outweigh the block being rounded.
         data = param.data if param.data.is_contiguous() else param.data.contiguous()
-        rows = data.view(-1, max(data.shape[-1], 1) if data.ndim else 1)
-        noise_rows = noise.reshape(rows.shape)
-        step_rows = max(1, (1 << 22) // max(rows.shape[1], 1))
-        for start in range(0, rows.shape[0], step_rows):
-            block = rows[start: start + step_rows]
-            block.add_((noise_rows[start: start + step_rows] - 0.5) * ulp(block, dtype).to(param.dtype))
+        _add_rounding_error_(data.view(-1), noise.view(-1), dtype)
         if data is not param.data:
             param.data.copy_(data)
     elif dtype != param.dtype:
         param.copy_(param.to(dtype).to(param.dtype))
+
+
+# Entries per block of the floor's rounding: four fp32 passes over 16 MB stay in the CPU's cache.
+ROUNDING_BLOCK_ENTRIES = 1 << 22
+_FP32_EXPONENT_BITS = 0x7F800000
+
+
+def _add_rounding_error_(values: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype) -> None:
+    """``values += (noise - 1/2) * ulp(values, dtype)`` in place, a block at a time; ``noise`` is used up.
+
+    On fp32 values the ulp is read from their own bits (the exponent field, a power of two,
+    clamped below at ``dtype``'s subnormal spacing and scaled by ``2**-mantissa_bits``): the
+    same powers of two :func:`ulp` computes in fp64, so the same sums bit for bit (tested), at
+    a third of the time; the floor's rounding of every adapted 7B weight was most of its run.
+    Other dtypes take :func:`ulp` itself.
+    """
+    low, scale = 2.0 ** MIN_NORMAL_EXPONENT[dtype], 2.0 ** -MANTISSA_BITS[dtype]
+    fp32 = values.dtype == torch.float32
+    spacing = torch.empty(min(ROUNDING_BLOCK_ENTRIES, values.numel()), dtype=torch.float32, device=values.device)
+    for start in range(0, values.numel(), ROUNDING_BLOCK_ENTRIES):
+        block, draw = values[start: start + ROUNDING_BLOCK_ENTRIES], noise[start: start + ROUNDING_BLOCK_ENTRIES]
+        if fp32:
+            step = spacing[: block.numel()]
+            step.view(torch.int32).copy_(block.view(torch.int32)).bitwise_and_(_FP32_EXPONENT_BITS)
+            step.clamp_(min=low).mul_(scale)  # inf and NaN keep an infinite spacing, as ulp()'s does in fp32
+        else:
+            step = ulp(block, dtype).to(values.dtype)
+        block.add_(draw.sub_(0.5).mul_(step))
 
 
 def rounding_floor(logits: LogitStats, reference: torch.Tensor, probes: Probes, mc_flips: int | None

@@ -49,6 +49,25 @@ def test_ulp_from_the_bits_is_the_frexp_ulp() -> None:
             assert torch.equal(ulp(reference, dtype)[finite], frexp_ulp(reference, dtype)[finite]), dtype
 
 
+def test_the_floors_fp32_rounding_is_the_fp64_ulp_rounding() -> None:
+    """The floor's rounding reads fp32 weights' ulps from their bits: the sums of the fp64 formula, bit for bit."""
+    from d2merge.verify.limits import ROUNDING_BLOCK_ENTRIES, round_parameter
+
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(2 * ROUNDING_BLOCK_ENTRIES + 3, generator=generator) * 10.0 ** torch.randint(
+        -44, 38, (2 * ROUNDING_BLOCK_ENTRIES + 3,), generator=generator).float()  # a 5/7 view: two blocks, the last short
+    values[:9] = torch.tensor([0.0, -0.0, 1e-45, 1e-40, 2.0 ** -126, 6e-8, 65504.0, 3.4e38, -1.5])
+    weight = values.reshape(-1, 7)[:, :5]  # not contiguous: rounded through a copy
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        rounded = weight.clone()
+        round_parameter("w", rounded, {"w"}, dtype, seed=5)
+        noise = torch.rand(weight.shape, generator=torch.Generator().manual_seed(
+            __import__("zlib").crc32(b"5:w")), dtype=torch.float32)
+        expected = weight + (noise - 0.5) * ulp(weight, dtype).float()
+        assert torch.equal(rounded.view(torch.int32), expected.view(torch.int32)), dtype
+        assert not torch.equal(rounded, weight)
+
+
 @pytest.fixture(scope="module")
 def merged_folders(tiny_bases: Callable[..., Path], make_adapter: Callable[..., Path],
                    tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple[Path, Path, Path]]:
