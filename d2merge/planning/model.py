@@ -118,6 +118,12 @@ class MergePlan:
         """
         return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).read(item.source, buffer)
 
+    def base_weight_bytes(self, item: TensorPlan) -> int:
+        """The stored size of :meth:`base_weight`'s tensor (what a read buffer for it must hold)."""
+        tensors = self.adapter.tensors if item.base_from_adapter else self.base.tensors
+        dtype, shape = tensors.info(item.source)
+        return torch.Size(shape).numel() * dtype.itemsize
+
     def base_weight_file(self, item: TensorPlan) -> Path:
         return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).file_of(item.source)
 

@@ -243,12 +243,23 @@ class StreamedModel:
         self.text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.hidden_size = int(getattr(self.text_config, "hidden_size"))
         self.materialized = 0  # stages materialized so far (the tests count them)
+        self._read_buffer: torch.Tensor | None = None  # one block's reads, reused (uint8)
+        self._spare: dict[tuple[int, ...], list[torch.Tensor]] = {}  # fp32 tensors of a finished block
+        self._live: list[torch.Tensor] = []  # fp32 tensors of the block being run
 
     # ----- what a stage holds -------------------------------------------------------------
 
-    def _materialize(self, module: nn.Module, prefix: str, skip: str | None = None) -> None:
-        """Every meta parameter of ``module`` read from the checkpoint in fp32 on the device (ties kept)."""
+    def _materialize(self, module: nn.Module, prefix: str, skip: str | None = None, *, block: bool = False) -> None:
+        """Every meta parameter of ``module`` read from the checkpoint in fp32 on the device (ties kept).
+
+        Always a copy: a source may hand out its own tensor (pickles held in memory, an fp32
+        read), which the floor's rounding would otherwise change in place. ``block``: a
+        decoder block, whose reads go through one reused buffer and whose fp32 tensors come
+        from the previous block's (:meth:`_recycle`); fresh memory is page-faulted in, which
+        at 7B cost as much as the copies themselves (a third of verify's time was the kernel's).
+        """
         made: dict[int, nn.Parameter] = {}
+        reuse = block and self.device.type == "cpu"
         with torch.no_grad():
             for module_name, sub in module.named_modules(prefix=prefix):
                 if skip is not None and (module_name == skip or module_name.startswith(skip + ".")):
@@ -258,17 +269,45 @@ class StreamedModel:
                         continue
                     if id(param) not in made:
                         full = f"{module_name}.{name}" if module_name else name
-                        tensor = self.checkpoint.tensors.read(self.stored[full]).to(torch.float32)
-                        made[id(param)] = nn.Parameter(self.device.upload(tensor), requires_grad=False)
+                        stored = self.stored[full]
+                        if reuse:
+                            dtype, shape = self.checkpoint.tensors.info(stored)
+                            nbytes = torch.Size(shape).numel() * dtype.itemsize
+                            if self._read_buffer is None or self._read_buffer.numel() < nbytes:
+                                self._read_buffer = None  # the old one freed before the larger one is made
+                                self._read_buffer = torch.empty(nbytes, dtype=torch.uint8)
+                            tensor = self.checkpoint.tensors.read(stored, self._read_buffer)
+                            spares = self._spare.get(tuple(tensor.shape))
+                            fp32 = spares.pop() if spares else torch.empty(tensor.shape, dtype=torch.float32)
+                            fp32.copy_(tensor)
+                            self._live.append(fp32)
+                        else:
+                            tensor = self.checkpoint.tensors.read(stored)
+                            fp32 = torch.empty(tensor.shape, dtype=torch.float32).copy_(tensor)
+                        del tensor
+                        made[id(param)] = nn.Parameter(self.device.upload(fp32), requires_grad=False)
                     sub._parameters[name] = made[id(param)]
         self.materialized += 1
+
+    def _recycle(self) -> None:
+        """The finished block's fp32 tensors kept for the next block (same shapes), not freed and faulted in again.
+
+        Called once the block module and its outputs are dropped: nothing else holds them.
+        """
+        for tensor in self._live:
+            self._spare.setdefault(tuple(tensor.shape), []).append(tensor)
+        self._live = []
+
+    def _release(self) -> None:
+        """The spare tensors and the read buffer freed (a run's end: the next model starts from nothing)."""
+        self._spare, self._live, self._read_buffer = {}, [], None
 
     def _finish(self, model: nn.Module, module: nn.Module, prefix: str, inside: Callable[[str], bool]) -> None:
         """Round the stage's parameters (the floor's model) and attach the adapter's modules that it holds."""
         if self.rounding is not None:
+            rewritten = set(self.rounding.rewritten)
             for name, param in module.named_parameters(prefix=prefix):
-                round_parameter(name, param, set(self.rounding.rewritten), self.rounding.dtype,
-                                seed=self.rounding.seed)
+                round_parameter(name, param, rewritten, self.rounding.dtype, seed=self.rounding.seed)
         if self.adapter is not None:
             from d2merge.runtime.attaching import attach_adapter, restricted
 
@@ -314,7 +353,7 @@ class StreamedModel:
         """Block ``index`` materialized, rounded and with its adapter modules, in place in the skeleton."""
         block = copy.deepcopy(self.blocks[index])
         name = f"{self.blocks_name}.{index}"
-        self._materialize(block, name)
+        self._materialize(block, name, block=True)
         original = self.blocks[index]
         self.blocks[index] = block
         try:
@@ -388,15 +427,18 @@ class StreamedModel:
         chunks = self.chunks(calls)
         self.say(f"  {len(calls)} forward batch(es): {total / 2**20:.1f} MiB of hidden states between blocks, "
                  f"{len(chunks)} pass(es) over the weights (--max-activation-memory {self.budget / 2**20:.0f} MiB)")
-        for number, chunk in enumerate(chunks):
-            try:
-                self._run_chunk(calls, chunk, consume)
-            except NotSplittable as exc:
-                if number or self.fallback is None:  # pragma: no cover - the first head stage finds it
-                    raise
-                # Found at the first head stage, before any block ran or any logits were handed on.
-                self.fallback(str(exc)).run(calls, consume)
-                return
+        try:
+            for number, chunk in enumerate(chunks):
+                try:
+                    self._run_chunk(calls, chunk, consume)
+                except NotSplittable as exc:
+                    if number or self.fallback is None:  # pragma: no cover - the first head stage finds it
+                        raise
+                    # Found at the first head stage, before any block ran or any logits were handed on.
+                    self.fallback(str(exc)).run(calls, consume)
+                    return
+        finally:
+            self._release()
 
     def _run_chunk(self, calls: Sequence[Call], chunk: list[int], consume: Consume) -> None:
         count = len(self.blocks)
@@ -441,6 +483,7 @@ class StreamedModel:
                     state.cache.layers[i].reset()  # this block's keys are used up: one block's cache at a time
                 state.inputs[i] = ((), {})
             del block, out
+            self._recycle()
             bar.advance()
         bar.close()
         source: dict[str, Any] = {"tuple": returns_tuple}

@@ -91,6 +91,49 @@ def test_streamed_mc_scores_share_prompts_and_match_the_whole_model(arch: str, t
     assert predictions(got) == predictions(expected)
 
 
+def test_blocks_reuse_one_blocks_memory_and_never_change_the_source(tiny_bases: Callable[..., Path],
+                                                                    make_adapter: Callable[..., Path],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block i+1 runs in block i's fp32 tensors; a source that hands out its own tensors keeps them unrounded."""
+    from dataclasses import replace
+
+    base = tiny_bases("llama")  # fp32: the reads would be the stored tensors themselves
+    adapter = load_adapter(make_adapter(base, "lora", seed=4, magnitude=0.05))
+    checkpoint = open_base(base)
+    held = {name: checkpoint.tensors.read(name) for name in checkpoint.tensors.keys()}
+    pristine = {name: tensor.clone() for name, tensor in held.items()}
+
+    class InMemory:  # as d2merge.io.checkpoint.PickleFiles: read() returns the held tensor, no copy
+        keys, info, file_of = checkpoint.tensors.keys, checkpoint.tensors.info, checkpoint.tensors.file_of
+
+        def read(self, name: str, buffer: Any = None) -> torch.Tensor:
+            return held[name]
+
+    in_memory = replace(checkpoint, tensors=InMemory())
+    pointers: list[set[int]] = []
+    kept: list[list[torch.Tensor]] = []
+    real = StreamedModel._materialize
+
+    def recording(self: StreamedModel, module: torch.nn.Module, prefix: str, skip: str | None = None, *,
+                  block: bool = False) -> None:
+        real(self, module, prefix, skip, block=block)
+        if block:  # held here too, so without the reuse block 1 could not land in block 0's memory by chance
+            pointers.append({p.data_ptr() for p in module.parameters()})
+            kept.append([p.data for p in module.parameters()])
+
+    monkeypatch.setattr(StreamedModel, "_materialize", recording)
+    rewritten = frozenset(name for name in held if name.endswith("proj.weight"))
+    rounding = Rounding(torch.bfloat16, rewritten, 3)
+    probes = random_probes(128, count=3, length=6, seed=2)
+    parts = streamable(in_memory)
+    assert not isinstance(parts, str), parts
+    got = probe_logits(StreamedModel(in_memory, parts, adapter=adapter, rounding=rounding), probes, 2)
+    assert all(torch.equal(held[name], pristine[name]) for name in held), "the floor rounded the source's tensors"
+    assert len(pointers) == 2 and pointers[0] == pointers[1], "block 1 did not reuse block 0's tensors"
+    monkeypatch.setattr(StreamedModel, "_materialize", real)
+    assert torch.equal(got, probe_logits(whole(base, adapter, rounding), probes, 2))
+
+
 def test_chunked_passes_give_the_same_logits(tiny_bases: Callable[..., Path]) -> None:
     base = tiny_bases("llama")
     probes = random_probes(128, count=6, length=7, seed=4)
@@ -127,9 +170,10 @@ def test_at_most_one_block_is_alive_at_a_time(tiny_bases: Callable[..., Path], m
     alive: list[weakref.ref] = []
     real = StreamedModel._materialize
 
-    def tracking(self: StreamedModel, module: torch.nn.Module, prefix: str, skip: str | None = None) -> None:
+    def tracking(self: StreamedModel, module: torch.nn.Module, prefix: str, skip: str | None = None, *,
+                 block: bool = False) -> None:
         assert all(ref() is None for ref in alive), "a block was still alive when the next one loaded"
-        real(self, module, prefix, skip)
+        real(self, module, prefix, skip, block=block)
         alive.append(weakref.ref(module))
 
     monkeypatch.setattr(StreamedModel, "_materialize", tracking)

@@ -51,21 +51,24 @@ def test_ulp_from_the_bits_is_the_frexp_ulp() -> None:
 
 def test_the_floors_fp32_rounding_is_the_fp64_ulp_rounding() -> None:
     """The floor's rounding reads fp32 weights' ulps from their bits: the sums of the fp64 formula, bit for bit."""
-    from d2merge.verify.limits import ROUNDING_BLOCK_ENTRIES, round_parameter
+    from d2merge.verify.limits import ROUNDING_BLOCK_ENTRIES, round_parameter, rounding_levels
 
     generator = torch.Generator().manual_seed(1)
-    values = torch.randn(2 * ROUNDING_BLOCK_ENTRIES + 3, generator=generator) * 10.0 ** torch.randint(
-        -44, 38, (2 * ROUNDING_BLOCK_ENTRIES + 3,), generator=generator).float()  # a 5/7 view: two blocks, the last short
+    count = 2 * ROUNDING_BLOCK_ENTRIES + 3
+    values = torch.randn(count, generator=generator) * 10.0 ** torch.randint(-44, 38, (count,),
+                                                                            generator=generator).float()
     values[:9] = torch.tensor([0.0, -0.0, 1e-45, 1e-40, 2.0 ** -126, 6e-8, 65504.0, 3.4e38, -1.5])
-    weight = values.reshape(-1, 7)[:, :5]  # not contiguous: rounded through a copy
+    weight = values.reshape(-1, 7)[:, :5]  # a 5/7 view (rounded through a copy): two blocks, the last short
+    levels = rounding_levels("5:w", weight.numel()).reshape(weight.shape)
+    assert levels.min() == -128 and levels.max() == 127 and abs(float(levels.float().mean()) + 0.5) < 0.1
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         rounded = weight.clone()
         round_parameter("w", rounded, {"w"}, dtype, seed=5)
-        noise = torch.rand(weight.shape, generator=torch.Generator().manual_seed(
-            __import__("zlib").crc32(b"5:w")), dtype=torch.float32)
-        expected = weight + (noise - 0.5) * ulp(weight, dtype).float()
+        expected = weight + (levels.float() + 0.5) / 256 * ulp(weight, dtype).float()
         assert torch.equal(rounded.view(torch.int32), expected.view(torch.int32)), dtype
         assert not torch.equal(rounded, weight)
+    assert torch.equal(rounding_levels("5:w", 10), rounding_levels("5:w", 10))
+    assert not torch.equal(rounding_levels("5:w", 10), rounding_levels("6:w", 10))
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +114,9 @@ def test_row_blocks_give_the_whole_tensor_figures(method: str, dtype: str, merge
     by_rows = Counter[str]()
     real = weights._merged_by_rows
 
-    def counting(merge_plan: Any, item: Any, stored: torch.Tensor) -> LayerCheck:
+    def counting(merge_plan: Any, item: Any, stored: torch.Tensor, read_buffer: Any = None) -> LayerCheck:
         by_rows[item.name] += 1
-        return real(merge_plan, item, stored)
+        return real(merge_plan, item, stored, read_buffer)
 
     monkeypatch.setattr(weights, "_merged_by_rows", counting)
     plan = build_plan(open_base(base), load_adapter(adapter), dtype="fp32")
