@@ -7,12 +7,10 @@ opts in, and even then are loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
-import os
 import pickle
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -34,48 +32,6 @@ class TensorSource(Protocol):
     def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]: ...
     def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor: ...
     def file_of(self, name: str) -> Path: ...
-
-
-def prefetch(tensors: Any, names: Iterable[str]) -> None:
-    """Ask the kernel to start reading these tensors' bytes now, and return at once.
-
-    Why: block-streamed verify runs block i while block i+1's bytes come off the disk, so the
-    reads and the arithmetic overlap instead of taking turns (at 7B the reads were a quarter
-    of the run). ``posix_fadvise(WILLNEED)`` on each tensor's byte range, from a daemon
-    thread so that queueing the I/O never stalls the caller; the pages land in the page
-    cache, not in this process. A hint only: a source with its own ``prefetch`` gets the
-    names, one without byte ranges (pickles in memory, quantized weights) or a system without
-    fadvise is skipped, and a failure changes nothing but the speed.
-    """
-    own = getattr(tensors, "prefetch", None)
-    if own is not None:
-        own(names)
-        return
-    byte_range, advise = getattr(tensors, "byte_range", None), getattr(os, "posix_fadvise", None)
-    if byte_range is None or advise is None:
-        return
-    spans: dict[Path, list[tuple[int, int]]] = {}
-    for name in names:
-        where = byte_range(name)
-        if where is not None:
-            spans.setdefault(where[0], []).append((where[1], where[2]))
-    if spans:
-        threading.Thread(target=_advise, args=(spans,), name="d2merge-prefetch", daemon=True).start()
-
-
-def _advise(spans: dict[Path, list[tuple[int, int]]]) -> None:
-    for path, ranges in spans.items():
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            for start, count in sorted(ranges):
-                os.posix_fadvise(fd, start, count, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
 
 class SafetensorsFiles:

@@ -41,7 +41,7 @@ from torch import nn
 from d2merge.device import ComputeDevice
 from d2merge.forward import Call, Consume, keeps_last_logits, shares_prompts
 from d2merge.io.adapter import Adapter
-from d2merge.io.checkpoint import BaseCheckpoint, prefetch
+from d2merge.io.checkpoint import BaseCheckpoint
 from d2merge.verify.limits import round_parameter
 
 
@@ -246,7 +246,6 @@ class StreamedModel:
         self._read_buffer: torch.Tensor | None = None  # one block's reads, reused (uint8)
         self._spare: dict[tuple[int, ...], list[torch.Tensor]] = {}  # fp32 tensors of a finished block
         self._live: list[torch.Tensor] = []  # fp32 tensors of the block being run
-        self._block_sources: list[list[str]] | None = None  # stored names per block, then the outer ones
 
     # ----- what a stage holds -------------------------------------------------------------
 
@@ -289,18 +288,6 @@ class StreamedModel:
                         made[id(param)] = nn.Parameter(self.device.upload(fp32), requires_grad=False)
                     sub._parameters[name] = made[id(param)]
         self.materialized += 1
-
-    def _prefetch(self, index: int) -> None:
-        """Start reading block ``index``'s stored tensors (the outer ones after the last block), not waiting."""
-        if self._block_sources is None:
-            self._block_sources = [[] for _ in range(len(self.blocks) + 1)]
-            prefix = self.blocks_name + "."
-            for name, stored in self.stored.items():
-                head, _, rest = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
-                place = int(head) if head.isdigit() and rest else len(self.blocks)
-                self._block_sources[place].append(stored)
-        if index <= len(self.blocks):
-            prefetch(self.checkpoint.tensors, self._block_sources[index])
 
     def _recycle(self) -> None:
         """The finished block's fp32 tensors kept for the next block (same shapes), not freed and faulted in again.
@@ -455,7 +442,6 @@ class StreamedModel:
 
     def _run_chunk(self, calls: Sequence[Call], chunk: list[int], consume: Consume) -> None:
         count = len(self.blocks)
-        self._prefetch(0)
         states = {index: _CallState() for index in chunk}
         sink: list[Any] = []
         model = self._outer([_Recorder(i, i == count - 1, sink) for i in range(count)])
@@ -482,7 +468,6 @@ class StreamedModel:
         bar = Progress("verify: decoder blocks", count, "block")
         for i in range(count):
             block = self._block(i)
-            self._prefetch(i + 1)  # block i+1's bytes come off the disk while block i runs
             for index in chunk:
                 state, call = states[index], calls[index]
                 args, kwargs = state.inputs[i]
@@ -501,7 +486,6 @@ class StreamedModel:
             self._recycle()
             bar.advance()
         bar.close()
-        self._release()  # the spare block is not kept through the tail (a 7B head is 0.5 GB in fp32)
         source: dict[str, Any] = {"tuple": returns_tuple}
         model = self._outer([_Replay(i == count - 1, source) for i in range(count)])
         tail_states = {index: _CallState() for index in chunk}

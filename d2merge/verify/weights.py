@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from d2merge.errors import D2MergeError
-from d2merge.io.checkpoint import BaseCheckpoint, TensorSource, prefetch
+from d2merge.io.checkpoint import BaseCheckpoint, TensorSource
 from d2merge.planning import MergePlan, TensorPlan
 from d2merge.verify.limits import DTYPE_LABELS, MANTISSA_BITS, binade_, binade_bounds, ulp
 from d2merge.verify.results import LayerCheck
@@ -237,12 +237,6 @@ class _Tee:
     def file_of(self, name: str) -> Path:
         return self.tensors.file_of(name)
 
-    def prefetch(self, names: Iterable[str]) -> None:
-        """The merged tensors a forward will read next, and the W0 their checks will read."""
-        names = list(names)
-        prefetch(self.tensors, names)
-        self.checker.prefetch(names)
-
 
 class WeightChecker:
     """Every planned tensor of a merged folder checked once: merged ones against fp64, copied ones bit for bit.
@@ -286,14 +280,6 @@ class WeightChecker:
                                                 figures)
         else:
             self.results[name] = _same_copy(self.merge_plan, item, stored)
-
-    def prefetch(self, names: Iterable[str]) -> None:
-        """W0 of the planned merged tensors among ``names``, ahead of their checks (``io.checkpoint.prefetch``)."""
-        plan = self.merge_plan
-        items = [self.planned[n] for n in names if n in self.planned and n not in self.results]
-        sources = [i.source for i in items if i.action == "merge" and not i.base_from_adapter and i.source]
-        if sources:
-            prefetch(plan.base.tensors, sources)
 
     def unchecked(self) -> int:
         """How many planned tensors of the folder are not checked yet."""
