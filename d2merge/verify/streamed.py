@@ -486,6 +486,7 @@ class StreamedModel:
             self._recycle()
             bar.advance()
         bar.close()
+        self._release()  # the spare block is not kept through the tail (a 7B head is 0.5 GB in fp32)
         source: dict[str, Any] = {"tuple": returns_tuple}
         model = self._outer([_Replay(i == count - 1, source) for i in range(count)])
         tail_states = {index: _CallState() for index in chunk}
