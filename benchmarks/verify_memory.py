@@ -139,6 +139,10 @@ def main() -> None:
     parser.add_argument("--no-negative", dest="negative", action="store_false",
                         help="--shape: skip the q_proj x 1.01 run that must fail")
     parser.add_argument("--keep", action="store_true", help="--shape: keep --workdir's models")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="--shape: empty the page cache (root) before the floor's read and before each verify, "
+                             "so both read from the disk; without it the figures depend on what an earlier run "
+                             "left cached (a 7B base and merge, 27 GB, do not both fit in 24 GB)")
     parser.add_argument("--weights-only", action="store_true",
                         help="--shape: measure the weight check alone, correct and with q_proj x 1.01")
     parser.add_argument("--mc-base", type=Path, default=None,
@@ -266,8 +270,11 @@ def read_seconds(paths: list[Path]) -> tuple[float, float]:
     return time.perf_counter() - started, time.process_time() - cpu
 
 
-def scale_tensor(folder: Path, name: str, factor: float) -> None:
-    """Multiply one tensor of a safetensors folder by ``factor``, in place (a wrong merge, for the negative case)."""
+def scale_tensor(folder: Path, name: str, factor: float) -> bytes:
+    """Multiply one tensor of a safetensors folder by ``factor``, in place (a wrong merge, for the negative case).
+
+    Returns the tensor's former bytes, for :func:`restore_tensor`: a kept --workdir stays a correct merge.
+    """
     import torch
 
     from d2merge.io.checkpoint import open_base
@@ -280,7 +287,33 @@ def scale_tensor(folder: Path, name: str, factor: float) -> None:
     info = SafetensorsFile(path).tensors[name]
     with open(path, "r+b") as fh:
         fh.seek(info.start)
+        former = fh.read(info.nbytes)
+        fh.seek(info.start)
         fh.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return former
+
+
+def restore_tensor(folder: Path, name: str, former: bytes) -> None:
+    """Write back the bytes :func:`scale_tensor` replaced."""
+    from d2merge.io.checkpoint import open_base
+    from d2merge.io.safetensors_file import SafetensorsFile
+
+    path = open_base(folder).tensors.file_of(name)
+    with open(path, "r+b") as fh:
+        fh.seek(SafetensorsFile(path).tensors[name].start)
+        fh.write(former)
+
+
+def drop_caches() -> None:
+    """Empty the page cache (root only), so that reads are timed from the disk as a first run meets them."""
+    import os
+
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--drop-caches: cannot write /proc/sys/vm/drop_caches ({exc.strerror}); run as root, "
+                         "or leave the flag out") from None
 
 
 WEIGHTS_ONLY = r"""
@@ -319,13 +352,17 @@ The second check covers layer 0's tensors only (the scaled one among them).
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     figures = {}
+    name = "model.layers.0.self_attn.q_proj.weight"
     for label in ("correct", "q_proj x 1.01"):
-        if label != "correct":
-            scale_tensor(root / "merged", "model.layers.0.self_attn.q_proj.weight", 1.01)
+        former = None if label == "correct" else scale_tensor(root / "merged", name, 1.01)
         load = os.getloadavg()[0]
-        done = subprocess.run([sys.executable, "-c", WEIGHTS_ONLY, str(root / "base"), str(root / "adapter"),
-                               str(root / "merged"), "" if label == "correct" else "model.layers.0."],
-                              capture_output=True, text=True, check=True, env=env)
+        try:
+            done = subprocess.run([sys.executable, "-c", WEIGHTS_ONLY, str(root / "base"), str(root / "adapter"),
+                                   str(root / "merged"), "" if label == "correct" else "model.layers.0."],
+                                  capture_output=True, text=True, check=True, env=env)
+        finally:
+            if former is not None:
+                restore_tensor(root / "merged", name, former)
         figures[label] = {**json.loads(done.stdout.strip().splitlines()[-1]), "load": [load, os.getloadavg()[0]]}
         print(f"weight check alone ({label}): {json.dumps(figures[label])}", flush=True)
     if args.json:
@@ -363,6 +400,9 @@ def at_scale(args: argparse.Namespace) -> None:
         params = sum(torch.Size(s).numel() for s in _shapes_of(base))
         files = sorted(base.glob("*.safetensors")) + sorted(merged.glob("*.safetensors"))
         figures["parameters"] = params
+        figures["page_cache"] = "dropped before the read and before each verify" if args.drop_caches else "as found"
+        if args.drop_caches:
+            drop_caches()
         read_wall, read_cpu = read_seconds(files)
         figures["read_both_once_s"], figures["read_both_once_cpu_s"] = round(read_wall, 1), round(read_cpu, 1)
         rate, cpu_rate = matmul_rate()
@@ -375,6 +415,8 @@ def at_scale(args: argparse.Namespace) -> None:
         figures["floor_cpu_s"] = round(read_cpu + figures["forward_arithmetic_cpu_s"], 1)
         command = ["-m", "d2merge.cli", "verify", str(base), str(adapter), str(merged), "--probe-source", "random",
                    "--num-probes", str(args.probes), "--probe-length", str(args.probe_length)]
+        if args.drop_caches:
+            drop_caches()
         run = stamped([sys.executable, *command], root)
         figures["verify"] = {"exit": run["code"], "wall_s": round(run["wall"], 1), "cpu_s": round(run["cpu"], 1),
                              "peak_rss_bytes": run["rss"], "load": [run["load_start"], run["load_end"]],
@@ -399,8 +441,13 @@ def at_scale(args: argparse.Namespace) -> None:
               f"{(total or 0) / 1e9:.1f} GB by its last stage line", flush=True)
         print_phases(run["lines"])
         if args.negative:
-            scale_tensor(merged, "model.layers.0.self_attn.q_proj.weight", 1.01)
-            bad = stamped([sys.executable, *command], root)
+            former = scale_tensor(merged, "model.layers.0.self_attn.q_proj.weight", 1.01)
+            try:
+                if args.drop_caches:
+                    drop_caches()
+                bad = stamped([sys.executable, *command], root)
+            finally:
+                restore_tensor(merged, "model.layers.0.self_attn.q_proj.weight", former)
             figures["negative"] = {"exit": bad["code"], "wall_s": round(bad["wall"], 1), "cpu_s": round(bad["cpu"], 1),
                                    "peak_rss_bytes": bad["rss"], "load": [bad["load_start"], bad["load_end"]],
                                    "verify_over_floor": round(bad["wall"] / figures["floor_s"], 2),
