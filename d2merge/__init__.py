@@ -6,6 +6,7 @@ The Python API is what the command line uses::
     d2merge.plan("./base", "./adapter").describe()          # what would change
     d2merge.merge("./base", "./adapter", "./merged", dtype="bf16")
     d2merge.merge("./base", d2merge.AdapterMix(("./a", "./b"), (0.7, 0.5)), "./merged")  # several at once
+    d2merge.convert("./dora-adapter", "./base", "./as-lora")   # a plain LoRA (to="gguf-lora": llama.cpp's)
     d2merge.load_adapter("./adapter").config
 
 The names below are imported on first use (PEP 562): ``import d2merge`` and
@@ -23,16 +24,19 @@ from d2merge.version import __version__
 # name -> module that defines it
 _LAZY = {"load_adapter": "d2merge.io", "open_base": "d2merge.io", "MergeOptions": "d2merge.options",
          "MergeResult": "d2merge.api", "merge": "d2merge.api", "plan": "d2merge.api",
-         "AdapterMix": "d2merge.adapter_ops.mix"}
+         "AdapterMix": "d2merge.adapter_ops.mix", "convert": "d2merge.export.adapter_outputs",
+         "ConvertOptions": "d2merge.options.adapter_ops"}
 
-__all__ = ["AdapterMix", "D2MergeError", "MergeOptions", "MergeResult", "VerificationFailed", "__version__", "load_adapter",
-           "merge", "open_base", "plan"]
+__all__ = ["AdapterMix", "ConvertOptions", "D2MergeError", "MergeOptions", "MergeResult", "VerificationFailed",
+           "__version__", "convert", "load_adapter", "merge", "open_base", "plan"]
 
 if TYPE_CHECKING:
     from d2merge.adapter_ops.mix import AdapterMix
     from d2merge.api import MergeResult, merge, plan
+    from d2merge.export.adapter_outputs import convert
     from d2merge.io import load_adapter, open_base
     from d2merge.options import MergeOptions
+    from d2merge.options.adapter_ops import ConvertOptions
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 

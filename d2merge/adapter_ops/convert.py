@@ -91,6 +91,7 @@ def convert_to_lora(adapter: str | Path | Adapter, base: str | Path, out: str | 
                     report: str | Path | None = None) -> ConvertResult:
     """Write ``adapter`` (on ``base``) as a plain LoRA folder ``out``; nothing is written on a refusal."""
     options = options or ConvertOptions()
+    options.require_target("lora")
     loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, allow_pickle=allow_pickle)
     out_path = check_adapter_output(out, [loaded.path, Path(base)], overwrite=options.overwrite)
     plan, modules, rows = lora_modules(loaded, base, options)

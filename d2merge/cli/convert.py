@@ -31,13 +31,7 @@ def convert_command(adapter: str, base: str, out: str, report_path: str | None, 
       d2merge convert ./dora-adapter --base ./llama -o ./as-lora
       d2merge convert ./d2lora-adapter --base ./llama --rank 64 -o ./as-lora --report cost.json
     """
-    opts = ConvertOptions(**options)
-    if opts.to == "gguf-lora":
-        from d2merge.export.gguf.lora_adapter import convert_to_gguf_lora
+    from d2merge.export.adapter_outputs import convert
 
-        result = convert_to_gguf_lora(adapter, base, out, opts, allow_pickle=allow_pickle, report=report_path)
-    else:
-        from d2merge.adapter_ops.convert import convert_to_lora
-
-        result = convert_to_lora(adapter, base, out, opts, allow_pickle=allow_pickle, report=report_path)
+    result = convert(adapter, base, out, ConvertOptions(**options), allow_pickle=allow_pickle, report=report_path)
     click.echo(result.describe())

@@ -97,6 +97,12 @@ class ConvertOptions(_SvdRank):
     svd: str = option("full", choices=SVD_KINDS, help=SVD_HELP)
     overwrite: bool = option(False, help="Replace an existing output (only once the new one is complete).")
 
+    def require_target(self, writes: str) -> None:
+        """A writer called directly with options for another target refuses, instead of writing its own format."""
+        if self.to != writes:
+            raise self.error(f"{{to=}} asks for another output than this function writes ({writes})",
+                             hint="call d2merge.convert with {to=}, which writes that output")
+
 
 @dataclass(frozen=True)
 class ExtractOptions(_SvdRank):

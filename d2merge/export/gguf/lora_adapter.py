@@ -87,6 +87,7 @@ def convert_to_gguf_lora(adapter: str | Path, base: str | Path, out: str | Path,
     """Write ``adapter`` (on ``base``) as one llama.cpp LoRA GGUF file ``out``; nothing written on a refusal."""
     started = time.perf_counter()
     options = options or ConvertOptions(to="gguf-lora")
+    options.require_target("gguf-lora")
     gguf = gguf_py("GGUF output")
     out_path = Path(out)
     if out_path.suffix != ".gguf":

@@ -81,6 +81,32 @@ def test_gguf_lora_refusals(tiny_bases: Any, make_adapter: Any, tmp_path: Path) 
     assert not list(tmp_path.iterdir())
 
 
+def test_convert_writes_what_to_asks_for_and_writers_refuse_another_target(tiny_bases: Any, make_adapter: Any,
+                                                                           tmp_path: Path) -> None:
+    """d2merge.convert dispatches on ConvertOptions.to; a writer handed another target refuses in one line."""
+    import d2merge
+    from d2merge.adapter_ops.convert import convert_to_lora
+    from d2merge.errors import OptionError
+    from d2merge.export.adapter_outputs import REGISTRY
+    from d2merge.options.adapter_ops import CONVERT_TARGETS
+
+    assert tuple(REGISTRY) == CONVERT_TARGETS
+    base = tiny_bases("llama")
+    adapter = make_adapter(base, "dora", target_modules=("q_proj",))
+    as_gguf = d2merge.convert(adapter, base, tmp_path / "a.gguf", to="gguf-lora").out
+    assert as_gguf.is_file() and as_gguf.read_bytes()[:4] == b"GGUF"
+    as_lora = d2merge.convert(adapter, base, tmp_path / "as-lora").out
+    assert json.loads((as_lora / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    made = set(tmp_path.iterdir())
+    with pytest.raises(OptionError) as refused:
+        convert_to_lora(adapter, base, tmp_path / "wrong", ConvertOptions(to="gguf-lora"))
+    assert str(refused.value).startswith("to='gguf-lora' asks for another output than this function writes (lora)")
+    assert "d2merge.convert with to='gguf-lora'" in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(OptionError, match=r"to='lora' asks for another output .* \(gguf-lora\)"):
+        convert_to_gguf_lora(adapter, base, tmp_path / "wrong.gguf", ConvertOptions())
+    assert set(tmp_path.iterdir()) == made  # nothing written by either refusal
+
+
 llama_cpp_only = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                     reason="llama-cpp-python is not installed (extra gguf-llama)")
 
