@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 _WHERE = {"Job": "d2merge.many.manifest", "load_manifest": "d2merge.many.manifest",
-          "ManyOptions": "d2merge.options.many", "JobOutcome": "d2merge.many.run",
-          "ManyReport": "d2merge.many.run", "merge_many": "d2merge.many.driver"}
+          "ManyOptions": "d2merge.options.many", "JobOutcome": "d2merge.many.report",
+          "ManyReport": "d2merge.many.report", "merge_many": "d2merge.many.driver"}
 __all__ = sorted(_WHERE)
 
 

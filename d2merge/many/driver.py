@@ -1,6 +1,7 @@
 """``merge_many``: the manifest, every job checked first, then the groups run here, in worker processes or on Ray.
 
-It sits above :mod:`d2merge.many.run` (the unit of work, the report's records) and
+It sits above :mod:`d2merge.many.run` (the unit of work), :mod:`d2merge.many.checks` and
+:mod:`d2merge.many.report` (the report's records) and
 :mod:`d2merge.many.ray_jobs` (which runs that unit as Ray tasks), so neither imports
 the other's caller: the Ray runner imports ``run``, and only this module imports both.
 """
@@ -17,8 +18,9 @@ from d2merge.io.output import check_output_location, disk_error
 from d2merge.io.checkpoint import open_base
 from d2merge.many.manifest import Job, load_manifest
 from d2merge.options.many import ManyOptions
-from d2merge.many.run import (FAILED, NOT_RUN, PLANNED, SKIPPED, JobOutcome, ManyReport, SourceHashes, _run_checked,
-                              _run_processes, check_jobs)
+from d2merge.many.checks import SourceHashes, check_jobs
+from d2merge.many.report import FAILED, NOT_RUN, PLANNED, SKIPPED, JobOutcome, ManyReport
+from d2merge.many.run import _run_checked, _run_processes
 from d2merge.many.stream import OnTensor
 
 

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 from d2merge.errors import D2MergeError, escaped, option_error
 from d2merge.many.manifest import Job
 from d2merge.options.many import ManyOptions
-from d2merge.many.run import FAILED, JobOutcome, run_group, split_jobs
+from d2merge.many.report import FAILED, JobOutcome
+from d2merge.many.run import run_group, split_jobs
 from d2merge.many.stream import OnTensor
 
 # Retries of a task whose worker process or node died (Ray's own default is 3 as well).

@@ -1,4 +1,4 @@
-"""merge-many's HTML page, made from the :class:`~d2merge.many.run.ManyReport` object.
+"""merge-many's HTML page, made from the :class:`~d2merge.many.report.ManyReport` object.
 
 One row per job: status, seconds, verify verdict (and what failed), the output, and a link to
 the job's own verify page when the job was verified (written beside this page by
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from d2merge.reports.html import BarChart, Cell, Raw, Verdict, esc, json_details, link, page, section, table, write_page
 
 if TYPE_CHECKING:
-    from d2merge.many.run import JobOutcome, ManyReport
+    from d2merge.many.report import JobOutcome, ManyReport
 
 _GOOD = {"merged", "skipped", "planned"}
 

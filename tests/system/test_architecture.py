@@ -149,10 +149,10 @@ ALLOWED = {
                      "d2merge.planning", "d2merge.engine", "d2merge.export", "d2merge.verify", "d2merge.options.verify",
                      "d2merge.reports", "d2merge.many"),
     # the HTML pages: the machinery writes through io.output; a page reads its report's records
-    # (verify.report, bench, many.run for type checking only: none of them imports a page back).
+    # (verify.report, bench, many.report for type checking only: none of them imports a page back).
     "d2merge.reports.html": ("d2merge.io.output",),
     "d2merge.reports": ("d2merge.reports.html", "d2merge.verify.results", "d2merge.verify.report", "d2merge.bench",
-                        "d2merge.many.run"),
+                        "d2merge.many.report"),
 }
 
 

