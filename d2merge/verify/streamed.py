@@ -252,8 +252,9 @@ class StreamedModel:
     def _materialize(self, module: nn.Module, prefix: str, skip: str | None = None, *, block: bool = False) -> None:
         """Every meta parameter of ``module`` read from the checkpoint in fp32 on the device (ties kept).
 
-        Always a copy: a source may hand out its own tensor (pickles held in memory, an fp32
-        read), which the floor's rounding would otherwise change in place. ``block``: a
+        Always a copy: a source may hand out its own tensor (a pickle base is held in memory,
+        and ``.to(torch.float32)`` of an fp32 tensor is that tensor), which the floor's rounding
+        would otherwise change in place. ``block``: a
         decoder block, whose reads go through one reused buffer and whose fp32 tensors come
         from the previous block's (:meth:`_recycle`); fresh memory is page-faulted in, which
         at 7B cost as much as the copies themselves (a third of verify's time was the kernel's).
