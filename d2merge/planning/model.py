@@ -17,7 +17,7 @@ import torch
 from d2merge.dtypes import ALIASES, FLOAT_DTYPES
 from d2merge.errors import D2MergeError
 from d2merge.io.adapter import Adapter
-from d2merge.io.checkpoint import BaseCheckpoint
+from d2merge.io.checkpoint import BaseCheckpoint, TensorSource
 from d2merge.io.safetensors_file import DTYPE_NAMES, dtype_size
 from d2merge.methods import ModuleSettings
 from d2merge.natural_sort import natural_key
@@ -116,16 +116,14 @@ class MergePlan:
 
         ``buffer`` (uint8) receives the data when given, instead of fresh memory.
         """
-        return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).read(item.source, buffer)
+        return self.base_weight_source(item).read(item.source, buffer)
 
-    def base_weight_bytes(self, item: TensorPlan) -> int:
-        """The stored size of :meth:`base_weight`'s tensor (what a read buffer for it must hold)."""
-        tensors = self.adapter.tensors if item.base_from_adapter else self.base.tensors
-        dtype, shape = tensors.info(item.source)
-        return torch.Size(shape).numel() * dtype.itemsize
+    def base_weight_source(self, item: TensorPlan) -> TensorSource:
+        """Where :meth:`base_weight` reads ``item.source`` from: the base, or the adapter's replacement."""
+        return self.adapter.tensors if item.base_from_adapter else self.base.tensors
 
     def base_weight_file(self, item: TensorPlan) -> Path:
-        return (self.adapter.tensors if item.base_from_adapter else self.base.tensors).file_of(item.source)
+        return self.base_weight_source(item).file_of(item.source)
 
     @property
     def adapters(self) -> tuple[Adapter, ...]:

@@ -42,6 +42,7 @@ from d2merge.device import ComputeDevice
 from d2merge.forward import Call, Consume, keeps_last_logits, shares_prompts
 from d2merge.io.adapter import Adapter
 from d2merge.io.checkpoint import BaseCheckpoint
+from d2merge.io.tensor_reader import TensorReader
 from d2merge.verify.limits import round_parameter
 
 
@@ -243,7 +244,7 @@ class StreamedModel:
         self.text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.hidden_size = int(getattr(self.text_config, "hidden_size"))
         self.materialized = 0  # stages materialized so far (the tests count them)
-        self._read_buffer: torch.Tensor | None = None  # one block's reads, reused (uint8)
+        self._reader = TensorReader(slots=1)  # one block's reads, through one reused buffer
         self._spare: dict[tuple[int, ...], list[torch.Tensor]] = {}  # fp32 tensors of a finished block
         self._live: list[torch.Tensor] = []  # fp32 tensors of the block being run
 
@@ -272,12 +273,7 @@ class StreamedModel:
                         full = f"{module_name}.{name}" if module_name else name
                         stored = self.stored[full]
                         if reuse:
-                            dtype, shape = self.checkpoint.tensors.info(stored)
-                            nbytes = torch.Size(shape).numel() * dtype.itemsize
-                            if self._read_buffer is None or self._read_buffer.numel() < nbytes:
-                                self._read_buffer = None  # the old one freed before the larger one is made
-                                self._read_buffer = torch.empty(nbytes, dtype=torch.uint8)
-                            tensor = self.checkpoint.tensors.read(stored, self._read_buffer)
+                            tensor = self._reader.read(self.checkpoint.tensors, stored)
                             spares = self._spare.get(tuple(tensor.shape))
                             fp32 = spares.pop() if spares else torch.empty(tensor.shape, dtype=torch.float32)
                             fp32.copy_(tensor)
@@ -301,7 +297,8 @@ class StreamedModel:
 
     def _release(self) -> None:
         """The spare tensors and the read buffer freed (a run's end: the next model starts from nothing)."""
-        self._spare, self._live, self._read_buffer = {}, [], None
+        self._reader.close()
+        self._spare, self._live, self._reader = {}, [], TensorReader(slots=1)
 
     def _finish(self, model: nn.Module, module: nn.Module, prefix: str, inside: Callable[[str], bool]) -> None:
         """Round the stage's parameters (the floor's model) and attach the adapter's modules that it holds."""

@@ -27,6 +27,7 @@ import torch
 
 from d2merge.errors import D2MergeError
 from d2merge.io.checkpoint import BaseCheckpoint, TensorSource
+from d2merge.io.tensor_reader import TensorReader
 from d2merge.planning import MergePlan, TensorPlan
 from d2merge.verify.limits import DTYPE_LABELS, MANTISSA_BITS, binade_, binade_bounds, ulp
 from d2merge.verify.results import LayerCheck
@@ -123,7 +124,7 @@ def _row_blocks(item: TensorPlan, merge_plan: MergePlan, stored: torch.Tensor) -
 
 
 def _merged_by_rows(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tensor,
-                    read_buffer: torch.Tensor | None = None) -> LayerCheck:
+                    reader: TensorReader | None = None) -> LayerCheck:
     """The merged tensor's errors and the method's figures, a row block at a time in fp64.
 
     Per entry the figures :func:`reference_merge` and :func:`weight_error` compute on the whole
@@ -134,12 +135,13 @@ def _merged_by_rows(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tenso
     rms(dW) over the whole tensor comes from the method's algebra where it can
     (``update_square_sum``), else from a first pass over the update. The block buffers are
     reused: a fresh 2 MB allocation is page-faulted in, which cost as much as the pass using it.
-    ``read_buffer`` (uint8) receives W0 instead of fresh memory, for the same reason at 90 MB.
+    ``reader`` reads W0 into its reused buffer instead of fresh memory, for the same reason at 90 MB.
     """
     adapter = merge_plan.adapter
     method, settings = adapter.method, item.settings
     assert settings is not None and item.module is not None
-    w0 = merge_plan.base_weight(item, read_buffer)
+    w0 = (merge_plan.base_weight(item) if reader is None
+          else reader.read(merge_plan.base_weight_source(item), item.source))
     factors = {k: v.double() for k, v in adapter.factors(item.module).items()}
     rows, cols = stored.shape
     step = max(1, BLOCK_ENTRIES // max(cols, 1))
@@ -181,13 +183,6 @@ def _merged_by_rows(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tenso
     return LayerCheck(item.name, str(item.module), float(worst[0]), float(worst[1]), float(worst[2]), figures)
 
 
-def _grown(buffer: torch.Tensor | None, nbytes: int) -> torch.Tensor:
-    """A uint8 read buffer of at least ``nbytes``: ``buffer`` itself when it is large enough."""
-    if buffer is not None and buffer.numel() >= nbytes:
-        return buffer
-    return torch.empty(nbytes, dtype=torch.uint8)
-
-
 def _combine(how: str | None, name: str, a: float, b: float) -> float:
     if how == "min":
         return min(a, b) if not (math.isnan(a) or math.isnan(b)) else math.nan
@@ -222,6 +217,8 @@ class _Tee:
 
     def __init__(self, tensors: TensorSource, checker: "WeightChecker"):
         self.tensors, self.checker = tensors, checker
+        if hasattr(tensors, "byte_range"):  # file-backed: a TensorReader then reads it into its reused buffer
+            self.byte_range = tensors.byte_range
 
     def keys(self) -> list[str]:
         return self.tensors.keys()
@@ -259,7 +256,7 @@ class WeightChecker:
                                    path=merged.tensors.file_of(name), tensor=name,
                                    hint="is MERGED a merge of this base and adapter?")
         self.results: dict[str, LayerCheck | bool] = {}  # a merged tensor's check, or whether a copy matched
-        self._buffer: torch.Tensor | None = None  # W0's bytes, reused from tensor to tensor
+        self._reader = TensorReader(slots=1)  # W0's bytes, one buffer reused from tensor to tensor
 
     def source(self) -> TensorSource:
         """The merged folder's tensors, checked as they are read."""
@@ -271,8 +268,7 @@ class WeightChecker:
             return
         if item.action == "merge":
             if _row_blocks(item, self.merge_plan, stored):
-                self._buffer = _grown(self._buffer, self.merge_plan.base_weight_bytes(item))
-                self.results[name] = _merged_by_rows(self.merge_plan, item, stored, self._buffer)
+                self.results[name] = _merged_by_rows(self.merge_plan, item, stored, self._reader)
             else:
                 reference, terms, figures = reference_merge(self.merge_plan, item)
                 abs_error, ulp_error, ulp_at_value = weight_error(stored, reference, terms)

@@ -114,9 +114,9 @@ def test_row_blocks_give_the_whole_tensor_figures(method: str, dtype: str, merge
     by_rows = Counter[str]()
     real = weights._merged_by_rows
 
-    def counting(merge_plan: Any, item: Any, stored: torch.Tensor, read_buffer: Any = None) -> LayerCheck:
+    def counting(merge_plan: Any, item: Any, stored: torch.Tensor, reader: Any = None) -> LayerCheck:
         by_rows[item.name] += 1
-        return real(merge_plan, item, stored, read_buffer)
+        return real(merge_plan, item, stored, reader)
 
     monkeypatch.setattr(weights, "_merged_by_rows", counting)
     plan = build_plan(open_base(base), load_adapter(adapter), dtype="fp32")
