@@ -52,7 +52,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 CHILD = r"""
 import json, sys
@@ -270,38 +272,31 @@ def read_seconds(paths: list[Path]) -> tuple[float, float]:
     return time.perf_counter() - started, time.process_time() - cpu
 
 
-def scale_tensor(folder: Path, name: str, factor: float) -> bytes:
-    """Multiply one tensor of a safetensors folder by ``factor``, in place (a wrong merge, for the negative case).
-
-    Returns the tensor's former bytes, for :func:`restore_tensor`: a kept --workdir stays a correct merge.
-    """
+@contextmanager
+def scaled_tensor(folder: Path, name: str, factor: float) -> Iterator[None]:
+    """One tensor of a safetensors folder multiplied by ``factor`` in place (a wrong merge, for the negative
+    case) while the block runs; its former bytes are written back afterwards, so a kept --workdir stays a
+    correct merge."""
     import torch
 
     from d2merge.io.checkpoint import open_base
+    from d2merge.io.safetensors_file import SafetensorsFile
 
     checkpoint = open_base(folder)
     path = checkpoint.tensors.file_of(name)
     tensor = (checkpoint.tensors.read(name).float() * factor).to(checkpoint.tensors.info(name)[0])
-    from d2merge.io.safetensors_file import SafetensorsFile
-
     info = SafetensorsFile(path).tensors[name]
     with open(path, "r+b") as fh:
         fh.seek(info.start)
         former = fh.read(info.nbytes)
         fh.seek(info.start)
         fh.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-    return former
-
-
-def restore_tensor(folder: Path, name: str, former: bytes) -> None:
-    """Write back the bytes :func:`scale_tensor` replaced."""
-    from d2merge.io.checkpoint import open_base
-    from d2merge.io.safetensors_file import SafetensorsFile
-
-    path = open_base(folder).tensors.file_of(name)
-    with open(path, "r+b") as fh:
-        fh.seek(SafetensorsFile(path).tensors[name].start)
-        fh.write(former)
+    try:
+        yield
+    finally:
+        with open(path, "r+b") as fh:
+            fh.seek(info.start)
+            fh.write(former)
 
 
 def drop_caches() -> None:
@@ -354,15 +349,11 @@ The second check covers layer 0's tensors only (the scaled one among them).
     figures = {}
     name = "model.layers.0.self_attn.q_proj.weight"
     for label in ("correct", "q_proj x 1.01"):
-        former = None if label == "correct" else scale_tensor(root / "merged", name, 1.01)
         load = os.getloadavg()[0]
-        try:
+        with nullcontext() if label == "correct" else scaled_tensor(root / "merged", name, 1.01):
             done = subprocess.run([sys.executable, "-c", WEIGHTS_ONLY, str(root / "base"), str(root / "adapter"),
                                    str(root / "merged"), "" if label == "correct" else "model.layers.0."],
                                   capture_output=True, text=True, check=True, env=env)
-        finally:
-            if former is not None:
-                restore_tensor(root / "merged", name, former)
         figures[label] = {**json.loads(done.stdout.strip().splitlines()[-1]), "load": [load, os.getloadavg()[0]]}
         print(f"weight check alone ({label}): {json.dumps(figures[label])}", flush=True)
     if args.json:
@@ -441,13 +432,10 @@ def at_scale(args: argparse.Namespace) -> None:
               f"{(total or 0) / 1e9:.1f} GB by its last stage line", flush=True)
         print_phases(run["lines"])
         if args.negative:
-            former = scale_tensor(merged, "model.layers.0.self_attn.q_proj.weight", 1.01)
-            try:
+            with scaled_tensor(merged, "model.layers.0.self_attn.q_proj.weight", 1.01):
                 if args.drop_caches:
                     drop_caches()
                 bad = stamped([sys.executable, *command], root)
-            finally:
-                restore_tensor(merged, "model.layers.0.self_attn.q_proj.weight", former)
             figures["negative"] = {"exit": bad["code"], "wall_s": round(bad["wall"], 1), "cpu_s": round(bad["cpu"], 1),
                                    "peak_rss_bytes": bad["rss"], "load": [bad["load_start"], bad["load_end"]],
                                    "verify_over_floor": round(bad["wall"] / figures["floor_s"], 2),

@@ -24,14 +24,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class AdapterOutput:
-    """One ``--to`` target: its name, whether it is one file (a folder otherwise), and its writer.
+    """One ``--to`` target: its name and its writer (each writer checks its own output's location and suffix).
 
     ``write(adapter, base, out, options, allow_pickle=, report=)`` writes ``out`` atomically
     and returns the conversion's per-module report; nothing is written on a refusal.
     """
 
     name: str
-    is_file: bool
     write: Callable[..., ConvertResult]
 
 
@@ -49,8 +48,8 @@ def _gguf_lora(*args: Any, **kwargs: Any) -> ConvertResult:
 
 def _targets() -> tuple[AdapterOutput, ...]:
     return (  # one line per target, in the order --to lists them (options.adapter_ops.CONVERT_TARGETS)
-        AdapterOutput("lora", False, _lora),
-        AdapterOutput("gguf-lora", True, _gguf_lora),
+        AdapterOutput("lora", _lora),
+        AdapterOutput("gguf-lora", _gguf_lora),
     )
 
 
