@@ -79,7 +79,7 @@ class TensorReader:
         # the slots (a cold base) holds a third until it has hashed it.
         fed = hasher is not None and getattr(hasher, "read_ahead", False) is False
         extra = (1 if schedule else 0) if fed else 0
-        self._slots = [_Slot() for _ in range(max(1, slots if fed or not schedule else 2) + extra)]
+        self._slots = [_Slot() for _ in range(max(1, slots if fed or not schedule else max(2, slots)) + extra)]
         self._next = 0
         self._allocate = allocate
         self._current: _Slot | None = None
@@ -101,6 +101,10 @@ class TensorReader:
         if self._current is not None:
             self._current.release()
             self._current = None
+
+    def done(self) -> None:
+        """The last tensor read is no longer needed: its buffer may be read into before the next read."""
+        self._done_with_current()
 
     def read(self, source: TensorSource, name: str) -> torch.Tensor:
         with profile.phase("read"):

@@ -54,7 +54,7 @@ class DoRA(LoRA):
 
     def low_rank(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
         a, b = self.tensor_names(settings.layer_kind)[:2]
-        return settings.scale * (factors[b] @ factors[a])
+        return (factors[b] @ factors[a]).mul_(settings.scale)  # in place: no second product-sized tensor
 
     def merge_rows_(self, w: torch.Tensor, factors: Mapping[str, torch.Tensor], settings: ModuleSettings,
                     rows: slice) -> torch.Tensor:

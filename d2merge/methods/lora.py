@@ -49,7 +49,9 @@ class LoRA(Method):
 
     def low_rank(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
         a, b = self.tensor_names(settings.layer_kind)[:2]
-        return settings.scale * (factors[b] @ factors[a])
+        # scaled in place: ``scale * (B @ A)`` allocates a second product-sized tensor, which in
+        # verify's weight check (a 7B's every row block) cost more than the product itself
+        return (factors[b] @ factors[a]).mul_(settings.scale)
 
     def update(self, factors: Mapping[str, torch.Tensor], settings: ModuleSettings) -> torch.Tensor:
         if settings.layer_kind == TOKENS:

@@ -209,10 +209,10 @@ def _verify(base_ckpt: Any, adapter: Any, several: AdapterMix | None, merged: An
     device = ComputeDevice(options.device)
     load = load_fp32_model  # looked up here, at call time: tests count the models verify loads whole
 
-    def open_model(checkpoint: Any, adapter: Adapter | None = None, rounding: Any = None) -> Any:
+    def open_model(checkpoint: Any, adapter: Adapter | None = None, rounding: Any = None, checker: Any = None) -> Any:
         return streamed.open_forward(checkpoint, adapter=adapter, rounding=rounding, device=device,
                                      budget=options.max_activation_memory << 20, say=say, load=load,
-                                     allow_pickle=options.allow_pickle)
+                                     allow_pickle=options.allow_pickle, checker=checker)
 
     unmerged = Unmerged(base_ckpt, reference, probes, options, open_model, say, examples, tokenizer, encoded).run()
 

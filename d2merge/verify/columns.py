@@ -16,7 +16,7 @@ measures both).
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -34,7 +34,7 @@ from d2merge.verify.results import DtypeResult, RoundingFloor, WeightCheck
 from d2merge.verify.weights import WeightChecker, check_weights
 from d2merge.options.verify import Thresholds, VerifyOptions
 
-OpenModel = Callable[..., Any]  # (checkpoint, adapter=None, rounding=None) -> a d2merge.forward.Forward
+OpenModel = Callable[..., Any]  # (checkpoint, adapter=None, rounding=None, checker=None) -> a d2merge.forward.Forward
 
 
 @dataclass
@@ -135,7 +135,7 @@ class MergedFolder:
     checkpoint: BaseCheckpoint
     dtype: str
     shown: str | None
-    load: Callable[[BaseCheckpoint], Any]  # the merged model, block-streamed or whole (a d2merge.forward.Forward)
+    load: OpenModel  # the merged model, block-streamed or whole (a d2merge.forward.Forward)
     say: Callable[[str], None]
     weights_first: bool = True
 
@@ -167,7 +167,7 @@ class MergedFolder:
             self.say(f"running the merged model ({self.dtype})")
             return self.load(self.checkpoint)
         self.say(f"running the merged model ({self.dtype}), checking each weight against fp64 as it is read")
-        return self.load(replace(self.checkpoint, tensors=checker.source()))
+        return self.load(self.checkpoint, checker=checker)
 
 
 @dataclass(frozen=True)

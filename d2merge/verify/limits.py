@@ -85,6 +85,12 @@ def binade_(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def binade_into(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`binade_` of fp64 ``values`` written into ``out`` (same shape), in one pass instead of a copy and one."""
+    torch.bitwise_and(values.view(torch.int64), _FP64_EXPONENT_BITS, out=out.view(torch.int64))
+    return out
+
+
 def binade_bounds(dtype: torch.dtype) -> tuple[float, float]:
     """The smallest binade ``dtype`` spaces as a normal number (its subnormals share it) and the largest finite."""
     if dtype not in MANTISSA_BITS:
@@ -140,8 +146,9 @@ def rounding_levels(key: str, count: int) -> torch.Tensor:
     return torch.from_numpy(raw).view(torch.int8)[:count]
 
 
-# Entries per block of the floor's rounding: a few fp32 passes over 16 MB stay in the CPU's cache.
-ROUNDING_BLOCK_ENTRIES = 1 << 22
+# Entries per block of the floor's rounding: its fp32 passes over 1 MB buffers stay in the CPU's
+# cache (1.3x faster than 16 MB blocks on the 7B's matrices; 256 KB ones were slower again).
+ROUNDING_BLOCK_ENTRIES = 1 << 18
 _FP32_EXPONENT_BITS = 0x7F800000
 
 
@@ -156,20 +163,28 @@ def _add_rounding_error_(values: torch.Tensor, levels: torch.Tensor, dtype: torc
     """
     low, scale = 2.0 ** MIN_NORMAL_EXPONENT[dtype], 2.0 ** -MANTISSA_BITS[dtype]
     fp32 = values.dtype == torch.float32
+    # (k + 1/2) * 2**-8 * ulp is an fp32 number (no underflow) when the smallest ulp of ``dtype`` is
+    # at least 2**-140: bf16's and fp16's are; fp32's own (2**-149) is not, and keeps the old order
+    exact_products = low * scale >= 2.0 ** -140
     size = min(ROUNDING_BLOCK_ENTRIES, values.numel())
     spacing = torch.empty(size, dtype=torch.float32, device=values.device)
     draws = torch.empty(size, dtype=values.dtype, device=values.device)
     for start in range(0, values.numel(), ROUNDING_BLOCK_ENTRIES):
         block = values[start: start + ROUNDING_BLOCK_ENTRIES]
         draw = draws[: block.numel()]
-        draw.copy_(levels[start: start + ROUNDING_BLOCK_ENTRIES]).add_(0.5).mul_(1.0 / 256)  # exact: k + 1/2, 2**-8
+        draw.copy_(levels[start: start + ROUNDING_BLOCK_ENTRIES]).add_(0.5)  # exact: k + 1/2
         if fp32:
             step = spacing[: block.numel()]
-            step.view(torch.int32).copy_(block.view(torch.int32)).bitwise_and_(_FP32_EXPONENT_BITS)
+            torch.bitwise_and(block.view(torch.int32), _FP32_EXPONENT_BITS, out=step.view(torch.int32))
             step.clamp_(min=low).mul_(scale)  # inf and NaN keep an infinite spacing, as ulp()'s does in fp32
+            if exact_products:
+                # values + 2**-8 * (k + 1/2) * ulp in one pass, not three: every product is exact, so
+                # whatever order addcmul multiplies in, the same bits (tested)
+                block.addcmul_(draw, step, value=1.0 / 256)
+            else:
+                block.add_(draw.mul_(1.0 / 256).mul_(step))
         else:
-            step = ulp(block, dtype).to(values.dtype)
-        block.add_(draw.mul_(step))
+            block.add_(draw.mul_(1.0 / 256).mul_(ulp(block, dtype).to(values.dtype)))
 
 
 def rounding_floor(logits: LogitStats, reference: torch.Tensor, probes: Probes, mc_flips: int | None

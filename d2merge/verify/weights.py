@@ -11,25 +11,26 @@ figures are the whole tensor's: maxima and minima of per-entry values, sums of c
 throughout. Other merges (column norms, transposed layouts, token rows, PiSSA/OLoRA bases)
 are recomputed whole, as before. Copied tensors are compared a row block at a time.
 
-Reads: :class:`WeightChecker` checks each tensor as a forward reads it
-(:meth:`WeightChecker.source` wraps the merged folder's tensors), so verify's merged run and
-its weight check share one read of the merged files; :meth:`WeightChecker.finish` reads what
-the forward did not.
+Reads: :class:`WeightChecker` checks each tensor as a forward reads it (it is the block-streamed
+run's ``checker``), so verify's merged run and its weight check share one read of the merged
+files; told a pass's reads ahead (:meth:`WeightChecker.expect`), a thread reads the W0s they
+need meanwhile; :meth:`WeightChecker.finish` reads what the forward did not.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any
+from collections import Counter
+from typing import Any, Sequence
 
 import torch
 
 from d2merge.errors import D2MergeError
-from d2merge.io.checkpoint import BaseCheckpoint, TensorSource
+from d2merge.io.checkpoint import BaseCheckpoint
+from d2merge.io.direct_io import cold_enough
 from d2merge.io.tensor_reader import TensorReader
 from d2merge.planning import MergePlan, TensorPlan
-from d2merge.verify.limits import DTYPE_LABELS, MANTISSA_BITS, binade_, binade_bounds, ulp
+from d2merge.verify.limits import DTYPE_LABELS, MANTISSA_BITS, binade_, binade_bounds, binade_into, ulp
 from d2merge.verify.results import LayerCheck
 
 # Entries per row block of the fp64 recomputation: 2 MB per fp64 temporary, about five alive,
@@ -114,13 +115,16 @@ def _reference_mix(merge_plan: MergePlan, item: TensorPlan) -> tuple[torch.Tenso
     return reference, terms.mul_(max(1.0, weight_sum)), {}
 
 
-def _row_blocks(item: TensorPlan, merge_plan: MergePlan, stored: torch.Tensor) -> bool:
-    """Whether the entry's merge can be recomputed a row block at a time (each row from its own row)."""
+def _row_blocks(item: TensorPlan, merge_plan: MergePlan) -> bool:
+    """Whether the entry's merge can be recomputed a row block at a time (each row from its own row).
+
+    The stored tensor's shape is the plan's (:class:`WeightChecker` refuses a folder where it is not).
+    """
     if merge_plan.mix is not None:  # several adapters: the mix's own rule, whole (_reference_mix)
         return False
     settings = item.settings
     assert settings is not None
-    return stored.ndim == 2 and not settings.transposed and merge_plan.adapter.method.row_separable(settings)
+    return len(item.shape) == 2 and not settings.transposed and merge_plan.adapter.method.row_separable(settings)
 
 
 def _merged_by_rows(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tensor,
@@ -168,9 +172,9 @@ def _merged_by_rows(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tenso
             figures[name] = value if name not in figures else _combine(method.report_combine.get(name), name,
                                                                        figures[name], value)
         terms = binade_(method.update(method.rows_of(factors, block), settings))
-        torch.maximum(terms, binade_(scale.copy_(w)), out=terms)
+        torch.maximum(terms, binade_into(w, scale), out=terms)
         reference = method.merge_rows_(w, factors, settings, block)  # in place: w is not needed after
-        at_value = binade_(scale.copy_(reference))
+        at_value = binade_into(reference, scale)
         torch.maximum(terms, at_value, out=terms).clamp_(low_at_scale, high)
         at_value.clamp_(low, high)
         diff.copy_(stored[block]).sub_(reference).abs_()  # upcast first: a mixed-dtype sub ran 2x slower
@@ -181,6 +185,13 @@ def _merged_by_rows(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tenso
         figures = {k: float(v) for k, v in method.report(w0.double(), factors, settings).items()}
     worst[1:] *= 2.0 ** MANTISSA_BITS[dtype]  # x / binade * 2**bits = x / ulp, exactly (powers of two)
     return LayerCheck(item.name, str(item.module), float(worst[0]), float(worst[1]), float(worst[2]), figures)
+
+
+def _block_prefix(name: str) -> str:
+    """``model.layers.3`` of ``model.layers.3.mlp.up_proj.weight``: the decoder block a tensor belongs to."""
+    parts = name.split(".")
+    digits = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[:digits[0] + 1]) if digits else name
 
 
 def _combine(how: str | None, name: str, a: float, b: float) -> float:
@@ -212,34 +223,11 @@ def _same_copy(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tensor) ->
     return True
 
 
-class _Tee:
-    """The merged folder's tensors as a forward reads them, each handed to the weight check on its first read."""
-
-    def __init__(self, tensors: TensorSource, checker: "WeightChecker"):
-        self.tensors, self.checker = tensors, checker
-        if hasattr(tensors, "byte_range"):  # file-backed: a TensorReader then reads it into its reused buffer
-            self.byte_range = tensors.byte_range
-
-    def keys(self) -> list[str]:
-        return self.tensors.keys()
-
-    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        return self.tensors.info(name)
-
-    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        tensor = self.tensors.read(name, buffer)
-        self.checker.check(name, tensor)
-        return tensor
-
-    def file_of(self, name: str) -> Path:
-        return self.tensors.file_of(name)
-
-
 class WeightChecker:
     """Every planned tensor of a merged folder checked once: merged ones against fp64, copied ones bit for bit.
 
     The header is checked when it is made (a missing tensor, a wrong shape: before any model
-    runs); :meth:`source` hands tensors over as a forward reads them; :meth:`finish` reads and
+    runs); :meth:`check` takes tensors as a forward reads them; :meth:`finish` reads and
     checks the rest and returns (per-layer checks, copied tensors checked, copied tensors that
     differ, missing tensors), in plan order.
     """
@@ -257,18 +245,46 @@ class WeightChecker:
                                    hint="is MERGED a merge of this base and adapter?")
         self.results: dict[str, LayerCheck | bool] = {}  # a merged tensor's check, or whether a copy matched
         self._reader = TensorReader(slots=1)  # W0's bytes, one buffer reused from tensor to tensor
+        self._ahead: TensorReader | None = None  # W0s of the reads a run announced, read ahead by a thread
+        self._ahead_names: set[str] = set()
 
-    def source(self) -> TensorSource:
-        """The merged folder's tensors, checked as they are read."""
-        return _Tee(self.merged.tensors, self)
+    def expect(self, names: Sequence[str]) -> None:
+        """A run will read these merged tensors in this order: a thread reads their W0s ahead, in the same order.
+
+        Only the W0s a row-block check reads from a file (the rest read as before); one buffer
+        per W0 of a decoder block, so W0 of block i+1 is read while block i is checked. O_DIRECT
+        when most of the base is not in the page cache, as the forward's own reads.
+        """
+        self._close_ahead()
+        wanted = [name for name in dict.fromkeys(names) if name in self.planned and name not in self.results
+                  and self.planned[name].action == "merge" and _row_blocks(self.planned[name], self.merge_plan)]
+        schedule = [(source, self.planned[name].source) for name in wanted
+                    for source in [self.merge_plan.base_weight_source(self.planned[name])]
+                    if getattr(source, "byte_range", None) is not None]
+        if not schedule:
+            return
+        self._ahead_names = {name for name in wanted
+                             if getattr(self.merge_plan.base_weight_source(self.planned[name]), "byte_range", None)}
+        files = sorted({source.file_of(name) for source, name in schedule})
+        per_block = max(Counter(_block_prefix(name) for name in self._ahead_names).values())
+        self._ahead = TensorReader(slots=per_block, schedule=schedule, direct=cold_enough(files))
+
+    def _close_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+        self._ahead, self._ahead_names = None, set()
 
     def check(self, name: str, stored: torch.Tensor) -> None:
+        """Check ``stored``, the merged folder's tensor ``name``, if planned and not checked yet (a forward's ``on_read``)."""
         item = self.planned.get(name)
         if item is None or name in self.results:
             return
         if item.action == "merge":
-            if _row_blocks(item, self.merge_plan, stored):
-                self.results[name] = _merged_by_rows(self.merge_plan, item, stored, self._reader)
+            if _row_blocks(item, self.merge_plan):
+                reader = self._ahead if name in self._ahead_names and self._ahead is not None else self._reader
+                self.results[name] = _merged_by_rows(self.merge_plan, item, stored, reader)
+                reader.done()  # W0's buffer free for the thread reading ahead
+                self._ahead_names.discard(name)
             else:
                 reference, terms, figures = reference_merge(self.merge_plan, item)
                 abs_error, ulp_error, ulp_at_value = weight_error(stored, reference, terms)
@@ -284,6 +300,7 @@ class WeightChecker:
     def finish(self) -> tuple[list[LayerCheck], int, list[str], list[str]]:
         from tqdm.auto import tqdm
 
+        self._close_ahead()
         left = [name for name in self.planned if name not in self.results]
         for name in tqdm(left, desc="weights vs fp64", unit="tensor", disable=None, leave=False):
             self.check(name, self.merged.tensors.read(name))

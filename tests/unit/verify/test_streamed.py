@@ -134,6 +134,49 @@ def test_blocks_reuse_one_blocks_memory_and_never_change_the_source(tiny_bases: 
     assert torch.equal(got, probe_logits(whole(base, adapter, rounding), probes, 2))
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
+def test_blocks_are_read_ahead_in_order_and_give_the_same_logits(tiny_bases: Callable[..., Path],
+                                                                 make_adapter: Callable[..., Path],
+                                                                 monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    """A thread reads block i+1 while block i runs: every block tensor through it, one block of buffers, same bits."""
+    from d2merge.io.tensor_reader import TensorReader
+
+    base = tiny_bases("llama", dtype=torch.bfloat16, sharded=True)
+    adapter = load_adapter(make_adapter(base, "lora", seed=5, magnitude=0.05))
+    readers: list[TensorReader] = []
+    real_init = TensorReader.__init__
+
+    def init(self: TensorReader, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        if kwargs.get("schedule"):
+            readers.append(self)
+
+    monkeypatch.setattr(TensorReader, "__init__", init)
+    monkeypatch.setattr(streamed, "cold_enough", lambda paths: direct)
+    seen: list[str] = []
+    expected: list[list[str]] = []
+
+    class Recorder:
+        def expect(self, names: Any) -> None:
+            expected.append(list(names))
+
+        def check(self, name: str, tensor: torch.Tensor) -> None:
+            seen.append(name)
+
+    model = streamed_model(base, adapter)
+    model.checker = Recorder()
+    probes = random_probes(128, count=4, length=7, seed=6)
+    got = probe_logits(model, probes, 2)
+    assert torch.equal(got, probe_logits(whole(base, adapter), probes, 2))
+    blocks = [name for name in seen if ".layers." in name]
+    assert expected == [blocks]  # told the block reads, in the order they came
+    per_block = len(blocks) // len(model.blocks)
+    assert len(readers) == 1 and len(readers[0]._slots) == per_block
+    assert readers[0].bytes_read == sum(torch.Size(model.checkpoint.tensors.info(n)[1]).numel() * 2 for n in blocks)
+    assert (readers[0].direct_bytes > 0) == direct
+    assert sorted(set(seen)) == sorted(model.checkpoint.tensors.keys())  # on_read saw every tensor the run read
+
+
 def test_chunked_passes_give_the_same_logits(tiny_bases: Callable[..., Path]) -> None:
     base = tiny_bases("llama")
     probes = random_probes(128, count=6, length=7, seed=4)

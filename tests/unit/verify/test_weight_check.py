@@ -54,7 +54,7 @@ def test_the_floors_fp32_rounding_is_the_fp64_ulp_rounding() -> None:
     from d2merge.verify.limits import ROUNDING_BLOCK_ENTRIES, round_parameter, rounding_levels
 
     generator = torch.Generator().manual_seed(1)
-    count = 2 * ROUNDING_BLOCK_ENTRIES + 3
+    count = 7 * (ROUNDING_BLOCK_ENTRIES // 5 + 1)  # the 5/7 view below then holds one block and a short one
     values = torch.randn(count, generator=generator) * 10.0 ** torch.randint(-44, 38, (count,),
                                                                             generator=generator).float()
     values[:9] = torch.tensor([0.0, -0.0, 1e-45, 1e-40, 2.0 ** -126, 6e-8, 65504.0, 3.4e38, -1.5])
@@ -190,3 +190,34 @@ def test_the_merged_files_are_read_once(merged_folders: Callable[..., Any], monk
     checkpoint = open_base(folder)
     probe_logits(open_forward(checkpoint), random_probes(int(checkpoint.config["vocab_size"]), count=2, length=8, seed=0), 2)
     assert in_verify == reads and set(reads) == set(checkpoint.tensors.keys())
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
+def test_w0s_are_read_ahead_of_the_run_and_give_the_same_figures(direct: bool, merged_folders: Callable[..., Any],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Told the run's block reads, the check reads their W0s ahead in a thread: every figure as when it reads them itself."""
+    from d2merge.io.tensor_reader import TensorReader
+
+    base, adapter, folder = merged_folders("lora", "bf16")
+    real_expect = weights.WeightChecker.expect
+    monkeypatch.setattr(weights.WeightChecker, "expect", lambda self, names: None)
+    plain = verify(base, adapter, folder, echo=lambda line: None)
+    monkeypatch.setattr(weights.WeightChecker, "expect", real_expect)
+    readers: list[TensorReader] = []
+
+    class Recorded(TensorReader):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if kwargs.get("schedule"):
+                readers.append(self)
+
+    monkeypatch.setattr(weights, "TensorReader", Recorded)
+    monkeypatch.setattr(weights, "cold_enough", lambda paths: direct)
+    ahead = verify(base, adapter, folder, echo=lambda line: None)
+    assert plain.passed and ahead.passed
+    assert ahead.results[0].layers == plain.results[0].layers
+    plan = build_plan(open_base(base), load_adapter(adapter), dtype="fp32")
+    in_blocks = [item for item in plan.merged if ".layers." in item.name]
+    assert in_blocks and len(readers) == 1
+    assert readers[0].bytes_read == sum(torch.Size(item.shape).numel() * 4 for item in in_blocks)  # an fp32 base
+    assert (readers[0].direct_bytes > 0) == direct
