@@ -126,8 +126,12 @@ def _fan_in_fan_out_and_kinds(adapters: Sequence[Adapter], fifo: set[bool], comb
 def combine(adapters: Sequence[str | Path], out: str | Path, weights: Sequence[float],
             options: CombineOptions | None = None, *, base: str | Path | None = None,
             allow_pickle: bool = False) -> CombineResult:
-    """Combine ``adapters`` with ``weights`` into one plain LoRA folder ``out``; nothing is written on a refusal."""
+    """Combine ``adapters`` with ``weights`` into one plain LoRA folder ``out``; nothing is written on a refusal.
+
+    Other outputs (``to="gguf-lora"``): ``d2merge.combine`` (``export.adapter_outputs``).
+    """
     options = options or CombineOptions()
+    options.require_target("lora")
     loaded = [load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
     weights = [float(w) for w in weights]
     combination, plain = check_combination(loaded, weights, options, "combine", has_base=base is not None)

@@ -115,7 +115,11 @@ def _check_same_model(base: BaseCheckpoint, tuned: BaseCheckpoint, head: str | N
 
 def extract(base: str | Path, tuned: str | Path, out: str | Path, options: ExtractOptions, *,
             allow_pickle: bool = False, report: str | Path | None = None) -> ExtractResult:
-    """Write a plain LoRA folder ``out`` whose update approximates TUNED - BASE; nothing written on a refusal."""
+    """Write a plain LoRA folder ``out`` whose update approximates TUNED - BASE; nothing written on a refusal.
+
+    Other outputs (``to="gguf-lora"``): ``d2merge.extract`` (``export.adapter_outputs``).
+    """
+    options.require_target("lora")
     base_ckpt = open_base(base, allow_pickle=allow_pickle)
     tuned_ckpt = open_base(tuned, allow_pickle=allow_pickle)
     out_path = check_adapter_output(out, [base_ckpt.location, tuned_ckpt.location], overwrite=options.overwrite)

@@ -14,7 +14,8 @@ from d2merge.options.adapter_ops import ExtractOptions
 @click.command("extract", cls=ConsoleCommand)
 @click.argument("base", metavar="BASE")
 @click.argument("tuned", metavar="TUNED")
-@click.option("-o", "--out", "out", type=click.Path(), required=True, help="Output adapter folder (plain PEFT LoRA).")
+@click.option("-o", "--out", "out", type=click.Path(), required=True,
+              help="Output: an adapter folder (--to lora) or a .gguf file (--to gguf-lora).")
 @options_from(ExtractOptions)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the per-module report (rank, update rank, retained energy, error) as JSON.")
@@ -27,8 +28,9 @@ def extract_command(base: str, tuned: str, out: str, report_path: str | None, al
     Examples:
       d2merge extract ./llama ./llama-finetuned --rank 32 -o ./extracted
       d2merge extract ./llama ./llama-finetuned --energy 0.9 -o ./extracted --report cost.json
+      d2merge extract ./llama ./llama-finetuned --rank 32 --to gguf-lora -o ./extracted.gguf
     """
-    from d2merge.adapter_ops.extract import extract
+    from d2merge.export.adapter_outputs import extract
 
     result = extract(base, tuned, out, ExtractOptions(**options), allow_pickle=allow_pickle, report=report_path)
     click.echo(result.describe())

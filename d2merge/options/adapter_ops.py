@@ -1,5 +1,7 @@
 """The options of ``combine``, ``convert`` and ``extract``: the CLI's flags, defaults and help; no torch.
 
+All three write any of ``CONVERT_TARGETS`` (``to``): a PEFT LoRA folder, or llama.cpp's LoRA GGUF.
+
 Which combination takes which setting is field metadata (``density`` only with the types that
 prune, ``svd_rank`` only with the *svd types), refused when given elsewhere, never ignored.
 """
@@ -32,8 +34,26 @@ _RANK_HINT = "e.g. {rank=16}"
 _ENERGY_HELP = "Instead of --rank: per module the least rank keeping this fraction of ||dW||_F^2, in (0, 1]."
 
 
+_TO_HELP = ("lora: a plain PEFT LoRA folder (what vLLM, TGI and PEFT load); gguf-lora: llama.cpp's LoRA adapter "
+            "GGUF, one .gguf file.")
+
+
 @dataclass(frozen=True)
-class _SvdRank(OptionModel):
+class _AdapterOutput(OptionModel):
+    """What combine, convert and extract write: ``to`` names an entry of ``export.adapter_outputs.REGISTRY``."""
+
+    to: str = option("lora", choices=CONVERT_TARGETS, help=_TO_HELP)
+
+    def require_target(self, writes: str) -> None:
+        """A writer called directly with options for another target refuses, instead of writing its own format."""
+        if self.to != writes:
+            raise self.error(f"{{to=}} asks for another output than this function writes ({writes})",
+                             hint="use d2merge.convert, d2merge.combine or d2merge.extract with {to=}: they write "
+                                  "every target")
+
+
+@dataclass(frozen=True)
+class _SvdRank(_AdapterOutput):
     """The rank rules convert and extract share: --svd randomized needs a fixed --rank."""
 
     def validate(self) -> None:
@@ -47,7 +67,7 @@ class _SvdRank(OptionModel):
 
 
 @dataclass(frozen=True)
-class CombineOptions(OptionModel):
+class CombineOptions(_AdapterOutput):
     """How ``d2merge combine`` combines adapters: PEFT 0.21's ``add_weighted_adapter`` arguments."""
 
     what: ClassVar[str] = "combine option"
@@ -88,20 +108,11 @@ class ConvertOptions(_SvdRank):
 
     what: ClassVar[str] = "convert option"
 
-    to: str = option("lora", choices=CONVERT_TARGETS,
-                     help="lora: a plain PEFT LoRA folder (what vLLM, TGI and PEFT load); gguf-lora: llama.cpp's "
-                          "LoRA adapter GGUF.")
     rank: int | None = option(None, min=1, range_hint=_RANK_HINT, help="Largest rank per module [default: the update's own numerical rank: "
                                                 "exact to fp32 rounding].")
     energy: float | None = option(None, min=0, min_open=True, max=1, range_hint=_ENERGY_HINT, help=_ENERGY_HELP)
     svd: str = option("full", choices=SVD_KINDS, help=SVD_HELP)
     overwrite: bool = option(False, help="Replace an existing output (only once the new one is complete).")
-
-    def require_target(self, writes: str) -> None:
-        """A writer called directly with options for another target refuses, instead of writing its own format."""
-        if self.to != writes:
-            raise self.error(f"{{to=}} asks for another output than this function writes ({writes})",
-                             hint="call d2merge.convert with {to=}, which writes that output")
 
 
 @dataclass(frozen=True)

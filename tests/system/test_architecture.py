@@ -111,8 +111,10 @@ ALLOWED = {
     "d2merge.export.gguf.lora_adapter": ("d2merge.errors", "d2merge.options", "d2merge.io", "d2merge.methods",
                                          "d2merge.adapter_ops", "d2merge.export.gguf.architectures",
                                          "d2merge.export.gguf.library", "d2merge.export.gguf.tensors"),
-    # convert's --to targets: the PEFT folder writer (adapter_ops) and llama.cpp's LoRA GGUF (export.gguf).
-    "d2merge.export.adapter_outputs": ("d2merge.options", "d2merge.adapter_ops", "d2merge.export.gguf.lora_adapter"),
+    # the adapter outputs (convert, combine, extract --to): the PEFT folder writer (adapter_ops), llama.cpp's
+    # LoRA GGUF (export.gguf), io for the output checks and the report.
+    "d2merge.export.adapter_outputs": ("d2merge.options", "d2merge.adapter_ops", "d2merge.export.gguf.lora_adapter",
+                                       "d2merge.io"),
     "d2merge.export.model_card": ("d2merge.version",),
     "d2merge.export.hf_folder": ("d2merge.errors", "d2merge.device", "d2merge.profile", "d2merge.options",
                                  "d2merge.io", "d2merge.planning", "d2merge.engine", "d2merge.export.model_card",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -82,6 +82,14 @@ def _token_embedding(name: str, module: str, a: Any, b: Any, config_updates: dic
     return name, a.T.contiguous().numpy(), b.contiguous().numpy()
 
 
+def check_gguf_lora_output(out: str | Path, inputs: Sequence[Path], *, overwrite: bool) -> Path:
+    """Refuse a LoRA GGUF name without .gguf, or one that would clobber an input or an existing file."""
+    out_path = Path(out)
+    if out_path.suffix != ".gguf":
+        raise D2MergeError("a GGUF output must end in .gguf", path=out_path, hint="name it like adapter.gguf")
+    return check_output_location(out_path, list(inputs), overwrite=overwrite, is_file=True)
+
+
 def convert_to_gguf_lora(adapter: str | Path, base: str | Path, out: str | Path, options: ConvertOptions | None = None,
                          *, allow_pickle: bool = False, report: str | Path | None = None) -> GGUFLoraResult:
     """Write ``adapter`` (on ``base``) as one llama.cpp LoRA GGUF file ``out``; nothing written on a refusal."""
@@ -89,11 +97,9 @@ def convert_to_gguf_lora(adapter: str | Path, base: str | Path, out: str | Path,
     options = options or ConvertOptions(to="gguf-lora")
     options.require_target("gguf-lora")
     gguf = gguf_py("GGUF output")
-    out_path = Path(out)
-    if out_path.suffix != ".gguf":
-        raise D2MergeError("a GGUF output must end in .gguf", path=out_path, hint="name it like adapter.gguf")
+    check_gguf_lora_output(out, [], overwrite=options.overwrite)
     loaded = load_adapter(adapter, allow_pickle=allow_pickle)
-    out_path = check_output_location(out_path, [loaded.path, Path(base)], overwrite=options.overwrite, is_file=True)
+    out_path = check_gguf_lora_output(out, [loaded.path, Path(base)], overwrite=options.overwrite)
     checkpoint = open_base(base, allow_pickle=allow_pickle)
     config = checkpoint.config or {}
     # the architecture is refused before any SVD is computed
@@ -141,4 +147,4 @@ def convert_to_gguf_lora(adapter: str | Path, base: str | Path, out: str | Path,
     return result
 
 
-__all__ = ["convert_to_gguf_lora", "GGUFLoraResult"]
+__all__ = ["check_gguf_lora_output", "convert_to_gguf_lora", "GGUFLoraResult"]

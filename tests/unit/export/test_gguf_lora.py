@@ -101,10 +101,59 @@ def test_convert_writes_what_to_asks_for_and_writers_refuse_another_target(tiny_
     with pytest.raises(OptionError) as refused:
         convert_to_lora(adapter, base, tmp_path / "wrong", ConvertOptions(to="gguf-lora"))
     assert str(refused.value).startswith("to='gguf-lora' asks for another output than this function writes (lora)")
-    assert "d2merge.convert with to='gguf-lora'" in str(refused.value) and "\n" not in str(refused.value)
+    assert "d2merge.extract with to='gguf-lora'" in str(refused.value) and "\n" not in str(refused.value)
     with pytest.raises(OptionError, match=r"to='lora' asks for another output .* \(gguf-lora\)"):
         convert_to_gguf_lora(adapter, base, tmp_path / "wrong.gguf", ConvertOptions())
     assert set(tmp_path.iterdir()) == made  # nothing written by either refusal
+
+
+def test_combine_and_extract_write_the_registrys_targets(tiny_bases: Any, make_adapter: Any, cli_runner: Any,
+                                                         tmp_path: Path) -> None:
+    """combine and extract with to='gguf-lora': the bytes convert writes from their LoRA folder; refusals first."""
+    import d2merge
+    from d2merge.adapter_ops.combine import combine as combine_lora
+    from d2merge.errors import OptionError
+    from d2merge.options.adapter_ops import CombineOptions, ExtractOptions
+
+    base = tiny_bases("llama")
+    first = make_adapter(base, "lora", seed=1, target_modules=("q_proj", "v_proj"))
+    second = make_adapter(base, "lora", seed=2, target_modules=("q_proj", "down_proj"))
+    inputs = [first, second]
+    folder = d2merge.combine(inputs, tmp_path / "ab", [0.6, 0.4], combination="cat").out
+    expected = d2merge.convert(folder, base, tmp_path / "via-convert.gguf", to="gguf-lora").out.read_bytes()
+    combined = d2merge.combine(inputs, tmp_path / "ab.gguf", [0.6, 0.4], base=base, combination="cat", to="gguf-lora")
+    assert combined.out == (tmp_path / "ab.gguf").resolve() and combined.out.read_bytes() == expected
+    assert str(combined.out) in combined.describe()
+
+    tuned = merge(base, first, tmp_path / "tuned").output
+    options = ExtractOptions(rank=4)
+    folder = d2merge.extract(base, tuned, tmp_path / "extracted", options).out
+    expected = d2merge.convert(folder, base, tmp_path / "extracted-via-convert.gguf", to="gguf-lora").out.read_bytes()
+    report = tmp_path / "extract.json"
+    extracted = d2merge.extract(base, tuned, tmp_path / "extracted.gguf", options.with_overrides(to="gguf-lora"),
+                                report=report)
+    assert extracted.out.read_bytes() == expected
+    assert json.loads(report.read_text())["out"] == str(extracted.out)
+
+    result = cli_runner(["combine", str(first), str(second), "--weights", "1,1", "--combination", "cat", "--base",
+                         str(base), "--to", "gguf-lora", "-o", str(tmp_path / "cli.gguf")])
+    assert result.code == 0, result.err
+    assert (tmp_path / "cli.gguf").read_bytes()[:4] == b"GGUF" and "cli.gguf" in result.out
+
+    made = set(tmp_path.iterdir())
+    with pytest.raises(OptionError, match=r"^to='gguf-lora' writes a file for one base model, and combine was given "
+                                          r"none \(name the base"):
+        d2merge.combine(inputs, tmp_path / "x.gguf", [1, 1], combination="cat", to="gguf-lora")
+    with pytest.raises(D2MergeError, match="a GGUF output must end in .gguf"):
+        d2merge.combine(inputs, tmp_path / "x", [1, 1], base=base, combination="cat", to="gguf-lora")
+    with pytest.raises(D2MergeError, match="already exists"):
+        d2merge.extract(base, tuned, tmp_path / "extracted.gguf", options.with_overrides(to="gguf-lora"))
+    with pytest.raises(OptionError, match=r"to='gguf-lora' asks for another output .* \(lora\)"):
+        combine_lora(inputs, tmp_path / "y", [1, 1], CombineOptions(combination="cat", to="gguf-lora"))
+    refused = cli_runner(["extract", str(base), str(tuned), "--rank", "4", "--to", "gguf-lora", "-o",
+                          str(tmp_path / "z.safetensors")])
+    assert refused.code == 2 and len(refused.err.strip().splitlines()) == 1 and ".gguf" in refused.err
+    assert set(tmp_path.iterdir()) == made  # nothing written by a refusal
 
 
 llama_cpp_only = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
