@@ -24,8 +24,9 @@ with a LoRA r=16 on every linear layer, merged by ``d2merge merge``, then
 ``d2merge verify BASE ADAPTER MERGED`` in its own process: peak RSS of the whole process
 (``os.wait4``), wall time, the phases (each stage line verify prints, time-stamped), and the
 floor it is judged against: reading the base and the merged file once (timed here: the
-faster of a read through the page cache and one with O_DIRECT, as verify reads a cold file) plus the forward passes' arithmetic (2 x parameters x probe tokens per model run,
-three runs: unmerged, rounding floor, merged) at the machine's measured fp32 matmul rate;
+faster of a read through the page cache and one with O_DIRECT, as verify reads a cold file)
+plus the forward passes' arithmetic (2 x parameters x probe tokens per model run, three
+runs: unmerged, rounding floor, merged) at the machine's measured fp32 matmul rate;
 and the same in CPU time (the read's CPU time plus the arithmetic at the matmul rate per CPU
 second), which a shared machine's load does not move the way it moves wall time. Each run
 prints the load average at its start and end, and each stage line the GB the process had

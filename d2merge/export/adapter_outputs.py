@@ -106,7 +106,7 @@ def combine(adapters: Sequence[str | Path], out: str | Path, weights: Sequence[f
         raise options.error("{to=} writes a file for one base model, and combine was given none",
                             hint="name the base model the adapters were trained on")
     inputs = [Path(a) for a in adapters] + [Path(base)]
-    return _through_lora(options.to, out, base, inputs, options.overwrite,
+    return _through_lora(options.to, out, base, inputs, options.overwrite, allow_pickle,
                          lambda folder: combine_lora(adapters, folder, weights, dataclasses.replace(
                              options, to="lora", overwrite=False), base=base, allow_pickle=allow_pickle))
 
@@ -118,7 +118,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
 
     if options.to == "lora":
         return extract_lora(base, tuned, out, options, allow_pickle=allow_pickle, report=report)
-    result = _through_lora(options.to, out, base, [Path(base), Path(tuned)], options.overwrite,
+    result = _through_lora(options.to, out, base, [Path(base), Path(tuned)], options.overwrite, allow_pickle,
                            lambda folder: extract_lora(base, tuned, folder, dataclasses.replace(
                                options, to="lora", overwrite=False), allow_pickle=allow_pickle))
     if report is not None:  # written here: it names the GGUF, not the temp folder
@@ -128,7 +128,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, options: Extra
     return result
 
 
-def _through_lora(to: str, out: str | Path, base: str | Path, inputs: list[Path], overwrite: bool,
+def _through_lora(to: str, out: str | Path, base: str | Path, inputs: list[Path], overwrite: bool, allow_pickle: bool,
                   write_lora: Callable[[Path], Any]) -> Any:
     """``write_lora`` into a temp folder, that folder converted to ``to`` at ``out``; the result names ``out``.
 
@@ -141,7 +141,8 @@ def _through_lora(to: str, out: str | Path, base: str | Path, inputs: list[Path]
     temp = Path(tempfile.mkdtemp(prefix="d2merge-adapter-"))
     try:
         result = write_lora(temp / "adapter")
-        converted = target.write(temp / "adapter", base, out, ConvertOptions(to=to, overwrite=overwrite))
+        converted = target.write(temp / "adapter", base, out, ConvertOptions(to=to, overwrite=overwrite),
+                                 allow_pickle=allow_pickle)  # for the base: the temp adapter is safetensors
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return dataclasses.replace(result, out=converted.out)

@@ -256,18 +256,17 @@ class WeightChecker:
         when most of the base is not in the page cache, as the forward's own reads.
         """
         self._close_ahead()
-        wanted = [name for name in dict.fromkeys(names) if name in self.planned and name not in self.results
-                  and self.planned[name].action == "merge" and _row_blocks(self.planned[name], self.merge_plan)]
-        schedule = [(source, self.planned[name].source) for name in wanted
-                    for source in [self.merge_plan.base_weight_source(self.planned[name])]
-                    if getattr(source, "byte_range", None) is not None]
-        if not schedule:
+        ahead = [name for name in dict.fromkeys(names) if name in self.planned and name not in self.results
+                 and self.planned[name].action == "merge" and _row_blocks(self.planned[name], self.merge_plan)
+                 and getattr(self.merge_plan.base_weight_source(self.planned[name]), "byte_range", None) is not None]
+        if not ahead:
             return
-        self._ahead_names = {name for name in wanted
-                             if getattr(self.merge_plan.base_weight_source(self.planned[name]), "byte_range", None)}
+        schedule = [(self.merge_plan.base_weight_source(self.planned[name]), self.planned[name].source)
+                    for name in ahead]
         files = sorted({source.file_of(name) for source, name in schedule})
-        per_block = max(Counter(_block_prefix(name) for name in self._ahead_names).values())
+        per_block = max(Counter(_block_prefix(name) for name in ahead).values())
         self._ahead = TensorReader(slots=per_block, schedule=schedule, direct=cold_enough(files))
+        self._ahead_names = set(ahead)
 
     def _close_ahead(self) -> None:
         if self._ahead is not None:
@@ -275,7 +274,7 @@ class WeightChecker:
         self._ahead, self._ahead_names = None, set()
 
     def check(self, name: str, stored: torch.Tensor) -> None:
-        """Check ``stored``, the merged folder's tensor ``name``, if planned and not checked yet (a forward's ``on_read``)."""
+        """Check ``stored``, the merged folder's tensor ``name``, if planned and not checked yet (as a run reads it)."""
         item = self.planned.get(name)
         if item is None or name in self.results:
             return

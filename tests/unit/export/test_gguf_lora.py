@@ -108,7 +108,7 @@ def test_convert_writes_what_to_asks_for_and_writers_refuse_another_target(tiny_
 
 
 def test_combine_and_extract_write_the_registrys_targets(tiny_bases: Any, make_adapter: Any, cli_runner: Any,
-                                                         tmp_path: Path) -> None:
+                                                         read_tensors: Any, tmp_path: Path) -> None:
     """combine and extract with to='gguf-lora': the bytes convert writes from their LoRA folder; refusals first."""
     import d2merge
     from d2merge.adapter_ops.combine import combine as combine_lora
@@ -134,6 +134,14 @@ def test_combine_and_extract_write_the_registrys_targets(tiny_bases: Any, make_a
                                 report=report)
     assert extracted.out.read_bytes() == expected
     assert json.loads(report.read_text())["out"] == str(extracted.out)
+    pickled = tmp_path / "pickled-base"  # allow_pickle reaches the conversion's read of the base too
+    shutil.copytree(base, pickled)
+    torch.save(read_tensors(pickled), pickled / "pytorch_model.bin")
+    for path in pickled.glob("*.safetensors*"):
+        path.unlink()
+    from_pickle = d2merge.extract(pickled, tuned, tmp_path / "from-pickle.gguf", options.with_overrides(to="gguf-lora"),
+                                  allow_pickle=True)
+    assert from_pickle.out.read_bytes() == expected
 
     result = cli_runner(["combine", str(first), str(second), "--weights", "1,1", "--combination", "cat", "--base",
                          str(base), "--to", "gguf-lora", "-o", str(tmp_path / "cli.gguf")])
