@@ -97,7 +97,7 @@ def convert_to_gguf_lora(adapter: str | Path, base: str | Path, out: str | Path,
     options = options or ConvertOptions(to="gguf-lora")
     options.require_target("gguf-lora")
     gguf = gguf_py("GGUF output")
-    check_gguf_lora_output(out, [], overwrite=options.overwrite)
+    check_gguf_lora_output(out, [], overwrite=options.overwrite)  # the name, before the adapter is read
     loaded = load_adapter(adapter, allow_pickle=allow_pickle)
     out_path = check_gguf_lora_output(out, [loaded.path, Path(base)], overwrite=options.overwrite)
     checkpoint = open_base(base, allow_pickle=allow_pickle)
