@@ -30,7 +30,7 @@ import torch
 
 import d2merge.profile as profile
 from d2merge.io.checkpoint import TensorSource
-from d2merge.io.direct_io import ALIGNMENT, round_up
+from d2merge.io.direct_io import ALIGNMENT, cold_enough, round_up
 from d2merge.io.source_hashes import BackgroundHashes
 
 
@@ -73,7 +73,9 @@ class TensorReader:
 
     def __init__(self, hasher: BackgroundHashes | None = None, *, slots: int = 2,
                  allocate: Callable[[int], torch.Tensor] = _plain,
-                 schedule: list[tuple[TensorSource, str]] | None = None, direct: bool = False):
+                 schedule: list[tuple[TensorSource, str]] | None = None, direct: bool | None = False):
+        """``direct``: the prefetch thread reads with O_DIRECT; None decides from the scheduled files
+        (O_DIRECT when most of them are not in the page cache, :func:`d2merge.io.direct_io.cold_enough`)."""
         self.hasher = hasher
         # A prefetch thread fills one slot while the engine computes on another; a hasher fed from
         # the slots (a cold base) holds a third until it has hashed it.
@@ -87,6 +89,8 @@ class TensorReader:
         self.direct_bytes = 0
         self._prefetch: _Prefetcher | None = None
         if schedule:
+            if direct is None:
+                direct = cold_enough(sorted({source.file_of(name) for source, name in schedule}))
             self._prefetch = _Prefetcher(self, schedule, direct)
 
     def _take_slot(self, waiting_for: str = "hash") -> _Slot:

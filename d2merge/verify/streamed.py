@@ -48,7 +48,6 @@ from d2merge.device import ComputeDevice
 from d2merge.forward import Call, Consume, keeps_last_logits, shares_prompts
 from d2merge.io.adapter import Adapter
 from d2merge.io.checkpoint import BaseCheckpoint
-from d2merge.io.direct_io import cold_enough
 from d2merge.io.tensor_reader import TensorReader
 from d2merge.verify.limits import round_parameter
 
@@ -65,8 +64,8 @@ class Rounding:
 class ReadChecker(Protocol):
     """What a run tells the weight check: the block reads to come, then each tensor as it is read."""
 
-    def expect(self, names: Sequence[str]) -> None:
-        """A pass is about to read these stored tensors, in this order (its decoder blocks)."""
+    def expect(self, blocks: Sequence[Sequence[str]]) -> None:
+        """A pass is about to read these stored tensors, in this order: each decoder block's, block by block."""
 
     def check(self, name: str, tensor: torch.Tensor) -> None:
         """The stored tensor ``name`` was read; valid until the run's next read."""
@@ -327,18 +326,16 @@ class StreamedModel:
 
         One buffer per tensor of a block (their sizes settle on the first block: a 7B's bf16
         block is 0.4 GB); O_DIRECT when most of the checkpoint is not in the page cache, as the
-        merge engine reads a cold base (``io.direct_io.cold_enough``).
+        merge engine reads a cold base (``direct=None``).
         """
         tensors = self.checkpoint.tensors
         if self.device.type != "cpu" or getattr(tensors, "byte_range", None) is None:
             return TensorReader(slots=1)  # in memory already (a pickle), or uploaded as read: nothing to overlap
         reads = [self._block_reads(index) for index in range(len(self.blocks))]
-        schedule = [(tensors, name) for block in reads for name in block]
         if self.checker is not None:
-            self.checker.expect([name for _, name in schedule])
-        files = sorted({tensors.file_of(name) for _, name in schedule})
-        return TensorReader(slots=max(len(block) for block in reads), schedule=schedule,
-                            direct=cold_enough(files))
+            self.checker.expect(reads)
+        return TensorReader(slots=max(len(block) for block in reads),
+                            schedule=[(tensors, name) for block in reads for name in block], direct=None)
 
     def _recycle(self) -> None:
         """The finished block's fp32 tensors kept for the next block (same shapes), not freed and faulted in again.

@@ -20,14 +20,12 @@ need meanwhile; :meth:`WeightChecker.finish` reads what the forward did not.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Any, Sequence
 
 import torch
 
 from d2merge.errors import D2MergeError
 from d2merge.io.checkpoint import BaseCheckpoint
-from d2merge.io.direct_io import cold_enough
 from d2merge.io.tensor_reader import TensorReader
 from d2merge.planning import MergePlan, TensorPlan
 from d2merge.verify.limits import DTYPE_LABELS, MANTISSA_BITS, binade_, binade_bounds, binade_into, ulp
@@ -127,8 +125,8 @@ def _row_blocks(item: TensorPlan, merge_plan: MergePlan) -> bool:
     return len(item.shape) == 2 and not settings.transposed and merge_plan.adapter.method.row_separable(settings)
 
 
-def _merged_by_rows(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tensor,
-                    reader: TensorReader | None = None) -> LayerCheck:
+def _merged_by_rows(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tensor, reader: TensorReader
+                    ) -> LayerCheck:
     """The merged tensor's errors and the method's figures, a row block at a time in fp64.
 
     Per entry the figures :func:`reference_merge` and :func:`weight_error` compute on the whole
@@ -144,8 +142,7 @@ def _merged_by_rows(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tenso
     adapter = merge_plan.adapter
     method, settings = adapter.method, item.settings
     assert settings is not None and item.module is not None
-    w0 = (merge_plan.base_weight(item) if reader is None
-          else reader.read(merge_plan.base_weight_source(item), item.source))
+    w0 = reader.read(merge_plan.base_weight_source(item), item.source)
     factors = {k: v.double() for k, v in adapter.factors(item.module).items()}
     rows, cols = stored.shape
     step = max(1, BLOCK_ENTRIES // max(cols, 1))
@@ -185,13 +182,6 @@ def _merged_by_rows(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tenso
         figures = {k: float(v) for k, v in method.report(w0.double(), factors, settings).items()}
     worst[1:] *= 2.0 ** MANTISSA_BITS[dtype]  # x / binade * 2**bits = x / ulp, exactly (powers of two)
     return LayerCheck(item.name, str(item.module), float(worst[0]), float(worst[1]), float(worst[2]), figures)
-
-
-def _block_prefix(name: str) -> str:
-    """``model.layers.3`` of ``model.layers.3.mlp.up_proj.weight``: the decoder block a tensor belongs to."""
-    parts = name.split(".")
-    digits = [i for i, part in enumerate(parts) if part.isdigit()]
-    return ".".join(parts[:digits[0] + 1]) if digits else name
 
 
 def _combine(how: str | None, name: str, a: float, b: float) -> float:
@@ -248,25 +238,28 @@ class WeightChecker:
         self._ahead: TensorReader | None = None  # W0s of the reads a run announced, read ahead by a thread
         self._ahead_names: set[str] = set()
 
-    def expect(self, names: Sequence[str]) -> None:
-        """A run will read these merged tensors in this order: a thread reads their W0s ahead, in the same order.
+    def expect(self, blocks: Sequence[Sequence[str]]) -> None:
+        """A run will read these merged tensors, block by block: a thread reads their W0s ahead, in the same order.
 
         Only the W0s a row-block check reads from a file (the rest read as before); one buffer
         per W0 of a decoder block, so W0 of block i+1 is read while block i is checked. O_DIRECT
         when most of the base is not in the page cache, as the forward's own reads.
         """
         self._close_ahead()
-        ahead = [name for name in dict.fromkeys(names) if name in self.planned and name not in self.results
-                 and self.planned[name].action == "merge" and _row_blocks(self.planned[name], self.merge_plan)
-                 and getattr(self.merge_plan.base_weight_source(self.planned[name]), "byte_range", None) is not None]
-        if not ahead:
-            return
+        ahead = [[name for name in block if self._reads_w0_ahead(name)] for block in blocks]
         schedule = [(self.merge_plan.base_weight_source(self.planned[name]), self.planned[name].source)
-                    for name in ahead]
-        files = sorted({source.file_of(name) for source, name in schedule})
-        per_block = max(Counter(_block_prefix(name) for name in ahead).values())
-        self._ahead = TensorReader(slots=per_block, schedule=schedule, direct=cold_enough(files))
-        self._ahead_names = set(ahead)
+                    for block in ahead for name in block]
+        if not schedule:
+            return
+        self._ahead = TensorReader(slots=max(len(block) for block in ahead), schedule=schedule, direct=None)
+        self._ahead_names = {name for block in ahead for name in block}
+
+    def _reads_w0_ahead(self, name: str) -> bool:
+        """Whether checking ``name`` will read its W0 from a file through the row blocks' reader."""
+        item = self.planned.get(name)
+        return (item is not None and name not in self.results and item.action == "merge"
+                and _row_blocks(item, self.merge_plan)
+                and getattr(self.merge_plan.base_weight_source(item), "byte_range", None) is not None)
 
     def _close_ahead(self) -> None:
         if self._ahead is not None:

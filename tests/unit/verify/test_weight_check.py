@@ -196,6 +196,7 @@ def test_the_merged_files_are_read_once(merged_folders: Callable[..., Any], monk
 def test_w0s_are_read_ahead_of_the_run_and_give_the_same_figures(direct: bool, merged_folders: Callable[..., Any],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Told the run's block reads, the check reads their W0s ahead in a thread: every figure as when it reads them itself."""
+    from d2merge.io import tensor_reader
     from d2merge.io.tensor_reader import TensorReader
 
     base, adapter, folder = merged_folders("lora", "bf16")
@@ -212,7 +213,7 @@ def test_w0s_are_read_ahead_of_the_run_and_give_the_same_figures(direct: bool, m
                 readers.append(self)
 
     monkeypatch.setattr(weights, "TensorReader", Recorded)
-    monkeypatch.setattr(weights, "cold_enough", lambda paths: direct)
+    monkeypatch.setattr(tensor_reader, "cold_enough", lambda paths: direct)
     ahead = verify(base, adapter, folder, echo=lambda line: None)
     assert plain.passed and ahead.passed
     assert ahead.results[0].layers == plain.results[0].layers
