@@ -237,8 +237,6 @@ def print_phases(lines: list, started_bytes: int | None = None) -> None:
 
 
 def stamped(argv: list[str], cwd: Path) -> dict:
-    import os
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     done = subprocess.run([sys.executable, "-c", STAMPED, *argv], capture_output=True, text=True, check=True,
@@ -330,8 +328,6 @@ def scaled_tensor(folder: Path, name: str, factor: float) -> Iterator[None]:
 
 def drop_caches() -> None:
     """Empty the page cache (root only), so that reads are timed from the disk as a first run meets them."""
-    import os
-
     os.sync()
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -372,8 +368,6 @@ The second check covers layer 0's tensors only (the scaled one among them).
     For a machine too loaded to finish the whole verify at 7B: the phase that set its 3.04 GB
     peak, measured in its own process (peak RSS, wall and CPU time).
     """
-    import os
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     figures = {}
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -390,8 +384,6 @@ The second check covers layer 0's tensors only (the scaled one among them).
 
 
 def at_scale(args: argparse.Namespace) -> None:
-    import os
-
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -512,8 +504,6 @@ def mc_before_after(args: argparse.Namespace) -> None:
         for label, checkout in (("before", args.before), ("after", here)):
             if checkout is None:
                 continue
-            import os
-
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(checkout)}
             done = subprocess.run([sys.executable, "-c", STAMPED, sys.executable, *command], capture_output=True,
                                   text=True, check=True, env=env, cwd=root)

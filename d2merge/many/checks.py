@@ -98,11 +98,12 @@ def check_jobs(base: BaseCheckpoint, jobs: Sequence[Job], outdir: Path, options:
         checked.append(entry)
         try:
             entry.plan = plan_job(base, job, options.allow_pickle)
+            is_file = get_format(job.format).is_file
             if outdir.is_dir():  # a dry run may name an OUTDIR the real run would create
                 check_output_location(output, [base.location, entry.plan.adapter.path], overwrite=True,
-                                      is_file=get_format(job.format).is_file)
+                                      is_file=is_file)
             if output.exists():
-                if output_matches(entry.plan, output, hashes.for_plan(entry.plan), is_file=get_format(job.format).is_file):
+                if output_matches(entry.plan, output, hashes.for_plan(entry.plan), is_file=is_file):
                     # A verified job is verified again: the card's old verdict may be for other thresholds.
                     entry.skip = True
                 elif not options.overwrite:
