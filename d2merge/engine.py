@@ -242,8 +242,7 @@ def _merged_blocks(merge: _MergeInputs, buffers: ScratchBuffers) -> Iterator[tup
 
 def _base_read(merge_plan: MergePlan, item: TensorPlan) -> tuple[TensorSource, str]:
     """The (source, name) the engine reads for a "copy" or "merge" entry."""
-    tensors = merge_plan.adapter.tensors if item.base_from_adapter else merge_plan.base.tensors
-    return tensors, item.source
+    return merge_plan.base_weight_source(item), item.source
 
 
 def _read_schedule(merge_plan: MergePlan, items: list[TensorPlan]

@@ -197,8 +197,9 @@ def _combine(how: str | None, name: str, a: float, b: float) -> float:
 def _same_copy(merge_plan: MergePlan, item: TensorPlan, stored: torch.Tensor) -> bool:
     """Whether a copied tensor equals the base's, cast to the stored dtype as the merge casts it (through
     the plan's dtype), bit for bit; a row block at a time, so no fp32 copy of a whole embedding."""
-    from_adapter = item.action == "replace" or item.base_from_adapter  # modules_to_save: the adapter's tensor
-    base = (merge_plan.adapter.tensors if from_adapter else merge_plan.base.tensors).read(item.source)
+    # modules_to_save ("replace"): the adapter's tensor; otherwise W0's own source
+    source = merge_plan.adapter.tensors if item.action == "replace" else merge_plan.base_weight_source(item)
+    base = source.read(item.source)
     if tuple(base.shape) != tuple(stored.shape):
         return False
     if base.dtype == stored.dtype == item.out_dtype or base.ndim == 0:
